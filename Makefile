@@ -1,0 +1,53 @@
+# The two commands of the README, plus the ones developers use daily.
+#   make run    build and start one gateway on the embedded default
+#   make test   install what the tests need, start the real services, build
+#               (normal and ASan+UBSan), run every test, stop the services
+#   make bench  the short benchmark run (bench/README.md)
+
+BUILD     ?= build
+BUILD_SAN ?= build-asan
+CMAKE_GEN := $(shell command -v ninja >/dev/null 2>&1 && echo "-G Ninja")
+
+.PHONY: all build run test test-only bench deps services-up services-down format asan clean
+
+all: build
+
+deps:
+	@bash tests/infra/install-deps.sh
+
+$(BUILD)/CMakeCache.txt:
+	cmake -S . -B $(BUILD) $(CMAKE_GEN) -DCMAKE_BUILD_TYPE=RelWithDebInfo
+
+build: $(BUILD)/CMakeCache.txt
+	cmake --build $(BUILD) -j
+
+run:
+	@command -v protoc-c >/dev/null 2>&1 && pkg-config --exists grpc libwebsockets libjwt jansson hiredis rdkafka || bash tests/infra/install-deps.sh
+	@$(MAKE) --no-print-directory build
+	./$(BUILD)/meshgate $(ARGS)
+
+asan:
+	cmake -S . -B $(BUILD_SAN) $(CMAKE_GEN) -DCMAKE_BUILD_TYPE=Debug -DMG_SANITIZE=ON
+	cmake --build $(BUILD_SAN) -j
+
+test:
+	@bash scripts/test.sh
+
+# Tests only, against services already up (tests/infra/services.sh up).
+test-only: build
+	@bash scripts/run-tests.sh $(BUILD)
+
+bench: build
+	@bash bench/run.sh
+
+services-up:
+	@bash tests/infra/services.sh up
+
+services-down:
+	@bash tests/infra/services.sh down
+
+format:
+	clang-format -i $$(git ls-files '*.c' '*.h')
+
+clean:
+	rm -rf $(BUILD) $(BUILD_SAN)

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# make test: everything from a fresh Debian machine to a verdict.
+# 1. install Debian packages, Kafka (Maven Central), Consul and helm (Go
+#    module proxy), all cached under ~/.cache/meshgate
+# 2. start Redis Cluster, Kafka and Consul on loopback
+# 3. build normally and with ASan+UBSan, run every test on both builds
+# 4. offline Helm/Istio validation
+# 5. stop the services; print one closing line "N passed, M failed"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+t0=$(date +%s)
+
+bash tests/infra/install-deps.sh
+export MESHGATE_RUN=${MESHGATE_RUN:-/tmp/meshgate-run}
+mkdir -p "$MESHGATE_RUN"
+ulimit -n 65536 2>/dev/null || true
+
+bash tests/infra/services.sh up
+trap 'bash "$root/tests/infra/services.sh" down >/dev/null 2>&1 || true' EXIT
+
+gen=""; command -v ninja >/dev/null && gen="-G Ninja"
+cmake -S . -B build $gen -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+cmake --build build -j
+cmake -S . -B build-asan $gen -DCMAKE_BUILD_TYPE=Debug -DMG_SANITIZE=ON >/dev/null
+cmake --build build-asan -j
+
+summary="$MESHGATE_RUN/summary.txt"
+: >"$summary"
+status=0
+bash scripts/run-tests.sh build "$summary" || status=1
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+  bash scripts/run-tests.sh build-asan "$summary" || status=1
+if [ -x tests/deploy/run.sh ] || [ -f tests/deploy/run.sh ]; then
+  if out=$(bash tests/deploy/run.sh 2>&1); then echo "$out" | tail -n 5; else echo "$out"; status=1; fi
+  line=$(echo "$out" | grep -E '^deploy: [0-9]+ passed, [0-9]+ failed' | tail -n 1 || true)
+  [ -n "$line" ] && echo "deploy $(echo "$line" | sed -E 's/^deploy: ([0-9]+) passed, ([0-9]+) failed.*/\1 \2/')" >>"$summary"
+fi
+
+passed=$(awk '{p+=$2} END {print p+0}' "$summary")
+failed=$(awk '{f+=$3} END {print f+0}' "$summary")
+echo
+echo "make test took $(( $(date +%s) - t0 )) s"
+[ "$failed" -eq 0 ] || status=1
+echo "$passed passed, $failed failed"
+exit $status

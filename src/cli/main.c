@@ -1,0 +1,5 @@
+/* main.c: meshgate-cli (being written). */
+int main(void)
+{
+    return 2;
+}

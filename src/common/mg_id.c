@@ -1,0 +1,43 @@
+/* mg_id.c: UUIDv7 generation (see mg_id.h). */
+#include "common/mg_id.h"
+#include "common/mg_time.h"
+
+#include <stdint.h>
+#include <stdio.h>
+#include <sys/random.h>
+
+static __thread uint64_t rng_state;
+
+/* xorshift64* seeded from getrandom() once per thread: ids need uniqueness,
+ * not secrecy, and a syscall per id would cost more than the rest of a send. */
+static uint64_t next_random(void)
+{
+    if (rng_state == 0) {
+        if (getrandom(&rng_state, sizeof(rng_state), 0) != sizeof(rng_state) || rng_state == 0)
+            rng_state = (uint64_t)mg_mono_us() ^ (uint64_t)(uintptr_t)&rng_state;
+        rng_state |= 1;
+    }
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return rng_state * 0x2545F4914F6CDD1DULL;
+}
+
+void mg_id_new(char out[MG_ID_LEN + 1])
+{
+    uint8_t b[16];
+    uint64_t ms = (uint64_t)mg_now_ms();
+    for (int i = 0; i < 6; i++)
+        b[i] = (uint8_t)(ms >> (40 - 8 * i));
+    uint64_t r1 = next_random(), r2 = next_random();
+    for (int i = 0; i < 2; i++)
+        b[6 + i] = (uint8_t)(r1 >> (8 * i));
+    for (int i = 0; i < 8; i++)
+        b[8 + i] = (uint8_t)(r2 >> (8 * i));
+    b[6] = (uint8_t)(0x70 | (b[6] & 0x0f)); /* version 7 */
+    b[8] = (uint8_t)(0x80 | (b[8] & 0x3f)); /* variant 10 */
+    snprintf(out, MG_ID_LEN + 1,
+             "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0], b[1],
+             b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14],
+             b[15]);
+}

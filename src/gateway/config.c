@@ -1,0 +1,212 @@
+/* config.c: parsing the one configuration table (see config.h). */
+#include "gateway/config.h"
+#include "common/mg_alloc.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <unistd.h>
+
+struct option_desc {
+    enum mg_config_type type;
+    const char *flag, *env, *def, *unit, *help;
+    size_t offset;
+};
+
+static const struct option_desc options[] = {
+#define X(type, field, flag, env, def, unit, help)                                                  \
+    {MG_CFG_##type, flag, env, def, unit, help, offsetof(mg_config, field)},
+    MG_CONFIG_OPTIONS(X)
+#undef X
+};
+#define NOPTIONS (sizeof(options) / sizeof(options[0]))
+
+static int set_value(mg_config *cfg, const struct option_desc *o, const char *v, const char *from,
+                     char *err, size_t errlen)
+{
+    void *slot = (char *)cfg + o->offset;
+    switch (o->type) {
+    case MG_CFG_STR:
+        free(*(char **)slot);
+        *(char **)slot = mg_xstrdup(v);
+        return 0;
+    case MG_CFG_INT: {
+        char *end;
+        errno = 0;
+        long long n = strtoll(v, &end, 10);
+        if (errno || end == v || *end || n < 0) {
+            snprintf(err, errlen, "%s: --%s wants a non-negative integer (%s), got '%s'", from,
+                     o->flag, o->unit, v);
+            return -EINVAL;
+        }
+        *(int64_t *)slot = n;
+        return 0;
+    }
+    case MG_CFG_BOOL:
+        if (!strcasecmp(v, "true") || !strcmp(v, "1") || !strcasecmp(v, "yes"))
+            *(bool *)slot = true;
+        else if (!strcasecmp(v, "false") || !strcmp(v, "0") || !strcasecmp(v, "no"))
+            *(bool *)slot = false;
+        else {
+            snprintf(err, errlen, "%s: --%s wants true or false, got '%s'", from, o->flag, v);
+            return -EINVAL;
+        }
+        return 0;
+    }
+    return -EINVAL;
+}
+
+void mg_config_print_help(FILE *out, int markdown)
+{
+    if (markdown) {
+        fprintf(out, "| flag | environment | default | unit | meaning |\n|---|---|---|---|---|\n");
+        for (size_t i = 0; i < NOPTIONS; i++) {
+            const struct option_desc *o = &options[i];
+            fprintf(out, "| `--%s` | `%s` | %s%s%s | %s | %s |\n", o->flag, o->env,
+                    o->def[0] ? "`" : "", o->def[0] ? o->def : "(empty)", o->def[0] ? "`" : "",
+                    o->unit, o->help);
+        }
+        return;
+    }
+    fprintf(out, "usage: meshgate [--option value | --option=value]...\n\n"
+                 "Real-time messaging gateway. With no options: one gateway on loopback with\n"
+                 "in-memory presence and inbox, no external services.\n\n"
+                 "Options (environment variable in brackets; flags win over the environment):\n");
+    for (size_t i = 0; i < NOPTIONS; i++) {
+        const struct option_desc *o = &options[i];
+        fprintf(out, "  --%-30s %s\n  %32s[%s] default: %s%s%s\n", o->flag, o->help, "", o->env,
+                o->def[0] ? o->def : "(empty)", o->unit[0] ? " " : "", o->unit);
+    }
+    fprintf(out, "  --%-30s %s\n  --%-30s %s\n  --%-30s %s\n", "help", "this text",
+            "help-markdown", "the options as a Markdown table", "version", "print the version");
+}
+
+int mg_config_load(mg_config *cfg, int argc, char **argv, FILE *out, char *err, size_t errlen)
+{
+    memset(cfg, 0, sizeof(*cfg));
+    int rc = 0;
+    for (size_t i = 0; i < NOPTIONS && rc == 0; i++)
+        rc = set_value(cfg, &options[i], options[i].def, "default", err, errlen);
+    for (size_t i = 0; i < NOPTIONS && rc == 0; i++) {
+        const char *v = getenv(options[i].env);
+        if (v)
+            rc = set_value(cfg, &options[i], v, options[i].env, err, errlen);
+    }
+    for (int a = 1; a < argc && rc == 0; a++) {
+        const char *arg = argv[a];
+        if (!strcmp(arg, "--help") || !strcmp(arg, "-h")) {
+            mg_config_print_help(out, 0);
+            return 1;
+        }
+        if (!strcmp(arg, "--help-markdown")) {
+            mg_config_print_help(out, 1);
+            return 1;
+        }
+        if (!strcmp(arg, "--version")) {
+            fprintf(out, "meshgate %s\n", MG_VERSION);
+            return 1;
+        }
+        if (strncmp(arg, "--", 2) != 0) {
+            snprintf(err, errlen, "unexpected argument '%s' (see --help)", arg);
+            return -EINVAL;
+        }
+        const char *name = arg + 2, *eq = strchr(name, '=');
+        size_t nlen = eq ? (size_t)(eq - name) : strlen(name);
+        const struct option_desc *o = NULL;
+        for (size_t i = 0; i < NOPTIONS; i++)
+            if (strlen(options[i].flag) == nlen && !strncmp(options[i].flag, name, nlen))
+                o = &options[i];
+        if (!o) {
+            snprintf(err, errlen, "unknown option '--%.*s' (see --help)", (int)nlen, name);
+            return -EINVAL;
+        }
+        const char *v = eq ? eq + 1 : NULL;
+        if (!v) {
+            if (a + 1 >= argc) {
+                snprintf(err, errlen, "option '--%s' needs a value", o->flag);
+                return -EINVAL;
+            }
+            v = argv[++a];
+        }
+        rc = set_value(cfg, o, v, "flag", err, errlen);
+    }
+    if (rc == 0 && cfg->id[0] == '\0') {
+        char host[HOST_NAME_MAX + 1] = "meshgate";
+        gethostname(host, sizeof(host));
+        host[HOST_NAME_MAX] = '\0';
+        free(cfg->id);
+        cfg->id = mg_xstrdup(host);
+    }
+    return rc;
+}
+
+int mg_parse_hostport(const char *s, char **host, int *port)
+{
+    const char *colon = strrchr(s, ':');
+    if (!colon || colon == s)
+        return -EINVAL;
+    char *end;
+    long p = strtol(colon + 1, &end, 10);
+    if (*end || end == colon + 1 || p < 0 || p > 65535)
+        return -EINVAL;
+    const char *h = s;
+    size_t hl = (size_t)(colon - s);
+    if (h[0] == '[' && hl >= 2 && h[hl - 1] == ']')
+        h++, hl -= 2;
+    if (host)
+        *host = mg_xstrndup(h, hl);
+    if (port)
+        *port = (int)p;
+    return 0;
+}
+
+int mg_config_validate(const mg_config *cfg, char *err, size_t errlen)
+{
+#define FAIL(...)                                                                                  \
+    do {                                                                                           \
+        snprintf(err, errlen, __VA_ARGS__);                                                        \
+        return -EINVAL;                                                                            \
+    } while (0)
+    if (mg_parse_hostport(cfg->ws_listen, NULL, NULL))
+        FAIL("--ws-listen: want host:port, got '%s'", cfg->ws_listen);
+    if (mg_parse_hostport(cfg->grpc_listen, NULL, NULL))
+        FAIL("--grpc-listen: want host:port, got '%s'", cfg->grpc_listen);
+    if (strcmp(cfg->presence, "memory") && strcmp(cfg->presence, "redis-cluster"))
+        FAIL("--presence: want memory or redis-cluster, got '%s'", cfg->presence);
+    if (!strcmp(cfg->presence, "redis-cluster") && !cfg->redis_nodes[0])
+        FAIL("--presence redis-cluster needs --redis-nodes");
+    if (strcmp(cfg->discovery, "none") && strcmp(cfg->discovery, "consul"))
+        FAIL("--discovery: want none or consul, got '%s'", cfg->discovery);
+    if (strcmp(cfg->log_level, "debug") && strcmp(cfg->log_level, "info") &&
+        strcmp(cfg->log_level, "warn") && strcmp(cfg->log_level, "error"))
+        FAIL("--log-level: want debug, info, warn or error, got '%s'", cfg->log_level);
+    if (strcmp(cfg->log_format, "text") && strcmp(cfg->log_format, "json"))
+        FAIL("--log-format: want text or json, got '%s'", cfg->log_format);
+    if (cfg->grpc_threads < 1 || cfg->workers < 1 || cfg->work_queue < 1)
+        FAIL("--grpc-threads, --workers and --work-queue must be at least 1");
+    if (cfg->outbound_queue < 1 || cfg->outbound_queue_bytes < 1024)
+        FAIL("--outbound-queue must be >= 1 and --outbound-queue-bytes >= 1024");
+    if (cfg->max_frame_bytes < 256 || cfg->max_content_bytes < 1)
+        FAIL("--max-frame-bytes must be >= 256 and --max-content-bytes >= 1");
+    if (cfg->max_user_bytes < 1 || cfg->max_user_bytes > 4096)
+        FAIL("--max-user-bytes must be within 1..4096");
+    if (strlen(cfg->id) > 128 || strpbrk(cfg->id, " \t\n/"))
+        FAIL("--id must be at most 128 characters without spaces or '/'");
+    if (cfg->jwt_secret[0] && cfg->jwt_public_key_file[0])
+        FAIL("--jwt-secret and --jwt-public-key-file are exclusive: pick HS256 or RS256");
+    return 0;
+#undef FAIL
+}
+
+void mg_config_clear(mg_config *cfg)
+{
+    for (size_t i = 0; i < NOPTIONS; i++)
+        if (options[i].type == MG_CFG_STR) {
+            char **slot = (char **)((char *)cfg + options[i].offset);
+            free(*slot);
+            *slot = NULL;
+        }
+}

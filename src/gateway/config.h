@@ -1,0 +1,140 @@
+/* config.h: the one table of configuration.
+ *
+ * Every option has a name (the flag is --name), an environment variable, a
+ * default, a unit and help text, all in MG_CONFIG_OPTIONS below. `--help`,
+ * `--help-markdown` (the README table) and the parser all read this table, so
+ * they cannot disagree. Precedence: default < environment < flag.
+ *
+ * Types: STR (string, "" = unset), INT (integer in the stated unit),
+ * BOOL (true/false/1/0/yes/no).
+ */
+#ifndef MG_CONFIG_H
+#define MG_CONFIG_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+
+/* X(type, field, flag, env, default, unit, help) */
+#define MG_CONFIG_OPTIONS(X)                                                                        \
+    X(STR, id, "id", "MESHGATE_ID", "", "",                                                        \
+      "gateway id, unique in the mesh (default: the host name)")                                   \
+    X(STR, region, "region", "MESHGATE_REGION", "local", "", "region this gateway serves")        \
+    X(STR, ws_listen, "ws-listen", "MESHGATE_WS_LISTEN", "127.0.0.1:8080", "host:port",            \
+      "WebSocket (/ws) and HTTP (/healthz /readyz /metrics) listener")                              \
+    X(STR, grpc_listen, "grpc-listen", "MESHGATE_GRPC_LISTEN", "127.0.0.1:50051", "host:port",    \
+      "gRPC listener (Messaging, GatewayPeer, grpc.health.v1.Health)")                             \
+    X(STR, advertise_addr, "advertise-addr", "MESHGATE_ADVERTISE_ADDR", "", "host",                \
+      "address peers dial, registered in Consul (default: the gRPC listen host)")                  \
+    X(INT, grpc_threads, "grpc-threads", "MESHGATE_GRPC_THREADS", "4", "threads",                  \
+      "gRPC completion-queue polling threads")                                                     \
+    X(INT, workers, "workers", "MESHGATE_WORKERS", "4", "threads",                                 \
+      "router worker threads (Redis, Kafka and peer I/O run here)")                                \
+    X(INT, work_queue, "work-queue", "MESHGATE_WORK_QUEUE", "65536", "jobs",                       \
+      "router jobs waiting before sends are refused (RESOURCE_EXHAUSTED)")                          \
+    X(INT, max_content_bytes, "max-content-bytes", "MESHGATE_MAX_CONTENT_BYTES", "65536", "bytes", \
+      "largest message content accepted")                                                          \
+    X(INT, max_frame_bytes, "max-frame-bytes", "MESHGATE_MAX_FRAME_BYTES", "131072", "bytes",      \
+      "largest WebSocket frame accepted from a client; larger closes with 1009")                   \
+    X(INT, grpc_max_message_bytes, "grpc-max-message-bytes", "MESHGATE_GRPC_MAX_MESSAGE_BYTES",    \
+      "4194304", "bytes", "largest gRPC request accepted (RESOURCE_EXHAUSTED above)")              \
+    X(INT, max_user_bytes, "max-user-bytes", "MESHGATE_MAX_USER_BYTES", "256", "bytes",            \
+      "longest user id accepted")                                                                  \
+    X(INT, max_batch, "max-batch", "MESHGATE_MAX_BATCH", "100000", "recipients",                   \
+      "most recipients in one SendBatch")                                                          \
+    X(INT, outbound_queue, "outbound-queue", "MESHGATE_OUTBOUND_QUEUE", "256", "frames",           \
+      "frames queued per connection before it is closed as a slow consumer (4008)")                \
+    X(INT, outbound_queue_bytes, "outbound-queue-bytes", "MESHGATE_OUTBOUND_QUEUE_BYTES",          \
+      "1048576", "bytes", "bytes queued per connection before it is closed as a slow consumer")    \
+    X(INT, ping_seconds, "ping-seconds", "MESHGATE_PING_SECONDS", "30", "s",                       \
+      "WebSocket ping interval; a connection silent for 2 intervals is closed")                    \
+    X(INT, max_connections, "max-connections", "MESHGATE_MAX_CONNECTIONS", "1000000", "conns",     \
+      "WebSocket connections accepted before new ones are refused (503)")                          \
+    X(STR, jwt_secret, "jwt-secret", "MESHGATE_JWT_SECRET", "", "",                                \
+      "HS256 secret for client JWTs")                                                              \
+    X(STR, jwt_public_key_file, "jwt-public-key-file", "MESHGATE_JWT_PUBLIC_KEY_FILE", "", "path", \
+      "RS256 public key (PEM) for client JWTs")                                                    \
+    X(INT, drain_seconds, "drain-seconds", "MESHGATE_DRAIN_SECONDS", "10", "s",                    \
+      "on SIGTERM, close clients (1012) spread over this window")                                  \
+    X(STR, log_level, "log-level", "MESHGATE_LOG_LEVEL", "info", "",                               \
+      "debug, info, warn or error")                                                                \
+    X(STR, log_format, "log-format", "MESHGATE_LOG_FORMAT", "text", "", "text or json")            \
+    X(STR, presence, "presence", "MESHGATE_PRESENCE", "memory", "",                                \
+      "presence and inbox store: memory (single gateway) or redis-cluster")                        \
+    X(STR, redis_nodes, "redis-nodes", "MESHGATE_REDIS_NODES", "", "host:port,...",                \
+      "Redis Cluster seed nodes")                                                                  \
+    X(STR, redis_user, "redis-user", "MESHGATE_REDIS_USER", "", "", "Redis ACL user")              \
+    X(STR, redis_password, "redis-password", "MESHGATE_REDIS_PASSWORD", "", "",                    \
+      "Redis password (AUTH)")                                                                     \
+    X(INT, redis_timeout_ms, "redis-timeout-ms", "MESHGATE_REDIS_TIMEOUT_MS", "1000", "ms",        \
+      "timeout of every Redis call")                                                               \
+    X(INT, presence_lease_seconds, "presence-lease-seconds", "MESHGATE_PRESENCE_LEASE_SECONDS",    \
+      "30", "s", "a crashed gateway's users vanish from presence within this lease")               \
+    X(INT, inbox_max_messages, "inbox-max-messages", "MESHGATE_INBOX_MAX_MESSAGES", "1000",       \
+      "messages", "offline inbox cap per user; the oldest are dropped beyond it")                  \
+    X(INT, inbox_max_age_seconds, "inbox-max-age-seconds", "MESHGATE_INBOX_MAX_AGE_SECONDS",       \
+      "604800", "s", "offline messages older than this are dropped")                               \
+    X(STR, discovery, "discovery", "MESHGATE_DISCOVERY", "none", "", "peer discovery: none or consul") \
+    X(STR, consul_addr, "consul-addr", "CONSUL_HTTP_ADDR", "127.0.0.1:8500", "host:port or URL",   \
+      "Consul HTTP API")                                                                           \
+    X(STR, consul_token, "consul-token", "CONSUL_HTTP_TOKEN", "", "", "Consul ACL token")          \
+    X(STR, consul_service, "consul-service", "MESHGATE_CONSUL_SERVICE", "meshgate", "",            \
+      "service name registered and watched")                                                       \
+    X(STR, consul_tags, "consul-tags", "MESHGATE_CONSUL_TAGS", "", "tag,...", "service tags")      \
+    X(INT, consul_check_interval_seconds, "consul-check-interval-seconds",                         \
+      "MESHGATE_CONSUL_CHECK_INTERVAL_SECONDS", "2", "s", "Consul gRPC health check interval")     \
+    X(INT, consul_deregister_seconds, "consul-deregister-seconds",                                 \
+      "MESHGATE_CONSUL_DEREGISTER_SECONDS", "60", "s",                                             \
+      "Consul removes a gateway critical for this long")                                           \
+    X(STR, peer_authority, "peer-authority", "MESHGATE_PEER_AUTHORITY", "", "host:port",           \
+      ":authority sent on peer calls (the headless peer Service name under Istio)")               \
+    X(INT, peer_deadline_ms, "peer-deadline-ms", "MESHGATE_PEER_DEADLINE_MS", "500", "ms",         \
+      "deadline of a DeliverMessage call; past it the message goes by Kafka")                      \
+    X(INT, peer_max_inflight, "peer-max-inflight", "MESHGATE_PEER_MAX_INFLIGHT", "1024", "calls",  \
+      "DeliverMessage calls in flight per peer; beyond it messages go by Kafka")                   \
+    X(STR, kafka_brokers, "kafka-brokers", "MESHGATE_KAFKA_BROKERS", "", "host:port,...",          \
+      "Kafka bootstrap servers (empty: no Kafka path)")                                            \
+    X(STR, kafka_topic_prefix, "kafka-topic-prefix", "MESHGATE_KAFKA_TOPIC_PREFIX",                \
+      "meshgate.deliver.", "", "topic of region R is <prefix>R")                                   \
+    X(INT, kafka_partitions, "kafka-partitions", "MESHGATE_KAFKA_PARTITIONS", "6", "partitions",   \
+      "partitions of topics meshgate creates")                                                     \
+    X(INT, kafka_linger_ms, "kafka-linger-ms", "MESHGATE_KAFKA_LINGER_MS", "1", "ms",              \
+      "producer linger (batching delay)")                                                          \
+    X(INT, kafka_batch_bytes, "kafka-batch-bytes", "MESHGATE_KAFKA_BATCH_BYTES", "262144",         \
+      "bytes", "producer batch size")                                                              \
+    X(INT, kafka_timeout_ms, "kafka-timeout-ms", "MESHGATE_KAFKA_TIMEOUT_MS", "5000", "ms",        \
+      "how long a HIGH send waits for the broker's acknowledgement")                               \
+    X(INT, hot_window_seconds, "hot-window-seconds", "MESHGATE_HOT_WINDOW_SECONDS", "10", "s",     \
+      "sliding window of hot-pair rates")                                                          \
+    X(INT, hot_threshold, "hot-threshold", "MESHGATE_HOT_THRESHOLD", "20", "messages",             \
+      "messages of a (from, to) pair within the window that make it hot")                          \
+    X(INT, hot_capacity, "hot-capacity", "MESHGATE_HOT_CAPACITY", "4096", "pairs",                 \
+      "pairs tracked (bounded memory)")                                                            \
+    X(INT, dedupe_window, "dedupe-window", "MESHGATE_DEDUPE_WINDOW", "65536", "ids",               \
+      "recent message ids remembered to drop duplicates")
+
+enum mg_config_type { MG_CFG_STR, MG_CFG_INT, MG_CFG_BOOL };
+
+typedef struct mg_config {
+#define MG_CFG_FIELD_STR(f)  char *f;
+#define MG_CFG_FIELD_INT(f)  int64_t f;
+#define MG_CFG_FIELD_BOOL(f) bool f;
+#define X(type, field, flag, env, def, unit, help) MG_CFG_FIELD_##type(field)
+    MG_CONFIG_OPTIONS(X)
+#undef X
+} mg_config;
+
+/* Fills cfg from defaults, the environment and argv (argv[0] skipped).
+ * Returns 0; 1 when --help/--help-markdown/--version was printed to out (the
+ * caller exits 0); -EINVAL on a bad option, with a message in err (size errlen).
+ * The caller owns cfg and frees it with mg_config_clear. */
+int mg_config_load(mg_config *cfg, int argc, char **argv, FILE *out, char *err, size_t errlen);
+/* Checks values that depend on each other. Returns 0 or -EINVAL with err. */
+int mg_config_validate(const mg_config *cfg, char *err, size_t errlen);
+void mg_config_clear(mg_config *cfg);
+void mg_config_print_help(FILE *out, int markdown);
+
+/* Splits "host:port" into host (caller frees) and port. -EINVAL when malformed. */
+int mg_parse_hostport(const char *s, char **host, int *port);
+
+#endif

@@ -1,0 +1,280 @@
+/* grpc_util.c: byte buffers <-> protobuf-c, status names, deadlines, and a
+ * blocking unary client (see grpc_util.h).
+ *
+ * Runs on the caller's thread. The client makes one completion queue per
+ * call, so calls on one channel from many threads never share a queue; the
+ * channel itself is thread-safe in gRPC core. Every call is bounded by its
+ * deadline (30 s when the caller gives none).
+ */
+#include "gateway/grpc_util.h"
+#include "common/mg_alloc.h"
+
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/grpc_security.h>
+#include <grpc/slice.h>
+#include <grpc/support/alloc.h>
+#include <grpc/support/time.h>
+
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#define MG_GRPC_DEFAULT_TIMEOUT_MS 30000
+
+grpc_byte_buffer *mg_grpc_buffer_from(const void *data, size_t len)
+{
+    grpc_slice s = grpc_slice_malloc(len);
+    if (len)
+        memcpy(GRPC_SLICE_START_PTR(s), data, len);
+    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&s, 1);
+    grpc_slice_unref(s);
+    return bb;
+}
+
+grpc_byte_buffer *mg_grpc_pack(const ProtobufCMessage *m)
+{
+    size_t len = protobuf_c_message_get_packed_size(m);
+    grpc_slice s = grpc_slice_malloc(len);
+    if (len)
+        protobuf_c_message_pack(m, GRPC_SLICE_START_PTR(s));
+    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&s, 1);
+    grpc_slice_unref(s);
+    return bb;
+}
+
+uint8_t *mg_grpc_buffer_read(grpc_byte_buffer *bb, size_t *len)
+{
+    *len = 0;
+    if (!bb)
+        return NULL;
+    grpc_byte_buffer_reader rd;
+    if (!grpc_byte_buffer_reader_init(&rd, bb))
+        return NULL;
+    grpc_slice all = grpc_byte_buffer_reader_readall(&rd);
+    grpc_byte_buffer_reader_destroy(&rd);
+    size_t n = GRPC_SLICE_LENGTH(all);
+    uint8_t *out = mg_xmalloc(n ? n : 1);
+    if (n)
+        memcpy(out, GRPC_SLICE_START_PTR(all), n);
+    grpc_slice_unref(all);
+    *len = n;
+    return out;
+}
+
+ProtobufCMessage *mg_grpc_unpack(const ProtobufCMessageDescriptor *d, grpc_byte_buffer *bb)
+{
+    if (!bb)
+        return NULL;
+    size_t len;
+    uint8_t *data = mg_grpc_buffer_read(bb, &len);
+    if (!data)
+        return NULL;
+    ProtobufCMessage *m = protobuf_c_message_unpack(d, NULL, len, data);
+    free(data);
+    return m;
+}
+
+static const char *const code_names[] = {
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+};
+
+const char *mg_grpc_code_name(grpc_status_code code)
+{
+    if ((int)code < 0 || (size_t)code >= sizeof(code_names) / sizeof(code_names[0]))
+        return "UNKNOWN_CODE";
+    return code_names[code];
+}
+
+int mg_grpc_code_parse(const char *name)
+{
+    for (size_t i = 0; i < sizeof(code_names) / sizeof(code_names[0]); i++)
+        if (strcasecmp(name, code_names[i]) == 0)
+            return (int)i;
+    return -1;
+}
+
+int64_t mg_grpc_deadline_left_ms(gpr_timespec deadline)
+{
+    if (gpr_time_cmp(deadline, gpr_inf_future(deadline.clock_type)) == 0)
+        return INT64_MAX;
+    gpr_timespec d = gpr_convert_clock_type(deadline, GPR_CLOCK_MONOTONIC);
+    gpr_timespec left = gpr_time_sub(d, gpr_now(GPR_CLOCK_MONOTONIC));
+    if (left.tv_sec > INT64_MAX / 2000)
+        return INT64_MAX;
+    /* Round up so 0.4 ms left is not mistaken for an expired deadline. */
+    return left.tv_sec * 1000 + (left.tv_nsec + 999999) / 1000000;
+}
+
+/* --- the client ------------------------------------------------------------------ */
+
+struct mg_grpc_client {
+    grpc_channel *channel;
+};
+
+mg_grpc_client *mg_grpc_client_create(const char *target, const char *authority)
+{
+    grpc_init();
+    mg_grpc_client *c = mg_new(mg_grpc_client);
+    grpc_arg args[2];
+    size_t nargs = 0;
+    args[nargs].type = GRPC_ARG_INTEGER;
+    args[nargs].key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
+    args[nargs].value.integer = -1;
+    nargs++;
+    if (authority && *authority) {
+        args[nargs].type = GRPC_ARG_STRING;
+        args[nargs].key = GRPC_ARG_DEFAULT_AUTHORITY;
+        args[nargs].value.string = (char *)authority;
+        nargs++;
+    }
+    grpc_channel_args ca = {.num_args = nargs, .args = args};
+    grpc_channel_credentials *creds = grpc_insecure_credentials_create();
+    c->channel = grpc_channel_create(target, creds, &ca);
+    grpc_channel_credentials_release(creds);
+    return c;
+}
+
+void mg_grpc_client_free(mg_grpc_client *c)
+{
+    if (!c)
+        return;
+    grpc_channel_destroy(c->channel);
+    free(c);
+    grpc_shutdown();
+}
+
+static char *slice_dup(grpc_slice s)
+{
+    size_t n = GRPC_SLICE_LENGTH(s);
+    char *out = mg_xmalloc(n + 1);
+    memcpy(out, GRPC_SLICE_START_PTR(s), n);
+    out[n] = '\0';
+    return out;
+}
+
+grpc_status_code mg_grpc_call_raw(mg_grpc_client *c, const char *method, const void *req,
+                                  size_t req_len, int timeout_ms, uint8_t **resp, size_t *resp_len,
+                                  char **details)
+{
+    if (resp)
+        *resp = NULL;
+    if (resp_len)
+        *resp_len = 0;
+    if (details)
+        *details = NULL;
+    if (timeout_ms <= 0)
+        timeout_ms = MG_GRPC_DEFAULT_TIMEOUT_MS;
+
+    grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
+    gpr_timespec deadline =
+        gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(timeout_ms, GPR_TIMESPAN));
+    grpc_slice method_slice = grpc_slice_from_copied_string(method);
+    grpc_call *call = grpc_channel_create_call(c->channel, NULL, GRPC_PROPAGATE_DEFAULTS, cq,
+                                               method_slice, NULL, deadline, NULL);
+    grpc_slice_unref(method_slice);
+
+    grpc_byte_buffer *send_bb = mg_grpc_buffer_from(req, req_len);
+    grpc_byte_buffer *recv_bb = NULL;
+    grpc_metadata_array initial_md, trailing_md;
+    grpc_metadata_array_init(&initial_md);
+    grpc_metadata_array_init(&trailing_md);
+    grpc_status_code status = GRPC_STATUS_UNKNOWN;
+    grpc_slice status_details = grpc_empty_slice();
+
+    grpc_op ops[6];
+    memset(ops, 0, sizeof(ops));
+    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    ops[1].op = GRPC_OP_SEND_MESSAGE;
+    ops[1].data.send_message.send_message = send_bb;
+    ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+    ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
+    ops[3].data.recv_initial_metadata.recv_initial_metadata = &initial_md;
+    ops[4].op = GRPC_OP_RECV_MESSAGE;
+    ops[4].data.recv_message.recv_message = &recv_bb;
+    ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+    ops[5].data.recv_status_on_client.trailing_metadata = &trailing_md;
+    ops[5].data.recv_status_on_client.status = &status;
+    ops[5].data.recv_status_on_client.status_details = &status_details;
+
+    int tag = 1;
+    grpc_call_error err = grpc_call_start_batch(call, ops, 6, &tag, NULL);
+    if (err == GRPC_CALL_OK) {
+        /* The batch always completes (at the latest at the deadline). */
+        for (;;) {
+            grpc_event ev =
+                grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+            if (ev.type == GRPC_OP_COMPLETE && ev.tag == &tag)
+                break;
+        }
+    } else {
+        status = GRPC_STATUS_INTERNAL;
+        grpc_slice_unref(status_details);
+        status_details = grpc_slice_from_static_string("grpc_call_start_batch failed");
+    }
+
+    if (status == GRPC_STATUS_OK && recv_bb && resp) {
+        size_t n;
+        *resp = mg_grpc_buffer_read(recv_bb, &n);
+        if (resp_len)
+            *resp_len = n;
+    }
+    if (details)
+        *details = slice_dup(status_details);
+
+    grpc_slice_unref(status_details);
+    if (recv_bb)
+        grpc_byte_buffer_destroy(recv_bb);
+    grpc_byte_buffer_destroy(send_bb);
+    grpc_metadata_array_destroy(&initial_md);
+    grpc_metadata_array_destroy(&trailing_md);
+    grpc_call_unref(call);
+    grpc_completion_queue_shutdown(cq);
+    while (grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type !=
+           GRPC_QUEUE_SHUTDOWN)
+        ;
+    grpc_completion_queue_destroy(cq);
+    return status;
+}
+
+grpc_status_code mg_grpc_call(mg_grpc_client *c, const char *method, const ProtobufCMessage *req,
+                              const ProtobufCMessageDescriptor *resp_desc, int timeout_ms,
+                              ProtobufCMessage **resp, char **details)
+{
+    *resp = NULL;
+    size_t len = protobuf_c_message_get_packed_size(req);
+    uint8_t *buf = mg_xmalloc(len ? len : 1);
+    protobuf_c_message_pack(req, buf);
+    uint8_t *out = NULL;
+    size_t out_len = 0;
+    grpc_status_code st =
+        mg_grpc_call_raw(c, method, buf, len, timeout_ms, &out, &out_len, details);
+    free(buf);
+    if (st == GRPC_STATUS_OK) {
+        *resp = protobuf_c_message_unpack(resp_desc, NULL, out_len, out ? out : (uint8_t *)"");
+        if (!*resp) {
+            st = GRPC_STATUS_INTERNAL;
+            if (details) {
+                free(*details);
+                *details = mg_xstrdup("response does not decode");
+            }
+        }
+    }
+    free(out);
+    return st;
+}

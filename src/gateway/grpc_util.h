@@ -1,0 +1,68 @@
+/* grpc_util.h: glue between gRPC C core and protobuf-c, and a small
+ * synchronous client.
+ *
+ * The server (grpc_server.c), the CLI (src/cli) and the tests share these:
+ * packing a protobuf-c message into a grpc_byte_buffer and back, names of
+ * status codes, deadline conversion, and mg_grpc_client, a blocking unary
+ * client over an insecure channel.
+ *
+ * Thread-safety: every function is thread-safe; one mg_grpc_client may be
+ * used by many threads at once (each call has its own completion queue).
+ */
+#ifndef MG_GRPC_UTIL_H
+#define MG_GRPC_UTIL_H
+
+#include <grpc/byte_buffer.h>
+#include <grpc/grpc.h>
+#include <grpc/status.h>
+#include <protobuf-c/protobuf-c.h>
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Packs m into a new byte buffer the caller destroys (grpc_byte_buffer_destroy). */
+grpc_byte_buffer *mg_grpc_pack(const ProtobufCMessage *m);
+/* A byte buffer holding a copy of data[0..len). The caller destroys it. */
+grpc_byte_buffer *mg_grpc_buffer_from(const void *data, size_t len);
+/* Copies the whole buffer into a fresh allocation (*len bytes; the caller
+ * frees it with free()). bb NULL gives NULL and *len 0. */
+uint8_t *mg_grpc_buffer_read(grpc_byte_buffer *bb, size_t *len);
+/* Decodes bb as message type d. Returns NULL when bb is NULL or does not
+ * decode; the caller frees the result with protobuf_c_message_free_unpacked. */
+ProtobufCMessage *mg_grpc_unpack(const ProtobufCMessageDescriptor *d, grpc_byte_buffer *bb);
+
+/* "OK", "INVALID_ARGUMENT", ... ("UNKNOWN_CODE" outside 0..16). Static. */
+const char *mg_grpc_code_name(grpc_status_code code);
+/* The reverse of mg_grpc_code_name (case-insensitive); -1 when unknown. */
+int mg_grpc_code_parse(const char *name);
+
+/* Milliseconds left until deadline (any gpr clock) from now; INT64_MAX for
+ * an infinite deadline; <= 0 when it has passed. */
+int64_t mg_grpc_deadline_left_ms(gpr_timespec deadline);
+
+/* --- the client ------------------------------------------------------------------ */
+
+typedef struct mg_grpc_client mg_grpc_client;
+
+/* An insecure channel to target ("host:port", or any gRPC target URI).
+ * Connects lazily. Never NULL. authority may be NULL (default :authority). */
+mg_grpc_client *mg_grpc_client_create(const char *target, const char *authority);
+void mg_grpc_client_free(mg_grpc_client *c); /* NULL is a no-op */
+
+/* One unary call of method ("/pkg.Service/Method") with raw request bytes,
+ * waiting at most timeout_ms (<= 0: 30 s). Returns the status code; on OK
+ * *resp (malloc'd, caller frees; may be NULL for an empty message) and
+ * *resp_len hold the response. When details is not NULL, *details receives
+ * the status message (malloc'd, caller frees, "" when none). */
+grpc_status_code mg_grpc_call_raw(mg_grpc_client *c, const char *method, const void *req,
+                                  size_t req_len, int timeout_ms, uint8_t **resp, size_t *resp_len,
+                                  char **details);
+
+/* The same with protobuf-c messages: on OK *resp is a new message of type
+ * resp_desc (free with protobuf_c_message_free_unpacked); a response that
+ * does not decode gives GRPC_STATUS_INTERNAL. */
+grpc_status_code mg_grpc_call(mg_grpc_client *c, const char *method, const ProtobufCMessage *req,
+                              const ProtobufCMessageDescriptor *resp_desc, int timeout_ms,
+                              ProtobufCMessage **resp, char **details);
+
+#endif

@@ -1,0 +1,121 @@
+/* hub.h: the registry of this gateway's WebSocket connections.
+ *
+ * Maps connection id ("<gateway_id>-<seq>") -> connection and user -> its
+ * connections, and holds each connection's bounded outbound queue. It is the
+ * one way into the WebSocket service thread: other threads (router workers,
+ * gRPC, Kafka) render a frame on their own thread, append it to a queue here,
+ * and the hub wakes the service thread (cfg.wake, i.e. lws_cancel_service),
+ * which takes the ready connections and writes their frames.
+ *
+ * Bounds: a connection whose queue would exceed max_frames or max_bytes is a
+ * slow consumer: its queue is dropped, it is marked for close with 4008
+ * "slow consumer", and the frame is not counted as delivered to it.
+ *
+ * Lifetimes: connections are created (register) and destroyed (unregister)
+ * only on the service thread; unregister removes the connection from every
+ * index under the hub mutex before freeing it, and other threads only touch
+ * connections under that mutex, found by id or user. So a handle returned by
+ * register is valid on the service thread until its unregister.
+ *
+ * Thread-safety: functions marked [ws] are for the service thread only
+ * (tests: the owning thread); the rest may be called from any thread.
+ */
+#ifndef MG_HUB_H
+#define MG_HUB_H
+
+#include "router/msg.h"
+#include "router/transport.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define MG_WS_CLOSE_SLOW_CONSUMER 4008
+
+typedef struct mg_hub mg_hub;
+typedef struct mg_hub_conn mg_hub_conn;
+
+typedef struct mg_hub_config {
+    const char *gateway_id; /* copied; conn ids are "<gateway_id>-<seq>" */
+    size_t max_frames;      /* per connection outbound queue, frames (>= 1) */
+    size_t max_bytes;       /* per connection outbound queue, bytes (>= 1) */
+    size_t headroom;        /* bytes reserved before each frame's data (LWS_PRE) */
+    /* Called when the set of ready connections goes from empty to non-empty,
+     * with the hub mutex held (so it must be quick and must not call the hub).
+     * May be NULL. */
+    void (*wake)(void *arg);
+    void *wake_arg;
+} mg_hub_config;
+
+typedef enum { MG_FRAME_MESSAGE = 1, MG_FRAME_CONTROL = 2 } mg_frame_kind;
+
+/* One queued text frame: data[headroom .. headroom+len) is the payload. */
+typedef struct mg_hub_frame {
+    struct mg_hub_frame *next;
+    size_t len;
+    mg_frame_kind kind;
+    unsigned char data[];
+} mg_hub_frame;
+
+mg_hub *mg_hub_create(const mg_hub_config *cfg);
+/* Replaces the wake callback (NULL disables it: used while the service
+ * thread stops). */
+void mg_hub_set_wake(mg_hub *h, void (*wake)(void *arg), void *arg);
+/* Frees every remaining connection and frame. NULL is a no-op. */
+void mg_hub_free(mg_hub *h);
+
+/* The local sink for mg_transport_local_create (deliver -> mg_hub_deliver,
+ * disconnect -> mg_hub_disconnect). */
+mg_local_sink mg_hub_sink(mg_hub *h);
+
+/* [ws] Registers a connection of user (copied) with an opaque handle (the
+ * lws wsi). Returns the connection; its id is mg_hub_conn_id(). */
+mg_hub_conn *mg_hub_register(mg_hub *h, const char *user, void *handle);
+/* [ws] Removes and frees c with its queue. */
+void mg_hub_unregister(mg_hub *h, mg_hub_conn *c);
+const char *mg_hub_conn_id(const mg_hub_conn *c);   /* [ws] valid until unregister */
+const char *mg_hub_conn_user(const mg_hub_conn *c); /* [ws] valid until unregister */
+
+/* [ws] Takes the next frame of c (the caller frees it with free()), or NULL
+ * when none is queued; then *close_code is the pending close code (0: none)
+ * and reason (reasonlen bytes) its reason. *more tells whether more frames
+ * remain after the one returned. */
+mg_hub_frame *mg_hub_pop(mg_hub *h, mg_hub_conn *c, bool *more, int *close_code, char *reason,
+                         size_t reasonlen);
+
+/* [ws] Calls fn(handle, arg) for every connection with queued frames or a
+ * pending close, and clears the ready set. fn runs under the hub mutex: it
+ * must not call the hub (lws_callback_on_writable is fine). */
+void mg_hub_take_ready(mg_hub *h, void (*fn)(void *handle, void *arg), void *arg);
+
+/* Renders msg once and queues it to every connection of msg->to (or only
+ * conn_id, when not NULL, if it belongs to msg->to). Returns how many
+ * connections took it (0: none connected here). */
+int mg_hub_deliver(mg_hub *h, const mg_msg *msg, const char *conn_id, bool from_inbox);
+
+/* Queues a control frame (ack, error) to one connection. Returns 0, -ENOENT
+ * when the connection is gone, or -ENOBUFS when it overflowed (then it is
+ * being closed as a slow consumer). */
+int mg_hub_post(mg_hub *h, const char *conn_id, const char *text, size_t len);
+
+/* Marks the user's connections (or the one conn_id; user may then be NULL)
+ * for close with code and reason; queued frames are written first. Returns
+ * how many were marked. */
+int mg_hub_disconnect(mg_hub *h, const char *user, const char *conn_id, int code,
+                      const char *reason);
+
+size_t mg_hub_count(mg_hub *h);
+/* A snapshot of every connection id (malloc'd array of malloc'd strings;
+ * free with mg_hub_ids_free). */
+size_t mg_hub_conn_ids(mg_hub *h, char ***ids);
+void mg_hub_ids_free(char **ids, size_t n);
+
+typedef struct mg_hub_stats {
+    uint64_t delivered;   /* message frames queued */
+    uint64_t slow_closes; /* connections closed as slow consumers */
+} mg_hub_stats;
+void mg_hub_get_stats(mg_hub *h, mg_hub_stats *st);
+/* Whether conn_id is marked slow (tests and logs). */
+bool mg_hub_is_slow(mg_hub *h, const char *conn_id);
+
+#endif

@@ -1,0 +1,123 @@
+/* jwt_auth.c: JWT verification for WebSocket clients (see jwt_auth.h).
+ *
+ * Owns the key bytes (secret or PEM). Runs on the WebSocket service thread
+ * during the upgrade (verification is CPU only, no I/O). Guarantees: a token
+ * is accepted only with the configured algorithm, a valid signature, a future
+ * exp and a valid sub; libjwt 1.10 does the signature check (jwt_decode).
+ */
+#include "gateway/jwt_auth.h"
+#include "common/mg_alloc.h"
+#include "gateway/ws_proto.h"
+
+#include <errno.h>
+#include <jwt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct mg_jwt_auth {
+    jwt_alg_t alg;
+    unsigned char *key;
+    size_t keylen;
+};
+
+mg_jwt_auth *mg_jwt_auth_create(const char *hs256_secret, const char *rs256_pem_file, char *err,
+                                size_t errlen)
+{
+    bool hs = hs256_secret && hs256_secret[0], rs = rs256_pem_file && rs256_pem_file[0];
+    if (hs == rs) {
+        snprintf(err, errlen, "set exactly one of --jwt-secret and --jwt-public-key-file");
+        return NULL;
+    }
+    mg_jwt_auth *a = mg_new(mg_jwt_auth);
+    if (hs) {
+        a->alg = JWT_ALG_HS256;
+        a->keylen = strlen(hs256_secret);
+        a->key = (unsigned char *)mg_xstrdup(hs256_secret);
+        return a;
+    }
+    a->alg = JWT_ALG_RS256;
+    FILE *f = fopen(rs256_pem_file, "rb");
+    if (!f) {
+        snprintf(err, errlen, "cannot read --jwt-public-key-file %s: %s", rs256_pem_file,
+                 strerror(errno));
+        free(a);
+        return NULL;
+    }
+    size_t cap = 4096, n = 0;
+    a->key = mg_xmalloc(cap);
+    for (;;) {
+        if (n + 1 == cap)
+            a->key = mg_xrealloc(a->key, cap *= 2);
+        size_t r = fread(a->key + n, 1, cap - n - 1, f);
+        if (r == 0)
+            break;
+        n += r;
+        if (n > (1u << 20))
+            break;
+    }
+    fclose(f);
+    a->key[n] = 0;
+    a->keylen = n;
+    if (n == 0 || n > (1u << 20) || !strstr((char *)a->key, "-----BEGIN")) {
+        snprintf(err, errlen, "--jwt-public-key-file %s is not a PEM public key", rs256_pem_file);
+        mg_jwt_auth_free(a);
+        return NULL;
+    }
+    return a;
+}
+
+void mg_jwt_auth_free(mg_jwt_auth *a)
+{
+    if (!a)
+        return;
+    free(a->key);
+    free(a);
+}
+
+int mg_jwt_auth_verify(const mg_jwt_auth *a, const char *token, int64_t now_s,
+                       size_t max_user_bytes, char **user, char *reason, size_t reasonlen)
+{
+    *user = NULL;
+    if (!token || !token[0] || strlen(token) > 16384) {
+        snprintf(reason, reasonlen, "missing token");
+        return -EACCES;
+    }
+    jwt_t *jwt = NULL;
+    if (jwt_decode(&jwt, token, a->key, (int)a->keylen) != 0 || !jwt) {
+        snprintf(reason, reasonlen, "invalid token (signature or format)");
+        return -EACCES;
+    }
+    int rc = -EACCES;
+    if (jwt_get_alg(jwt) != a->alg) {
+        snprintf(reason, reasonlen, "token algorithm %s not accepted",
+                 jwt_alg_str(jwt_get_alg(jwt)));
+        goto out;
+    }
+    errno = 0;
+    long exp = jwt_get_grant_int(jwt, "exp");
+    if (errno != 0 || exp <= 0) {
+        snprintf(reason, reasonlen, "token has no integer exp");
+        goto out;
+    }
+    if ((int64_t)exp <= now_s) {
+        snprintf(reason, reasonlen, "token expired");
+        goto out;
+    }
+    errno = 0;
+    long nbf = jwt_get_grant_int(jwt, "nbf");
+    if (errno == 0 && (int64_t)nbf > now_s + 60) {
+        snprintf(reason, reasonlen, "token not yet valid");
+        goto out;
+    }
+    const char *sub = jwt_get_grant(jwt, "sub");
+    if (!sub || !mg_ws_proto_valid_user(sub, max_user_bytes)) {
+        snprintf(reason, reasonlen, "token has no valid sub");
+        goto out;
+    }
+    *user = mg_xstrdup(sub);
+    rc = 0;
+out:
+    jwt_free(jwt);
+    return rc;
+}

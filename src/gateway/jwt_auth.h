@@ -1,0 +1,32 @@
+/* jwt_auth.h: client authentication by JWT (HS256 secret or RS256 public key).
+ *
+ * A token is accepted when its signature verifies with the configured key,
+ * its "alg" header is exactly the configured algorithm (no "none", no
+ * HS/RS confusion), it has an integer "exp" in the future (required), an
+ * optional "nbf" not in the future (60 s skew allowed), and a string "sub"
+ * that is a valid user id (ws_proto.h mg_ws_proto_valid_user).
+ *
+ * Thread-safety: create/free on one thread; verify may be called from any
+ * thread concurrently (the key is read-only after create).
+ */
+#ifndef MG_JWT_AUTH_H
+#define MG_JWT_AUTH_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct mg_jwt_auth mg_jwt_auth;
+
+/* Exactly one of hs256_secret / rs256_pem_file must be non-empty. Returns
+ * NULL with a message in err when the key file cannot be read or both or
+ * neither are given. */
+mg_jwt_auth *mg_jwt_auth_create(const char *hs256_secret, const char *rs256_pem_file, char *err,
+                                size_t errlen);
+void mg_jwt_auth_free(mg_jwt_auth *a);
+
+/* Verifies token at time now_s (Unix seconds). Returns 0 and the user id
+ * (malloc'd, the caller frees) in *user, or -EACCES with a reason. */
+int mg_jwt_auth_verify(const mg_jwt_auth *a, const char *token, int64_t now_s,
+                       size_t max_user_bytes, char **user, char *reason, size_t reasonlen);
+
+#endif

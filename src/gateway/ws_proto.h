@@ -1,0 +1,75 @@
+/* ws_proto.h: the WebSocket JSON protocol, parse and encode (pure functions).
+ *
+ * Client -> server text frames:
+ *   {"type":"send","id"?:S,"to":S,"content":S,"priority"?:"high"|"low","content_type"?:S}
+ *   {"type":"ack","id":S}                       (removes an inbox message)
+ * Server -> client text frames:
+ *   {"type":"ack","id":S,"status":"delivered|queued|stored|rejected|failed|accepted",
+ *    "path":"local|grpc|kafka|inbox|none","reason"?:S}
+ *   {"type":"message","id":S,"from":S,"content":S,"content_type"?:S,"sent_at_ms":N,
+ *    "inbox":B}   -- a payload that is not valid UTF-8 (possible from gRPC, where
+ *                    content is bytes) is sent as "content_b64" (standard base64)
+ *                    instead of "content".
+ *   {"type":"error","code":S,"reason":S,"id"?:S}
+ *
+ * Thread-safety: every function is pure (no shared state) and may be called
+ * from any thread. Returned strings are malloc'd; the caller frees them.
+ */
+#ifndef MG_WS_PROTO_H
+#define MG_WS_PROTO_H
+
+#include "router/msg.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#define MG_WS_MAX_ID_BYTES 128
+
+typedef enum { MG_WS_IN_SEND = 1, MG_WS_IN_ACK = 2 } mg_ws_in_type;
+
+/* A parsed client frame; strings are owned and freed by mg_ws_in_clear. */
+typedef struct mg_ws_in {
+    mg_ws_in_type type;
+    char *id;           /* NULL when a send has none (the server makes one) */
+    char *to;           /* send only */
+    char *content;      /* send only; UTF-8, content_len bytes (NUL-terminated too) */
+    size_t content_len;
+    char *content_type; /* NULL when absent */
+    mg_priority priority;
+} mg_ws_in;
+
+typedef struct mg_ws_limits {
+    size_t max_content_bytes;
+    size_t max_user_bytes;
+} mg_ws_limits;
+
+/* Error codes sent in {"type":"error"} frames. */
+#define MG_WS_ERR_BAD_JSON      "bad_json"
+#define MG_WS_ERR_UNKNOWN_TYPE  "unknown_type"
+#define MG_WS_ERR_MISSING_FIELD "missing_field"
+#define MG_WS_ERR_BAD_FIELD     "bad_field"
+#define MG_WS_ERR_TOO_LARGE     "too_large"
+#define MG_WS_ERR_OVERLOADED    "overloaded"
+#define MG_WS_ERR_BINARY        "binary_unsupported"
+#define MG_WS_ERR_INTERNAL      "internal"
+
+/* Parses one text frame. Returns 0 with *out filled, or -EINVAL with *code
+ * set to one of the MG_WS_ERR_* strings (static) and a human reason in
+ * reason (reasonlen bytes); *out is then empty. out->priority defaults to HIGH. */
+int mg_ws_proto_parse(const char *data, size_t len, const mg_ws_limits *lim, mg_ws_in *out,
+                      const char **code, char *reason, size_t reasonlen);
+void mg_ws_in_clear(mg_ws_in *in);
+
+/* A user id is acceptable: non-empty, at most max bytes, valid UTF-8, no
+ * control characters. */
+bool mg_ws_proto_valid_user(const char *user, size_t max);
+bool mg_utf8_valid(const unsigned char *s, size_t len);
+
+/* Encoders: return a malloc'd NUL-terminated JSON text; *len (may be NULL)
+ * receives its length. */
+char *mg_ws_proto_encode_ack(const char *id, mg_status status, mg_path path, const char *reason,
+                             size_t *len);
+char *mg_ws_proto_encode_message(const mg_msg *m, bool from_inbox, size_t *len);
+char *mg_ws_proto_encode_error(const char *code, const char *reason, const char *id, size_t *len);
+
+#endif

@@ -1,0 +1,918 @@
+/* ws_server.c: the WebSocket front end and the HTTP endpoints (see ws_server.h).
+ *
+ * Owns the lws context, the hub (hub.h), the JWT verifier and the service
+ * thread "ws", which runs every lws callback: upgrades and auth, frame
+ * parsing, writes, closes and the small HTTP endpoints.
+ *
+ * DESIGN
+ * - Nothing blocks the service thread: a client "send" is parsed here and
+ *   handed to the worker pool (mg_pool_submit); the job calls mg_router_send
+ *   and posts the ack back through the hub by connection id (the connection
+ *   may be gone by then; the hub then drops it). A full pool answers at once
+ *   with an ack {status:failed, reason:overloaded}.
+ * - Other threads never touch an lws object: they queue frames or closes in
+ *   the hub, which wakes this thread with lws_cancel_service; on
+ *   LWS_CALLBACK_EVENT_WAIT_CANCELLED we ask for writable on every ready
+ *   connection and write one frame per LWS_CALLBACK_SERVER_WRITEABLE.
+ * - Presence: each connection has a ticket shared with its "connected" pool
+ *   job, so "disconnected" always runs after "connected" even when the client
+ *   leaves before the connect job ran.
+ * - Memory per idle connection: the lws wsi and its rx buffer (RX_BUFFER
+ *   bytes), a 48-byte pss, the hub entry (id, user, two map slots) and the
+ *   presence ticket. Reassembly buffers and outbound queues exist only while
+ *   used.
+ */
+#include "gateway/ws_server.h"
+#include "common/mg_alloc.h"
+#include "common/mg_id.h"
+#include "common/mg_log.h"
+#include "common/mg_metrics.h"
+#include "common/mg_time.h"
+#include "gateway/hub.h"
+#include "gateway/jwt_auth.h"
+#include "gateway/ws_proto.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <libwebsockets.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#define RX_BUFFER       1024 /* lws per-connection rx chunk; frames are reassembled */
+#define MAX_HOOKS       8
+#define MAX_ERR_IN_ROW  20   /* consecutive bad frames before close 1008 */
+#define HTTP_CHUNK      16384
+
+typedef struct hook {
+    char *path;
+    char *(*render)(void *arg, const char **content_type);
+    void *arg;
+} hook;
+
+/* Shared by the connection (service thread) and its presence jobs; the
+ * fields below `mu` in mg_ws_server guard connect_done/closed. */
+typedef struct ticket {
+    mg_ws_server *ws;
+    bool connect_done, closed;
+    char *user;
+    char conn_id[];
+} ticket;
+
+/* Per-session data: lws allocates it per wsi (HTTP and WS share the protocol;
+ * on upgrade lws gives the wsi a fresh one). */
+typedef struct pss {
+    mg_hub_conn *conn;  /* WS: registered connection */
+    ticket *tk;         /* WS: presence ticket (NULL when none is owned) */
+    char *user;         /* WS: between filter and established */
+    unsigned char *rx;  /* WS: reassembly buffer (NULL when idle) */
+    uint32_t rx_len, rx_cap;
+    uint16_t errors_in_row;
+    bool rx_overflow;
+    char *body;         /* HTTP: response body */
+    size_t body_len, body_off;
+} pss;
+
+struct mg_ws_server {
+    /* options */
+    char *gateway_id, *host;
+    int port, bound_port;
+    bool loopback;
+    size_t max_frame, max_conns;
+    mg_ws_limits limits;
+    int64_t send_deadline_ms;
+    int ping_seconds;
+
+    mg_pool *pool;
+    mg_router *router;
+    mg_hub *hub;
+    mg_jwt_auth *auth;
+
+    struct lws_context *ctx;
+    struct lws_protocols protocols[2];
+    lws_retry_bo_t retry;
+    pthread_t thread;
+    bool started;
+    atomic_bool stopping, ready, draining;
+
+    hook hooks[MAX_HOOKS];
+    int nhooks;
+
+    /* upgrade stash: auth result carried from CONFIRM_UPGRADE to FILTER
+     * (both run on this thread for the same wsi, back to back) */
+    struct lws *stash_wsi;
+    char *stash_user;
+
+    pthread_mutex_t mu; /* tickets */
+
+    mg_metric *m_in, *m_out, *m_slow, *m_conns_total, *m_conns;
+};
+
+/* ---- metrics ------------------------------------------------------------ */
+
+static void count_error(const char *code)
+{
+    char labels[64];
+    snprintf(labels, sizeof(labels), "code=\"%s\"", code);
+    mg_metric_add(mg_counter("meshgate_ws_errors_total",
+                             "WebSocket client errors answered, by error code", labels),
+                  1);
+}
+
+/* ---- helpers ------------------------------------------------------------ */
+
+static bool host_is_loopback(const char *h)
+{
+    struct in_addr a4;
+    struct in6_addr a6;
+    if (strcmp(h, "localhost") == 0)
+        return true;
+    if (inet_pton(AF_INET, h, &a4) == 1)
+        return (ntohl(a4.s_addr) >> 24) == 127;
+    if (inet_pton(AF_INET6, h, &a6) == 1)
+        return IN6_IS_ADDR_LOOPBACK(&a6);
+    return false;
+}
+
+static void post_text(mg_ws_server *ws, const char *conn_id, char *text, size_t len)
+{
+    mg_hub_post(ws->hub, conn_id, text, len);
+    free(text);
+}
+
+static void post_error(mg_ws_server *ws, const char *conn_id, const char *code, const char *reason,
+                       const char *id)
+{
+    size_t len;
+    char *t = mg_ws_proto_encode_error(code, reason, id, &len);
+    count_error(code);
+    post_text(ws, conn_id, t, len);
+}
+
+/* ---- pool jobs ---------------------------------------------------------- */
+
+typedef struct send_job {
+    mg_ws_server *ws;
+    mg_msg *msg;
+    char conn_id[];
+} send_job;
+
+static void job_send(void *arg)
+{
+    send_job *j = arg;
+    mg_ws_server *ws = j->ws;
+    mg_send_result res = {0};
+    if (!ws->router) {
+        res.status = MG_STATUS_FAILED;
+        snprintf(res.reason, sizeof(res.reason), "router not ready");
+    } else if (mg_router_send(ws->router, j->msg, mg_mono_ms() + ws->send_deadline_ms, &res) != 0) {
+        if (res.status != MG_STATUS_FAILED)
+            res.status = MG_STATUS_REJECTED;
+        if (!res.reason[0])
+            snprintf(res.reason, sizeof(res.reason), "rejected");
+    }
+    size_t len;
+    char *t = mg_ws_proto_encode_ack(j->msg->id, res.status, res.path,
+                                     (res.status == MG_STATUS_REJECTED ||
+                                      res.status == MG_STATUS_FAILED)
+                                         ? res.reason
+                                         : NULL,
+                                     &len);
+    post_text(ws, j->conn_id, t, len);
+    mg_msg_free(j->msg);
+    free(j);
+}
+
+typedef struct ack_job {
+    mg_ws_server *ws;
+    char *user;
+    char id[];
+} ack_job;
+
+static void job_inbox_ack(void *arg)
+{
+    ack_job *j = arg;
+    if (j->ws->router) {
+        int rc = mg_router_inbox_ack(j->ws->router, j->user, j->id);
+        if (rc < 0 && rc != -ENOENT)
+            mg_log_warn("ws", "inbox ack failed user=%s msg_id=%s rc=%d", j->user, j->id, rc);
+    }
+    free(j->user);
+    free(j);
+}
+
+static void ticket_free(ticket *t)
+{
+    free(t->user);
+    free(t);
+}
+
+static void job_disconnected(void *arg)
+{
+    ticket *t = arg;
+    if (t->ws->router)
+        mg_router_user_disconnected(t->ws->router, t->user, t->conn_id);
+    ticket_free(t);
+}
+
+static void job_connected(void *arg)
+{
+    ticket *t = arg;
+    mg_ws_server *ws = t->ws;
+    if (ws->router) {
+        int rc = mg_router_user_connected(ws->router, t->user, t->conn_id, mg_now_ms());
+        if (rc < 0)
+            mg_log_warn("ws", "presence connect failed conn=%s user=%s rc=%d", t->conn_id,
+                        t->user, rc);
+    }
+    pthread_mutex_lock(&ws->mu);
+    t->connect_done = true;
+    bool closed = t->closed;
+    pthread_mutex_unlock(&ws->mu);
+    if (closed) /* the connection left meanwhile: we own the ticket now */
+        job_disconnected(t);
+}
+
+/* ---- WebSocket side ------------------------------------------------------ */
+
+static void close_with(struct lws *wsi, int code, const char *reason)
+{
+    lws_close_reason(wsi, (enum lws_close_status)code, (unsigned char *)reason, strlen(reason));
+}
+
+static void handle_text(mg_ws_server *ws, pss *p, const char *data, size_t len, struct lws *wsi,
+                        bool *close_now)
+{
+    const char *conn_id = mg_hub_conn_id(p->conn);
+    mg_ws_in in;
+    const char *code = NULL;
+    char reason[200];
+    mg_metric_add(ws->m_in, 1);
+    if (mg_ws_proto_parse(data, len, &ws->limits, &in, &code, reason, sizeof(reason)) != 0) {
+        post_error(ws, conn_id, code, reason, NULL);
+        if (++p->errors_in_row > MAX_ERR_IN_ROW) {
+            mg_log_warn("ws", "too many bad frames, closing conn=%s user=%s", conn_id,
+                        mg_hub_conn_user(p->conn));
+            close_with(wsi, LWS_CLOSE_STATUS_POLICY_VIOLATION, "too many errors");
+            *close_now = true;
+        }
+        return;
+    }
+    p->errors_in_row = 0;
+    const char *user = mg_hub_conn_user(p->conn);
+    if (in.type == MG_WS_IN_ACK) {
+        size_t n = strlen(in.id);
+        ack_job *j = mg_xmalloc(sizeof(*j) + n + 1);
+        j->ws = ws;
+        j->user = mg_xstrdup(user);
+        memcpy(j->id, in.id, n + 1);
+        if (mg_pool_submit(ws->pool, job_inbox_ack, j) != 0) {
+            /* the message stays in the inbox and comes again: no loss */
+            count_error(MG_WS_ERR_OVERLOADED);
+            free(j->user);
+            free(j);
+        }
+        mg_ws_in_clear(&in);
+        return;
+    }
+    char idbuf[MG_ID_LEN + 1];
+    if (!in.id) {
+        mg_id_new(idbuf);
+        in.id = mg_xstrdup(idbuf);
+    }
+    mg_msg *m = mg_msg_new(in.id, user, in.to, (const uint8_t *)in.content, in.content_len,
+                           in.content_type, mg_now_ms(), in.priority);
+    size_t n = strlen(conn_id);
+    send_job *j = mg_xmalloc(sizeof(*j) + n + 1);
+    j->ws = ws;
+    j->msg = m;
+    memcpy(j->conn_id, conn_id, n + 1);
+    if (mg_pool_submit(ws->pool, job_send, j) != 0) {
+        size_t len2;
+        char *t = mg_ws_proto_encode_ack(m->id, MG_STATUS_FAILED, MG_PATH_NONE,
+                                         MG_WS_ERR_OVERLOADED, &len2);
+        count_error(MG_WS_ERR_OVERLOADED);
+        post_text(ws, conn_id, t, len2);
+        mg_msg_free(m);
+        free(j);
+    }
+    mg_ws_in_clear(&in);
+}
+
+/* Returns -1 to close the connection. */
+static int on_receive(mg_ws_server *ws, struct lws *wsi, pss *p, const void *in, size_t len)
+{
+    if (!p->conn)
+        return -1;
+    if (lws_frame_is_binary(wsi)) {
+        post_error(ws, mg_hub_conn_id(p->conn), MG_WS_ERR_BINARY,
+                   "binary frames are not supported; send JSON text frames", NULL);
+        close_with(wsi, LWS_CLOSE_STATUS_UNACCEPTABLE_OPCODE, "binary frames not supported");
+        return -1;
+    }
+    size_t remaining = lws_remaining_packet_payload(wsi);
+    if ((size_t)p->rx_len + len + remaining > ws->max_frame) {
+        mg_log_info("ws", "frame too large, closing conn=%s user=%s limit=%zu",
+                    mg_hub_conn_id(p->conn), mg_hub_conn_user(p->conn), ws->max_frame);
+        count_error(MG_WS_ERR_TOO_LARGE);
+        close_with(wsi, LWS_CLOSE_STATUS_MESSAGE_TOO_LARGE, "frame too large");
+        return -1;
+    }
+    bool final = lws_is_final_fragment(wsi) && remaining == 0;
+    if (final && p->rx_len == 0) { /* the common case: one chunk, no copy */
+        bool close_now = false;
+        handle_text(ws, p, in, len, wsi, &close_now);
+        return close_now ? -1 : 0;
+    }
+    if (p->rx_len + len > p->rx_cap) {
+        size_t want = (size_t)p->rx_len + len + remaining;
+        p->rx = mg_xrealloc(p->rx, want);
+        p->rx_cap = (uint32_t)want;
+    }
+    memcpy(p->rx + p->rx_len, in, len);
+    p->rx_len += (uint32_t)len;
+    if (!final)
+        return 0;
+    bool close_now = false;
+    handle_text(ws, p, (const char *)p->rx, p->rx_len, wsi, &close_now);
+    free(p->rx);
+    p->rx = NULL;
+    p->rx_len = p->rx_cap = 0;
+    return close_now ? -1 : 0;
+}
+
+static int on_writeable(mg_ws_server *ws, struct lws *wsi, pss *p)
+{
+    if (!p->conn)
+        return 0;
+    bool more;
+    int code;
+    char reason[124];
+    mg_hub_frame *f = mg_hub_pop(ws->hub, p->conn, &more, &code, reason, sizeof(reason));
+    if (f) {
+        int n = lws_write(wsi, f->data + LWS_PRE, f->len, LWS_WRITE_TEXT);
+        if (f->kind == MG_FRAME_MESSAGE)
+            mg_metric_add(ws->m_out, 1);
+        bool ok = n >= 0 && (size_t)n >= f->len;
+        free(f);
+        if (!ok)
+            return -1;
+        if (more || code)
+            lws_callback_on_writable(wsi);
+        return 0;
+    }
+    if (code) {
+        if (code == MG_WS_CLOSE_SLOW_CONSUMER)
+            mg_metric_add(ws->m_slow, 1);
+        close_with(wsi, code, reason);
+        return -1;
+    }
+    return 0;
+}
+
+static void on_established(mg_ws_server *ws, struct lws *wsi, pss *p)
+{
+    const char *user = p->user ? p->user : "";
+    p->conn = mg_hub_register(ws->hub, user, wsi);
+    const char *id = mg_hub_conn_id(p->conn);
+    size_t n = strlen(id);
+    ticket *t = mg_xcalloc(1, sizeof(*t) + n + 1);
+    t->ws = ws;
+    t->user = p->user;
+    p->user = NULL;
+    memcpy(t->conn_id, id, n + 1);
+    mg_metric_add(ws->m_conns_total, 1);
+    mg_metric_add(ws->m_conns, 1);
+    if (mg_pool_submit(ws->pool, job_connected, t) != 0) {
+        mg_log_warn("ws", "worker pool full, refusing conn=%s user=%s", id, t->user);
+        count_error(MG_WS_ERR_OVERLOADED);
+        ticket_free(t);
+        mg_hub_disconnect(ws->hub, NULL, id, 1013, "overloaded, retry later");
+        return;
+    }
+    p->tk = t;
+    mg_log_debug("ws", "connection open conn=%s user=%s", id, t->user);
+}
+
+static void on_closed(mg_ws_server *ws, pss *p)
+{
+    if (p->conn) {
+        mg_log_debug("ws", "connection closed conn=%s user=%s", mg_hub_conn_id(p->conn),
+                     mg_hub_conn_user(p->conn));
+        mg_hub_unregister(ws->hub, p->conn);
+        mg_metric_add(ws->m_conns, -1);
+        p->conn = NULL;
+    }
+    if (p->tk) {
+        ticket *t = p->tk;
+        p->tk = NULL;
+        pthread_mutex_lock(&ws->mu);
+        t->closed = true;
+        bool done = t->connect_done;
+        pthread_mutex_unlock(&ws->mu);
+        if (done && mg_pool_submit(ws->pool, job_disconnected, t) != 0) {
+            /* presence entry stays until its lease expires */
+            mg_log_warn("ws", "worker pool full, presence not removed conn=%s user=%s",
+                        t->conn_id, t->user);
+            ticket_free(t);
+        }
+    }
+    free(p->rx);
+    p->rx = NULL;
+    p->rx_len = p->rx_cap = 0;
+}
+
+static void pss_release(pss *p)
+{
+    if (!p)
+        return;
+    free(p->user);
+    p->user = NULL;
+    free(p->body);
+    p->body = NULL;
+    free(p->rx);
+    p->rx = NULL;
+}
+
+/* ---- authentication at upgrade ------------------------------------------ */
+
+/* Returns 0 with *user, or an HTTP status with a reason. */
+static int authenticate(mg_ws_server *ws, struct lws *wsi, char **user, char *reason,
+                        size_t reasonlen)
+{
+    *user = NULL;
+    if (ws->auth) {
+        char buf[4096];
+        const char *token = NULL;
+        int n = lws_hdr_copy(wsi, buf, sizeof(buf), WSI_TOKEN_HTTP_AUTHORIZATION);
+        if (n > 7 && strncasecmp(buf, "Bearer ", 7) == 0) {
+            token = buf + 7;
+            while (*token == ' ')
+                token++;
+        } else {
+            const char *v = lws_get_urlarg_by_name(wsi, "token=", buf, sizeof(buf));
+            if (v)
+                token = v;
+        }
+        if (!token || !token[0]) {
+            snprintf(reason, reasonlen, "missing token");
+            return HTTP_STATUS_UNAUTHORIZED;
+        }
+        if (mg_jwt_auth_verify(ws->auth, token, mg_now_ms() / 1000, ws->limits.max_user_bytes,
+                               user, reason, reasonlen) != 0)
+            return HTTP_STATUS_UNAUTHORIZED;
+        return 0;
+    }
+    char buf[1024];
+    const char *v = lws_get_urlarg_by_name(wsi, "user=", buf, sizeof(buf));
+    if (!v || !mg_ws_proto_valid_user(v, ws->limits.max_user_bytes)) {
+        snprintf(reason, reasonlen, "missing or invalid ?user=");
+        return HTTP_STATUS_UNAUTHORIZED;
+    }
+    *user = mg_xstrdup(v);
+    return 0;
+}
+
+static int reject(struct lws *wsi, int status, const char *reason)
+{
+    if (lws_return_http_status(wsi, (unsigned int)status, reason))
+        return -1;
+    return 1;
+}
+
+static int on_confirm_upgrade(mg_ws_server *ws, struct lws *wsi, const char *upgrade)
+{
+    char uri[256];
+    if (!upgrade || strcasecmp(upgrade, "websocket") != 0)
+        return reject(wsi, HTTP_STATUS_BAD_REQUEST, "only websocket upgrades");
+    if (lws_hdr_copy(wsi, uri, sizeof(uri), WSI_TOKEN_GET_URI) <= 0 || strcmp(uri, "/ws") != 0)
+        return reject(wsi, HTTP_STATUS_NOT_FOUND, "not found");
+    if (atomic_load(&ws->draining) || atomic_load(&ws->stopping))
+        return reject(wsi, HTTP_STATUS_SERVICE_UNAVAILABLE, "draining");
+    if (mg_hub_count(ws->hub) >= ws->max_conns)
+        return reject(wsi, HTTP_STATUS_SERVICE_UNAVAILABLE, "too many connections");
+    char reason[160];
+    char *user = NULL;
+    int st = authenticate(ws, wsi, &user, reason, sizeof(reason));
+    if (st) {
+        count_error("unauthorized");
+        mg_log_info("ws", "upgrade refused status=%d reason=\"%s\"", st, reason);
+        return reject(wsi, st, reason);
+    }
+    free(ws->stash_user);
+    ws->stash_user = user;
+    ws->stash_wsi = wsi;
+    return 0;
+}
+
+static int on_filter(mg_ws_server *ws, struct lws *wsi, pss *p)
+{
+    if (ws->stash_wsi == wsi && ws->stash_user) {
+        p->user = ws->stash_user;
+        ws->stash_user = NULL;
+        ws->stash_wsi = NULL;
+        return 0;
+    }
+    /* Not seen at CONFIRM_UPGRADE (should not happen): authenticate here. */
+    char reason[160];
+    return authenticate(ws, wsi, &p->user, reason, sizeof(reason)) ? -1 : 0;
+}
+
+/* ---- HTTP side ------------------------------------------------------------ */
+
+static int http_respond(struct lws *wsi, pss *p, int status, const char *ctype, char *body)
+{
+    unsigned char hdr[LWS_PRE + 512], *start = hdr + LWS_PRE, *q = start,
+                                      *end = hdr + sizeof(hdr) - 1;
+    size_t len = body ? strlen(body) : 0;
+    free(p->body);
+    p->body = body;
+    p->body_len = len;
+    p->body_off = 0;
+    if (lws_add_http_common_headers(wsi, (unsigned int)status, ctype, (lws_filepos_t)len, &q,
+                                    end))
+        return 1;
+    if (lws_add_http_header_by_token(wsi, WSI_TOKEN_HTTP_CACHE_CONTROL,
+                                     (const unsigned char *)"no-store", 8, &q, end))
+        return 1;
+    if (lws_finalize_write_http_header(wsi, start, &q, end))
+        return 1;
+    lws_callback_on_writable(wsi);
+    return 0;
+}
+
+static int on_http(mg_ws_server *ws, struct lws *wsi, pss *p, const char *path)
+{
+    if (!lws_hdr_total_length(wsi, WSI_TOKEN_GET_URI)) {
+        if (lws_return_http_status(wsi, HTTP_STATUS_METHOD_NOT_ALLOWED, "only GET"))
+            return -1;
+        return lws_http_transaction_completed(wsi) ? -1 : 0;
+    }
+    if (strcmp(path, "/healthz") == 0)
+        return http_respond(wsi, p, 200, "text/plain", mg_xstrdup("ok\n"));
+    if (strcmp(path, "/readyz") == 0) {
+        bool ok = atomic_load(&ws->ready) && !atomic_load(&ws->draining);
+        return http_respond(wsi, p, ok ? 200 : 503, "text/plain",
+                            mg_xstrdup(ok ? "ready\n" : "not ready\n"));
+    }
+    if (strcmp(path, "/metrics") == 0) {
+        size_t n;
+        return http_respond(wsi, p, 200, "text/plain; version=0.0.4; charset=utf-8",
+                            mg_metrics_render(&n));
+    }
+    for (int i = 0; i < ws->nhooks; i++) {
+        if (strcmp(path, ws->hooks[i].path) == 0) {
+            const char *ct = NULL;
+            char *body = ws->hooks[i].render(ws->hooks[i].arg, &ct);
+            if (!body)
+                return http_respond(wsi, p, 500, "text/plain", mg_xstrdup("error\n"));
+            return http_respond(wsi, p, 200, ct ? ct : "application/json", body);
+        }
+    }
+    return http_respond(wsi, p, 404, "text/plain", mg_xstrdup("not found\n"));
+}
+
+static int on_http_writeable(struct lws *wsi, pss *p)
+{
+    if (!p->body)
+        return 0;
+    static unsigned char buf[LWS_PRE + HTTP_CHUNK]; /* service thread only */
+    size_t n = p->body_len - p->body_off;
+    if (n > HTTP_CHUNK)
+        n = HTTP_CHUNK;
+    bool last = p->body_off + n == p->body_len;
+    memcpy(buf + LWS_PRE, p->body + p->body_off, n);
+    if (lws_write(wsi, buf + LWS_PRE, n, last ? LWS_WRITE_HTTP_FINAL : LWS_WRITE_HTTP) < (int)n)
+        return -1;
+    p->body_off += n;
+    if (!last) {
+        lws_callback_on_writable(wsi);
+        return 0;
+    }
+    free(p->body);
+    p->body = NULL;
+    if (lws_http_transaction_completed(wsi))
+        return -1;
+    return 0;
+}
+
+/* ---- the callback ------------------------------------------------------------ */
+
+static void want_writable(void *handle, void *arg)
+{
+    lws_callback_on_writable((struct lws *)handle);
+}
+
+static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *user, void *in,
+                    size_t len)
+{
+    mg_ws_server *ws = lws_context_user(lws_get_context(wsi));
+    pss *p = user;
+    switch (reason) {
+    case LWS_CALLBACK_EVENT_WAIT_CANCELLED:
+        if (ws)
+            mg_hub_take_ready(ws->hub, want_writable, NULL);
+        return 0;
+    case LWS_CALLBACK_HTTP:
+        return on_http(ws, wsi, p, in ? (const char *)in : "");
+    case LWS_CALLBACK_HTTP_WRITEABLE:
+        return on_http_writeable(wsi, p);
+    case LWS_CALLBACK_HTTP_CONFIRM_UPGRADE:
+        return on_confirm_upgrade(ws, wsi, in);
+    case LWS_CALLBACK_FILTER_PROTOCOL_CONNECTION:
+        return on_filter(ws, wsi, p);
+    case LWS_CALLBACK_ESTABLISHED:
+        on_established(ws, wsi, p);
+        return 0;
+    case LWS_CALLBACK_RECEIVE:
+        return on_receive(ws, wsi, p, in, len);
+    case LWS_CALLBACK_SERVER_WRITEABLE:
+        return on_writeable(ws, wsi, p);
+    case LWS_CALLBACK_CLOSED:
+        on_closed(ws, p);
+        return 0;
+    case LWS_CALLBACK_HTTP_DROP_PROTOCOL:
+    case LWS_CALLBACK_CLOSED_HTTP:
+        if (p) {
+            free(p->body);
+            p->body = NULL;
+        }
+        return 0;
+    case LWS_CALLBACK_WSI_DESTROY:
+        if (p && p->conn) /* closed without LWS_CALLBACK_CLOSED */
+            on_closed(ws, p);
+        pss_release(p);
+        if (ws && ws->stash_wsi == wsi) {
+            free(ws->stash_user);
+            ws->stash_user = NULL;
+            ws->stash_wsi = NULL;
+        }
+        return 0;
+    default:
+        return 0;
+    }
+}
+
+/* ---- lifecycle ------------------------------------------------------------------ */
+
+static void lws_log_emit(int level, const char *line)
+{
+    size_t n = strlen(line);
+    while (n && (line[n - 1] == '\n' || line[n - 1] == '\r'))
+        n--;
+    mg_log_warn("lws", "%.*s", (int)n, line);
+}
+
+static void wake(void *arg)
+{
+    mg_ws_server *ws = arg;
+    if (ws->ctx)
+        lws_cancel_service(ws->ctx);
+}
+
+mg_ws_server *mg_ws_server_create(const mg_config *cfg, mg_pool *pool, char *err, size_t errlen)
+{
+    char *host = NULL;
+    int port = 0;
+    if (mg_parse_hostport(cfg->ws_listen, &host, &port) != 0) {
+        snprintf(err, errlen, "--ws-listen: want host:port, got '%s'", cfg->ws_listen);
+        return NULL;
+    }
+    mg_jwt_auth *auth = NULL;
+    if ((cfg->jwt_secret && cfg->jwt_secret[0]) ||
+        (cfg->jwt_public_key_file && cfg->jwt_public_key_file[0])) {
+        auth = mg_jwt_auth_create(cfg->jwt_secret, cfg->jwt_public_key_file, err, errlen);
+        if (!auth) {
+            free(host);
+            return NULL;
+        }
+    }
+    bool loopback = host_is_loopback(host);
+    if (!auth && !loopback) {
+        snprintf(err, errlen,
+                 "refusing to listen on %s without client authentication: set --jwt-secret or "
+                 "--jwt-public-key-file, or listen on a loopback address",
+                 cfg->ws_listen);
+        free(host);
+        return NULL;
+    }
+    mg_ws_server *ws = mg_new(mg_ws_server);
+    pthread_mutex_init(&ws->mu, NULL);
+    ws->gateway_id = mg_xstrdup(cfg->id && cfg->id[0] ? cfg->id : "gw");
+    ws->host = host;
+    ws->port = port;
+    ws->loopback = loopback;
+    ws->auth = auth;
+    ws->pool = pool;
+    ws->max_frame = cfg->max_frame_bytes > 0 ? (size_t)cfg->max_frame_bytes : 131072;
+    ws->max_conns = cfg->max_connections > 0 ? (size_t)cfg->max_connections : 1000000;
+    ws->limits.max_content_bytes = (size_t)cfg->max_content_bytes;
+    ws->limits.max_user_bytes = cfg->max_user_bytes > 0 ? (size_t)cfg->max_user_bytes : 256;
+    ws->send_deadline_ms = cfg->kafka_timeout_ms + cfg->peer_deadline_ms + 1000;
+    ws->ping_seconds = cfg->ping_seconds > 0 ? (int)cfg->ping_seconds : 30;
+    mg_hub_config hc = {
+        .gateway_id = ws->gateway_id,
+        .max_frames = cfg->outbound_queue > 0 ? (size_t)cfg->outbound_queue : 256,
+        .max_bytes = cfg->outbound_queue_bytes > 0 ? (size_t)cfg->outbound_queue_bytes : 1 << 20,
+        .headroom = LWS_PRE,
+        .wake = wake,
+        .wake_arg = ws,
+    };
+    ws->hub = mg_hub_create(&hc);
+    ws->m_in = mg_counter("meshgate_ws_messages_in_total", "text frames received from clients",
+                          NULL);
+    ws->m_out = mg_counter("meshgate_ws_messages_out_total",
+                           "message frames written to clients", NULL);
+    ws->m_slow = mg_counter("meshgate_ws_slow_consumer_closes_total",
+                            "connections closed as slow consumers (4008)", NULL);
+    ws->m_conns_total = mg_counter("meshgate_ws_connections_opened_total",
+                                   "WebSocket connections established", NULL);
+    ws->m_conns =
+        mg_gauge("meshgate_ws_connections", "open WebSocket connections on this gateway", NULL);
+    if (!auth)
+        mg_log_warn("ws", "NO CLIENT AUTHENTICATION: ?user=NAME is trusted as the user id; "
+                          "allowed only because listen=%s is loopback. Set --jwt-secret or "
+                          "--jwt-public-key-file for anything but local development",
+                    cfg->ws_listen);
+    return ws;
+}
+
+mg_local_sink mg_ws_server_sink(mg_ws_server *ws)
+{
+    return mg_hub_sink(ws->hub);
+}
+
+void mg_ws_server_set_router(mg_ws_server *ws, mg_router *r)
+{
+    ws->router = r;
+}
+
+void mg_ws_server_set_http_hook(mg_ws_server *ws, const char *path,
+                                char *(*render)(void *arg, const char **content_type), void *arg)
+{
+    if (ws->nhooks == MAX_HOOKS) {
+        mg_log_error("ws", "too many http hooks, ignoring path=%s", path);
+        return;
+    }
+    ws->hooks[ws->nhooks++] = (hook){mg_xstrdup(path), render, arg};
+}
+
+static void *service_main(void *arg)
+{
+    mg_ws_server *ws = arg;
+    while (!atomic_load(&ws->stopping))
+        if (lws_service(ws->ctx, 0) < 0)
+            break;
+    return NULL;
+}
+
+static unsigned raise_nofile(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0)
+        return 1024;
+    if (rl.rlim_cur < rl.rlim_max) {
+        rlim_t old = rl.rlim_cur;
+        rl.rlim_cur = rl.rlim_max;
+        if (setrlimit(RLIMIT_NOFILE, &rl) != 0)
+            rl.rlim_cur = old;
+    }
+    return rl.rlim_cur > 4000000 ? 4000000u : (unsigned)rl.rlim_cur;
+}
+
+int mg_ws_server_start(mg_ws_server *ws)
+{
+    if (ws->started)
+        return -EALREADY;
+    lws_set_log_level(LLL_ERR, lws_log_emit);
+    ws->protocols[0] = (struct lws_protocols){
+        .name = "meshgate",
+        .callback = callback,
+        .per_session_data_size = sizeof(pss),
+        .rx_buffer_size = RX_BUFFER,
+    };
+    ws->retry = (lws_retry_bo_t){
+        .secs_since_valid_ping = (uint16_t)ws->ping_seconds,
+        .secs_since_valid_hangup = (uint16_t)(ws->ping_seconds * 2),
+    };
+    unsigned nofile = raise_nofile();
+    struct lws_context_creation_info info;
+    memset(&info, 0, sizeof(info));
+    info.port = ws->port;
+    bool any = !ws->host[0] || strcmp(ws->host, "0.0.0.0") == 0 || strcmp(ws->host, "::") == 0 ||
+               strcmp(ws->host, "*") == 0;
+    info.iface = any ? NULL : (strcmp(ws->host, "localhost") == 0 ? "127.0.0.1" : ws->host);
+    if (strcmp(ws->host, "0.0.0.0") == 0)
+        info.options |= LWS_SERVER_OPTION_DISABLE_IPV6;
+    info.protocols = ws->protocols;
+    info.user = ws;
+    info.count_threads = 1;
+    size_t want = ws->max_conns + 1024;
+    info.fd_limit_per_thread = want < nofile ? (unsigned)want : nofile;
+    info.retry_and_idle_policy = &ws->retry;
+    info.max_http_header_pool = 256;
+    info.timeout_secs = 10;
+    info.pt_serv_buf_size = 16384;
+    info.vhost_name = "default";
+    ws->ctx = lws_create_context(&info);
+    if (!ws->ctx) {
+        mg_log_error("ws", "cannot listen on %s (lws_create_context failed)", ws->host);
+        return -EADDRNOTAVAIL;
+    }
+    struct lws_vhost *vh = lws_get_vhost_by_name(ws->ctx, "default");
+    ws->bound_port = vh ? lws_get_vhost_listen_port(vh) : ws->port;
+    if (ws->bound_port <= 0) {
+        mg_log_error("ws", "cannot listen on %s:%d", ws->host, ws->port);
+        lws_context_destroy(ws->ctx);
+        ws->ctx = NULL;
+        return -EADDRINUSE;
+    }
+    if (pthread_create(&ws->thread, NULL, service_main, ws) != 0) {
+        lws_context_destroy(ws->ctx);
+        ws->ctx = NULL;
+        return -EAGAIN;
+    }
+    pthread_setname_np(ws->thread, "ws");
+    ws->started = true;
+    mg_log_info("ws", "listening host=%s port=%d auth=%s fd_limit=%u ping_seconds=%d", ws->host,
+                ws->bound_port, ws->auth ? "jwt" : "none(loopback ?user=)",
+                info.fd_limit_per_thread, ws->ping_seconds);
+    return 0;
+}
+
+int mg_ws_server_port(mg_ws_server *ws)
+{
+    return ws->bound_port;
+}
+
+void mg_ws_server_set_ready(mg_ws_server *ws, bool ready)
+{
+    atomic_store(&ws->ready, ready);
+}
+
+size_t mg_ws_server_connections(mg_ws_server *ws)
+{
+    return mg_hub_count(ws->hub);
+}
+
+void mg_ws_server_drain(mg_ws_server *ws, int seconds)
+{
+    atomic_store(&ws->ready, false);
+    atomic_store(&ws->draining, true);
+    char **ids;
+    size_t n = mg_hub_conn_ids(ws->hub, &ids);
+    mg_log_info("ws", "draining connections=%zu window_seconds=%d", n, seconds);
+    int64_t start = mg_mono_ms();
+    int64_t window = seconds > 0 ? (int64_t)seconds * 1000 : 0;
+    int64_t spread = window * 8 / 10; /* leave the last fifth for the closes to finish */
+    size_t done = 0;
+    for (;;) {
+        int64_t el = mg_mono_ms() - start;
+        size_t target = spread > 0 && el < spread ? (size_t)((double)n * (double)el / (double)spread) + 1
+                                                  : n;
+        if (target > n)
+            target = n;
+        for (; done < target; done++)
+            mg_hub_disconnect(ws->hub, NULL, ids[done], 1012, "service restart");
+        if (done == n && mg_hub_count(ws->hub) == 0)
+            break;
+        if (el >= window)
+            break;
+        usleep(20000);
+    }
+    mg_hub_ids_free(ids, n);
+    mg_log_info("ws", "drain done remaining=%zu", mg_hub_count(ws->hub));
+}
+
+void mg_ws_server_stop(mg_ws_server *ws)
+{
+    if (!ws || !ws->started)
+        return;
+    atomic_store(&ws->stopping, true);
+    lws_cancel_service(ws->ctx);
+    pthread_join(ws->thread, NULL);
+    mg_hub_set_wake(ws->hub, NULL, NULL);
+    lws_context_destroy(ws->ctx); /* closes the rest: CLOSED callbacks run here */
+    ws->ctx = NULL;
+    ws->started = false;
+}
+
+void mg_ws_server_free(mg_ws_server *ws)
+{
+    if (!ws)
+        return;
+    mg_ws_server_stop(ws);
+    mg_hub_free(ws->hub);
+    mg_jwt_auth_free(ws->auth);
+    for (int i = 0; i < ws->nhooks; i++)
+        free(ws->hooks[i].path);
+    free(ws->stash_user);
+    free(ws->gateway_id);
+    free(ws->host);
+    pthread_mutex_destroy(&ws->mu);
+    free(ws);
+}

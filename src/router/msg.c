@@ -1,0 +1,135 @@
+/* msg.c: the message model, its protobuf envelope and result merging
+ * (see msg.h). Pure functions, thread-safe. */
+#include "router/msg.h"
+#include "common/mg_alloc.h"
+#include "meshgate/v1/message.pb-c.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+mg_msg *mg_msg_new(const char *id, const char *from, const char *to, const uint8_t *content,
+                   size_t content_len, const char *content_type, int64_t sent_at_ms,
+                   mg_priority priority)
+{
+    mg_msg *m = mg_new(mg_msg);
+    m->id = mg_xstrdup(id ? id : "");
+    m->from = mg_xstrdup(from ? from : "");
+    m->to = mg_xstrdup(to ? to : "");
+    m->content_type = mg_xstrdup(content_type ? content_type : "");
+    m->content = mg_xmemdup(content, content_len);
+    m->content_len = content_len;
+    m->sent_at_ms = sent_at_ms;
+    m->priority = priority == MG_PRIO_LOW ? MG_PRIO_LOW : MG_PRIO_HIGH;
+    return m;
+}
+
+mg_msg *mg_msg_dup_to(const mg_msg *m, const char *to)
+{
+    return mg_msg_new(m->id, m->from, to, m->content, m->content_len, m->content_type,
+                      m->sent_at_ms, m->priority);
+}
+
+mg_msg *mg_msg_dup(const mg_msg *m)
+{
+    return mg_msg_dup_to(m, m->to);
+}
+
+void mg_msg_free(mg_msg *m)
+{
+    if (!m)
+        return;
+    free(m->id);
+    free(m->from);
+    free(m->to);
+    free(m->content_type);
+    free(m->content);
+    free(m);
+}
+
+uint8_t *mg_msg_pack(const mg_msg *m, size_t *len)
+{
+    Meshgate__V1__Message pb = MESHGATE__V1__MESSAGE__INIT;
+    pb.id = m->id;
+    pb.from = m->from;
+    pb.to = m->to;
+    pb.content.data = m->content;
+    pb.content.len = m->content_len;
+    pb.content_type = m->content_type;
+    pb.sent_at_ms = m->sent_at_ms;
+    pb.priority = (Meshgate__V1__Priority)m->priority;
+    size_t n = meshgate__v1__message__get_packed_size(&pb);
+    uint8_t *buf = mg_xmalloc(n);
+    meshgate__v1__message__pack(&pb, buf);
+    *len = n;
+    return buf;
+}
+
+int mg_msg_unpack(const uint8_t *data, size_t len, mg_msg **out)
+{
+    Meshgate__V1__Message *pb = meshgate__v1__message__unpack(NULL, len, data);
+    if (!pb)
+        return -EBADMSG;
+    int rc = -EBADMSG;
+    if (pb->id[0] && pb->to[0]) {
+        *out = mg_msg_new(pb->id, pb->from, pb->to, pb->content.data, pb->content.len,
+                          pb->content_type, pb->sent_at_ms,
+                          pb->priority == MESHGATE__V1__PRIORITY__PRIORITY_LOW ? MG_PRIO_LOW
+                                                                               : MG_PRIO_HIGH);
+        rc = 0;
+    }
+    meshgate__v1__message__free_unpacked(pb, NULL);
+    return rc;
+}
+
+const char *mg_status_name(mg_status s)
+{
+    static const char *names[] = {"none",     "delivered", "queued",  "stored",
+                                  "rejected", "failed",    "accepted"};
+    return (unsigned)s < sizeof(names) / sizeof(names[0]) ? names[s] : "unknown";
+}
+
+const char *mg_path_name(mg_path p)
+{
+    static const char *names[] = {"none", "local", "grpc", "kafka", "inbox"};
+    return (unsigned)p < sizeof(names) / sizeof(names[0]) ? names[p] : "unknown";
+}
+
+static int rank(mg_status s)
+{
+    switch (s) {
+    case MG_STATUS_DELIVERED:
+        return 6;
+    case MG_STATUS_QUEUED:
+        return 5;
+    case MG_STATUS_ACCEPTED:
+        return 4;
+    case MG_STATUS_STORED:
+        return 3;
+    case MG_STATUS_FAILED:
+        return 2;
+    case MG_STATUS_REJECTED:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+void mg_result_merge(mg_send_result *r, mg_status status, mg_path path, uint32_t conns,
+                     const char *reason)
+{
+    if (path != MG_PATH_NONE)
+        r->paths |= 1u << path;
+    r->connections += conns;
+    if (rank(status) > rank(r->status)) {
+        r->status = status;
+        r->path = path;
+        if (status == MG_STATUS_FAILED || status == MG_STATUS_REJECTED)
+            snprintf(r->reason, sizeof(r->reason), "%s", reason ? reason : "");
+        else
+            r->reason[0] = '\0';
+    } else if (r->status == status && (status == MG_STATUS_FAILED) && reason && !r->reason[0]) {
+        snprintf(r->reason, sizeof(r->reason), "%s", reason);
+    }
+}

@@ -1,0 +1,79 @@
+/* msg.h: the message model inside the router, and results of a send.
+ *
+ * mg_msg mirrors meshgate.v1.Message (proto/meshgate/v1/message.proto) with
+ * plain C types; enum values equal the proto's, so converting is a cast.
+ * mg_msg_pack/unpack produce the protobuf envelope carried by Kafka and the
+ * inbox. Every string of an mg_msg is owned by it and freed by mg_msg_free.
+ */
+#ifndef MG_MSG_H
+#define MG_MSG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+typedef enum { MG_PRIO_HIGH = 1, MG_PRIO_LOW = 2 } mg_priority;
+
+typedef enum {
+    MG_STATUS_NONE = 0,
+    MG_STATUS_DELIVERED = 1,
+    MG_STATUS_QUEUED = 2,
+    MG_STATUS_STORED = 3,
+    MG_STATUS_REJECTED = 4,
+    MG_STATUS_FAILED = 5,
+    MG_STATUS_ACCEPTED = 6,
+} mg_status;
+
+typedef enum {
+    MG_PATH_NONE = 0,
+    MG_PATH_LOCAL = 1,
+    MG_PATH_GRPC = 2,
+    MG_PATH_KAFKA = 3,
+    MG_PATH_INBOX = 4,
+    MG_PATH_COUNT
+} mg_path;
+
+typedef struct mg_msg {
+    char *id;
+    char *from;
+    char *to;
+    char *content_type; /* may be "" */
+    uint8_t *content;
+    size_t content_len;
+    int64_t sent_at_ms;
+    mg_priority priority;
+} mg_msg;
+
+typedef struct mg_send_result {
+    mg_status status;
+    mg_path path;         /* the path of the best outcome */
+    unsigned paths;       /* bit (1 << path) for every path taken */
+    uint32_t connections; /* live connections written to, where known */
+    char reason[160];     /* set for REJECTED and FAILED */
+} mg_send_result;
+
+/* Creates a message owning copies of every argument (content_type and from
+ * may be NULL, meaning ""). */
+mg_msg *mg_msg_new(const char *id, const char *from, const char *to, const uint8_t *content,
+                   size_t content_len, const char *content_type, int64_t sent_at_ms,
+                   mg_priority priority);
+mg_msg *mg_msg_dup(const mg_msg *m);
+/* A copy addressed to another recipient (SendBatch fan-out). */
+mg_msg *mg_msg_dup_to(const mg_msg *m, const char *to);
+void mg_msg_free(mg_msg *m); /* NULL is a no-op */
+
+/* The protobuf envelope (meshgate.v1.Message). The caller frees the result. */
+uint8_t *mg_msg_pack(const mg_msg *m, size_t *len);
+/* Returns 0 and a new message in *out, or -EBADMSG when data does not decode
+ * or lacks id/to. */
+int mg_msg_unpack(const uint8_t *data, size_t len, mg_msg **out);
+
+const char *mg_status_name(mg_status s); /* "delivered", "queued", ... */
+const char *mg_path_name(mg_path p);     /* "local", "grpc", "kafka", "inbox", "none" */
+
+/* Records one outcome into a result: the best status wins
+ * (DELIVERED > QUEUED > ACCEPTED > STORED > FAILED > REJECTED). */
+void mg_result_merge(mg_send_result *r, mg_status status, mg_path path, uint32_t conns,
+                     const char *reason);
+
+#endif

@@ -1,0 +1,860 @@
+/* redis_cluster.c: the Redis Cluster client (slot routing, redirections,
+ * failover recovery, pipelining) on top of blocking hiredis 0.14 contexts.
+ *
+ * Threads: called by router worker threads (and the presence renew timer),
+ * concurrently; never by the WebSocket service thread.
+ *
+ * DESIGN
+ * - Nodes are only ever added (never freed before mg_redis_cluster_free), so a
+ *   node pointer read under the map lock stays valid after the lock is gone.
+ *   rc->lock (rwlock) guards the node array and the slot map (slot -> node
+ *   index). Each node has its own mutex guarding its idle connection stack.
+ * - One engine runs everything: a single command is a batch of one. A round
+ *   assigns each pending command to a node (the ASK target, else the slot's
+ *   master), takes one connection per node, appends every command of that
+ *   node (ASKING first where needed), writes all nodes, then reads the
+ *   replies node by node. MOVED updates the slot in place and schedules a
+ *   full refresh; ASK resends to the target with ASKING; TRYAGAIN,
+ *   CLUSTERDOWN, LOADING, MASTERDOWN and I/O errors back off and retry;
+ *   everything stops at the call's deadline (now + timeout_ms).
+ * - Slot map refresh (CLUSTER SLOTS) happens at create, after I/O errors and
+ *   after MOVED, at most every MG_RC_REFRESH_MIN_US, by one thread at a time
+ *   (others keep using the current map), asking known nodes in turn.
+ * - A connection that saw any error is closed, never returned to the pool.
+ * Guarantees: a call returns within its budget (plus one connect/read that
+ * started before the deadline was known to be short, bounded by the same
+ * socket timeouts); replies come back in the order commands were added.
+ */
+#include "router/redis_cluster.h"
+
+#include "common/mg_alloc.h"
+#include "common/mg_log.h"
+#include "common/mg_time.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define MG_RC_REFRESH_MIN_US 100000 /* at most one slot map reload per 100 ms */
+#define MG_RC_MAX_ROUNDS 32         /* redirection/retry rounds per call */
+#define MG_RC_HOST_MAX 256
+
+typedef struct rc_node {
+    char *host;
+    int port;
+    char *name; /* "host:port" */
+    pthread_mutex_t mu;
+    redisContext *idle[MG_REDIS_POOL_IDLE];
+    int nidle;
+    atomic_bool down; /* last connect failed (for logging transitions) */
+} rc_node;
+
+struct mg_redis_cluster {
+    char *user, *password;
+    int timeout_ms;
+    pthread_rwlock_t lock;
+    rc_node **nodes;
+    size_t nnodes, capnodes;
+    int16_t slots[MG_REDIS_SLOTS]; /* node index, -1 when unknown */
+    pthread_mutex_t refresh_mu;
+    atomic_llong last_refresh_us;
+    atomic_bool need_refresh;
+    atomic_uint refresh_rr; /* round-robin start for refresh */
+    atomic_ullong st_commands, st_moved, st_ask, st_refreshes, st_reconnects, st_io_errors,
+        st_retries;
+};
+
+typedef struct rc_cmd {
+    char *key; /* NULL: any master */
+    unsigned slot;
+    char *buf; /* the formatted RESP command */
+    int len;
+    redisReply *reply;
+    int status;      /* 0, or -errno; 1 while pending */
+    rc_node *ask;    /* ASK target for the next attempt */
+    bool run;        /* taken by an exec */
+} rc_cmd;
+
+struct mg_redis_batch {
+    rc_cmd *cmds;
+    size_t n, cap;
+};
+
+static const char ASKING_CMD[] = "*1\r\n$6\r\nASKING\r\n";
+
+/* ---- CRC16 / key slot ---------------------------------------------------- */
+
+/* CRC16-CCITT (XMODEM): poly 0x1021, init 0, as the Redis Cluster spec. */
+uint16_t mg_redis_crc16(const char *buf, size_t len)
+{
+    uint16_t crc = 0;
+    for (size_t i = 0; i < len; i++) {
+        crc ^= (uint16_t)((uint8_t)buf[i] << 8);
+        for (int b = 0; b < 8; b++)
+            crc = (crc & 0x8000) ? (uint16_t)((crc << 1) ^ 0x1021) : (uint16_t)(crc << 1);
+    }
+    return crc;
+}
+
+unsigned mg_redis_key_slot(const char *key, size_t len)
+{
+    size_t s, e;
+    for (s = 0; s < len; s++)
+        if (key[s] == '{')
+            break;
+    if (s < len) {
+        for (e = s + 1; e < len; e++)
+            if (key[e] == '}')
+                break;
+        if (e < len && e != s + 1) /* a non-empty tag */
+            return mg_redis_crc16(key + s + 1, e - s - 1) & (MG_REDIS_SLOTS - 1);
+    }
+    return mg_redis_crc16(key, len) & (MG_REDIS_SLOTS - 1);
+}
+
+/* ---- small helpers ------------------------------------------------------- */
+
+static struct timeval tv_of_us(int64_t us)
+{
+    if (us < 1000)
+        us = 1000;
+    struct timeval tv = {.tv_sec = us / 1000000, .tv_usec = us % 1000000};
+    return tv;
+}
+
+/* Maps a failed context to -ETIMEDOUT / -EIO (errno is read right after the
+ * failing call by the caller and passed in). */
+static int ctx_errno(const redisContext *c, int saved_errno)
+{
+    if (c && c->err == REDIS_ERR_IO &&
+        (saved_errno == EAGAIN || saved_errno == EWOULDBLOCK || saved_errno == ETIMEDOUT ||
+         saved_errno == EINPROGRESS))
+        return -ETIMEDOUT;
+    if (c && (strstr(c->errstr, "timed out") || strstr(c->errstr, "temporarily unavailable")))
+        return -ETIMEDOUT;
+    return -EIO;
+}
+
+static bool reply_is_err(const redisReply *r, const char *prefix)
+{
+    size_t n = strlen(prefix);
+    return r && r->type == REDIS_REPLY_ERROR && r->len >= n && memcmp(r->str, prefix, n) == 0 &&
+           (r->len == n || r->str[n] == ' ');
+}
+
+/* Parses "MOVED 3999 127.0.0.1:6381" / "ASK ..." into slot, host, port. */
+static int parse_redirect(const char *s, unsigned *slot, char *host, size_t hostlen, int *port)
+{
+    const char *p = strchr(s, ' ');
+    if (!p)
+        return -1;
+    char *end;
+    long sl = strtol(p + 1, &end, 10);
+    if (end == p + 1 || *end != ' ' || sl < 0 || sl >= MG_REDIS_SLOTS)
+        return -1;
+    const char *addr = end + 1;
+    const char *colon = strrchr(addr, ':');
+    if (!colon || (size_t)(colon - addr) >= hostlen)
+        return -1;
+    long pt = strtol(colon + 1, &end, 10);
+    if (end == colon + 1 || pt <= 0 || pt > 65535)
+        return -1;
+    memcpy(host, addr, (size_t)(colon - addr));
+    host[colon - addr] = '\0';
+    *slot = (unsigned)sl;
+    *port = (int)pt;
+    return 0;
+}
+
+/* ---- nodes and the connection pool -------------------------------------- */
+
+static rc_node *node_new(const char *host, int port)
+{
+    rc_node *n = mg_new(rc_node);
+    n->host = mg_xstrdup(host);
+    n->port = port;
+    n->name = mg_xasprintf("%s:%d", host, port);
+    pthread_mutex_init(&n->mu, NULL);
+    return n;
+}
+
+static void node_free(rc_node *n)
+{
+    for (int i = 0; i < n->nidle; i++)
+        redisFree(n->idle[i]);
+    pthread_mutex_destroy(&n->mu);
+    free(n->host);
+    free(n->name);
+    free(n);
+}
+
+/* Index of host:port in the node array, adding it when unknown. Caller holds
+ * the write lock. */
+static int node_index_locked(mg_redis_cluster *rc, const char *host, int port)
+{
+    for (size_t i = 0; i < rc->nnodes; i++)
+        if (rc->nodes[i]->port == port && strcmp(rc->nodes[i]->host, host) == 0)
+            return (int)i;
+    if (rc->nnodes == rc->capnodes) {
+        rc->capnodes = rc->capnodes ? rc->capnodes * 2 : 8;
+        rc->nodes = mg_xrealloc(rc->nodes, rc->capnodes * sizeof(*rc->nodes));
+    }
+    rc->nodes[rc->nnodes] = node_new(host, port);
+    return (int)rc->nnodes++;
+}
+
+static rc_node *node_get(mg_redis_cluster *rc, const char *host, int port)
+{
+    pthread_rwlock_rdlock(&rc->lock);
+    for (size_t i = 0; i < rc->nnodes; i++) {
+        rc_node *n = rc->nodes[i];
+        if (n->port == port && strcmp(n->host, host) == 0) {
+            pthread_rwlock_unlock(&rc->lock);
+            return n;
+        }
+    }
+    pthread_rwlock_unlock(&rc->lock);
+    pthread_rwlock_wrlock(&rc->lock);
+    rc_node *n = rc->nodes[node_index_locked(rc, host, port)];
+    pthread_rwlock_unlock(&rc->lock);
+    return n;
+}
+
+/* Opens a connection to n within the deadline and authenticates it. */
+static redisContext *conn_open(mg_redis_cluster *rc, rc_node *n, int64_t deadline_us, int *err,
+                               char *msg, size_t msglen)
+{
+    int64_t left = deadline_us - mg_mono_us();
+    if (left <= 0) {
+        *err = -ETIMEDOUT;
+        snprintf(msg, msglen, "%s: timed out", n->name);
+        return NULL;
+    }
+    atomic_fetch_add(&rc->st_reconnects, 1);
+    redisContext *c = redisConnectWithTimeout(n->host, n->port, tv_of_us(left));
+    int saved = errno;
+    if (!c || c->err) {
+        *err = c ? ctx_errno(c, saved) : -ENOMEM;
+        snprintf(msg, msglen, "%s: %s", n->name, c ? c->errstr : "out of memory");
+        goto fail;
+    }
+    redisSetTimeout(c, tv_of_us(deadline_us - mg_mono_us()));
+    redisEnableKeepAlive(c);
+    if (rc->password && *rc->password) {
+        redisReply *r = rc->user && *rc->user
+                            ? redisCommand(c, "AUTH %s %s", rc->user, rc->password)
+                            : redisCommand(c, "AUTH %s", rc->password);
+        saved = errno;
+        if (!r) {
+            *err = ctx_errno(c, saved);
+            snprintf(msg, msglen, "%s: AUTH: %s", n->name, c->errstr);
+            goto fail;
+        }
+        if (r->type == REDIS_REPLY_ERROR) {
+            *err = -EACCES;
+            snprintf(msg, msglen, "%s: AUTH refused: %.*s", n->name, (int)r->len, r->str);
+            freeReplyObject(r);
+            goto fail;
+        }
+        freeReplyObject(r);
+    }
+    if (atomic_exchange(&n->down, false))
+        mg_log_info("redis", "node reachable again node=%s", n->name);
+    return c;
+fail:
+    if (c)
+        redisFree(c);
+    atomic_fetch_add(&rc->st_io_errors, 1);
+    if (!atomic_exchange(&n->down, true))
+        mg_log_warn("redis", "node unreachable node=%s err=\"%s\"", n->name, msg);
+    return NULL;
+}
+
+static redisContext *conn_take(mg_redis_cluster *rc, rc_node *n, int64_t deadline_us, int *err,
+                               char *msg, size_t msglen)
+{
+    redisContext *c = NULL;
+    pthread_mutex_lock(&n->mu);
+    if (n->nidle > 0)
+        c = n->idle[--n->nidle];
+    pthread_mutex_unlock(&n->mu);
+    if (c) {
+        redisSetTimeout(c, tv_of_us(deadline_us - mg_mono_us()));
+        return c;
+    }
+    return conn_open(rc, n, deadline_us, err, msg, msglen);
+}
+
+static void conn_give(rc_node *n, redisContext *c)
+{
+    if (!c)
+        return;
+    if (c->err) {
+        redisFree(c);
+        return;
+    }
+    pthread_mutex_lock(&n->mu);
+    if (n->nidle < MG_REDIS_POOL_IDLE) {
+        n->idle[n->nidle++] = c;
+        c = NULL;
+    }
+    pthread_mutex_unlock(&n->mu);
+    if (c)
+        redisFree(c);
+}
+
+/* ---- slot map ------------------------------------------------------------ */
+
+/* Asks node n for CLUSTER SLOTS and installs the map. */
+static int refresh_from(mg_redis_cluster *rc, rc_node *n, int64_t deadline_us, char *msg,
+                        size_t msglen)
+{
+    int err = 0;
+    redisContext *c = conn_take(rc, n, deadline_us, &err, msg, msglen);
+    if (!c)
+        return err;
+    redisReply *r = redisCommand(c, "CLUSTER SLOTS");
+    int saved = errno;
+    if (!r) {
+        err = ctx_errno(c, saved);
+        snprintf(msg, msglen, "%s: %s", n->name, c->errstr);
+        redisFree(c);
+        return err;
+    }
+    conn_give(n, c);
+    if (r->type != REDIS_REPLY_ARRAY) {
+        snprintf(msg, msglen, "%s: CLUSTER SLOTS: %.*s", n->name,
+                 r->type == REDIS_REPLY_ERROR ? (int)r->len : 14,
+                 r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+        freeReplyObject(r);
+        return -EPROTO;
+    }
+    if (r->elements == 0) {
+        snprintf(msg, msglen, "%s: CLUSTER SLOTS is empty (cluster not set up?)", n->name);
+        freeReplyObject(r);
+        return -EPROTO;
+    }
+    int16_t *map = mg_xmalloc(sizeof(int16_t) * MG_REDIS_SLOTS);
+    for (int i = 0; i < MG_REDIS_SLOTS; i++)
+        map[i] = -1;
+    size_t covered = 0;
+    pthread_rwlock_wrlock(&rc->lock);
+    for (size_t i = 0; i < r->elements; i++) {
+        redisReply *e = r->element[i];
+        if (e->type != REDIS_REPLY_ARRAY || e->elements < 3 ||
+            e->element[0]->type != REDIS_REPLY_INTEGER ||
+            e->element[1]->type != REDIS_REPLY_INTEGER ||
+            e->element[2]->type != REDIS_REPLY_ARRAY || e->element[2]->elements < 2)
+            continue;
+        redisReply *m = e->element[2];
+        if (m->element[0]->type != REDIS_REPLY_STRING ||
+            m->element[1]->type != REDIS_REPLY_INTEGER)
+            continue;
+        const char *host = m->element[0]->str;
+        if (!*host || strcmp(host, "?") == 0) /* unknown endpoint: the node we asked */
+            host = n->host;
+        int idx = node_index_locked(rc, host, (int)m->element[1]->integer);
+        long long lo = e->element[0]->integer, hi = e->element[1]->integer;
+        for (long long s = lo; s <= hi && s < MG_REDIS_SLOTS; s++)
+            if (s >= 0) {
+                map[s] = (int16_t)idx;
+                covered++;
+            }
+    }
+    memcpy(rc->slots, map, sizeof(int16_t) * MG_REDIS_SLOTS);
+    pthread_rwlock_unlock(&rc->lock);
+    free(map);
+    freeReplyObject(r);
+    atomic_fetch_add(&rc->st_refreshes, 1);
+    if (covered < MG_REDIS_SLOTS)
+        mg_log_warn("redis", "slot map incomplete covered=%zu node=%s", covered, n->name);
+    return 0;
+}
+
+/* Reloads the map from the first node that answers. force: ignore the rate
+ * limit (still one thread at a time; a concurrent caller returns at once). */
+static int refresh(mg_redis_cluster *rc, int64_t deadline_us, bool force, char *msg, size_t msglen)
+{
+    int64_t now = mg_mono_us();
+    if (!force && now - atomic_load(&rc->last_refresh_us) < MG_RC_REFRESH_MIN_US)
+        return 0;
+    if (force)
+        pthread_mutex_lock(&rc->refresh_mu);
+    else if (pthread_mutex_trylock(&rc->refresh_mu) != 0)
+        return 0;
+    atomic_store(&rc->last_refresh_us, now);
+    atomic_store(&rc->need_refresh, false);
+    pthread_rwlock_rdlock(&rc->lock);
+    size_t nn = rc->nnodes;
+    rc_node **nodes = mg_xmemdup(rc->nodes, nn * sizeof(*nodes));
+    pthread_rwlock_unlock(&rc->lock);
+    int err = -EIO;
+    unsigned start = atomic_fetch_add(&rc->refresh_rr, 1);
+    /* Two passes: nodes not known to be down first, then the rest. */
+    for (int pass = 0; pass < 2 && err != 0; pass++) {
+        for (size_t k = 0; k < nn && err != 0; k++) {
+            rc_node *n = nodes[(start + k) % nn];
+            if (atomic_load(&n->down) != (pass == 1))
+                continue;
+            if (mg_mono_us() >= deadline_us)
+                break;
+            err = refresh_from(rc, n, deadline_us, msg, msglen);
+        }
+    }
+    free(nodes);
+    if (err != 0)
+        atomic_store(&rc->need_refresh, true);
+    pthread_mutex_unlock(&rc->refresh_mu);
+    return err;
+}
+
+int mg_redis_cluster_refresh(mg_redis_cluster *rc)
+{
+    char msg[256];
+    return refresh(rc, mg_mono_us() + (int64_t)rc->timeout_ms * 1000, true, msg, sizeof(msg));
+}
+
+void mg_redis_cluster_slot_owner(mg_redis_cluster *rc, unsigned slot, char *buf, size_t len)
+{
+    pthread_rwlock_rdlock(&rc->lock);
+    int idx = rc->slots[slot % MG_REDIS_SLOTS];
+    snprintf(buf, len, "%s", idx >= 0 ? rc->nodes[idx]->name : "");
+    pthread_rwlock_unlock(&rc->lock);
+}
+
+/* ---- create / free ------------------------------------------------------- */
+
+mg_redis_cluster *mg_redis_cluster_create(const char *nodes_csv, const char *user,
+                                          const char *password, int timeout_ms, char *err,
+                                          size_t errlen)
+{
+    if (errlen)
+        err[0] = '\0';
+    if (!nodes_csv || !*nodes_csv || timeout_ms <= 0) {
+        snprintf(err, errlen, "redis cluster: need at least one host:port and a timeout > 0");
+        return NULL;
+    }
+    mg_redis_cluster *rc = mg_new(mg_redis_cluster);
+    rc->user = user && *user ? mg_xstrdup(user) : NULL;
+    rc->password = password && *password ? mg_xstrdup(password) : NULL;
+    rc->timeout_ms = timeout_ms;
+    pthread_rwlock_init(&rc->lock, NULL);
+    pthread_mutex_init(&rc->refresh_mu, NULL);
+    for (int i = 0; i < MG_REDIS_SLOTS; i++)
+        rc->slots[i] = -1;
+
+    char *csv = mg_xstrdup(nodes_csv), *save = NULL;
+    size_t tried_len = 0;
+    char tried[512] = "";
+    char msg[512] = "no answer";
+    int rv = -EINVAL;
+    for (char *tok = strtok_r(csv, ", ", &save); tok; tok = strtok_r(NULL, ", ", &save)) {
+        char *colon = strrchr(tok, ':');
+        char *end = NULL;
+        long port = colon ? strtol(colon + 1, &end, 10) : 0;
+        if (!colon || colon == tok || *end || port <= 0 || port > 65535 ||
+            colon - tok >= MG_RC_HOST_MAX) {
+            snprintf(err, errlen, "redis cluster: bad node address \"%s\" (want host:port)", tok);
+            free(csv);
+            mg_redis_cluster_free(rc);
+            return NULL;
+        }
+        *colon = '\0';
+        pthread_rwlock_wrlock(&rc->lock);
+        int idx = node_index_locked(rc, tok, (int)port);
+        rc_node *n = rc->nodes[idx];
+        pthread_rwlock_unlock(&rc->lock);
+        if (rv != 0) { /* not connected yet: try this seed */
+            rv = refresh_from(rc, n, mg_mono_us() + (int64_t)timeout_ms * 1000, msg, sizeof(msg));
+            if (rv != 0 && tried_len < sizeof(tried) - 1)
+                tried_len += (size_t)snprintf(tried + tried_len, sizeof(tried) - tried_len, "%s%s",
+                                              tried_len ? ", " : "", n->name);
+            if (rv == -EPROTO || rv == -EACCES)
+                break; /* it answered, but is no usable cluster: say so */
+        }
+    }
+    free(csv);
+    if (rv != 0) {
+        if (rv == -EPROTO || rv == -EACCES)
+            snprintf(err, errlen, "redis cluster unusable: %s", msg);
+        else
+            snprintf(err, errlen, "no Redis Cluster node reachable (tried %s): %s", tried, msg);
+        mg_redis_cluster_free(rc);
+        return NULL;
+    }
+    atomic_store(&rc->last_refresh_us, mg_mono_us());
+    pthread_rwlock_rdlock(&rc->lock);
+    mg_log_info("redis", "cluster connected nodes=%zu timeout_ms=%d auth=%s", rc->nnodes, timeout_ms,
+                rc->password ? (rc->user ? "acl" : "password") : "none");
+    pthread_rwlock_unlock(&rc->lock);
+    return rc;
+}
+
+void mg_redis_cluster_free(mg_redis_cluster *rc)
+{
+    if (!rc)
+        return;
+    for (size_t i = 0; i < rc->nnodes; i++)
+        node_free(rc->nodes[i]);
+    free(rc->nodes);
+    pthread_rwlock_destroy(&rc->lock);
+    pthread_mutex_destroy(&rc->refresh_mu);
+    free(rc->user);
+    free(rc->password);
+    free(rc);
+}
+
+void mg_redis_cluster_stats_get(mg_redis_cluster *rc, mg_redis_cluster_stats *out)
+{
+    out->commands = atomic_load(&rc->st_commands);
+    out->moved = atomic_load(&rc->st_moved);
+    out->ask = atomic_load(&rc->st_ask);
+    out->refreshes = atomic_load(&rc->st_refreshes);
+    out->reconnects = atomic_load(&rc->st_reconnects);
+    out->io_errors = atomic_load(&rc->st_io_errors);
+    out->retries = atomic_load(&rc->st_retries);
+}
+
+/* ---- the engine ---------------------------------------------------------- */
+
+typedef struct rc_group {
+    rc_node *node;
+    redisContext *c;
+    size_t *idx; /* indices into the command array, in order */
+    size_t n, cap;
+    int err;
+} rc_group;
+
+static rc_node *route(mg_redis_cluster *rc, rc_cmd *cmd)
+{
+    if (cmd->ask)
+        return cmd->ask;
+    rc_node *n = NULL;
+    pthread_rwlock_rdlock(&rc->lock);
+    int idx = -1;
+    if (cmd->key)
+        idx = rc->slots[cmd->slot];
+    else /* any master: the owner of some slot, rotating */
+        for (unsigned k = 0; k < MG_REDIS_SLOTS && idx < 0; k += 1024)
+            idx = rc->slots[(k + (unsigned)(uintptr_t)cmd) % MG_REDIS_SLOTS];
+    if (idx >= 0)
+        n = rc->nodes[idx];
+    pthread_rwlock_unlock(&rc->lock);
+    return n;
+}
+
+static void set_slot(mg_redis_cluster *rc, unsigned slot, const char *host, int port)
+{
+    pthread_rwlock_wrlock(&rc->lock);
+    rc->slots[slot] = (int16_t)node_index_locked(rc, host, port);
+    pthread_rwlock_unlock(&rc->lock);
+}
+
+/* Runs cmds[0..n) (status 1 = pending) until each has a reply or the
+ * deadline passes. */
+static int run(mg_redis_cluster *rc, rc_cmd *cmds, size_t n)
+{
+    int64_t deadline = mg_mono_us() + (int64_t)rc->timeout_ms * 1000;
+    char msg[256];
+    int last_err = -ETIMEDOUT;
+    int backoff_ms = 10;
+    rc_group *groups = NULL;
+    size_t ngroups = 0, capgroups = 0;
+
+    for (int round = 0; round < MG_RC_MAX_ROUNDS; round++) {
+        size_t pending = 0;
+        for (size_t i = 0; i < n; i++)
+            pending += cmds[i].status == 1;
+        if (!pending || mg_mono_us() >= deadline)
+            break;
+        if (atomic_load(&rc->need_refresh))
+            refresh(rc, deadline, false, msg, sizeof(msg));
+
+        /* group pending commands by node */
+        ngroups = 0;
+        bool transient = false;
+        for (size_t i = 0; i < n; i++) {
+            if (cmds[i].status != 1)
+                continue;
+            rc_node *node = route(rc, &cmds[i]);
+            if (!node) { /* slot not covered: the map is stale or the cluster is down */
+                atomic_store(&rc->need_refresh, true);
+                last_err = -EIO;
+                transient = true;
+                continue;
+            }
+            size_t g;
+            for (g = 0; g < ngroups && groups[g].node != node; g++)
+                ;
+            if (g == ngroups) {
+                if (ngroups == capgroups) {
+                    capgroups = capgroups ? capgroups * 2 : 4;
+                    groups = mg_xrealloc(groups, capgroups * sizeof(*groups));
+                    memset(groups + ngroups, 0, (capgroups - ngroups) * sizeof(*groups));
+                }
+                groups[g].node = node;
+                groups[g].c = NULL;
+                groups[g].n = 0;
+                groups[g].err = 0;
+                ngroups++;
+            }
+            rc_group *gr = &groups[g];
+            if (gr->n == gr->cap) {
+                gr->cap = gr->cap ? gr->cap * 2 : 8;
+                gr->idx = mg_xrealloc(gr->idx, gr->cap * sizeof(*gr->idx));
+            }
+            gr->idx[gr->n++] = i;
+        }
+
+        /* write every group */
+        for (size_t g = 0; g < ngroups; g++) {
+            rc_group *gr = &groups[g];
+            gr->c = conn_take(rc, gr->node, deadline, &gr->err, msg, sizeof(msg));
+            if (!gr->c)
+                continue;
+            for (size_t k = 0; k < gr->n; k++) {
+                rc_cmd *cmd = &cmds[gr->idx[k]];
+                if (cmd->ask)
+                    redisAppendFormattedCommand(gr->c, ASKING_CMD, sizeof(ASKING_CMD) - 1);
+                redisAppendFormattedCommand(gr->c, cmd->buf, (size_t)cmd->len);
+                atomic_fetch_add(&rc->st_commands, 1);
+            }
+            int done = 0;
+            while (!done) {
+                if (redisBufferWrite(gr->c, &done) != REDIS_OK) {
+                    gr->err = ctx_errno(gr->c, errno);
+                    snprintf(msg, sizeof(msg), "%s: %s", gr->node->name, gr->c->errstr);
+                    redisFree(gr->c);
+                    gr->c = NULL;
+                    break;
+                }
+            }
+        }
+
+        /* read every group */
+        for (size_t g = 0; g < ngroups; g++) {
+            rc_group *gr = &groups[g];
+            for (size_t k = 0; gr->c && k < gr->n; k++) {
+                rc_cmd *cmd = &cmds[gr->idx[k]];
+                redisReply *r = NULL;
+                bool asked = cmd->ask != NULL;
+                cmd->ask = NULL;
+                if (asked) { /* the ASKING reply */
+                    if (redisGetReply(gr->c, (void **)&r) != REDIS_OK)
+                        goto io_error;
+                    freeReplyObject(r);
+                    r = NULL;
+                }
+                if (redisGetReply(gr->c, (void **)&r) != REDIS_OK)
+                    goto io_error;
+                if (reply_is_err(r, "MOVED") || reply_is_err(r, "ASK")) {
+                    char host[MG_RC_HOST_MAX];
+                    int port;
+                    unsigned slot;
+                    bool moved = r->str[0] == 'M';
+                    if (parse_redirect(r->str, &slot, host, sizeof(host), &port) == 0) {
+                        if (moved) {
+                            atomic_fetch_add(&rc->st_moved, 1);
+                            set_slot(rc, slot, host, port);
+                            atomic_store(&rc->need_refresh, true);
+                        } else {
+                            atomic_fetch_add(&rc->st_ask, 1);
+                            cmd->ask = node_get(rc, host, port);
+                        }
+                        freeReplyObject(r);
+                        continue; /* stays pending */
+                    }
+                } else if (reply_is_err(r, "TRYAGAIN") || reply_is_err(r, "CLUSTERDOWN") ||
+                           reply_is_err(r, "LOADING") || reply_is_err(r, "MASTERDOWN")) {
+                    atomic_fetch_add(&rc->st_retries, 1);
+                    snprintf(msg, sizeof(msg), "%s: %.*s", gr->node->name, (int)r->len, r->str);
+                    freeReplyObject(r);
+                    last_err = -EIO;
+                    transient = true;
+                    atomic_store(&rc->need_refresh, true);
+                    continue;
+                }
+                cmd->reply = r;
+                cmd->status = 0;
+                continue;
+            io_error:
+                gr->err = ctx_errno(gr->c, errno);
+                snprintf(msg, sizeof(msg), "%s: %s", gr->node->name, gr->c->errstr);
+                redisFree(gr->c);
+                gr->c = NULL;
+            }
+            if (gr->c) {
+                conn_give(gr->node, gr->c);
+                gr->c = NULL;
+            } else if (gr->err) {
+                atomic_fetch_add(&rc->st_io_errors, 1);
+                atomic_store(&rc->need_refresh, true);
+                last_err = gr->err;
+                transient = true;
+            }
+        }
+
+        if (transient) { /* back off, bounded by the deadline */
+            int64_t left = deadline - mg_mono_us();
+            int64_t sleep_us = (int64_t)backoff_ms * 1000;
+            if (sleep_us > left)
+                sleep_us = left;
+            if (sleep_us > 0)
+                usleep((useconds_t)sleep_us);
+            if (backoff_ms < 200)
+                backoff_ms *= 2;
+        }
+    }
+
+    int rv = 0;
+    for (size_t i = 0; i < n; i++)
+        if (cmds[i].status == 1) {
+            cmds[i].status = last_err;
+            if (!rv)
+                rv = last_err;
+        } else if (cmds[i].status < 0 && !rv) {
+            rv = cmds[i].status;
+        }
+    if (rv)
+        mg_log_warn("redis", "command failed err=%s last=\"%s\"",
+                    rv == -ETIMEDOUT ? "timeout" : "io", msg);
+    for (size_t g = 0; g < capgroups; g++)
+        free(groups[g].idx);
+    free(groups);
+    return rv;
+}
+
+/* ---- commands and batches ------------------------------------------------ */
+
+static void cmd_init(rc_cmd *cmd, const char *key, char *buf, int len)
+{
+    memset(cmd, 0, sizeof(*cmd));
+    if (key) {
+        cmd->key = mg_xstrdup(key);
+        cmd->slot = mg_redis_key_slot(key, strlen(key));
+    }
+    cmd->buf = buf;
+    cmd->len = len;
+    cmd->status = len > 0 ? 1 : -EINVAL;
+}
+
+static void cmd_clear(rc_cmd *cmd)
+{
+    free(cmd->key);
+    if (cmd->buf)
+        redisFreeCommand(cmd->buf);
+    if (cmd->reply)
+        freeReplyObject(cmd->reply);
+}
+
+static int run_one(mg_redis_cluster *rc, redisReply **out, const char *key, char *buf, int len)
+{
+    rc_cmd cmd;
+    cmd_init(&cmd, key, buf, len);
+    *out = NULL;
+    int rv = cmd.status < 0 ? cmd.status : run(rc, &cmd, 1);
+    if (rv == 0) {
+        *out = cmd.reply;
+        cmd.reply = NULL;
+    }
+    cmd_clear(&cmd);
+    return rv;
+}
+
+int mg_redis_cluster_command(mg_redis_cluster *rc, redisReply **out, const char *key,
+                             const char *fmt, ...)
+{
+    char *buf = NULL;
+    va_list ap;
+    va_start(ap, fmt);
+    int len = redisvFormatCommand(&buf, fmt, ap);
+    va_end(ap);
+    return run_one(rc, out, key, len > 0 ? buf : NULL, len);
+}
+
+int mg_redis_cluster_command_argv(mg_redis_cluster *rc, redisReply **out, const char *key,
+                                  int argc, const char **argv, const size_t *argvlen)
+{
+    char *buf = NULL;
+    int len = redisFormatCommandArgv(&buf, argc, argv, argvlen);
+    return run_one(rc, out, key, len > 0 ? buf : NULL, len);
+}
+
+mg_redis_batch *mg_redis_batch_new(void)
+{
+    return mg_new(mg_redis_batch);
+}
+
+void mg_redis_batch_free(mg_redis_batch *b)
+{
+    if (!b)
+        return;
+    for (size_t i = 0; i < b->n; i++)
+        cmd_clear(&b->cmds[i]);
+    free(b->cmds);
+    free(b);
+}
+
+static size_t batch_push(mg_redis_batch *b, const char *key, char *buf, int len)
+{
+    if (b->n == b->cap) {
+        b->cap = b->cap ? b->cap * 2 : 16;
+        b->cmds = mg_xrealloc(b->cmds, b->cap * sizeof(*b->cmds));
+    }
+    cmd_init(&b->cmds[b->n], key, len > 0 ? buf : NULL, len);
+    return b->n++;
+}
+
+size_t mg_redis_batch_add(mg_redis_batch *b, const char *key, const char *fmt, ...)
+{
+    char *buf = NULL;
+    va_list ap;
+    va_start(ap, fmt);
+    int len = redisvFormatCommand(&buf, fmt, ap);
+    va_end(ap);
+    return batch_push(b, key, buf, len);
+}
+
+size_t mg_redis_batch_add_argv(mg_redis_batch *b, const char *key, int argc, const char **argv,
+                               const size_t *argvlen)
+{
+    char *buf = NULL;
+    int len = redisFormatCommandArgv(&buf, argc, argv, argvlen);
+    return batch_push(b, key, buf, len);
+}
+
+size_t mg_redis_batch_count(const mg_redis_batch *b)
+{
+    return b->n;
+}
+
+int mg_redis_cluster_exec(mg_redis_cluster *rc, mg_redis_batch *b)
+{
+    size_t first = 0;
+    while (first < b->n && b->cmds[first].run)
+        first++;
+    if (first == b->n)
+        return 0;
+    for (size_t i = first; i < b->n; i++)
+        b->cmds[i].run = true;
+    int rv = run(rc, b->cmds + first, b->n - first);
+    return rv;
+}
+
+redisReply *mg_redis_batch_reply(const mg_redis_batch *b, size_t i)
+{
+    return i < b->n ? b->cmds[i].reply : NULL;
+}
+
+int mg_redis_batch_status(const mg_redis_batch *b, size_t i)
+{
+    if (i >= b->n)
+        return -EINVAL;
+    return b->cmds[i].status == 1 ? -EAGAIN : b->cmds[i].status;
+}

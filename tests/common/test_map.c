@@ -1,0 +1,102 @@
+/* Unit tests for common/mg_map.c, mg_pool.c, mg_id.c, mg_metrics.c. */
+#include "common/mg_alloc.h"
+#include "common/mg_id.h"
+#include "common/mg_map.h"
+#include "common/mg_metrics.h"
+#include "common/mg_pool.h"
+
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+Test(map, put_get_delete_under_churn)
+{
+    mg_map *m = mg_map_create(4);
+    char key[32];
+    for (int i = 0; i < 5000; i++) {
+        snprintf(key, sizeof(key), "k%d", i);
+        cr_assert_null(mg_map_put(m, key, (void *)(intptr_t)(i + 1)));
+    }
+    cr_assert_eq(mg_map_size(m), 5000);
+    for (int i = 0; i < 5000; i += 2) {
+        snprintf(key, sizeof(key), "k%d", i);
+        cr_assert_eq((intptr_t)mg_map_del(m, key), i + 1);
+    }
+    for (int i = 0; i < 5000; i++) {
+        snprintf(key, sizeof(key), "k%d", i);
+        void *v = mg_map_get(m, key);
+        if (i % 2)
+            cr_assert_eq((intptr_t)v, i + 1, "lost %s after deletions", key);
+        else
+            cr_assert_null(v);
+    }
+    size_t n = 0;
+    for (size_t it = 0; mg_map_next(m, &it, NULL, NULL);)
+        n++;
+    cr_assert_eq(n, 2500);
+    cr_assert_eq((intptr_t)mg_map_put(m, "k1", (void *)7), 2, "replace returns the previous");
+    mg_map_free(m);
+    mg_map_free(NULL);
+}
+
+static atomic_int ran;
+static void job(void *arg)
+{
+    atomic_fetch_add(&ran, (int)(intptr_t)arg);
+}
+
+static void slow_job(void *arg)
+{
+    usleep(50000);
+}
+
+Test(pool, runs_every_job_and_bounds_the_queue)
+{
+    mg_pool *p = mg_pool_create("t", 3, 1000);
+    for (int i = 0; i < 1000; i++)
+        while (mg_pool_submit(p, job, (void *)1) == -EAGAIN)
+            usleep(100);
+    mg_pool_free(p);
+    cr_assert_eq(atomic_load(&ran), 1000);
+
+    p = mg_pool_create("t", 1, 2);
+    cr_assert_eq(mg_pool_submit(p, slow_job, NULL), 0);
+    for (int i = 0; i < 200 && mg_pool_queued(p) > 0; i++)
+        usleep(1000); /* until the worker takes it */
+    cr_assert_eq(mg_pool_submit(p, slow_job, NULL), 0);
+    cr_assert_eq(mg_pool_submit(p, slow_job, NULL), 0);
+    cr_assert_eq(mg_pool_submit(p, slow_job, NULL), -EAGAIN, "a full queue refuses");
+    mg_pool_free(p);
+}
+
+Test(id, uuidv7_is_well_formed_and_unique)
+{
+    char a[MG_ID_LEN + 1], b[MG_ID_LEN + 1];
+    mg_id_new(a);
+    mg_id_new(b);
+    cr_assert_eq(strlen(a), 36);
+    cr_assert_eq(a[14], '7', "version nibble: %s", a);
+    cr_assert(strchr("89ab", a[19]), "variant: %s", a);
+    cr_assert_str_neq(a, b);
+    cr_assert(strncmp(a, b, 8) <= 0, "time-ordered prefix");
+}
+
+Test(metrics, renders_prometheus_text)
+{
+    mg_metric *c = mg_counter("test_things_total", "Things", "kind=\"a\"");
+    mg_metric_add(c, 3);
+    mg_metric *h = mg_histogram("test_latency_seconds", "Latency", NULL);
+    mg_histogram_observe_us(h, 700);
+    char *text = mg_metrics_render(NULL);
+    cr_assert(strstr(text, "# TYPE test_things_total counter\n"));
+    cr_assert(strstr(text, "test_things_total{kind=\"a\"} 3\n"), "%s", text);
+    cr_assert(strstr(text, "test_latency_seconds_bucket{le=\"0.001\"} 1\n"), "%s", text);
+    cr_assert(strstr(text, "test_latency_seconds_bucket{le=\"0.0005\"} 0\n"), "%s", text);
+    cr_assert(strstr(text, "test_latency_seconds_count 1\n"));
+    free(text);
+    mg_metrics_shutdown();
+}

@@ -1,0 +1,33 @@
+/* grpc_client.h: typed Messaging / Health calls for tests, on top of the
+ * blocking client of gateway/grpc_util.h (which the CLI shares).
+ *
+ * Every function blocks for at most timeout_ms (<= 0: 30 s) and returns the
+ * gRPC status code; *details (when not NULL) gets the status message, which
+ * the caller frees. Responses are freed with protobuf_c_message_free_unpacked.
+ * Thread-safe: one client may serve many test threads at once.
+ */
+#ifndef MG_TEST_GRPC_CLIENT_H
+#define MG_TEST_GRPC_CLIENT_H
+
+#include "gateway/grpc_util.h"
+#include "grpc/health/v1/health.pb-c.h"
+#include "meshgate/v1/messaging.pb-c.h"
+#include "meshgate/v1/peer.pb-c.h"
+
+#define MG_RPC_SEND_MESSAGE "/meshgate.v1.Messaging/SendMessage"
+#define MG_RPC_SEND_BATCH   "/meshgate.v1.Messaging/SendBatch"
+#define MG_RPC_GET_PRESENCE "/meshgate.v1.Messaging/GetPresence"
+#define MG_RPC_DISCONNECT   "/meshgate.v1.Messaging/Disconnect"
+#define MG_RPC_DELIVER      "/meshgate.v1.GatewayPeer/DeliverMessage"
+#define MG_RPC_HEALTH_CHECK "/grpc.health.v1.Health/Check"
+
+/* SendMessage of a text from -> to (priority: 0/1 HIGH, 2 LOW; id may be NULL). */
+grpc_status_code mg_tc_send(mg_grpc_client *c, const char *from, const char *to, const char *id,
+                            const char *text, int priority, int timeout_ms,
+                            Meshgate__V1__SendMessageResponse **resp, char **details);
+
+/* Health/Check of service; *status gets the ServingStatus on OK. */
+grpc_status_code mg_tc_health(mg_grpc_client *c, const char *service, int timeout_ms, int *status,
+                              char **details);
+
+#endif
