@@ -26,7 +26,7 @@ done
 for py in tests/integration/test_*.py; do
   [ -f "$py" ] || continue
   echo "== $label/$(basename "$py")"
-  out=$(MESHGATE_BIN="$build/meshgate" timeout 300 python3 "$py" 2>&1); rc=$?
+  out=$(timeout 300 /usr/bin/python3 "$py" --binary "$build/meshgate" 2>&1); rc=$?
   echo "$out" | tail -n 20
   line=$(echo "$out" | grep -E '^python: [0-9]+ passed, [0-9]+ failed' | tail -n 1)
   p=$(echo "$line" | sed -nE 's/^python: ([0-9]+) passed.*/\1/p'); p=${p:-0}

@@ -39,8 +39,8 @@
 #include <string.h>
 #include <unistd.h>
 
-#define WAIT_S             30    /* blocking query wait */
-#define MIN_QUERY_GAP_MS   200   /* rate limit between query starts */
+#define WAIT_S             30  /* blocking query wait */
+#define MIN_QUERY_GAP_MS   200 /* rate limit between query starts */
 #define BACKOFF_MIN_MS     250
 #define BACKOFF_MAX_MS     5000
 #define AGENT_CHECK_MS     30000 /* periodic "am I still registered?" */
@@ -53,11 +53,11 @@ struct mg_consul {
     mg_consul_config cfg; /* strings owned */
     mg_peers *peers;
     char *reg_json;
-    char *reg_path;   /* /v1/agent/service/register?replace-existing-checks=true */
-    char *dereg_path; /* /v1/agent/service/deregister/<id> */
-    char *agent_path; /* /v1/agent/service/<id> */
-    char *health_path; /* /v1/health/service/<service>?passing */
-    mg_consul_http main_http; /* main thread: register, deregister */
+    char *reg_path;            /* /v1/agent/service/register?replace-existing-checks=true */
+    char *dereg_path;          /* /v1/agent/service/deregister/<id> */
+    char *agent_path;          /* /v1/agent/service/<id> */
+    char *health_path;         /* /v1/health/service/<service>?passing */
+    mg_consul_http main_http;  /* main thread: register, deregister */
     mg_consul_http watch_http; /* consul-watch thread (wakeup from main) */
     atomic_bool stop;
     bool running, registered, http_ok;
@@ -111,8 +111,7 @@ mg_consul *mg_consul_create(const mg_consul_config *cfg, mg_peers *peers)
                                     "registrations of this gateway with Consul (re-registrations "
                                     "after an agent restart included)",
                                     NULL);
-    c->m_up = mg_gauge("meshgate_consul_up", "1 when the last Consul watch query succeeded",
-                       NULL);
+    c->m_up = mg_gauge("meshgate_consul_up", "1 when the last Consul watch query succeeded", NULL);
     return c;
 }
 
@@ -218,8 +217,9 @@ static void check_registration(struct watch *w)
     int rc = mg_consul__request(&c->watch_http, "GET", c->agent_path, NULL, READ_TIMEOUT, &r);
     mg_consul__resp_free(&r);
     if (rc == -ENOENT) {
-        mg_log_warn("consul", "agent no longer knows this gateway (restarted?): re-registering "
-                              "id=%s",
+        mg_log_warn("consul",
+                    "agent no longer knows this gateway (restarted?): re-registering "
+                    "id=%s",
                     c->cfg.gateway_id);
         if (do_register(c, &c->watch_http, false) != 0)
             w->check_agent = true; /* next round */
@@ -295,8 +295,8 @@ static void *watch_main(void *arg)
         char *path;
         long timeout;
         if (w.index > 0) {
-            path = mg_xasprintf("%s&index=%lld&wait=%ds", c->health_path, (long long)w.index,
-                                WAIT_S);
+            path =
+                mg_xasprintf("%s&index=%lld&wait=%ds", c->health_path, (long long)w.index, WAIT_S);
             /* Consul adds up to wait/16 of jitter; leave room for a slow answer. */
             timeout = WAIT_S * 1000 + WAIT_S * 1000 / 16 + 5000;
         } else {
@@ -334,8 +334,15 @@ int mg_consul_start(mg_consul *c)
 {
     if (c->running)
         return -EALREADY;
-    if (!c->cfg.gateway_id[0] || !c->cfg.advertise_addr[0] || c->cfg.grpc_port <= 0 ||
-        c->cfg.grpc_port > 65535) {
+    const char *adv = c->cfg.advertise_addr;
+    if (!strcmp(adv, "0.0.0.0") || !strcmp(adv, "::") || !strcmp(adv, "[::]")) {
+        mg_log_error("consul",
+                     "cannot register the wildcard address %s: peers could not dial "
+                     "it; set --advertise-addr (MESHGATE_ADVERTISE_ADDR, the pod IP)",
+                     adv);
+        return -EINVAL;
+    }
+    if (!c->cfg.gateway_id[0] || !adv[0] || c->cfg.grpc_port <= 0 || c->cfg.grpc_port > 65535) {
         mg_log_error("consul", "cannot register: gateway id, advertise address and gRPC port "
                                "are required (--id, --advertise-addr or --grpc-listen)");
         return -EINVAL;
@@ -348,8 +355,9 @@ int mg_consul_start(mg_consul *c)
                 mg_consul__http_cleanup(&c->main_http);
         }
         if (rc != 0) {
-            mg_log_error("consul", "bad Consul address or token: --consul-addr/CONSUL_HTTP_ADDR "
-                                   "must be host:port or http(s)://host:port addr=\"%s\"",
+            mg_log_error("consul",
+                         "bad Consul address or token: --consul-addr/CONSUL_HTTP_ADDR "
+                         "must be host:port or http(s)://host:port addr=\"%s\"",
                          c->cfg.addr);
             return rc;
         }
@@ -384,8 +392,8 @@ void mg_consul_stop(mg_consul *c)
     }
     if (c->registered) {
         mg_consul_resp r;
-        int rc = mg_consul__request(&c->main_http, "PUT", c->dereg_path, NULL, DEREGISTER_TIMEOUT,
-                                    &r);
+        int rc =
+            mg_consul__request(&c->main_http, "PUT", c->dereg_path, NULL, DEREGISTER_TIMEOUT, &r);
         if (rc == 0 || rc == -ENOENT) {
             mg_log_info("consul", "deregistered id=%s", c->cfg.gateway_id);
         } else {

@@ -33,8 +33,8 @@ typedef struct mg_consul_http {
 } mg_consul_http;
 
 typedef struct mg_consul_resp {
-    long status;   /* HTTP status, 0 when no answer */
-    char *body;    /* owned, NUL-terminated (may be "") */
+    long status; /* HTTP status, 0 when no answer */
+    char *body;  /* owned, NUL-terminated (may be "") */
     size_t len;
     int64_t index; /* X-Consul-Index, -1 when absent or not a number */
     char err[256]; /* human reason when the request failed */

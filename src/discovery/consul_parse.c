@@ -62,7 +62,7 @@ int mg_consul__parse_health(const char *body, size_t len, mg_peer **out, size_t 
 
         mg_peer *e = &peers[k++];
         e->id = mg_xstrdup(id[0] ? id : "(no ID)");
-        if (!host[0] || p <= 0 || p > 65535)
+        if (!id[0] || !host[0] || p <= 0 || p > 65535)
             e->address = mg_xstrdup("");
         else if (strchr(host, ':') && host[0] != '[')
             e->address = mg_xasprintf("[%s]:%d", host, (int)p);
@@ -125,8 +125,8 @@ char *mg_consul__registration_json(const mg_consul_config *cfg)
         "{s:s, s:s, s:s, s:i, s:o, s:{s:s, s:s, s:s}, s:{s:s, s:s, s:b, s:s, s:s, s:s}}", "ID",
         cfg->gateway_id, "Name", cfg->service, "Address", host, "Port", cfg->grpc_port, "Tags",
         tags, "Meta", "region", cfg->region ? cfg->region : "", "ws_port", ws, "version",
-        cfg->version ? cfg->version : "", "Check", "Name", check_name, "GRPC", target,
-        "GRPCUseTLS", 0, "Interval", iv, "Timeout", to, "DeregisterCriticalServiceAfter", dr);
+        cfg->version ? cfg->version : "", "Check", "Name", check_name, "GRPC", target, "GRPCUseTLS",
+        0, "Interval", iv, "Timeout", to, "DeregisterCriticalServiceAfter", dr);
     free(check_name);
     free(target);
     if (!root)

@@ -336,7 +336,8 @@ void mg_peers_update(mg_peers *p, const mg_peer *peers, size_t n)
         }
         s->nodes[s->n++] = nd;
     }
-    qsort(s->nodes, s->n, sizeof(*s->nodes), cmp_node);
+    if (s->n > 1)
+        qsort(s->nodes, s->n, sizeof(*s->nodes), cmp_node);
     for (size_t i = 0; i < old->n; i++) {
         if (!mg_peer_set_find(s, old->nodes[i]->peer.id)) {
             mg_log_info("peers", "peer removed peer=%s address=%s", old->nodes[i]->peer.id,
@@ -391,14 +392,14 @@ char *mg_peers_render_json(mg_peers *p)
     for (size_t i = 0; i < s->n; i++) {
         const mg_peer *e = &s->nodes[i]->peer;
         json_array_append_new(
-            arr, json_pack("{s:s, s:s, s:s, s:i, s:s, s:s}", "id", e->id, "address", e->address,
-                           "region", e->region, "ws_port", e->ws_port, "version", e->version,
-                           "channel",
-                           state_name(grpc_channel_check_connectivity_state(e->channel, 0))));
+            arr,
+            json_pack("{s:s, s:s, s:s, s:i, s:s, s:s}", "id", e->id, "address", e->address,
+                      "region", e->region, "ws_port", e->ws_port, "version", e->version, "channel",
+                      state_name(grpc_channel_check_connectivity_state(e->channel, 0))));
     }
-    json_t *root = json_pack("{s:s, s:I, s:I, s:o}", "self", p->self_id, "age_ms",
-                             (json_int_t)mg_peers_age_ms(p), "count", (json_int_t)s->n, "peers",
-                             arr);
+    json_t *root =
+        json_pack("{s:s, s:I, s:I, s:o}", "self", p->self_id, "age_ms",
+                  (json_int_t)mg_peers_age_ms(p), "count", (json_int_t)s->n, "peers", arr);
     mg_peer_set_release(s);
     char *out = json_dumps(root, JSON_COMPACT);
     json_decref(root);

@@ -9,9 +9,14 @@
 #include "common/mg_metrics.h"
 #include "common/mg_pool.h"
 #include "common/mg_time.h"
+#include "discovery/consul.h"
+#include "discovery/peers.h"
 #include "gateway/grpc_server.h"
 #include "gateway/ws_server.h"
+#include "router/redis_store.h"
 #include "router/router.h"
+#include "router/transport_grpc.h"
+#include "router/transport_kafka.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -27,21 +32,119 @@ struct mg_gateway {
     mg_ws_server *ws;
     mg_router *router;
     mg_grpc_server *grpc;
+    mg_redis_cluster *redis; /* shared by the Redis presence and inbox */
+    mg_peers *peers;
+    mg_consul *consul;
+    mg_transport *kafka; /* owned by the router; kept to stop its consumer */
+    char *advertise;
     bool stopped;
 };
 
-static int make_stores(const mg_config *cfg, mg_presence **presence, mg_inbox **inbox, char *err,
+static int make_stores(mg_gateway *gw, mg_presence **presence, mg_inbox **inbox, char *err,
                        size_t errlen)
 {
+    const mg_config *cfg = gw->cfg;
     if (!strcmp(cfg->presence, "memory")) {
         *presence = mg_presence_memory_create(cfg->id, cfg->region);
-        *inbox = mg_inbox_memory_create((size_t)cfg->inbox_max_messages,
-                                        cfg->inbox_max_age_seconds);
+        *inbox =
+            mg_inbox_memory_create((size_t)cfg->inbox_max_messages, cfg->inbox_max_age_seconds);
         mg_log_info("gateway", "presence=memory inbox=memory (single gateway, nothing shared)");
         return 0;
     }
-    snprintf(err, errlen, "--presence %s is not available in this build", cfg->presence);
-    return -ENOTSUP;
+    char why[400] = "";
+    gw->redis =
+        mg_redis_cluster_create(cfg->redis_nodes, cfg->redis_user[0] ? cfg->redis_user : NULL,
+                                cfg->redis_password, (int)cfg->redis_timeout_ms, why, sizeof(why));
+    if (!gw->redis) {
+        snprintf(err, errlen, "presence store: %s", why);
+        return -EHOSTUNREACH;
+    }
+    *presence =
+        mg_presence_redis_create(gw->redis, cfg->id, cfg->region, (int)cfg->presence_lease_seconds);
+    *inbox = mg_inbox_redis_create(gw->redis, (size_t)cfg->inbox_max_messages,
+                                   cfg->inbox_max_age_seconds);
+    mg_log_info("gateway", "presence=redis-cluster nodes=%s lease_seconds=%lld", cfg->redis_nodes,
+                (long long)cfg->presence_lease_seconds);
+    return 0;
+}
+
+/* Peer transports: gRPC direct (needs discovery) and Kafka (needs brokers). */
+static int make_transports(mg_gateway *gw, char *err, size_t errlen)
+{
+    const mg_config *cfg = gw->cfg;
+    if (!strcmp(cfg->discovery, "consul")) {
+        gw->peers = mg_peers_create(cfg->id, cfg->peer_authority, (int)cfg->grpc_max_message_bytes);
+        mg_transport_grpc_config tcfg = {
+            .gateway_id = cfg->id,
+            .region = cfg->region,
+            .peer_deadline_ms = (int)cfg->peer_deadline_ms,
+            .peer_max_inflight = (int)cfg->peer_max_inflight,
+        };
+        mg_router_set_transport(gw->router, MG_PATH_GRPC,
+                                mg_transport_grpc_create(gw->peers, &tcfg));
+    }
+    if (cfg->kafka_brokers[0]) {
+        mg_transport_kafka_config kcfg = {
+            .brokers = cfg->kafka_brokers,
+            .topic_prefix = cfg->kafka_topic_prefix,
+            .region = cfg->region,
+            .gateway_id = cfg->id,
+            .partitions = (int)cfg->kafka_partitions,
+            .linger_ms = (int)cfg->kafka_linger_ms,
+            .batch_bytes = (int)cfg->kafka_batch_bytes,
+            .timeout_ms = (int)cfg->kafka_timeout_ms,
+        };
+        mg_transport *k = mg_transport_kafka_create(&kcfg, err, errlen);
+        if (!k)
+            return -EINVAL;
+        mg_router_set_transport(gw->router, MG_PATH_KAFKA, k);
+        gw->kafka = k;
+        int rc = mg_transport_kafka_start_consumer(k, gw->router);
+        if (rc != 0) {
+            snprintf(err, errlen, "kafka consumer: %s", strerror(-rc));
+            return rc;
+        }
+    }
+    return 0;
+}
+
+static char *render_peers(void *arg, const char **content_type)
+{
+    mg_gateway *gw = arg;
+    *content_type = "application/json";
+    return gw->peers ? mg_peers_render_json(gw->peers) : mg_xstrdup("{\"peers\":[]}");
+}
+
+static int start_discovery(mg_gateway *gw, char *err, size_t errlen)
+{
+    const mg_config *cfg = gw->cfg;
+    if (!gw->peers)
+        return 0;
+    char *host = NULL;
+    mg_parse_hostport(cfg->grpc_listen, &host, NULL);
+    gw->advertise = cfg->advertise_addr[0] ? mg_xstrdup(cfg->advertise_addr) : host;
+    if (gw->advertise != host)
+        free(host);
+    mg_consul_config ccfg = {
+        .addr = cfg->consul_addr,
+        .token = cfg->consul_token,
+        .service = cfg->consul_service,
+        .tags = cfg->consul_tags,
+        .gateway_id = cfg->id,
+        .region = cfg->region,
+        .version = MG_VERSION,
+        .advertise_addr = gw->advertise,
+        .grpc_port = mg_grpc_server_port(gw->grpc),
+        .ws_port = mg_ws_server_port(gw->ws),
+        .check_interval_seconds = (int)cfg->consul_check_interval_seconds,
+        .deregister_after_seconds = (int)cfg->consul_deregister_seconds,
+    };
+    gw->consul = mg_consul_create(&ccfg, gw->peers);
+    int rc = mg_consul_start(gw->consul);
+    if (rc != 0)
+        snprintf(err, errlen, "cannot register with Consul at %s: %s", cfg->consul_addr,
+                 rc == -EACCES ? "ACL token refused" : strerror(-rc));
+    return rc;
 }
 
 int mg_gateway_start(const mg_config *cfg, mg_gateway **out, char *err, size_t errlen)
@@ -59,7 +162,7 @@ int mg_gateway_start(const mg_config *cfg, mg_gateway **out, char *err, size_t e
         rc = -EINVAL;
         goto fail;
     }
-    if ((rc = make_stores(cfg, &presence, &inbox, err, errlen)) != 0)
+    if ((rc = make_stores(gw, &presence, &inbox, err, errlen)) != 0)
         goto fail;
     mg_router_config rcfg = {
         .gateway_id = cfg->id,
@@ -74,6 +177,9 @@ int mg_gateway_start(const mg_config *cfg, mg_gateway **out, char *err, size_t e
     presence = NULL;
     inbox = NULL;
     mg_ws_server_set_router(gw->ws, gw->router);
+    mg_ws_server_set_http_hook(gw->ws, "/peers", render_peers, gw);
+    if ((rc = make_transports(gw, err, errlen)) != 0)
+        goto fail;
 
     mg_grpc_server_config gcfg = {
         .listen = cfg->grpc_listen,
@@ -96,6 +202,8 @@ int mg_gateway_start(const mg_config *cfg, mg_gateway **out, char *err, size_t e
         snprintf(err, errlen, "WebSocket listener %s: %s", cfg->ws_listen, strerror(-rc));
         goto fail;
     }
+    if ((rc = start_discovery(gw, err, errlen)) != 0)
+        goto fail;
     mg_ws_server_set_ready(gw->ws, true);
     mg_log_info("gateway", "ready id=%s region=%s ws=%s grpc=%s version=%s", cfg->id, cfg->region,
                 cfg->ws_listen, cfg->grpc_listen, MG_VERSION);
@@ -105,8 +213,7 @@ int mg_gateway_start(const mg_config *cfg, mg_gateway **out, char *err, size_t e
 fail:
     mg_presence_free(presence);
     mg_inbox_free(inbox);
-    gw->stopped = true;
-    mg_gateway_free(gw);
+    mg_gateway_free(gw); /* stops what was started, in order */
     return rc;
 }
 
@@ -133,10 +240,14 @@ void mg_gateway_stop(mg_gateway *gw)
         mg_ws_server_set_ready(gw->ws, false);
     if (gw->grpc)
         mg_grpc_server_set_serving(gw->grpc, false);
+    if (gw->consul)
+        mg_consul_stop(gw->consul); /* deregister first: peers stop routing here */
     if (gw->ws)
         mg_ws_server_drain(gw->ws, (int)gw->cfg->drain_seconds);
     if (gw->grpc)
         mg_grpc_server_shutdown(gw->grpc, 2000);
+    if (gw->kafka)
+        mg_transport_kafka_stop(gw->kafka, 5000); /* commit handled offsets, flush */
     if (gw->ws)
         mg_ws_server_stop(gw->ws);
     mg_pool_free(gw->pool); /* runs the jobs still queued */
@@ -155,8 +266,12 @@ void mg_gateway_free(mg_gateway *gw)
     mg_gateway_stop(gw);
     mg_grpc_server_free(gw->grpc);
     mg_ws_server_free(gw->ws);
-    mg_router_free(gw->router);
+    mg_router_free(gw->router); /* frees presence, inbox and transports */
+    mg_consul_free(gw->consul);
+    mg_peers_free(gw->peers);
+    mg_redis_cluster_free(gw->redis);
     mg_pool_free(gw->pool);
+    free(gw->advertise);
     grpc_shutdown();
     free(gw);
 }

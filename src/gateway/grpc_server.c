@@ -1,19 +1,17 @@
 /* grpc_server.c: the gRPC front end on gRPC C core (see grpc_server.h).
  *
  * DESIGN
- * Threads: cfg->threads threads "grpc-<i>", each polling its own completion
- * queue. Each thread keeps MG_GRPC_REQUESTS_PER_CQ generic request_call
- * slots outstanding on its queue, so new calls are matched while others
- * run, and re-arms a slot as soon as it is matched. A call is a small state
- * machine driven by its completion-queue events, each state one batch:
- *   REQUESTED -> (RECV_MESSAGE) -> RECEIVED -> handler runs ->
- *   (SEND_INITIAL_METADATA + SEND_MESSAGE + SEND_STATUS + RECV_CLOSE) ->
- *   FINISHING -> call unref'd and freed.
- * Handlers run on the gRPC thread that received the request: a HIGH send
- * blocks that thread on the router (bounded by the call's deadline), so up
- * to cfg->threads HIGH sends run at once; a LOW send goes to the worker pool
- * and is answered at once.
- * Deadlines: the client's deadline becomes a monotonic ms deadline for the
+ * Threads: cfg->threads threads "grpc-<i>" all poll one completion queue
+ * (gRPC core binds every call of a connection to one queue, so a queue per
+ * thread would serialize a client's calls on one thread). Each thread
+ * arms MG_GRPC_REQUESTS_PER_CQ generic request_call slots, so new calls are
+ * matched while others run, and a slot is re-armed as soon as it is matched. A call is a small
+ * state machine driven by its completion-queue events, each state one batch: REQUESTED ->
+ * (RECV_MESSAGE) -> RECEIVED -> handler runs -> (SEND_INITIAL_METADATA + SEND_MESSAGE + SEND_STATUS
+ * + RECV_CLOSE) -> FINISHING -> call unref'd and freed. Handlers run on the gRPC thread that
+ * received the request: a HIGH send blocks that thread on the router (bounded by the call's
+ * deadline), so up to cfg->threads HIGH sends run at once; a LOW send goes to the worker pool and
+ * is answered at once. Deadlines: the client's deadline becomes a monotonic ms deadline for the
  * router; none means MG_GRPC_DEFAULT_DEADLINE_MS. gRPC core itself ends a
  * call whose deadline passes (the client sees DEADLINE_EXCEEDED).
  * Shutdown: shutdown_and_notify, then cancel_all_calls after the grace,
@@ -27,6 +25,7 @@
 #include "common/mg_time.h"
 #include "gateway/config.h"
 #include "gateway/grpc_util.h"
+#include "gateway/ws_proto.h"
 
 #include "grpc/health/v1/health.pb-c.h"
 #include "meshgate/v1/messaging.pb-c.h"
@@ -96,7 +95,6 @@ struct limits {
 struct cq_thread {
     mg_grpc_server *s;
     int index;
-    grpc_completion_queue *cq;
     pthread_t thread;
     bool running;
 };
@@ -112,6 +110,7 @@ struct mg_grpc_server {
     mg_pool *pool;
 
     grpc_server *server;
+    grpc_completion_queue *cq; /* shared by every thread */
     struct cq_thread *threads;
     int port;
     bool started;
@@ -122,6 +121,7 @@ struct mg_grpc_server {
     pthread_cond_t cv;
     bool stopping;      /* shutdown began: do not re-arm request slots */
     bool shutdown_done; /* the shutdown tag arrived */
+    size_t live;        /* struct rpc allocated (slots and calls) */
 
     int shutdown_tag; /* its address is the tag */
 
@@ -225,6 +225,11 @@ static bool valid_user(const struct limits *lim, const char *user, const char *w
     if (n > lim->max_user_bytes) {
         snprintf(err, errlen, "%s is %zu bytes, longer than the limit of %zu", what, n,
                  lim->max_user_bytes);
+        return false;
+    }
+    /* The same rule as the WebSocket front end: UTF-8, no control characters. */
+    if (!mg_ws_proto_valid_user(user, lim->max_user_bytes)) {
+        snprintf(err, errlen, "%s is not valid UTF-8 or holds control characters", what);
         return false;
     }
     return true;
@@ -705,6 +710,7 @@ static const handler_fn handlers[M_COUNT] = {
 
 static void rpc_free(struct rpc *c)
 {
+    mg_grpc_server *s = c->t->s;
     if (c->call)
         grpc_call_unref(c->call);
     grpc_call_details_destroy(&c->details);
@@ -715,6 +721,10 @@ static void rpc_free(struct rpc *c)
         grpc_byte_buffer_destroy(c->resp);
     grpc_slice_unref(c->status_details);
     free(c);
+    pthread_mutex_lock(&s->mu);
+    if (--s->live == 0)
+        pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->mu);
 }
 
 /* Puts one request_call slot on t's queue (unless shutting down). */
@@ -728,9 +738,10 @@ static void arm(struct cq_thread *t)
     grpc_call_details_init(&c->details);
     grpc_metadata_array_init(&c->md);
     pthread_mutex_lock(&s->mu);
+    s->live++;
     grpc_call_error e = GRPC_CALL_ERROR;
     if (!s->stopping)
-        e = grpc_server_request_call(s->server, &c->call, &c->details, &c->md, t->cq, t->cq, c);
+        e = grpc_server_request_call(s->server, &c->call, &c->details, &c->md, s->cq, s->cq, c);
     pthread_mutex_unlock(&s->mu);
     if (e != GRPC_CALL_OK)
         rpc_free(c);
@@ -849,7 +860,7 @@ static void *cq_main(void *arg)
         arm(t);
     for (;;) {
         grpc_event ev =
-            grpc_completion_queue_next(t->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+            grpc_completion_queue_next(s->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
         if (ev.type == GRPC_QUEUE_SHUTDOWN)
             break;
         if (ev.type != GRPC_OP_COMPLETE)
@@ -970,9 +981,9 @@ int mg_grpc_server_start(mg_grpc_server *s, char *err, size_t errlen)
     for (int i = 0; i < s->nthreads; i++) {
         s->threads[i].s = s;
         s->threads[i].index = i;
-        s->threads[i].cq = grpc_completion_queue_create_for_next(NULL);
-        grpc_server_register_completion_queue(s->server, s->threads[i].cq, NULL);
     }
+    s->cq = grpc_completion_queue_create_for_next(NULL);
+    grpc_server_register_completion_queue(s->server, s->cq, NULL);
     grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
     int port = grpc_server_add_http2_port(s->server, s->listen, creds);
     grpc_server_credentials_release(creds);
@@ -984,14 +995,12 @@ int mg_grpc_server_start(mg_grpc_server *s, char *err, size_t errlen)
         /* No listener was added, so the server may be destroyed unstarted. */
         grpc_server_destroy(s->server);
         s->server = NULL;
-        for (int i = 0; i < s->nthreads; i++) {
-            grpc_completion_queue_shutdown(s->threads[i].cq);
-            while (grpc_completion_queue_next(s->threads[i].cq, gpr_inf_future(GPR_CLOCK_MONOTONIC),
-                                              NULL)
-                       .type != GRPC_QUEUE_SHUTDOWN)
-                ;
-            grpc_completion_queue_destroy(s->threads[i].cq);
-        }
+        grpc_completion_queue_shutdown(s->cq);
+        while (grpc_completion_queue_next(s->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type !=
+               GRPC_QUEUE_SHUTDOWN)
+            ;
+        grpc_completion_queue_destroy(s->cq);
+        s->cq = NULL;
         free(s->threads);
         s->threads = NULL;
         return rc;
@@ -1061,22 +1070,28 @@ void mg_grpc_server_shutdown(mg_grpc_server *s, int grace_ms)
     pthread_mutex_lock(&s->mu);
     s->stopping = true;
     pthread_mutex_unlock(&s->mu);
-    grpc_server_shutdown_and_notify(s->server, s->threads[0].cq, &s->shutdown_tag);
+    grpc_server_shutdown_and_notify(s->server, s->cq, &s->shutdown_tag);
     if (!wait_shutdown(s, mg_mono_ms() + (grace_ms > 0 ? grace_ms : 0))) {
         mg_log_info("grpc", "grace of %d ms over: cancelling calls in flight", grace_ms);
         grpc_server_cancel_all_calls(s->server);
         /* Handlers are bounded by their deadlines, so this ends. */
         wait_shutdown(s, -1);
     }
-    for (int i = 0; i < s->nthreads; i++)
-        grpc_completion_queue_shutdown(s->threads[i].cq);
+    /* A handler may still run after the server is down (its call was
+     * cancelled); it starts its final batch on the queue, so the queue stays
+     * open until every call is freed. */
+    pthread_mutex_lock(&s->mu);
+    while (s->live > 0)
+        pthread_cond_wait(&s->cv, &s->mu);
+    pthread_mutex_unlock(&s->mu);
+    grpc_completion_queue_shutdown(s->cq);
     for (int i = 0; i < s->nthreads; i++)
         if (s->threads[i].running)
             pthread_join(s->threads[i].thread, NULL);
     grpc_server_destroy(s->server);
     s->server = NULL;
-    for (int i = 0; i < s->nthreads; i++)
-        grpc_completion_queue_destroy(s->threads[i].cq);
+    grpc_completion_queue_destroy(s->cq);
+    s->cq = NULL;
     mg_log_info("grpc", "stopped");
 }
 

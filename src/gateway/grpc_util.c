@@ -178,8 +178,8 @@ grpc_status_code mg_grpc_call_raw(mg_grpc_client *c, const char *method, const v
         *resp_len = 0;
     if (details)
         *details = NULL;
-    if (timeout_ms <= 0)
-        timeout_ms = MG_GRPC_DEFAULT_TIMEOUT_MS;
+    if (timeout_ms == 0)
+        timeout_ms = MG_GRPC_DEFAULT_TIMEOUT_MS; /* negative: already expired (tests) */
 
     grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
     gpr_timespec deadline =

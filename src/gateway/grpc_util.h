@@ -50,10 +50,10 @@ mg_grpc_client *mg_grpc_client_create(const char *target, const char *authority)
 void mg_grpc_client_free(mg_grpc_client *c); /* NULL is a no-op */
 
 /* One unary call of method ("/pkg.Service/Method") with raw request bytes,
- * waiting at most timeout_ms (<= 0: 30 s). Returns the status code; on OK
- * *resp (malloc'd, caller frees; may be NULL for an empty message) and
- * *resp_len hold the response. When details is not NULL, *details receives
- * the status message (malloc'd, caller frees, "" when none). */
+ * waiting at most timeout_ms (0: 30 s; negative: a deadline already past). Returns the status code;
+ * on OK *resp (malloc'd, caller frees; may be NULL for an empty message) and *resp_len hold the
+ * response. When details is not NULL, *details receives the status message (malloc'd, caller frees,
+ * "" when none). */
 grpc_status_code mg_grpc_call_raw(mg_grpc_client *c, const char *method, const void *req,
                                   size_t req_len, int timeout_ms, uint8_t **resp, size_t *resp_len,
                                   char **details);

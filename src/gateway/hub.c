@@ -210,7 +210,7 @@ mg_hub_frame *mg_hub_pop(mg_hub *h, mg_hub_conn *c, bool *more, int *close_code,
     return f;
 }
 
-void mg_hub_take_ready(mg_hub *h, void (*fn)(void *handle, void *arg), void *arg)
+void mg_hub_take_ready(mg_hub *h, void (*fn)(void *handle, int close_code, void *arg), void *arg)
 {
     pthread_mutex_lock(&h->mu);
     mg_hub_conn *c = h->ready_head;
@@ -219,7 +219,7 @@ void mg_hub_take_ready(mg_hub *h, void (*fn)(void *handle, void *arg), void *arg
         mg_hub_conn *n = c->ready_next;
         c->ready = false;
         c->ready_next = NULL;
-        fn(c->handle, arg);
+        fn(c->handle, (int)c->close_code, arg);
         c = n;
     }
     pthread_mutex_unlock(&h->mu);
@@ -244,8 +244,9 @@ static int enqueue(mg_hub *h, mg_hub_conn *c, const char *text, size_t len, mg_f
         c->slow = true;
         h->slow_closes++;
         set_close(h, c, MG_WS_CLOSE_SLOW_CONSUMER, "slow consumer");
-        mg_log_warn("hub", "slow consumer, closing conn=%s user=%s queue_limit_frames=%zu "
-                           "queue_limit_bytes=%zu",
+        mg_log_warn("hub",
+                    "slow consumer, closing conn=%s user=%s queue_limit_frames=%zu "
+                    "queue_limit_bytes=%zu",
                     c->id, c->user, h->max_frames, h->max_bytes);
         return -ENOBUFS;
     }

@@ -83,10 +83,11 @@ const char *mg_hub_conn_user(const mg_hub_conn *c); /* [ws] valid until unregist
 mg_hub_frame *mg_hub_pop(mg_hub *h, mg_hub_conn *c, bool *more, int *close_code, char *reason,
                          size_t reasonlen);
 
-/* [ws] Calls fn(handle, arg) for every connection with queued frames or a
- * pending close, and clears the ready set. fn runs under the hub mutex: it
- * must not call the hub (lws_callback_on_writable is fine). */
-void mg_hub_take_ready(mg_hub *h, void (*fn)(void *handle, void *arg), void *arg);
+/* [ws] Calls fn(handle, close_code, arg) for every connection with queued
+ * frames or a pending close (close_code != 0), and clears the ready set. fn
+ * runs under the hub mutex: it must not call the hub (lws_callback_on_writable
+ * is fine). */
+void mg_hub_take_ready(mg_hub *h, void (*fn)(void *handle, int close_code, void *arg), void *arg);
 
 /* Renders msg once and queues it to every connection of msg->to (or only
  * conn_id, when not NULL, if it belongs to msg->to). Returns how many

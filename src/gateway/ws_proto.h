@@ -30,9 +30,9 @@ typedef enum { MG_WS_IN_SEND = 1, MG_WS_IN_ACK = 2 } mg_ws_in_type;
 /* A parsed client frame; strings are owned and freed by mg_ws_in_clear. */
 typedef struct mg_ws_in {
     mg_ws_in_type type;
-    char *id;           /* NULL when a send has none (the server makes one) */
-    char *to;           /* send only */
-    char *content;      /* send only; UTF-8, content_len bytes (NUL-terminated too) */
+    char *id;      /* NULL when a send has none (the server makes one) */
+    char *to;      /* send only */
+    char *content; /* send only; UTF-8, content_len bytes (NUL-terminated too) */
     size_t content_len;
     char *content_type; /* NULL when absent */
     mg_priority priority;

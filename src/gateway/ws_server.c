@@ -43,10 +43,11 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
-#define RX_BUFFER       1024 /* lws per-connection rx chunk; frames are reassembled */
-#define MAX_HOOKS       8
-#define MAX_ERR_IN_ROW  20   /* consecutive bad frames before close 1008 */
-#define HTTP_CHUNK      16384
+#define RX_BUFFER           1024 /* lws per-connection rx chunk; frames are reassembled */
+#define MAX_HOOKS           8
+#define MAX_ERR_IN_ROW      20 /* consecutive bad frames before close 1008 */
+#define HTTP_CHUNK          16384
+#define CLOSE_GRACE_SECONDS 5
 
 typedef struct hook {
     char *path;
@@ -66,14 +67,14 @@ typedef struct ticket {
 /* Per-session data: lws allocates it per wsi (HTTP and WS share the protocol;
  * on upgrade lws gives the wsi a fresh one). */
 typedef struct pss {
-    mg_hub_conn *conn;  /* WS: registered connection */
-    ticket *tk;         /* WS: presence ticket (NULL when none is owned) */
-    char *user;         /* WS: between filter and established */
-    unsigned char *rx;  /* WS: reassembly buffer (NULL when idle) */
+    mg_hub_conn *conn; /* WS: registered connection */
+    ticket *tk;        /* WS: presence ticket (NULL when none is owned) */
+    char *user;        /* WS: between filter and established */
+    unsigned char *rx; /* WS: reassembly buffer (NULL when idle) */
     uint32_t rx_len, rx_cap;
     uint16_t errors_in_row;
     bool rx_overflow;
-    char *body;         /* HTTP: response body */
+    char *body; /* HTTP: response body */
     size_t body_len, body_off;
 } pss;
 
@@ -176,12 +177,10 @@ static void job_send(void *arg)
             snprintf(res.reason, sizeof(res.reason), "rejected");
     }
     size_t len;
-    char *t = mg_ws_proto_encode_ack(j->msg->id, res.status, res.path,
-                                     (res.status == MG_STATUS_REJECTED ||
-                                      res.status == MG_STATUS_FAILED)
-                                         ? res.reason
-                                         : NULL,
-                                     &len);
+    char *t = mg_ws_proto_encode_ack(
+        j->msg->id, res.status, res.path,
+        (res.status == MG_STATUS_REJECTED || res.status == MG_STATUS_FAILED) ? res.reason : NULL,
+        &len);
     post_text(ws, j->conn_id, t, len);
     mg_msg_free(j->msg);
     free(j);
@@ -226,8 +225,8 @@ static void job_connected(void *arg)
     if (ws->router) {
         int rc = mg_router_user_connected(ws->router, t->user, t->conn_id, mg_now_ms());
         if (rc < 0)
-            mg_log_warn("ws", "presence connect failed conn=%s user=%s rc=%d", t->conn_id,
-                        t->user, rc);
+            mg_log_warn("ws", "presence connect failed conn=%s user=%s rc=%d", t->conn_id, t->user,
+                        rc);
     }
     pthread_mutex_lock(&ws->mu);
     t->connect_done = true;
@@ -416,8 +415,8 @@ static void on_closed(mg_ws_server *ws, pss *p)
         pthread_mutex_unlock(&ws->mu);
         if (done && mg_pool_submit(ws->pool, job_disconnected, t) != 0) {
             /* presence entry stays until its lease expires */
-            mg_log_warn("ws", "worker pool full, presence not removed conn=%s user=%s",
-                        t->conn_id, t->user);
+            mg_log_warn("ws", "worker pool full, presence not removed conn=%s user=%s", t->conn_id,
+                        t->user);
             ticket_free(t);
         }
     }
@@ -462,8 +461,8 @@ static int authenticate(mg_ws_server *ws, struct lws *wsi, char **user, char *re
             snprintf(reason, reasonlen, "missing token");
             return HTTP_STATUS_UNAUTHORIZED;
         }
-        if (mg_jwt_auth_verify(ws->auth, token, mg_now_ms() / 1000, ws->limits.max_user_bytes,
-                               user, reason, reasonlen) != 0)
+        if (mg_jwt_auth_verify(ws->auth, token, mg_now_ms() / 1000, ws->limits.max_user_bytes, user,
+                               reason, reasonlen) != 0)
             return HTTP_STATUS_UNAUTHORIZED;
         return 0;
     }
@@ -533,8 +532,7 @@ static int http_respond(struct lws *wsi, pss *p, int status, const char *ctype, 
     p->body = body;
     p->body_len = len;
     p->body_off = 0;
-    if (lws_add_http_common_headers(wsi, (unsigned int)status, ctype, (lws_filepos_t)len, &q,
-                                    end))
+    if (lws_add_http_common_headers(wsi, (unsigned int)status, ctype, (lws_filepos_t)len, &q, end))
         return 1;
     if (lws_add_http_header_by_token(wsi, WSI_TOKEN_HTTP_CACHE_CONTROL,
                                      (const unsigned char *)"no-store", 8, &q, end))
@@ -602,9 +600,14 @@ static int on_http_writeable(struct lws *wsi, pss *p)
 
 /* ---- the callback ------------------------------------------------------------ */
 
-static void want_writable(void *handle, void *arg)
+static void want_writable(void *handle, int close_code, void *arg)
 {
-    lws_callback_on_writable((struct lws *)handle);
+    struct lws *wsi = handle;
+    /* A closing connection whose socket never drains (a consumer that stopped
+     * reading) is hung up after CLOSE_GRACE_SECONDS even without a close frame. */
+    if (close_code)
+        lws_set_timeout(wsi, PENDING_TIMEOUT_USER_OK, CLOSE_GRACE_SECONDS);
+    lws_callback_on_writable(wsi);
 }
 
 static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *user, void *in,
@@ -723,10 +726,10 @@ mg_ws_server *mg_ws_server_create(const mg_config *cfg, mg_pool *pool, char *err
         .wake_arg = ws,
     };
     ws->hub = mg_hub_create(&hc);
-    ws->m_in = mg_counter("meshgate_ws_messages_in_total", "text frames received from clients",
-                          NULL);
-    ws->m_out = mg_counter("meshgate_ws_messages_out_total",
-                           "message frames written to clients", NULL);
+    ws->m_in =
+        mg_counter("meshgate_ws_messages_in_total", "text frames received from clients", NULL);
+    ws->m_out =
+        mg_counter("meshgate_ws_messages_out_total", "message frames written to clients", NULL);
     ws->m_slow = mg_counter("meshgate_ws_slow_consumer_closes_total",
                             "connections closed as slow consumers (4008)", NULL);
     ws->m_conns_total = mg_counter("meshgate_ws_connections_opened_total",
@@ -734,9 +737,10 @@ mg_ws_server *mg_ws_server_create(const mg_config *cfg, mg_pool *pool, char *err
     ws->m_conns =
         mg_gauge("meshgate_ws_connections", "open WebSocket connections on this gateway", NULL);
     if (!auth)
-        mg_log_warn("ws", "NO CLIENT AUTHENTICATION: ?user=NAME is trusted as the user id; "
-                          "allowed only because listen=%s is loopback. Set --jwt-secret or "
-                          "--jwt-public-key-file for anything but local development",
+        mg_log_warn("ws",
+                    "NO CLIENT AUTHENTICATION: ?user=NAME is trusted as the user id; "
+                    "allowed only because listen=%s is loopback. Set --jwt-secret or "
+                    "--jwt-public-key-file for anything but local development",
                     cfg->ws_listen);
     return ws;
 }
@@ -872,8 +876,8 @@ void mg_ws_server_drain(mg_ws_server *ws, int seconds)
     size_t done = 0;
     for (;;) {
         int64_t el = mg_mono_ms() - start;
-        size_t target = spread > 0 && el < spread ? (size_t)((double)n * (double)el / (double)spread) + 1
-                                                  : n;
+        size_t target =
+            spread > 0 && el < spread ? (size_t)((double)n * (double)el / (double)spread) + 1 : n;
         if (target > n)
             target = n;
         for (; done < target; done++)

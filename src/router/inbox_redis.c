@@ -117,8 +117,7 @@ static int eval(inbox_redis *ib, redisReply **out, const char *user, const char 
 static int ir_store(mg_inbox *base, const mg_msg *msg)
 {
     inbox_redis *ib = (inbox_redis *)base;
-    if (!msg || !user_ok(msg->to) || !msg->id || !*msg->id ||
-        strlen(msg->id) > MG_REDIS_MAX_ID)
+    if (!msg || !user_ok(msg->to) || !msg->id || !*msg->id || strlen(msg->id) > MG_REDIS_MAX_ID)
         return -EINVAL;
     size_t envlen = 0;
     uint8_t *env = mg_msg_pack(msg, &envlen);
@@ -129,8 +128,8 @@ static int ir_store(mg_inbox *base, const mg_msg *msg)
     snprintf(maxage, sizeof(maxage), "%" PRId64, ib->max_age_ms);
     cutoff(ib, now, cut, sizeof(cut));
     const char *args[] = {msg->id, (const char *)env, score, maxn, maxage, cut};
-    size_t lens[] = {strlen(msg->id), envlen, strlen(score), strlen(maxn), strlen(maxage),
-                     strlen(cut)};
+    size_t lens[] = {strlen(msg->id), envlen,         strlen(score),
+                     strlen(maxn),    strlen(maxage), strlen(cut)};
     redisReply *r = NULL;
     int rv = eval(ib, &r, msg->to, STORE_LUA, 6, args, lens);
     if (r)
@@ -212,8 +211,7 @@ static const struct mg_inbox_ops inbox_redis_ops = {
     .free = ir_free,
 };
 
-mg_inbox *mg_inbox_redis_create(mg_redis_cluster *rc, size_t max_messages,
-                                int64_t max_age_seconds)
+mg_inbox *mg_inbox_redis_create(mg_redis_cluster *rc, size_t max_messages, int64_t max_age_seconds)
 {
     if (!rc || max_messages == 0)
         return NULL;

@@ -37,16 +37,14 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MG_PR_DEAD_CACHE_MS 500  /* a missing lease is re-checked after this */
+#define MG_PR_DEAD_CACHE_MS   500 /* a missing lease is re-checked after this */
 #define MG_PR_LEASE_CACHE_MAX 4096
-#define MG_PR_RENEW_CHUNK 1000 /* connections re-asserted per pipeline */
+#define MG_PR_RENEW_CHUNK     1000 /* connections re-asserted per pipeline */
 
-static const char CONNECT_LUA[] =
-    "local n = redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) "
-    "redis.call('PEXPIRE', KEYS[1], ARGV[3]) return n";
-static const char DEL_IF_LUA[] =
-    "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then "
-    "return redis.call('HDEL', KEYS[1], ARGV[1]) end return 0";
+static const char CONNECT_LUA[] = "local n = redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) "
+                                  "redis.call('PEXPIRE', KEYS[1], ARGV[3]) return n";
+static const char DEL_IF_LUA[] = "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then "
+                                 "return redis.call('HDEL', KEYS[1], ARGV[1]) end return 0";
 
 typedef struct local_conn {
     char *conn_id;
@@ -505,8 +503,10 @@ static int pr_remove_gateway(mg_presence *base)
         pthread_mutex_unlock(&p->mu);
         mg_log_info("presence", "gateway removed gateway=%s entries=%zu", p->gw, n);
     } else {
-        mg_log_warn("presence", "remove gateway failed gateway=%s err=%d (entries expire with "
-                    "the lease)", p->gw, rv);
+        mg_log_warn("presence",
+                    "remove gateway failed gateway=%s err=%d (entries expire with "
+                    "the lease)",
+                    p->gw, rv);
     }
     return rv;
 }

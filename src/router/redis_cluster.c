@@ -42,8 +42,8 @@
 #include <unistd.h>
 
 #define MG_RC_REFRESH_MIN_US 100000 /* at most one slot map reload per 100 ms */
-#define MG_RC_MAX_ROUNDS 32         /* redirection/retry rounds per call */
-#define MG_RC_HOST_MAX 256
+#define MG_RC_MAX_ROUNDS     32     /* redirection/retry rounds per call */
+#define MG_RC_HOST_MAX       256
 
 typedef struct rc_node {
     char *host;
@@ -76,9 +76,9 @@ typedef struct rc_cmd {
     char *buf; /* the formatted RESP command */
     int len;
     redisReply *reply;
-    int status;      /* 0, or -errno; 1 while pending */
-    rc_node *ask;    /* ASK target for the next attempt */
-    bool run;        /* taken by an exec */
+    int status;   /* 0, or -errno; 1 while pending */
+    rc_node *ask; /* ASK target for the next attempt */
+    bool run;     /* taken by an exec */
 } rc_cmd;
 
 struct mg_redis_batch {
@@ -272,7 +272,7 @@ fail:
         redisFree(c);
     atomic_fetch_add(&rc->st_io_errors, 1);
     if (!atomic_exchange(&n->down, true))
-        mg_log_warn("redis", "node unreachable node=%s err=\"%s\"", n->name, msg);
+        mg_log_warn("redis", "node connect failed node=%s err=\"%s\"", n->name, msg);
     return NULL;
 }
 
@@ -353,8 +353,7 @@ static int refresh_from(mg_redis_cluster *rc, rc_node *n, int64_t deadline_us, c
             e->element[2]->type != REDIS_REPLY_ARRAY || e->element[2]->elements < 2)
             continue;
         redisReply *m = e->element[2];
-        if (m->element[0]->type != REDIS_REPLY_STRING ||
-            m->element[1]->type != REDIS_REPLY_INTEGER)
+        if (m->element[0]->type != REDIS_REPLY_STRING || m->element[1]->type != REDIS_REPLY_INTEGER)
             continue;
         const char *host = m->element[0]->str;
         if (!*host || strcmp(host, "?") == 0) /* unknown endpoint: the node we asked */
@@ -490,8 +489,8 @@ mg_redis_cluster *mg_redis_cluster_create(const char *nodes_csv, const char *use
     }
     atomic_store(&rc->last_refresh_us, mg_mono_us());
     pthread_rwlock_rdlock(&rc->lock);
-    mg_log_info("redis", "cluster connected nodes=%zu timeout_ms=%d auth=%s", rc->nnodes, timeout_ms,
-                rc->password ? (rc->user ? "acl" : "password") : "none");
+    mg_log_info("redis", "cluster connected nodes=%zu timeout_ms=%d auth=%s", rc->nnodes,
+                timeout_ms, rc->password ? (rc->user ? "acl" : "password") : "none");
     pthread_rwlock_unlock(&rc->lock);
     return rc;
 }
@@ -778,8 +777,8 @@ int mg_redis_cluster_command(mg_redis_cluster *rc, redisReply **out, const char 
     return run_one(rc, out, key, len > 0 ? buf : NULL, len);
 }
 
-int mg_redis_cluster_command_argv(mg_redis_cluster *rc, redisReply **out, const char *key,
-                                  int argc, const char **argv, const size_t *argvlen)
+int mg_redis_cluster_command_argv(mg_redis_cluster *rc, redisReply **out, const char *key, int argc,
+                                  const char **argv, const size_t *argvlen)
 {
     char *buf = NULL;
     int len = redisFormatCommandArgv(&buf, argc, argv, argvlen);

@@ -32,7 +32,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define MG_REDIS_SLOTS 16384
+#define MG_REDIS_SLOTS     16384
 #define MG_REDIS_POOL_IDLE 8 /* idle connections kept per node */
 
 typedef struct mg_redis_cluster mg_redis_cluster;
@@ -58,8 +58,8 @@ void mg_redis_cluster_free(mg_redis_cluster *rc);
 int mg_redis_cluster_command(mg_redis_cluster *rc, redisReply **out, const char *key,
                              const char *fmt, ...);
 /* Same with an argument vector (argvlen NULL: strlen of each). */
-int mg_redis_cluster_command_argv(mg_redis_cluster *rc, redisReply **out, const char *key,
-                                  int argc, const char **argv, const size_t *argvlen);
+int mg_redis_cluster_command_argv(mg_redis_cluster *rc, redisReply **out, const char *key, int argc,
+                                  const char **argv, const size_t *argvlen);
 
 /* A batch of commands run pipelined: grouped by node, each group written in
  * one go, replies read back; redirected or failed commands are resent within
@@ -84,13 +84,13 @@ int mg_redis_batch_status(const mg_redis_batch *b, size_t i);
 
 /* Counters since create (for tests, metrics and logs). */
 typedef struct mg_redis_cluster_stats {
-    uint64_t commands;    /* commands sent (each attempt counts) */
-    uint64_t moved;       /* MOVED redirections followed */
-    uint64_t ask;         /* ASK redirections followed */
-    uint64_t refreshes;   /* slot map reloads */
-    uint64_t reconnects;  /* connections opened */
-    uint64_t io_errors;   /* connection failures (refused, reset, timeout) */
-    uint64_t retries;     /* TRYAGAIN / CLUSTERDOWN / LOADING retries */
+    uint64_t commands;   /* commands sent (each attempt counts) */
+    uint64_t moved;      /* MOVED redirections followed */
+    uint64_t ask;        /* ASK redirections followed */
+    uint64_t refreshes;  /* slot map reloads */
+    uint64_t reconnects; /* connections opened */
+    uint64_t io_errors;  /* connection failures (refused, reset, timeout) */
+    uint64_t retries;    /* TRYAGAIN / CLUSTERDOWN / LOADING retries */
 } mg_redis_cluster_stats;
 
 void mg_redis_cluster_stats_get(mg_redis_cluster *rc, mg_redis_cluster_stats *out);

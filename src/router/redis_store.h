@@ -46,7 +46,6 @@ mg_presence *mg_presence_redis_create(mg_redis_cluster *rc, const char *gateway_
  * first) and age; fetch trims by age first; keys expire max_age after the
  * last store. max_age_seconds <= 0: no age limit (and no TTL).
  * rc is borrowed: it must outlive the store. */
-mg_inbox *mg_inbox_redis_create(mg_redis_cluster *rc, size_t max_messages,
-                                int64_t max_age_seconds);
+mg_inbox *mg_inbox_redis_create(mg_redis_cluster *rc, size_t max_messages, int64_t max_age_seconds);
 
 #endif

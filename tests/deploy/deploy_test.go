@@ -111,23 +111,30 @@ func TestRender(t *testing.T) {
 
 // A misspelt or unknown values key must fail helm template (values.schema.json).
 func TestValuesTypoFails(t *testing.T) {
-	cases := map[string][]string{
-		"top-level typo":      {"regoin=eu-west-1"},
-		"nested typo":         {"autoscaling.minReplica=2"},
-		"deep typo":           {"istio.destinationRule.outlierDetection.interva=5s"},
-		"wrong type":          {"gateway.drainSeconds=soon"},
-		"bad enum":            {"gateway.logFormat=xml"},
-		"bad host:port":       {"redis.nodes[0]=redis-without-port"},
-		"root allowed":        {"securityContext.readOnlyRootFilesystem=false"},
-		"no region (fail())":  {"region="},
-		"grace below drain":   {"lifecycle.terminationGracePeriodSeconds=5"},
-		"memory presence+HPA": {"gateway.presence=memory", "autoscaling.enabled=true"},
+	cases := map[string]struct {
+		sets []string
+		want string // in helm's error, so the failure is for this reason
+	}{
+		"top-level typo":      {[]string{"regoin=eu-west-1"}, "Additional property regoin is not allowed"},
+		"nested typo":         {[]string{"autoscaling.minReplica=2"}, "Additional property minReplica is not allowed"},
+		"deep typo":           {[]string{"istio.destinationRule.outlierDetection.interva=5s"}, "Additional property interva is not allowed"},
+		"wrong type":          {[]string{"gateway.drainSeconds=soon"}, "drainSeconds"},
+		"bad enum":            {[]string{"gateway.logFormat=xml"}, "logFormat"},
+		"bad host:port":       {[]string{"redis.nodes[0]=redis-without-port"}, "redis.nodes"},
+		"root allowed":        {[]string{"securityContext.readOnlyRootFilesystem=false"}, "readOnlyRootFilesystem"},
+		"hour duration":       {[]string{"istio.destinationRule.idleTimeout=24h"}, "idleTimeout"},
+		"no region (fail())":  {[]string{"region="}, "region is required"},
+		"grace below drain":   {[]string{"lifecycle.terminationGracePeriodSeconds=5"}, "must be at least"},
+		"memory presence+HPA": {[]string{"gateway.presence=memory", "autoscaling.enabled=true"}, "single gateway"},
 	}
-	for name, sets := range cases {
+	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {
-			_, err := Template(ns, []string{"values/production.yaml"}, sets...)
+			_, err := Template(ns, []string{"values/production.yaml"}, tc.sets...)
 			if err == nil {
-				t.Fatalf("helm template accepted %v", sets)
+				t.Fatalf("helm template accepted %v", tc.sets)
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("failed, but not for %q: %v", tc.want, err)
 			}
 		})
 	}
@@ -434,5 +441,39 @@ spec:
 	ok := "apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {name: x}\nspec:\n  hosts: [a]\n  http:\n    - route: [{destination: {host: a}}]\n      timeout: 0s\n"
 	if _, err := ParseDocument([]byte(ok)); err != nil {
 		t.Fatalf("valid VirtualService rejected: %v", err)
+	}
+}
+
+// istio/values-istio.yaml on top of the production values renders a release that passes.
+func TestIstioOverlay(t *testing.T) {
+	out, err := Template(ns, []string{"values/production.yaml", "../../istio/values-istio.yaml"},
+		"istio.authorization.messagingServiceAccounts[0]=orders/orders-api")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := Parse(ns, out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := RunChecks(m); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{"PeerAuthentication", "AuthorizationPolicy", "DestinationRule", "Gateway", "VirtualService", "Sidecar"} {
+		if count(m, k) == 0 {
+			t.Errorf("no %s", k)
+		}
+	}
+}
+
+// istio/ holds no manifests of its own: the chart is the one source.
+func TestIstioSingleSource(t *testing.T) {
+	entries, err := os.ReadDir("../../istio")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range entries {
+		if n := e.Name(); n != "README.md" && n != "values-istio.yaml" {
+			t.Errorf("istio/%s: Istio resources live in helm/meshgate/templates/istio only", n)
+		}
 	}
 }

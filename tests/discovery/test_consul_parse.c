@@ -12,7 +12,8 @@
 /* Shape of a real /v1/health/service/meshgate?passing answer (Consul 1.22). */
 static const char GOOD[] =
     "[{\"Node\":{\"ID\":\"0d5c\",\"Node\":\"n1\",\"Address\":\"127.0.0.1\",\"Datacenter\":\"dc1\"},"
-    "\"Service\":{\"ID\":\"gw1\",\"Service\":\"meshgate\",\"Tags\":[\"a\"],\"Address\":\"10.1.2.3\","
+    "\"Service\":{\"ID\":\"gw1\",\"Service\":\"meshgate\",\"Tags\":[\"a\"],\"Address\":\"10.1.2."
+    "3\","
     "\"Meta\":{\"region\":\"eu\",\"ws_port\":\"8080\",\"version\":\"0.1.0\"},\"Port\":50051,"
     "\"Weights\":{\"Passing\":1,\"Warning\":1}},"
     "\"Checks\":[{\"CheckID\":\"serfHealth\",\"Status\":\"passing\"},"
@@ -57,14 +58,13 @@ Test(consul_parse, empty_array)
 
 Test(consul_parse, bad_entries_come_out_with_empty_address)
 {
-    static const char J[] =
-        "[{\"Service\":{\"ID\":\"a\",\"Address\":\"1.2.3.4\",\"Port\":0}},"
-        "{\"Service\":{\"ID\":\"b\",\"Address\":\"1.2.3.4\",\"Port\":\"80\"}},"
-        "{\"Service\":{\"ID\":\"c\",\"Port\":80}},"
-        "{\"Service\":{\"Address\":\"1.2.3.4\",\"Port\":80}},"
-        "42, null, {\"Service\":[]},"
-        "{\"Service\":{\"ID\":\"ok\",\"Address\":\"1.2.3.4\",\"Port\":80,"
-        "\"Meta\":{\"ws_port\":\"x\",\"region\":5}}}]";
+    static const char J[] = "[{\"Service\":{\"ID\":\"a\",\"Address\":\"1.2.3.4\",\"Port\":0}},"
+                            "{\"Service\":{\"ID\":\"b\",\"Address\":\"1.2.3.4\",\"Port\":\"80\"}},"
+                            "{\"Service\":{\"ID\":\"c\",\"Port\":80}},"
+                            "{\"Service\":{\"Address\":\"1.2.3.4\",\"Port\":80}},"
+                            "42, null, {\"Service\":[]},"
+                            "{\"Service\":{\"ID\":\"ok\",\"Address\":\"1.2.3.4\",\"Port\":80,"
+                            "\"Meta\":{\"ws_port\":\"x\",\"region\":5}}}]";
     mg_peer *p;
     size_t n;
     char err[256];
@@ -95,11 +95,11 @@ Test(consul_parse, malformed_and_truncated)
 {
     expect_error("", 0);
     expect_error("not json", 8);
-    expect_error("{\"a\":1}", 7);  /* not an array */
+    expect_error("{\"a\":1}", 7); /* not an array */
     expect_error("\"str\"", 5);
-    expect_error("[1,2", 4);       /* truncated */
+    expect_error("[1,2", 4); /* truncated */
     for (size_t cut = 1; cut < strlen(GOOD); cut += 7)
-        expect_error(GOOD, cut);   /* every truncation of a good answer */
+        expect_error(GOOD, cut); /* every truncation of a good answer */
     expect_error("[{\"Service\":{\"ID\":\"a\",\"ID\":\"b\"}}]", 33); /* duplicate keys */
     expect_error(NULL, 0);
 }

@@ -13,8 +13,11 @@
 
 static mg_peer P(const char *id, const char *addr, const char *region)
 {
-    return (mg_peer){.id = (char *)id, .address = (char *)addr, .region = (char *)region,
-                     .version = "0.1.0", .ws_port = 8080};
+    return (mg_peer){.id = (char *)id,
+                     .address = (char *)addr,
+                     .region = (char *)region,
+                     .version = "0.1.0",
+                     .ws_port = 8080};
 }
 
 Test(peers, starts_empty_and_never_null)

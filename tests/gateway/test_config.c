@@ -100,3 +100,26 @@ Test(config, help_lists_every_option_with_its_default)
     cr_assert(strstr(buf, "`CONSUL_HTTP_ADDR`"));
     free(buf);
 }
+
+Test(config, readme_table_matches_the_binary)
+{
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    mg_config_print_help(f, 1);
+    fclose(f);
+    FILE *r = fopen(MG_SOURCE_DIR "/README.md", "r");
+    cr_assert(r, "README.md not found");
+    char *readme = NULL;
+    size_t rlen = 0;
+    FILE *m = open_memstream(&readme, &rlen);
+    char chunk[4096];
+    size_t n;
+    while ((n = fread(chunk, 1, sizeof(chunk), r)) > 0)
+        fwrite(chunk, 1, n, m);
+    fclose(m);
+    fclose(r);
+    cr_assert(strstr(readme, buf), "README's options table is stale: run scripts/readme-options.sh");
+    free(buf);
+    free(readme);
+}

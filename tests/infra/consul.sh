@@ -20,6 +20,8 @@ HOST=127.0.0.1
 TIMEOUT=${MESHGATE_CONSUL_TIMEOUT:-60}
 ACL_TOKEN=${MESHGATE_CONSUL_ACL_TOKEN:-6d3f1f8e-6a2b-4c1d-9e7f-0a1b2c3d4e5f}
 
+# true if PID exists and is not a zombie (containers may reap orphans late)
+pid_alive() { local s; s=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1; [ -n "$s" ] && [ "$s" != Z ]; }
 die() { echo "consul: $*" >&2; exit 1; }
 
 find_go() {
@@ -36,7 +38,7 @@ cmd_build() {
   cp "$HERE/consul/go.mod" "$HERE/consul/main.go" "$src/"
   [ -f "$HERE/consul/go.sum" ] && cp "$HERE/consul/go.sum" "$src/"
   log=$CACHE/consul-build.log
-  if ! (cd "$src" && GOFLAGS=-mod=mod CGO_ENABLED=0 timeout 3600 "$GO" build -trimpath \
+  if ! (cd "$src" && GOFLAGS=-mod=mod timeout 3600 "$GO" build -trimpath \
           -ldflags '-s -w' -o "$BIN.tmp" .) >"$log" 2>&1; then
     tail -n 40 "$log" >&2; rm -f "$BIN.tmp"
     die "build failed (full log: $log; see tests/infra/CONSUL_BUILD_NOTES.md)"
@@ -65,7 +67,7 @@ running_pid() {
   local pid
   [ -f "$PIDF" ] || return 1
   pid=$(cat "$PIDF" 2>/dev/null) || return 1
-  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'consul agent' || return 1
+  [ -n "$pid" ] && pid_alive "$pid" && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'consul agent' || return 1
   echo "$pid"
 }
 
@@ -103,12 +105,12 @@ HCL
     extra=(-config-file "$DIR/acl.hcl")
   fi
   nohup "$BIN" agent -dev -node "meshgate-$NAME" -bind "$HOST" -client "$HOST" -data-dir "$DIR/data" \
-    -http-port "$HTTP" -grpc-port "$GRPC" -dns-port -1 -serf-lan-port "$LAN" -serf-wan-port "$WAN" \
+    -http-port "$HTTP" -grpc-port "$GRPC" -grpc-tls-port -1 -dns-port -1 -serf-lan-port "$LAN" -serf-wan-port "$WAN" \
     -server-port "$SRV" -log-level warn "${extra[@]}" >"$LOG" 2>&1 </dev/null &
   echo $! >"$PIDF"
   local pid=$! end=$((SECONDS + TIMEOUT))
   until ready; do
-    kill -0 "$pid" 2>/dev/null || { tail -n 30 "$LOG" >&2; die "$NAME exited during startup (log: $LOG)"; }
+    pid_alive "$pid" || { tail -n 30 "$LOG" >&2; die "$NAME exited during startup (log: $LOG)"; }
     [ $SECONDS -lt $end ] || { tail -n 30 "$LOG" >&2; die "$NAME has no leader within ${TIMEOUT}s (log: $LOG)"; }
     sleep 0.2
   done
@@ -119,7 +121,7 @@ cmd_stop() {
   if pid=$(running_pid); then
     kill "$pid" 2>/dev/null || true
     local end=$((SECONDS + 15))
-    while kill -0 "$pid" 2>/dev/null; do
+    while pid_alive "$pid"; do
       [ $SECONDS -lt $end ] || { kill -9 "$pid" 2>/dev/null || true; sleep 0.3; break; }
       sleep 0.1
     done

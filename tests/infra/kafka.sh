@@ -21,6 +21,8 @@ LIBS=$CACHE/kafka-$VER/libs
 PIDF=$DIR/kafka.pid
 LOG=$DIR/kafka.log
 
+# true if PID exists and is not a zombie (containers may reap orphans late)
+pid_alive() { local s; s=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1; [ -n "$s" ] && [ "$s" != Z ]; }
 die() { echo "kafka: $*" >&2; exit 1; }
 JAVA=${JAVA_HOME:+$JAVA_HOME/bin/}java
 command -v "$JAVA" >/dev/null || die "java not found (run tests/infra/install-deps.sh)"
@@ -48,7 +50,7 @@ running_pid() {
   local pid
   [ -f "$PIDF" ] || return 1
   pid=$(cat "$PIDF" 2>/dev/null) || return 1
-  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'kafka\.Kafka' || return 1
+  [ -n "$pid" ] && pid_alive "$pid" && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'kafka\.Kafka' || return 1
   echo "$pid"
 }
 
@@ -99,13 +101,15 @@ CONF
 
 launch() {   # start the JVM on an existing, formatted data dir and wait until it serves metadata
   port_open "$PORT" && die "port $PORT already in use by something else"
-  nohup "$JAVA" -Xms256m -Xmx512m -XX:+UseG1GC -Djava.awt.headless=true \
+  : >"$LOG"
+  nohup "$JAVA" -Xms256m -Xmx512m -XX:+UseG1GC -XX:TieredStopAtLevel=1 -Djava.awt.headless=true \
     -Dlog4j.configuration="file:$DIR/log4j.properties" -Dkafka.logs.dir="$DIR" \
-    -cp "$LIBS/*" kafka.Kafka "$DIR/server.properties" >>"$LOG" 2>&1 </dev/null &
+    -cp "$LIBS/*" kafka.Kafka "$DIR/server.properties" >"$LOG" 2>&1 </dev/null &
   echo $! >"$PIDF"
   local pid=$! end=$((SECONDS + TIMEOUT))
-  until answers; do
-    kill -0 "$pid" 2>/dev/null || { tail -n 30 "$LOG" >&2; die "broker exited during startup (log: $LOG)"; }
+  # Cheap checks first (no extra JVM competing for CPU), then one real metadata request.
+  until port_open "$PORT" && grep -q 'Kafka Server started' "$LOG" 2>/dev/null && answers; do
+    pid_alive "$pid" || { tail -n 30 "$LOG" >&2; die "broker exited during startup (log: $LOG)"; }
     [ $SECONDS -lt $end ] || { tail -n 30 "$LOG" >&2; die "broker not ready within ${TIMEOUT}s (log: $LOG)"; }
     sleep 0.5
   done
@@ -116,7 +120,7 @@ kill_broker() {  # SIGTERM (controlled shutdown), SIGKILL after 30s
   pid=$(running_pid) || { rm -f "$PIDF"; return 0; }
   kill "$pid" 2>/dev/null || true
   local end=$((SECONDS + 30))
-  while kill -0 "$pid" 2>/dev/null; do
+  while pid_alive "$pid"; do
     [ $SECONDS -lt $end ] || { kill -9 "$pid" 2>/dev/null || true; sleep 0.5; break; }
     sleep 0.2
   done

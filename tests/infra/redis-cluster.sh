@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Real 6-node Redis Cluster (3 masters + 3 replicas) of Debian's redis-server on loopback.
-# Usage: tests/infra/redis-cluster.sh start|stop|status|nodes|stop-node PORT|start-node PORT
+# Usage: tests/infra/redis-cluster.sh start|stop|status|wait|nodes|stop-node PORT|kill-node PORT|start-node PORT
+#   wait: block (bounded) until cluster_state:ok everywhere and every master has a synced replica.
 #   MESHGATE_REDIS_BASE_PORT (default 17000): nodes use BASE..BASE+5
 #   MESHGATE_RUN (default /tmp/meshgate-run): data in $MESHGATE_RUN/redis/<port>
 set -euo pipefail
@@ -12,6 +13,8 @@ HOST=127.0.0.1
 PORTS=($(seq "$BASE" $((BASE + 5))))
 TIMEOUT=${MESHGATE_REDIS_TIMEOUT:-30}
 
+# true if PID exists and is not a zombie (containers may reap orphans late)
+pid_alive() { local s; s=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1; [ -n "$s" ] && [ "$s" != Z ]; }
 die() { echo "redis-cluster: $*" >&2; exit 1; }
 rcli() { local p=$1; shift; timeout 5 redis-cli -h "$HOST" -p "$p" "$@" 2>/dev/null; }
 alive() { [ "$(rcli "$1" ping)" = PONG ]; }
@@ -48,9 +51,9 @@ CONF
 stop_node() {
   local p=$1 d=$DIR/$1 pid=""
   [ -f "$d/redis.pid" ] && pid=$(cat "$d/redis.pid" 2>/dev/null || true)
-  rcli "$p" shutdown nosave >/dev/null || true
+  rcli "$p" shutdown nosave now >/dev/null || true
   local end=$((SECONDS + 10))
-  while alive "$p" || { [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; }; do
+  while alive "$p" || { [ -n "$pid" ] && pid_alive "$pid"; }; do
     if [ $SECONDS -ge $end ]; then [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; sleep 0.2; break; fi
     sleep 0.1
   done
@@ -106,9 +109,19 @@ cmd_start() {
 }
 
 cmd_stop() {
-  local p
-  for p in "${PORTS[@]}"; do stop_node "$p"; done
+  local p pids=()
+  for p in "${PORTS[@]}"; do stop_node "$p" & pids+=($!); done
+  wait "${pids[@]}" || true
   rm -rf "${DIR:?}"
+}
+
+kill_node() {  # SIGKILL: simulated crash, keeps nodes.conf
+  local p=$1 pid
+  pid=$(cat "$DIR/$p/redis.pid" 2>/dev/null) || die "no pid file for $p"
+  kill -9 "$pid" 2>/dev/null || true
+  local end=$((SECONDS + 5))
+  while pid_alive "$pid" && [ $SECONDS -lt $end ]; do sleep 0.05; done
+  rm -f "$DIR/$p/redis.pid"
 }
 
 cmd_status() {
@@ -132,8 +145,9 @@ case "${1:-}" in
   status) cmd_status ;;
   wait) wait_healthy ;;
   nodes) (IFS=,; echo "${PORTS[*]/#/$HOST:}") ;;
-  stop-node) check_port "${2:-}"; stop_node "$2" ;;           # keeps nodes.conf
+  stop-node) check_port "${2:-}"; stop_node "$2" ;;           # clean shutdown, keeps nodes.conf
+  kill-node) check_port "${2:-}"; kill_node "$2" ;;           # SIGKILL, keeps nodes.conf
   start-node) check_port "${2:-}"; [ -s "$DIR/$2/nodes.conf" ] || die "no nodes.conf for $2 (cluster never started?)"
               start_node "$2" ;;                                # rejoins with its existing identity
-  *) echo "usage: $0 start|stop|status|wait|nodes|stop-node PORT|start-node PORT" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|status|wait|nodes|stop-node PORT|kill-node PORT|start-node PORT" >&2; exit 2 ;;
 esac

@@ -1,7 +1,7 @@
 /* grpc_client.h: typed Messaging / Health calls for tests, on top of the
  * blocking client of gateway/grpc_util.h (which the CLI shares).
  *
- * Every function blocks for at most timeout_ms (<= 0: 30 s) and returns the
+ * Every function blocks for at most timeout_ms (0: 30 s; negative: expired) and returns the
  * gRPC status code; *details (when not NULL) gets the status message, which
  * the caller frees. Responses are freed with protobuf_c_message_free_unpacked.
  * Thread-safe: one client may serve many test threads at once.

@@ -1,0 +1,1177 @@
+/* mgload.c: the meshgate load generator (bench/README.md, bench/run.sh).
+ *
+ * Owns: a raw epoll WebSocket client (one thread, "main") holding many
+ * connections to one or two gateways, spread over source addresses
+ * 127.0.0.2.. (bind before connect, IP_BIND_ADDRESS_NO_PORT) to pass the
+ * ephemeral-port limit; in fanout mode one more thread makes the gRPC
+ * SendBatch call (src/gateway/grpc_util.h).
+ * Modes:
+ *   idle    hold N connections; gateway RSS per connection and idle CPU
+ *   pairs   sender -> recipient pairs, flat out (closed loop, a window of
+ *           messages in flight per pair) or at a fixed rate (open loop,
+ *           latency stamped with the scheduled time: no coordinated omission)
+ *   fanout  N connected users, SendBatch to all of them, time until all got it
+ * Guarantees: every phase is bounded in count AND time; per connection only a
+ * 40-byte struct (read/write buffers exist only while partial data waits);
+ * latency is kept in a log-linear (HDR-style) histogram, <0.8% error.
+ * Output: one JSON line (stdout, and appended to --json FILE).
+ */
+#include "gateway/grpc_util.h"
+#include "meshgate/v1/messaging.pb-c.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ---- clocks ------------------------------------------------------------- */
+
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* ---- log-linear histogram (ns) ----------------------------------------- */
+
+#define H_SUB   7 /* 128 sub-buckets per power of two */
+#define H_LIN   (2 << H_SUB)
+#define H_SHIFT 40
+#define H_N     (H_LIN + H_SHIFT * (1 << H_SUB))
+
+typedef struct hist {
+    uint64_t c[H_N];
+    uint64_t n, max, min;
+    double sum;
+} hist;
+
+static int h_index(uint64_t v)
+{
+    if (v < H_LIN)
+        return (int)v;
+    int msb = 63 - __builtin_clzll(v);
+    int shift = msb - H_SUB; /* >= 1 */
+    if (shift > H_SHIFT)
+        return H_N - 1;
+    uint64_t sub = v >> shift; /* [128, 255] */
+    return H_LIN + (shift - 1) * (1 << H_SUB) + (int)(sub - (1 << H_SUB));
+}
+
+static uint64_t h_value(int i) /* upper edge of bucket i */
+{
+    if (i < H_LIN)
+        return (uint64_t)i;
+    int shift = (i - H_LIN) / (1 << H_SUB) + 1;
+    uint64_t sub = (uint64_t)((i - H_LIN) % (1 << H_SUB)) + (1 << H_SUB);
+    return ((sub + 1) << shift) - 1;
+}
+
+static void h_add(hist *h, int64_t v)
+{
+    if (v < 0)
+        v = 0;
+    h->c[h_index((uint64_t)v)]++;
+    h->n++;
+    h->sum += (double)v;
+    if ((uint64_t)v > h->max)
+        h->max = (uint64_t)v;
+    if (h->n == 1 || (uint64_t)v < h->min)
+        h->min = (uint64_t)v;
+}
+
+static uint64_t h_pct(const hist *h, double p)
+{
+    if (!h->n)
+        return 0;
+    uint64_t want = (uint64_t)((double)h->n * p / 100.0 + 0.999999);
+    if (want < 1)
+        want = 1;
+    uint64_t acc = 0;
+    for (int i = 0; i < H_N; i++) {
+        acc += h->c[i];
+        if (acc >= want) {
+            uint64_t v = h_value(i);
+            return v > h->max ? h->max : v;
+        }
+    }
+    return h->max;
+}
+
+/* ---- /proc of the gateway(s) ----------------------------------------------- */
+
+#define MAX_GW 4
+static int gw_pids[MAX_GW], n_gw;
+
+static long proc_rss_kb(int pid)
+{
+    char path[64], line[256];
+    snprintf(path, sizeof(path), "/proc/%d/status", pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return -1;
+    long kb = -1;
+    while (fgets(line, sizeof(line), f))
+        if (strncmp(line, "VmRSS:", 6) == 0)
+            kb = strtol(line + 6, NULL, 10);
+    fclose(f);
+    return kb;
+}
+
+static long proc_cpu_ticks(int pid) /* utime + stime */
+{
+    char path[64], buf[2048];
+    snprintf(path, sizeof(path), "/proc/%d/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return -1;
+    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    char *p = strrchr(buf, ')');
+    if (!p)
+        return -1;
+    p += 2; /* field 3 */
+    unsigned long ut = 0, st = 0;
+    if (sscanf(p, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &ut, &st) != 2)
+        return -1;
+    return (long)(ut + st);
+}
+
+static long gw_rss_kb(void)
+{
+    long s = 0;
+    for (int i = 0; i < n_gw; i++) {
+        long v = proc_rss_kb(gw_pids[i]);
+        if (v < 0)
+            return -1;
+        s += v;
+    }
+    return n_gw ? s : -1;
+}
+
+static long gw_ticks(void)
+{
+    long s = 0;
+    for (int i = 0; i < n_gw; i++) {
+        long v = proc_cpu_ticks(gw_pids[i]);
+        if (v < 0)
+            return -1;
+        s += v;
+    }
+    return n_gw ? s : -1;
+}
+
+static double load1(void)
+{
+    double l = -1;
+    FILE *f = fopen("/proc/loadavg", "r");
+    if (f) {
+        if (fscanf(f, "%lf", &l) != 1)
+            l = -1;
+        fclose(f);
+    }
+    return l;
+}
+
+/* ---- options ------------------------------------------------------------- */
+
+static struct {
+    const char *mode, *host, *prefix, *label, *json, *grpc, *scenario, *path;
+    int port, send_port, nsrc, parallel;
+    long conns, pairs, count, rounds;
+    double rate, seconds, warmup, hold, settle, connect_timeout, drain, timeout;
+    int window, size;
+} opt = {
+    .host = "127.0.0.1",
+    .label = "",
+    .scenario = "",
+    .path = "",
+    .grpc = "127.0.0.1:50051",
+    .parallel = 1000,
+    .conns = 1000,
+    .pairs = 64,
+    .count = 1000000,
+    .rounds = 5,
+    .seconds = 10,
+    .warmup = 1,
+    .hold = 10,
+    .settle = 1,
+    .connect_timeout = 120,
+    .drain = 5,
+    .timeout = 30,
+    .window = 16,
+    .size = 64,
+};
+
+/* ---- connections --------------------------------------------------------- */
+
+enum { C_NEW, C_CONNECTING, C_HANDSHAKE, C_OPEN, C_DEAD };
+
+typedef struct conn {
+    int fd;
+    uint8_t state, sender, dirty, want_out;
+    uint32_t peer;     /* pairs: the partner connection */
+    uint32_t inflight; /* pairs (sender): sent and not yet received or failed */
+    uint32_t rlen, wlen;
+    uint8_t *rbuf, *wbuf; /* only while partial data waits */
+} conn;
+
+static conn *C;
+static long nconns;
+static int ep;
+static uint32_t *dirty_list;
+static long ndirty;
+
+static struct {
+    long connect_fail, handshake_fail, closed, error_frames, ack_failed, ack_other, backlog_drop;
+    long open, acks_ok, recv_msgs, recv_other, sent, recv_measured, stale;
+} st;
+
+static hist H;
+static int64_t measure_start, measure_stop; /* ns; receipts in this window count */
+static uint64_t rng = 88172645463325252ull;
+static char hostbuf[512];
+static size_t hostlen;
+
+static uint32_t xrand(void)
+{
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return (uint32_t)rng;
+}
+
+static void conn_kill(conn *c)
+{
+    if (c->state == C_DEAD)
+        return;
+    if (c->state == C_OPEN)
+        st.open--;
+    if (c->fd >= 0) {
+        epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+        close(c->fd);
+    }
+    c->fd = -1;
+    c->state = C_DEAD;
+    free(c->rbuf);
+    free(c->wbuf);
+    c->rbuf = c->wbuf = NULL;
+    c->rlen = c->wlen = 0;
+}
+
+static void set_events(conn *c, bool out)
+{
+    if (c->want_out == out)
+        return;
+    struct epoll_event ev = {.events = EPOLLIN | (out ? EPOLLOUT : 0), .data.u32 = (uint32_t)(c - C)};
+    epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &ev);
+    c->want_out = out;
+}
+
+/* Appends bytes to the connection's pending output; flushed by flush(). */
+static void out_append(conn *c, const void *data, size_t len)
+{
+    if (c->wlen + len > (64u << 20)) { /* 64 MB backlog: the gateway is not reading */
+        st.backlog_drop++;
+        return;
+    }
+    c->wbuf = realloc(c->wbuf, c->wlen + len);
+    if (!c->wbuf)
+        abort();
+    memcpy(c->wbuf + c->wlen, data, len);
+    c->wlen += (uint32_t)len;
+    if (!c->dirty) {
+        c->dirty = 1;
+        dirty_list[ndirty++] = (uint32_t)(c - C);
+    }
+}
+
+static void flush_one(conn *c)
+{
+    if (c->state == C_DEAD || !c->wlen)
+        return;
+    ssize_t n = send(c->fd, c->wbuf, c->wlen, MSG_NOSIGNAL);
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EINTR) {
+            set_events(c, true);
+            return;
+        }
+        st.closed++;
+        conn_kill(c);
+        return;
+    }
+    if ((uint32_t)n == c->wlen) {
+        free(c->wbuf);
+        c->wbuf = NULL;
+        c->wlen = 0;
+        set_events(c, false);
+        return;
+    }
+    memmove(c->wbuf, c->wbuf + n, c->wlen - (size_t)n);
+    c->wlen -= (uint32_t)n;
+    set_events(c, true);
+}
+
+static void flush_dirty(void)
+{
+    for (long i = 0; i < ndirty; i++) {
+        conn *c = &C[dirty_list[i]];
+        c->dirty = 0;
+        flush_one(c);
+    }
+    ndirty = 0;
+}
+
+/* A masked client frame. */
+static void send_frame(conn *c, int opcode, const void *payload, size_t len)
+{
+    uint8_t hdr[14];
+    size_t h = 0;
+    hdr[h++] = (uint8_t)(0x80 | opcode);
+    if (len < 126) {
+        hdr[h++] = (uint8_t)(0x80 | len);
+    } else if (len < 65536) {
+        hdr[h++] = 0x80 | 126;
+        hdr[h++] = (uint8_t)(len >> 8);
+        hdr[h++] = (uint8_t)len;
+    } else {
+        hdr[h++] = 0x80 | 127;
+        for (int i = 7; i >= 0; i--)
+            hdr[h++] = (uint8_t)((uint64_t)len >> (8 * i));
+    }
+    uint32_t m = xrand();
+    uint8_t mk[4];
+    memcpy(mk, &m, 4);
+    memcpy(hdr + h, mk, 4);
+    h += 4;
+    uint8_t buf[16384];
+    if (h + len > sizeof(buf))
+        abort(); /* payloads are small (--size is capped) */
+    memcpy(buf, hdr, h);
+    const uint8_t *p = payload;
+    for (size_t i = 0; i < len; i++)
+        buf[h + i] = p[i] ^ mk[i & 3];
+    out_append(c, buf, h + len);
+}
+
+static char pad[8192];
+
+static void send_msg(conn *s, int64_t stamp)
+{
+    char user[128], body[12288];
+    conn *r = &C[s->peer];
+    snprintf(user, sizeof(user), "%sr%u", opt.prefix, (unsigned)(s - C) / 2);
+    (void)r;
+    int n = snprintf(body, sizeof(body),
+                     "{\"type\":\"send\",\"to\":\"%s\",\"content\":\"mgb %" PRId64 " %.*s\"}", user,
+                     stamp, opt.size, pad);
+    send_frame(s, 1, body, (size_t)n);
+    s->inflight++;
+    st.sent++;
+}
+
+/* ---- frame handling ------------------------------------------------------- */
+
+static void on_delivered(conn *r, int64_t stamp, int64_t now);
+
+static void on_text(conn *c, const char *p, size_t len, int64_t now)
+{
+    const char *e = p + len;
+    const char *mk = memmem(p, len, "\"mgb ", 5);
+    if (mk) {
+        int64_t stamp = strtoll(mk + 5, NULL, 10);
+        on_delivered(c, stamp, now);
+        return;
+    }
+    if (memmem(p, len, "\"type\":\"ack\"", 12)) {
+        if (memmem(p, len, "\"status\":\"delivered\"", 20) ||
+            memmem(p, len, "\"status\":\"queued\"", 17) ||
+            memmem(p, len, "\"status\":\"accepted\"", 19)) {
+            st.acks_ok++;
+        } else {
+            st.ack_failed++;
+            if (st.ack_failed <= 3)
+                fprintf(stderr, "mgload: ack not delivered: %.*s\n", (int)len, p);
+            if (c->sender && c->inflight)
+                c->inflight--;
+        }
+        return;
+    }
+    if (memmem(p, len, "\"type\":\"error\"", 14)) {
+        st.error_frames++;
+        if (st.error_frames <= 3)
+            fprintf(stderr, "mgload: error frame: %.*s\n", (int)len, p);
+        return;
+    }
+    (void)e;
+    st.recv_other++;
+}
+
+/* Parses whole frames from buf; returns bytes consumed. */
+static size_t parse_frames(conn *c, const uint8_t *buf, size_t len, int64_t now)
+{
+    size_t off = 0;
+    while (len - off >= 2) {
+        const uint8_t *f = buf + off;
+        int op = f[0] & 0x0f;
+        bool masked = f[1] & 0x80;
+        uint64_t pl = f[1] & 0x7f;
+        size_t h = 2;
+        if (pl == 126) {
+            if (len - off < 4)
+                break;
+            pl = ((uint64_t)f[2] << 8) | f[3];
+            h = 4;
+        } else if (pl == 127) {
+            if (len - off < 10)
+                break;
+            pl = 0;
+            for (int i = 0; i < 8; i++)
+                pl = (pl << 8) | f[2 + i];
+            h = 10;
+        }
+        if (masked)
+            h += 4;
+        if (len - off < h + pl)
+            break;
+        const uint8_t *payload = f + h;
+        if (masked) /* servers never mask; tolerate it anyway (in place is fine: our buffer) */
+            for (uint64_t i = 0; i < pl; i++)
+                ((uint8_t *)payload)[i] ^= f[h - 4 + (i & 3)];
+        switch (op) {
+        case 0:
+        case 1:
+        case 2:
+            on_text(c, (const char *)payload, (size_t)pl, now);
+            break;
+        case 8:
+            st.closed++;
+            if (st.closed <= 3)
+                fprintf(stderr, "mgload: server closed a connection code=%d %.*s\n",
+                        pl >= 2 ? (payload[0] << 8 | payload[1]) : 0,
+                        pl > 2 ? (int)pl - 2 : 0, pl > 2 ? (const char *)payload + 2 : "");
+            conn_kill(c);
+            return len;
+        case 9:
+            send_frame(c, 10, payload, (size_t)pl);
+            break;
+        default:
+            break;
+        }
+        off += h + (size_t)pl;
+    }
+    return off;
+}
+
+static const char *memfind(const uint8_t *b, size_t n, const char *s)
+{
+    return memmem(b, n, s, strlen(s));
+}
+
+static uint8_t rdbuf[1 << 18];
+
+static void on_readable(conn *c, int64_t now)
+{
+    for (int loops = 0; loops < 8 && c->state != C_DEAD; loops++) {
+        ssize_t n = recv(c->fd, rdbuf, sizeof(rdbuf), 0);
+        if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
+            if (c->state == C_HANDSHAKE)
+                st.handshake_fail++;
+            else
+                st.closed++;
+            conn_kill(c);
+            return;
+        }
+        if (n < 0)
+            return;
+        const uint8_t *b = rdbuf;
+        size_t len = (size_t)n;
+        if (c->rlen) {
+            c->rbuf = realloc(c->rbuf, c->rlen + len);
+            memcpy(c->rbuf + c->rlen, rdbuf, len);
+            len += c->rlen;
+            b = c->rbuf;
+        }
+        size_t used = 0;
+        if (c->state == C_HANDSHAKE) {
+            const char *end = memfind(b, len, "\r\n\r\n");
+            if (!end) {
+                used = 0;
+            } else {
+                if (len < 12 || memcmp(b + 9, "101", 3) != 0) {
+                    st.handshake_fail++;
+                    if (st.handshake_fail <= 3)
+                        fprintf(stderr, "mgload: upgrade refused: %.*s\n",
+                                (int)((const uint8_t *)end - b), (const char *)b);
+                    conn_kill(c);
+                    return;
+                }
+                c->state = C_OPEN;
+                st.open++;
+                used = (size_t)((const uint8_t *)end - b) + 4;
+            }
+        }
+        if (c->state == C_OPEN)
+            used += parse_frames(c, b + used, len - used, now);
+        if (c->state == C_DEAD)
+            return;
+        size_t left = len - used;
+        if (left == 0) {
+            free(c->rbuf);
+            c->rbuf = NULL;
+            c->rlen = 0;
+        } else {
+            uint8_t *nb = malloc(left);
+            memcpy(nb, b + used, left);
+            free(c->rbuf);
+            c->rbuf = nb;
+            c->rlen = (uint32_t)left;
+        }
+        if ((size_t)n < sizeof(rdbuf))
+            return;
+    }
+}
+
+static void on_writable(conn *c)
+{
+    if (c->state == C_CONNECTING) {
+        int err = 0;
+        socklen_t el = sizeof(err);
+        getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &el);
+        if (err) {
+            st.connect_fail++;
+            if (st.connect_fail <= 3)
+                fprintf(stderr, "mgload: connect: %s\n", strerror(err));
+            conn_kill(c);
+            return;
+        }
+        c->state = C_HANDSHAKE;
+        char req[1024];
+        long i = c - C;
+        char user[160];
+        if (strcmp(opt.mode, "pairs") == 0)
+            snprintf(user, sizeof(user), "%s%c%ld", opt.prefix, c->sender ? 's' : 'r', i / 2);
+        else
+            snprintf(user, sizeof(user), "%s%ld", opt.prefix, i);
+        int n = snprintf(req, sizeof(req),
+                         "GET /ws?user=%s HTTP/1.1\r\nHost: %.*s\r\nUpgrade: websocket\r\n"
+                         "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                         "Sec-WebSocket-Version: 13\r\n\r\n",
+                         user, (int)hostlen, hostbuf);
+        c->want_out = 1; /* registered with EPOLLOUT */
+        out_append(c, req, (size_t)n);
+        return;
+    }
+    flush_one(c);
+}
+
+static int conn_start(conn *c, long i)
+{
+    int port = (c->sender && opt.send_port) ? opt.send_port : opt.port;
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        st.connect_fail++;
+        if (st.connect_fail <= 3)
+            fprintf(stderr, "mgload: socket: %s\n", strerror(errno));
+        c->state = C_DEAD;
+        return -1;
+    }
+    int one = 1;
+    setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one));
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    struct sockaddr_in src = {.sin_family = AF_INET};
+    src.sin_addr.s_addr = htonl(0x7f000002u + (uint32_t)(i % opt.nsrc));
+    if (bind(fd, (struct sockaddr *)&src, sizeof(src)) != 0) {
+        fprintf(stderr, "mgload: bind: %s\n", strerror(errno));
+        close(fd);
+        st.connect_fail++;
+        c->state = C_DEAD;
+        return -1;
+    }
+    struct sockaddr_in dst = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    inet_pton(AF_INET, opt.host, &dst.sin_addr);
+    if (connect(fd, (struct sockaddr *)&dst, sizeof(dst)) != 0 && errno != EINPROGRESS) {
+        st.connect_fail++;
+        if (st.connect_fail <= 3)
+            fprintf(stderr, "mgload: connect: %s\n", strerror(errno));
+        close(fd);
+        c->state = C_DEAD;
+        return -1;
+    }
+    c->fd = fd;
+    c->state = C_CONNECTING;
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT, .data.u32 = (uint32_t)i};
+    epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev);
+    c->want_out = 1;
+    return 0;
+}
+
+/* One pass of the event loop, waiting at most timeout_ns. */
+static void poll_once(int64_t timeout_ns)
+{
+    static struct epoll_event evs[1024];
+    if (timeout_ns < 0)
+        timeout_ns = 0;
+    struct timespec ts = {.tv_sec = timeout_ns / 1000000000, .tv_nsec = timeout_ns % 1000000000};
+    int n = epoll_pwait2(ep, evs, 1024, &ts, NULL);
+    int64_t now = now_ns();
+    for (int i = 0; i < n; i++) {
+        conn *c = &C[evs[i].data.u32];
+        if (c->state == C_DEAD)
+            continue;
+        if (evs[i].events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) {
+            if (c->state == C_CONNECTING || c->wlen)
+                on_writable(c);
+            else if (c->want_out)
+                set_events(c, false);
+        }
+        if (c->state != C_DEAD && c->state != C_CONNECTING && (evs[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)))
+            on_readable(c, now);
+    }
+    flush_dirty();
+}
+
+/* Opens all connections with at most opt.parallel handshakes in flight. */
+static double connect_all(void)
+{
+    int64_t t0 = now_ns(), deadline = t0 + (int64_t)(opt.connect_timeout * 1e9);
+    long next = 0, last_report = 0;
+    for (;;) {
+        long pending = 0, done = 0;
+        /* counting every pass is O(N); keep it cheap via st counters instead */
+        done = st.open + st.connect_fail + st.handshake_fail + st.closed;
+        pending = next - done;
+        while (next < nconns && pending < opt.parallel) {
+            conn_start(&C[next], next);
+            next++;
+            pending++;
+            done = st.open + st.connect_fail + st.handshake_fail + st.closed;
+            pending = next - done;
+        }
+        if (done >= nconns)
+            break;
+        if (now_ns() > deadline) {
+            fprintf(stderr, "mgload: connect phase timed out: open=%ld of %ld\n", st.open, nconns);
+            break;
+        }
+        if (st.open - last_report >= 20000) {
+            last_report = st.open;
+            fprintf(stderr, "mgload: open=%ld\n", st.open);
+        }
+        poll_once(10 * 1000000);
+    }
+    return (double)(now_ns() - t0) / 1e9;
+}
+
+static void run_for(double seconds)
+{
+    int64_t end = now_ns() + (int64_t)(seconds * 1e9);
+    int64_t t;
+    while ((t = now_ns()) < end)
+        poll_once(end - t);
+}
+
+/* ---- results ------------------------------------------------------------------ */
+
+static FILE *jf;
+static char jline[8192];
+static size_t jlen;
+
+static void jadd(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void jadd(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    jlen += (size_t)vsnprintf(jline + jlen, sizeof(jline) - jlen, fmt, ap);
+    va_end(ap);
+}
+
+static void j_begin(void)
+{
+    jlen = 0;
+    jadd("{\"scenario\":\"%s\",\"path\":\"%s\",\"label\":\"%s\",\"mode\":\"%s\",\"ts\":%ld",
+         opt.scenario, opt.path, opt.label, opt.mode, (long)time(NULL));
+}
+
+static void j_lat(const hist *h)
+{
+    jadd(",\"samples\":%" PRIu64 ",\"p50_us\":%.1f,\"p90_us\":%.1f,\"p99_us\":%.1f,\"p999_us\":%.1f,"
+         "\"max_us\":%.1f,\"mean_us\":%.1f",
+         h->n, h_pct(h, 50) / 1e3, h_pct(h, 90) / 1e3, h_pct(h, 99) / 1e3, h_pct(h, 99.9) / 1e3,
+         h->max / 1e3, h->n ? h->sum / (double)h->n / 1e3 : 0.0);
+}
+
+static void j_errors(void)
+{
+    jadd(",\"errors\":%ld,\"connect_fail\":%ld,\"handshake_fail\":%ld,\"closed\":%ld,"
+         "\"error_frames\":%ld,\"ack_failed\":%ld,\"backlog_drop\":%ld",
+         st.connect_fail + st.handshake_fail + st.closed + st.error_frames + st.ack_failed +
+             st.backlog_drop,
+         st.connect_fail, st.handshake_fail, st.closed, st.error_frames, st.ack_failed,
+         st.backlog_drop);
+}
+
+static void j_end(void)
+{
+    jadd(",\"load1\":%.2f}\n", load1());
+    fputs(jline, stdout);
+    fflush(stdout);
+    if (jf) {
+        fputs(jline, jf);
+        fflush(jf);
+    }
+}
+
+/* ---- modes ---------------------------------------------------------------------- */
+
+static int mode_idle(void)
+{
+    sleep(1);
+    long rss0 = gw_rss_kb();
+    double ct = connect_all();
+    run_for(opt.settle); /* presence jobs, lws buffers settle */
+    long rss1 = gw_rss_kb();
+    long t0 = gw_ticks();
+    int64_t w0 = now_ns();
+    run_for(opt.hold);
+    double wall = (double)(now_ns() - w0) / 1e9;
+    long t1 = gw_ticks();
+    long rss2 = gw_rss_kb();
+    double hz = (double)sysconf(_SC_CLK_TCK);
+    double cpu_pct = t0 >= 0 ? (double)(t1 - t0) / hz / wall * 100.0 : -1;
+    j_begin();
+    jadd(",\"conns\":%ld,\"open\":%ld,\"connect_seconds\":%.2f,\"connects_per_s\":%.0f", nconns,
+         st.open, ct, ct > 0 ? (double)st.open / ct : 0.0);
+    jadd(",\"gw_rss_kb_before\":%ld,\"gw_rss_kb_after\":%ld,\"gw_rss_kb_end\":%ld,"
+         "\"rss_per_conn_bytes\":%.0f",
+         rss0, rss1, rss2, st.open ? (double)(rss1 - rss0) * 1024.0 / (double)st.open : 0.0);
+    jadd(",\"idle_seconds\":%.1f,\"gw_cpu_pct\":%.2f,\"gw_cpu_us_per_conn_per_s\":%.3f", wall,
+         cpu_pct, st.open && cpu_pct >= 0 ? cpu_pct / 100.0 * 1e6 / (double)st.open : -1.0);
+    j_errors();
+    j_end();
+    return st.open == nconns ? 0 : 1;
+}
+
+static void on_delivered(conn *r, int64_t stamp, int64_t now)
+{
+    st.recv_msgs++;
+    if (strcmp(opt.mode, "pairs") == 0) {
+        conn *s = &C[r->peer];
+        if (s->inflight)
+            s->inflight--;
+        if (stamp >= measure_start && (measure_stop == 0 || now <= measure_stop)) {
+            h_add(&H, now - stamp);
+            st.recv_measured++;
+        } else {
+            st.stale++;
+        }
+        return;
+    }
+    /* fanout: stamp identifies the round (its send time) */
+    if (stamp >= measure_start) {
+        h_add(&H, now - stamp);
+        st.recv_measured++;
+        measure_stop = now; /* last receipt */
+    } else {
+        st.stale++;
+    }
+}
+
+static int mode_pairs(void)
+{
+    /* even index: recipient r<i/2>; odd: its sender s<i/2> */
+    for (long i = 0; i < nconns; i++) {
+        C[i].sender = (uint8_t)(i & 1);
+        C[i].peer = (uint32_t)(i ^ 1);
+    }
+    double ct = connect_all();
+    if (st.open < nconns) {
+        fprintf(stderr, "mgload: only %ld of %ld connections open\n", st.open, nconns);
+    }
+    run_for(opt.settle);
+    long npairs = nconns / 2;
+    bool flat = opt.rate <= 0;
+    int64_t t0 = now_ns();
+    measure_start = t0 + (int64_t)(opt.warmup * 1e9);
+    int64_t send_end = t0 + (int64_t)((opt.warmup + opt.seconds) * 1e9);
+    long ticks0 = -1;
+    int64_t tick_t0 = 0;
+    long sent_at_measure = -1;
+    double period = flat ? 0 : 1e9 / opt.rate;
+    long k = 0;
+    int64_t now = t0;
+    while (st.sent < opt.count && (now = now_ns()) < send_end) {
+        if (ticks0 < 0 && now >= measure_start) {
+            ticks0 = gw_ticks();
+            tick_t0 = now;
+            sent_at_measure = st.sent;
+        }
+        if (flat) {
+            for (long p = 0; p < npairs && st.sent < opt.count; p++) {
+                conn *s = &C[2 * p + 1];
+                if (s->state != C_OPEN || C[2 * p].state != C_OPEN)
+                    continue;
+                while (s->inflight < (uint32_t)opt.window && st.sent < opt.count)
+                    send_msg(s, now_ns());
+            }
+            flush_dirty();
+            poll_once(1000000);
+        } else {
+            int64_t due;
+            int burst = 0;
+            while ((due = t0 + (int64_t)((double)k * period)) <= now && st.sent < opt.count &&
+                   burst < 4096) {
+                conn *s = &C[2 * (k % npairs) + 1];
+                k++;
+                burst++;
+                if (s->state != C_OPEN)
+                    continue;
+                send_msg(s, due);
+            }
+            flush_dirty();
+            int64_t wait = t0 + (int64_t)((double)k * period) - now_ns();
+            poll_once(wait > 1000000 ? 1000000 : wait);
+        }
+    }
+    measure_stop = now_ns();
+    long ticks1 = gw_ticks();
+    long sent_measured = sent_at_measure >= 0 ? st.sent - sent_at_measure : 0;
+    /* drain: what is in flight may still arrive (not counted in the rate) */
+    int64_t drain_end = now_ns() + (int64_t)(opt.drain * 1e9);
+    long inflight;
+    do {
+        inflight = 0;
+        for (long p = 0; p < npairs; p++)
+            inflight += C[2 * p + 1].inflight;
+        if (!inflight)
+            break;
+        poll_once(10000000);
+    } while (now_ns() < drain_end);
+    double mwin = (double)(measure_stop - (tick_t0 ? tick_t0 : measure_start)) / 1e9;
+    double hz = (double)sysconf(_SC_CLK_TCK);
+    double cpu_s = ticks0 >= 0 && ticks1 >= 0 ? (double)(ticks1 - ticks0) / hz : -1;
+    double rate = mwin > 0 ? (double)st.recv_measured / mwin : 0;
+    j_begin();
+    jadd(",\"pairs\":%ld,\"open\":%ld,\"connect_seconds\":%.2f,\"target_rate\":%.0f,\"window\":%d,"
+         "\"size\":%d",
+         npairs, st.open, ct, opt.rate, flat ? opt.window : 0, opt.size);
+    jadd(",\"seconds\":%.2f,\"sent\":%ld,\"sent_measured\":%ld,\"delivered\":%ld,\"delivered_measured\":%ld,"
+         "\"lost\":%ld,\"msgs_per_s\":%.0f",
+         mwin, st.sent, sent_measured, st.recv_msgs, st.recv_measured, inflight, rate);
+    j_lat(&H);
+    jadd(",\"gw_cpu_pct\":%.1f,\"gw_cpu_us_per_msg\":%.2f,\"gw_rss_kb\":%ld",
+         cpu_s >= 0 && mwin > 0 ? cpu_s / mwin * 100 : -1.0,
+         cpu_s >= 0 && st.recv_measured ? cpu_s * 1e6 / (double)st.recv_measured : -1.0,
+         gw_rss_kb());
+    j_errors();
+    jadd(",\"acks_ok\":%ld", st.acks_ok);
+    if (inflight)
+        st.ack_failed += 0;
+    j_end();
+    return (st.open == nconns && inflight == 0 && st.ack_failed == 0 && st.closed == 0) ? 0 : 1;
+}
+
+/* fanout: the SendBatch call runs on its own thread */
+typedef struct batch_call {
+    mg_grpc_client *cli;
+    Meshgate__V1__SendBatchRequest rq;
+    Meshgate__V1__Message msg;
+    char content[256];
+    atomic_int done;
+    int status;
+    long delivered, other;
+    double call_ms;
+} batch_call;
+
+static void *batch_thread(void *arg)
+{
+    batch_call *b = arg;
+    ProtobufCMessage *out = NULL;
+    char *details = NULL;
+    int64_t t0 = now_ns();
+    grpc_status_code code = mg_grpc_call(b->cli, "/meshgate.v1.Messaging/SendBatch", &b->rq.base,
+                                         &meshgate__v1__send_batch_response__descriptor,
+                                         (int)(opt.timeout * 1000), &out, &details);
+    b->call_ms = (double)(now_ns() - t0) / 1e6;
+    b->status = (int)code;
+    b->delivered = b->other = 0;
+    if (code == GRPC_STATUS_OK) {
+        Meshgate__V1__SendBatchResponse *r = (Meshgate__V1__SendBatchResponse *)out;
+        for (size_t i = 0; i < r->n_results; i++) {
+            if (r->results[i]->status == MESHGATE__V1__DELIVERY_STATUS__DELIVERY_STATUS_DELIVERED)
+                b->delivered++;
+            else
+                b->other++;
+        }
+        protobuf_c_message_free_unpacked(out, NULL);
+    } else {
+        fprintf(stderr, "mgload: SendBatch failed: %s %s\n", mg_grpc_code_name(code),
+                details ? details : "");
+    }
+    free(details);
+    atomic_store(&b->done, 1);
+    return NULL;
+}
+
+static int mode_fanout(void)
+{
+    double ct = connect_all();
+    run_for(opt.settle);
+    char **to = calloc((size_t)nconns, sizeof(char *));
+    for (long i = 0; i < nconns; i++) {
+        char u[160];
+        snprintf(u, sizeof(u), "%s%ld", opt.prefix, i);
+        to[i] = strdup(u);
+    }
+    batch_call *b = calloc(1, sizeof(*b));
+    b->cli = mg_grpc_client_create(opt.grpc, NULL);
+    int rc = 0;
+    hist all = {0};
+    double best = 1e18, worst = 0, sum = 0;
+    int rounds_ok = 0;
+    long tick0 = gw_ticks();
+    for (long r = 0; r < opt.rounds; r++) {
+        memset(&H, 0, sizeof(H));
+        st.recv_measured = 0;
+        measure_stop = 0;
+        int64_t t0 = now_ns();
+        measure_start = t0;
+        meshgate__v1__send_batch_request__init(&b->rq);
+        meshgate__v1__message__init(&b->msg);
+        snprintf(b->content, sizeof(b->content), "mgb %" PRId64 " %.*s", t0,
+                 opt.size < 128 ? opt.size : 128, pad);
+        b->msg.from = "bench-fanout";
+        b->msg.content.data = (uint8_t *)b->content;
+        b->msg.content.len = strlen(b->content);
+        b->rq.message = &b->msg;
+        b->rq.n_to = (size_t)nconns;
+        b->rq.to = to;
+        atomic_store(&b->done, 0);
+        pthread_t th;
+        pthread_create(&th, NULL, batch_thread, b);
+        int64_t deadline = t0 + (int64_t)(opt.timeout * 1e9);
+        while ((st.recv_measured < st.open || !atomic_load(&b->done)) && now_ns() < deadline)
+            poll_once(2000000);
+        pthread_join(th, NULL);
+        double all_ms = measure_stop ? (double)(measure_stop - t0) / 1e6 : -1;
+        bool ok = st.recv_measured >= st.open && b->status == 0;
+        if (!ok)
+            rc = 1;
+        fprintf(stderr,
+                "mgload: fanout round %ld: received %ld/%ld in %.1f ms (call %.1f ms, "
+                "delivered %ld, other %ld)\n",
+                r, st.recv_measured, st.open, all_ms, b->call_ms, b->delivered, b->other);
+        if (ok) {
+            rounds_ok++;
+            sum += all_ms;
+            if (all_ms < best)
+                best = all_ms;
+            if (all_ms > worst)
+                worst = all_ms;
+        }
+        for (int i = 0; i < H_N; i++)
+            all.c[i] += H.c[i];
+        all.n += H.n;
+        all.sum += H.sum;
+        if (H.max > all.max)
+            all.max = H.max;
+        j_begin();
+        jadd(",\"round\":%ld,\"conns\":%ld,\"open\":%ld,\"received\":%ld,\"all_received_ms\":%.2f,"
+             "\"call_ms\":%.2f,\"grpc_status\":%d,\"result_delivered\":%ld,\"result_other\":%ld",
+             r, nconns, st.open, st.recv_measured, all_ms, b->call_ms, b->status, b->delivered,
+             b->other);
+        j_lat(&H);
+        j_errors();
+        j_end();
+        run_for(0.5);
+    }
+    long tick1 = gw_ticks();
+    double hz = (double)sysconf(_SC_CLK_TCK);
+    j_begin();
+    jadd(",\"summary\":true,\"conns\":%ld,\"connect_seconds\":%.2f,\"rounds\":%ld,\"rounds_ok\":%d,"
+         "\"all_received_ms_best\":%.2f,\"all_received_ms_mean\":%.2f,\"all_received_ms_worst\":%.2f,"
+         "\"msgs_per_s\":%.0f,\"gw_cpu_ms_per_round\":%.1f",
+         nconns, ct, opt.rounds, rounds_ok, rounds_ok ? best : -1, rounds_ok ? sum / rounds_ok : -1,
+         rounds_ok ? worst : -1, rounds_ok ? (double)nconns / (sum / rounds_ok / 1e3) : 0,
+         tick0 >= 0 ? (double)(tick1 - tick0) / hz * 1e3 / (double)opt.rounds : -1.0);
+    j_lat(&all);
+    j_errors();
+    j_end();
+    mg_grpc_client_free(b->cli);
+    free(b);
+    for (long i = 0; i < nconns; i++)
+        free(to[i]);
+    free(to);
+    return rc;
+}
+
+/* ---- main ------------------------------------------------------------------------- */
+
+static void usage(FILE *o)
+{
+    fprintf(o,
+            "usage: mgload idle|pairs|fanout [options]\n"
+            "  --host H (127.0.0.1) --port P (recipients' gateway) --send-port P (senders', default --port)\n"
+            "  --src N            source addresses 127.0.0.2..; default ceil(conns/20000)\n"
+            "  --parallel N       handshakes in flight (1000)  --connect-timeout S (120)\n"
+            "  --prefix S         user name prefix (b<pid>-)\n"
+            "  --gw-pid P[,P]     gateway pid(s): RSS from /proc/P/status, CPU from /proc/P/stat\n"
+            "  --scenario S --path S --label S  tags in the JSON line  --json FILE (append)\n"
+            "  idle:   --conns N --settle S (1) --hold S (10)\n"
+            "  pairs:  --pairs N (64) --rate R msg/s (0 = flat out) --window W (16 per pair)\n"
+            "          --count N (1000000) --seconds S (10) --warmup S (1) --size B (64) --drain S (5)\n"
+            "  fanout: --conns N --grpc HOST:PORT --rounds R (5) --timeout S (30)\n");
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        usage(stderr);
+        return 2;
+    }
+    opt.mode = argv[1];
+    if (strcmp(opt.mode, "-h") == 0 || strcmp(opt.mode, "--help") == 0) {
+        usage(stdout);
+        return 0;
+    }
+    char defprefix[32];
+    snprintf(defprefix, sizeof(defprefix), "b%d-", (int)getpid());
+    opt.prefix = defprefix;
+    const char *pids = NULL;
+    for (int i = 2; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+#define S(name, field)                                                                             \
+    if (strcmp(a, name) == 0 && v) {                                                               \
+        field = v;                                                                                 \
+        i++;                                                                                       \
+        continue;                                                                                  \
+    }
+#define L(name, field)                                                                             \
+    if (strcmp(a, name) == 0 && v) {                                                               \
+        field = strtol(v, NULL, 10);                                                               \
+        i++;                                                                                       \
+        continue;                                                                                  \
+    }
+#define D(name, field)                                                                             \
+    if (strcmp(a, name) == 0 && v) {                                                               \
+        field = strtod(v, NULL);                                                                   \
+        i++;                                                                                       \
+        continue;                                                                                  \
+    }
+        S("--host", opt.host)
+        S("--prefix", opt.prefix)
+        S("--label", opt.label)
+        S("--scenario", opt.scenario)
+        S("--path", opt.path)
+        S("--json", opt.json)
+        S("--grpc", opt.grpc)
+        S("--gw-pid", pids)
+        L("--port", opt.port)
+        L("--send-port", opt.send_port)
+        L("--src", opt.nsrc)
+        L("--parallel", opt.parallel)
+        L("--conns", opt.conns)
+        L("--pairs", opt.pairs)
+        L("--count", opt.count)
+        L("--rounds", opt.rounds)
+        L("--window", opt.window)
+        L("--size", opt.size)
+        D("--rate", opt.rate)
+        D("--seconds", opt.seconds)
+        D("--warmup", opt.warmup)
+        D("--hold", opt.hold)
+        D("--settle", opt.settle)
+        D("--connect-timeout", opt.connect_timeout)
+        D("--drain", opt.drain)
+        D("--timeout", opt.timeout)
+        fprintf(stderr, "mgload: unknown or incomplete option %s\n", a);
+        usage(stderr);
+        return 2;
+    }
+    if (!opt.port) {
+        fprintf(stderr, "mgload: --port is required\n");
+        return 2;
+    }
+    if (opt.size < 0 || opt.size > 8000)
+        opt.size = 64;
+    memset(pad, 'x', sizeof(pad));
+    for (const char *p = pids; p && *p;) {
+        if (n_gw < MAX_GW)
+            gw_pids[n_gw++] = atoi(p);
+        p = strchr(p, ',');
+        if (p)
+            p++;
+    }
+    if (strcmp(opt.mode, "pairs") == 0)
+        nconns = 2 * opt.pairs;
+    else if (strcmp(opt.mode, "idle") == 0 || strcmp(opt.mode, "fanout") == 0)
+        nconns = opt.conns;
+    else {
+        usage(stderr);
+        return 2;
+    }
+    if (nconns <= 0 || nconns > 4000000) {
+        fprintf(stderr, "mgload: bad connection count %ld\n", nconns);
+        return 2;
+    }
+    if (opt.nsrc <= 0)
+        opt.nsrc = (int)((nconns + 19999) / 20000);
+    struct rlimit rl;
+    getrlimit(RLIMIT_NOFILE, &rl);
+    rl.rlim_cur = rl.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &rl);
+    if ((rlim_t)nconns + 64 > rl.rlim_cur) {
+        fprintf(stderr,
+                "mgload: %ld connections need %ld file descriptors; the hard limit is %lu "
+                "(raise it, or run several mgload processes)\n",
+                nconns, nconns + 64, (unsigned long)rl.rlim_cur);
+        return 2;
+    }
+    hostlen = (size_t)snprintf(hostbuf, sizeof(hostbuf), "%s:%d", opt.host, opt.port);
+    signal(SIGPIPE, SIG_IGN);
+    if (opt.json) {
+        jf = fopen(opt.json, "a");
+        if (!jf) {
+            fprintf(stderr, "mgload: %s: %s\n", opt.json, strerror(errno));
+            return 2;
+        }
+    }
+    C = calloc((size_t)nconns, sizeof(conn));
+    dirty_list = calloc((size_t)nconns, sizeof(uint32_t));
+    for (long i = 0; i < nconns; i++)
+        C[i].fd = -1;
+    ep = epoll_create1(EPOLL_CLOEXEC);
+    rng ^= (uint64_t)now_ns();
+    int rc;
+    if (strcmp(opt.mode, "idle") == 0)
+        rc = mode_idle();
+    else if (strcmp(opt.mode, "pairs") == 0)
+        rc = mode_pairs();
+    else
+        rc = mode_fanout();
+    for (long i = 0; i < nconns; i++)
+        conn_kill(&C[i]);
+    free(C);
+    free(dirty_list);
+    close(ep);
+    if (jf)
+        fclose(jf);
+    return rc;
+}

@@ -1,0 +1,652 @@
+/* transport_grpc.c: the gRPC peer transport (see transport_grpc.h).
+ *
+ * Owns one completion queue, the "peer-cq" threads that drain it, and a
+ * small state per peer id (link quality, calls in flight, metric handles).
+ *
+ * DESIGN
+ * A call is a struct pcall on the stack of the router worker that makes it.
+ * The worker creates the grpc_call on the peer's channel (taken from a peer
+ * table snapshot it holds until the call completes) with our completion
+ * queue and a deadline of min(router deadline, now + peer_deadline_ms), and
+ * starts one batch of all six client ops with the pcall as the tag. A
+ * peer-cq thread takes the completion off the queue and signals the pcall's
+ * condition variable; the worker wakes, reads the status and response, and
+ * unrefs the call. A worker never leaves before its completion arrived:
+ * gRPC completes every call by its deadline, and if it somehow has not
+ * (deadline + 1 s), the worker cancels the call and keeps waiting, which
+ * completes it at once. So the pcall can live on the stack, and the queue
+ * never holds a tag whose owner is gone.
+ *
+ * Per peer: `inflight` is bounded by peer_max_inflight (beyond: available()
+ * false, deliver() FAILED "busy"); `link` is the circuit breaker of
+ * link_quality.h, updated with every attempt's result under the state's
+ * mutex. Peer states are created on first use and kept until free (one small
+ * entry per peer id ever seen, as the metrics registry keeps its series).
+ *
+ * Threads: available/deliver/disconnect on router workers (any thread but
+ * the WebSocket service thread); the peer-cq threads only signal. free()
+ * refuses new calls, waits for the ones in flight, shuts the queue down and
+ * joins the threads.
+ */
+#include "router/transport_grpc.h"
+#include "common/mg_alloc.h"
+#include "common/mg_log.h"
+#include "common/mg_map.h"
+#include "common/mg_metrics.h"
+#include "common/mg_time.h"
+#include "meshgate/v1/messaging.pb-c.h"
+#include "meshgate/v1/peer.pb-c.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/grpc.h>
+#include <grpc/slice.h>
+#include <grpc/support/time.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CALL_GRACE_MS   1000 /* beyond the deadline before a call is cancelled */
+#define MIN_RETRY_MS    50   /* time left needed to retry after UNAVAILABLE */
+#define N_CODES         17   /* GRPC_STATUS_OK .. GRPC_STATUS_UNAUTHENTICATED */
+#define R_DELIVERED     N_CODES
+#define R_NOT_CONNECTED (N_CODES + 1)
+#define R_BUSY          (N_CODES + 2)
+#define R_COUNT         (N_CODES + 3)
+
+struct peer_state {
+    pthread_mutex_t mu;
+    char *id;
+    mg_link link;
+    int inflight;
+    mg_metric *latency, *degraded;
+    mg_metric *calls[R_COUNT]; /* created on first use, under mu */
+};
+
+typedef struct mg_transport_grpc {
+    mg_transport base;
+    mg_peers *peers;
+    char *gateway_id, *region;
+    int peer_deadline_ms, max_inflight;
+    mg_link_config link_cfg;
+
+    grpc_completion_queue *cq;
+    pthread_t *threads;
+    int nthreads;
+
+    pthread_mutex_t mu; /* guards states, active, closing */
+    pthread_cond_t idle;
+    mg_map *states; /* peer id -> struct peer_state* */
+    int active;     /* calls in flight over all peers */
+    bool closing;
+} mg_transport_grpc;
+
+/* One call in flight; lives on the caller's stack (see DESIGN). */
+struct pcall {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    bool done;
+    bool success;
+};
+
+/* ---- small helpers ------------------------------------------------------ */
+
+static const char *const code_names[N_CODES] = {
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+};
+
+static const char *code_name(grpc_status_code c)
+{
+    return (int)c >= 0 && (int)c < N_CODES ? code_names[c] : "UNKNOWN";
+}
+
+static const char *result_name(int r, char *buf, size_t len)
+{
+    if (r == R_DELIVERED)
+        return "delivered";
+    if (r == R_NOT_CONNECTED)
+        return "not_connected";
+    if (r == R_BUSY)
+        return "busy";
+    const char *n = code_names[r];
+    size_t i = 0;
+    for (; n[i] && i + 1 < len; i++)
+        buf[i] = (char)tolower((unsigned char)n[i]);
+    buf[i] = '\0';
+    return buf;
+}
+
+/* A Prometheus label value: backslash, quote and newline escaped. */
+static void label_escape(const char *in, char *out, size_t len)
+{
+    size_t o = 0;
+    for (; *in && o + 3 < len; in++) {
+        if (*in == '\\' || *in == '"') {
+            out[o++] = '\\';
+            out[o++] = *in;
+        } else if (*in == '\n') {
+            out[o++] = '\\';
+            out[o++] = 'n';
+        } else {
+            out[o++] = *in;
+        }
+    }
+    out[o] = '\0';
+}
+
+static grpc_byte_buffer *pack_buffer(const ProtobufCMessage *m)
+{
+    size_t len = protobuf_c_message_get_packed_size(m);
+    grpc_slice s = grpc_slice_malloc(len);
+    if (len)
+        protobuf_c_message_pack(m, GRPC_SLICE_START_PTR(s));
+    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&s, 1);
+    grpc_slice_unref(s);
+    return bb;
+}
+
+/* Decodes bb as d; NULL when absent or not decodable. */
+static ProtobufCMessage *unpack_buffer(const ProtobufCMessageDescriptor *d, grpc_byte_buffer *bb)
+{
+    if (!bb)
+        return NULL;
+    grpc_byte_buffer_reader rd;
+    if (!grpc_byte_buffer_reader_init(&rd, bb))
+        return NULL;
+    grpc_slice all = grpc_byte_buffer_reader_readall(&rd);
+    grpc_byte_buffer_reader_destroy(&rd);
+    ProtobufCMessage *m =
+        protobuf_c_message_unpack(d, NULL, GRPC_SLICE_LENGTH(all), GRPC_SLICE_START_PTR(all));
+    grpc_slice_unref(all);
+    return m;
+}
+
+/* ---- the completion-queue threads ---------------------------------------- */
+
+static void *cq_main(void *arg)
+{
+    mg_transport_grpc *t = arg;
+    pthread_setname_np(pthread_self(), "peer-cq");
+    for (;;) {
+        grpc_event ev =
+            grpc_completion_queue_next(t->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+        if (ev.type == GRPC_QUEUE_SHUTDOWN)
+            break;
+        if (ev.type != GRPC_OP_COMPLETE)
+            continue;
+        struct pcall *pc = ev.tag;
+        pthread_mutex_lock(&pc->mu);
+        pc->done = true;
+        pc->success = ev.success != 0;
+        pthread_cond_signal(&pc->cv);
+        pthread_mutex_unlock(&pc->mu); /* the waiter may free pc after this */
+    }
+    return NULL;
+}
+
+/* ---- peer state ----------------------------------------------------------- */
+
+static struct peer_state *state_get(mg_transport_grpc *t, const char *id)
+{
+    pthread_mutex_lock(&t->mu);
+    struct peer_state *st = mg_map_get(t->states, id);
+    if (!st) {
+        st = mg_new(struct peer_state);
+        pthread_mutex_init(&st->mu, NULL);
+        st->id = mg_xstrdup(id);
+        mg_link_init(&st->link);
+        char esc[192], labels[224];
+        label_escape(id, esc, sizeof(esc));
+        snprintf(labels, sizeof(labels), "peer=\"%s\"", esc);
+        st->latency = mg_histogram("meshgate_peer_latency_seconds",
+                                   "Latency of answered GatewayPeer calls, by peer", labels);
+        st->degraded =
+            mg_gauge("meshgate_peer_degraded",
+                     "1 while the link to the peer is degraded (traffic goes by Kafka)", labels);
+        mg_metric_set(st->degraded, 0);
+        mg_map_put(t->states, id, st);
+    }
+    pthread_mutex_unlock(&t->mu);
+    return st;
+}
+
+static void count_result(struct peer_state *st, int r)
+{
+    /* caller holds st->mu */
+    if (!st->calls[r]) {
+        char esc[192], labels[256], rb[32];
+        label_escape(st->id, esc, sizeof(esc));
+        snprintf(labels, sizeof(labels), "peer=\"%s\",result=\"%s\"", esc,
+                 result_name(r, rb, sizeof(rb)));
+        st->calls[r] =
+            mg_counter("meshgate_peer_calls_total", "GatewayPeer calls by peer and result", labels);
+    }
+    mg_metric_add(st->calls[r], 1);
+}
+
+/* Takes a call slot on the peer; false when the bound is reached (counted
+ * as "busy") or the transport is closing. *probe: the link is degraded and
+ * this call is its probe. */
+static bool slot_take(mg_transport_grpc *t, struct peer_state *st, bool *probe)
+{
+    pthread_mutex_lock(&t->mu);
+    bool closing = t->closing;
+    if (!closing)
+        t->active++;
+    pthread_mutex_unlock(&t->mu);
+    if (closing)
+        return false;
+    pthread_mutex_lock(&st->mu);
+    bool ok = st->inflight < t->max_inflight;
+    if (ok)
+        st->inflight++;
+    else
+        count_result(st, R_BUSY);
+    *probe = st->link.degraded;
+    pthread_mutex_unlock(&st->mu);
+    if (!ok) {
+        pthread_mutex_lock(&t->mu);
+        if (--t->active == 0)
+            pthread_cond_broadcast(&t->idle);
+        pthread_mutex_unlock(&t->mu);
+    }
+    return ok;
+}
+
+static void slot_release(mg_transport_grpc *t, struct peer_state *st)
+{
+    pthread_mutex_lock(&st->mu);
+    st->inflight--;
+    pthread_mutex_unlock(&st->mu);
+    pthread_mutex_lock(&t->mu);
+    if (--t->active == 0)
+        pthread_cond_broadcast(&t->idle);
+    pthread_mutex_unlock(&t->mu);
+}
+
+/* Records one attempt: r is R_DELIVERED, R_NOT_CONNECTED or a gRPC code. */
+static void record(mg_transport_grpc *t, struct peer_state *st, int r, int64_t latency_us,
+                   bool probe)
+{
+    bool ok = r == R_DELIVERED || r == R_NOT_CONNECTED;
+    pthread_mutex_lock(&st->mu);
+    count_result(st, r);
+    if (ok)
+        mg_histogram_observe_us(st->latency, latency_us);
+    int change = mg_link_record(&st->link, &t->link_cfg, ok, latency_us, probe, mg_mono_ms());
+    double err = st->link.err_ewma, lat = st->link.lat_ewma_us;
+    if (change)
+        mg_metric_set(st->degraded, change > 0 ? 1 : 0);
+    pthread_mutex_unlock(&st->mu);
+    if (change > 0)
+        mg_log_warn("peer",
+                    "link degraded, routing around it by kafka peer=%s err_ewma=%.2f "
+                    "latency_ewma_ms=%.1f",
+                    st->id, err, lat / 1000.0);
+    else if (change < 0)
+        mg_log_info("peer", "link recovered peer=%s latency_ms=%.1f", st->id,
+                    (double)latency_us / 1000.0);
+}
+
+/* ---- one unary call ------------------------------------------------------- */
+
+/* Runs method on ch with req, for at most timeout_ms. Returns the status;
+ * on OK *resp holds the response (the caller destroys it; may be NULL).
+ * details gets the status message. */
+static grpc_status_code unary(mg_transport_grpc *t, grpc_channel *ch, const char *method,
+                              grpc_byte_buffer *req, int64_t timeout_ms, grpc_byte_buffer **resp,
+                              char *details, size_t dlen)
+{
+    *resp = NULL;
+    details[0] = '\0';
+    struct pcall pc = {.done = false};
+    pthread_mutex_init(&pc.mu, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&pc.cv, &ca);
+    pthread_condattr_destroy(&ca);
+
+    gpr_timespec deadline =
+        gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(timeout_ms, GPR_TIMESPAN));
+    grpc_call *call =
+        grpc_channel_create_call(ch, NULL, GRPC_PROPAGATE_DEFAULTS, t->cq,
+                                 grpc_slice_from_static_string(method), NULL, deadline, NULL);
+    grpc_metadata_array md_init, md_trail;
+    grpc_metadata_array_init(&md_init);
+    grpc_metadata_array_init(&md_trail);
+    grpc_byte_buffer *recv = NULL;
+    grpc_status_code status = GRPC_STATUS_UNKNOWN;
+    grpc_slice sdetails = grpc_empty_slice();
+
+    grpc_op ops[6];
+    memset(ops, 0, sizeof(ops));
+    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    ops[1].op = GRPC_OP_SEND_MESSAGE;
+    ops[1].data.send_message.send_message = req;
+    ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+    ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
+    ops[3].data.recv_initial_metadata.recv_initial_metadata = &md_init;
+    ops[4].op = GRPC_OP_RECV_MESSAGE;
+    ops[4].data.recv_message.recv_message = &recv;
+    ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+    ops[5].data.recv_status_on_client.trailing_metadata = &md_trail;
+    ops[5].data.recv_status_on_client.status = &status;
+    ops[5].data.recv_status_on_client.status_details = &sdetails;
+
+    grpc_call_error err = call ? grpc_call_start_batch(call, ops, 6, &pc, NULL) : GRPC_CALL_ERROR;
+    if (err != GRPC_CALL_OK) {
+        snprintf(details, dlen, "call could not start (%d)", (int)err);
+        status = GRPC_STATUS_INTERNAL;
+        goto out;
+    }
+
+    struct timespec until;
+    clock_gettime(CLOCK_MONOTONIC, &until);
+    int64_t wait_ms = timeout_ms + CALL_GRACE_MS;
+    until.tv_sec += wait_ms / 1000;
+    until.tv_nsec += (wait_ms % 1000) * 1000000L;
+    if (until.tv_nsec >= 1000000000L) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&pc.mu);
+    while (!pc.done) {
+        if (pthread_cond_timedwait(&pc.cv, &pc.mu, &until) == ETIMEDOUT && !pc.done) {
+            pthread_mutex_unlock(&pc.mu);
+            mg_log_warn("peer", "call not completed past its deadline, cancelling method=%s",
+                        method);
+            grpc_call_cancel(call, NULL);
+            pthread_mutex_lock(&pc.mu);
+            while (!pc.done)
+                pthread_cond_wait(&pc.cv, &pc.mu);
+        }
+    }
+    pthread_mutex_unlock(&pc.mu);
+
+    if (!pc.success && status == GRPC_STATUS_OK)
+        status = GRPC_STATUS_INTERNAL;
+    size_t n = GRPC_SLICE_LENGTH(sdetails);
+    if (n >= dlen)
+        n = dlen - 1;
+    memcpy(details, GRPC_SLICE_START_PTR(sdetails), n);
+    details[n] = '\0';
+    if (status == GRPC_STATUS_OK) {
+        *resp = recv;
+        recv = NULL;
+    }
+out:
+    if (recv)
+        grpc_byte_buffer_destroy(recv);
+    grpc_slice_unref(sdetails);
+    grpc_metadata_array_destroy(&md_init);
+    grpc_metadata_array_destroy(&md_trail);
+    if (call)
+        grpc_call_unref(call);
+    pthread_cond_destroy(&pc.cv);
+    pthread_mutex_destroy(&pc.mu);
+    return status;
+}
+
+/* ---- the transport ops -------------------------------------------------- */
+
+static bool tg_available(mg_transport *base, const mg_route_target *target)
+{
+    mg_transport_grpc *t = (mg_transport_grpc *)base;
+    if (!target || !target->gateway_id || !target->gateway_id[0])
+        return false;
+    mg_peer_set *set = mg_peers_acquire(t->peers);
+    bool known = mg_peer_set_find(set, target->gateway_id) != NULL;
+    mg_peer_set_release(set);
+    if (!known)
+        return false;
+    struct peer_state *st = state_get(t, target->gateway_id);
+    pthread_mutex_lock(&st->mu);
+    bool ok = st->inflight < t->max_inflight &&
+              mg_link_admit(&st->link, &t->link_cfg, mg_mono_ms(), NULL);
+    pthread_mutex_unlock(&st->mu);
+    return ok;
+}
+
+/* Milliseconds this call may take: min(deadline, now + peer deadline). */
+static int64_t budget_ms(mg_transport_grpc *t, int64_t deadline_ms)
+{
+    int64_t now = mg_mono_ms();
+    int64_t until = now + t->peer_deadline_ms;
+    if (deadline_ms > 0 && deadline_ms < until)
+        until = deadline_ms;
+    return until - now;
+}
+
+static int tg_deliver(mg_transport *base, const mg_route_target *target, const mg_msg *msg,
+                      int64_t deadline_ms, mg_deliver_outcome *out)
+{
+    mg_transport_grpc *t = (mg_transport_grpc *)base;
+    memset(out, 0, sizeof(*out));
+    out->status = MG_STATUS_FAILED;
+    const char *id = target && target->gateway_id ? target->gateway_id : "";
+    int64_t left = budget_ms(t, deadline_ms);
+    if (left <= 0) {
+        snprintf(out->reason, sizeof(out->reason), "peer %s: DEADLINE_EXCEEDED: no time left", id);
+        return 0;
+    }
+    mg_peer_set *set = mg_peers_acquire(t->peers);
+    const mg_peer *peer = mg_peer_set_find(set, id);
+    if (!peer) {
+        mg_peer_set_release(set);
+        snprintf(out->reason, sizeof(out->reason), "peer %s: unknown peer", id);
+        return 0;
+    }
+    struct peer_state *st = state_get(t, id);
+    bool probe;
+    if (!slot_take(t, st, &probe)) {
+        mg_peer_set_release(set);
+        snprintf(out->reason, sizeof(out->reason), "peer %s: busy", id);
+        return 0;
+    }
+
+    Meshgate__V1__Message pm = MESHGATE__V1__MESSAGE__INIT;
+    pm.id = msg->id;
+    pm.from = msg->from ? msg->from : "";
+    pm.to = msg->to;
+    pm.content.data = msg->content;
+    pm.content.len = msg->content_len;
+    pm.content_type = msg->content_type ? msg->content_type : "";
+    pm.sent_at_ms = msg->sent_at_ms;
+    pm.priority = (Meshgate__V1__Priority)msg->priority;
+    Meshgate__V1__DeliverMessageRequest rq = MESHGATE__V1__DELIVER_MESSAGE_REQUEST__INIT;
+    rq.message = &pm;
+    rq.origin_gateway = t->gateway_id;
+    rq.origin_region = t->region;
+    grpc_byte_buffer *req = pack_buffer(&rq.base);
+
+    for (int attempt = 0; attempt < 2; attempt++) {
+        char details[96];
+        grpc_byte_buffer *resp = NULL;
+        int64_t start = mg_mono_us();
+        grpc_status_code code = unary(t, peer->channel, MG_PEER_RPC_DELIVER, req, left, &resp,
+                                      details, sizeof(details));
+        int64_t took = mg_mono_us() - start;
+        int r = (int)code;
+        if (code == GRPC_STATUS_OK) {
+            Meshgate__V1__DeliverMessageResponse *dr =
+                (Meshgate__V1__DeliverMessageResponse *)unpack_buffer(
+                    &meshgate__v1__deliver_message_response__descriptor, resp);
+            if (dr && dr->status == MESHGATE__V1__DELIVER_STATUS__DELIVER_STATUS_DELIVERED) {
+                r = R_DELIVERED;
+                out->status = MG_STATUS_DELIVERED;
+                out->connections = dr->connections;
+            } else if (dr &&
+                       dr->status == MESHGATE__V1__DELIVER_STATUS__DELIVER_STATUS_NOT_CONNECTED) {
+                r = R_NOT_CONNECTED;
+                out->not_connected = true;
+            } else {
+                code = GRPC_STATUS_INTERNAL;
+                r = (int)code;
+                snprintf(details, sizeof(details), "%s",
+                         dr ? "response without a delivery status" : "response does not decode");
+            }
+            if (dr)
+                protobuf_c_message_free_unpacked(&dr->base, NULL);
+        }
+        if (resp)
+            grpc_byte_buffer_destroy(resp);
+        record(t, st, r, took, probe && attempt == 0);
+        if (code == GRPC_STATUS_OK)
+            break;
+        snprintf(out->reason, sizeof(out->reason), "peer %s: %s: %s", id, code_name(code),
+                 details[0] ? details : "no details");
+        /* Idempotent on the receiver: one retry after a fast UNAVAILABLE. */
+        left = budget_ms(t, deadline_ms);
+        if (code != GRPC_STATUS_UNAVAILABLE || left < MIN_RETRY_MS || left < 2 * took / 1000 ||
+            probe)
+            break;
+    }
+    grpc_byte_buffer_destroy(req);
+    slot_release(t, st);
+    mg_peer_set_release(set);
+    return 0;
+}
+
+static int tg_disconnect(mg_transport *base, const mg_route_target *target, const char *user,
+                         const char *conn_id, int code, const char *reason, int64_t deadline_ms)
+{
+    mg_transport_grpc *t = (mg_transport_grpc *)base;
+    const char *id = target && target->gateway_id ? target->gateway_id : "";
+    int64_t left = budget_ms(t, deadline_ms);
+    if (left <= 0)
+        return -ETIMEDOUT;
+    mg_peer_set *set = mg_peers_acquire(t->peers);
+    const mg_peer *peer = mg_peer_set_find(set, id);
+    if (!peer) {
+        mg_peer_set_release(set);
+        return -EHOSTUNREACH;
+    }
+    struct peer_state *st = state_get(t, id);
+    bool probe;
+    if (!slot_take(t, st, &probe)) {
+        mg_peer_set_release(set);
+        return -EBUSY;
+    }
+    Meshgate__V1__DisconnectRequest rq = MESHGATE__V1__DISCONNECT_REQUEST__INIT;
+    rq.user = (char *)user;
+    rq.conn_id = (char *)(conn_id ? conn_id : "");
+    rq.code = code > 0 ? (uint32_t)code : 0;
+    rq.reason = (char *)(reason ? reason : "");
+    grpc_byte_buffer *req = pack_buffer(&rq.base);
+    grpc_byte_buffer *resp = NULL;
+    char details[96];
+    int64_t start = mg_mono_us();
+    grpc_status_code st_code =
+        unary(t, peer->channel, MG_PEER_RPC_DISCONNECT, req, left, &resp, details, sizeof(details));
+    int64_t took = mg_mono_us() - start;
+    int rc;
+    if (st_code == GRPC_STATUS_OK) {
+        Meshgate__V1__DisconnectResponse *dr = (Meshgate__V1__DisconnectResponse *)unpack_buffer(
+            &meshgate__v1__disconnect_response__descriptor, resp);
+        if (dr) {
+            rc = (int)dr->disconnected;
+            protobuf_c_message_free_unpacked(&dr->base, NULL);
+            record(t, st, R_NOT_CONNECTED, took, false); /* answered: counts as ok */
+        } else {
+            rc = -EBADMSG;
+            record(t, st, GRPC_STATUS_INTERNAL, took, false);
+        }
+    } else {
+        rc = st_code == GRPC_STATUS_DEADLINE_EXCEEDED ? -ETIMEDOUT
+             : st_code == GRPC_STATUS_UNAVAILABLE     ? -ECONNREFUSED
+                                                      : -EIO;
+        record(t, st, (int)st_code, took, false);
+        mg_log_warn("peer", "DisconnectLocal failed peer=%s user=%s code=%s details=%s", id, user,
+                    code_name(st_code), details);
+    }
+    if (resp)
+        grpc_byte_buffer_destroy(resp);
+    grpc_byte_buffer_destroy(req);
+    slot_release(t, st);
+    mg_peer_set_release(set);
+    return rc;
+}
+
+static void tg_free(mg_transport *base)
+{
+    mg_transport_grpc *t = (mg_transport_grpc *)base;
+    pthread_mutex_lock(&t->mu);
+    t->closing = true;
+    while (t->active > 0) /* bounded: every call ends by its deadline */
+        pthread_cond_wait(&t->idle, &t->mu);
+    pthread_mutex_unlock(&t->mu);
+    grpc_completion_queue_shutdown(t->cq);
+    for (int i = 0; i < t->nthreads; i++)
+        pthread_join(t->threads[i], NULL);
+    grpc_completion_queue_destroy(t->cq);
+    free(t->threads);
+    const char *k;
+    void *v;
+    for (size_t it = 0; mg_map_next(t->states, &it, &k, &v);) {
+        struct peer_state *st = v;
+        pthread_mutex_destroy(&st->mu);
+        free(st->id);
+        free(st);
+    }
+    mg_map_free(t->states);
+    pthread_mutex_destroy(&t->mu);
+    pthread_cond_destroy(&t->idle);
+    free(t->gateway_id);
+    free(t->region);
+    free(t);
+    grpc_shutdown();
+}
+
+static const struct mg_transport_ops grpc_ops = {
+    .name = "grpc",
+    .path = MG_PATH_GRPC,
+    .available = tg_available,
+    .deliver = tg_deliver,
+    .disconnect = tg_disconnect,
+    .free = tg_free,
+};
+
+mg_transport *mg_transport_grpc_create(mg_peers *peers, const mg_transport_grpc_config *cfg)
+{
+    grpc_init();
+    mg_transport_grpc *t = mg_new(mg_transport_grpc);
+    t->base.ops = &grpc_ops;
+    t->peers = peers;
+    t->gateway_id = mg_xstrdup(cfg->gateway_id ? cfg->gateway_id : "");
+    t->region = mg_xstrdup(cfg->region ? cfg->region : "");
+    t->peer_deadline_ms = cfg->peer_deadline_ms > 0 ? cfg->peer_deadline_ms : 500;
+    t->max_inflight = cfg->peer_max_inflight > 0 ? cfg->peer_max_inflight : 1024;
+    t->link_cfg = cfg->link;
+    mg_link_config_defaults(&t->link_cfg);
+    pthread_mutex_init(&t->mu, NULL);
+    pthread_cond_init(&t->idle, NULL);
+    t->states = mg_map_create(16);
+    t->cq = grpc_completion_queue_create_for_next(NULL);
+    t->nthreads = cfg->cq_threads > 0 ? cfg->cq_threads : 1;
+    t->threads = mg_xcalloc((size_t)t->nthreads, sizeof(*t->threads));
+    for (int i = 0; i < t->nthreads; i++)
+        if (pthread_create(&t->threads[i], NULL, cq_main, t) != 0)
+            abort(); /* as allocation failure: no threads, no process */
+    mg_log_info("peer", "grpc peer transport ready deadline_ms=%d max_inflight=%d cq_threads=%d",
+                t->peer_deadline_ms, t->max_inflight, t->nthreads);
+    return &t->base;
+}

@@ -1,0 +1,875 @@
+/* transport_kafka.c: the Kafka path: producer to region topics and the
+ * region's consumer (see transport_kafka.h for the contract).
+ *
+ * DESIGN
+ * Producer. One idempotent librdkafka producer (acks=all) per gateway. A
+ * HIGH send attaches a reference-counted waiter as the message opaque and
+ * sleeps on its condvar until the delivery report arrives or
+ * min(deadline, timeout_ms) passes; message.timeout.ms equals timeout_ms, so
+ * librdkafka gives up on the message at about the same time the caller does
+ * (a report that still comes later finds the waiter alive through its
+ * reference and frees it). A LOW send only enqueues. Delivery reports and
+ * admin (CreateTopics) results are served by the "kafka-poll" thread, which
+ * is the only thread calling rd_kafka_poll() on the producer.
+ *
+ * Topics. This region's topic is created through the Admin API when the
+ * transport is created (retried every few seconds from "kafka-poll" until the
+ * broker answers; TOPIC_ALREADY_EXISTS counts as done). The first produce to
+ * another region's topic fires one asynchronous CreateTopics as well (that
+ * region's gateways, or broker auto-create, usually got there first).
+ *
+ * Consumer. Group "meshgate-<region>", auto commit and auto offset store off.
+ * The "kafka-consume" thread polls, decodes and hands each record to
+ * mg_router_deliver_from_queue(); the offset is stored only after the record
+ * was handled (delivered, forwarded by gRPC, put in the inbox, or skipped as
+ * undecodable) and stored offsets are committed asynchronously at most every
+ * COMMIT_INTERVAL_MS, synchronously on partition revocation and on stop.
+ * A transient failure retries the same record with exponential backoff; after
+ * retry_budget_ms the message is parked in the recipient's inbox (if that
+ * fails too, retrying goes on: nothing acknowledged is dropped). Records of a
+ * partition are handled in order, one at a time.
+ *
+ * Threads: deliver()/available() from any router worker; "kafka-poll" and
+ * "kafka-consume" are owned here; create/start/stop/free from the control
+ * thread. librdkafka's own threads run the log and error callbacks.
+ */
+#include "router/transport_kafka.h"
+#include "common/mg_alloc.h"
+#include "common/mg_log.h"
+#include "common/mg_map.h"
+#include "common/mg_metrics.h"
+#include "common/mg_time.h"
+
+#include <errno.h>
+#include <librdkafka/rdkafka.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define COMMIT_INTERVAL_MS     200
+#define LAG_INTERVAL_MS        2000
+#define TOPIC_RETRY_MS         5000
+#define BAD_RECORD_LOG_EVERY   100
+#define MAX_FOREIGN_TOPICS     1024
+#define RETRY_DELAY_MIN_MS     50
+#define RETRY_DELAY_MAX_MS     2000
+#define ERROR_LOG_INTERVAL_MS  5000
+
+enum { TOPIC_UNKNOWN = 0, TOPIC_PENDING = 1, TOPIC_READY = 2 };
+
+/* A HIGH send waiting for its delivery report. Two references: the sender's
+ * and the delivery report's; the last one frees it. */
+typedef struct waiter {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    bool done;
+    rd_kafka_resp_err_t err;
+    atomic_int refs;
+} waiter;
+
+typedef struct tk {
+    mg_transport base;
+    char *brokers, *prefix, *region, *gateway_id, *own_topic;
+    int partitions, linger_ms, batch_bytes, timeout_ms, queue_max, retry_budget_ms;
+
+    rd_kafka_t *producer;
+    rd_kafka_queue_t *admin_q;
+    pthread_t poll_thread;
+    bool poll_started;
+    atomic_bool poll_run;
+    atomic_int own_topic_state;
+    int64_t own_topic_retry_at; /* kafka-poll only */
+    pthread_mutex_t topics_mu;
+    mg_map *topics; /* foreign topic -> (void *)TOPIC_PENDING/READY */
+
+    rd_kafka_t *consumer;
+    pthread_t consume_thread;
+    bool consume_started;
+    atomic_bool consume_run;
+    mg_router *router;
+    atomic_int assigned;
+
+    atomic_llong last_error_log_ms;
+    mg_metric *dropped, *bad_records, *consumed, *retries, *parked, *produce_errors, *ack_latency;
+} tk;
+
+/* ---- small helpers ------------------------------------------------------- */
+
+static void set_reason(mg_deliver_outcome *out, mg_status st, const char *fmt, const char *arg)
+{
+    out->status = st;
+    snprintf(out->reason, sizeof(out->reason), fmt, arg);
+}
+
+static bool conf_set(rd_kafka_conf_t *conf, const char *name, const char *value, char *err,
+                     size_t errlen)
+{
+    char e[256];
+    if (rd_kafka_conf_set(conf, name, value, e, sizeof(e)) == RD_KAFKA_CONF_OK)
+        return true;
+    snprintf(err, errlen, "kafka: %.60s=%.60s: %.120s", name, value, e);
+    return false;
+}
+
+static bool conf_set_int(rd_kafka_conf_t *conf, const char *name, long long v, char *err,
+                         size_t errlen)
+{
+    char buf[32];
+    snprintf(buf, sizeof(buf), "%lld", v);
+    return conf_set(conf, name, buf, err, errlen);
+}
+
+/* Rate-limited: true when a warning may be logged now. */
+static bool error_log_due(tk *k)
+{
+    int64_t now = mg_mono_ms();
+    long long last = atomic_load(&k->last_error_log_ms);
+    return now - last >= ERROR_LOG_INTERVAL_MS &&
+           atomic_compare_exchange_strong(&k->last_error_log_ms, &last, now);
+}
+
+static void log_cb(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
+{
+    /* Broker connection failures come as LOG_ERR; they are transient, and
+     * error_cb sees them too, so they are warnings here. */
+    if (level <= 4)
+        mg_log_warn("kafka", "librdkafka %s: %s client=%s", fac, buf, rd_kafka_name(rk));
+    else
+        mg_log_info("kafka", "librdkafka %s: %s client=%s", fac, buf, rd_kafka_name(rk));
+}
+
+static void error_cb(rd_kafka_t *rk, int err, const char *reason, void *opaque)
+{
+    tk *k = opaque;
+    if (err == RD_KAFKA_RESP_ERR__FATAL) {
+        char fatal[256];
+        rd_kafka_resp_err_t ferr = rd_kafka_fatal_error(rk, fatal, sizeof(fatal));
+        mg_log_error("kafka", "fatal error client=%s err=%s reason=%s", rd_kafka_name(rk),
+                     rd_kafka_err2name(ferr), fatal);
+        return;
+    }
+    if (error_log_due(k))
+        mg_log_warn("kafka", "client=%s err=%s reason=%s", rd_kafka_name(rk),
+                    rd_kafka_err2name((rd_kafka_resp_err_t)err), reason);
+}
+
+/* ---- waiters ------------------------------------------------------------- */
+
+static waiter *waiter_new(void)
+{
+    waiter *w = mg_new(waiter);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&w->cv, &ca);
+    pthread_condattr_destroy(&ca);
+    pthread_mutex_init(&w->mu, NULL);
+    atomic_init(&w->refs, 2);
+    return w;
+}
+
+static void waiter_unref(waiter *w)
+{
+    if (atomic_fetch_sub(&w->refs, 1) != 1)
+        return;
+    pthread_mutex_destroy(&w->mu);
+    pthread_cond_destroy(&w->cv);
+    free(w);
+}
+
+/* Waits until the report came or end_ms (monotonic); returns done. */
+static bool waiter_wait(waiter *w, int64_t end_ms, rd_kafka_resp_err_t *err)
+{
+    struct timespec ts = {.tv_sec = end_ms / 1000, .tv_nsec = (end_ms % 1000) * 1000000L};
+    pthread_mutex_lock(&w->mu);
+    while (!w->done && pthread_cond_timedwait(&w->cv, &w->mu, &ts) != ETIMEDOUT)
+        ;
+    bool done = w->done;
+    *err = w->err;
+    pthread_mutex_unlock(&w->mu);
+    return done;
+}
+
+/* kafka-poll thread (or whoever polls the producer): one delivery report. */
+static void dr_msg_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
+{
+    tk *k = opaque;
+    waiter *w = m->_private;
+    if (m->err) {
+        mg_metric_add(k->produce_errors, 1);
+        if (!w && error_log_due(k))
+            mg_log_warn("kafka", "LOW message not delivered topic=%s err=%s",
+                        rd_kafka_topic_name(m->rkt), rd_kafka_err2str(m->err));
+    }
+    if (!w)
+        return;
+    pthread_mutex_lock(&w->mu);
+    w->err = m->err;
+    w->done = true;
+    pthread_cond_signal(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+    waiter_unref(w);
+}
+
+/* ---- topics -------------------------------------------------------------- */
+
+static void create_topic_async(tk *k, const char *topic)
+{
+    char e[256];
+    rd_kafka_NewTopic_t *nt = rd_kafka_NewTopic_new(topic, k->partitions, -1, e, sizeof(e));
+    if (!nt) {
+        mg_log_warn("kafka", "cannot describe topic=%s err=%s", topic, e);
+        return;
+    }
+    rd_kafka_AdminOptions_t *opt =
+        rd_kafka_AdminOptions_new(k->producer, RD_KAFKA_ADMIN_OP_CREATETOPICS);
+    rd_kafka_AdminOptions_set_request_timeout(opt, k->timeout_ms, e, sizeof(e));
+    rd_kafka_AdminOptions_set_operation_timeout(opt, k->timeout_ms, e, sizeof(e));
+    rd_kafka_CreateTopics(k->producer, &nt, 1, opt, k->admin_q);
+    rd_kafka_AdminOptions_destroy(opt);
+    rd_kafka_NewTopic_destroy(nt);
+}
+
+/* Router worker: fires one CreateTopics for a region topic never seen. */
+static void ensure_topic(tk *k, const char *topic)
+{
+    if (!strcmp(topic, k->own_topic))
+        return;
+    bool fire = false;
+    pthread_mutex_lock(&k->topics_mu);
+    if (!mg_map_get(k->topics, topic) && mg_map_size(k->topics) < MAX_FOREIGN_TOPICS) {
+        mg_map_put(k->topics, topic, (void *)(intptr_t)TOPIC_PENDING);
+        fire = true;
+    }
+    pthread_mutex_unlock(&k->topics_mu);
+    if (fire)
+        create_topic_async(k, topic);
+}
+
+static void topic_result(tk *k, const char *name, rd_kafka_resp_err_t err, const char *msg)
+{
+    bool ok = err == RD_KAFKA_RESP_ERR_NO_ERROR || err == RD_KAFKA_RESP_ERR_TOPIC_ALREADY_EXISTS;
+    if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
+        mg_log_info("kafka", "topic created topic=%s partitions=%d", name, k->partitions);
+    else if (!ok)
+        mg_log_warn("kafka", "topic create failed topic=%s err=%s reason=%s", name,
+                    rd_kafka_err2name(err), msg ? msg : "");
+    if (!strcmp(name, k->own_topic)) {
+        atomic_store(&k->own_topic_state, ok ? TOPIC_READY : TOPIC_UNKNOWN);
+        k->own_topic_retry_at = mg_mono_ms() + TOPIC_RETRY_MS;
+        return;
+    }
+    pthread_mutex_lock(&k->topics_mu);
+    if (ok)
+        mg_map_put(k->topics, name, (void *)(intptr_t)TOPIC_READY);
+    else
+        mg_map_del(k->topics, name); /* the next produce asks again */
+    pthread_mutex_unlock(&k->topics_mu);
+}
+
+static void admin_event(tk *k, rd_kafka_event_t *ev)
+{
+    if (rd_kafka_event_type(ev) != RD_KAFKA_EVENT_CREATETOPICS_RESULT)
+        return;
+    const rd_kafka_CreateTopics_result_t *res = rd_kafka_event_CreateTopics_result(ev);
+    size_t n = 0;
+    const rd_kafka_topic_result_t **topics = rd_kafka_CreateTopics_result_topics(res, &n);
+    for (size_t i = 0; i < n; i++)
+        topic_result(k, rd_kafka_topic_result_name(topics[i]),
+                     rd_kafka_topic_result_error(topics[i]),
+                     rd_kafka_topic_result_error_string(topics[i]));
+    if (n == 0 && rd_kafka_event_error(ev)) {
+        /* The request as a whole failed (broker unreachable): ask again. */
+        if (error_log_due(k))
+            mg_log_warn("kafka", "create topics failed err=%s",
+                        rd_kafka_event_error_string(ev));
+        if (atomic_load(&k->own_topic_state) == TOPIC_PENDING) {
+            atomic_store(&k->own_topic_state, TOPIC_UNKNOWN);
+            k->own_topic_retry_at = mg_mono_ms() + TOPIC_RETRY_MS;
+        }
+        pthread_mutex_lock(&k->topics_mu);
+        const char *key;
+        void *v;
+        char *pending[16];
+        size_t np = 0;
+        for (size_t it = 0; np < 16 && mg_map_next(k->topics, &it, &key, &v);)
+            if ((intptr_t)v == TOPIC_PENDING)
+                pending[np++] = mg_xstrdup(key);
+        for (size_t i = 0; i < np; i++) {
+            mg_map_del(k->topics, pending[i]);
+            free(pending[i]);
+        }
+        pthread_mutex_unlock(&k->topics_mu);
+    }
+}
+
+static void drain_admin(tk *k)
+{
+    rd_kafka_event_t *ev;
+    while ((ev = rd_kafka_queue_poll(k->admin_q, 0)) != NULL) {
+        admin_event(k, ev);
+        rd_kafka_event_destroy(ev);
+    }
+}
+
+static void *poll_main(void *arg)
+{
+    tk *k = arg;
+    while (atomic_load(&k->poll_run)) {
+        rd_kafka_poll(k->producer, 50);
+        drain_admin(k);
+        if (atomic_load(&k->own_topic_state) == TOPIC_UNKNOWN &&
+            mg_mono_ms() >= k->own_topic_retry_at) {
+            atomic_store(&k->own_topic_state, TOPIC_PENDING);
+            create_topic_async(k, k->own_topic);
+        }
+    }
+    return NULL;
+}
+
+/* ---- producer ------------------------------------------------------------ */
+
+/* On success librdkafka owns val (RD_KAFKA_MSG_F_FREE); on failure the caller
+ * still does. */
+static rd_kafka_resp_err_t produce(tk *k, const char *topic, const mg_msg *msg, uint8_t *val,
+                                   size_t len, waiter *w)
+{
+    return rd_kafka_producev(k->producer, RD_KAFKA_V_TOPIC(topic),
+                             RD_KAFKA_V_KEY(msg->to, strlen(msg->to)), RD_KAFKA_V_VALUE(val, len),
+                             RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_FREE),
+                             RD_KAFKA_V_HEADER("origin", k->gateway_id, -1),
+                             RD_KAFKA_V_OPAQUE(w), RD_KAFKA_V_END);
+}
+
+static void fail_err(tk *k, mg_deliver_outcome *out, rd_kafka_resp_err_t err)
+{
+    if (err == RD_KAFKA_RESP_ERR__FATAL) {
+        char fatal[96];
+        rd_kafka_fatal_error(k->producer, fatal, sizeof(fatal));
+        set_reason(out, MG_STATUS_FAILED, "kafka: fatal producer error: %s", fatal);
+        return;
+    }
+    set_reason(out, MG_STATUS_FAILED, "kafka: %s", rd_kafka_err2str(err));
+}
+
+static bool tk_available(mg_transport *t, const mg_route_target *target)
+{
+    return ((tk *)t)->producer != NULL;
+}
+
+static int tk_deliver(mg_transport *t, const mg_route_target *target, const mg_msg *msg,
+                      int64_t deadline_ms, mg_deliver_outcome *out)
+{
+    tk *k = (tk *)t;
+    if (!k->producer)
+        return -ENOTCONN;
+    out->connections = 0;
+    out->not_connected = false;
+    if (!target || !target->region || !target->region[0]) {
+        set_reason(out, MG_STATUS_FAILED, "kafka: %s", "recipient's region unknown");
+        return 0;
+    }
+    char topic[256];
+    if ((size_t)snprintf(topic, sizeof(topic), "%s%s", k->prefix, target->region) >=
+        sizeof(topic)) {
+        set_reason(out, MG_STATUS_FAILED, "kafka: %s", "topic name too long");
+        return 0;
+    }
+    ensure_topic(k, topic);
+
+    size_t len = 0;
+    uint8_t *val = mg_msg_pack(msg, &len);
+    rd_kafka_resp_err_t err;
+    if (msg->priority == MG_PRIO_LOW) {
+        err = produce(k, topic, msg, val, len, NULL);
+        if (err == RD_KAFKA_RESP_ERR_NO_ERROR) {
+            out->status = MG_STATUS_ACCEPTED;
+            return 0;
+        }
+        free(val);
+        if (err == RD_KAFKA_RESP_ERR__QUEUE_FULL) {
+            mg_metric_add(k->dropped, 1);
+            set_reason(out, MG_STATUS_FAILED, "%s", "dropped: overload");
+        } else {
+            fail_err(k, out, err);
+        }
+        return 0;
+    }
+
+    /* HIGH: wait for acks=all, bounded by the deadline and timeout_ms. */
+    int64_t start = mg_mono_ms();
+    int64_t end = start + k->timeout_ms < deadline_ms ? start + k->timeout_ms : deadline_ms;
+    if (end <= start) {
+        free(val);
+        set_reason(out, MG_STATUS_FAILED, "kafka: %s", "deadline exceeded before produce");
+        return 0;
+    }
+    waiter *w = waiter_new();
+    while ((err = produce(k, topic, msg, val, len, w)) == RD_KAFKA_RESP_ERR__QUEUE_FULL &&
+           mg_mono_ms() < end)
+        usleep(1000); /* HIGH waits for room; kafka-poll drains the queue */
+    if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
+        free(val);
+        waiter_unref(w);
+        waiter_unref(w); /* no report will come */
+        fail_err(k, out, err);
+        return 0;
+    }
+    rd_kafka_resp_err_t derr = RD_KAFKA_RESP_ERR_NO_ERROR;
+    bool done = waiter_wait(w, end, &derr);
+    waiter_unref(w);
+    int64_t waited = mg_mono_ms() - start;
+    mg_histogram_observe_us(k->ack_latency, waited * 1000);
+    if (done && derr == RD_KAFKA_RESP_ERR_NO_ERROR) {
+        out->status = MG_STATUS_QUEUED;
+    } else if (done) {
+        fail_err(k, out, derr);
+    } else {
+        out->status = MG_STATUS_FAILED;
+        snprintf(out->reason, sizeof(out->reason),
+                 "kafka: no acknowledgement within %lld ms (broker unreachable?)",
+                 (long long)waited);
+    }
+    return 0;
+}
+
+/* ---- consumer ------------------------------------------------------------ */
+
+static void set_lag(const char *topic, int32_t partition, int64_t lag)
+{
+    char labels[48];
+    snprintf(labels, sizeof(labels), "partition=\"%d\"", (int)partition);
+    mg_metric_set(mg_gauge("meshgate_kafka_consumer_lag",
+                           "Records of this region's topic not yet handled, per partition",
+                           labels),
+                  lag);
+}
+
+static void update_assigned(tk *k, rd_kafka_t *rk)
+{
+    rd_kafka_topic_partition_list_t *a = NULL;
+    if (rd_kafka_assignment(rk, &a) == RD_KAFKA_RESP_ERR_NO_ERROR && a) {
+        atomic_store(&k->assigned, a->cnt);
+        rd_kafka_topic_partition_list_destroy(a);
+    }
+}
+
+static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
+                         rd_kafka_topic_partition_list_t *parts, void *opaque)
+{
+    tk *k = opaque;
+    bool coop = !strcmp(rd_kafka_rebalance_protocol(rk), "COOPERATIVE");
+    if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
+        if (coop) {
+            rd_kafka_error_t *e = rd_kafka_incremental_assign(rk, parts);
+            if (e)
+                rd_kafka_error_destroy(e);
+        } else {
+            rd_kafka_assign(rk, parts);
+        }
+        mg_log_info("kafka", "partitions assigned topic=%s count=%d group=meshgate-%s",
+                    k->own_topic, parts->cnt, k->region);
+    } else {
+        if (err == RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS && !rd_kafka_assignment_lost(rk)) {
+            rd_kafka_resp_err_t cerr = rd_kafka_commit(rk, NULL, 0); /* stored offsets */
+            if (cerr && cerr != RD_KAFKA_RESP_ERR__NO_OFFSET)
+                mg_log_warn("kafka", "commit on revoke failed err=%s", rd_kafka_err2str(cerr));
+        } else if (err != RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS) {
+            mg_log_error("kafka", "rebalance error err=%s", rd_kafka_err2str(err));
+        }
+        for (int i = 0; i < parts->cnt; i++)
+            set_lag(parts->elems[i].topic, parts->elems[i].partition, 0);
+        if (coop) {
+            rd_kafka_error_t *e = rd_kafka_incremental_unassign(rk, parts);
+            if (e)
+                rd_kafka_error_destroy(e);
+        } else {
+            rd_kafka_assign(rk, NULL);
+        }
+        mg_log_info("kafka", "partitions revoked topic=%s count=%d", k->own_topic, parts->cnt);
+    }
+    update_assigned(k, rk);
+}
+
+static void commit_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
+                      rd_kafka_topic_partition_list_t *offsets, void *opaque)
+{
+    tk *k = opaque;
+    if (err && err != RD_KAFKA_RESP_ERR__NO_OFFSET && error_log_due(k))
+        mg_log_warn("kafka", "offset commit failed err=%s (records will be redelivered)",
+                    rd_kafka_err2str(err));
+}
+
+static void update_lag(tk *k)
+{
+    rd_kafka_topic_partition_list_t *a = NULL;
+    if (rd_kafka_assignment(k->consumer, &a) != RD_KAFKA_RESP_ERR_NO_ERROR || !a)
+        return;
+    rd_kafka_position(k->consumer, a);
+    for (int i = 0; i < a->cnt; i++) {
+        int64_t lo = -1, hi = -1, pos = a->elems[i].offset;
+        if (rd_kafka_get_watermark_offsets(k->consumer, a->elems[i].topic, a->elems[i].partition,
+                                           &lo, &hi) != RD_KAFKA_RESP_ERR_NO_ERROR ||
+            hi < 0 || pos < 0)
+            continue;
+        set_lag(a->elems[i].topic, a->elems[i].partition, hi > pos ? hi - pos : 0);
+    }
+    rd_kafka_topic_partition_list_destroy(a);
+}
+
+static void store_offset(tk *k, const rd_kafka_message_t *m)
+{
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
+    rd_kafka_topic_partition_list_add(l, rd_kafka_topic_name(m->rkt), m->partition)->offset =
+        m->offset + 1;
+    rd_kafka_resp_err_t err = rd_kafka_offsets_store(k->consumer, l);
+    if (err)
+        mg_log_warn("kafka", "offset store failed partition=%d offset=%lld err=%s",
+                    (int)m->partition, (long long)m->offset, rd_kafka_err2str(err));
+    rd_kafka_topic_partition_list_destroy(l);
+}
+
+/* Sleeps ms unless the consumer is being stopped; returns false then. */
+static bool consumer_sleep(tk *k, int ms)
+{
+    for (int slept = 0; slept < ms; slept += 20) {
+        if (!atomic_load(&k->consume_run))
+            return false;
+        usleep(20000);
+    }
+    return atomic_load(&k->consume_run);
+}
+
+/* Hands one decoded record to the router until it is handled. Returns true
+ * when its offset may be stored. */
+static bool handle_record(tk *k, const rd_kafka_message_t *m, const mg_msg *msg)
+{
+    int64_t start = mg_mono_ms();
+    int delay = RETRY_DELAY_MIN_MS;
+    for (int attempt = 0;; attempt++) {
+        mg_send_result res;
+        int rc = mg_router_deliver_from_queue(k->router, msg, &res);
+        if (rc == 0)
+            return true;
+        mg_metric_add(k->retries, 1);
+        if (attempt == 0 || attempt % 20 == 0)
+            mg_log_warn("kafka", "delivery from queue failed, retrying msg_id=%s user=%s "
+                        "partition=%d offset=%lld attempt=%d err=%s reason=%s",
+                        msg->id, msg->to, (int)m->partition, (long long)m->offset, attempt + 1,
+                        strerror(-rc), res.reason);
+        if (mg_mono_ms() - start >= k->retry_budget_ms) {
+            mg_inbox *ib = mg_router_inbox(k->router);
+            int irc = ib->ops->store(ib, msg);
+            if (irc == 0) {
+                mg_metric_add(k->parked, 1);
+                mg_log_warn("kafka", "record parked in the inbox after %lld ms of retries "
+                            "msg_id=%s user=%s partition=%d offset=%lld",
+                            (long long)(mg_mono_ms() - start), msg->id, msg->to,
+                            (int)m->partition, (long long)m->offset);
+                return true;
+            }
+        }
+        if (!consumer_sleep(k, delay))
+            return false; /* stopping: left uncommitted, the next owner redelivers */
+        delay = delay * 2 > RETRY_DELAY_MAX_MS ? RETRY_DELAY_MAX_MS : delay * 2;
+    }
+}
+
+/* Returns true when an offset was stored. */
+static bool consume_one(tk *k, const rd_kafka_message_t *m)
+{
+    if (m->err) {
+        if (m->err != RD_KAFKA_RESP_ERR__PARTITION_EOF && error_log_due(k))
+            mg_log_warn("kafka", "consumer error topic=%s err=%s",
+                        m->rkt ? rd_kafka_topic_name(m->rkt) : k->own_topic,
+                        rd_kafka_message_errstr(m));
+        return false;
+    }
+    mg_msg *msg = NULL;
+    if (mg_msg_unpack(m->payload, m->len, &msg) != 0) {
+        mg_metric_add(k->bad_records, 1);
+        int64_t n = mg_metric_value(k->bad_records);
+        if (n % BAD_RECORD_LOG_EVERY == 1)
+            mg_log_warn("kafka", "skipping a record that does not decode topic=%s partition=%d "
+                        "offset=%lld bytes=%zu (logged once per %d, total=%lld)",
+                        rd_kafka_topic_name(m->rkt), (int)m->partition, (long long)m->offset,
+                        m->len, BAD_RECORD_LOG_EVERY, (long long)n);
+        store_offset(k, m);
+        return true;
+    }
+    bool handled = handle_record(k, m, msg);
+    mg_msg_free(msg);
+    if (!handled)
+        return false;
+    mg_metric_add(k->consumed, 1);
+    store_offset(k, m);
+    return true;
+}
+
+static void *consume_main(void *arg)
+{
+    tk *k = arg;
+    int64_t last_commit = 0, next_lag = 0;
+    bool dirty = false;
+    while (atomic_load(&k->consume_run)) {
+        rd_kafka_message_t *m = rd_kafka_consumer_poll(k->consumer, 100);
+        if (m) {
+            dirty |= consume_one(k, m);
+            rd_kafka_message_destroy(m);
+        }
+        int64_t now = mg_mono_ms();
+        if (dirty && (!m || now - last_commit >= COMMIT_INTERVAL_MS)) {
+            rd_kafka_resp_err_t err = rd_kafka_commit(k->consumer, NULL, 1);
+            if (err && err != RD_KAFKA_RESP_ERR__NO_OFFSET && error_log_due(k))
+                mg_log_warn("kafka", "offset commit failed err=%s", rd_kafka_err2str(err));
+            dirty = false;
+            last_commit = now;
+        }
+        if (now >= next_lag) {
+            update_lag(k);
+            next_lag = now + LAG_INTERVAL_MS;
+        }
+    }
+    return NULL;
+}
+
+/* ---- lifecycle ----------------------------------------------------------- */
+
+static rd_kafka_conf_t *base_conf(tk *k, const char *client_id, char *err, size_t errlen)
+{
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    rd_kafka_conf_set_opaque(conf, k);
+    rd_kafka_conf_set_log_cb(conf, log_cb);
+    rd_kafka_conf_set_error_cb(conf, error_cb);
+    if (conf_set(conf, "bootstrap.servers", k->brokers, err, errlen) &&
+        conf_set(conf, "client.id", client_id, err, errlen) &&
+        conf_set(conf, "socket.nagle.disable", "true", err, errlen) &&
+        conf_set(conf, "reconnect.backoff.ms", "100", err, errlen) &&
+        conf_set(conf, "reconnect.backoff.max.ms", "1000", err, errlen))
+        return conf;
+    rd_kafka_conf_destroy(conf);
+    return NULL;
+}
+
+static void tk_free(mg_transport *t);
+
+static const struct mg_transport_ops kafka_ops = {
+    .name = "kafka",
+    .path = MG_PATH_KAFKA,
+    .available = tk_available,
+    .deliver = tk_deliver,
+    .disconnect = NULL,
+    .free = tk_free,
+};
+
+mg_transport *mg_transport_kafka_create(const mg_transport_kafka_config *cfg, char *err,
+                                        size_t errlen)
+{
+    tk *k = mg_new(tk);
+    k->brokers = mg_xstrdup(cfg->brokers ? cfg->brokers : "");
+    k->prefix = mg_xstrdup(cfg->topic_prefix ? cfg->topic_prefix : "meshgate.deliver.");
+    k->region = mg_xstrdup(cfg->region && cfg->region[0] ? cfg->region : "local");
+    k->gateway_id = mg_xstrdup(cfg->gateway_id && cfg->gateway_id[0] ? cfg->gateway_id
+                                                                      : "meshgate");
+    k->own_topic = mg_xasprintf("%s%s", k->prefix, k->region);
+    k->partitions = cfg->partitions > 0 ? cfg->partitions : 6;
+    k->linger_ms = cfg->linger_ms >= 0 ? cfg->linger_ms : 1;
+    k->batch_bytes = cfg->batch_bytes;
+    k->timeout_ms = cfg->timeout_ms > 0 ? cfg->timeout_ms : 5000;
+    k->queue_max = cfg->queue_max_messages;
+    k->retry_budget_ms = cfg->retry_budget_ms > 0 ? cfg->retry_budget_ms : 30000;
+    k->topics = mg_map_create(16);
+    pthread_mutex_init(&k->topics_mu, NULL);
+    atomic_init(&k->assigned, -1);
+    k->dropped = mg_counter("meshgate_dropped_total", "Messages dropped, by reason",
+                            "reason=\"kafka_queue_full\"");
+    k->bad_records = mg_counter("meshgate_kafka_bad_records_total",
+                                "Consumed Kafka records that did not decode (skipped)", NULL);
+    k->consumed = mg_counter("meshgate_kafka_consumed_total",
+                             "Kafka records handled by this gateway's consumer", NULL);
+    k->retries = mg_counter("meshgate_kafka_consumer_retries_total",
+                            "Transient failures retried by the Kafka consumer", NULL);
+    k->parked = mg_counter("meshgate_kafka_parked_total",
+                           "Consumed records put in the inbox after the retry budget", NULL);
+    k->produce_errors = mg_counter("meshgate_kafka_produce_errors_total",
+                                   "Produced messages the broker did not acknowledge", NULL);
+    k->ack_latency = mg_histogram("meshgate_kafka_ack_seconds",
+                                  "Time a HIGH send waited for the broker's acks=all", NULL);
+    k->base.ops = &kafka_ops;
+
+    if (!k->brokers[0]) {
+        mg_log_info("kafka", "no brokers configured: the Kafka path is off");
+        return &k->base;
+    }
+    if (k->linger_ms >= k->timeout_ms) {
+        snprintf(err, errlen, "kafka: linger (%d ms) must be below the timeout (%d ms)",
+                 k->linger_ms, k->timeout_ms);
+        goto fail;
+    }
+    rd_kafka_conf_t *conf = base_conf(k, k->gateway_id, err, errlen);
+    if (!conf)
+        goto fail;
+    rd_kafka_conf_set_dr_msg_cb(conf, dr_msg_cb);
+    if (!conf_set(conf, "enable.idempotence", "true", err, errlen) ||
+        !conf_set(conf, "acks", "all", err, errlen) ||
+        !conf_set_int(conf, "linger.ms", k->linger_ms, err, errlen) ||
+        !conf_set_int(conf, "message.timeout.ms", k->timeout_ms, err, errlen) ||
+        (k->batch_bytes > 0 && !conf_set_int(conf, "batch.size", k->batch_bytes, err, errlen)) ||
+        (k->queue_max > 0 &&
+         !conf_set_int(conf, "queue.buffering.max.messages", k->queue_max, err, errlen))) {
+        rd_kafka_conf_destroy(conf);
+        goto fail;
+    }
+    char e[512];
+    k->producer = rd_kafka_new(RD_KAFKA_PRODUCER, conf, e, sizeof(e));
+    if (!k->producer) {
+        rd_kafka_conf_destroy(conf);
+        snprintf(err, errlen, "kafka: producer: %s", e);
+        goto fail;
+    }
+    k->admin_q = rd_kafka_queue_new(k->producer);
+    atomic_store(&k->own_topic_state, TOPIC_PENDING);
+    create_topic_async(k, k->own_topic);
+    atomic_store(&k->poll_run, true);
+    if (pthread_create(&k->poll_thread, NULL, poll_main, k) != 0) {
+        snprintf(err, errlen, "kafka: cannot start the poll thread");
+        goto fail;
+    }
+    pthread_setname_np(k->poll_thread, "kafka-poll");
+    k->poll_started = true;
+    mg_log_info("kafka", "producer ready brokers=%s topic=%s linger_ms=%d timeout_ms=%d",
+                k->brokers, k->own_topic, k->linger_ms, k->timeout_ms);
+    return &k->base;
+fail:
+    tk_free(&k->base);
+    return NULL;
+}
+
+int mg_transport_kafka_start_consumer(mg_transport *t, mg_router *router)
+{
+    tk *k = (tk *)t;
+    if (!k || !router)
+        return -EINVAL;
+    if (!k->producer)
+        return 0;
+    if (k->consume_started)
+        return -EALREADY;
+    /* Give the topic a moment to exist, so the subscription finds it. */
+    for (int64_t end = mg_mono_ms() + (k->timeout_ms < 5000 ? k->timeout_ms : 5000);
+         atomic_load(&k->own_topic_state) != TOPIC_READY && mg_mono_ms() < end;)
+        usleep(20000);
+
+    char err[256], client_id[160], group[160];
+    snprintf(client_id, sizeof(client_id), "%s-consumer", k->gateway_id);
+    snprintf(group, sizeof(group), "meshgate-%s", k->region);
+    rd_kafka_conf_t *conf = base_conf(k, client_id, err, sizeof(err));
+    if (!conf)
+        return -EINVAL;
+    rd_kafka_conf_set_rebalance_cb(conf, rebalance_cb);
+    rd_kafka_conf_set_offset_commit_cb(conf, commit_cb);
+    if (!conf_set(conf, "group.id", group, err, sizeof(err)) ||
+        !conf_set(conf, "enable.auto.commit", "false", err, sizeof(err)) ||
+        !conf_set(conf, "enable.auto.offset.store", "false", err, sizeof(err)) ||
+        !conf_set(conf, "auto.offset.reset", "earliest", err, sizeof(err)) ||
+        !conf_set(conf, "session.timeout.ms", "10000", err, sizeof(err)) ||
+        !conf_set(conf, "fetch.wait.max.ms", "100", err, sizeof(err)) ||
+        !conf_set(conf, "topic.metadata.refresh.interval.ms", "10000", err, sizeof(err))) {
+        mg_log_error("kafka", "consumer config: %s", err);
+        rd_kafka_conf_destroy(conf);
+        return -EINVAL;
+    }
+    char e[512];
+    rd_kafka_t *c = rd_kafka_new(RD_KAFKA_CONSUMER, conf, e, sizeof(e));
+    if (!c) {
+        mg_log_error("kafka", "consumer: %s", e);
+        rd_kafka_conf_destroy(conf);
+        return -EINVAL;
+    }
+    rd_kafka_poll_set_consumer(c);
+    rd_kafka_topic_partition_list_t *sub = rd_kafka_topic_partition_list_new(1);
+    rd_kafka_topic_partition_list_add(sub, k->own_topic, RD_KAFKA_PARTITION_UA);
+    rd_kafka_resp_err_t serr = rd_kafka_subscribe(c, sub);
+    rd_kafka_topic_partition_list_destroy(sub);
+    if (serr) {
+        mg_log_error("kafka", "subscribe topic=%s err=%s", k->own_topic, rd_kafka_err2str(serr));
+        rd_kafka_destroy(c);
+        return -EINVAL;
+    }
+    k->consumer = c;
+    k->router = router;
+    atomic_store(&k->assigned, 0);
+    atomic_store(&k->consume_run, true);
+    if (pthread_create(&k->consume_thread, NULL, consume_main, k) != 0) {
+        rd_kafka_consumer_close(c);
+        rd_kafka_destroy(c);
+        k->consumer = NULL;
+        atomic_store(&k->assigned, -1);
+        return -EAGAIN;
+    }
+    pthread_setname_np(k->consume_thread, "kafka-consume");
+    k->consume_started = true;
+    mg_log_info("kafka", "consumer started topic=%s group=%s", k->own_topic, group);
+    return 0;
+}
+
+void mg_transport_kafka_stop(mg_transport *t, int flush_ms)
+{
+    tk *k = (tk *)t;
+    if (!k)
+        return;
+    if (k->consume_started) {
+        atomic_store(&k->consume_run, false);
+        pthread_join(k->consume_thread, NULL);
+        k->consume_started = false;
+        rd_kafka_resp_err_t err = rd_kafka_commit(k->consumer, NULL, 0);
+        if (err && err != RD_KAFKA_RESP_ERR__NO_OFFSET)
+            mg_log_warn("kafka", "final commit failed err=%s", rd_kafka_err2str(err));
+        rd_kafka_consumer_close(k->consumer); /* revokes: commits again, leaves the group */
+        rd_kafka_destroy(k->consumer);
+        k->consumer = NULL;
+        atomic_store(&k->assigned, -1);
+        mg_log_info("kafka", "consumer stopped topic=%s", k->own_topic);
+    }
+    if (k->producer && flush_ms >= 0) {
+        if (rd_kafka_flush(k->producer, flush_ms) != RD_KAFKA_RESP_ERR_NO_ERROR)
+            mg_log_warn("kafka", "flush incomplete after %d ms: %d messages not acknowledged",
+                        flush_ms, rd_kafka_outq_len(k->producer));
+    }
+}
+
+int mg_transport_kafka_assigned(mg_transport *t)
+{
+    return t ? atomic_load(&((tk *)t)->assigned) : -1;
+}
+
+static void tk_free(mg_transport *t)
+{
+    tk *k = (tk *)t;
+    if (!k)
+        return;
+    mg_transport_kafka_stop(t, k->producer ? 1000 : -1);
+    if (k->poll_started) {
+        atomic_store(&k->poll_run, false);
+        pthread_join(k->poll_thread, NULL);
+    }
+    if (k->producer) {
+        /* Whatever is left fails now (its waiters get __PURGE_* reports). */
+        rd_kafka_purge(k->producer, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
+        for (int i = 0; i < 100 && rd_kafka_outq_len(k->producer) > 0; i++)
+            rd_kafka_poll(k->producer, 10);
+        drain_admin(k);
+        rd_kafka_queue_destroy(k->admin_q);
+        rd_kafka_destroy(k->producer);
+    }
+    mg_map_free(k->topics);
+    pthread_mutex_destroy(&k->topics_mu);
+    free(k->brokers);
+    free(k->prefix);
+    free(k->region);
+    free(k->gateway_id);
+    free(k->own_topic);
+    free(k);
+}

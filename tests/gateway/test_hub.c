@@ -1,0 +1,255 @@
+/* Unit tests of the connection hub (gateway/hub.c): registry, fan-out,
+ * bounded queues and slow consumers, disconnects, the wake signal. */
+#include "gateway/hub.h"
+
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <jansson.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int wakes;
+static void on_wake(void *arg)
+{
+    (*(int *)arg)++;
+}
+
+static mg_hub *make(size_t frames, size_t bytes)
+{
+    wakes = 0;
+    mg_hub_config c = {.gateway_id = "gw1",
+                       .max_frames = frames,
+                       .max_bytes = bytes,
+                       .headroom = 16,
+                       .wake = on_wake,
+                       .wake_arg = &wakes};
+    return mg_hub_create(&c);
+}
+
+static mg_msg *msg(const char *id, const char *to)
+{
+    return mg_msg_new(id, "alice", to, (const uint8_t *)"hello", 5, NULL, 42, MG_PRIO_HIGH);
+}
+
+static char *pop_text(mg_hub *h, mg_hub_conn *c, int *close_code)
+{
+    bool more;
+    char reason[64];
+    mg_hub_frame *f = mg_hub_pop(h, c, &more, close_code, reason, sizeof(reason));
+    if (!f)
+        return NULL;
+    char *s = strndup((char *)f->data + 16, f->len);
+    free(f);
+    return s;
+}
+
+static void collect(void *handle, int close_code, void *arg)
+{
+    (void)close_code;
+    int *n = arg;
+    (*n)++;
+    (void)handle;
+}
+
+Test(hub, register_ids_and_unregister)
+{
+    mg_hub *h = make(8, 1 << 20);
+    int dummy;
+    mg_hub_conn *a = mg_hub_register(h, "bob", &dummy);
+    mg_hub_conn *b = mg_hub_register(h, "bob", &dummy);
+    cr_assert_str_eq(mg_hub_conn_id(a), "gw1-1");
+    cr_assert_str_eq(mg_hub_conn_id(b), "gw1-2");
+    cr_assert_str_eq(mg_hub_conn_user(a), "bob");
+    cr_assert_eq(mg_hub_count(h), 2);
+    char **ids;
+    size_t n = mg_hub_conn_ids(h, &ids);
+    cr_assert_eq(n, 2);
+    mg_hub_ids_free(ids, n);
+    mg_hub_unregister(h, a);
+    cr_assert_eq(mg_hub_count(h), 1);
+    mg_msg *m = msg("m1", "bob");
+    cr_assert_eq(mg_hub_deliver(h, m, NULL, false), 1, "remaining conn of bob gets it");
+    mg_hub_unregister(h, b);
+    cr_assert_eq(mg_hub_deliver(h, m, NULL, false), 0);
+    cr_assert_eq(mg_hub_post(h, "gw1-1", "x", 1), -ENOENT);
+    mg_msg_free(m);
+    mg_hub_free(h);
+    mg_hub_free(NULL);
+}
+
+Test(hub, deliver_to_all_connections_of_a_user)
+{
+    mg_hub *h = make(8, 1 << 20);
+    int dummy;
+    mg_hub_conn *c[3];
+    for (int i = 0; i < 3; i++)
+        c[i] = mg_hub_register(h, "bob", &dummy);
+    mg_hub_conn *other = mg_hub_register(h, "carol", &dummy);
+    mg_msg *m = msg("m1", "bob");
+    cr_assert_eq(mg_hub_deliver(h, m, NULL, false), 3);
+    cr_assert_eq(wakes, 1, "one wake per burst, got %d", wakes);
+    int ready = 0;
+    mg_hub_take_ready(h, collect, &ready);
+    cr_assert_eq(ready, 3);
+    for (int i = 0; i < 3; i++) {
+        int code;
+        char *s = pop_text(h, c[i], &code);
+        cr_assert_not_null(s);
+        json_t *j = json_loads(s, 0, NULL);
+        cr_assert_str_eq(json_string_value(json_object_get(j, "type")), "message");
+        cr_assert_str_eq(json_string_value(json_object_get(j, "id")), "m1");
+        cr_assert_str_eq(json_string_value(json_object_get(j, "content")), "hello");
+        cr_assert(json_is_false(json_object_get(j, "inbox")));
+        json_decref(j);
+        free(s);
+        cr_assert_null(pop_text(h, c[i], &code));
+        cr_assert_eq(code, 0);
+    }
+    int code;
+    cr_assert_null(pop_text(h, other, &code));
+
+    /* to one connection only (inbox delivery) */
+    cr_assert_eq(mg_hub_deliver(h, m, mg_hub_conn_id(c[1]), true), 1);
+    cr_assert_eq(mg_hub_deliver(h, m, mg_hub_conn_id(other), true), 0, "conn of another user");
+    cr_assert_eq(mg_hub_deliver(h, m, "gw1-999", true), 0);
+    char *s = pop_text(h, c[1], &code);
+    cr_assert(strstr(s, "\"inbox\":true"));
+    free(s);
+    cr_assert_null(pop_text(h, c[0], &code));
+
+    mg_hub_stats st;
+    mg_hub_get_stats(h, &st);
+    cr_assert_eq(st.delivered, 4);
+    mg_msg_free(m);
+    mg_hub_free(h); /* frees the remaining connections */
+}
+
+Test(hub, bounded_queue_slow_consumer)
+{
+    mg_hub *h = make(3, 1 << 20);
+    int dummy;
+    mg_hub_conn *slow = mg_hub_register(h, "bob", &dummy);
+    mg_hub_conn *fast = mg_hub_register(h, "bob", &dummy);
+    mg_msg *m = msg("m", "bob");
+    for (int i = 0; i < 3; i++) {
+        cr_assert_eq(mg_hub_deliver(h, m, NULL, false), 2);
+        int code;
+        free(pop_text(h, fast, &code)); /* fast keeps up */
+    }
+    cr_assert_eq(mg_hub_deliver(h, m, NULL, false), 1, "the overflowing conn does not count");
+    cr_assert(mg_hub_is_slow(h, mg_hub_conn_id(slow)));
+    cr_assert_not(mg_hub_is_slow(h, mg_hub_conn_id(fast)));
+    int code;
+    cr_assert_null(pop_text(h, slow, &code), "queue dropped");
+    cr_assert_eq(code, MG_WS_CLOSE_SLOW_CONSUMER);
+    cr_assert_eq(mg_hub_deliver(h, m, NULL, false), 1, "still closed, still not counted");
+    cr_assert_eq(mg_hub_post(h, mg_hub_conn_id(slow), "x", 1), -ENOENT);
+    mg_hub_stats st;
+    mg_hub_get_stats(h, &st);
+    cr_assert_eq(st.slow_closes, 1);
+    cr_assert_eq(st.delivered, 3 * 2 + 1 + 1);
+    mg_msg_free(m);
+    mg_hub_free(h);
+}
+
+Test(hub, byte_bound)
+{
+    mg_hub *h = make(1000, 10);
+    int dummy;
+    mg_hub_conn *c = mg_hub_register(h, "bob", &dummy);
+    cr_assert_eq(mg_hub_post(h, mg_hub_conn_id(c), "12345", 5), 0);
+    cr_assert_eq(mg_hub_post(h, mg_hub_conn_id(c), "12345", 5), 0);
+    cr_assert_eq(mg_hub_post(h, mg_hub_conn_id(c), "1", 1), -ENOBUFS);
+    cr_assert(mg_hub_is_slow(h, mg_hub_conn_id(c)));
+    mg_hub_unregister(h, c);
+    mg_hub_free(h);
+}
+
+Test(hub, disconnect_flushes_then_closes)
+{
+    mg_hub *h = make(8, 1 << 20);
+    int dummy;
+    mg_hub_conn *a = mg_hub_register(h, "bob", &dummy);
+    mg_hub_conn *b = mg_hub_register(h, "bob", &dummy);
+    mg_hub_conn *c = mg_hub_register(h, "carol", &dummy);
+    cr_assert_eq(mg_hub_post(h, mg_hub_conn_id(a), "ack", 3), 0);
+    cr_assert_eq(mg_hub_disconnect(h, "bob", NULL, 4000, "kicked"), 2);
+    cr_assert_eq(mg_hub_disconnect(h, "bob", NULL, 4000, "kicked"), 0, "already closing");
+    cr_assert_eq(mg_hub_disconnect(h, "bob", mg_hub_conn_id(c), 4000, "x"), 0, "user mismatch");
+    cr_assert_eq(mg_hub_disconnect(h, NULL, mg_hub_conn_id(c), 1012, "restart"), 1);
+    bool more;
+    int code;
+    char reason[64];
+    mg_hub_frame *f = mg_hub_pop(h, a, &more, &code, reason, sizeof(reason));
+    cr_assert_not_null(f, "queued frames go first");
+    free(f);
+    cr_assert_null(mg_hub_pop(h, a, &more, &code, reason, sizeof(reason)));
+    cr_assert_eq(code, 4000);
+    cr_assert_str_eq(reason, "kicked");
+    cr_assert_null(mg_hub_pop(h, c, &more, &code, reason, sizeof(reason)));
+    cr_assert_eq(code, 1012);
+    mg_hub_sink(h).disconnect(h, "nobody", NULL, 1000, "");
+    int ready = 0;
+    mg_hub_take_ready(h, collect, &ready);
+    cr_assert_eq(ready, 3);
+    mg_hub_unregister(h, b); /* unregister while ready: removed from the ready list */
+    mg_hub_unregister(h, a);
+    mg_hub_unregister(h, c);
+    cr_assert_eq(mg_hub_count(h), 0);
+    mg_hub_free(h);
+}
+
+Test(hub, unregister_removes_from_ready_list)
+{
+    mg_hub *h = make(8, 1 << 20);
+    int dummy;
+    mg_hub_conn *a = mg_hub_register(h, "bob", &dummy);
+    mg_hub_conn *b = mg_hub_register(h, "carol", &dummy);
+    mg_hub_post(h, mg_hub_conn_id(a), "x", 1);
+    mg_hub_post(h, mg_hub_conn_id(b), "x", 1);
+    mg_hub_unregister(h, a);
+    int ready = 0;
+    mg_hub_take_ready(h, collect, &ready);
+    cr_assert_eq(ready, 1);
+    mg_hub_free(h);
+}
+
+/* Concurrent deliveries from several threads while the owner drains. */
+static void *producer(void *arg)
+{
+    mg_hub *h = arg;
+    mg_msg *m = msg("p", "bob");
+    for (int i = 0; i < 2000; i++)
+        mg_hub_deliver(h, m, NULL, false);
+    mg_msg_free(m);
+    return NULL;
+}
+
+Test(hub, concurrent_deliveries)
+{
+    mg_hub *h = make(100000, 1 << 30);
+    int dummy;
+    mg_hub_conn *c = mg_hub_register(h, "bob", &dummy);
+    pthread_t t[4];
+    for (int i = 0; i < 4; i++)
+        pthread_create(&t[i], NULL, producer, h);
+    size_t got = 0;
+    for (int spin = 0; spin < 2000000 && got < 8000; spin++) {
+        int code;
+        char *s = pop_text(h, c, &code);
+        if (s)
+            got++;
+        free(s);
+    }
+    for (int i = 0; i < 4; i++)
+        pthread_join(t[i], NULL);
+    int code;
+    char *s;
+    while ((s = pop_text(h, c, &code))) {
+        got++;
+        free(s);
+    }
+    cr_assert_eq(got, 8000);
+    mg_hub_free(h);
+}

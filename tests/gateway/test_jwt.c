@@ -1,0 +1,173 @@
+/* Unit tests of JWT client authentication (gateway/jwt_auth.c). */
+#include "gateway/jwt_auth.h"
+
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <jwt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define SECRET "test-secret-0123456789"
+
+static char *make_token(jwt_alg_t alg, const unsigned char *key, size_t keylen, const char *sub,
+                        long exp)
+{
+    jwt_t *j = NULL;
+    cr_assert_eq(jwt_new(&j), 0);
+    cr_assert_eq(jwt_set_alg(j, alg, key, (int)keylen), 0);
+    if (sub)
+        jwt_add_grant(j, "sub", sub);
+    if (exp)
+        jwt_add_grant_int(j, "exp", exp);
+    char *t = jwt_encode_str(j);
+    jwt_free(j);
+    cr_assert_not_null(t);
+    return t;
+}
+
+static char *hs(const char *secret, const char *sub, long exp)
+{
+    return make_token(JWT_ALG_HS256, (const unsigned char *)secret, strlen(secret), sub, exp);
+}
+
+static int verify(mg_jwt_auth *a, const char *tok, char **user)
+{
+    char reason[160];
+    return mg_jwt_auth_verify(a, tok, time(NULL), 64, user, reason, sizeof(reason));
+}
+
+Test(jwt, hs256_good)
+{
+    char err[200];
+    mg_jwt_auth *a = mg_jwt_auth_create(SECRET, "", err, sizeof(err));
+    cr_assert_not_null(a, "%s", err);
+    char *t = hs(SECRET, "alice", time(NULL) + 300);
+    char *user = NULL;
+    cr_assert_eq(verify(a, t, &user), 0);
+    cr_assert_str_eq(user, "alice");
+    free(user);
+    free(t);
+    mg_jwt_auth_free(a);
+}
+
+Test(jwt, hs256_rejections)
+{
+    char err[200];
+    mg_jwt_auth *a = mg_jwt_auth_create(SECRET, NULL, err, sizeof(err));
+    char *user = NULL;
+    long later = time(NULL) + 300;
+
+    char *t = hs("another-secret-0123456789", "alice", later);
+    cr_assert_eq(verify(a, t, &user), -EACCES, "bad signature accepted");
+    free(t);
+
+    t = hs(SECRET, "alice", time(NULL) - 10);
+    cr_assert_eq(verify(a, t, &user), -EACCES, "expired accepted");
+    free(t);
+
+    t = hs(SECRET, NULL, later);
+    cr_assert_eq(verify(a, t, &user), -EACCES, "missing sub accepted");
+    free(t);
+
+    t = hs(SECRET, "", later);
+    cr_assert_eq(verify(a, t, &user), -EACCES, "empty sub accepted");
+    free(t);
+
+    t = hs(SECRET, "alice", 0);
+    cr_assert_eq(verify(a, t, &user), -EACCES, "missing exp accepted");
+    free(t);
+
+    /* tampered payload: swap a character of the signature */
+    t = hs(SECRET, "alice", later);
+    t[strlen(t) - 2] = t[strlen(t) - 2] == 'A' ? 'B' : 'A';
+    cr_assert_eq(verify(a, t, &user), -EACCES, "tampered accepted");
+    free(t);
+
+    /* alg none */
+    jwt_t *j = NULL;
+    jwt_new(&j);
+    jwt_add_grant(j, "sub", "alice");
+    jwt_add_grant_int(j, "exp", later);
+    t = jwt_encode_str(j);
+    jwt_free(j);
+    cr_assert_eq(verify(a, t, &user), -EACCES, "alg none accepted");
+    free(t);
+
+    cr_assert_eq(verify(a, "", &user), -EACCES);
+    cr_assert_eq(verify(a, "garbage", &user), -EACCES);
+    cr_assert_eq(verify(a, "a.b.c", &user), -EACCES);
+    cr_assert_null(user);
+    mg_jwt_auth_free(a);
+}
+
+Test(jwt, create_errors)
+{
+    char err[200];
+    cr_assert_null(mg_jwt_auth_create("", "", err, sizeof(err)));
+    cr_assert_null(mg_jwt_auth_create("x", "/nonexistent.pem", err, sizeof(err)));
+    cr_assert_null(mg_jwt_auth_create(NULL, "/nonexistent.pem", err, sizeof(err)));
+    mg_jwt_auth_free(NULL);
+}
+
+static char *slurp(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    cr_assert_not_null(f, "%s", path);
+    char *b = calloc(1, 16384);
+    *len = fread(b, 1, 16383, f);
+    fclose(f);
+    return b;
+}
+
+Test(jwt, rs256_good_and_bad)
+{
+    char dir[] = "/tmp/mg-jwt-XXXXXX";
+    cr_assert_not_null(mkdtemp(dir));
+    char cmd[1200], priv[64], pub[64], pub2[64];
+    snprintf(priv, sizeof(priv), "%s/priv.pem", dir);
+    snprintf(pub, sizeof(pub), "%s/pub.pem", dir);
+    snprintf(pub2, sizeof(pub2), "%s/pub2.pem", dir);
+    snprintf(cmd, sizeof(cmd),
+             "openssl genrsa -out %s 2048 2>/dev/null && openssl rsa -in %s -pubout -out %s "
+             "2>/dev/null && openssl genrsa 2048 2>/dev/null | openssl rsa -pubout -out %s "
+             "2>/dev/null",
+             priv, priv, pub, pub2);
+    cr_assert_eq(system(cmd), 0, "openssl failed");
+    size_t klen;
+    char *key = slurp(priv, &klen);
+    char err[200];
+    mg_jwt_auth *a = mg_jwt_auth_create(NULL, pub, err, sizeof(err));
+    cr_assert_not_null(a, "%s", err);
+    mg_jwt_auth *other = mg_jwt_auth_create("", pub2, err, sizeof(err));
+    cr_assert_not_null(other, "%s", err);
+
+    char *t = make_token(JWT_ALG_RS256, (unsigned char *)key, klen, "bob", time(NULL) + 60);
+    char *user = NULL;
+    cr_assert_eq(verify(a, t, &user), 0);
+    cr_assert_str_eq(user, "bob");
+    free(user);
+    user = NULL;
+    cr_assert_eq(verify(other, t, &user), -EACCES, "wrong key accepted");
+    free(t);
+
+    t = make_token(JWT_ALG_RS256, (unsigned char *)key, klen, "bob", time(NULL) - 1);
+    cr_assert_eq(verify(a, t, &user), -EACCES, "expired accepted");
+    free(t);
+
+    /* HS256 signed with the public key as secret (alg confusion) */
+    size_t plen;
+    char *pubpem = slurp(pub, &plen);
+    t = make_token(JWT_ALG_HS256, (unsigned char *)pubpem, plen, "bob", time(NULL) + 60);
+    cr_assert_eq(verify(a, t, &user), -EACCES, "HS256 with public key accepted");
+    free(t);
+    free(pubpem);
+
+    free(key);
+    mg_jwt_auth_free(a);
+    mg_jwt_auth_free(other);
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+    cr_assert_eq(system(cmd), 0);
+}

@@ -1,0 +1,217 @@
+/* test_grpc_api.c: the gRPC API of a real gateway process.
+ *
+ * Starts build/meshgate in its embedded default mode (memory presence and
+ * inbox, no discovery) with small limits, and calls it with the C-core
+ * client of gateway/grpc_util.h; a WebSocket test client plays the online
+ * recipient.
+ */
+#include "support/grpc_client.h"
+#include "support/mg_test.h"
+#include "support/ws_client.h"
+
+#include <criterion/criterion.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static mg_gw *gw;
+static mg_grpc_client *client;
+
+static void setup(void)
+{
+    const char *args[] = {"--max-content-bytes",
+                          "1024",
+                          "--grpc-max-message-bytes",
+                          "4096",
+                          "--grpc-threads",
+                          "4",
+                          "--max-batch",
+                          "8",
+                          NULL};
+    gw = mg_gw_spawn("grpc-api", args);
+    cr_assert_not_null(gw, "gateway did not become ready");
+    client = mg_grpc_client_create(gw->grpc_addr, NULL);
+}
+
+static void teardown(void)
+{
+    mg_grpc_client_free(client);
+    client = NULL;
+    if (gw) {
+        int st = mg_gw_stop(gw);
+        mg_gw_free(gw);
+        gw = NULL;
+        cr_expect_eq(st, 0, "gateway exit status %d", st);
+    }
+}
+
+TestSuite(grpc_api, .init = setup, .fini = teardown, .timeout = 90);
+
+Test(grpc_api, health_serving)
+{
+    int st = -1;
+    cr_assert_eq(mg_tc_health(client, "", 5000, &st, NULL), GRPC_STATUS_OK);
+    cr_assert_eq(st, GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING);
+    cr_assert_eq(mg_tc_health(client, "meshgate.v1.Messaging", 5000, &st, NULL), GRPC_STATUS_OK);
+    cr_assert_eq(st, GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING);
+    cr_assert_eq(mg_tc_health(client, "nope.Service", 5000, &st, NULL), GRPC_STATUS_NOT_FOUND);
+}
+
+Test(grpc_api, offline_user_is_stored)
+{
+    Meshgate__V1__SendMessageResponse *r = NULL;
+    char *d = NULL;
+    cr_assert_eq(mg_tc_send(client, "alice", "offline-olga", NULL, "later", 1, 5000, &r, &d),
+                 GRPC_STATUS_OK, "%s", d);
+    free(d);
+    cr_assert_eq(r->result->status, MESHGATE__V1__DELIVERY_STATUS__DELIVERY_STATUS_STORED);
+    cr_assert_eq(r->result->path, MESHGATE__V1__PATH__PATH_INBOX);
+    cr_assert_str_eq(r->result->user, "offline-olga");
+    cr_assert_gt(strlen(r->id), 0);
+    protobuf_c_message_free_unpacked(&r->base, NULL);
+}
+
+Test(grpc_api, online_user_gets_it_over_websocket)
+{
+    char url[128];
+    snprintf(url, sizeof(url), "ws://127.0.0.1:%d/ws?user=wendy", gw->ws_port);
+    int http = 0;
+    mg_wsc *ws = mg_wsc_connect(url, NULL, 5000, &http);
+    cr_assert_not_null(ws, "WebSocket connect: HTTP %d", http);
+
+    /* Presence is written by a worker after the upgrade: wait until GetPresence says so. */
+    bool online = false;
+    for (int i = 0; i < 100 && !online; i++) {
+        Meshgate__V1__GetPresenceRequest rq = MESHGATE__V1__GET_PRESENCE_REQUEST__INIT;
+        char *users[] = {"wendy"};
+        rq.n_users = 1;
+        rq.users = users;
+        ProtobufCMessage *out = NULL;
+        cr_assert_eq(mg_grpc_call(client, MG_RPC_GET_PRESENCE, &rq.base,
+                                  &meshgate__v1__get_presence_response__descriptor, 5000, &out,
+                                  NULL),
+                     GRPC_STATUS_OK);
+        online = ((Meshgate__V1__GetPresenceResponse *)out)->users[0]->online;
+        protobuf_c_message_free_unpacked(out, NULL);
+        if (!online) {
+            struct timespec ts = {0, 20 * 1000 * 1000};
+            nanosleep(&ts, NULL);
+        }
+    }
+    cr_assert(online, "wendy never showed up in presence");
+
+    Meshgate__V1__SendMessageResponse *r = NULL;
+    cr_assert_eq(
+        mg_tc_send(client, "alice", "wendy", "grpc-live-1", "hello wendy", 1, 5000, &r, NULL),
+        GRPC_STATUS_OK);
+    cr_assert_eq(r->result->status, MESHGATE__V1__DELIVERY_STATUS__DELIVERY_STATUS_DELIVERED);
+    cr_assert_eq(r->result->path, MESHGATE__V1__PATH__PATH_LOCAL);
+    cr_assert_eq(r->result->connections, 1);
+    protobuf_c_message_free_unpacked(&r->base, NULL);
+
+    char *frame = NULL;
+    for (int i = 0; i < 10 && !(frame && strstr(frame, "grpc-live-1")); i++) {
+        free(frame);
+        frame = mg_wsc_recv_text(ws, 2000);
+    }
+    cr_assert_not_null(frame);
+    cr_assert(strstr(frame, "\"hello wendy\""), "%s", frame);
+    cr_assert(strstr(frame, "\"from\":\"alice\""), "%s", frame);
+    free(frame);
+    mg_wsc_free(ws);
+}
+
+Test(grpc_api, bad_inputs_get_the_right_codes)
+{
+    char *d = NULL;
+    cr_assert_eq(mg_tc_send(client, "alice", "", NULL, "x", 1, 5000, NULL, &d),
+                 GRPC_STATUS_INVALID_ARGUMENT);
+    cr_assert(strstr(d, "message.to"), "%s", d);
+    free(d);
+
+    char big[2000];
+    memset(big, 'b', sizeof(big) - 1);
+    big[sizeof(big) - 1] = '\0';
+    cr_assert_eq(mg_tc_send(client, "alice", "bob", NULL, big, 1, 5000, NULL, &d),
+                 GRPC_STATUS_INVALID_ARGUMENT);
+    cr_assert(strstr(d, "message.content"), "%s", d);
+    free(d);
+
+    uint8_t *huge = calloc(1, 10000); /* > --grpc-max-message-bytes 4096 */
+    cr_assert_eq(mg_grpc_call_raw(client, MG_RPC_SEND_MESSAGE, huge, 10000, 5000, NULL, NULL, &d),
+                 GRPC_STATUS_RESOURCE_EXHAUSTED, "%s", d);
+    free(d);
+    free(huge);
+
+    const uint8_t junk[] = {0xff, 0xff, 0xff, 0xff, 0x0f};
+    cr_assert_eq(
+        mg_grpc_call_raw(client, MG_RPC_SEND_MESSAGE, junk, sizeof(junk), 5000, NULL, NULL, &d),
+        GRPC_STATUS_INVALID_ARGUMENT);
+    free(d);
+
+    cr_assert_eq(
+        mg_grpc_call_raw(client, "/meshgate.v1.Messaging/Teleport", "", 0, 5000, NULL, NULL, NULL),
+        GRPC_STATUS_UNIMPLEMENTED);
+
+    /* A deadline already in the past. */
+    cr_assert_eq(mg_tc_send(client, "alice", "bob", NULL, "x", 1, -1, NULL, NULL),
+                 GRPC_STATUS_DEADLINE_EXCEEDED);
+
+    /* SendBatch: more than --max-batch recipients. */
+    Meshgate__V1__Message m = MESHGATE__V1__MESSAGE__INIT;
+    m.content.data = (uint8_t *)"g";
+    m.content.len = 1;
+    Meshgate__V1__SendBatchRequest brq = MESHGATE__V1__SEND_BATCH_REQUEST__INIT;
+    char *nine[] = {"a", "b", "c", "d", "e", "f", "g", "h", "i"};
+    brq.message = &m;
+    brq.n_to = 9;
+    brq.to = nine;
+    ProtobufCMessage *out = NULL;
+    cr_assert_eq(mg_grpc_call(client, MG_RPC_SEND_BATCH, &brq.base,
+                              &meshgate__v1__send_batch_response__descriptor, 5000, &out, NULL),
+                 GRPC_STATUS_INVALID_ARGUMENT);
+
+    int st;
+    cr_assert_eq(mg_tc_health(client, "", 5000, &st, NULL), GRPC_STATUS_OK, "still serving");
+}
+
+#define NCONC 32
+
+static void *conc_send(void *arg)
+{
+    char to[32];
+    snprintf(to, sizeof(to), "conc-user-%d", (int)(intptr_t)arg);
+    return (void *)(intptr_t)mg_tc_send(client, "alice", to, NULL, "c", 1, 20000, NULL, NULL);
+}
+
+Test(grpc_api, concurrent_calls_complete)
+{
+    pthread_t th[NCONC];
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (int i = 0; i < NCONC; i++)
+        pthread_create(&th[i], NULL, conc_send, (void *)(intptr_t)i);
+    int ok = 0;
+    for (int i = 0; i < NCONC; i++) {
+        void *rv;
+        pthread_join(th[i], &rv);
+        ok += (intptr_t)rv == GRPC_STATUS_OK;
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    cr_assert_eq(ok, NCONC);
+    cr_log_info("%d concurrent SendMessage calls in %.1f ms", NCONC,
+                (double)(t1.tv_sec - t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - t0.tv_nsec) / 1e6);
+}
+
+Test(grpc_api, port_in_use_fails_clearly)
+{
+    const char *args[] = {"--grpc-listen", gw->grpc_addr, NULL};
+    mg_gw *gw2 = mg_gw_spawn_nowait("grpc-api-dup", args);
+    cr_assert_not_null(gw2);
+    cr_assert(mg_gw_wait(gw2, 20000), "a second gateway on the same gRPC port kept running");
+    cr_assert_neq(gw2->exit_status, 0);
+    cr_assert(mg_gw_log_contains(gw2, "Address already in use"), "see %s", gw2->log_path);
+    mg_gw_free(gw2);
+}

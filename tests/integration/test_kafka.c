@@ -1,0 +1,613 @@
+/* Integration tests of transport_kafka.c against the REAL broker of
+ * tests/infra/kafka.sh (MESHGATE_TEST_KAFKA): produce -> consume -> the
+ * router's deliver_from_queue -> a recording local sink, undecodable records
+ * skipped and committed past, one consumer group per region (each message
+ * handled once), redelivery after a consumer died without committing
+ * (dropped by dedupe), and a broker restart mid-run (HIGH fails clearly or
+ * succeeds; nothing answered QUEUED is lost).
+ *
+ * Every test uses its own region (so its own topic and consumer group):
+ * "<pid>-<name>". The restart test holds an exclusive flock on
+ * $MESHGATE_RUN/kafka-chaos.lock, the others a shared one, so they never
+ * overlap (also across test binaries that take the same lock). */
+#include "common/mg_map.h"
+#include "common/mg_metrics.h"
+#include "common/mg_time.h"
+#include "router/inbox.h"
+#include "router/presence.h"
+#include "router/router.h"
+#include "router/transport_kafka.h"
+#include "support/mg_test.h"
+
+#include <criterion/criterion.h>
+#include <fcntl.h>
+#include <librdkafka/rdkafka.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#define PREFIX     "mgtest.deliver."
+#define PARTITIONS 6
+
+static int lock_fd = -1;
+
+static void take_lock(int exclusive)
+{
+    const char *run = getenv("MESHGATE_RUN");
+    char path[512];
+    snprintf(path, sizeof(path), "%s/kafka-chaos.lock", run && *run ? run : "/tmp/meshgate-run");
+    lock_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    cr_assert(lock_fd >= 0, "cannot open %s", path);
+    cr_assert_eq(flock(lock_fd, exclusive ? LOCK_EX : LOCK_SH), 0);
+}
+
+static void setup_shared(void)
+{
+    take_lock(0);
+}
+
+static void setup_exclusive(void)
+{
+    take_lock(1);
+}
+
+static void teardown(void)
+{
+    if (lock_fd >= 0)
+        close(lock_fd);
+    cr_expect_eq(rd_kafka_wait_destroyed(10000), 0, "librdkafka handles left behind");
+    mg_metrics_shutdown();
+}
+
+TestSuite(kafka, .init = setup_shared, .fini = teardown, .timeout = 120);
+TestSuite(kafka_chaos, .init = setup_exclusive, .fini = teardown, .timeout = 240);
+
+/* ---- a recording local sink ---- */
+
+typedef struct rec {
+    pthread_mutex_t mu;
+    mg_map *seen; /* msg id -> count */
+    int total;
+    int64_t lat_us[1024];
+    int nlat;
+} rec;
+
+static void rec_init(rec *r)
+{
+    memset(r, 0, sizeof(*r));
+    pthread_mutex_init(&r->mu, NULL);
+    r->seen = mg_map_create(64);
+}
+
+static void rec_destroy(rec *r)
+{
+    mg_map_free(r->seen);
+    pthread_mutex_destroy(&r->mu);
+}
+
+static int rec_count(rec *r, const char *id)
+{
+    pthread_mutex_lock(&r->mu);
+    int n = (int)(intptr_t)mg_map_get(r->seen, id);
+    pthread_mutex_unlock(&r->mu);
+    return n;
+}
+
+static int rec_total(rec *r)
+{
+    pthread_mutex_lock(&r->mu);
+    int n = r->total;
+    pthread_mutex_unlock(&r->mu);
+    return n;
+}
+
+static int sink_deliver(void *arg, const mg_msg *msg, const char *conn_id, bool from_inbox)
+{
+    rec *r = arg;
+    int64_t now = mg_mono_us(), sent = 0;
+    pthread_mutex_lock(&r->mu);
+    intptr_t n = (intptr_t)mg_map_get(r->seen, msg->id);
+    mg_map_put(r->seen, msg->id, (void *)(n + 1));
+    r->total++;
+    if (msg->content_len == sizeof(sent) && r->nlat < 1024) {
+        memcpy(&sent, msg->content, sizeof(sent));
+        r->lat_us[r->nlat++] = now - sent;
+    }
+    pthread_mutex_unlock(&r->mu);
+    return 1;
+}
+
+static int sink_disconnect(void *arg, const char *user, const char *conn_id, int code,
+                           const char *reason)
+{
+    return 0;
+}
+
+/* ---- helpers ---- */
+
+static const char *broker(void)
+{
+    return mg_test_require_env("MESHGATE_TEST_KAFKA");
+}
+
+static void region_name(char *buf, size_t len, const char *test)
+{
+    snprintf(buf, len, "%d-%s", (int)getpid(), test);
+}
+
+static mg_router *make_router(const char *gw, const char *region, rec *r, int users)
+{
+    mg_local_sink sink = {sink_deliver, sink_disconnect, r};
+    mg_router_config rc = {.gateway_id = gw, .region = region, .hot_window_seconds = 10,
+                           .hot_threshold = 100000, .hot_capacity = 64, .dedupe_window = 4096};
+    mg_router *rt = mg_router_create(&rc, mg_presence_memory_create(gw, region),
+                                     mg_inbox_memory_create(1000, 3600), &sink);
+    for (int i = 0; i < users; i++) {
+        char user[32], conn[32];
+        snprintf(user, sizeof(user), "u%d", i);
+        snprintf(conn, sizeof(conn), "%s-c%d", gw, i);
+        cr_assert_eq(mg_router_user_connected(rt, user, conn, mg_now_ms()), 0);
+    }
+    return rt;
+}
+
+static mg_transport *make_transport(const char *gw, const char *region, int timeout_ms)
+{
+    mg_transport_kafka_config cfg = {
+        .brokers = broker(),
+        .topic_prefix = PREFIX,
+        .region = region,
+        .gateway_id = gw,
+        .partitions = PARTITIONS,
+        .linger_ms = 1,
+        .batch_bytes = 262144,
+        .timeout_ms = timeout_ms,
+    };
+    char err[256] = "";
+    mg_transport *t = mg_transport_kafka_create(&cfg, err, sizeof(err));
+    cr_assert(t, "create: %s", err);
+    return t;
+}
+
+static mg_deliver_outcome send_to(mg_transport *t, const char *region, const char *id,
+                                  const char *user, mg_priority prio)
+{
+    int64_t now = mg_mono_us();
+    mg_msg *m = mg_msg_new(id, "sender", user, (const uint8_t *)&now, sizeof(now), "x/ts",
+                           mg_now_ms(), prio);
+    mg_route_target target = {"gw-far", region};
+    mg_deliver_outcome out = {0};
+    int rc = t->ops->deliver(t, &target, m, mg_mono_ms() + 10000, &out);
+    mg_msg_free(m);
+    cr_assert_eq(rc, 0);
+    return out;
+}
+
+typedef struct {
+    rec *r;
+    int n;
+} total_arg;
+
+static bool total_reached(void *arg)
+{
+    total_arg *a = arg;
+    return rec_total(a->r) >= a->n;
+}
+
+typedef struct {
+    mg_transport *t[2];
+    int want;
+} assign_arg;
+
+static bool assigned(void *arg)
+{
+    assign_arg *a = arg;
+    int sum = 0;
+    for (int i = 0; i < 2 && a->t[i]; i++) {
+        int n = mg_transport_kafka_assigned(a->t[i]);
+        if (n <= 0)
+            return false;
+        sum += n;
+    }
+    return sum == a->want;
+}
+
+static int64_t counter(const char *name)
+{
+    return mg_metric_value(mg_counter(name, "", NULL));
+}
+
+static int cmp64(const void *a, const void *b)
+{
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* ---- tests ---- */
+
+Test(kafka, produce_consume_delivers_once)
+{
+    char region[64];
+    region_name(region, sizeof(region), "once");
+    rec r;
+    rec_init(&r);
+    mg_router *rt = make_router("gw-a", region, &r, 10);
+    mg_transport *t = make_transport("gw-a", region, 5000);
+    mg_router_set_transport(rt, MG_PATH_KAFKA, t);
+    cr_assert_eq(mg_transport_kafka_start_consumer(t, rt), 0);
+    assign_arg aa = {{t, NULL}, PARTITIONS};
+    cr_assert(mg_wait_until(assigned, &aa, 30000), "no partitions assigned");
+
+    /* Sequential HIGH sends: each QUEUED only after acks=all. */
+    enum { N = 200 };
+    int64_t ack_us[N];
+    for (int i = 0; i < N; i++) {
+        char id[32], user[16];
+        snprintf(id, sizeof(id), "h%d", i);
+        snprintf(user, sizeof(user), "u%d", i % 10);
+        int64_t t0 = mg_mono_us();
+        mg_deliver_outcome out = send_to(t, region, id, user, MG_PRIO_HIGH);
+        ack_us[i] = mg_mono_us() - t0;
+        cr_assert_eq(out.status, MG_STATUS_QUEUED, "msg %d: %s", i, out.reason);
+    }
+    qsort(ack_us, N, sizeof(int64_t), cmp64);
+    total_arg ta = {&r, N};
+    cr_assert(mg_wait_until(total_reached, &ta, 30000), "delivered %d of %d", rec_total(&r), N);
+    usleep(1000000); /* nothing more may come */
+    cr_assert_eq(rec_total(&r), N);
+    for (int i = 0; i < N; i++) {
+        char id[32];
+        snprintf(id, sizeof(id), "h%d", i);
+        cr_assert_eq(rec_count(&r, id), 1, "%s delivered %d times", id, rec_count(&r, id));
+    }
+    pthread_mutex_lock(&r.mu);
+    qsort(r.lat_us, (size_t)r.nlat, sizeof(int64_t), cmp64);
+    int64_t p50 = r.lat_us[r.nlat / 2], p99 = r.lat_us[r.nlat * 99 / 100];
+    pthread_mutex_unlock(&r.mu);
+
+    /* A LOW burst: ACCEPTED at once, delivered without waiting per message. */
+    int low0 = rec_total(&r);
+    pthread_mutex_lock(&r.mu);
+    r.nlat = 0;
+    pthread_mutex_unlock(&r.mu);
+    for (int i = 0; i < N; i++) {
+        char id[32], user[16];
+        snprintf(id, sizeof(id), "l%d", i);
+        snprintf(user, sizeof(user), "u%d", i % 10);
+        mg_deliver_outcome out = send_to(t, region, id, user, MG_PRIO_LOW);
+        cr_assert_eq(out.status, MG_STATUS_ACCEPTED, "msg %d: %s", i, out.reason);
+    }
+    ta.n = low0 + N;
+    cr_assert(mg_wait_until(total_reached, &ta, 30000), "LOW delivered %d of %d",
+              rec_total(&r) - low0, N);
+    pthread_mutex_lock(&r.mu);
+    qsort(r.lat_us, (size_t)r.nlat, sizeof(int64_t), cmp64);
+    int64_t lp50 = r.lat_us[r.nlat / 2], lp99 = r.lat_us[r.nlat * 99 / 100];
+    pthread_mutex_unlock(&r.mu);
+    fprintf(stderr,
+            "kafka produce->consume latency (linger.ms=1, acks=all, %d msgs each): "
+            "HIGH sequential p50=%.2f ms p99=%.2f ms (acks=all answered: p50=%.2f ms "
+            "p99=%.2f ms); LOW burst p50=%.2f ms p99=%.2f ms\n",
+            N, p50 / 1000.0, p99 / 1000.0, ack_us[N / 2] / 1000.0, ack_us[N * 99 / 100] / 1000.0,
+            lp50 / 1000.0, lp99 / 1000.0);
+
+    mg_transport_kafka_stop(t, 5000);
+    mg_router_free(rt);
+    rec_destroy(&r);
+}
+
+/* Committed offsets of group meshgate-<region> on its topic, summed. */
+static int64_t committed_sum(const char *region)
+{
+    char e[512], group[128], topic[160];
+    snprintf(group, sizeof(group), "meshgate-%s", region);
+    snprintf(topic, sizeof(topic), PREFIX "%s", region);
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    cr_assert_eq(rd_kafka_conf_set(conf, "bootstrap.servers", broker(), e, sizeof(e)), 0);
+    cr_assert_eq(rd_kafka_conf_set(conf, "group.id", group, e, sizeof(e)), 0);
+    rd_kafka_t *c = rd_kafka_new(RD_KAFKA_CONSUMER, conf, e, sizeof(e));
+    cr_assert(c, "%s", e);
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(PARTITIONS);
+    for (int p = 0; p < PARTITIONS; p++)
+        rd_kafka_topic_partition_list_add(l, topic, p);
+    rd_kafka_resp_err_t err = rd_kafka_committed(c, l, 10000);
+    int64_t sum = 0;
+    for (int p = 0; p < l->cnt; p++)
+        if (l->elems[p].offset > 0)
+            sum += l->elems[p].offset;
+    rd_kafka_topic_partition_list_destroy(l);
+    rd_kafka_consumer_close(c);
+    rd_kafka_destroy(c);
+    cr_assert_eq(err, 0, "committed: %s", rd_kafka_err2str(err));
+    return sum;
+}
+
+Test(kafka, undecodable_record_is_skipped_counted_and_committed)
+{
+    char region[64], topic[160], e[512];
+    region_name(region, sizeof(region), "bad");
+    snprintf(topic, sizeof(topic), PREFIX "%s", region);
+    rec r;
+    rec_init(&r);
+    mg_router *rt = make_router("gw-a", region, &r, 1);
+    mg_transport *t = make_transport("gw-a", region, 5000);
+    mg_router_set_transport(rt, MG_PATH_KAFKA, t);
+    cr_assert_eq(mg_transport_kafka_start_consumer(t, rt), 0);
+    assign_arg aa = {{t, NULL}, PARTITIONS};
+    cr_assert(mg_wait_until(assigned, &aa, 30000), "no partitions assigned");
+    int64_t bad0 = counter("meshgate_kafka_bad_records_total");
+
+    /* Garbage bytes straight to the topic, keyed like the good message so
+     * both land in one partition, garbage first. */
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    cr_assert_eq(rd_kafka_conf_set(conf, "bootstrap.servers", broker(), e, sizeof(e)), 0);
+    rd_kafka_t *p = rd_kafka_new(RD_KAFKA_PRODUCER, conf, e, sizeof(e));
+    cr_assert(p, "%s", e);
+    static const char garbage[] = "\xff\xff\xff not a protobuf envelope";
+    cr_assert_eq(rd_kafka_producev(p, RD_KAFKA_V_TOPIC(topic), RD_KAFKA_V_KEY("u0", 2),
+                                   RD_KAFKA_V_VALUE((void *)garbage, sizeof(garbage) - 1),
+                                   RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_END),
+                 0);
+    cr_assert_eq(rd_kafka_flush(p, 10000), 0);
+    rd_kafka_destroy(p);
+
+    mg_deliver_outcome out = send_to(t, region, "good-1", "u0", MG_PRIO_HIGH);
+    cr_assert_eq(out.status, MG_STATUS_QUEUED, "%s", out.reason);
+    total_arg ta = {&r, 1};
+    cr_assert(mg_wait_until(total_reached, &ta, 30000), "the good record after the bad one "
+                                                        "was not delivered");
+    cr_assert_eq(rec_count(&r, "good-1"), 1);
+    cr_assert_eq(counter("meshgate_kafka_bad_records_total"), bad0 + 1);
+    mg_transport_kafka_stop(t, 5000);
+    cr_assert_eq(committed_sum(region), 2, "offsets did not move past both records");
+    mg_router_free(rt);
+    rec_destroy(&r);
+}
+
+Test(kafka, one_group_per_region_handles_each_message_once)
+{
+    char region[64];
+    region_name(region, sizeof(region), "group");
+    rec ra, rb;
+    rec_init(&ra);
+    rec_init(&rb);
+    enum { USERS = 24, N = 120 };
+    mg_router *a = make_router("gw-a", region, &ra, USERS);
+    mg_router *b = make_router("gw-b", region, &rb, USERS);
+    mg_transport *ta = make_transport("gw-a", region, 5000);
+    mg_transport *tb = make_transport("gw-b", region, 5000);
+    mg_router_set_transport(a, MG_PATH_KAFKA, ta);
+    mg_router_set_transport(b, MG_PATH_KAFKA, tb);
+    cr_assert_eq(mg_transport_kafka_start_consumer(ta, a), 0);
+    cr_assert_eq(mg_transport_kafka_start_consumer(tb, b), 0);
+    assign_arg aa = {{ta, tb}, PARTITIONS};
+    cr_assert(mg_wait_until(assigned, &aa, 40000), "group did not settle: a=%d b=%d",
+              mg_transport_kafka_assigned(ta), mg_transport_kafka_assigned(tb));
+
+    for (int i = 0; i < N; i++) {
+        char id[32], user[16];
+        snprintf(id, sizeof(id), "g%d", i);
+        snprintf(user, sizeof(user), "u%d", i % USERS);
+        mg_deliver_outcome out = send_to(i % 2 ? ta : tb, region, id, user, MG_PRIO_HIGH);
+        cr_assert_eq(out.status, MG_STATUS_QUEUED, "%s", out.reason);
+    }
+    int64_t end = mg_mono_ms() + 30000;
+    while (rec_total(&ra) + rec_total(&rb) < N && mg_mono_ms() < end)
+        usleep(20000);
+    usleep(1000000);
+    cr_assert_eq(rec_total(&ra) + rec_total(&rb), N, "a=%d b=%d", rec_total(&ra),
+                 rec_total(&rb));
+    for (int i = 0; i < N; i++) {
+        char id[32];
+        snprintf(id, sizeof(id), "g%d", i);
+        cr_assert_eq(rec_count(&ra, id) + rec_count(&rb, id), 1, "%s handled %d times", id,
+                     rec_count(&ra, id) + rec_count(&rb, id));
+    }
+    cr_assert_gt(rec_total(&ra), 0, "gateway a handled nothing");
+    cr_assert_gt(rec_total(&rb), 0, "gateway b handled nothing");
+    mg_transport_kafka_stop(ta, 5000);
+    mg_transport_kafka_stop(tb, 5000);
+    mg_router_free(a);
+    mg_router_free(b);
+    rec_destroy(&ra);
+    rec_destroy(&rb);
+}
+
+Test(kafka, redelivery_after_a_consumer_died_reaches_the_client_once)
+{
+    char region[64], topic[160], group[128], e[512];
+    region_name(region, sizeof(region), "redeliver");
+    snprintf(topic, sizeof(topic), PREFIX "%s", region);
+    snprintf(group, sizeof(group), "meshgate-%s", region);
+    rec r;
+    rec_init(&r);
+    mg_router *rt = make_router("gw-a", region, &r, 5);
+    mg_transport *t = make_transport("gw-a", region, 5000);
+    mg_router_set_transport(rt, MG_PATH_KAFKA, t);
+    enum { N = 20 };
+    for (int i = 0; i < N; i++) {
+        char id[32], user[16];
+        snprintf(id, sizeof(id), "d%d", i);
+        snprintf(user, sizeof(user), "u%d", i % 5);
+        mg_deliver_outcome out = send_to(t, region, id, user, MG_PRIO_HIGH);
+        cr_assert_eq(out.status, MG_STATUS_QUEUED, "%s", out.reason);
+    }
+
+    /* A gateway of the group handles every record, then dies: no commit, no
+     * LeaveGroup. */
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    cr_assert_eq(rd_kafka_conf_set(conf, "bootstrap.servers", broker(), e, sizeof(e)), 0);
+    cr_assert_eq(rd_kafka_conf_set(conf, "group.id", group, e, sizeof(e)), 0);
+    cr_assert_eq(rd_kafka_conf_set(conf, "enable.auto.commit", "false", e, sizeof(e)), 0);
+    cr_assert_eq(rd_kafka_conf_set(conf, "auto.offset.reset", "earliest", e, sizeof(e)), 0);
+    cr_assert_eq(rd_kafka_conf_set(conf, "session.timeout.ms", "6000", e, sizeof(e)), 0);
+    rd_kafka_t *dying = rd_kafka_new(RD_KAFKA_CONSUMER, conf, e, sizeof(e));
+    cr_assert(dying, "%s", e);
+    rd_kafka_poll_set_consumer(dying);
+    rd_kafka_topic_partition_list_t *sub = rd_kafka_topic_partition_list_new(1);
+    rd_kafka_topic_partition_list_add(sub, topic, RD_KAFKA_PARTITION_UA);
+    cr_assert_eq(rd_kafka_subscribe(dying, sub), 0);
+    rd_kafka_topic_partition_list_destroy(sub);
+    int handled = 0;
+    for (int64_t end = mg_mono_ms() + 40000; handled < N && mg_mono_ms() < end;) {
+        rd_kafka_message_t *m = rd_kafka_consumer_poll(dying, 100);
+        if (!m)
+            continue;
+        mg_msg *msg = NULL;
+        if (!m->err && mg_msg_unpack(m->payload, m->len, &msg) == 0) {
+            mg_send_result res;
+            cr_assert_eq(mg_router_deliver_from_queue(rt, msg, &res), 0);
+            mg_msg_free(msg);
+            handled++;
+        }
+        rd_kafka_message_destroy(m);
+    }
+    rd_kafka_destroy_flags(dying, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE);
+    cr_assert_eq(handled, N, "the first consumer handled %d of %d", handled, N);
+    cr_assert_eq(rec_total(&r), N);
+
+    /* The region's next consumer gets the partitions once the dead member's
+     * session expires and handles every record again; dedupe drops them. */
+    int64_t consumed0 = counter("meshgate_kafka_consumed_total");
+    int64_t dups0 = counter("meshgate_duplicates_dropped_total");
+    cr_assert_eq(mg_transport_kafka_start_consumer(t, rt), 0);
+    int64_t end = mg_mono_ms() + 60000;
+    while (counter("meshgate_kafka_consumed_total") - consumed0 < N && mg_mono_ms() < end)
+        usleep(50000);
+    cr_assert_eq(counter("meshgate_kafka_consumed_total") - consumed0, N,
+                 "redelivered %lld of %d",
+                 (long long)(counter("meshgate_kafka_consumed_total") - consumed0), N);
+    cr_assert_eq(counter("meshgate_duplicates_dropped_total") - dups0, N);
+    cr_assert_eq(rec_total(&r), N, "the client saw %d deliveries of %d messages",
+                 rec_total(&r), N);
+    for (int i = 0; i < N; i++) {
+        char id[32];
+        snprintf(id, sizeof(id), "d%d", i);
+        cr_assert_eq(rec_count(&r, id), 1);
+    }
+    mg_transport_kafka_stop(t, 5000);
+    cr_assert_eq(committed_sum(region), N);
+    mg_router_free(rt);
+    rec_destroy(&r);
+}
+
+/* ---- broker restart mid-run ---- */
+
+typedef struct sent {
+    char id[32];
+    mg_status status;
+    char reason[128];
+    int64_t started_ms, took_ms;
+} sent;
+
+typedef struct sender {
+    mg_transport *t;
+    const char *region;
+    atomic_bool run;
+    sent items[4000];
+    int n;
+} sender;
+
+static void *sender_main(void *arg)
+{
+    sender *s = arg;
+    while (atomic_load(&s->run) && s->n < 4000) {
+        sent *it = &s->items[s->n];
+        snprintf(it->id, sizeof(it->id), "k%d", s->n);
+        char user[16];
+        snprintf(user, sizeof(user), "u%d", s->n % 8);
+        it->started_ms = mg_mono_ms();
+        int64_t now = mg_mono_us();
+        mg_msg *m = mg_msg_new(it->id, "sender", user, (const uint8_t *)&now, sizeof(now), NULL,
+                               mg_now_ms(), MG_PRIO_HIGH);
+        mg_route_target target = {"gw-far", s->region};
+        mg_deliver_outcome out = {0};
+        int rc = s->t->ops->deliver(s->t, &target, m, mg_mono_ms() + 30000, &out);
+        mg_msg_free(m);
+        it->took_ms = mg_mono_ms() - it->started_ms;
+        it->status = rc == 0 ? out.status : MG_STATUS_NONE;
+        snprintf(it->reason, sizeof(it->reason), "%s", out.reason);
+        s->n++;
+        usleep(20000);
+    }
+    return NULL;
+}
+
+Test(kafka_chaos, broker_restart_high_fails_clearly_and_nothing_queued_is_lost)
+{
+    enum { TIMEOUT_MS = 3000 };
+    char region[64], cmd[1024];
+    region_name(region, sizeof(region), "restart");
+    const char *infra = mg_test_env("MESHGATE_TEST_INFRA");
+    snprintf(cmd, sizeof(cmd), "%s/kafka.sh restart-broker >/dev/null 2>&1",
+             infra ? infra : MG_SOURCE_DIR "/tests/infra");
+    rec r;
+    rec_init(&r);
+    mg_router *rt = make_router("gw-a", region, &r, 8);
+    mg_transport *t = make_transport("gw-a", region, TIMEOUT_MS);
+    mg_router_set_transport(rt, MG_PATH_KAFKA, t);
+    cr_assert_eq(mg_transport_kafka_start_consumer(t, rt), 0);
+    assign_arg aa = {{t, NULL}, PARTITIONS};
+    cr_assert(mg_wait_until(assigned, &aa, 30000), "no partitions assigned");
+
+    sender *s = calloc(1, sizeof(*s));
+    s->t = t;
+    s->region = region;
+    atomic_store(&s->run, true);
+    pthread_t th;
+    cr_assert_eq(pthread_create(&th, NULL, sender_main, s), 0);
+    usleep(1000000);
+    int64_t restart_at = mg_mono_ms();
+    int rc = system(cmd);
+    int64_t restarted_at = mg_mono_ms();
+    usleep(8000000); /* sends go on after the broker is back */
+    atomic_store(&s->run, false);
+    pthread_join(th, NULL);
+    cr_assert_eq(rc, 0, "%s failed", cmd);
+
+    int queued = 0, failed = 0, queued_after = 0;
+    for (int i = 0; i < s->n; i++) {
+        sent *it = &s->items[i];
+        if (it->status == MG_STATUS_QUEUED) {
+            queued++;
+            if (it->started_ms > restarted_at)
+                queued_after++;
+        } else {
+            failed++;
+            cr_assert_eq(it->status, MG_STATUS_FAILED, "%s: status %d", it->id, it->status);
+            cr_assert(strncmp(it->reason, "kafka: ", 7) == 0, "%s: reason=%s", it->id,
+                      it->reason);
+            cr_assert_leq(it->took_ms, TIMEOUT_MS + 1000, "%s failed after %lld ms", it->id,
+                          (long long)it->took_ms);
+        }
+    }
+    fprintf(stderr,
+            "kafka restart: broker down+up took %lld ms; %d HIGH sends: %d QUEUED, %d FAILED "
+            "(each within %d ms), %d QUEUED after the restart\n",
+            (long long)(restarted_at - restart_at), s->n, queued, failed, TIMEOUT_MS + 1000,
+            queued_after);
+    cr_assert_gt(queued_after, 0, "no HIGH send succeeded after the restart");
+
+    /* Nothing answered QUEUED is lost. */
+    int64_t end = mg_mono_ms() + 60000;
+    int missing = queued;
+    while (missing > 0 && mg_mono_ms() < end) {
+        missing = 0;
+        for (int i = 0; i < s->n; i++)
+            if (s->items[i].status == MG_STATUS_QUEUED && rec_count(&r, s->items[i].id) == 0)
+                missing++;
+        if (missing)
+            usleep(100000);
+    }
+    cr_assert_eq(missing, 0, "%d messages answered QUEUED were never delivered", missing);
+    for (int i = 0; i < s->n; i++)
+        cr_assert_leq(rec_count(&r, s->items[i].id), 1, "%s delivered twice", s->items[i].id);
+    mg_transport_kafka_stop(t, 5000);
+    mg_router_free(rt);
+    rec_destroy(&r);
+    free(s);
+}

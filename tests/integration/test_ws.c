@@ -1,0 +1,400 @@
+/* Integration tests of the WebSocket front end against the real gateway
+ * binary (embedded default: memory presence and inbox): delivery, fan-out,
+ * offline inbox with acks, protocol errors, size limits, JWT auth at upgrade,
+ * slow consumers, drain, and the HTTP endpoints. */
+#include "support/mg_test.h"
+#include "support/ws_client.h"
+
+#include <criterion/criterion.h>
+#include <jansson.h>
+#include <jwt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define T_MS 5000
+
+static mg_wsc *connect_q(const mg_gw *gw, const char *query, const char *const *headers,
+                         int *status)
+{
+    char url[4096];
+    snprintf(url, sizeof(url), "ws://127.0.0.1:%d/ws%s%s", gw->ws_port, query ? "?" : "",
+             query ? query : "");
+    return mg_wsc_connect(url, headers, T_MS, status);
+}
+
+static mg_wsc *connect_user(const mg_gw *gw, const char *user)
+{
+    char q[300];
+    snprintf(q, sizeof(q), "user=%s", user);
+    int st;
+    mg_wsc *c = connect_q(gw, q, NULL, &st);
+    cr_assert_not_null(c, "connect as %s: HTTP %d", user, st);
+    return c;
+}
+
+/* The next frame as JSON, failing the test on timeout. */
+static json_t *recv_json(mg_wsc *c)
+{
+    char *s = mg_wsc_recv_text(c, T_MS);
+    cr_assert_not_null(s, "no frame within %d ms (close code %d)", T_MS, mg_wsc_close_code(c));
+    json_error_t e;
+    json_t *j = json_loads(s, 0, &e);
+    cr_assert_not_null(j, "not JSON: %s", s);
+    free(s);
+    return j;
+}
+
+static const char *str(json_t *j, const char *k)
+{
+    json_t *v = json_object_get(j, k);
+    return v && json_is_string(v) ? json_string_value(v) : "";
+}
+
+static void send_msg(mg_wsc *c, const char *id, const char *to, const char *content)
+{
+    char buf[4096];
+    snprintf(buf, sizeof(buf), "{\"type\":\"send\",\"id\":\"%s\",\"to\":\"%s\",\"content\":\"%s\"}",
+             id, to, content);
+    cr_assert_eq(mg_wsc_send_text(c, buf), 0);
+}
+
+static void expect_ack(mg_wsc *c, const char *id, const char *status, const char *path)
+{
+    json_t *j = recv_json(c);
+    cr_assert_str_eq(str(j, "type"), "ack", "got %s", json_dumps(j, 0));
+    cr_assert_str_eq(str(j, "id"), id);
+    cr_assert_str_eq(str(j, "status"), status, "ack %s: %s (%s)", id, str(j, "status"),
+                     str(j, "reason"));
+    cr_assert_str_eq(str(j, "path"), path);
+    json_decref(j);
+}
+
+static void expect_message(mg_wsc *c, const char *id, const char *from, const char *content,
+                           bool inbox)
+{
+    json_t *j = recv_json(c);
+    cr_assert_str_eq(str(j, "type"), "message", "got type %s", str(j, "type"));
+    cr_assert_str_eq(str(j, "id"), id);
+    cr_assert_str_eq(str(j, "from"), from);
+    cr_assert_str_eq(str(j, "content"), content);
+    cr_assert(json_is_integer(json_object_get(j, "sent_at_ms")));
+    cr_assert_eq(json_is_true(json_object_get(j, "inbox")), inbox);
+    json_decref(j);
+}
+
+static void expect_error(mg_wsc *c, const char *code)
+{
+    json_t *j = recv_json(c);
+    cr_assert_str_eq(str(j, "type"), "error");
+    cr_assert_str_eq(str(j, "code"), code, "error code %s (%s)", str(j, "code"), str(j, "reason"));
+    cr_assert(strlen(str(j, "reason")) > 0);
+    json_decref(j);
+}
+
+static void expect_silence(mg_wsc *c, int ms)
+{
+    char *s = mg_wsc_recv_text(c, ms);
+    cr_assert_null(s, "unexpected frame: %s", s);
+}
+
+Test(ws, send_receive_and_ack, .timeout = 60)
+{
+    mg_gw *gw = mg_gw_spawn("ws-basic", NULL);
+    cr_assert_not_null(gw);
+    mg_wsc *alice = connect_user(gw, "alice"), *bob = connect_user(gw, "bob");
+    usleep(200 * 1000); /* presence is recorded by a worker job after the upgrade */
+    send_msg(alice, "m-1", "bob", "hello bob");
+    expect_ack(alice, "m-1", "delivered", "local");
+    expect_message(bob, "m-1", "alice", "hello bob", false);
+
+    /* a send without id gets one from the server, acked with it */
+    cr_assert_eq(mg_wsc_send_text(bob, "{\"type\":\"send\",\"to\":\"alice\",\"content\":\"yo\"}"),
+                 0);
+    json_t *ack = recv_json(bob);
+    cr_assert_str_eq(str(ack, "type"), "ack");
+    cr_assert_str_eq(str(ack, "status"), "delivered");
+    json_t *m = recv_json(alice);
+    cr_assert_str_eq(str(m, "id"), str(ack, "id"));
+    cr_assert_str_eq(str(m, "content"), "yo");
+    json_decref(ack);
+    json_decref(m);
+    mg_wsc_free(alice);
+    mg_wsc_free(bob);
+    cr_assert_eq(mg_gw_stop(gw), 0);
+    mg_gw_free(gw);
+}
+
+Test(ws, every_connection_of_a_user_receives, .timeout = 60)
+{
+    mg_gw *gw = mg_gw_spawn("ws-multi", NULL);
+    cr_assert_not_null(gw);
+    mg_wsc *alice = connect_user(gw, "alice");
+    mg_wsc *bob[3];
+    for (int i = 0; i < 3; i++)
+        bob[i] = connect_user(gw, "bob");
+    usleep(200 * 1000);
+    send_msg(alice, "fan-1", "bob", "to all devices");
+    expect_ack(alice, "fan-1", "delivered", "local");
+    for (int i = 0; i < 3; i++) {
+        expect_message(bob[i], "fan-1", "alice", "to all devices", false);
+        mg_wsc_free(bob[i]);
+    }
+    mg_wsc_free(alice);
+    cr_assert_eq(mg_gw_stop(gw), 0);
+    mg_gw_free(gw);
+}
+
+Test(ws, offline_inbox_in_order_until_acked, .timeout = 60)
+{
+    mg_gw *gw = mg_gw_spawn("ws-inbox", NULL);
+    cr_assert_not_null(gw);
+    mg_wsc *alice = connect_user(gw, "alice");
+    send_msg(alice, "in-1", "carol", "first");
+    expect_ack(alice, "in-1", "stored", "inbox");
+    send_msg(alice, "in-2", "carol", "second");
+    expect_ack(alice, "in-2", "stored", "inbox");
+
+    mg_wsc *carol = connect_user(gw, "carol");
+    expect_message(carol, "in-1", "alice", "first", true);
+    expect_message(carol, "in-2", "alice", "second", true);
+    mg_wsc_free(carol); /* no ack: both come again */
+    usleep(200 * 1000);
+
+    carol = connect_user(gw, "carol");
+    expect_message(carol, "in-1", "alice", "first", true);
+    expect_message(carol, "in-2", "alice", "second", true);
+    cr_assert_eq(mg_wsc_send_text(carol, "{\"type\":\"ack\",\"id\":\"in-1\"}"), 0);
+    usleep(300 * 1000); /* the ack is applied by a worker job */
+    mg_wsc_free(carol);
+    usleep(200 * 1000);
+
+    carol = connect_user(gw, "carol");
+    expect_message(carol, "in-2", "alice", "second", true);
+    expect_silence(carol, 300);
+    cr_assert_eq(mg_wsc_send_text(carol, "{\"type\":\"ack\",\"id\":\"in-2\"}"), 0);
+    usleep(300 * 1000);
+    mg_wsc_free(carol);
+    usleep(200 * 1000);
+    carol = connect_user(gw, "carol");
+    expect_silence(carol, 300);
+    mg_wsc_free(carol);
+    mg_wsc_free(alice);
+    cr_assert_eq(mg_gw_stop(gw), 0);
+    mg_gw_free(gw);
+}
+
+Test(ws, bad_input_gets_errors_and_connection_stays, .timeout = 60)
+{
+    mg_gw *gw = mg_gw_spawn("ws-errors", NULL);
+    cr_assert_not_null(gw);
+    mg_wsc *alice = connect_user(gw, "alice");
+    cr_assert_eq(mg_wsc_send_text(alice, "{not json"), 0);
+    expect_error(alice, "bad_json");
+    cr_assert_eq(mg_wsc_send_text(alice, "{\"type\":\"subscribe\"}"), 0);
+    expect_error(alice, "unknown_type");
+    cr_assert_eq(mg_wsc_send_text(alice, "{\"type\":\"send\",\"content\":\"x\"}"), 0);
+    expect_error(alice, "missing_field");
+    cr_assert_eq(mg_wsc_send_text(alice, "{\"type\":\"send\",\"to\":\"\",\"content\":\"x\"}"), 0);
+    expect_error(alice, "bad_field");
+    cr_assert_eq(mg_wsc_send_text(alice, "{\"type\":\"send\",\"to\":\"bob\",\"content\":7}"), 0);
+    expect_error(alice, "bad_field");
+    /* still open and working */
+    send_msg(alice, "ok-1", "alice", "self");
+    bool got_ack = false, got_msg = false;
+    for (int i = 0; i < 2; i++) {
+        json_t *j = recv_json(alice);
+        got_ack |= !strcmp(str(j, "type"), "ack") && !strcmp(str(j, "status"), "delivered");
+        got_msg |= !strcmp(str(j, "type"), "message") && !strcmp(str(j, "id"), "ok-1");
+        json_decref(j);
+    }
+    cr_assert(got_ack && got_msg);
+    cr_assert_eq(mg_wsc_close_code(alice), 0);
+    mg_wsc_free(alice);
+    cr_assert_eq(mg_gw_stop(gw), 0);
+    mg_gw_free(gw);
+}
+
+Test(ws, oversized_and_binary_frames_close, .timeout = 60)
+{
+    const char *args[] = {"--max-frame-bytes", "1024", NULL};
+    mg_gw *gw = mg_gw_spawn("ws-limits", args);
+    cr_assert_not_null(gw);
+    mg_wsc *a = connect_user(gw, "alice");
+    char *big = malloc(4096 + 1);
+    memset(big, 'x', 4096);
+    big[4096] = 0;
+    cr_assert_eq(mg_wsc_send_text(a, big), 0);
+    cr_assert_eq(mg_wsc_wait_close(a, T_MS), 1009);
+    mg_wsc_free(a);
+    free(big);
+
+    a = connect_user(gw, "alice");
+    cr_assert_eq(mg_wsc_send_frame(a, MG_WSC_BINARY, "\x01\x02", 2), 0);
+    cr_assert_eq(mg_wsc_wait_close(a, T_MS), 1003);
+    mg_wsc_free(a);
+    cr_assert_eq(mg_gw_stop(gw), 0);
+    mg_gw_free(gw);
+}
+
+static char *token(const char *secret, const char *sub, long exp)
+{
+    jwt_t *j = NULL;
+    cr_assert_eq(jwt_new(&j), 0);
+    jwt_set_alg(j, JWT_ALG_HS256, (const unsigned char *)secret, (int)strlen(secret));
+    jwt_add_grant(j, "sub", sub);
+    jwt_add_grant_int(j, "exp", exp);
+    char *t = jwt_encode_str(j);
+    jwt_free(j);
+    return t;
+}
+
+Test(ws, jwt_auth_at_upgrade, .timeout = 60)
+{
+    const char *secret = "integration-secret-123456";
+    const char *args[] = {"--jwt-secret", secret, NULL};
+    mg_gw *gw = mg_gw_spawn("ws-jwt", args);
+    cr_assert_not_null(gw);
+    int st;
+    cr_assert_null(connect_q(gw, NULL, NULL, &st));
+    cr_assert_eq(st, 401, "missing token: %d", st);
+    cr_assert_null(connect_q(gw, "user=alice", NULL, &st));
+    cr_assert_eq(st, 401, "?user= with auth configured: %d", st);
+
+    char *bad = token("another-secret-xxxxxxxxx", "alice", time(NULL) + 300);
+    char *expired = token(secret, "alice", time(NULL) - 60);
+    char *good = token(secret, "alice", time(NULL) + 300);
+    char hdr[2048], q[2048];
+    snprintf(hdr, sizeof(hdr), "Authorization: Bearer %s", bad);
+    const char *h1[] = {hdr, NULL};
+    cr_assert_null(connect_q(gw, NULL, h1, &st));
+    cr_assert_eq(st, 401, "bad signature: %d", st);
+    snprintf(q, sizeof(q), "token=%s", expired);
+    cr_assert_null(connect_q(gw, q, NULL, &st));
+    cr_assert_eq(st, 401, "expired: %d", st);
+
+    snprintf(hdr, sizeof(hdr), "Authorization: Bearer %s", good);
+    mg_wsc *a = connect_q(gw, NULL, h1, &st);
+    cr_assert_not_null(a, "good token in header: %d", st);
+    snprintf(q, sizeof(q), "token=%s", good);
+    mg_wsc *b = connect_q(gw, q, NULL, &st);
+    cr_assert_not_null(b, "good token in query: %d", st);
+    usleep(200 * 1000);
+    send_msg(a, "j-1", "nobody-online", "hi");
+    expect_ack(a, "j-1", "stored", "inbox");
+    mg_wsc_free(a);
+    mg_wsc_free(b);
+    free(bad);
+    free(expired);
+    free(good);
+    cr_assert_eq(mg_gw_stop(gw), 0);
+    mg_gw_free(gw);
+}
+
+static long metric(const mg_gw *gw, const char *name)
+{
+    char *body = NULL;
+    if (mg_http_get(gw->ws_port, "/metrics", &body) != 200) {
+        free(body);
+        return -1;
+    }
+    long v = -1;
+    char *p = body;
+    size_t nl = strlen(name);
+    while ((p = strstr(p, name))) {
+        if ((p == body || p[-1] == '\n') && p[nl] == ' ') {
+            v = strtol(p + nl + 1, NULL, 10);
+            break;
+        }
+        p += nl;
+    }
+    free(body);
+    return v;
+}
+
+Test(ws, slow_consumer_closed_4008, .timeout = 120)
+{
+    const char *args[] = {"--outbound-queue", "4", "--outbound-queue-bytes", "1048576", NULL};
+    mg_gw *gw = mg_gw_spawn("ws-slow", args);
+    cr_assert_not_null(gw);
+    mg_wsc *alice = connect_user(gw, "alice"), *bob = connect_user(gw, "bob");
+    usleep(200 * 1000);
+    /* bob never reads: after the kernel buffers fill, his queue overflows */
+    char *content = malloc(60001);
+    memset(content, 'z', 60000);
+    content[60000] = 0;
+    char *frame = malloc(61000);
+    int sent = 0;
+    for (; sent < 2000; sent++) {
+        snprintf(frame, 61000, "{\"type\":\"send\",\"to\":\"bob\",\"content\":\"%s\"}", content);
+        cr_assert_eq(mg_wsc_send_text(alice, frame), 0);
+        json_t *j = recv_json(alice); /* alice keeps reading her acks */
+        json_decref(j);
+        if (sent % 10 == 9 && metric(gw, "meshgate_ws_slow_consumer_closes_total") >= 1)
+            break;
+    }
+    cr_assert_lt(sent, 2000, "bob was never closed as a slow consumer");
+    cr_assert_eq(mg_wsc_wait_close(bob, 20000), 4008);
+    cr_assert_eq(mg_wsc_close_code(alice), 0, "alice is unaffected");
+    free(content);
+    free(frame);
+    mg_wsc_free(alice);
+    mg_wsc_free(bob);
+    cr_assert_eq(mg_gw_stop(gw), 0);
+    mg_gw_free(gw);
+}
+
+Test(ws, http_endpoints_and_drain, .timeout = 60)
+{
+    mg_gw *gw = mg_gw_spawn("ws-http", NULL);
+    cr_assert_not_null(gw);
+    char *body = NULL;
+    cr_assert_eq(mg_http_get(gw->ws_port, "/healthz", NULL), 200);
+    cr_assert_eq(mg_http_get(gw->ws_port, "/readyz", NULL), 200);
+    cr_assert_eq(mg_http_get(gw->ws_port, "/nothing-here", NULL), 404);
+    mg_wsc *a = connect_user(gw, "alice");
+    cr_assert_eq(mg_http_get(gw->ws_port, "/metrics", &body), 200);
+    cr_assert(strstr(body, "meshgate_ws_connections 1"), "metrics: %s", body);
+    cr_assert(strstr(body, "meshgate_ws_messages_in_total"));
+    free(body);
+    /* SIGTERM: clients are closed with 1012 within the drain window */
+    mg_gw_kill(gw, SIGTERM);
+    cr_assert_eq(mg_wsc_wait_close(a, 10000), 1012);
+    mg_wsc_free(a);
+    cr_assert(mg_gw_wait(gw, 30000));
+    cr_assert_eq(gw->exit_status, 0);
+    mg_gw_free(gw);
+}
+
+Test(ws, refuses_non_loopback_without_auth, .timeout = 30)
+{
+    char listen[64];
+    snprintf(listen, sizeof(listen), "0.0.0.0:%d", mg_test_free_port());
+    const char *args[] = {"--ws-listen", listen, NULL};
+    mg_gw *gw = mg_gw_spawn_nowait("ws-noauth", args);
+    cr_assert_not_null(gw);
+    cr_assert(mg_gw_wait(gw, 10000), "gateway started without auth on 0.0.0.0");
+    cr_assert_neq(gw->exit_status, 0);
+    cr_assert(mg_gw_log_contains(gw, "without client authentication"));
+    mg_gw_free(gw);
+}
+
+Test(ws, ping_keeps_live_clients_and_drops_dead_ones, .timeout = 60)
+{
+    const char *args[] = {"--ping-seconds", "1", NULL};
+    mg_gw *gw = mg_gw_spawn("ws-ping", args);
+    cr_assert_not_null(gw);
+    mg_wsc *live = connect_user(gw, "live"), *dead = connect_user(gw, "dead");
+    /* live answers pings while it waits; dead does not read for 4 s */
+    expect_silence(live, 4000);
+    cr_assert_eq(mg_wsc_close_code(live), 0, "a client answering pings was closed");
+    int code = mg_wsc_wait_close(dead, 3000);
+    cr_assert_neq(code, 0, "a client not answering pings is still open");
+    mg_wsc_free(live);
+    mg_wsc_free(dead);
+    cr_assert_eq(mg_gw_stop(gw), 0);
+    mg_gw_free(gw);
+}

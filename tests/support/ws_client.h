@@ -1,0 +1,44 @@
+/* ws_client.h: a tiny synchronous WebSocket client for tests (raw sockets).
+ *
+ * One connection, one thread. Every call takes a timeout and never blocks
+ * longer. Pings from the server are answered with pongs while receiving.
+ * Sends are masked as RFC 6455 requires; any size (64-bit lengths) and any
+ * opcode, so tests can send oversized and binary frames.
+ */
+#ifndef MG_WS_CLIENT_H
+#define MG_WS_CLIENT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+typedef struct mg_wsc mg_wsc;
+
+#define MG_WSC_TEXT   0x1
+#define MG_WSC_BINARY 0x2
+#define MG_WSC_CLOSE  0x8
+
+/* Connects to url ("ws://host:port/path?query", host an IP or localhost) with
+ * extra header lines ("Name: value", NULL-terminated array, may be NULL).
+ * Returns the client after a 101, or NULL; *http_status (may be NULL)
+ * receives the response status (e.g. 401), or -1 when the TCP connection or
+ * the response failed. */
+mg_wsc *mg_wsc_connect(const char *url, const char *const *headers, int timeout_ms,
+                       int *http_status);
+/* Sends one frame (FIN set). Returns 0 or -1. */
+int mg_wsc_send_frame(mg_wsc *c, int opcode, const void *data, size_t len);
+int mg_wsc_send_text(mg_wsc *c, const char *text);
+/* Next text frame (malloc'd, NUL-terminated; the caller frees), or NULL on
+ * timeout or close (then mg_wsc_close_code tells). */
+char *mg_wsc_recv_text(mg_wsc *c, int timeout_ms);
+/* The close code the server sent (0: no close frame yet; 1005: a close frame
+ * without a code; -1: the connection dropped without a close frame). */
+int mg_wsc_close_code(const mg_wsc *c);
+/* Reads (discarding text frames) until the server closes or timeout_ms;
+ * returns mg_wsc_close_code. */
+int mg_wsc_wait_close(mg_wsc *c, int timeout_ms);
+/* The socket, e.g. to shrink its receive buffer. */
+int mg_wsc_fd(const mg_wsc *c);
+/* Sends a close (1000) when still open, closes the socket, frees. NULL ok. */
+void mg_wsc_free(mg_wsc *c);
+
+#endif
