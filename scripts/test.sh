@@ -30,6 +30,7 @@ summary="$MESHGATE_RUN/summary.txt"
 status=0
 bash scripts/run-tests.sh build "$summary" || status=1
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+  LSAN_OPTIONS=suppressions=$root/tests/lsan.supp \
   bash scripts/run-tests.sh build-asan "$summary" || status=1
 if [ -x tests/deploy/run.sh ] || [ -f tests/deploy/run.sh ]; then
   if out=$(bash tests/deploy/run.sh 2>&1); then echo "$out" | tail -n 5; else echo "$out"; status=1; fi

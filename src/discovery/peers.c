@@ -20,6 +20,7 @@
 #include "discovery/peers.h"
 #include "common/mg_alloc.h"
 #include "common/mg_log.h"
+#include "common/mg_map.h"
 #include "common/mg_metrics.h"
 #include "common/mg_time.h"
 
@@ -56,6 +57,7 @@ struct mg_peers {
     char *authority;
     int max_message_bytes;
     grpc_channel_credentials *creds;
+    mg_map *bad;              /* id -> address of skipped entries already logged (update_mu) */
     _Atomic int64_t fresh_ms; /* mg_mono_ms of the last update, -1 before */
     atomic_size_t count;
 };
@@ -153,6 +155,15 @@ static struct chan *chan_new(mg_peers *p, const char *address)
 
 /* --- the table ----------------------------------------------------------- */
 
+static void free_bad(mg_map *m)
+{
+    const char *k;
+    void *v;
+    for (size_t it = 0; mg_map_next(m, &it, &k, &v);)
+        free(v);
+    mg_map_free(m);
+}
+
 mg_peers *mg_peers_create(const char *self_id, const char *authority, int max_message_bytes)
 {
     grpc_init();
@@ -164,6 +175,7 @@ mg_peers *mg_peers_create(const char *self_id, const char *authority, int max_me
     p->authority = mg_xstrdup(authority ? authority : "");
     p->max_message_bytes = max_message_bytes > 0 ? max_message_bytes : 4 * 1024 * 1024;
     p->creds = grpc_insecure_credentials_create();
+    p->bad = mg_map_create(8);
     atomic_init(&p->fresh_ms, -1);
     atomic_init(&p->count, 0);
 
@@ -188,6 +200,7 @@ void mg_peers_free(mg_peers *p)
         owner = NULL;
     pthread_mutex_unlock(&owner_mu);
     mg_peer_set_release(p->cur);
+    free_bad(p->bad);
     grpc_channel_credentials_release(p->creds);
     pthread_mutex_destroy(&p->mu);
     pthread_mutex_destroy(&p->update_mu);
@@ -293,13 +306,19 @@ void mg_peers_update(mg_peers *p, const mg_peer *peers, size_t n)
     pthread_mutex_lock(&p->update_mu);
     mg_peer_set *old = mg_peers_acquire(p);
     mg_peer_set *s = set_new(n);
+    mg_map *bad = mg_map_create(8);
     for (size_t i = 0; i < n; i++) {
         const mg_peer *in = &peers[i];
         if (!in->id || !in->id[0] || strcmp(in->id, p->self_id) == 0)
             continue;
         if (!mg_peers_valid_address(in->address)) {
-            mg_log_warn("peers", "peer skipped: bad address peer=%s address=\"%s\"", in->id,
-                        in->address ? in->address : "");
+            /* Logged once per entry and address, not on every update. */
+            const char *addr = in->address ? in->address : "";
+            const char *seen = mg_map_get(p->bad, in->id);
+            if (!seen || strcmp(seen, addr) != 0)
+                mg_log_warn("peers", "peer skipped: bad address peer=%s address=\"%s\"", in->id,
+                            addr);
+            free(mg_map_put(bad, in->id, mg_xstrdup(addr)));
             continue;
         }
         bool dup = false;
@@ -351,6 +370,8 @@ void mg_peers_update(mg_peers *p, const mg_peer *peers, size_t n)
     pthread_mutex_unlock(&p->mu);
     atomic_store(&p->count, s->n);
     atomic_store(&p->fresh_ms, mg_mono_ms());
+    free_bad(p->bad);
+    p->bad = bad;
     pthread_mutex_unlock(&p->update_mu);
 
     mg_peer_set_release(old);

@@ -19,6 +19,7 @@
 #include "router/transport_kafka.h"
 
 #include <arpa/inet.h>
+#include <stddef.h>
 #include <errno.h>
 #include <grpc/grpc.h>
 #include <stdbool.h>
@@ -39,6 +40,8 @@ struct mg_gateway {
     char *advertise;
     bool stopped;
 };
+
+static void register_redis_metrics(mg_gateway *gw, bool on);
 
 static int make_stores(mg_gateway *gw, mg_presence **presence, mg_inbox **inbox, char *err,
                        size_t errlen)
@@ -63,6 +66,13 @@ static int make_stores(mg_gateway *gw, mg_presence **presence, mg_inbox **inbox,
         mg_presence_redis_create(gw->redis, cfg->id, cfg->region, (int)cfg->presence_lease_seconds);
     *inbox = mg_inbox_redis_create(gw->redis, (size_t)cfg->inbox_max_messages,
                                    cfg->inbox_max_age_seconds);
+    if (!*presence || !*inbox) {
+        snprintf(err, errlen, "presence store: %s",
+                 !*presence ? "cannot write this gateway's lease to Redis Cluster"
+                            : "--inbox-max-messages must be at least 1");
+        return -EIO;
+    }
+    register_redis_metrics(gw, true);
     mg_log_info("gateway", "presence=redis-cluster nodes=%s lease_seconds=%lld", cfg->redis_nodes,
                 (long long)cfg->presence_lease_seconds);
     return 0;
@@ -106,6 +116,41 @@ static int make_transports(mg_gateway *gw, char *err, size_t errlen)
         }
     }
     return 0;
+}
+
+static double redis_stat(mg_gateway *gw, size_t offset)
+{
+    mg_redis_cluster_stats st;
+    mg_redis_cluster_stats_get(gw->redis, &st);
+    return (double)*(uint64_t *)((char *)&st + offset);
+}
+
+#define REDIS_STAT_FN(field)                                                                       \
+    static double redis_##field(void *arg)                                                         \
+    {                                                                                              \
+        return redis_stat(arg, offsetof(mg_redis_cluster_stats, field));                           \
+    }
+REDIS_STAT_FN(commands)
+REDIS_STAT_FN(moved)
+REDIS_STAT_FN(ask)
+REDIS_STAT_FN(refreshes)
+REDIS_STAT_FN(io_errors)
+
+static void register_redis_metrics(mg_gateway *gw, bool on)
+{
+    static const struct {
+        const char *name, *help;
+        mg_gauge_fn fn;
+    } stats[] = {
+        {"meshgate_redis_commands_total", "Redis commands sent (each attempt)", redis_commands},
+        {"meshgate_redis_moved_total", "MOVED redirections followed", redis_moved},
+        {"meshgate_redis_ask_total", "ASK redirections followed", redis_ask},
+        {"meshgate_redis_slot_refreshes_total", "Slot map reloads", redis_refreshes},
+        {"meshgate_redis_io_errors_total", "Redis connection failures", redis_io_errors},
+    };
+    for (size_t i = 0; i < sizeof(stats) / sizeof(stats[0]); i++)
+        mg_gauge_fn_register(stats[i].name, stats[i].help, NULL, on ? stats[i].fn : NULL,
+                             on ? gw : NULL);
 }
 
 static char *render_peers(void *arg, const char **content_type)
@@ -269,6 +314,8 @@ void mg_gateway_free(mg_gateway *gw)
     mg_router_free(gw->router); /* frees presence, inbox and transports */
     mg_consul_free(gw->consul);
     mg_peers_free(gw->peers);
+    if (gw->redis)
+        register_redis_metrics(gw, false);
     mg_redis_cluster_free(gw->redis);
     mg_pool_free(gw->pool);
     free(gw->advertise);

@@ -24,6 +24,7 @@
  */
 #include "gateway/ws_server.h"
 #include "common/mg_alloc.h"
+#include "common/mg_map.h"
 #include "common/mg_id.h"
 #include "common/mg_log.h"
 #include "common/mg_metrics.h"
@@ -77,6 +78,13 @@ typedef struct pss {
     char *body; /* HTTP: response body */
     size_t body_len, body_off;
 } pss;
+
+/* Jobs of one connection share a worker queue, so its sends are routed in
+ * the order the client sent them and its connect runs before its sends. */
+static uint64_t conn_key(const char *conn_id)
+{
+    return mg_hash(conn_id, strlen(conn_id));
+}
 
 struct mg_ws_server {
     /* options */
@@ -269,7 +277,7 @@ static void handle_text(mg_ws_server *ws, pss *p, const char *data, size_t len, 
         j->ws = ws;
         j->user = mg_xstrdup(user);
         memcpy(j->id, in.id, n + 1);
-        if (mg_pool_submit(ws->pool, job_inbox_ack, j) != 0) {
+        if (mg_pool_submit_keyed(ws->pool, conn_key(conn_id), job_inbox_ack, j) != 0) {
             /* the message stays in the inbox and comes again: no loss */
             count_error(MG_WS_ERR_OVERLOADED);
             free(j->user);
@@ -290,7 +298,7 @@ static void handle_text(mg_ws_server *ws, pss *p, const char *data, size_t len, 
     j->ws = ws;
     j->msg = m;
     memcpy(j->conn_id, conn_id, n + 1);
-    if (mg_pool_submit(ws->pool, job_send, j) != 0) {
+    if (mg_pool_submit_keyed(ws->pool, conn_key(conn_id), job_send, j) != 0) {
         size_t len2;
         char *t = mg_ws_proto_encode_ack(m->id, MG_STATUS_FAILED, MG_PATH_NONE,
                                          MG_WS_ERR_OVERLOADED, &len2);
@@ -386,7 +394,7 @@ static void on_established(mg_ws_server *ws, struct lws *wsi, pss *p)
     memcpy(t->conn_id, id, n + 1);
     mg_metric_add(ws->m_conns_total, 1);
     mg_metric_add(ws->m_conns, 1);
-    if (mg_pool_submit(ws->pool, job_connected, t) != 0) {
+    if (mg_pool_submit_keyed(ws->pool, conn_key(id), job_connected, t) != 0) {
         mg_log_warn("ws", "worker pool full, refusing conn=%s user=%s", id, t->user);
         count_error(MG_WS_ERR_OVERLOADED);
         ticket_free(t);
@@ -413,7 +421,8 @@ static void on_closed(mg_ws_server *ws, pss *p)
         t->closed = true;
         bool done = t->connect_done;
         pthread_mutex_unlock(&ws->mu);
-        if (done && mg_pool_submit(ws->pool, job_disconnected, t) != 0) {
+        if (done &&
+            mg_pool_submit_keyed(ws->pool, conn_key(t->conn_id), job_disconnected, t) != 0) {
             /* presence entry stays until its lease expires */
             mg_log_warn("ws", "worker pool full, presence not removed conn=%s user=%s", t->conn_id,
                         t->user);

@@ -49,14 +49,14 @@
 #include <string.h>
 #include <unistd.h>
 
-#define COMMIT_INTERVAL_MS     200
-#define LAG_INTERVAL_MS        2000
-#define TOPIC_RETRY_MS         5000
-#define BAD_RECORD_LOG_EVERY   100
-#define MAX_FOREIGN_TOPICS     1024
-#define RETRY_DELAY_MIN_MS     50
-#define RETRY_DELAY_MAX_MS     2000
-#define ERROR_LOG_INTERVAL_MS  5000
+#define COMMIT_INTERVAL_MS    200
+#define LAG_INTERVAL_MS       2000
+#define TOPIC_RETRY_MS        5000
+#define BAD_RECORD_LOG_EVERY  100
+#define MAX_FOREIGN_TOPICS    1024
+#define RETRY_DELAY_MIN_MS    50
+#define RETRY_DELAY_MAX_MS    2000
+#define ERROR_LOG_INTERVAL_MS 5000
 
 enum { TOPIC_UNKNOWN = 0, TOPIC_PENDING = 1, TOPIC_READY = 2 };
 
@@ -284,8 +284,7 @@ static void admin_event(tk *k, rd_kafka_event_t *ev)
     if (n == 0 && rd_kafka_event_error(ev)) {
         /* The request as a whole failed (broker unreachable): ask again. */
         if (error_log_due(k))
-            mg_log_warn("kafka", "create topics failed err=%s",
-                        rd_kafka_event_error_string(ev));
+            mg_log_warn("kafka", "create topics failed err=%s", rd_kafka_event_error_string(ev));
         if (atomic_load(&k->own_topic_state) == TOPIC_PENDING) {
             atomic_store(&k->own_topic_state, TOPIC_UNKNOWN);
             k->own_topic_retry_at = mg_mono_ms() + TOPIC_RETRY_MS;
@@ -337,11 +336,10 @@ static void *poll_main(void *arg)
 static rd_kafka_resp_err_t produce(tk *k, const char *topic, const mg_msg *msg, uint8_t *val,
                                    size_t len, waiter *w)
 {
-    return rd_kafka_producev(k->producer, RD_KAFKA_V_TOPIC(topic),
-                             RD_KAFKA_V_KEY(msg->to, strlen(msg->to)), RD_KAFKA_V_VALUE(val, len),
-                             RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_FREE),
-                             RD_KAFKA_V_HEADER("origin", k->gateway_id, -1),
-                             RD_KAFKA_V_OPAQUE(w), RD_KAFKA_V_END);
+    return rd_kafka_producev(
+        k->producer, RD_KAFKA_V_TOPIC(topic), RD_KAFKA_V_KEY(msg->to, strlen(msg->to)),
+        RD_KAFKA_V_VALUE(val, len), RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_FREE),
+        RD_KAFKA_V_HEADER("origin", k->gateway_id, -1), RD_KAFKA_V_OPAQUE(w), RD_KAFKA_V_END);
 }
 
 static void fail_err(tk *k, mg_deliver_outcome *out, rd_kafka_resp_err_t err)
@@ -443,8 +441,7 @@ static void set_lag(const char *topic, int32_t partition, int64_t lag)
     char labels[48];
     snprintf(labels, sizeof(labels), "partition=\"%d\"", (int)partition);
     mg_metric_set(mg_gauge("meshgate_kafka_consumer_lag",
-                           "Records of this region's topic not yet handled, per partition",
-                           labels),
+                           "Records of this region's topic not yet handled, per partition", labels),
                   lag);
 }
 
@@ -556,7 +553,8 @@ static bool handle_record(tk *k, const rd_kafka_message_t *m, const mg_msg *msg)
             return true;
         mg_metric_add(k->retries, 1);
         if (attempt == 0 || attempt % 20 == 0)
-            mg_log_warn("kafka", "delivery from queue failed, retrying msg_id=%s user=%s "
+            mg_log_warn("kafka",
+                        "delivery from queue failed, retrying msg_id=%s user=%s "
                         "partition=%d offset=%lld attempt=%d err=%s reason=%s",
                         msg->id, msg->to, (int)m->partition, (long long)m->offset, attempt + 1,
                         strerror(-rc), res.reason);
@@ -565,10 +563,11 @@ static bool handle_record(tk *k, const rd_kafka_message_t *m, const mg_msg *msg)
             int irc = ib->ops->store(ib, msg);
             if (irc == 0) {
                 mg_metric_add(k->parked, 1);
-                mg_log_warn("kafka", "record parked in the inbox after %lld ms of retries "
+                mg_log_warn("kafka",
+                            "record parked in the inbox after %lld ms of retries "
                             "msg_id=%s user=%s partition=%d offset=%lld",
-                            (long long)(mg_mono_ms() - start), msg->id, msg->to,
-                            (int)m->partition, (long long)m->offset);
+                            (long long)(mg_mono_ms() - start), msg->id, msg->to, (int)m->partition,
+                            (long long)m->offset);
                 return true;
             }
         }
@@ -593,7 +592,8 @@ static bool consume_one(tk *k, const rd_kafka_message_t *m)
         mg_metric_add(k->bad_records, 1);
         int64_t n = mg_metric_value(k->bad_records);
         if (n % BAD_RECORD_LOG_EVERY == 1)
-            mg_log_warn("kafka", "skipping a record that does not decode topic=%s partition=%d "
+            mg_log_warn("kafka",
+                        "skipping a record that does not decode topic=%s partition=%d "
                         "offset=%lld bytes=%zu (logged once per %d, total=%lld)",
                         rd_kafka_topic_name(m->rkt), (int)m->partition, (long long)m->offset,
                         m->len, BAD_RECORD_LOG_EVERY, (long long)n);
@@ -672,8 +672,8 @@ mg_transport *mg_transport_kafka_create(const mg_transport_kafka_config *cfg, ch
     k->brokers = mg_xstrdup(cfg->brokers ? cfg->brokers : "");
     k->prefix = mg_xstrdup(cfg->topic_prefix ? cfg->topic_prefix : "meshgate.deliver.");
     k->region = mg_xstrdup(cfg->region && cfg->region[0] ? cfg->region : "local");
-    k->gateway_id = mg_xstrdup(cfg->gateway_id && cfg->gateway_id[0] ? cfg->gateway_id
-                                                                      : "meshgate");
+    k->gateway_id =
+        mg_xstrdup(cfg->gateway_id && cfg->gateway_id[0] ? cfg->gateway_id : "meshgate");
     k->own_topic = mg_xasprintf("%s%s", k->prefix, k->region);
     k->partitions = cfg->partitions > 0 ? cfg->partitions : 6;
     k->linger_ms = cfg->linger_ms >= 0 ? cfg->linger_ms : 1;

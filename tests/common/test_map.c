@@ -100,3 +100,35 @@ Test(metrics, renders_prometheus_text)
     free(text);
     mg_metrics_shutdown();
 }
+
+static int order_seen[4][200];
+static atomic_int order_len[4];
+
+struct ordered {
+    int key, seq;
+};
+
+static void ordered_job(void *arg)
+{
+    struct ordered *o = arg;
+    int i = atomic_fetch_add(&order_len[o->key], 1);
+    order_seen[o->key][i] = o->seq;
+    free(o);
+}
+
+Test(pool, same_key_runs_in_submission_order)
+{
+    mg_pool *p = mg_pool_create("t", 3, 4000);
+    for (int seq = 0; seq < 200; seq++)
+        for (int key = 0; key < 4; key++) {
+            struct ordered *o = malloc(sizeof(*o));
+            *o = (struct ordered){key, seq};
+            cr_assert_eq(mg_pool_submit_keyed(p, (uint64_t)key * 7919, ordered_job, o), 0);
+        }
+    mg_pool_free(p);
+    for (int key = 0; key < 4; key++) {
+        cr_assert_eq(atomic_load(&order_len[key]), 200);
+        for (int i = 0; i < 200; i++)
+            cr_assert_eq(order_seen[key][i], i, "key %d: job %d ran out of order", key, i);
+    }
+}

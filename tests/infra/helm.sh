@@ -16,7 +16,7 @@ if ! { [ -x "$BIN" ] && "$BIN" version --short >/dev/null 2>&1; }; then
   mkdir -p "$CACHE/bin"
   log=$CACHE/helm-build.log
   # Helm's version string is normally set by its Makefile; set it the same way.
-  if ! GOBIN=$CACHE/bin GOFLAGS=-mod=mod CGO_ENABLED=0 timeout 1800 "$GO" install \
+  if ! GOBIN=$CACHE/bin GOFLAGS=-mod=mod timeout 1800 "$GO" install \
         -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$VER" \
         "helm.sh/helm/v3/cmd/helm@$VER" >"$log" 2>&1; then
     tail -n 30 "$log" >&2

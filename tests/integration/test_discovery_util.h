@@ -111,7 +111,7 @@ static inline long dt_consul_get(const char *consul, const char *token, const ch
     mg_consul_resp r;
     mg_consul__request(&h, "GET", path, NULL, 5000, &r);
     if (out)
-        *out = r.status ? json_loadb(r.body, r.len, 0, NULL) : NULL;
+        *out = r.status ? json_loadb(r.body, r.len, JSON_DECODE_ANY, NULL) : NULL;
     long st = r.status;
     mg_consul__resp_free(&r);
     mg_consul__http_cleanup(&h);
@@ -252,8 +252,12 @@ static inline void dt_agent_start(dt_agent *a)
         int st;
         if (waitpid(pid, &st, WNOHANG) == pid)
             cr_assert_fail("consul agent exited during start-up (log: %s)", a->log);
-        if (mg_mono_ms() > end)
+        if (mg_mono_ms() > end) {
+            kill(pid, SIGKILL);
+            waitpid(pid, &st, 0);
+            a->pid = 0;
             cr_assert_fail("consul agent has no leader within 30 s (log: %s)", a->log);
+        }
         usleep(100000);
     }
 }

@@ -142,8 +142,12 @@ static void region_name(char *buf, size_t len, const char *test)
 static mg_router *make_router(const char *gw, const char *region, rec *r, int users)
 {
     mg_local_sink sink = {sink_deliver, sink_disconnect, r};
-    mg_router_config rc = {.gateway_id = gw, .region = region, .hot_window_seconds = 10,
-                           .hot_threshold = 100000, .hot_capacity = 64, .dedupe_window = 4096};
+    mg_router_config rc = {.gateway_id = gw,
+                           .region = region,
+                           .hot_window_seconds = 10,
+                           .hot_threshold = 100000,
+                           .hot_capacity = 64,
+                           .dedupe_window = 4096};
     mg_router *rt = mg_router_create(&rc, mg_presence_memory_create(gw, region),
                                      mg_inbox_memory_create(1000, 3600), &sink);
     for (int i = 0; i < users; i++) {
@@ -227,6 +231,27 @@ static int cmp64(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
+/* Deletes the test's topic (the shared broker keeps no litter). Best effort. */
+static void delete_topic(const char *region)
+{
+    char e[512], topic[160];
+    snprintf(topic, sizeof(topic), PREFIX "%s", region);
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    rd_kafka_conf_set(conf, "bootstrap.servers", broker(), e, sizeof(e));
+    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, e, sizeof(e));
+    if (!rk)
+        return;
+    rd_kafka_queue_t *q = rd_kafka_queue_new(rk);
+    rd_kafka_DeleteTopic_t *dt = rd_kafka_DeleteTopic_new(topic);
+    rd_kafka_DeleteTopics(rk, &dt, 1, NULL, q);
+    rd_kafka_DeleteTopic_destroy(dt);
+    rd_kafka_event_t *ev = rd_kafka_queue_poll(q, 10000);
+    if (ev)
+        rd_kafka_event_destroy(ev);
+    rd_kafka_queue_destroy(q);
+    rd_kafka_destroy(rk);
+}
+
 /* ---- tests ---- */
 
 Test(kafka, produce_consume_delivers_once)
@@ -297,6 +322,7 @@ Test(kafka, produce_consume_delivers_once)
 
     mg_transport_kafka_stop(t, 5000);
     mg_router_free(rt);
+    delete_topic(region);
     rec_destroy(&r);
 }
 
@@ -365,6 +391,7 @@ Test(kafka, undecodable_record_is_skipped_counted_and_committed)
     mg_transport_kafka_stop(t, 5000);
     cr_assert_eq(committed_sum(region), 2, "offsets did not move past both records");
     mg_router_free(rt);
+    delete_topic(region);
     rec_destroy(&r);
 }
 
@@ -399,8 +426,7 @@ Test(kafka, one_group_per_region_handles_each_message_once)
     while (rec_total(&ra) + rec_total(&rb) < N && mg_mono_ms() < end)
         usleep(20000);
     usleep(1000000);
-    cr_assert_eq(rec_total(&ra) + rec_total(&rb), N, "a=%d b=%d", rec_total(&ra),
-                 rec_total(&rb));
+    cr_assert_eq(rec_total(&ra) + rec_total(&rb), N, "a=%d b=%d", rec_total(&ra), rec_total(&rb));
     for (int i = 0; i < N; i++) {
         char id[32];
         snprintf(id, sizeof(id), "g%d", i);
@@ -413,6 +439,7 @@ Test(kafka, one_group_per_region_handles_each_message_once)
     mg_transport_kafka_stop(tb, 5000);
     mg_router_free(a);
     mg_router_free(b);
+    delete_topic(region);
     rec_destroy(&ra);
     rec_destroy(&rb);
 }
@@ -478,12 +505,10 @@ Test(kafka, redelivery_after_a_consumer_died_reaches_the_client_once)
     int64_t end = mg_mono_ms() + 60000;
     while (counter("meshgate_kafka_consumed_total") - consumed0 < N && mg_mono_ms() < end)
         usleep(50000);
-    cr_assert_eq(counter("meshgate_kafka_consumed_total") - consumed0, N,
-                 "redelivered %lld of %d",
+    cr_assert_eq(counter("meshgate_kafka_consumed_total") - consumed0, N, "redelivered %lld of %d",
                  (long long)(counter("meshgate_kafka_consumed_total") - consumed0), N);
     cr_assert_eq(counter("meshgate_duplicates_dropped_total") - dups0, N);
-    cr_assert_eq(rec_total(&r), N, "the client saw %d deliveries of %d messages",
-                 rec_total(&r), N);
+    cr_assert_eq(rec_total(&r), N, "the client saw %d deliveries of %d messages", rec_total(&r), N);
     for (int i = 0; i < N; i++) {
         char id[32];
         snprintf(id, sizeof(id), "d%d", i);
@@ -492,6 +517,7 @@ Test(kafka, redelivery_after_a_consumer_died_reaches_the_client_once)
     mg_transport_kafka_stop(t, 5000);
     cr_assert_eq(committed_sum(region), N);
     mg_router_free(rt);
+    delete_topic(region);
     rec_destroy(&r);
 }
 
@@ -579,8 +605,7 @@ Test(kafka_chaos, broker_restart_high_fails_clearly_and_nothing_queued_is_lost)
         } else {
             failed++;
             cr_assert_eq(it->status, MG_STATUS_FAILED, "%s: status %d", it->id, it->status);
-            cr_assert(strncmp(it->reason, "kafka: ", 7) == 0, "%s: reason=%s", it->id,
-                      it->reason);
+            cr_assert(strncmp(it->reason, "kafka: ", 7) == 0, "%s: reason=%s", it->id, it->reason);
             cr_assert_leq(it->took_ms, TIMEOUT_MS + 1000, "%s failed after %lld ms", it->id,
                           (long long)it->took_ms);
         }
@@ -608,6 +633,7 @@ Test(kafka_chaos, broker_restart_high_fails_clearly_and_nothing_queued_is_lost)
         cr_assert_leq(rec_count(&r, s->items[i].id), 1, "%s delivered twice", s->items[i].id);
     mg_transport_kafka_stop(t, 5000);
     mg_router_free(rt);
+    delete_topic(region);
     rec_destroy(&r);
     free(s);
 }

@@ -11,6 +11,7 @@
 
 #include <arpa/inet.h>
 #include <criterion/criterion.h>
+#include <grpc/grpc_security.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
@@ -305,6 +306,28 @@ Test(transport_grpc, a_hanging_peer_fails_with_deadline_exceeded, .timeout = 30)
     raw_stop(raw);
 }
 
+/* Whether pid reached the stopped state (/proc/<pid>/stat state T) in 2 s:
+ * kill(SIGSTOP) returns before every thread of the target has stopped. */
+static bool wait_stopped(pid_t pid)
+{
+    char path[64];
+    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+    for (int i = 0; i < 200; i++) {
+        FILE *f = fopen(path, "r");
+        char buf[512] = "";
+        if (f) {
+            size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+            buf[n] = '\0';
+            fclose(f);
+        }
+        const char *p = strrchr(buf, ')');
+        if (p && p[1] == ' ' && (p[2] == 'T' || p[2] == 't'))
+            return true;
+        usleep(10 * 1000);
+    }
+    return false;
+}
+
 struct bg_call {
     mg_transport *t;
     const char *peer;
@@ -335,6 +358,7 @@ Test(transport_grpc, a_peer_killed_mid_flight_fails_unavailable_quickly, .timeou
 
     /* Freeze the peer so the next call is in flight, then kill it. */
     mg_gw_kill(gw, SIGSTOP);
+    cr_assert(wait_stopped(gw->pid), "the peer is frozen");
     struct bg_call b = {.t = t, .peer = "peer2", .budget_ms = 5000};
     pthread_t th;
     pthread_create(&th, NULL, bg_deliver, &b);
@@ -414,7 +438,7 @@ Test(transport_grpc, degraded_peer_is_routed_around_then_probed_back, .timeout =
         calls++;
     }
     cr_expect_leq(calls, 4, "degraded after min_samples failures (%d calls)", calls);
-    cr_expect_not(avail(t, "flip"));
+    cr_expect_not(avail(t, "flip"), "degraded: no calls until the probe interval passes");
     char *m = mg_metrics_render(NULL);
     cr_expect(strstr(m, "meshgate_peer_degraded{peer=\"flip\"} 1"), "metrics:\n%s", m);
     free(m);
@@ -424,7 +448,6 @@ Test(transport_grpc, degraded_peer_is_routed_around_then_probed_back, .timeout =
     cr_assert_not_null(gw);
     mg_wsc *bob = ws_user(gw, "bob");
     set_peer(peers, "flip", gw->grpc_addr);
-    cr_expect_not(avail(t, "flip"), "still degraded until the probe interval passes");
     int64_t end = mg_mono_ms() + 3000;
     bool probed = false;
     while (mg_mono_ms() < end && !(probed = avail(t, "flip")))
@@ -444,4 +467,163 @@ Test(transport_grpc, degraded_peer_is_routed_around_then_probed_back, .timeout =
     mg_wsc_free(bob);
     cr_expect_eq(mg_gw_stop(gw), 0);
     mg_gw_free(gw);
+}
+
+/* ---- a real gRPC server that answers OK with bytes that do not decode, or
+ * accepts calls and never answers ------------------------------------------- */
+
+enum { EV_NEW = 1, EV_DONE, EV_SHUTDOWN };
+
+struct fake_ev {
+    int kind;
+    grpc_call *call;
+    grpc_call_details details;
+    grpc_metadata_array md;
+    grpc_byte_buffer *payload;
+    int cancelled;
+};
+
+struct fake_grpc {
+    grpc_server *srv;
+    grpc_completion_queue *cq;
+    pthread_t th;
+    int port;
+    bool hang;
+    atomic_int calls;
+    atomic_bool shut; /* the shutdown tag came out of the queue */
+};
+
+static void fake_request(struct fake_grpc *f)
+{
+    struct fake_ev *ev = calloc(1, sizeof(*ev));
+    ev->kind = EV_NEW;
+    grpc_call_details_init(&ev->details);
+    grpc_metadata_array_init(&ev->md);
+    grpc_server_request_call(f->srv, &ev->call, &ev->details, &ev->md, f->cq, f->cq, ev);
+}
+
+static void *fake_main(void *arg)
+{
+    struct fake_grpc *f = arg;
+    fake_request(f);
+    for (;;) {
+        grpc_event e = grpc_completion_queue_next(f->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+        if (e.type == GRPC_QUEUE_SHUTDOWN)
+            break;
+        struct fake_ev *ev = e.tag;
+        if (ev->kind == EV_SHUTDOWN) {
+            atomic_store(&f->shut, true);
+            continue;
+        }
+        if (ev->kind == EV_NEW) {
+            grpc_call_details_destroy(&ev->details);
+            grpc_metadata_array_destroy(&ev->md);
+            if (!e.success) { /* server shutting down */
+                free(ev);
+                continue;
+            }
+            atomic_fetch_add(&f->calls, 1);
+            fake_request(f);
+            ev->kind = EV_DONE;
+            grpc_op ops[4];
+            memset(ops, 0, sizeof(ops));
+            size_t n = 0;
+            if (!f->hang) {
+                static const unsigned char junk[] = {0xff, 0xff, 0xff, 0x07, 0x01};
+                grpc_slice sl = grpc_slice_from_copied_buffer((const char *)junk, sizeof(junk));
+                ev->payload = grpc_raw_byte_buffer_create(&sl, 1);
+                grpc_slice_unref(sl);
+                ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
+                ops[n].op = GRPC_OP_SEND_MESSAGE;
+                ops[n++].data.send_message.send_message = ev->payload;
+                ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+                ops[n++].data.send_status_from_server.status = GRPC_STATUS_OK;
+            }
+            ops[n].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+            ops[n++].data.recv_close_on_server.cancelled = &ev->cancelled;
+            grpc_call_start_batch(ev->call, ops, n, ev, NULL);
+        } else if (ev->kind == EV_DONE) {
+            if (ev->payload)
+                grpc_byte_buffer_destroy(ev->payload);
+            grpc_call_unref(ev->call);
+            free(ev);
+        }
+    }
+    return NULL;
+}
+
+static struct fake_grpc *fake_start(bool hang)
+{
+    grpc_init();
+    struct fake_grpc *f = calloc(1, sizeof(*f));
+    f->hang = hang;
+    f->cq = grpc_completion_queue_create_for_next(NULL);
+    f->srv = grpc_server_create(NULL, NULL);
+    grpc_server_register_completion_queue(f->srv, f->cq, NULL);
+    grpc_server_credentials *cr = grpc_insecure_server_credentials_create();
+    f->port = grpc_server_add_http2_port(f->srv, "127.0.0.1:0", cr);
+    grpc_server_credentials_release(cr);
+    cr_assert_gt(f->port, 0);
+    grpc_server_start(f->srv);
+    pthread_create(&f->th, NULL, fake_main, f);
+    return f;
+}
+
+static void fake_stop(struct fake_grpc *f)
+{
+    struct fake_ev sd = {.kind = EV_SHUTDOWN};
+    grpc_server_shutdown_and_notify(f->srv, f->cq, &sd);
+    grpc_server_cancel_all_calls(f->srv);
+    for (int i = 0; i < 500 && !atomic_load(&f->shut); i++)
+        usleep(10 * 1000);
+    cr_assert(atomic_load(&f->shut), "the fake server shut down");
+    grpc_server_destroy(f->srv);
+    grpc_completion_queue_shutdown(f->cq);
+    pthread_join(f->th, NULL);
+    grpc_completion_queue_destroy(f->cq);
+    free(f);
+    grpc_shutdown();
+}
+
+Test(transport_grpc, a_grpc_peer_answering_undecodable_bytes_fails, .timeout = 30)
+{
+    struct fake_grpc *f = fake_start(false);
+    char addr[64];
+    snprintf(addr, sizeof(addr), "127.0.0.1:%d", f->port);
+    mg_peers *peers = mg_peers_create("self-test", NULL, 0);
+    set_peer(peers, "bytes", addr);
+    mg_transport *t = make_transport(peers, 500, 0, 0, 0);
+    mg_deliver_outcome out;
+    int64_t s = mg_mono_ms();
+    cr_assert_eq(deliver(t, "bytes", "u-1", "bob", s + 2000, &out), 0);
+    cr_expect_eq(out.status, MG_STATUS_FAILED);
+    cr_expect_not(out.not_connected);
+    cr_expect_str_eq(out.reason, "peer bytes: INTERNAL: response does not decode");
+    cr_expect_leq(mg_mono_ms() - s, 500);
+    cr_expect_eq(atomic_load(&f->calls), 1, "no retry after an answer");
+    mg_transport_free(t);
+    mg_peers_free(peers);
+    fake_stop(f);
+}
+
+Test(transport_grpc, a_grpc_peer_holding_the_call_fails_at_the_deadline, .timeout = 30)
+{
+    struct fake_grpc *f = fake_start(true);
+    char addr[64];
+    snprintf(addr, sizeof(addr), "127.0.0.1:%d", f->port);
+    mg_peers *peers = mg_peers_create("self-test", NULL, 0);
+    set_peer(peers, "holder", addr);
+    mg_transport *t = make_transport(peers, 250, 0, 0, 0);
+    mg_deliver_outcome out;
+    int64_t s = mg_mono_ms();
+    cr_assert_eq(deliver(t, "holder", "w-1", "bob", s + 5000, &out), 0);
+    int64_t took = mg_mono_ms() - s;
+    cr_expect_eq(out.status, MG_STATUS_FAILED);
+    cr_expect(strstr(out.reason, "peer holder: DEADLINE_EXCEEDED"), "reason=%s", out.reason);
+    cr_expect_geq(took, 200);
+    cr_expect_leq(took, 400, "took %lld ms", (long long)took);
+    cr_expect_eq(atomic_load(&f->calls), 1, "the call reached the server");
+    mg_transport_free(t);
+    mg_peers_free(peers);
+    fake_stop(f);
 }

@@ -71,8 +71,8 @@ static mg_transport *make(int timeout_ms, int linger_ms, int queue_max)
 static mg_deliver_outcome send_one(mg_transport *t, const char *region, const char *id,
                                    mg_priority prio, int64_t deadline)
 {
-    mg_msg *m = mg_msg_new(id, "alice", "bob", (const uint8_t *)"hi", 2, "text/plain",
-                           mg_now_ms(), prio);
+    mg_msg *m =
+        mg_msg_new(id, "alice", "bob", (const uint8_t *)"hi", 2, "text/plain", mg_now_ms(), prio);
     mg_route_target target = {"gw-b", region};
     mg_deliver_outcome out = {0};
     int rc = t->ops->deliver(t, &target, m, deadline, &out);
@@ -113,8 +113,7 @@ Test(transport_kafka, injected_broker_error_fails_with_reason)
     mg_transport *t = make(5000, 1, 0);
     mg_deliver_outcome out = send_one(t, "r2", "warm", MG_PRIO_HIGH, mg_mono_ms() + 5000);
     cr_assert_eq(out.status, MG_STATUS_QUEUED, "warm-up: %s", out.reason);
-    rd_kafka_mock_push_request_errors(mc, PRODUCE_API_KEY, 1,
-                                      RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE);
+    rd_kafka_mock_push_request_errors(mc, PRODUCE_API_KEY, 1, RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE);
     out = send_one(t, "r2", "m2", MG_PRIO_HIGH, mg_mono_ms() + 5000);
     cr_assert_eq(out.status, MG_STATUS_FAILED);
     cr_assert(strstr(out.reason, "kafka: ") == out.reason, "reason=%s", out.reason);
@@ -183,8 +182,7 @@ Test(transport_kafka, no_brokers_is_inert)
     cr_assert_not(t->ops->available(t, &(mg_route_target){"gw-b", "r2"}));
     mg_msg *m = mg_msg_new("m1", "a", "b", NULL, 0, NULL, 0, MG_PRIO_HIGH);
     mg_deliver_outcome out = {0};
-    cr_assert_eq(t->ops->deliver(t, &(mg_route_target){"gw-b", "r2"}, m, mg_mono_ms() + 100,
-                                 &out),
+    cr_assert_eq(t->ops->deliver(t, &(mg_route_target){"gw-b", "r2"}, m, mg_mono_ms() + 100, &out),
                  -ENOTCONN);
     mg_msg_free(m);
     cr_assert_eq(mg_transport_kafka_assigned(t), -1);
@@ -221,8 +219,12 @@ static int sink_disconnect(void *arg, const char *user, const char *conn_id, int
 Test(transport_kafka, consumer_hands_records_to_the_router)
 {
     mg_local_sink sink = {sink_deliver, sink_disconnect, NULL};
-    mg_router_config rc = {.gateway_id = "gw-a", .region = "r1", .hot_window_seconds = 10,
-                           .hot_threshold = 1000, .hot_capacity = 64, .dedupe_window = 1024};
+    mg_router_config rc = {.gateway_id = "gw-a",
+                           .region = "r1",
+                           .hot_window_seconds = 10,
+                           .hot_threshold = 1000,
+                           .hot_capacity = 64,
+                           .dedupe_window = 1024};
     mg_router *r = mg_router_create(&rc, mg_presence_memory_create("gw-a", "r1"),
                                     mg_inbox_memory_create(100, 3600), &sink);
     mg_transport *t = make(5000, 1, 0);
