@@ -16,13 +16,13 @@
 #include <stdio.h>
 
 /* X(type, field, flag, env, default, unit, help) */
-#define MG_CONFIG_OPTIONS(X)                                                                        \
+#define MG_CONFIG_OPTIONS(X)                                                                       \
     X(STR, id, "id", "MESHGATE_ID", "", "",                                                        \
       "gateway id, unique in the mesh (default: the host name)")                                   \
-    X(STR, region, "region", "MESHGATE_REGION", "local", "", "region this gateway serves")        \
+    X(STR, region, "region", "MESHGATE_REGION", "local", "", "region this gateway serves")         \
     X(STR, ws_listen, "ws-listen", "MESHGATE_WS_LISTEN", "127.0.0.1:8080", "host:port",            \
-      "WebSocket (/ws) and HTTP (/healthz /readyz /metrics) listener")                              \
-    X(STR, grpc_listen, "grpc-listen", "MESHGATE_GRPC_LISTEN", "127.0.0.1:50051", "host:port",    \
+      "WebSocket (/ws) and HTTP (/healthz /readyz /metrics) listener")                             \
+    X(STR, grpc_listen, "grpc-listen", "MESHGATE_GRPC_LISTEN", "127.0.0.1:50051", "host:port",     \
       "gRPC listener (Messaging, GatewayPeer, grpc.health.v1.Health)")                             \
     X(STR, advertise_addr, "advertise-addr", "MESHGATE_ADVERTISE_ADDR", "", "host",                \
       "address peers dial, registered in Consul (default: the gRPC listen host)")                  \
@@ -31,7 +31,7 @@
     X(INT, workers, "workers", "MESHGATE_WORKERS", "4", "threads",                                 \
       "router worker threads (Redis, Kafka and peer I/O run here)")                                \
     X(INT, work_queue, "work-queue", "MESHGATE_WORK_QUEUE", "65536", "jobs",                       \
-      "router jobs waiting before sends are refused (RESOURCE_EXHAUSTED)")                          \
+      "router jobs waiting before sends are refused (RESOURCE_EXHAUSTED)")                         \
     X(INT, max_content_bytes, "max-content-bytes", "MESHGATE_MAX_CONTENT_BYTES", "65536", "bytes", \
       "largest message content accepted")                                                          \
     X(INT, max_frame_bytes, "max-frame-bytes", "MESHGATE_MAX_FRAME_BYTES", "131072", "bytes",      \
@@ -56,8 +56,7 @@
       "RS256 public key (PEM) for client JWTs")                                                    \
     X(INT, drain_seconds, "drain-seconds", "MESHGATE_DRAIN_SECONDS", "10", "s",                    \
       "on SIGTERM, close clients (1012) spread over this window")                                  \
-    X(STR, log_level, "log-level", "MESHGATE_LOG_LEVEL", "info", "",                               \
-      "debug, info, warn or error")                                                                \
+    X(STR, log_level, "log-level", "MESHGATE_LOG_LEVEL", "info", "", "debug, info, warn or error") \
     X(STR, log_format, "log-format", "MESHGATE_LOG_FORMAT", "text", "", "text or json")            \
     X(STR, presence, "presence", "MESHGATE_PRESENCE", "memory", "",                                \
       "presence and inbox store: memory (single gateway) or redis-cluster")                        \
@@ -70,11 +69,12 @@
       "timeout of every Redis call")                                                               \
     X(INT, presence_lease_seconds, "presence-lease-seconds", "MESHGATE_PRESENCE_LEASE_SECONDS",    \
       "30", "s", "a crashed gateway's users vanish from presence within this lease")               \
-    X(INT, inbox_max_messages, "inbox-max-messages", "MESHGATE_INBOX_MAX_MESSAGES", "1000",       \
+    X(INT, inbox_max_messages, "inbox-max-messages", "MESHGATE_INBOX_MAX_MESSAGES", "1000",        \
       "messages", "offline inbox cap per user; the oldest are dropped beyond it")                  \
     X(INT, inbox_max_age_seconds, "inbox-max-age-seconds", "MESHGATE_INBOX_MAX_AGE_SECONDS",       \
       "604800", "s", "offline messages older than this are dropped")                               \
-    X(STR, discovery, "discovery", "MESHGATE_DISCOVERY", "none", "", "peer discovery: none or consul") \
+    X(STR, discovery, "discovery", "MESHGATE_DISCOVERY", "none", "",                               \
+      "peer discovery: none or consul")                                                            \
     X(STR, consul_addr, "consul-addr", "CONSUL_HTTP_ADDR", "127.0.0.1:8500", "host:port or URL",   \
       "Consul HTTP API")                                                                           \
     X(STR, consul_token, "consul-token", "CONSUL_HTTP_TOKEN", "", "", "Consul ACL token")          \
@@ -87,11 +87,21 @@
       "MESHGATE_CONSUL_DEREGISTER_SECONDS", "60", "s",                                             \
       "Consul removes a gateway critical for this long")                                           \
     X(STR, peer_authority, "peer-authority", "MESHGATE_PEER_AUTHORITY", "", "host:port",           \
-      ":authority sent on peer calls (the headless peer Service name under Istio)")               \
+      ":authority sent on peer calls (the headless peer Service name under Istio)")                \
     X(INT, peer_deadline_ms, "peer-deadline-ms", "MESHGATE_PEER_DEADLINE_MS", "500", "ms",         \
       "deadline of a DeliverMessage call; past it the message goes by Kafka")                      \
     X(INT, peer_max_inflight, "peer-max-inflight", "MESHGATE_PEER_MAX_INFLIGHT", "1024", "calls",  \
       "DeliverMessage calls in flight per peer; beyond it messages go by Kafka")                   \
+    X(INT, peer_cq_threads, "peer-cq-threads", "MESHGATE_PEER_CQ_THREADS", "1", "threads",         \
+      "threads draining the peer completion queue")                                                \
+    X(INT, peer_degrade_error_pct, "peer-degrade-error-pct", "MESHGATE_PEER_DEGRADE_ERROR_PCT",    \
+      "50", "%", "peer error average above which its link is degraded (routed around via Kafka)")  \
+    X(INT, peer_degrade_latency_ms, "peer-degrade-latency-ms", "MESHGATE_PEER_DEGRADE_LATENCY_MS", \
+      "200", "ms", "peer latency average above which its link is degraded")                        \
+    X(INT, peer_degrade_min_calls, "peer-degrade-min-calls", "MESHGATE_PEER_DEGRADE_MIN_CALLS",    \
+      "10", "calls", "calls needed before a peer can be degraded")                                 \
+    X(INT, peer_probe_interval_ms, "peer-probe-interval-ms", "MESHGATE_PEER_PROBE_INTERVAL_MS",    \
+      "2000", "ms", "one probe call per interval while a peer is degraded")                        \
     X(STR, kafka_brokers, "kafka-brokers", "MESHGATE_KAFKA_BROKERS", "", "host:port,...",          \
       "Kafka bootstrap servers (empty: no Kafka path)")                                            \
     X(STR, kafka_topic_prefix, "kafka-topic-prefix", "MESHGATE_KAFKA_TOPIC_PREFIX",                \
@@ -104,6 +114,11 @@
       "bytes", "producer batch size")                                                              \
     X(INT, kafka_timeout_ms, "kafka-timeout-ms", "MESHGATE_KAFKA_TIMEOUT_MS", "5000", "ms",        \
       "how long a HIGH send waits for the broker's acknowledgement")                               \
+    X(INT, kafka_queue_max_messages, "kafka-queue-max-messages",                                   \
+      "MESHGATE_KAFKA_QUEUE_MAX_MESSAGES", "100000", "messages",                                   \
+      "producer queue bound; LOW messages are dropped beyond it")                                  \
+    X(INT, kafka_retry_budget_ms, "kafka-retry-budget-ms", "MESHGATE_KAFKA_RETRY_BUDGET_MS",       \
+      "30000", "ms", "consumer retries one record this long, then puts it in the inbox")           \
     X(INT, hot_window_seconds, "hot-window-seconds", "MESHGATE_HOT_WINDOW_SECONDS", "10", "s",     \
       "sliding window of hot-pair rates")                                                          \
     X(INT, hot_threshold, "hot-threshold", "MESHGATE_HOT_THRESHOLD", "20", "messages",             \
@@ -116,9 +131,9 @@
 enum mg_config_type { MG_CFG_STR, MG_CFG_INT, MG_CFG_BOOL };
 
 typedef struct mg_config {
-#define MG_CFG_FIELD_STR(f)  char *f;
-#define MG_CFG_FIELD_INT(f)  int64_t f;
-#define MG_CFG_FIELD_BOOL(f) bool f;
+#define MG_CFG_FIELD_STR(f)                        char *f;
+#define MG_CFG_FIELD_INT(f)                        int64_t f;
+#define MG_CFG_FIELD_BOOL(f)                       bool f;
 #define X(type, field, flag, env, def, unit, help) MG_CFG_FIELD_##type(field)
     MG_CONFIG_OPTIONS(X)
 #undef X

@@ -89,6 +89,14 @@ static int make_transports(mg_gateway *gw, char *err, size_t errlen)
             .region = cfg->region,
             .peer_deadline_ms = (int)cfg->peer_deadline_ms,
             .peer_max_inflight = (int)cfg->peer_max_inflight,
+            .cq_threads = (int)cfg->peer_cq_threads,
+            .link =
+                {
+                    .error_threshold = (double)cfg->peer_degrade_error_pct / 100.0,
+                    .min_samples = (int)cfg->peer_degrade_min_calls,
+                    .latency_threshold_us = cfg->peer_degrade_latency_ms * 1000,
+                    .probe_interval_ms = cfg->peer_probe_interval_ms,
+                },
         };
         mg_router_set_transport(gw->router, MG_PATH_GRPC,
                                 mg_transport_grpc_create(gw->peers, &tcfg));
@@ -103,6 +111,8 @@ static int make_transports(mg_gateway *gw, char *err, size_t errlen)
             .linger_ms = (int)cfg->kafka_linger_ms,
             .batch_bytes = (int)cfg->kafka_batch_bytes,
             .timeout_ms = (int)cfg->kafka_timeout_ms,
+            .queue_max_messages = (int)cfg->kafka_queue_max_messages,
+            .retry_budget_ms = (int)cfg->kafka_retry_budget_ms,
         };
         mg_transport *k = mg_transport_kafka_create(&kcfg, err, errlen);
         if (!k)
@@ -291,12 +301,12 @@ void mg_gateway_stop(mg_gateway *gw)
         mg_ws_server_drain(gw->ws, (int)gw->cfg->drain_seconds);
     if (gw->grpc)
         mg_grpc_server_shutdown(gw->grpc, 2000);
-    if (gw->kafka)
-        mg_transport_kafka_stop(gw->kafka, 5000); /* commit handled offsets, flush */
     if (gw->ws)
         mg_ws_server_stop(gw->ws);
     mg_pool_free(gw->pool); /* runs the jobs still queued */
     gw->pool = NULL;
+    if (gw->kafka)
+        mg_transport_kafka_stop(gw->kafka, 5000); /* commit handled offsets, flush */
     if (gw->router) {
         mg_presence *p = mg_router_presence(gw->router);
         p->ops->remove_gateway(p);
