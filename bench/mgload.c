@@ -246,7 +246,8 @@ static struct {
 } st;
 
 static hist H;
-static int64_t measure_start, measure_stop, send_end_ns = INT64_MAX; /* ns; receipts in this window count */
+static int64_t measure_start = INT64_MAX, measure_stop,
+               send_end_ns = INT64_MAX; /* ns; receipts in this window count */
 static uint64_t rng = 88172645463325252ull;
 static char hostbuf[512];
 static size_t hostlen;
@@ -281,7 +282,8 @@ static void set_events(conn *c, bool out)
 {
     if (c->want_out == out)
         return;
-    struct epoll_event ev = {.events = EPOLLIN | (out ? EPOLLOUT : 0), .data.u32 = (uint32_t)(c - C)};
+    struct epoll_event ev = {.events = EPOLLIN | (out ? EPOLLOUT : 0),
+                             .data.u32 = (uint32_t)(c - C)};
     epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &ev);
     c->want_out = out;
 }
@@ -474,8 +476,8 @@ static size_t parse_frames(conn *c, const uint8_t *buf, size_t len, int64_t now)
             st.closed++;
             if (st.closed <= 3)
                 fprintf(stderr, "mgload: server closed a connection code=%d %.*s\n",
-                        pl >= 2 ? (payload[0] << 8 | payload[1]) : 0,
-                        pl > 2 ? (int)pl - 2 : 0, pl > 2 ? (const char *)payload + 2 : "");
+                        pl >= 2 ? (payload[0] << 8 | payload[1]) : 0, pl > 2 ? (int)pl - 2 : 0,
+                        pl > 2 ? (const char *)payload + 2 : "");
             conn_kill(c);
             return len;
         case 9:
@@ -651,7 +653,8 @@ static void poll_once(int64_t timeout_ns)
             else if (c->want_out)
                 set_events(c, false);
         }
-        if (c->state != C_DEAD && c->state != C_CONNECTING && (evs[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)))
+        if (c->state != C_DEAD && c->state != C_CONNECTING &&
+            (evs[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)))
             on_readable(c, now);
     }
     flush_dirty();
@@ -721,7 +724,8 @@ static void j_begin(void)
 
 static void j_lat(const hist *h)
 {
-    jadd(",\"samples\":%" PRIu64 ",\"p50_us\":%.1f,\"p90_us\":%.1f,\"p99_us\":%.1f,\"p999_us\":%.1f,"
+    jadd(",\"samples\":%" PRIu64
+         ",\"p50_us\":%.1f,\"p90_us\":%.1f,\"p99_us\":%.1f,\"p999_us\":%.1f,"
          "\"max_us\":%.1f,\"mean_us\":%.1f",
          h->n, h_pct(h, 50) / 1e3, h_pct(h, 90) / 1e3, h_pct(h, 99) / 1e3, h_pct(h, 99.9) / 1e3,
          h->max / 1e3, h->n ? h->sum / (double)h->n / 1e3 : 0.0);
@@ -886,7 +890,8 @@ static int mode_pairs(void)
     jadd(",\"pairs\":%ld,\"open\":%ld,\"connect_seconds\":%.2f,\"target_rate\":%.0f,\"window\":%d,"
          "\"size\":%d",
          npairs, st.open, ct, opt.rate, flat ? opt.window : 0, opt.size);
-    jadd(",\"seconds\":%.2f,\"sent\":%ld,\"sent_measured\":%ld,\"delivered\":%ld,\"delivered_measured\":%ld,"
+    jadd(",\"seconds\":%.2f,\"sent\":%ld,\"sent_measured\":%ld,\"delivered\":%ld,\"delivered_"
+         "measured\":%ld,"
          "\"lost\":%ld,\"msgs_per_s\":%.0f",
          mwin, st.sent, sent_measured, st.recv_msgs, st.recv_measured, inflight, rate);
     j_lat(&H);
@@ -1020,7 +1025,8 @@ static int mode_fanout(void)
     double hz = (double)sysconf(_SC_CLK_TCK);
     j_begin();
     jadd(",\"summary\":true,\"conns\":%ld,\"connect_seconds\":%.2f,\"rounds\":%ld,\"rounds_ok\":%d,"
-         "\"all_received_ms_best\":%.2f,\"all_received_ms_mean\":%.2f,\"all_received_ms_worst\":%.2f,"
+         "\"all_received_ms_best\":%.2f,\"all_received_ms_mean\":%.2f,\"all_received_ms_worst\":%."
+         "2f,"
          "\"msgs_per_s\":%.0f,\"gw_cpu_ms_per_round\":%.1f",
          nconns, ct, opt.rounds, rounds_ok, rounds_ok ? best : -1, rounds_ok ? sum / rounds_ok : -1,
          rounds_ok ? worst : -1, rounds_ok ? (double)nconns / (sum / rounds_ok / 1e3) : 0,
@@ -1042,7 +1048,8 @@ static void usage(FILE *o)
 {
     fprintf(o,
             "usage: mgload idle|pairs|fanout [options]\n"
-            "  --host H (127.0.0.1) --port P (recipients' gateway) --send-port P (senders', default --port)\n"
+            "  --host H (127.0.0.1) --port P (recipients' gateway) --send-port P (senders', "
+            "default --port)\n"
             "  --src N            source addresses 127.0.0.2..; default ceil(conns/20000)\n"
             "  --parallel N       handshakes in flight (1000)  --connect-timeout S (120)\n"
             "  --prefix S         user name prefix (b<pid>-)\n"
@@ -1050,7 +1057,8 @@ static void usage(FILE *o)
             "  --scenario S --path S --label S  tags in the JSON line  --json FILE (append)\n"
             "  idle:   --conns N --settle S (1) --hold S (10)\n"
             "  pairs:  --pairs N (64) --rate R msg/s (0 = flat out) --window W (16 per pair)\n"
-            "          --count N (1000000) --seconds S (10) --warmup S (1) --size B (64) --drain S (5)\n"
+            "          --count N (1000000) --seconds S (10) --warmup S (1) --size B (64) --drain S "
+            "(5)\n"
             "          --low (priority low: the gateway acks without waiting for delivery)\n"
             "  fanout: --conns N --grpc HOST:PORT --rounds R (5) --timeout S (30)\n");
 }

@@ -72,7 +72,7 @@ cleanup() {
   local p
   for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null; done
   for p in "${PIDS[@]}"; do
-    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    for _ in $(seq 150); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$p" 2>/dev/null
   done
   PIDS=()
@@ -145,7 +145,7 @@ sc_idle() {
   start_gw gpid "$port" "$(free_port)" --max-connections $((n + 100)) || return 1
   local nsrc=$(((n + 19999) / 20000 + 1))
   load $((LOADB + 300)) idle --port "$port" --conns "$n" --src "$nsrc" --hold 10 --settle 2 \
-    --gw-pid "$gpid" --scenario idle --path local --label "idle $n conns" --prefix idle- >/dev/null
+    --gw-pid "$gpid" --scenario idle --path local --label "idle $n conns" --prefix idle$$- >/dev/null
   stop_gws
 }
 
@@ -155,14 +155,14 @@ sc_local() {
   start_gw gpid "$port" "$(free_port)" || return 1
   load $LOADB pairs --port "$port" --pairs "$pairs" --window "$win" --seconds "$SECS" --warmup 1 \
     --count 100000000 --gw-pid "$gpid" --scenario local --path local --label "local flat out" \
-    --prefix lf- >"$OUT/.flat"
+    --prefix lf$$- >"$OUT/.flat"
   local rate
   rate=$(sed -n 's/.*"msgs_per_s":\([0-9]*\).*/\1/p' "$OUT/.flat" | tail -1)
   [ -n "$rate" ] && [ "$rate" -gt 0 ] || { log "local: no flat-out rate"; stop_gws; return 1; }
   local half=$((rate / 2))
   load $LOADB pairs --port "$port" --pairs "$pairs" --rate "$half" --seconds "$SECS" --warmup 1 \
     --count $((half * (SECS + 2))) --gw-pid "$gpid" --scenario local --path local \
-    --label "local at half rate ($half/s)" --prefix lh- >/dev/null
+    --label "local at half rate ($half/s)" --prefix lh$$- >/dev/null
   stop_gws
 }
 
@@ -173,7 +173,7 @@ sc_fanout() {
   start_gw gpid "$port" "$grpc" || return 1
   load $LOADB fanout --port "$port" --grpc "127.0.0.1:$grpc" --conns "$n" --rounds "$(P 3 10)" \
     --timeout 30 --gw-pid "$gpid" --scenario fanout --path local --label "SendBatch to $n" \
-    --prefix fo- >/dev/null
+    --prefix fo$$- >/dev/null
   stop_gws
 }
 
@@ -192,7 +192,7 @@ two_gws() { # two_gws REGION_A REGION_B extra-args...
 probe_path() {
   local out
   out=$(timeout 60 "$LOAD" pairs --port "$PB" --send-port "$PA" --pairs 1 --window 1 --count 20 \
-    --seconds 15 --warmup 0 --settle 2 --drain 10 --prefix "probe$1-" 2>/dev/null)
+    --seconds 15 --warmup 0 --settle 2 --drain 10 --prefix "probe$1$$-" 2>/dev/null)
   echo "$out" >>"$OUT/$RUN.probe.jsonl"
   local g k l d
   g=$(sed -n 's/.*"ack_path_grpc":\([0-9]*\).*/\1/p' <<<"$out")
@@ -217,13 +217,13 @@ sc_grpc() {
   local rate=${GRPC_RATE:-20000}
   load $LOADB pairs --port "$PB" --send-port "$PA" --pairs 64 --window 16 --seconds "$SECS" \
     --warmup 1 --count 100000000 --gw-pid "$PIDA,$PIDB" --scenario grpc --path grpc \
-    --label "grpc flat out" --prefix gf- >/dev/null
-  load $LOADB pairs --port "$PB" --send-port "$PA" --pairs 64 --rate "$rate" --seconds "$SECS" \
-    --warmup 1 --count $((rate * (SECS + 2))) --gw-pid "$PIDA,$PIDB" --scenario grpc --path grpc \
-    --label "grpc at $rate/s" --prefix gr- >/dev/null
+    --label "grpc flat out" --prefix gf$$- >/dev/null
   load $LOADB pairs --port "$PB" --send-port "$PA" --pairs 64 --window 16 --low --seconds "$SECS" \
     --warmup 1 --count 100000000 --gw-pid "$PIDA,$PIDB" --scenario grpc --path grpc \
-    --label "grpc flat out, priority low" --prefix gl- >/dev/null
+    --label "grpc flat out, priority low" --prefix gl$$- >/dev/null
+  load $LOADB pairs --port "$PB" --send-port "$PA" --pairs 64 --rate "$rate" --seconds "$SECS" \
+    --warmup 1 --count $((rate * (SECS + 2))) --gw-pid "$PIDA,$PIDB" --scenario grpc --path grpc \
+    --label "grpc at $rate/s" --prefix gr$$- >/dev/null
   stop_gws
 }
 
@@ -242,16 +242,16 @@ sc_kafka() {
     stop_gws
     return 0
   fi
-  local rate=${KAFKA_RATE:-1000}
+  local rate=${KAFKA_RATE:-200}
   load $LOADB pairs --port "$PB" --send-port "$PA" --pairs 64 --rate "$rate" --seconds "$SECS" \
     --warmup 2 --count $((rate * (SECS + 3))) --drain 15 --gw-pid "$PIDA,$PIDB" --scenario kafka \
-    --path kafka --label "kafka cold, $rate/s, linger ${linger} ms" --prefix kr- >/dev/null
+    --path kafka --label "kafka cold, $rate/s, linger ${linger} ms" --prefix kr$$- >/dev/null
   load $LOADB pairs --port "$PB" --send-port "$PA" --pairs 64 --window 8 --seconds "$SECS" \
     --warmup 2 --count 100000000 --drain 15 --gw-pid "$PIDA,$PIDB" --scenario kafka --path kafka \
-    --label "kafka cold, flat out, linger ${linger} ms" --prefix kf- >/dev/null
+    --label "kafka cold, flat out, linger ${linger} ms" --prefix kf$$- >/dev/null
   load $LOADB pairs --port "$PB" --send-port "$PA" --pairs 64 --window 8 --low --seconds "$SECS" \
     --warmup 2 --count 100000000 --drain 15 --gw-pid "$PIDA,$PIDB" --scenario kafka --path kafka \
-    --label "kafka cold, flat out, priority low" --prefix kl- >/dev/null
+    --label "kafka cold, flat out, priority low" --prefix kl$$- >/dev/null
   stop_gws
 }
 

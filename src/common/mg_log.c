@@ -75,12 +75,14 @@ void mg_log_write(enum mg_log_level level, const char *mod, const char *fmt, ...
 
     size_t n;
     if (atomic_load(&log_json)) {
-        n = (size_t)snprintf(line, sizeof(line), "{\"ts\":\"%s\",\"level\":\"%s\",\"mod\":\"%s\",\"msg\":\"",
-                             ts, level_names[level], mod);
+        n = (size_t)snprintf(line, sizeof(line),
+                             "{\"ts\":\"%s\",\"level\":\"%s\",\"mod\":\"%s\",\"msg\":\"", ts,
+                             level_names[level], mod);
         n = json_escape(line, n, sizeof(line) - 4, msg);
         n += (size_t)snprintf(line + n, sizeof(line) - n, "\"}\n");
     } else {
-        n = (size_t)snprintf(line, sizeof(line), "%s %s %s: %s\n", ts, level_names[level], mod, msg);
+        n = (size_t)snprintf(line, sizeof(line), "%s %s %s: %s\n", ts, level_names[level], mod,
+                             msg);
     }
     if (n >= sizeof(line))
         n = sizeof(line) - 1, line[n - 1] = '\n';

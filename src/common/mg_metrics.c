@@ -16,9 +16,9 @@
 
 enum kind { K_COUNTER, K_GAUGE, K_GAUGE_FN, K_HISTOGRAM };
 
-static const int64_t bucket_us[] = {100,    250,    500,     1000,    2500,    5000,   10000,
-                                    25000,  50000,  100000,  250000,  500000,  1000000, 2500000,
-                                    5000000, 10000000};
+static const int64_t bucket_us[] = {100,     250,     500,     1000,    2500,   5000,
+                                    10000,   25000,   50000,   100000,  250000, 500000,
+                                    1000000, 2500000, 5000000, 10000000};
 #define NBUCKETS (sizeof(bucket_us) / sizeof(bucket_us[0]))
 
 struct mg_metric {

@@ -17,7 +17,7 @@ struct option_desc {
 };
 
 static const struct option_desc options[] = {
-#define X(type, field, flag, env, def, unit, help)                                                  \
+#define X(type, field, flag, env, def, unit, help)                                                 \
     {MG_CFG_##type, flag, env, def, unit, help, offsetof(mg_config, field)},
     MG_CONFIG_OPTIONS(X)
 #undef X
@@ -80,8 +80,8 @@ void mg_config_print_help(FILE *out, int markdown)
         fprintf(out, "  --%-30s %s\n  %32s[%s] default: %s%s%s\n", o->flag, o->help, "", o->env,
                 o->def[0] ? o->def : "(empty)", o->unit[0] ? " " : "", o->unit);
     }
-    fprintf(out, "  --%-30s %s\n  --%-30s %s\n  --%-30s %s\n", "help", "this text",
-            "help-markdown", "the options as a Markdown table", "version", "print the version");
+    fprintf(out, "  --%-30s %s\n  --%-30s %s\n  --%-30s %s\n", "help", "this text", "help-markdown",
+            "the options as a Markdown table", "version", "print the version");
 }
 
 int mg_config_load(mg_config *cfg, int argc, char **argv, FILE *out, char *err, size_t errlen)

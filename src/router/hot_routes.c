@@ -16,7 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MG_HOT_PROBES 8
+#define MG_HOT_PROBES     8
 #define MG_HOT_MAX_WINDOW 300
 
 struct slot {
@@ -36,8 +36,9 @@ mg_hot *mg_hot_create(int window_seconds, int threshold, size_t capacity)
 {
     mg_hot *h = mg_new(mg_hot);
     pthread_mutex_init(&h->mu, NULL);
-    h->window = window_seconds < 1 ? 1 : window_seconds > MG_HOT_MAX_WINDOW ? MG_HOT_MAX_WINDOW
-                                                                            : window_seconds;
+    h->window = window_seconds < 1                   ? 1
+                : window_seconds > MG_HOT_MAX_WINDOW ? MG_HOT_MAX_WINDOW
+                                                     : window_seconds;
     h->threshold = threshold < 1 ? 1 : threshold;
     h->cap = capacity < MG_HOT_PROBES ? MG_HOT_PROBES : capacity;
     h->slots = mg_xcalloc(h->cap, sizeof(struct slot));

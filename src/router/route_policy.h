@@ -19,9 +19,9 @@
 typedef struct mg_route_input {
     const char *self_gateway, *self_region;
     const char *target_gateway, *target_region;
-    bool hot;             /* the (from, to) pair is hot */
-    bool grpc_usable;     /* a peer channel exists and its link is healthy */
-    bool kafka_usable;    /* a Kafka producer is configured */
+    bool hot;          /* the (from, to) pair is hot */
+    bool grpc_usable;  /* a peer channel exists and its link is healthy */
+    bool kafka_usable; /* a Kafka producer is configured */
 } mg_route_input;
 
 mg_path mg_route_decide(const mg_route_input *in);

@@ -68,17 +68,17 @@ mg_router *mg_router_create(const mg_router_config *cfg, mg_presence *presence, 
     for (int p = 0; p < MG_PATH_COUNT; p++) {
         for (int s = 1; s <= MG_STATUS_ACCEPTED; s++) {
             char labels[96];
-            snprintf(labels, sizeof(labels), "path=\"%s\",status=\"%s\"",
-                     mg_path_name((mg_path)p), mg_status_name((mg_status)s));
-            r->outcomes[p][s] = mg_counter("meshgate_messages_total",
-                                           "Per-recipient send outcomes by path and status",
-                                           labels);
+            snprintf(labels, sizeof(labels), "path=\"%s\",status=\"%s\"", mg_path_name((mg_path)p),
+                     mg_status_name((mg_status)s));
+            r->outcomes[p][s] =
+                mg_counter("meshgate_messages_total",
+                           "Per-recipient send outcomes by path and status", labels);
         }
         char labels[48];
         snprintf(labels, sizeof(labels), "path=\"%s\"", mg_path_name((mg_path)p));
-        r->latency[p] = mg_histogram("meshgate_route_seconds",
-                                     "Time to route one recipient, by the path of its outcome",
-                                     labels);
+        r->latency[p] =
+            mg_histogram("meshgate_route_seconds",
+                         "Time to route one recipient, by the path of its outcome", labels);
     }
     r->duplicates = mg_counter("meshgate_duplicates_dropped_total",
                                "Deliveries dropped because the (id, recipient) was seen", NULL);
@@ -105,8 +105,7 @@ void mg_router_free(mg_router *r)
 {
     if (!r)
         return;
-    mg_gauge_fn_register("meshgate_hot_pairs", "(from, to) pairs currently hot", NULL, NULL,
-                         NULL);
+    mg_gauge_fn_register("meshgate_hot_pairs", "(from, to) pairs currently hot", NULL, NULL, NULL);
     for (int p = 0; p < MG_PATH_COUNT; p++)
         mg_transport_free(r->transports[p]);
     mg_presence_free(r->presence);
@@ -227,8 +226,8 @@ static bool route_gateway(mg_router *r, const mg_msg *msg, const mg_conn_ref *c,
         memset(&out, 0, sizeof(out));
     }
     if (path == MG_PATH_KAFKA) {
-        int rc = r->transports[MG_PATH_KAFKA]->ops->deliver(r->transports[MG_PATH_KAFKA],
-                                                            &target, msg, deadline, &out);
+        int rc = r->transports[MG_PATH_KAFKA]->ops->deliver(r->transports[MG_PATH_KAFKA], &target,
+                                                            msg, deadline, &out);
         if (rc == 0 && (out.status == MG_STATUS_QUEUED || out.status == MG_STATUS_ACCEPTED))
             record(r, res, out.status, MG_PATH_KAFKA, 0, NULL);
         else

@@ -77,8 +77,7 @@ int mg_router_disconnect(mg_router *r, const char *user, const char *conn_id, in
 
 /* A user connected here: record presence, then hand the inbox to the local
  * sink (as inbox messages, oldest first). Call from a worker thread. */
-int mg_router_user_connected(mg_router *r, const char *user, const char *conn_id,
-                             int64_t now_ms);
+int mg_router_user_connected(mg_router *r, const char *user, const char *conn_id, int64_t now_ms);
 int mg_router_user_disconnected(mg_router *r, const char *user, const char *conn_id);
 int mg_router_inbox_ack(mg_router *r, const char *user, const char *msg_id);
 

@@ -23,8 +23,8 @@ typedef struct mg_route_target {
 } mg_route_target;
 
 typedef struct mg_deliver_outcome {
-    mg_status status;      /* DELIVERED, QUEUED, ACCEPTED or FAILED */
-    bool not_connected;    /* the peer answered NOT_CONNECTED (presence was stale) */
+    mg_status status;   /* DELIVERED, QUEUED, ACCEPTED or FAILED */
+    bool not_connected; /* the peer answered NOT_CONNECTED (presence was stale) */
     uint32_t connections;
     char reason[128];
 } mg_deliver_outcome;

@@ -92,7 +92,7 @@ static inline void *fake_conn_main(void *arg)
     sscanf(buf, "%15s %1023s", method, path);
     pthread_mutex_lock(&f->mu);
     if (f->nlog < FAKE_MAX_LOG)
-        snprintf(f->log[f->nlog++], sizeof(f->log[0]), "%s %s", method, path);
+        snprintf(f->log[f->nlog++], sizeof(f->log[0]), "%.15s %.140s", method, path);
     const char *tok = strcasestr(buf, "\r\nx-consul-token:");
     if (tok)
         sscanf(tok + 17, " %127[^\r\n]", f->token);

@@ -95,8 +95,10 @@ Test(config, help_lists_every_option_with_its_default)
     FILE *f = open_memstream(&buf, &len);
     mg_config_print_help(f, 1);
     fclose(f);
-    cr_assert(strstr(buf, "| `--presence-lease-seconds` | `MESHGATE_PRESENCE_LEASE_SECONDS` | `30` | s |"),
-              "%s", buf);
+    cr_assert(
+        strstr(buf,
+               "| `--presence-lease-seconds` | `MESHGATE_PRESENCE_LEASE_SECONDS` | `30` | s |"),
+        "%s", buf);
     cr_assert(strstr(buf, "`CONSUL_HTTP_ADDR`"));
     free(buf);
 }
@@ -119,7 +121,8 @@ Test(config, readme_table_matches_the_binary)
         fwrite(chunk, 1, n, m);
     fclose(m);
     fclose(r);
-    cr_assert(strstr(readme, buf), "README's options table is stale: run scripts/readme-options.sh");
+    cr_assert(strstr(readme, buf),
+              "README's options table is stale: run scripts/readme-options.sh");
     free(buf);
     free(readme);
 }

@@ -36,7 +36,7 @@ static const char *const *dargs(const char *consul, const char *token)
     return a;
 }
 
-Test(discovery_faults, wrong_consul_address_fails_start, .timeout = 60)
+Test(discovery_faults, wrong_consul_address_fails_start)
 {
     char addr[64];
     snprintf(addr, sizeof(addr), "http://127.0.0.1:%d", mg_test_free_port()); /* nobody there */
@@ -49,7 +49,7 @@ Test(discovery_faults, wrong_consul_address_fails_start, .timeout = 60)
     mg_gw_free(g);
 }
 
-Test(discovery_faults, acl_token_refused_then_accepted, .timeout = 60)
+Test(discovery_faults, acl_token_refused_then_accepted)
 {
     const char *acl = mg_test_require_env("MESHGATE_TEST_CONSUL_ACL");
     const char *tok = mg_test_require_env("MESHGATE_TEST_CONSUL_ACL_TOKEN");
@@ -107,7 +107,7 @@ static char *canned_consul(fake_http *f, const char *method, const char *path, c
     }
 }
 
-Test(discovery_faults, malformed_and_truncated_answers_keep_last_peers, .timeout = 60)
+Test(discovery_faults, malformed_and_truncated_answers_keep_last_peers)
 {
     struct canned st = {0};
     fake_http *f = fake_http_start(canned_consul, &st);
@@ -145,7 +145,7 @@ Test(discovery_faults, malformed_and_truncated_answers_keep_last_peers, .timeout
     fake_http_stop(f);
 }
 
-Test(discovery_faults, peer_with_bad_address_is_skipped, .timeout = 60)
+Test(discovery_faults, peer_with_bad_address_is_skipped)
 {
     const char *consul = mg_test_require_env("MESHGATE_TEST_CONSUL");
     /* Entries without checks count as passing. */

@@ -18,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -210,6 +211,7 @@ static inline void dt_agent_start(dt_agent *a)
             dup2(fd, 2);
         }
         setpgid(0, 0);
+        prctl(PR_SET_PDEATHSIG, SIGKILL); /* never outlive a failed test */
         const char *argv[40] = {dt_consul_bin(),
                                 "agent",
                                 "-dev",
@@ -285,7 +287,7 @@ static inline void dt_agent_stop(dt_agent *a)
     dt_agent_kill(a, SIGTERM);
     if (a->dir[0]) {
         char cmd[600];
-        snprintf(cmd, sizeof(cmd), "rm -rf '%s'", a->dir);
+        snprintf(cmd, sizeof(cmd), "rm -rf '%s' '%s'", a->dir, a->log);
         if (system(cmd) != 0)
             fprintf(stderr, "cannot remove %s\n", a->dir);
     }

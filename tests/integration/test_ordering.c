@@ -49,8 +49,8 @@ static long next_message_seq(mg_wsc *c, const char **why)
 
 Test(ordering, one_connections_sends_arrive_in_order, .timeout = 120)
 {
-    const char *args[] = {"--workers", "4", "--outbound-queue", "100000",
-                          "--outbound-queue-bytes", "100000000", NULL};
+    const char *args[] = {"--workers", "4", "--outbound-queue", "100000", "--outbound-queue-bytes",
+                          "100000000", NULL};
     mg_gw *gw = mg_gw_spawn("order-local", args);
     cr_assert_not_null(gw);
     mg_wsc *rx = connect_user(gw, "ord-rx");

@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -61,8 +62,8 @@ const char *mg_test_require_env(const char *name)
     const char *v = mg_test_env(name);
     if (!v)
         cr_assert_fail("%s is not set: start the test services with tests/infra/services.sh up "
-                 "(make test does this)",
-                 name);
+                       "(make test does this)",
+                       name);
     return v;
 }
 
@@ -83,7 +84,8 @@ int mg_http_get(int port, const char *path, char **body)
     if (body)
         *body = NULL;
     int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+    struct sockaddr_in a = {.sin_family = AF_INET,
+                            .sin_port = htons((uint16_t)port),
                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     struct timeval tv = {5, 0};
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
@@ -133,8 +135,8 @@ bool mg_wait_until(bool (*cond)(void *arg), void *arg, int timeout_ms)
 static bool has_flag(const char *const *args, const char *flag)
 {
     for (size_t i = 0; args && args[i]; i++)
-        if (!strcmp(args[i], flag) || (!strncmp(args[i], flag, strlen(flag)) &&
-                                       args[i][strlen(flag)] == '='))
+        if (!strcmp(args[i], flag) ||
+            (!strncmp(args[i], flag, strlen(flag)) && args[i][strlen(flag)] == '='))
             return true;
     return false;
 }
@@ -210,6 +212,7 @@ mg_gw *mg_gw_spawn_nowait(const char *name, const char *const *extra)
             close(fd);
         }
         setpgid(0, 0);
+        prctl(PR_SET_PDEATHSIG, SIGKILL); /* a crashed test leaves no orphan gateway */
         execv(argv[0], (char *const *)argv);
         _exit(127);
     }
