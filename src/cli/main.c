@@ -405,6 +405,33 @@ int main(int argc, char **argv)
     const char *cmd = argv[optind];
     int cargc = argc - optind;
     char **cargv = argv + optind;
+    /* --addr and --timeout may also follow the command
+     * (`meshgate-cli health --addr host:port`, as the Helm test pod runs it). */
+    int kept = 1;
+    for (int i = 1; i < cargc; i++) {
+        const char *a = cargv[i];
+        const char **dst = !strncmp(a, "--addr", 6) ? &addr : NULL;
+        bool is_timeout = !strncmp(a, "--timeout", 9);
+        if ((dst && (a[6] == '=' || a[6] == '\0')) ||
+            (is_timeout && (a[9] == '=' || a[9] == '\0'))) {
+            const char *v =
+                strchr(a, '=') ? strchr(a, '=') + 1 : (i + 1 < cargc ? cargv[++i] : NULL);
+            if (!v) {
+                fprintf(stderr, "error: %s needs a value\n", a);
+                return MG_CLI_USAGE;
+            }
+            if (dst) {
+                *dst = v;
+            } else if ((timeout_ms = atoi(v)) <= 0) {
+                fprintf(stderr, "error: --timeout wants milliseconds > 0\n");
+                return MG_CLI_USAGE;
+            }
+            continue;
+        }
+        cargv[kept++] = cargv[i];
+    }
+    cargc = kept;
+    cargv[cargc] = NULL;
     if (strcmp(cmd, "peers") == 0)
         return cmd_peers(cargc, cargv);
     if (strcmp(cmd, "listen") == 0)

@@ -3,8 +3,11 @@ package deploy
 import (
 	"errors"
 	"fmt"
+	"os"
+	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 
 	netv1b1 "istio.io/api/networking/v1beta1"
 	secv1b1 "istio.io/api/security/v1beta1"
@@ -283,7 +286,16 @@ func CheckEnv(m *Manifest) error {
 	if err != nil {
 		return err
 	}
+	known, err := GatewayEnvNames()
+	if err != nil {
+		return err
+	}
 	var errs []error
+	for k := range e {
+		if (strings.HasPrefix(k, "MESHGATE_") || strings.HasPrefix(k, "CONSUL_")) && !known[k] {
+			errs = append(errs, fmt.Errorf("%s is not an environment variable the gateway reads (src/gateway/config.h)", k))
+		}
+	}
 	want := func(k, v string) {
 		if got := expand(e[k], e); got != v {
 			errs = append(errs, fmt.Errorf("%s = %q, want %q", k, got, v))
@@ -307,13 +319,13 @@ func CheckEnv(m *Manifest) error {
 		errs = append(errs, errors.New("MESHGATE_JWT_SECRET must come from a Secret"))
 	}
 	for k, v := range e {
-		if strings.HasPrefix(k, "MESHGATE_") && strings.Contains(k, "PASSWORD") || k == "MESHGATE_CONSUL_TOKEN" {
+		if strings.HasPrefix(k, "MESHGATE_") && strings.Contains(k, "PASSWORD") || k == "CONSUL_HTTP_TOKEN" {
 			if !strings.HasPrefix(v, "secret:") {
 				errs = append(errs, fmt.Errorf("%s must come from a Secret", k))
 			}
 		}
 	}
-	if e["MESHGATE_DISCOVERY"] == "consul" && e["MESHGATE_CONSUL_ADDR"] == "" && e["CONSUL_HTTP_ADDR"] == "" {
+	if e["MESHGATE_DISCOVERY"] == "consul" && e["CONSUL_HTTP_ADDR"] == "" {
 		errs = append(errs, errors.New("discovery consul without a Consul address"))
 	}
 	return errors.Join(errs...)
@@ -717,4 +729,31 @@ func CheckTestHook(m *Manifest) error {
 		return fmt.Errorf("test pod %s does not run meshgate-cli health --addr", p.Name)
 	}
 	return errors.New("no helm test pod")
+}
+
+var (
+	envOnce  sync.Once
+	envNames map[string]bool
+	envErr   error
+)
+
+// GatewayEnvNames reads the environment variables of the gateway's one
+// configuration table, so the chart can only set variables the binary reads.
+func GatewayEnvNames() (map[string]bool, error) {
+	envOnce.Do(func() {
+		src, err := os.ReadFile("../../src/gateway/config.h")
+		if err != nil {
+			envErr = fmt.Errorf("reading the configuration table: %w", err)
+			return
+		}
+		re := regexp.MustCompile(`X\(\s*(?:STR|INT|BOOL),\s*\w+,\s*"[^"]+",\s*"([A-Z0-9_]+)"`)
+		envNames = map[string]bool{}
+		for _, m := range re.FindAllSubmatch(src, -1) {
+			envNames[string(m[1])] = true
+		}
+		if len(envNames) < 10 {
+			envErr = fmt.Errorf("found only %d options in config.h", len(envNames))
+		}
+	})
+	return envNames, envErr
 }

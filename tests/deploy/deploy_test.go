@@ -244,6 +244,10 @@ func TestChecksCatchMistakes(t *testing.T) {
 		{"websocket port named ws", CheckServicePorts, func(m *Manifest) {
 			svc(m, false).Spec.Ports[0].Name = "ws"
 		}},
+		{"env variable the gateway does not read", CheckEnv, func(m *Manifest) {
+			c := ctr(m)
+			c.Env = append(c.Env, corev1.EnvVar{Name: "MESHGATE_CONSUL_ADDR", Value: "consul:8500"})
+		}},
 		{"no headless peer service", CheckHeadlessPeer, func(m *Manifest) {
 			m.Remove("Service", func(o *Object) bool { return o.Typed.(*corev1.Service).Spec.ClusterIP == "None" })
 		}},
