@@ -13,7 +13,8 @@
  * - Other threads never touch an lws object: they queue frames or closes in
  *   the hub, which wakes this thread with lws_cancel_service; on
  *   LWS_CALLBACK_EVENT_WAIT_CANCELLED we ask for writable on every ready
- *   connection and write one frame per LWS_CALLBACK_SERVER_WRITEABLE.
+ *   connection and write queued frames on LWS_CALLBACK_SERVER_WRITEABLE while
+ *   the socket takes them (up to WRITE_BURST).
  * - Presence: each connection has a ticket shared with its "connected" pool
  *   job, so "disconnected" always runs after "connected" even when the client
  *   leaves before the connect job ran.
@@ -49,6 +50,7 @@
 #define MAX_ERR_IN_ROW      20 /* consecutive bad frames before close 1008 */
 #define HTTP_CHUNK          16384
 #define CLOSE_GRACE_SECONDS 5
+#define WRITE_BURST         64 /* frames written per writable callback */
 
 typedef struct hook {
     char *path;
@@ -91,6 +93,7 @@ struct mg_ws_server {
     char *gateway_id, *host;
     int port, bound_port;
     bool loopback;
+    bool inline_jobs; /* routing never blocks: run connection jobs on this thread */
     size_t max_frame, max_conns;
     mg_ws_limits limits;
     int64_t send_deadline_ms;
@@ -244,6 +247,19 @@ static void job_connected(void *arg)
         job_disconnected(t);
 }
 
+/* Runs a connection's job: on this thread when routing never blocks (the
+ * embedded default: no hand-off, no wake-ups), else on the connection's
+ * worker. Either way one connection's jobs run in order. Returns 0, or the
+ * pool's error (the job did not run and arg stays the caller's). */
+static int dispatch(mg_ws_server *ws, const char *conn_id, mg_job_fn fn, void *arg)
+{
+    if (ws->inline_jobs) {
+        fn(arg);
+        return 0;
+    }
+    return mg_pool_submit_keyed(ws->pool, conn_key(conn_id), fn, arg);
+}
+
 /* ---- WebSocket side ------------------------------------------------------ */
 
 static void close_with(struct lws *wsi, int code, const char *reason)
@@ -277,7 +293,7 @@ static void handle_text(mg_ws_server *ws, pss *p, const char *data, size_t len, 
         j->ws = ws;
         j->user = mg_xstrdup(user);
         memcpy(j->id, in.id, n + 1);
-        if (mg_pool_submit_keyed(ws->pool, conn_key(conn_id), job_inbox_ack, j) != 0) {
+        if (dispatch(ws, conn_id, job_inbox_ack, j) != 0) {
             /* the message stays in the inbox and comes again: no loss */
             count_error(MG_WS_ERR_OVERLOADED);
             free(j->user);
@@ -298,7 +314,7 @@ static void handle_text(mg_ws_server *ws, pss *p, const char *data, size_t len, 
     j->ws = ws;
     j->msg = m;
     memcpy(j->conn_id, conn_id, n + 1);
-    if (mg_pool_submit_keyed(ws->pool, conn_key(conn_id), job_send, j) != 0) {
+    if (dispatch(ws, conn_id, job_send, j) != 0) {
         size_t len2;
         char *t = mg_ws_proto_encode_ack(m->id, MG_STATUS_FAILED, MG_PATH_NONE,
                                          MG_WS_ERR_OVERLOADED, &len2);
@@ -352,15 +368,27 @@ static int on_receive(mg_ws_server *ws, struct lws *wsi, pss *p, const void *in,
     return close_now ? -1 : 0;
 }
 
+/* Writes queued frames while the socket takes them (at most WRITE_BURST per
+ * callback, so one busy connection cannot starve the others), then asks for
+ * another callback if frames are left. */
 static int on_writeable(mg_ws_server *ws, struct lws *wsi, pss *p)
 {
     if (!p->conn)
         return 0;
-    bool more;
-    int code;
-    char reason[124];
-    mg_hub_frame *f = mg_hub_pop(ws->hub, p->conn, &more, &code, reason, sizeof(reason));
-    if (f) {
+    for (int burst = 0; burst < WRITE_BURST; burst++) {
+        bool more;
+        int code;
+        char reason[124];
+        mg_hub_frame *f = mg_hub_pop(ws->hub, p->conn, &more, &code, reason, sizeof(reason));
+        if (!f) {
+            if (code) {
+                if (code == MG_WS_CLOSE_SLOW_CONSUMER)
+                    mg_metric_add(ws->m_slow, 1);
+                close_with(wsi, code, reason);
+                return -1;
+            }
+            return 0;
+        }
         int n = lws_write(wsi, f->data + LWS_PRE, f->len, LWS_WRITE_TEXT);
         if (f->kind == MG_FRAME_MESSAGE)
             mg_metric_add(ws->m_out, 1);
@@ -368,16 +396,13 @@ static int on_writeable(mg_ws_server *ws, struct lws *wsi, pss *p)
         free(f);
         if (!ok)
             return -1;
-        if (more || code)
-            lws_callback_on_writable(wsi);
-        return 0;
+        if (!more && !code)
+            return 0;
+        /* lws buffered a partial write: no more writes until it drained */
+        if (lws_partial_buffered(wsi) || lws_send_pipe_choked(wsi))
+            break;
     }
-    if (code) {
-        if (code == MG_WS_CLOSE_SLOW_CONSUMER)
-            mg_metric_add(ws->m_slow, 1);
-        close_with(wsi, code, reason);
-        return -1;
-    }
+    lws_callback_on_writable(wsi);
     return 0;
 }
 
@@ -394,7 +419,7 @@ static void on_established(mg_ws_server *ws, struct lws *wsi, pss *p)
     memcpy(t->conn_id, id, n + 1);
     mg_metric_add(ws->m_conns_total, 1);
     mg_metric_add(ws->m_conns, 1);
-    if (mg_pool_submit_keyed(ws->pool, conn_key(id), job_connected, t) != 0) {
+    if (dispatch(ws, id, job_connected, t) != 0) {
         mg_log_warn("ws", "worker pool full, refusing conn=%s user=%s", id, t->user);
         count_error(MG_WS_ERR_OVERLOADED);
         ticket_free(t);
@@ -421,8 +446,7 @@ static void on_closed(mg_ws_server *ws, pss *p)
         t->closed = true;
         bool done = t->connect_done;
         pthread_mutex_unlock(&ws->mu);
-        if (done &&
-            mg_pool_submit_keyed(ws->pool, conn_key(t->conn_id), job_disconnected, t) != 0) {
+        if (done && dispatch(ws, t->conn_id, job_disconnected, t) != 0) {
             /* presence entry stays until its lease expires */
             mg_log_warn("ws", "worker pool full, presence not removed conn=%s user=%s", t->conn_id,
                         t->user);
@@ -777,9 +801,10 @@ void mg_ws_server_set_http_hook(mg_ws_server *ws, const char *path,
 static void *service_main(void *arg)
 {
     mg_ws_server *ws = arg;
-    while (!atomic_load(&ws->stopping))
+    while (!atomic_load(&ws->stopping)) {
         if (lws_service(ws->ctx, 0) < 0)
             break;
+    }
     return NULL;
 }
 
@@ -801,6 +826,7 @@ int mg_ws_server_start(mg_ws_server *ws)
 {
     if (ws->started)
         return -EALREADY;
+    ws->inline_jobs = ws->router && mg_router_nonblocking(ws->router);
     lws_set_log_level(LLL_ERR, lws_log_emit);
     ws->protocols[0] = (struct lws_protocols){
         .name = "meshgate",

@@ -27,6 +27,7 @@ struct mg_inbox_ops {
     /* Removes one message. -ENOENT when it is not there. */
     int (*ack)(mg_inbox *ib, const char *user, const char *msg_id);
     void (*free)(mg_inbox *ib);
+    bool nonblocking; /* as in presence.h */
 };
 
 struct mg_inbox {

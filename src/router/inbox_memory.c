@@ -170,6 +170,7 @@ static void im_free(mg_inbox *ib)
 
 static const struct mg_inbox_ops memory_ops = {
     .name = "memory",
+    .nonblocking = true,
     .store = im_store,
     .fetch = im_fetch,
     .ack = im_ack,

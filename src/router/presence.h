@@ -14,6 +14,7 @@
 #ifndef MG_PRESENCE_H
 #define MG_PRESENCE_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -48,6 +49,9 @@ struct mg_presence_ops {
     /* Drops every entry of this gateway (graceful shutdown). */
     int (*remove_gateway)(mg_presence *p);
     void (*free)(mg_presence *p);
+    /* Every op is in memory and never blocks (the embedded default): the
+     * WebSocket thread may then route its own sends without a hand-off. */
+    bool nonblocking;
 };
 
 struct mg_presence {

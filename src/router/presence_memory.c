@@ -152,6 +152,7 @@ static void pm_free(mg_presence *p)
 
 static const struct mg_presence_ops memory_ops = {
     .name = "memory",
+    .nonblocking = true,
     .connect = pm_connect,
     .disconnect = pm_disconnect,
     .lookup = pm_lookup,

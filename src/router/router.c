@@ -117,6 +117,12 @@ void mg_router_free(mg_router *r)
     free(r);
 }
 
+bool mg_router_nonblocking(mg_router *r)
+{
+    return r->presence->ops->nonblocking && r->inbox->ops->nonblocking &&
+           !r->transports[MG_PATH_GRPC] && !r->transports[MG_PATH_KAFKA];
+}
+
 mg_presence *mg_router_presence(mg_router *r)
 {
     return r->presence;

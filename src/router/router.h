@@ -43,6 +43,12 @@ void mg_router_free(mg_router *r);
 mg_presence *mg_router_presence(mg_router *r);
 mg_inbox *mg_router_inbox(mg_router *r);
 
+/* True when routing never blocks: presence and inbox are in memory and no
+ * peer transport (gRPC, Kafka) is installed. The WebSocket thread then
+ * routes its connections' sends itself instead of handing them to a worker
+ * (no thread hop, same order guarantees). Constant once traffic starts. */
+bool mg_router_nonblocking(mg_router *r);
+
 /* Sends msg to msg->to: all of the recipient's connections, wherever they
  * are, or the inbox. deadline_ms is monotonic (mg_mono_ms). Returns 0 with
  * *res filled (its status says what happened), or -EINVAL for a message the

@@ -223,7 +223,7 @@ static void rp_free(mg_presence *p)
 }
 
 static const struct mg_presence_ops rp_ops = {"remote", rp_conn, rp_disc, rp_lookup,
-                                              rp_batch, rp_noop, rp_noop, rp_free};
+                                              rp_batch, rp_noop, rp_noop, rp_free, false};
 
 static mg_router *remote_router(const char *gw, const char *region)
 {
@@ -319,4 +319,12 @@ Test(router, envelope_round_trips)
     free(buf);
     mg_msg_free(m);
     mg_msg_free(back);
+}
+
+Test(router, only_all_memory_routing_counts_as_nonblocking)
+{
+    cr_assert(mg_router_nonblocking(router), "memory presence and inbox, no peers");
+    mg_router *r = remote_router("gw-b", "eu");
+    cr_assert_not(mg_router_nonblocking(r), "peer transports may block");
+    mg_router_free(r);
 }
