@@ -1,0 +1,146 @@
+/* The order DESIGN.md states for the cross-gateway paths, against real
+ * Redis Cluster, Consul and Kafka: a sender that waits for each answer
+ * (HIGH) sees its messages arrive in order on the gRPC path (same region)
+ * and on the Kafka path (a cold cross-region pair: keyed by recipient, one
+ * partition, one consumer). */
+#include "support/grpc_client.h"
+#include "support/mg_test.h"
+#include "support/ws_client.h"
+
+#include <criterion/criterion.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define N_MSGS 200
+
+static mg_gw *spawn(const char *tag, const char *name, const char *region)
+{
+    static char svc[64], topic[64];
+    snprintf(svc, sizeof(svc), "meshgate-%s", tag);
+    snprintf(topic, sizeof(topic), "meshgate.%s.", tag);
+    char id[64];
+    snprintf(id, sizeof(id), "%s-%s", tag, name);
+    const char *args[] = {"--presence",
+                          "redis-cluster",
+                          "--redis-nodes",
+                          mg_test_require_env("MESHGATE_TEST_REDIS_NODES"),
+                          "--discovery",
+                          "consul",
+                          "--consul-addr",
+                          mg_test_require_env("MESHGATE_TEST_CONSUL"),
+                          "--consul-service",
+                          svc,
+                          "--consul-check-interval-seconds",
+                          "1",
+                          "--kafka-brokers",
+                          mg_test_require_env("MESHGATE_TEST_KAFKA"),
+                          "--kafka-topic-prefix",
+                          topic,
+                          "--region",
+                          region,
+                          "--hot-threshold",
+                          "1000000", /* every pair stays cold */
+                          NULL};
+    mg_gw *gw = mg_gw_spawn(id, args);
+    cr_assert_not_null(gw, "gateway %s did not start", id);
+    return gw;
+}
+
+static int peers_of(const mg_gw *gw)
+{
+    char *body = NULL;
+    int n = -1;
+    if (mg_http_get(gw->ws_port, "/peers", &body) == 200) {
+        json_t *j = json_loads(body, 0, NULL);
+        n = (int)json_integer_value(json_object_get(j, "count"));
+        json_decref(j);
+    }
+    free(body);
+    return n;
+}
+
+static mg_wsc *connect_user(const mg_gw *gw, const char *user)
+{
+    char url[256];
+    snprintf(url, sizeof(url), "ws://127.0.0.1:%d/ws?user=%s", gw->ws_port, user);
+    int st = 0;
+    mg_wsc *c = mg_wsc_connect(url, NULL, 5000, &st);
+    cr_assert_not_null(c, "connect %s: HTTP %d", user, st);
+    return c;
+}
+
+/* Sends N_MSGS numbered messages from the gateway of cli to user, each
+ * after the previous one was answered, and checks the path taken. */
+static void send_numbered(mg_grpc_client *cli, const char *user, int want_path)
+{
+    for (int i = 0; i < N_MSGS; i++) {
+        char text[16];
+        snprintf(text, sizeof(text), "%d", i);
+        Meshgate__V1__SendMessageResponse *resp = NULL;
+        char *details = NULL;
+        grpc_status_code rc =
+            mg_tc_send(cli, "ord-sender", user, NULL, text, 1, 10000, &resp, &details);
+        cr_assert_eq(rc, GRPC_STATUS_OK, "send %d: %s", i, details ? details : "");
+        cr_assert_not_null(resp->result);
+        cr_assert_eq((int)resp->result->path, want_path, "send %d went by path %d (%s)", i,
+                     (int)resp->result->path, resp->result->reason);
+        protobuf_c_message_free_unpacked(&resp->base, NULL);
+        free(details);
+    }
+}
+
+/* Reads N_MSGS messages and counts those not one more than the previous. */
+static int out_of_order(mg_wsc *c)
+{
+    int bad = 0, last = -1;
+    for (int got = 0; got < N_MSGS;) {
+        char *text = mg_wsc_recv_text(c, 15000);
+        cr_assert_not_null(text, "message %d of %d did not arrive", got, N_MSGS);
+        json_t *j = json_loads(text, 0, NULL);
+        free(text);
+        const char *type = json_string_value(json_object_get(j, "type"));
+        if (type && !strcmp(type, "message")) {
+            int seq = atoi(json_string_value(json_object_get(j, "content")));
+            bad += seq != last + 1;
+            last = seq;
+            got++;
+        }
+        json_decref(j);
+    }
+    return bad;
+}
+
+Test(ordering_paths, grpc_and_kafka_keep_a_waiting_senders_order, .timeout = 240)
+{
+    char tag[32];
+    snprintf(tag, sizeof(tag), "op%d", (int)getpid());
+    mg_gw *a = spawn(tag, "a", "eu"), *b = spawn(tag, "b", "eu"), *c = spawn(tag, "c", "us");
+    for (int i = 0; i < 200 && (peers_of(a) != 2 || peers_of(b) != 2 || peers_of(c) != 2); i++)
+        usleep(50000);
+    cr_assert_eq(peers_of(a), 2, "gateway a sees its two peers");
+
+    char near[64], far[64];
+    snprintf(near, sizeof(near), "%s-near", tag);
+    snprintf(far, sizeof(far), "%s-far", tag);
+    mg_wsc *rx_near = connect_user(b, near), *rx_far = connect_user(c, far);
+    usleep(300000); /* presence written by the connect job */
+    mg_grpc_client *cli = mg_grpc_client_create(a->grpc_addr, NULL);
+
+    send_numbered(cli, near, MESHGATE__V1__PATH__PATH_GRPC);
+    cr_expect_eq(out_of_order(rx_near), 0, "gRPC path: messages out of order");
+    send_numbered(cli, far, MESHGATE__V1__PATH__PATH_KAFKA);
+    cr_expect_eq(out_of_order(rx_far), 0, "Kafka path: messages out of order");
+
+    mg_grpc_client_free(cli);
+    mg_wsc_free(rx_near);
+    mg_wsc_free(rx_far);
+    cr_expect_eq(mg_gw_stop(c), 0);
+    cr_expect_eq(mg_gw_stop(b), 0);
+    cr_expect_eq(mg_gw_stop(a), 0);
+    mg_gw_free(c);
+    mg_gw_free(b);
+    mg_gw_free(a);
+}
