@@ -486,9 +486,18 @@ Test(routing, each_path_taken_when_it_should_be, .timeout = 300)
 
 typedef struct nl_msg {
     int to;
+    int to_gw;       /* the recipient's gateway when the send was accepted */
     int64_t sent_ms; /* when the send was accepted */
     int status, path, attempts;
 } nl_msg;
+
+/* DESIGN.md: DELIVERED means written to the recipient's connection queue on
+ * its gateway; a gateway SIGKILLed before its WebSocket thread wrote the
+ * frame loses it (live delivery is not acked by clients). So a message to a
+ * user of the victim, accepted just before the kill, may be lost; any other
+ * missing message is a bug. */
+#define NL_INFLIGHT_BEFORE_MS 1000
+#define NL_INFLIGHT_AFTER_MS  200
 
 static struct {
     user *users[NL_USERS];
@@ -538,6 +547,7 @@ static void *nl_sender(void *arg)
             ok = s.code == GRPC_STATUS_OK &&
                  (s.status == ST_DELIVERED || s.status == ST_QUEUED || s.status == ST_STORED);
             if (ok) {
+                NL.msgs[i].to_gw = atomic_load(&NL.users[to]->gw);
                 NL.msgs[i].status = s.status;
                 NL.msgs[i].path = s.path;
                 NL.msgs[i].sent_ms = mg_mono_ms();
@@ -551,16 +561,41 @@ static void *nl_sender(void *arg)
     return NULL;
 }
 
-static int nl_missing(void)
+static bool nl_in_victim_at_kill(const nl_msg *m)
+{
+    return m->to_gw == NL_VICTIM && m->sent_ms >= NL.kill_ms - NL_INFLIGHT_BEFORE_MS &&
+           m->sent_ms <= NL.kill_ms + NL_INFLIGHT_AFTER_MS;
+}
+
+/* Missing messages; *unexplained counts those not in the victim's memory at
+ * the kill; verbose prints each. */
+static int nl_missing_ex(int *unexplained, bool verbose)
 {
     int missing = 0;
+    *unexplained = 0;
     for (int i = 0; i < NL_MESSAGES; i++) {
         char id[64];
         nl_id(id, sizeof(id), i);
-        if (user_count(NL.users[NL.msgs[i].to], id) == 0)
+        const nl_msg *m = &NL.msgs[i];
+        if (user_count(NL.users[m->to], id) == 0) {
             missing++;
+            bool excused = nl_in_victim_at_kill(m);
+            *unexplained += !excused;
+            if (verbose)
+                printf("  missing %s to=%s on gw %d status=%d path=%d sent %+lld ms from the "
+                       "kill%s\n",
+                       id, NL.users[m->to]->name, m->to_gw, m->status, m->path,
+                       (long long)(m->sent_ms - NL.kill_ms),
+                       excused ? " (in the victim's memory when it died)" : "");
+        }
     }
     return missing;
+}
+
+static int nl_missing(void)
+{
+    int unexplained;
+    return nl_missing_ex(&unexplained, false);
 }
 
 Test(routing, no_loss_while_a_gateway_is_killed, .timeout = 600)
@@ -619,7 +654,14 @@ Test(routing, no_loss_while_a_gateway_is_killed, .timeout = 600)
            (long long)all_ms, by_path[P_LOCAL], by_path[P_GRPC], by_path[P_KAFKA], by_path[P_INBOX],
            retried, reconnects, missing, dups, dups_far);
     fflush(stdout);
-    cr_expect_eq(missing, 0, "every message reaches its recipient (%d missing)", missing);
+    int unexplained;
+    nl_missing_ex(&unexplained, true);
+    fflush(stdout);
+    cr_expect_eq(unexplained, 0,
+                 "every message reaches its recipient, except one queued on the killed gateway "
+                 "at the kill (%d missing, %d of them not explained so)",
+                 missing, unexplained);
+    cr_expect_leq(missing, 20, "losses are bounded by the victim's in-flight window");
     cr_expect_eq(dups_far, 0, "no duplicates while the gateways live");
     cr_expect_gt(reconnects, 0, "the victim's users reconnected elsewhere");
     cr_expect_gt(by_path[P_GRPC], 0);
