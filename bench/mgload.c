@@ -4,7 +4,7 @@
  * connections to one or two gateways, spread over source addresses
  * 127.0.0.2.. (bind before connect, IP_BIND_ADDRESS_NO_PORT) to pass the
  * ephemeral-port limit; in fanout mode one more thread makes the gRPC
- * SendBatch call (src/gateway/grpc_util.h).
+ * SendBatch call (src/common/mg_grpc.h).
  * Modes:
  *   idle    hold N connections; gateway RSS per connection and idle CPU
  *   pairs   sender -> recipient pairs, flat out (closed loop, a window of
@@ -16,7 +16,7 @@
  * latency is kept in a log-linear (HDR-style) histogram, <0.8% error.
  * Output: one JSON line (stdout, and appended to --json FILE).
  */
-#include "gateway/grpc_util.h"
+#include "common/mg_grpc.h"
 #include "meshgate/v1/messaging.pb-c.h"
 
 #include <arpa/inet.h>

@@ -1,13 +1,13 @@
 /* main.c: meshgate-cli, a command-line client of a meshgate gateway.
  *
  * Calls the gRPC API (Messaging, Health) with the blocking client of
- * gateway/grpc_util.h, reads /peers over HTTP (libcurl), and listens on the
+ * common/mg_grpc.h, reads /peers over HTTP (libcurl), and listens on the
  * WebSocket front end (listen.c). Single-threaded; every call is bounded by
  * --timeout. Exit codes: 0 ok, 1 RPC error (or health not SERVING), 2 usage.
  */
 #include "cli/cli.h"
 #include "common/mg_alloc.h"
-#include "gateway/grpc_util.h"
+#include "common/mg_grpc.h"
 
 #include "grpc/health/v1/health.pb-c.h"
 #include "meshgate/v1/messaging.pb-c.h"

@@ -24,7 +24,7 @@
 #include "common/mg_metrics.h"
 #include "common/mg_time.h"
 #include "gateway/config.h"
-#include "gateway/grpc_util.h"
+#include "common/mg_grpc.h"
 #include "gateway/ws_proto.h"
 
 #include "grpc/health/v1/health.pb-c.h"

@@ -29,6 +29,7 @@
  * joins the threads.
  */
 #include "router/transport_grpc.h"
+#include "common/mg_grpc.h"
 #include "common/mg_alloc.h"
 #include "common/mg_log.h"
 #include "common/mg_map.h"
@@ -93,31 +94,6 @@ struct pcall {
 
 /* ---- small helpers ------------------------------------------------------ */
 
-static const char *const code_names[N_CODES] = {
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-};
-
-static const char *code_name(grpc_status_code c)
-{
-    return (int)c >= 0 && (int)c < N_CODES ? code_names[c] : "UNKNOWN";
-}
-
 static const char *result_name(int r, char *buf, size_t len)
 {
     if (r == R_DELIVERED)
@@ -126,7 +102,7 @@ static const char *result_name(int r, char *buf, size_t len)
         return "not_connected";
     if (r == R_BUSY)
         return "busy";
-    const char *n = code_names[r];
+    const char *n = mg_grpc_code_name((grpc_status_code)r);
     size_t i = 0;
     for (; n[i] && i + 1 < len; i++)
         buf[i] = (char)tolower((unsigned char)n[i]);
@@ -150,33 +126,6 @@ static void label_escape(const char *in, char *out, size_t len)
         }
     }
     out[o] = '\0';
-}
-
-static grpc_byte_buffer *pack_buffer(const ProtobufCMessage *m)
-{
-    size_t len = protobuf_c_message_get_packed_size(m);
-    grpc_slice s = grpc_slice_malloc(len);
-    if (len)
-        protobuf_c_message_pack(m, GRPC_SLICE_START_PTR(s));
-    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&s, 1);
-    grpc_slice_unref(s);
-    return bb;
-}
-
-/* Decodes bb as d; NULL when absent or not decodable. */
-static ProtobufCMessage *unpack_buffer(const ProtobufCMessageDescriptor *d, grpc_byte_buffer *bb)
-{
-    if (!bb)
-        return NULL;
-    grpc_byte_buffer_reader rd;
-    if (!grpc_byte_buffer_reader_init(&rd, bb))
-        return NULL;
-    grpc_slice all = grpc_byte_buffer_reader_readall(&rd);
-    grpc_byte_buffer_reader_destroy(&rd);
-    ProtobufCMessage *m =
-        protobuf_c_message_unpack(d, NULL, GRPC_SLICE_LENGTH(all), GRPC_SLICE_START_PTR(all));
-    grpc_slice_unref(all);
-    return m;
 }
 
 /* ---- the completion-queue threads ---------------------------------------- */
@@ -476,7 +425,7 @@ static int tg_deliver(mg_transport *base, const mg_route_target *target, const m
     rq.message = &pm;
     rq.origin_gateway = t->gateway_id;
     rq.origin_region = t->region;
-    grpc_byte_buffer *req = pack_buffer(&rq.base);
+    grpc_byte_buffer *req = mg_grpc_pack(&rq.base);
 
     for (int attempt = 0; attempt < 2; attempt++) {
         char details[96];
@@ -488,7 +437,7 @@ static int tg_deliver(mg_transport *base, const mg_route_target *target, const m
         int r = (int)code;
         if (code == GRPC_STATUS_OK) {
             Meshgate__V1__DeliverMessageResponse *dr =
-                (Meshgate__V1__DeliverMessageResponse *)unpack_buffer(
+                (Meshgate__V1__DeliverMessageResponse *)mg_grpc_unpack(
                     &meshgate__v1__deliver_message_response__descriptor, resp);
             if (dr && dr->status == MESHGATE__V1__DELIVER_STATUS__DELIVER_STATUS_DELIVERED) {
                 r = R_DELIVERED;
@@ -512,7 +461,7 @@ static int tg_deliver(mg_transport *base, const mg_route_target *target, const m
         record(t, st, r, took, probe && attempt == 0);
         if (code == GRPC_STATUS_OK)
             break;
-        snprintf(out->reason, sizeof(out->reason), "peer %s: %s: %s", id, code_name(code),
+        snprintf(out->reason, sizeof(out->reason), "peer %s: %s: %s", id, mg_grpc_code_name(code),
                  details[0] ? details : "no details");
         /* Idempotent on the receiver: one retry after a fast UNAVAILABLE. */
         left = budget_ms(t, deadline_ms);
@@ -551,7 +500,7 @@ static int tg_disconnect(mg_transport *base, const mg_route_target *target, cons
     rq.conn_id = (char *)(conn_id ? conn_id : "");
     rq.code = code > 0 ? (uint32_t)code : 0;
     rq.reason = (char *)(reason ? reason : "");
-    grpc_byte_buffer *req = pack_buffer(&rq.base);
+    grpc_byte_buffer *req = mg_grpc_pack(&rq.base);
     grpc_byte_buffer *resp = NULL;
     char details[96];
     int64_t start = mg_mono_us();
@@ -560,7 +509,7 @@ static int tg_disconnect(mg_transport *base, const mg_route_target *target, cons
     int64_t took = mg_mono_us() - start;
     int rc;
     if (st_code == GRPC_STATUS_OK) {
-        Meshgate__V1__DisconnectResponse *dr = (Meshgate__V1__DisconnectResponse *)unpack_buffer(
+        Meshgate__V1__DisconnectResponse *dr = (Meshgate__V1__DisconnectResponse *)mg_grpc_unpack(
             &meshgate__v1__disconnect_response__descriptor, resp);
         if (dr) {
             rc = (int)dr->disconnected;
@@ -576,7 +525,7 @@ static int tg_disconnect(mg_transport *base, const mg_route_target *target, cons
                                                       : -EIO;
         record(t, st, (int)st_code, took, false);
         mg_log_warn("peer", "DisconnectLocal failed peer=%s user=%s code=%s details=%s", id, user,
-                    code_name(st_code), details);
+                    mg_grpc_code_name(st_code), details);
     }
     if (resp)
         grpc_byte_buffer_destroy(resp);

@@ -2,7 +2,7 @@
  *
  * Starts build/meshgate in its embedded default mode (memory presence and
  * inbox, no discovery) with small limits, and calls it with the C-core
- * client of gateway/grpc_util.h; a WebSocket test client plays the online
+ * client of common/mg_grpc.h; a WebSocket test client plays the online
  * recipient.
  */
 #include "support/grpc_client.h"

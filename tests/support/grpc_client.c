@@ -1,4 +1,4 @@
-/* grpc_client.c: typed test calls over gateway/grpc_util.h (see grpc_client.h).
+/* grpc_client.c: typed test calls over common/mg_grpc.h (see grpc_client.h).
  * Runs on the calling test thread; blocking, bounded by the timeout. */
 #include "support/grpc_client.h"
 

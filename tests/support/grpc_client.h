@@ -1,5 +1,5 @@
 /* grpc_client.h: typed Messaging / Health calls for tests, on top of the
- * blocking client of gateway/grpc_util.h (which the CLI shares).
+ * blocking client of common/mg_grpc.h (which the CLI shares).
  *
  * Every function blocks for at most timeout_ms (0: 30 s; negative: expired) and returns the
  * gRPC status code; *details (when not NULL) gets the status message, which
@@ -9,7 +9,7 @@
 #ifndef MG_TEST_GRPC_CLIENT_H
 #define MG_TEST_GRPC_CLIENT_H
 
-#include "gateway/grpc_util.h"
+#include "common/mg_grpc.h"
 #include "grpc/health/v1/health.pb-c.h"
 #include "meshgate/v1/messaging.pb-c.h"
 #include "meshgate/v1/peer.pb-c.h"

@@ -1,7 +1,8 @@
-/* grpc_util.h: glue between gRPC C core and protobuf-c, and a small
+/* mg_grpc.h: glue between gRPC C core and protobuf-c, and a small
  * synchronous client.
  *
- * The server (grpc_server.c), the CLI (src/cli) and the tests share these:
+ * The server (gateway/grpc_server.c), the peer transport
+ * (router/transport_grpc.c), the CLI (src/cli) and the tests share these:
  * packing a protobuf-c message into a grpc_byte_buffer and back, names of
  * status codes, deadline conversion, and mg_grpc_client, a blocking unary
  * client over an insecure channel.
@@ -9,8 +10,8 @@
  * Thread-safety: every function is thread-safe; one mg_grpc_client may be
  * used by many threads at once (each call has its own completion queue).
  */
-#ifndef MG_GRPC_UTIL_H
-#define MG_GRPC_UTIL_H
+#ifndef MG_GRPC_H
+#define MG_GRPC_H
 
 #include <grpc/byte_buffer.h>
 #include <grpc/grpc.h>

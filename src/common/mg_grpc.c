@@ -1,12 +1,12 @@
-/* grpc_util.c: byte buffers <-> protobuf-c, status names, deadlines, and a
- * blocking unary client (see grpc_util.h).
+/* mg_grpc.c: byte buffers <-> protobuf-c, status names, deadlines, and a
+ * blocking unary client (see mg_grpc.h).
  *
  * Runs on the caller's thread. The client makes one completion queue per
  * call, so calls on one channel from many threads never share a queue; the
  * channel itself is thread-safe in gRPC core. Every call is bounded by its
  * deadline (30 s when the caller gives none).
  */
-#include "gateway/grpc_util.h"
+#include "common/mg_grpc.h"
 #include "common/mg_alloc.h"
 
 #include <grpc/byte_buffer_reader.h>
