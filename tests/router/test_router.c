@@ -222,8 +222,8 @@ static void rp_free(mg_presence *p)
     free(p);
 }
 
-static const struct mg_presence_ops rp_ops = {"remote", rp_conn, rp_disc, rp_lookup,
-                                              rp_batch, rp_noop, rp_noop, rp_free, false};
+static const struct mg_presence_ops rp_ops = {"remote", rp_conn, rp_disc, rp_lookup, rp_batch,
+                                              rp_noop,  rp_noop, rp_free, false};
 
 static mg_router *remote_router(const char *gw, const char *region)
 {
