@@ -46,6 +46,10 @@
       "frames queued per connection before it is closed as a slow consumer (4008)")                \
     X(INT, outbound_queue_bytes, "outbound-queue-bytes", "MESHGATE_OUTBOUND_QUEUE_BYTES",          \
       "1048576", "bytes", "bytes queued per connection before it is closed as a slow consumer")    \
+    X(INT, delivery_write_wait_ms, "delivery-write-wait-ms", "MESHGATE_DELIVERY_WRITE_WAIT_MS",    \
+      "1000", "ms",                                                                                \
+      "a delivery waits this long for its frame to reach the socket before answering (0: no "      \
+      "wait)")                                                                                     \
     X(INT, ping_seconds, "ping-seconds", "MESHGATE_PING_SECONDS", "30", "s",                       \
       "WebSocket ping interval; a connection silent for 2 intervals is closed")                    \
     X(INT, max_connections, "max-connections", "MESHGATE_MAX_CONNECTIONS", "1000000", "conns",     \

@@ -24,6 +24,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 struct mg_hub_conn {
     void *handle;
@@ -39,8 +40,17 @@ struct mg_hub_conn {
     char id[]; /* "<gateway_id>-<seq>" */
 };
 
+/* A delivery waiting for its frames to be written. Guarded by the hub mutex;
+ * refs: the waiter plus every queued frame that points at it. */
+struct mg_hub_receipt {
+    pthread_cond_t cv;
+    int refs, pending, written;
+};
+
 struct mg_hub {
     pthread_mutex_t mu;
+    int write_wait_ms;
+    bool stop_waits;
     char *gateway_id;
     size_t max_frames, max_bytes, headroom;
     void (*wake)(void *arg);
@@ -63,6 +73,7 @@ mg_hub *mg_hub_create(const mg_hub_config *cfg)
     h->headroom = cfg->headroom;
     h->wake = cfg->wake;
     h->wake_arg = cfg->wake_arg;
+    h->write_wait_ms = cfg->write_wait_ms;
     h->by_id = mg_map_create(1024);
     h->by_user = mg_map_create(1024);
     return h;
@@ -76,11 +87,54 @@ void mg_hub_set_wake(mg_hub *h, void (*wake)(void *arg), void *arg)
     pthread_mutex_unlock(&h->mu);
 }
 
+static __thread bool on_service_thread;
+
+void mg_hub_mark_service_thread(void)
+{
+    on_service_thread = true;
+}
+
+/* Under the lock (or with no other thread left): the frame's fate reaches
+ * the delivery waiting for it. */
+static void settle(mg_hub_frame *f, bool written)
+{
+    mg_hub_receipt *r = f->receipt;
+    if (!r)
+        return;
+    f->receipt = NULL;
+    r->pending--;
+    r->written += written;
+    if (r->pending == 0)
+        pthread_cond_signal(&r->cv);
+    if (--r->refs == 0) {
+        pthread_cond_destroy(&r->cv);
+        free(r);
+    }
+}
+
+void mg_hub_frame_done(mg_hub *h, mg_hub_frame *f, bool written)
+{
+    if (f->receipt) {
+        pthread_mutex_lock(&h->mu);
+        settle(f, written);
+        pthread_mutex_unlock(&h->mu);
+    }
+    free(f);
+}
+
+void mg_hub_stop_waits(mg_hub *h)
+{
+    pthread_mutex_lock(&h->mu);
+    h->stop_waits = true;
+    pthread_mutex_unlock(&h->mu);
+}
+
 static void queue_clear(mg_hub_conn *c)
 {
     mg_hub_frame *f = c->qhead;
     while (f) {
         mg_hub_frame *n = f->next;
+        settle(f, false);
         free(f);
         f = n;
     }
@@ -175,6 +229,7 @@ void mg_hub_unregister(mg_hub *h, mg_hub_conn *c)
         }
     }
     h->count--;
+    queue_clear(c); /* under the lock: waiting deliveries learn of the drop */
     pthread_mutex_unlock(&h->mu);
     conn_free(c);
 }
@@ -235,7 +290,8 @@ static void set_close(mg_hub *h, mg_hub_conn *c, int code, const char *reason)
 }
 
 /* Under the lock: queues a copy of text to c, or marks it slow. */
-static int enqueue(mg_hub *h, mg_hub_conn *c, const char *text, size_t len, mg_frame_kind kind)
+static int enqueue(mg_hub *h, mg_hub_conn *c, const char *text, size_t len, mg_frame_kind kind,
+                   mg_hub_receipt *r)
 {
     if (c->close_code)
         return -EPIPE;
@@ -252,6 +308,11 @@ static int enqueue(mg_hub *h, mg_hub_conn *c, const char *text, size_t len, mg_f
     }
     mg_hub_frame *f = mg_xmalloc(sizeof(*f) + h->headroom + len + 1);
     f->next = NULL;
+    f->receipt = r;
+    if (r) {
+        r->refs++;
+        r->pending++;
+    }
     f->len = len;
     f->kind = kind;
     memcpy(f->data + h->headroom, text, len);
@@ -274,15 +335,54 @@ int mg_hub_deliver(mg_hub *h, const mg_msg *msg, const char *conn_id, bool from_
     size_t len;
     char *text = mg_ws_proto_encode_message(msg, from_inbox, &len);
     int n = 0;
+    mg_hub_receipt *r = NULL;
     pthread_mutex_lock(&h->mu);
+    if (!from_inbox && !on_service_thread && h->write_wait_ms > 0 && !h->stop_waits) {
+        r = mg_new(mg_hub_receipt);
+        pthread_condattr_t ca;
+        pthread_condattr_init(&ca);
+        pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+        pthread_cond_init(&r->cv, &ca);
+        pthread_condattr_destroy(&ca);
+        r->refs = 1;
+    }
     if (conn_id) {
         mg_hub_conn *c = mg_map_get(h->by_id, conn_id);
-        if (c && strcmp(c->user, msg->to) == 0 && enqueue(h, c, text, len, MG_FRAME_MESSAGE) == 0)
+        if (c && strcmp(c->user, msg->to) == 0 &&
+            enqueue(h, c, text, len, MG_FRAME_MESSAGE, r) == 0)
             n++;
     } else {
         for (mg_hub_conn *c = mg_map_get(h->by_user, msg->to); c; c = c->user_next)
-            if (enqueue(h, c, text, len, MG_FRAME_MESSAGE) == 0)
+            if (enqueue(h, c, text, len, MG_FRAME_MESSAGE, r) == 0)
                 n++;
+    }
+    if (r) {
+        struct timespec end;
+        clock_gettime(CLOCK_MONOTONIC, &end);
+        end.tv_sec += h->write_wait_ms / 1000;
+        end.tv_nsec += (long)(h->write_wait_ms % 1000) * 1000000;
+        if (end.tv_nsec >= 1000000000)
+            end.tv_sec++, end.tv_nsec -= 1000000000;
+        /* Short slices, so a stopping service thread releases us early. */
+        while (r->pending > 0 && !h->stop_waits) {
+            struct timespec now, slice;
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            if (now.tv_sec > end.tv_sec || (now.tv_sec == end.tv_sec && now.tv_nsec >= end.tv_nsec))
+                break;
+            slice = now;
+            slice.tv_nsec += 50 * 1000000;
+            if (slice.tv_nsec >= 1000000000)
+                slice.tv_sec++, slice.tv_nsec -= 1000000000;
+            if (slice.tv_sec > end.tv_sec ||
+                (slice.tv_sec == end.tv_sec && slice.tv_nsec > end.tv_nsec))
+                slice = end;
+            pthread_cond_timedwait(&r->cv, &h->mu, &slice);
+        }
+        n = r->written + r->pending;
+        if (--r->refs == 0) {
+            pthread_cond_destroy(&r->cv);
+            free(r);
+        }
     }
     h->delivered += (uint64_t)n;
     pthread_mutex_unlock(&h->mu);
@@ -294,7 +394,7 @@ int mg_hub_post(mg_hub *h, const char *conn_id, const char *text, size_t len)
 {
     pthread_mutex_lock(&h->mu);
     mg_hub_conn *c = mg_map_get(h->by_id, conn_id);
-    int rc = c ? enqueue(h, c, text, len, MG_FRAME_CONTROL) : -ENOENT;
+    int rc = c ? enqueue(h, c, text, len, MG_FRAME_CONTROL, NULL) : -ENOENT;
     pthread_mutex_unlock(&h->mu);
     return rc == -EPIPE ? -ENOENT : rc;
 }

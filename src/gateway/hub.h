@@ -45,13 +45,20 @@ typedef struct mg_hub_config {
      * May be NULL. */
     void (*wake)(void *arg);
     void *wake_arg;
+    /* How long a delivery (mg_hub_deliver, not from the inbox, not on the
+     * service thread) waits for its frames to be written to the sockets
+     * before answering; 0: do not wait. See mg_hub_deliver. */
+    int write_wait_ms;
 } mg_hub_config;
 
 typedef enum { MG_FRAME_MESSAGE = 1, MG_FRAME_CONTROL = 2 } mg_frame_kind;
 
+typedef struct mg_hub_receipt mg_hub_receipt;
+
 /* One queued text frame: data[headroom .. headroom+len) is the payload. */
 typedef struct mg_hub_frame {
     struct mg_hub_frame *next;
+    mg_hub_receipt *receipt; /* a delivery waiting for this write, or NULL */
     size_t len;
     mg_frame_kind kind;
     unsigned char data[];
@@ -76,12 +83,25 @@ void mg_hub_unregister(mg_hub *h, mg_hub_conn *c);
 const char *mg_hub_conn_id(const mg_hub_conn *c);   /* [ws] valid until unregister */
 const char *mg_hub_conn_user(const mg_hub_conn *c); /* [ws] valid until unregister */
 
-/* [ws] Takes the next frame of c (the caller frees it with free()), or NULL
+/* [ws] Takes the next frame of c (the caller hands it back with
+ * mg_hub_frame_done once written or abandoned), or NULL
  * when none is queued; then *close_code is the pending close code (0: none)
  * and reason (reasonlen bytes) its reason. *more tells whether more frames
  * remain after the one returned. */
 mg_hub_frame *mg_hub_pop(mg_hub *h, mg_hub_conn *c, bool *more, int *close_code, char *reason,
                          size_t reasonlen);
+
+/* [ws] Settles a popped frame: written tells whether lws_write took all of
+ * it; a delivery waiting on it learns the outcome. Frees f. */
+void mg_hub_frame_done(mg_hub *h, mg_hub_frame *f, bool written);
+
+/* [ws] Marks the calling thread as the service thread: deliveries made on it
+ * never wait for writes (the thread that writes cannot wait for itself). */
+void mg_hub_mark_service_thread(void);
+
+/* [ws] The service thread stops: deliveries stop waiting for writes that
+ * will not come. */
+void mg_hub_stop_waits(mg_hub *h);
 
 /* [ws] Calls fn(handle, close_code, arg) for every connection with queued
  * frames or a pending close (close_code != 0), and clears the ready set. fn
@@ -90,8 +110,14 @@ mg_hub_frame *mg_hub_pop(mg_hub *h, mg_hub_conn *c, bool *more, int *close_code,
 void mg_hub_take_ready(mg_hub *h, void (*fn)(void *handle, int close_code, void *arg), void *arg);
 
 /* Renders msg once and queues it to every connection of msg->to (or only
- * conn_id, when not NULL, if it belongs to msg->to). Returns how many
- * connections took it (0: none connected here). */
+ * conn_id, when not NULL, if it belongs to msg->to). Unless from_inbox,
+ * called on the service thread or write_wait_ms is 0, it then waits (up to
+ * write_wait_ms) until the service thread wrote the frames to the sockets,
+ * so "delivered" means written: a gateway killed before the write answers
+ * nothing (the caller's call fails and it falls back) instead of a
+ * DELIVERED it did not keep. Returns how many connections got it: written,
+ * or still queued on a live connection when the wait ended (a slow reader);
+ * frames dropped with their connection do not count (0: none here). */
 int mg_hub_deliver(mg_hub *h, const mg_msg *msg, const char *conn_id, bool from_inbox);
 
 /* Queues a control frame (ack, error) to one connection. Returns 0, -ENOENT

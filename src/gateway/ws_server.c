@@ -393,7 +393,7 @@ static int on_writeable(mg_ws_server *ws, struct lws *wsi, pss *p)
         if (f->kind == MG_FRAME_MESSAGE)
             mg_metric_add(ws->m_out, 1);
         bool ok = n >= 0 && (size_t)n >= f->len;
-        free(f);
+        mg_hub_frame_done(ws->hub, f, ok);
         if (!ok)
             return -1;
         if (!more && !code)
@@ -757,6 +757,7 @@ mg_ws_server *mg_ws_server_create(const mg_config *cfg, mg_pool *pool, char *err
         .headroom = LWS_PRE,
         .wake = wake,
         .wake_arg = ws,
+        .write_wait_ms = (int)cfg->delivery_write_wait_ms,
     };
     ws->hub = mg_hub_create(&hc);
     ws->m_in =
@@ -801,6 +802,7 @@ void mg_ws_server_set_http_hook(mg_ws_server *ws, const char *path,
 static void *service_main(void *arg)
 {
     mg_ws_server *ws = arg;
+    mg_hub_mark_service_thread();
     while (!atomic_load(&ws->stopping)) {
         if (lws_service(ws->ctx, 0) < 0)
             break;
@@ -932,6 +934,7 @@ void mg_ws_server_stop(mg_ws_server *ws)
     if (!ws || !ws->started)
         return;
     atomic_store(&ws->stopping, true);
+    mg_hub_stop_waits(ws->hub); /* nothing will be written any more */
     lws_cancel_service(ws->ctx);
     pthread_join(ws->thread, NULL);
     mg_hub_set_wake(ws->hub, NULL, NULL);

@@ -8,6 +8,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 static int wakes;
 static void on_wake(void *arg)
@@ -40,7 +41,7 @@ static char *pop_text(mg_hub *h, mg_hub_conn *c, int *close_code)
     if (!f)
         return NULL;
     char *s = strndup((char *)f->data + 16, f->len);
-    free(f);
+    mg_hub_frame_done(h, f, true);
     return s;
 }
 
@@ -251,5 +252,100 @@ Test(hub, concurrent_deliveries)
         free(s);
     }
     cr_assert_eq(got, 8000);
+    mg_hub_free(h);
+}
+
+/* ---- deliveries that wait for the write (delivery-write-wait-ms) ---- */
+
+struct deliverer {
+    mg_hub *h;
+    int result;
+};
+
+static void *deliver_main(void *arg)
+{
+    struct deliverer *d = arg;
+    mg_msg *m = msg("w1", "bob");
+    d->result = mg_hub_deliver(d->h, m, NULL, false);
+    mg_msg_free(m);
+    return NULL;
+}
+
+static mg_hub *make_waiting(int wait_ms)
+{
+    mg_hub_config c = {.gateway_id = "gw1",
+                       .max_frames = 8,
+                       .max_bytes = 1 << 20,
+                       .headroom = 16,
+                       .write_wait_ms = wait_ms};
+    return mg_hub_create(&c);
+}
+
+/* Pops the frame (as the service thread would) once it is queued. */
+static mg_hub_frame *pop_when_queued(mg_hub *h, mg_hub_conn *c)
+{
+    for (int i = 0; i < 2000; i++) {
+        bool more;
+        int code;
+        mg_hub_frame *f = mg_hub_pop(h, c, &more, &code, NULL, 0);
+        if (f)
+            return f;
+        usleep(1000);
+    }
+    return NULL;
+}
+
+Test(hub, delivery_answers_after_the_write)
+{
+    mg_hub *h = make_waiting(5000);
+    int dummy;
+    mg_hub_conn *c = mg_hub_register(h, "bob", &dummy);
+    struct deliverer d = {h, -1};
+    pthread_t t;
+    pthread_create(&t, NULL, deliver_main, &d);
+    mg_hub_frame *f = pop_when_queued(h, c);
+    cr_assert_not_null(f);
+    usleep(50000);
+    cr_assert_eq(d.result, -1, "the delivery is still waiting for the write");
+    mg_hub_frame_done(h, f, true);
+    pthread_join(t, NULL);
+    cr_assert_eq(d.result, 1, "written to the one connection");
+    mg_hub_unregister(h, c);
+    mg_hub_free(h);
+}
+
+Test(hub, delivery_dropped_with_its_connection_counts_nothing)
+{
+    mg_hub *h = make_waiting(5000);
+    int dummy;
+    mg_hub_conn *c1 = mg_hub_register(h, "bob", &dummy);
+    mg_hub_conn *c2 = mg_hub_register(h, "bob", &dummy);
+    struct deliverer d = {h, -1};
+    pthread_t t;
+    pthread_create(&t, NULL, deliver_main, &d);
+    /* both frames are queued in one go; write the first */
+    mg_hub_frame *f = pop_when_queued(h, c1);
+    cr_assert_not_null(f);
+    mg_hub_frame_done(h, f, true);
+    usleep(50000);
+    cr_assert_eq(d.result, -1, "still waiting for the second connection");
+    mg_hub_unregister(h, c2); /* it goes before its frame was written */
+    pthread_join(t, NULL);
+    cr_assert_eq(d.result, 1, "only the written frame counts");
+    mg_hub_unregister(h, c1);
+    mg_hub_free(h);
+}
+
+Test(hub, slow_write_still_counts_a_live_connection)
+{
+    mg_hub *h = make_waiting(100);
+    int dummy;
+    mg_hub_conn *c = mg_hub_register(h, "bob", &dummy);
+    struct deliverer d = {h, -1};
+    pthread_t t;
+    pthread_create(&t, NULL, deliver_main, &d);
+    pthread_join(t, NULL); /* nobody writes: the wait ends after 100 ms */
+    cr_assert_eq(d.result, 1, "still queued on a live connection");
+    mg_hub_unregister(h, c);
     mg_hub_free(h);
 }
