@@ -67,16 +67,32 @@ const char *mg_test_require_env(const char *name)
     return v;
 }
 
+/* Listening ports for tests come from below the kernel's ephemeral range
+ * (32768-60999 by default): a port picked by binding port 0 is an ephemeral
+ * one, and any outgoing connection (a Redis, Kafka or gRPC client) may take
+ * it between our check and the gateway's bind. */
+#define TEST_PORT_LO 20000
+#define TEST_PORT_HI 32000
+
 int mg_test_free_port(void)
 {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t len = sizeof(a);
-    if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof(a)) < 0 ||
-        getsockname(fd, (struct sockaddr *)&a, &len) < 0)
-        cr_assert_fail("cannot find a free port: %s", strerror(errno));
-    close(fd);
-    return ntohs(a.sin_port);
+    static __thread unsigned seed;
+    if (!seed)
+        seed = (unsigned)getpid() * 2654435761u ^ (unsigned)time(NULL);
+    for (int tries = 0; tries < 2000; tries++) {
+        int port = TEST_PORT_LO + (int)(rand_r(&seed) % (TEST_PORT_HI - TEST_PORT_LO));
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        struct sockaddr_in a = {.sin_family = AF_INET,
+                                .sin_port = htons((uint16_t)port),
+                                .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        int ok = fd >= 0 && bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0;
+        if (fd >= 0)
+            close(fd);
+        if (ok)
+            return port;
+    }
+    cr_assert_fail("cannot find a free port in %d-%d", TEST_PORT_LO, TEST_PORT_HI);
+    return -1;
 }
 
 int mg_http_get(int port, const char *path, char **body)
@@ -230,14 +246,25 @@ static bool gw_ready(void *arg)
 
 mg_gw *mg_gw_spawn(const char *name, const char *const *extra)
 {
-    mg_gw *gw = mg_gw_spawn_nowait(name, extra);
-    if (!mg_wait_until(gw_ready, gw, 20000) || gw->exited) {
+    bool own_ports = !flag_value(extra, "--ws-listen") && !flag_value(extra, "--grpc-listen");
+    for (int attempt = 1;; attempt++) {
+        mg_gw *gw = mg_gw_spawn_nowait(name, extra);
+        if (mg_wait_until(gw_ready, gw, 20000) && !gw->exited)
+            return gw;
+        /* Another process took a port we picked between our check and the
+         * gateway's bind: pick others (our ports only, a few times). */
+        bool port_taken = gw->exited && (mg_gw_log_contains(gw, "Address already in use") ||
+                                         mg_gw_log_contains(gw, "ERROR on binding"));
+        if (own_ports && port_taken && attempt < 4) {
+            fprintf(stderr, "gateway %s: a picked port was taken, retrying\n", name);
+            free(gw);
+            continue;
+        }
         fprintf(stderr, "gateway %s did not become ready\n", name);
         print_log_tail(gw);
         mg_gw_free(gw);
         return NULL;
     }
-    return gw;
 }
 
 void mg_gw_kill(mg_gw *gw, int sig)
