@@ -17,6 +17,7 @@
 #include "common/mg_alloc.h"
 #include "common/mg_log.h"
 #include "common/mg_map.h"
+#include "common/mg_metrics.h"
 #include "gateway/ws_proto.h"
 
 #include <errno.h>
@@ -51,6 +52,7 @@ struct mg_hub {
     pthread_mutex_t mu;
     int write_wait_ms;
     bool stop_waits;
+    mg_metric *slow_counter;
     char *gateway_id;
     size_t max_frames, max_bytes, headroom;
     void (*wake)(void *arg);
@@ -74,6 +76,7 @@ mg_hub *mg_hub_create(const mg_hub_config *cfg)
     h->wake = cfg->wake;
     h->wake_arg = cfg->wake_arg;
     h->write_wait_ms = cfg->write_wait_ms;
+    h->slow_counter = cfg->slow_counter;
     h->by_id = mg_map_create(1024);
     h->by_user = mg_map_create(1024);
     return h;
@@ -299,6 +302,8 @@ static int enqueue(mg_hub *h, mg_hub_conn *c, const char *text, size_t len, mg_f
         queue_clear(c);
         c->slow = true;
         h->slow_closes++;
+        if (h->slow_counter)
+            mg_metric_add(h->slow_counter, 1);
         set_close(h, c, MG_WS_CLOSE_SLOW_CONSUMER, "slow consumer");
         mg_log_warn("hub",
                     "slow consumer, closing conn=%s user=%s queue_limit_frames=%zu "

@@ -23,6 +23,7 @@
 #ifndef MG_HUB_H
 #define MG_HUB_H
 
+#include "common/mg_metrics.h"
 #include "router/msg.h"
 #include "router/transport.h"
 
@@ -49,6 +50,9 @@ typedef struct mg_hub_config {
      * service thread) waits for its frames to be written to the sockets
      * before answering; 0: do not wait. See mg_hub_deliver. */
     int write_wait_ms;
+    /* Counted when a connection is marked slow (its close may come later, or
+     * by timeout when its socket never drains). May be NULL. */
+    mg_metric *slow_counter;
 } mg_hub_config;
 
 typedef enum { MG_FRAME_MESSAGE = 1, MG_FRAME_CONTROL = 2 } mg_frame_kind;

@@ -382,8 +382,6 @@ static int on_writeable(mg_ws_server *ws, struct lws *wsi, pss *p)
         mg_hub_frame *f = mg_hub_pop(ws->hub, p->conn, &more, &code, reason, sizeof(reason));
         if (!f) {
             if (code) {
-                if (code == MG_WS_CLOSE_SLOW_CONSUMER)
-                    mg_metric_add(ws->m_slow, 1);
                 close_with(wsi, code, reason);
                 return -1;
             }
@@ -750,6 +748,8 @@ mg_ws_server *mg_ws_server_create(const mg_config *cfg, mg_pool *pool, char *err
     ws->limits.max_user_bytes = cfg->max_user_bytes > 0 ? (size_t)cfg->max_user_bytes : 256;
     ws->send_deadline_ms = cfg->kafka_timeout_ms + cfg->peer_deadline_ms + 1000;
     ws->ping_seconds = cfg->ping_seconds > 0 ? (int)cfg->ping_seconds : 30;
+    ws->m_slow = mg_counter("meshgate_ws_slow_consumer_closes_total",
+                            "connections closed as slow consumers (4008)", NULL);
     mg_hub_config hc = {
         .gateway_id = ws->gateway_id,
         .max_frames = cfg->outbound_queue > 0 ? (size_t)cfg->outbound_queue : 256,
@@ -758,14 +758,14 @@ mg_ws_server *mg_ws_server_create(const mg_config *cfg, mg_pool *pool, char *err
         .wake = wake,
         .wake_arg = ws,
         .write_wait_ms = (int)cfg->delivery_write_wait_ms,
+        .slow_counter = ws->m_slow,
     };
     ws->hub = mg_hub_create(&hc);
     ws->m_in =
         mg_counter("meshgate_ws_messages_in_total", "text frames received from clients", NULL);
     ws->m_out =
         mg_counter("meshgate_ws_messages_out_total", "message frames written to clients", NULL);
-    ws->m_slow = mg_counter("meshgate_ws_slow_consumer_closes_total",
-                            "connections closed as slow consumers (4008)", NULL);
+
     ws->m_conns_total = mg_counter("meshgate_ws_connections_opened_total",
                                    "WebSocket connections established", NULL);
     ws->m_conns =
