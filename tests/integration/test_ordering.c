@@ -16,10 +16,8 @@
 
 static mg_wsc *connect_user(const mg_gw *gw, const char *user)
 {
-    char url[256];
-    snprintf(url, sizeof(url), "ws://127.0.0.1:%d/ws?user=%s", gw->ws_port, user);
     int st = 0;
-    mg_wsc *c = mg_wsc_connect(url, NULL, 5000, &st);
+    mg_wsc *c = mg_wsc_connect_user(gw->ws_port, user, 5000, &st);
     cr_assert_not_null(c, "connect as %s: HTTP %d", user, st);
     return c;
 }

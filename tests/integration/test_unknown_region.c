@@ -85,9 +85,7 @@ Test(unknown_region, queued_until_the_region_has_a_gateway, .timeout = 180)
     snprintf(mid, sizeof(mid), "%s-m", tag);
     mg_gw *m = mg_gw_spawn(mid, gw_args(tag, region));
     cr_assert_not_null(m);
-    char url[256];
-    snprintf(url, sizeof(url), "ws://127.0.0.1:%d/ws?user=%s", m->ws_port, user);
-    mg_wsc *ws = mg_wsc_connect(url, NULL, 5000, NULL);
+    mg_wsc *ws = mg_wsc_connect_user(m->ws_port, user, 5000, NULL);
     cr_assert_not_null(ws);
     bool got = false;
     for (int frames = 0; frames < 20 && !got; frames++) {

@@ -327,3 +327,10 @@ void mg_wsc_free(mg_wsc *c)
     free(c->buf);
     free(c);
 }
+
+mg_wsc *mg_wsc_connect_user(int port, const char *user, int timeout_ms, int *http_status)
+{
+    char url[512];
+    snprintf(url, sizeof(url), "ws://127.0.0.1:%d/ws?user=%s", port, user);
+    return mg_wsc_connect(url, NULL, timeout_ms, http_status);
+}

@@ -25,6 +25,10 @@ typedef struct mg_wsc mg_wsc;
 mg_wsc *mg_wsc_connect(const char *url, const char *const *headers, int timeout_ms,
                        int *http_status);
 /* Sends one frame (FIN set). Returns 0 or -1. */
+/* Connects to ws://127.0.0.1:port/ws?user=USER (a gateway without auth on
+ * loopback); as mg_wsc_connect otherwise. */
+mg_wsc *mg_wsc_connect_user(int port, const char *user, int timeout_ms, int *http_status);
+
 int mg_wsc_send_frame(mg_wsc *c, int opcode, const void *data, size_t len);
 int mg_wsc_send_text(mg_wsc *c, const char *text);
 /* Next text frame (malloc'd, NUL-terminated; the caller frees), or NULL on
