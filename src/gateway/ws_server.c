@@ -847,7 +847,14 @@ int mg_ws_server_start(mg_ws_server *ws)
     bool any = !ws->host[0] || strcmp(ws->host, "0.0.0.0") == 0 || strcmp(ws->host, "::") == 0 ||
                strcmp(ws->host, "*") == 0;
     info.iface = any ? NULL : (strcmp(ws->host, "localhost") == 0 ? "127.0.0.1" : ws->host);
-    if (strcmp(ws->host, "0.0.0.0") == 0)
+    /* lws 4.1 binds an IPv6 socket unless told otherwise, and turns an IPv4
+     * literal in iface into that socket's address by writing it through a
+     * sockaddr_in view of the sockaddr_in6 (lws_interface_to_sa): it lands in
+     * sin6_flowinfo and the socket binds [::], every address. An IPv4 host
+     * therefore takes lws's IPv4 path, which binds exactly that address. */
+    struct in_addr v4;
+    if (strcmp(ws->host, "0.0.0.0") == 0 ||
+        (info.iface && inet_pton(AF_INET, info.iface, &v4) == 1))
         info.options |= LWS_SERVER_OPTION_DISABLE_IPV6;
     info.protocols = ws->protocols;
     info.user = ws;

@@ -5,13 +5,17 @@
 #include "support/mg_test.h"
 #include "support/ws_client.h"
 
+#include <arpa/inet.h>
 #include <criterion/criterion.h>
+#include <errno.h>
 #include <jansson.h>
 #include <jwt.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -379,6 +383,40 @@ Test(ws, refuses_non_loopback_without_auth, .timeout = 30)
     cr_assert(mg_gw_wait(gw, 10000), "gateway started without auth on 0.0.0.0");
     cr_assert_neq(gw->exit_status, 0);
     cr_assert(mg_gw_log_contains(gw, "without client authentication"));
+    mg_gw_free(gw);
+}
+
+/* A TCP connect to ip:port: 0 when accepted, else the errno. */
+static int tcp_connect_errno(const char *ip, int port)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    cr_assert_geq(fd, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    cr_assert_eq(inet_pton(AF_INET, ip, &sa.sin_addr), 1);
+    int rc = connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0 ? 0 : errno;
+    close(fd);
+    return rc;
+}
+
+/* Issue 14 item 1: --ws-listen 127.0.0.1:P used to bind [::]:P (every
+ * address), so a client reaching the host on another address got ?user= and
+ * /metrics although the rule says loopback only. */
+Test(ws, binds_only_the_address_given, .timeout = 30)
+{
+    mg_gw *gw = mg_gw_spawn("ws-bind", NULL); /* --ws-listen 127.0.0.1:P */
+    cr_assert_not_null(gw);
+    cr_assert_eq(tcp_connect_errno("127.0.0.1", gw->ws_port), 0);
+    cr_assert_eq(tcp_connect_errno("127.0.0.2", gw->ws_port), ECONNREFUSED,
+                 "127.0.0.2:%d accepted a connection: the listener is not bound to 127.0.0.1",
+                 gw->ws_port);
+    char url[128];
+    snprintf(url, sizeof(url), "ws://127.0.0.2:%d/ws?user=alice", gw->ws_port);
+    int st = 0;
+    mg_wsc *c = mg_wsc_connect(url, NULL, T_MS, &st);
+    cr_assert_null(c, "?user=alice was accepted through 127.0.0.2");
+    cr_assert_eq(st, -1);
+    mg_wsc_free(connect_user(gw, "alice")); /* and 127.0.0.1 still serves */
+    cr_assert_eq(mg_gw_stop(gw), 0);
     mg_gw_free(gw);
 }
 
