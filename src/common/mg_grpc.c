@@ -123,11 +123,32 @@ int64_t mg_grpc_deadline_left_ms(gpr_timespec deadline)
 
 /* --- the client ------------------------------------------------------------------ */
 
+size_t mg_grpc_bearer_metadata(grpc_metadata *md, const char *token)
+{
+    if (!token || !*token)
+        return 0;
+    memset(md, 0, sizeof(*md));
+    md->key = grpc_slice_from_static_string("authorization");
+    char *v = mg_xasprintf("Bearer %s", token);
+    md->value = grpc_slice_from_copied_string(v);
+    free(v);
+    return 1;
+}
+
 struct mg_grpc_client {
     grpc_channel *channel;
+    grpc_metadata auth; /* the bearer token, when nauth is 1 */
+    size_t nauth;
 };
 
 mg_grpc_client *mg_grpc_client_create(const char *target, const char *authority)
+{
+    return mg_grpc_client_create_with(target, authority, NULL, NULL);
+}
+
+mg_grpc_client *mg_grpc_client_create_with(const char *target, const char *authority,
+                                           grpc_channel_credentials *creds,
+                                           const char *bearer_token)
 {
     grpc_init();
     mg_grpc_client *c = mg_new(mg_grpc_client);
@@ -144,9 +165,11 @@ mg_grpc_client *mg_grpc_client_create(const char *target, const char *authority)
         nargs++;
     }
     grpc_channel_args ca = {.num_args = nargs, .args = args};
-    grpc_channel_credentials *creds = grpc_insecure_credentials_create();
-    c->channel = grpc_channel_create(target, creds, &ca);
-    grpc_channel_credentials_release(creds);
+    grpc_channel_credentials *insecure = creds ? NULL : grpc_insecure_credentials_create();
+    c->channel = grpc_channel_create(target, creds ? creds : insecure, &ca);
+    if (insecure)
+        grpc_channel_credentials_release(insecure);
+    c->nauth = mg_grpc_bearer_metadata(&c->auth, bearer_token);
     return c;
 }
 
@@ -155,6 +178,8 @@ void mg_grpc_client_free(mg_grpc_client *c)
     if (!c)
         return;
     grpc_channel_destroy(c->channel);
+    if (c->nauth)
+        grpc_slice_unref(c->auth.value);
     free(c);
     grpc_shutdown();
 }
@@ -200,6 +225,8 @@ grpc_status_code mg_grpc_call_raw(mg_grpc_client *c, const char *method, const v
     grpc_op ops[6];
     memset(ops, 0, sizeof(ops));
     ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    ops[0].data.send_initial_metadata.count = c->nauth;
+    ops[0].data.send_initial_metadata.metadata = &c->auth;
     ops[1].op = GRPC_OP_SEND_MESSAGE;
     ops[1].data.send_message.send_message = send_bb;
     ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;

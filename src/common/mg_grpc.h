@@ -5,7 +5,7 @@
  * (router/transport_grpc.c), the CLI (src/cli) and the tests share these:
  * packing a protobuf-c message into a grpc_byte_buffer and back, names of
  * status codes, deadline conversion, and mg_grpc_client, a blocking unary
- * client over an insecure channel.
+ * client (insecure, or over given credentials with a bearer token).
  *
  * Thread-safety: every function is thread-safe; one mg_grpc_client may be
  * used by many threads at once (each call has its own completion queue).
@@ -41,6 +41,12 @@ int mg_grpc_code_parse(const char *name);
  * an infinite deadline; <= 0 when it has passed. */
 int64_t mg_grpc_deadline_left_ms(gpr_timespec deadline);
 
+/* Fills *md with "authorization: Bearer <token>" and returns 1, or returns 0
+ * (md untouched) when token is NULL or "". The value is a new slice the
+ * caller releases with grpc_slice_unref(md->value) after the calls that send
+ * it; the key is static. For GRPC_OP_SEND_INITIAL_METADATA. */
+size_t mg_grpc_bearer_metadata(grpc_metadata *md, const char *token);
+
 /* --- the client ------------------------------------------------------------------ */
 
 typedef struct mg_grpc_client mg_grpc_client;
@@ -48,6 +54,11 @@ typedef struct mg_grpc_client mg_grpc_client;
 /* An insecure channel to target ("host:port", or any gRPC target URI).
  * Connects lazily. Never NULL. authority may be NULL (default :authority). */
 mg_grpc_client *mg_grpc_client_create(const char *target, const char *authority);
+/* The same over creds (borrowed; NULL: insecure), sending bearer_token (may
+ * be NULL) as "authorization: Bearer" on every call. */
+mg_grpc_client *mg_grpc_client_create_with(const char *target, const char *authority,
+                                           grpc_channel_credentials *creds,
+                                           const char *bearer_token);
 void mg_grpc_client_free(mg_grpc_client *c); /* NULL is a no-op */
 
 /* One unary call of method ("/pkg.Service/Method") with raw request bytes,

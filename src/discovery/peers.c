@@ -210,6 +210,12 @@ void mg_peers_free(mg_peers *p)
     grpc_shutdown();
 }
 
+void mg_peers_set_credentials(mg_peers *p, grpc_channel_credentials *creds)
+{
+    grpc_channel_credentials_release(p->creds);
+    p->creds = creds;
+}
+
 mg_peer_set *mg_peers_acquire(mg_peers *p)
 {
     pthread_mutex_lock(&p->mu);

@@ -32,6 +32,10 @@ typedef struct mg_peers mg_peers;
  * "" or NULL for the default. max_message_bytes bounds peer call sizes. */
 mg_peers *mg_peers_create(const char *self_id, const char *authority, int max_message_bytes);
 void mg_peers_free(mg_peers *p); /* NULL is a no-op; snapshots must be released first */
+/* Peer channels are insecure unless given creds here (taken over, released
+ * by mg_peers_free), e.g. grpc_auth.h's mTLS credentials. Call before the
+ * first mg_peers_update: channels made earlier keep the old credentials. */
+void mg_peers_set_credentials(mg_peers *p, grpc_channel_credentials *creds);
 
 /* The current snapshot with a reference the caller releases. Never NULL. */
 mg_peer_set *mg_peers_acquire(mg_peers *p);

@@ -2,8 +2,10 @@
 #include "gateway/config.h"
 #include "common/mg_alloc.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <limits.h>
+#include <netinet/in.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
@@ -161,6 +163,19 @@ int mg_parse_hostport(const char *s, char **host, int *port)
     if (port)
         *port = (int)p;
     return 0;
+}
+
+bool mg_host_is_loopback(const char *h)
+{
+    struct in_addr a4;
+    struct in6_addr a6;
+    if (strcmp(h, "localhost") == 0)
+        return true;
+    if (inet_pton(AF_INET, h, &a4) == 1)
+        return (ntohl(a4.s_addr) >> 24) == 127;
+    if (inet_pton(AF_INET6, h, &a6) == 1)
+        return IN6_IS_ADDR_LOOPBACK(&a6);
+    return false;
 }
 
 int mg_config_validate(const mg_config *cfg, char *err, size_t errlen)

@@ -58,6 +58,25 @@
       "HS256 secret for client JWTs")                                                              \
     X(STR, jwt_public_key_file, "jwt-public-key-file", "MESHGATE_JWT_PUBLIC_KEY_FILE", "", "path", \
       "RS256 public key (PEM) for client JWTs")                                                    \
+    X(STR, grpc_tls_cert, "grpc-tls-cert", "MESHGATE_GRPC_TLS_CERT", "", "path",                   \
+      "TLS certificate chain (PEM) of the gRPC listener, also this gateway's client certificate "  \
+      "on peer calls")                                                                             \
+    X(STR, grpc_tls_key, "grpc-tls-key", "MESHGATE_GRPC_TLS_KEY", "", "path",                      \
+      "private key (PEM) of --grpc-tls-cert")                                                      \
+    X(STR, grpc_client_ca, "grpc-client-ca", "MESHGATE_GRPC_CLIENT_CA", "", "path",                \
+      "CA (PEM): the gRPC listener requires a client certificate it signed (mTLS); peer calls "    \
+      "verify peers against it")                                                                   \
+    X(STR, grpc_peer_identity, "grpc-peer-identity", "MESHGATE_GRPC_PEER_IDENTITY", "", "prefix",  \
+      "a verified client certificate whose CN or a SAN starts with this is a peer (GatewayPeer); " \
+      "other verified certificates are services (Messaging)")                                      \
+    X(STR, api_token_file, "api-token-file", "MESHGATE_API_TOKEN_FILE", "", "path",                \
+      "bearer tokens of services calling Messaging, one name:token per line")                      \
+    X(STR, peer_token_file, "peer-token-file", "MESHGATE_PEER_TOKEN_FILE", "", "path",             \
+      "bearer tokens of peers calling GatewayPeer, one name:token per line; the first is sent on " \
+      "this gateway's peer calls")                                                                 \
+    X(BOOL, grpc_mesh_mtls, "grpc-mesh-mtls", "MESHGATE_GRPC_MESH_MTLS", "false", "",              \
+      "a mesh sidecar (Istio STRICT mTLS) authenticates gRPC callers: lets the gRPC listener off " \
+      "loopback run without the credentials above")                                                \
     X(INT, drain_seconds, "drain-seconds", "MESHGATE_DRAIN_SECONDS", "10", "s",                    \
       "on SIGTERM, close clients (1012) spread over this window")                                  \
     X(STR, log_level, "log-level", "MESHGATE_LOG_LEVEL", "info", "", "debug, info, warn or error") \
@@ -155,5 +174,8 @@ void mg_config_print_help(FILE *out, int markdown);
 
 /* Splits "host:port" into host (caller frees) and port. -EINVAL when malformed. */
 int mg_parse_hostport(const char *s, char **host, int *port);
+/* Whether host (as mg_parse_hostport gives it) is loopback: localhost,
+ * 127.0.0.0/8 or ::1. "" (every address) is not. */
+bool mg_host_is_loopback(const char *host);
 
 #endif

@@ -11,6 +11,7 @@
 #include "common/mg_time.h"
 #include "discovery/consul.h"
 #include "discovery/peers.h"
+#include "gateway/grpc_auth.h"
 #include "gateway/grpc_server.h"
 #include "gateway/ws_server.h"
 #include "router/redis_store.h"
@@ -33,6 +34,7 @@ struct mg_gateway {
     mg_ws_server *ws;
     mg_router *router;
     mg_grpc_server *grpc;
+    mg_grpc_auth *auth;      /* gRPC credentials: the listener's and the peer channels' */
     mg_redis_cluster *redis; /* shared by the Redis presence and inbox */
     mg_peers *peers;
     mg_consul *consul;
@@ -84,12 +86,14 @@ static int make_transports(mg_gateway *gw, char *err, size_t errlen)
     const mg_config *cfg = gw->cfg;
     if (!strcmp(cfg->discovery, "consul")) {
         gw->peers = mg_peers_create(cfg->id, cfg->peer_authority, (int)cfg->grpc_max_message_bytes);
+        mg_peers_set_credentials(gw->peers, mg_grpc_auth_channel_credentials(gw->auth));
         mg_transport_grpc_config tcfg = {
             .gateway_id = cfg->id,
             .region = cfg->region,
             .peer_deadline_ms = (int)cfg->peer_deadline_ms,
             .peer_max_inflight = (int)cfg->peer_max_inflight,
             .cq_threads = (int)cfg->peer_cq_threads,
+            .peer_token = mg_grpc_auth_peer_token(gw->auth),
             .link =
                 {
                     .error_threshold = (double)cfg->peer_degrade_error_pct / 100.0,
@@ -217,6 +221,11 @@ int mg_gateway_start(const mg_config *cfg, mg_gateway **out, char *err, size_t e
         rc = -EINVAL;
         goto fail;
     }
+    gw->auth = mg_grpc_auth_create(cfg, err, errlen);
+    if (!gw->auth) {
+        rc = -EINVAL;
+        goto fail;
+    }
     if ((rc = make_stores(gw, &presence, &inbox, err, errlen)) != 0)
         goto fail;
     mg_router_config rcfg = {
@@ -245,6 +254,7 @@ int mg_gateway_start(const mg_config *cfg, mg_gateway **out, char *err, size_t e
         .max_batch = (size_t)cfg->max_batch,
         .gateway_id = cfg->id,
         .region = cfg->region,
+        .auth = gw->auth,
     };
     gw->grpc = mg_grpc_server_create(&gcfg, gw->router, gw->pool, err, errlen);
     if (!gw->grpc) {
@@ -324,6 +334,7 @@ void mg_gateway_free(mg_gateway *gw)
     mg_router_free(gw->router); /* frees presence, inbox and transports */
     mg_consul_free(gw->consul);
     mg_peers_free(gw->peers);
+    mg_grpc_auth_free(gw->auth); /* after the server that checks with it */
     if (gw->redis)
         register_redis_metrics(gw, false);
     mg_redis_cluster_free(gw->redis);

@@ -108,6 +108,7 @@ struct mg_grpc_server {
     struct limits lim;
     mg_router *router;
     mg_pool *pool;
+    const mg_grpc_auth *auth; /* grpc_auth.h: who may call what */
 
     grpc_server *server;
     grpc_completion_queue *cq; /* shared by every thread */
@@ -802,6 +803,9 @@ static void handle(struct rpc *c)
         size_t n = GRPC_SLICE_LENGTH(c->details.method);
         snprintf(err, sizeof(err), "method %.*s is not implemented", (int)(n > 200 ? 200 : n),
                  (const char *)GRPC_SLICE_START_PTR(c->details.method));
+    } else if ((code = mg_grpc_auth_check(s->auth, c->call, c->details.method, &c->md, err,
+                                          sizeof(err))) != GRPC_STATUS_OK) {
+        /* refused before the request is looked at; err says why */
     } else if (left <= 0) {
         code = GRPC_STATUS_DEADLINE_EXCEEDED;
         snprintf(err, sizeof(err), "deadline expired before the call was handled");
@@ -908,6 +912,7 @@ mg_grpc_server *mg_grpc_server_create(const mg_grpc_server_config *cfg, mg_route
     s->lim.max_batch = cfg->max_batch;
     s->router = router;
     s->pool = pool;
+    s->auth = cfg->auth;
     s->port = -1;
     atomic_init(&s->serving, true);
     pthread_mutex_init(&s->mu, NULL);
@@ -984,7 +989,7 @@ int mg_grpc_server_start(mg_grpc_server *s, char *err, size_t errlen)
     }
     s->cq = grpc_completion_queue_create_for_next(NULL);
     grpc_server_register_completion_queue(s->server, s->cq, NULL);
-    grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
+    grpc_server_credentials *creds = mg_grpc_auth_server_credentials(s->auth);
     int port = grpc_server_add_http2_port(s->server, s->listen, creds);
     grpc_server_credentials_release(creds);
     if (port <= 0) {

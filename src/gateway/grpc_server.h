@@ -16,6 +16,7 @@
 #define MG_GRPC_SERVER_H
 
 #include "common/mg_pool.h"
+#include "gateway/grpc_auth.h"
 #include "router/router.h"
 
 #include <stdbool.h>
@@ -32,6 +33,7 @@ typedef struct mg_grpc_server_config {
     size_t max_batch;         /* most recipients of SendBatch / users of GetPresence */
     const char *gateway_id;   /* copied */
     const char *region;       /* copied */
+    const mg_grpc_auth *auth; /* borrowed, outlives the server; NULL: insecure, no checks */
 } mg_grpc_server_config;
 
 /* Creates the server (nothing is bound yet). router and pool are borrowed:

@@ -137,19 +137,6 @@ static void count_error(const char *code)
 
 /* ---- helpers ------------------------------------------------------------ */
 
-static bool host_is_loopback(const char *h)
-{
-    struct in_addr a4;
-    struct in6_addr a6;
-    if (strcmp(h, "localhost") == 0)
-        return true;
-    if (inet_pton(AF_INET, h, &a4) == 1)
-        return (ntohl(a4.s_addr) >> 24) == 127;
-    if (inet_pton(AF_INET6, h, &a6) == 1)
-        return IN6_IS_ADDR_LOOPBACK(&a6);
-    return false;
-}
-
 static void post_text(mg_ws_server *ws, const char *conn_id, char *text, size_t len)
 {
     mg_hub_post(ws->hub, conn_id, text, len);
@@ -725,7 +712,7 @@ mg_ws_server *mg_ws_server_create(const mg_config *cfg, mg_pool *pool, char *err
             return NULL;
         }
     }
-    bool loopback = host_is_loopback(host);
+    bool loopback = mg_host_is_loopback(host);
     if (!auth && !loopback) {
         snprintf(err, errlen,
                  "refusing to listen on %s without client authentication: set --jwt-secret or "

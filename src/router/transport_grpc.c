@@ -72,6 +72,8 @@ typedef struct mg_transport_grpc {
     char *gateway_id, *region;
     int peer_deadline_ms, max_inflight;
     mg_link_config link_cfg;
+    grpc_metadata auth; /* the peer token (cfg->peer_token), sent when nauth is 1 */
+    size_t nauth;
 
     grpc_completion_queue *cq;
     pthread_t *threads;
@@ -289,6 +291,8 @@ static grpc_status_code unary(mg_transport_grpc *t, grpc_channel *ch, const char
     grpc_op ops[6];
     memset(ops, 0, sizeof(ops));
     ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    ops[0].data.send_initial_metadata.count = t->nauth;
+    ops[0].data.send_initial_metadata.metadata = &t->auth;
     ops[1].op = GRPC_OP_SEND_MESSAGE;
     ops[1].data.send_message.send_message = req;
     ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
@@ -561,6 +565,8 @@ static void tg_free(mg_transport *base)
     pthread_cond_destroy(&t->idle);
     free(t->gateway_id);
     free(t->region);
+    if (t->nauth)
+        grpc_slice_unref(t->auth.value);
     free(t);
     grpc_shutdown();
 }
@@ -586,6 +592,7 @@ mg_transport *mg_transport_grpc_create(mg_peers *peers, const mg_transport_grpc_
     t->max_inflight = cfg->peer_max_inflight > 0 ? cfg->peer_max_inflight : 1024;
     t->link_cfg = cfg->link;
     mg_link_config_defaults(&t->link_cfg);
+    t->nauth = mg_grpc_bearer_metadata(&t->auth, cfg->peer_token);
     pthread_mutex_init(&t->mu, NULL);
     pthread_cond_init(&t->idle, NULL);
     t->states = mg_map_create(16);

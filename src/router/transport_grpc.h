@@ -47,6 +47,7 @@ typedef struct mg_transport_grpc_config {
     int peer_max_inflight;  /* calls in flight per peer; <= 0: 1024 */
     int cq_threads;         /* "peer-cq" threads draining the queue; <= 0: 1 */
     mg_link_config link;    /* zero fields take link_quality.h defaults */
+    const char *peer_token; /* sent as "authorization: Bearer" on peer calls; NULL: none (copied) */
 } mg_transport_grpc_config;
 
 /* Creates the transport and starts its completion-queue threads. peers is

@@ -1,12 +1,17 @@
 /* grpc_client.c: typed test calls over common/mg_grpc.h (see grpc_client.h).
  * Runs on the calling test thread; blocking, bounded by the timeout. */
 #include "support/grpc_client.h"
+#include "gateway/grpc_auth.h"
 
+#include <criterion/criterion.h>
+#include <stdatomic.h>
+#include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
-grpc_status_code mg_tc_send(mg_grpc_client *c, const char *from, const char *to, const char *id,
-                            const char *text, int priority, int timeout_ms,
-                            Meshgate__V1__SendMessageResponse **resp, char **details)
+/* A text message from -> to, pointing into its arguments. */
+static Meshgate__V1__Message text_message(const char *from, const char *to, const char *id,
+                                          const char *text, int priority)
 {
     Meshgate__V1__Message m = MESHGATE__V1__MESSAGE__INIT;
     m.id = (char *)(id ? id : "");
@@ -16,6 +21,14 @@ grpc_status_code mg_tc_send(mg_grpc_client *c, const char *from, const char *to,
     m.content.len = text ? strlen(text) : 0;
     m.content_type = "text/plain";
     m.priority = (Meshgate__V1__Priority)priority;
+    return m;
+}
+
+grpc_status_code mg_tc_send(mg_grpc_client *c, const char *from, const char *to, const char *id,
+                            const char *text, int priority, int timeout_ms,
+                            Meshgate__V1__SendMessageResponse **resp, char **details)
+{
+    Meshgate__V1__Message m = text_message(from, to, id, text, priority);
     Meshgate__V1__SendMessageRequest rq = MESHGATE__V1__SEND_MESSAGE_REQUEST__INIT;
     rq.message = &m;
     ProtobufCMessage *out = NULL;
@@ -43,4 +56,45 @@ grpc_status_code mg_tc_health(mg_grpc_client *c, const char *service, int timeou
     if (out)
         protobuf_c_message_free_unpacked(out, NULL);
     return st;
+}
+
+grpc_status_code mg_tc_deliver(mg_grpc_client *c, const char *from, const char *to, const char *id,
+                               int timeout_ms, int *status, char **details)
+{
+    char auto_id[48];
+    static atomic_int seq;
+    if (!id) { /* the peer path requires one */
+        snprintf(auto_id, sizeof(auto_id), "tc-deliver-%d-%d", (int)getpid(),
+                 atomic_fetch_add(&seq, 1));
+        id = auto_id;
+    }
+    Meshgate__V1__Message m = text_message(from, to, id, "delivered by a peer", 1);
+    Meshgate__V1__DeliverMessageRequest rq = MESHGATE__V1__DELIVER_MESSAGE_REQUEST__INIT;
+    rq.message = &m;
+    rq.origin_gateway = "test-peer";
+    rq.origin_region = "local";
+    ProtobufCMessage *out = NULL;
+    grpc_status_code st = mg_grpc_call(c, MG_RPC_DELIVER, &rq.base,
+                                       &meshgate__v1__deliver_message_response__descriptor,
+                                       timeout_ms, &out, details);
+    if (status)
+        *status = out ? (int)((Meshgate__V1__DeliverMessageResponse *)out)->status : -1;
+    if (out)
+        protobuf_c_message_free_unpacked(out, NULL);
+    return st;
+}
+
+mg_grpc_client *mg_tc_client(const char *target, const char *token, const char *ca_file,
+                             const char *cert_file, const char *key_file)
+{
+    grpc_channel_credentials *creds = NULL;
+    if (ca_file) {
+        char err[256] = "";
+        creds = mg_grpc_tls_channel_credentials(ca_file, cert_file, key_file, err, sizeof(err));
+        cr_assert_not_null(creds, "TLS client credentials: %s", err);
+    }
+    mg_grpc_client *c = mg_grpc_client_create_with(target, NULL, creds, token);
+    if (creds)
+        grpc_channel_credentials_release(creds);
+    return c;
 }

@@ -4,7 +4,8 @@
  * Every function blocks for at most timeout_ms (0: 30 s; negative: expired) and returns the
  * gRPC status code; *details (when not NULL) gets the status message, which
  * the caller frees. Responses are freed with protobuf_c_message_free_unpacked.
- * Thread-safe: one client may serve many test threads at once.
+ * Thread-safe: one client may serve many test threads at once. mg_tc_client
+ * makes clients with credentials (grpc_auth.h).
  */
 #ifndef MG_TEST_GRPC_CLIENT_H
 #define MG_TEST_GRPC_CLIENT_H
@@ -25,6 +26,18 @@
 grpc_status_code mg_tc_send(mg_grpc_client *c, const char *from, const char *to, const char *id,
                             const char *text, int priority, int timeout_ms,
                             Meshgate__V1__SendMessageResponse **resp, char **details);
+
+/* GatewayPeer/DeliverMessage of a text from -> to, as a peer gateway calls
+ * it (id NULL: a fresh one); *status gets the DeliverStatus on OK (-1 otherwise). */
+grpc_status_code mg_tc_deliver(mg_grpc_client *c, const char *from, const char *to, const char *id,
+                               int timeout_ms, int *status, char **details);
+
+/* A client of target with a bearer token (NULL: none) and, when ca_file is
+ * set, TLS verifying the server against ca_file and presenting
+ * cert_file/key_file (both NULL: no client certificate). Fails the test when
+ * a file cannot be read. Free with mg_grpc_client_free. */
+mg_grpc_client *mg_tc_client(const char *target, const char *token, const char *ca_file,
+                             const char *cert_file, const char *key_file);
 
 /* Health/Check of service; *status gets the ServingStatus on OK. */
 grpc_status_code mg_tc_health(mg_grpc_client *c, const char *service, int timeout_ms, int *status,
