@@ -15,6 +15,8 @@
 #include <grpc/support/alloc.h>
 #include <grpc/support/time.h>
 
+#include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -184,13 +186,102 @@ void mg_grpc_client_free(mg_grpc_client *c)
     grpc_shutdown();
 }
 
-static char *slice_dup(grpc_slice s)
+int mg_grpc_unary_start(mg_grpc_unary *u, grpc_channel *ch, grpc_completion_queue *cq,
+                        const char *method, grpc_byte_buffer *req, const grpc_metadata *md,
+                        size_t nmd, int64_t timeout_ms, void *tag)
 {
-    size_t n = GRPC_SLICE_LENGTH(s);
-    char *out = mg_xmalloc(n + 1);
-    memcpy(out, GRPC_SLICE_START_PTR(s), n);
-    out[n] = '\0';
-    return out;
+    memset(u, 0, sizeof(*u));
+    gpr_timespec deadline =
+        gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(timeout_ms, GPR_TIMESPAN));
+    grpc_slice m = grpc_slice_from_copied_string(method);
+    u->call =
+        grpc_channel_create_call(ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq, m, NULL, deadline, NULL);
+    grpc_slice_unref(m);
+    if (!u->call)
+        return -EIO;
+    grpc_metadata_array_init(&u->md_init);
+    grpc_metadata_array_init(&u->md_trail);
+    u->status = GRPC_STATUS_UNKNOWN;
+    u->details = grpc_empty_slice();
+    grpc_op ops[6];
+    memset(ops, 0, sizeof(ops));
+    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    ops[0].data.send_initial_metadata.count = nmd;
+    ops[0].data.send_initial_metadata.metadata = (grpc_metadata *)md;
+    ops[1].op = GRPC_OP_SEND_MESSAGE;
+    ops[1].data.send_message.send_message = req;
+    ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+    ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
+    ops[3].data.recv_initial_metadata.recv_initial_metadata = &u->md_init;
+    ops[4].op = GRPC_OP_RECV_MESSAGE;
+    ops[4].data.recv_message.recv_message = &u->recv;
+    ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+    ops[5].data.recv_status_on_client.trailing_metadata = &u->md_trail;
+    ops[5].data.recv_status_on_client.status = &u->status;
+    ops[5].data.recv_status_on_client.status_details = &u->details;
+    if (grpc_call_start_batch(u->call, ops, 6, tag, NULL) != GRPC_CALL_OK) {
+        grpc_metadata_array_destroy(&u->md_init);
+        grpc_metadata_array_destroy(&u->md_trail);
+        grpc_call_unref(u->call);
+        u->call = NULL;
+        return -EIO;
+    }
+    return 0;
+}
+
+grpc_status_code mg_grpc_unary_finish(mg_grpc_unary *u, bool ok, grpc_byte_buffer **resp,
+                                      char *details, size_t dlen)
+{
+    grpc_status_code status = u->status;
+    if (!ok && status == GRPC_STATUS_OK)
+        status = GRPC_STATUS_INTERNAL;
+    if (details && dlen) {
+        size_t n = GRPC_SLICE_LENGTH(u->details);
+        if (n >= dlen)
+            n = dlen - 1;
+        memcpy(details, GRPC_SLICE_START_PTR(u->details), n);
+        details[n] = '\0';
+    }
+    *resp = NULL;
+    if (status == GRPC_STATUS_OK) {
+        *resp = u->recv;
+        u->recv = NULL;
+    }
+    if (u->recv)
+        grpc_byte_buffer_destroy(u->recv);
+    grpc_slice_unref(u->details);
+    grpc_metadata_array_destroy(&u->md_init);
+    grpc_metadata_array_destroy(&u->md_trail);
+    grpc_call_unref(u->call);
+    memset(u, 0, sizeof(*u));
+    return status;
+}
+
+grpc_status_code mg_grpc_unary_call(grpc_channel *ch, const char *method, grpc_byte_buffer *req,
+                                    const grpc_metadata *md, size_t nmd, int64_t timeout_ms,
+                                    grpc_byte_buffer **resp, char *details, size_t dlen)
+{
+    *resp = NULL;
+    grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
+    mg_grpc_unary u;
+    grpc_status_code status;
+    if (mg_grpc_unary_start(&u, ch, cq, method, req, md, nmd, timeout_ms, &u) != 0) {
+        status = GRPC_STATUS_INTERNAL;
+        if (details && dlen)
+            snprintf(details, dlen, "call could not start");
+    } else {
+        grpc_event ev; /* the batch always completes, by the deadline at the latest */
+        do
+            ev = grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+        while (ev.type != GRPC_OP_COMPLETE || ev.tag != &u);
+        status = mg_grpc_unary_finish(&u, ev.success != 0, resp, details, dlen);
+    }
+    grpc_completion_queue_shutdown(cq);
+    while (grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type !=
+           GRPC_QUEUE_SHUTDOWN)
+        ;
+    grpc_completion_queue_destroy(cq);
+    return status;
 }
 
 grpc_status_code mg_grpc_call_raw(mg_grpc_client *c, const char *method, const void *req,
@@ -205,56 +296,11 @@ grpc_status_code mg_grpc_call_raw(mg_grpc_client *c, const char *method, const v
         *details = NULL;
     if (timeout_ms == 0)
         timeout_ms = MG_GRPC_DEFAULT_TIMEOUT_MS; /* negative: already expired (tests) */
-
-    grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
-    gpr_timespec deadline =
-        gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(timeout_ms, GPR_TIMESPAN));
-    grpc_slice method_slice = grpc_slice_from_copied_string(method);
-    grpc_call *call = grpc_channel_create_call(c->channel, NULL, GRPC_PROPAGATE_DEFAULTS, cq,
-                                               method_slice, NULL, deadline, NULL);
-    grpc_slice_unref(method_slice);
-
     grpc_byte_buffer *send_bb = mg_grpc_buffer_from(req, req_len);
     grpc_byte_buffer *recv_bb = NULL;
-    grpc_metadata_array initial_md, trailing_md;
-    grpc_metadata_array_init(&initial_md);
-    grpc_metadata_array_init(&trailing_md);
-    grpc_status_code status = GRPC_STATUS_UNKNOWN;
-    grpc_slice status_details = grpc_empty_slice();
-
-    grpc_op ops[6];
-    memset(ops, 0, sizeof(ops));
-    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
-    ops[0].data.send_initial_metadata.count = c->nauth;
-    ops[0].data.send_initial_metadata.metadata = &c->auth;
-    ops[1].op = GRPC_OP_SEND_MESSAGE;
-    ops[1].data.send_message.send_message = send_bb;
-    ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
-    ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
-    ops[3].data.recv_initial_metadata.recv_initial_metadata = &initial_md;
-    ops[4].op = GRPC_OP_RECV_MESSAGE;
-    ops[4].data.recv_message.recv_message = &recv_bb;
-    ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
-    ops[5].data.recv_status_on_client.trailing_metadata = &trailing_md;
-    ops[5].data.recv_status_on_client.status = &status;
-    ops[5].data.recv_status_on_client.status_details = &status_details;
-
-    int tag = 1;
-    grpc_call_error err = grpc_call_start_batch(call, ops, 6, &tag, NULL);
-    if (err == GRPC_CALL_OK) {
-        /* The batch always completes (at the latest at the deadline). */
-        for (;;) {
-            grpc_event ev =
-                grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
-            if (ev.type == GRPC_OP_COMPLETE && ev.tag == &tag)
-                break;
-        }
-    } else {
-        status = GRPC_STATUS_INTERNAL;
-        grpc_slice_unref(status_details);
-        status_details = grpc_slice_from_static_string("grpc_call_start_batch failed");
-    }
-
+    char dbuf[1024];
+    grpc_status_code status = mg_grpc_unary_call(c->channel, method, send_bb, &c->auth, c->nauth,
+                                                 timeout_ms, &recv_bb, dbuf, sizeof(dbuf));
     if (status == GRPC_STATUS_OK && recv_bb && resp) {
         size_t n;
         *resp = mg_grpc_buffer_read(recv_bb, &n);
@@ -262,20 +308,10 @@ grpc_status_code mg_grpc_call_raw(mg_grpc_client *c, const char *method, const v
             *resp_len = n;
     }
     if (details)
-        *details = slice_dup(status_details);
-
-    grpc_slice_unref(status_details);
+        *details = mg_xstrdup(dbuf);
     if (recv_bb)
         grpc_byte_buffer_destroy(recv_bb);
     grpc_byte_buffer_destroy(send_bb);
-    grpc_metadata_array_destroy(&initial_md);
-    grpc_metadata_array_destroy(&trailing_md);
-    grpc_call_unref(call);
-    grpc_completion_queue_shutdown(cq);
-    while (grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type !=
-           GRPC_QUEUE_SHUTDOWN)
-        ;
-    grpc_completion_queue_destroy(cq);
     return status;
 }
 

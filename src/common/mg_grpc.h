@@ -18,6 +18,7 @@
 #include <grpc/status.h>
 #include <protobuf-c/protobuf-c.h>
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -46,6 +47,39 @@ int64_t mg_grpc_deadline_left_ms(gpr_timespec deadline);
  * caller releases with grpc_slice_unref(md->value) after the calls that send
  * it; the key is static. For GRPC_OP_SEND_INITIAL_METADATA. */
 size_t mg_grpc_bearer_metadata(grpc_metadata *md, const char *token);
+
+/* --- one unary call ------------------------------------------------------------------- */
+
+/* A unary call in flight: the one way meshgate makes a client call. Start
+ * it on a completion queue with a tag; when the tag comes off the queue
+ * (ev.success as ok), mg_grpc_unary_finish reads the outcome and releases
+ * the call. The struct must stay put between the two (embed it in the
+ * tag's owner). */
+typedef struct mg_grpc_unary {
+    grpc_call *call;
+    grpc_metadata_array md_init, md_trail;
+    grpc_byte_buffer *recv;
+    grpc_status_code status;
+    grpc_slice details;
+} mg_grpc_unary;
+
+/* Starts method on ch with req (not taken: the caller destroys it after
+ * finish), the nmd initial metadata md (e.g. mg_grpc_bearer_metadata; kept
+ * alive by the caller until finish) and a deadline timeout_ms from now. Returns 0 (the tag will
+ * complete, by the deadline at the latest) or -EIO (nothing to finish). */
+int mg_grpc_unary_start(mg_grpc_unary *u, grpc_channel *ch, grpc_completion_queue *cq,
+                        const char *method, grpc_byte_buffer *req, const grpc_metadata *md,
+                        size_t nmd, int64_t timeout_ms, void *tag);
+/* After the tag completed: returns the status; on OK *resp holds the
+ * response (the caller destroys it; may be NULL). details (dlen bytes) gets
+ * the status message. */
+grpc_status_code mg_grpc_unary_finish(mg_grpc_unary *u, bool ok, grpc_byte_buffer **resp,
+                                      char *details, size_t dlen);
+/* Start + finish on a queue of its own: blocks the caller up to timeout_ms.
+ * For control calls made from worker jobs (never on a message's path). */
+grpc_status_code mg_grpc_unary_call(grpc_channel *ch, const char *method, grpc_byte_buffer *req,
+                                    const grpc_metadata *md, size_t nmd, int64_t timeout_ms,
+                                    grpc_byte_buffer **resp, char *details, size_t dlen);
 
 /* --- the client ------------------------------------------------------------------ */
 

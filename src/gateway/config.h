@@ -29,9 +29,12 @@
     X(INT, grpc_threads, "grpc-threads", "MESHGATE_GRPC_THREADS", "4", "threads",                  \
       "gRPC completion-queue polling threads")                                                     \
     X(INT, workers, "workers", "MESHGATE_WORKERS", "4", "threads",                                 \
-      "router worker threads (Redis, Kafka and peer I/O run here)")                                \
+      "store pool threads: blocking Redis presence and inbox calls run here")                      \
     X(INT, work_queue, "work-queue", "MESHGATE_WORK_QUEUE", "65536", "jobs",                       \
-      "router jobs waiting before sends are refused (RESOURCE_EXHAUSTED)")                         \
+      "store jobs waiting before new ones are refused (overloaded)")                               \
+    X(INT, max_inflight_sends, "max-inflight-sends", "MESHGATE_MAX_INFLIGHT_SENDS", "200000",      \
+      "recipients",                                                                                \
+      "recipients being routed at once before sends are refused (RESOURCE_EXHAUSTED)")             \
     X(INT, max_content_bytes, "max-content-bytes", "MESHGATE_MAX_CONTENT_BYTES", "65536", "bytes", \
       "largest message content accepted")                                                          \
     X(INT, max_frame_bytes, "max-frame-bytes", "MESHGATE_MAX_FRAME_BYTES", "131072", "bytes",      \
@@ -48,8 +51,7 @@
       "1048576", "bytes", "bytes queued per connection before it is closed as a slow consumer")    \
     X(INT, delivery_write_wait_ms, "delivery-write-wait-ms", "MESHGATE_DELIVERY_WRITE_WAIT_MS",    \
       "1000", "ms",                                                                                \
-      "a delivery waits this long for its frame to reach the socket before answering (0: no "      \
-      "wait)")                                                                                     \
+      "a delivery is answered when its frame reached the socket, or after this long (0: at once)") \
     X(INT, ping_seconds, "ping-seconds", "MESHGATE_PING_SECONDS", "30", "s",                       \
       "WebSocket ping interval; a connection silent for 2 intervals is closed")                    \
     X(INT, max_connections, "max-connections", "MESHGATE_MAX_CONNECTIONS", "1000000", "conns",     \

@@ -235,9 +235,10 @@ int mg_gateway_start(const mg_config *cfg, mg_gateway **out, char *err, size_t e
         .hot_threshold = (int)cfg->hot_threshold,
         .hot_capacity = (size_t)cfg->hot_capacity,
         .dedupe_window = (size_t)cfg->dedupe_window,
+        .max_inflight = (size_t)cfg->max_inflight_sends,
     };
     mg_local_sink sink = mg_ws_server_sink(gw->ws);
-    gw->router = mg_router_create(&rcfg, presence, inbox, &sink);
+    gw->router = mg_router_create(&rcfg, presence, inbox, &sink, gw->pool);
     presence = NULL;
     inbox = NULL;
     mg_ws_server_set_router(gw->ws, gw->router);
@@ -313,10 +314,12 @@ void mg_gateway_stop(mg_gateway *gw)
         mg_grpc_server_shutdown(gw->grpc, 2000);
     if (gw->ws)
         mg_ws_server_stop(gw->ws);
-    mg_pool_free(gw->pool); /* runs the jobs still queued */
-    gw->pool = NULL;
     if (gw->kafka)
         mg_transport_kafka_stop(gw->kafka, 5000); /* commit handled offsets, flush */
+    if (gw->router)
+        mg_router_drain(gw->router, 35000); /* operations in flight need the pool */
+    mg_pool_free(gw->pool);                 /* runs the jobs still queued */
+    gw->pool = NULL;
     if (gw->router) {
         mg_presence *p = mg_router_presence(gw->router);
         p->ops->remove_gateway(p);

@@ -9,11 +9,15 @@
  * state machine driven by its completion-queue events, each state one batch: REQUESTED ->
  * (RECV_MESSAGE) -> RECEIVED -> handler runs -> (SEND_INITIAL_METADATA + SEND_MESSAGE + SEND_STATUS
  * + RECV_CLOSE) -> FINISHING -> call unref'd and freed. Handlers run on the gRPC thread that
- * received the request: a HIGH send blocks that thread on the router (bounded by the call's
- * deadline), so up to cfg->threads HIGH sends run at once; a LOW send goes to the worker pool and
- * is answered at once. Deadlines: the client's deadline becomes a monotonic ms deadline for the
- * router; none means MG_GRPC_DEFAULT_DEADLINE_MS. gRPC core itself ends a
- * call whose deadline passes (the client sees DEADLINE_EXCEEDED).
+ * received the request and never block: a send starts a router operation and returns PENDING;
+ * the operation's callback (on whichever thread completed it: a store pool worker, peer-cq,
+ * kafka-poll or the WebSocket thread's write report) packs the response and starts the final
+ * batch (grpc_call_start_batch may be called from any thread). So sends in flight are bounded by
+ * the router's --max-inflight-sends, not by these threads. A LOW send is answered ACCEPTED at
+ * once and its operation runs on. GetPresence and Disconnect block on Redis and peers: they run
+ * as worker pool jobs, which answer the same way. Deadlines: the client's deadline becomes a
+ * monotonic ms deadline for the router; none means MG_GRPC_DEFAULT_DEADLINE_MS. gRPC core itself
+ * ends a call whose deadline passes (the client sees DEADLINE_EXCEEDED).
  * Shutdown: shutdown_and_notify, then cancel_all_calls after the grace,
  * then each queue is shut down and drained by its thread, which exits.
  */
@@ -151,7 +155,10 @@ struct rpc {
     int64_t deadline_ms; /* monotonic */
 };
 
-/* A handler fills c->resp (on OK) and returns the status; err gets details. */
+/* A handler fills c->resp (on OK) and returns the status; err gets details.
+ * MG_GRPC_PENDING: the handler started work whose completion answers the
+ * call with answer(). */
+#define MG_GRPC_PENDING ((grpc_status_code)-1)
 typedef grpc_status_code (*handler_fn)(mg_grpc_server *s, struct rpc *c, const uint8_t *req,
                                        size_t len, char *err, size_t errlen);
 
@@ -330,61 +337,45 @@ static void accepted(mg_send_result *res)
     res->status = MG_STATUS_ACCEPTED;
 }
 
-/* ---- LOW priority: the pool job --------------------------------------------------- */
+/* ---- answering later ------------------------------------------------------------------ */
 
-struct low_job {
-    mg_router *router;
-    mg_msg *msg;
-    char **to; /* NULL: a single send to msg->to */
-    size_t n;
-};
+static void finish(struct rpc *c, grpc_status_code code, const char *details);
 
-static void low_job_free(struct low_job *j)
+/* Ends the call with code (logged when it is a server-side failure). Any thread. */
+static void answer(struct rpc *c, grpc_status_code code, const char *err)
 {
-    mg_msg_free(j->msg);
-    for (size_t i = 0; i < j->n; i++)
-        free(j->to[i]);
-    free(j->to);
-    free(j);
+    if (code != GRPC_STATUS_OK && code != GRPC_STATUS_NOT_FOUND &&
+        code != GRPC_STATUS_INVALID_ARGUMENT && code != GRPC_STATUS_UNIMPLEMENTED)
+        mg_log_warn("grpc", "call failed method=%s code=%s details=\"%s\"",
+                    methods[c->method].label, mg_grpc_code_name(code), err ? err : "");
+    finish(c, code, err);
 }
 
-static void low_job_run(void *arg)
+static grpc_status_code overloaded(mg_grpc_server *s, char *err, size_t errlen, bool low)
 {
-    struct low_job *j = arg;
-    int64_t deadline = mg_mono_ms() + MG_GRPC_LOW_DEADLINE_MS;
-    if (j->to) {
-        mg_send_result *res = mg_xcalloc(j->n, sizeof(*res));
-        int rc = mg_router_send_batch(j->router, j->msg, (const char *const *)j->to, j->n, deadline,
-                                      res);
-        if (rc < 0)
-            mg_log_warn("grpc", "low priority batch failed msg_id=%s err=%d", j->msg->id, rc);
-        free(res);
-    } else {
-        mg_send_result res;
-        memset(&res, 0, sizeof(res));
-        int rc = mg_router_send(j->router, j->msg, deadline, &res);
-        if (rc < 0 || res.status == MG_STATUS_FAILED)
-            mg_log_warn("grpc", "low priority send failed msg_id=%s user=%s err=%d reason=%s",
-                        j->msg->id, j->msg->to, rc, res.reason);
-    }
-    low_job_free(j);
-}
-
-/* Hands j to the pool. Returns OK, or RESOURCE_EXHAUSTED (pool full: the
- * message is dropped and counted) or UNAVAILABLE; j is freed on failure. */
-static grpc_status_code low_submit(mg_grpc_server *s, struct low_job *j, char *err, size_t errlen)
-{
-    int rc = mg_pool_submit(s->pool, low_job_run, j);
-    if (rc == 0)
-        return GRPC_STATUS_OK;
-    low_job_free(j);
-    if (rc == -EAGAIN) {
+    if (low)
         mg_metric_add(s->dropped_overload, 1);
-        snprintf(err, errlen, "gateway overloaded: LOW priority message dropped");
-        return GRPC_STATUS_RESOURCE_EXHAUSTED;
-    }
-    snprintf(err, errlen, "gateway is shutting down");
-    return GRPC_STATUS_UNAVAILABLE;
+    snprintf(err, errlen, "gateway overloaded: too many sends in flight%s",
+             low ? " (LOW priority message dropped)" : "");
+    return GRPC_STATUS_RESOURCE_EXHAUSTED;
+}
+
+/* A LOW send's operation: nobody waits for it; failures are logged. */
+static void low_done(void *arg, const mg_send_result *res)
+{
+    (void)arg;
+    if (res->status == MG_STATUS_FAILED)
+        mg_log_warn("grpc", "low priority send failed reason=%s", res->reason);
+}
+
+static void low_batch_done(void *arg, const mg_send_result *res, size_t n)
+{
+    (void)arg;
+    size_t failed = 0;
+    for (size_t i = 0; i < n; i++)
+        failed += res[i].status == MG_STATUS_FAILED;
+    if (failed)
+        mg_log_warn("grpc", "low priority batch: %zu of %zu recipients failed", failed, n);
 }
 
 /* ---- handlers ----------------------------------------------------------------------- */
@@ -396,35 +387,59 @@ static grpc_status_code low_submit(mg_grpc_server *s, struct low_job *j, char *e
         return GRPC_STATUS_INVALID_ARGUMENT;                                                       \
     }
 
+/* A HIGH SendMessage waiting for its operation. */
+struct send_ctx {
+    struct rpc *c;
+    char *id, *to;
+};
+
+static void send_done(void *arg, const mg_send_result *res)
+{
+    struct send_ctx *x = arg;
+    Meshgate__V1__SendMessageResponse out = MESHGATE__V1__SEND_MESSAGE_RESPONSE__INIT;
+    Meshgate__V1__RecipientResult rr;
+    Meshgate__V1__Path paths[MG_PATH_COUNT];
+    result_to_pb(x->to, res, &rr, paths);
+    out.id = x->id;
+    out.result = &rr;
+    x->c->resp = mg_grpc_pack(&out.base);
+    answer(x->c, GRPC_STATUS_OK, NULL);
+    free(x->id);
+    free(x->to);
+    free(x);
+}
+
 static grpc_status_code h_send_message(mg_grpc_server *s, struct rpc *c, const uint8_t *req,
                                        size_t len, char *err, size_t errlen)
 {
     UNPACK(Meshgate__V1__SendMessageRequest, rq, meshgate__v1__send_message_request__descriptor);
-    grpc_status_code code = GRPC_STATUS_OK;
     mg_msg *msg = msg_from_pb(&s->lim, rq->message, true, err, errlen);
     protobuf_c_message_free_unpacked(&rq->base, NULL);
     if (!msg)
         return GRPC_STATUS_INVALID_ARGUMENT;
-
-    mg_send_result res;
-    memset(&res, 0, sizeof(res));
-    if (msg->priority == MG_PRIO_LOW) {
-        struct low_job *j = mg_new(struct low_job);
-        j->router = s->router;
-        j->msg = mg_msg_dup(msg);
-        code = low_submit(s, j, err, errlen);
-        accepted(&res);
+    grpc_status_code code = MG_GRPC_PENDING;
+    bool low = msg->priority == MG_PRIO_LOW;
+    struct send_ctx *x = NULL;
+    int rc;
+    if (low) {
+        rc = mg_router_send(s->router, msg, mg_mono_ms() + MG_GRPC_LOW_DEADLINE_MS, low_done, NULL);
     } else {
-        int rc = mg_router_send(s->router, msg, c->deadline_ms, &res);
-        if (rc == -EINVAL) {
-            code = GRPC_STATUS_INVALID_ARGUMENT;
-            snprintf(err, errlen, "%s", res.reason[0] ? res.reason : "message refused");
-        } else if (rc < 0) {
-            code = status_of_errno(rc);
-            snprintf(err, errlen, "router: %s", strerror(-rc));
-        }
+        x = mg_new(struct send_ctx);
+        x->c = c;
+        x->id = mg_xstrdup(msg->id);
+        x->to = mg_xstrdup(msg->to);
+        rc = mg_router_send(s->router, msg, c->deadline_ms, send_done, x);
     }
-    if (code == GRPC_STATUS_OK) {
+    if (rc < 0) {
+        code = overloaded(s, err, errlen, low);
+        if (x) {
+            free(x->id);
+            free(x->to);
+            free(x);
+        }
+    } else if (low) {
+        mg_send_result res;
+        accepted(&res);
         Meshgate__V1__SendMessageResponse out = MESHGATE__V1__SEND_MESSAGE_RESPONSE__INIT;
         Meshgate__V1__RecipientResult rr;
         Meshgate__V1__Path paths[MG_PATH_COUNT];
@@ -432,94 +447,118 @@ static grpc_status_code h_send_message(mg_grpc_server *s, struct rpc *c, const u
         out.id = msg->id;
         out.result = &rr;
         c->resp = mg_grpc_pack(&out.base);
+        code = GRPC_STATUS_OK;
     }
     mg_msg_free(msg);
     return code;
+}
+
+/* A SendBatch: the request stays decoded until the answer (the response
+ * points into it); res holds every recipient's result, the valid ones
+ * filled by the router's batch. */
+struct batch_ctx {
+    struct rpc *c;
+    Meshgate__V1__SendBatchRequest *rq;
+    char *id;
+    mg_send_result *res;
+    size_t *valid_idx;
+};
+
+static void batch_ctx_free(struct batch_ctx *x)
+{
+    protobuf_c_message_free_unpacked(&x->rq->base, NULL);
+    free(x->id);
+    free(x->res);
+    free(x->valid_idx);
+    free(x);
+}
+
+static void batch_respond(struct batch_ctx *x)
+{
+    size_t n = x->rq->n_to;
+    Meshgate__V1__SendBatchResponse out = MESHGATE__V1__SEND_BATCH_RESPONSE__INIT;
+    Meshgate__V1__RecipientResult *rr = mg_xcalloc(n, sizeof(*rr));
+    Meshgate__V1__RecipientResult **rrp = mg_xcalloc(n, sizeof(*rrp));
+    Meshgate__V1__Path *paths = mg_xcalloc(n * MG_PATH_COUNT, sizeof(*paths));
+    for (size_t i = 0; i < n; i++) {
+        result_to_pb(x->rq->to[i], &x->res[i], &rr[i], &paths[i * MG_PATH_COUNT]);
+        rrp[i] = &rr[i];
+    }
+    out.id = x->id;
+    out.n_results = n;
+    out.results = rrp;
+    x->c->resp = mg_grpc_pack(&out.base);
+    free(paths);
+    free(rrp);
+    free(rr);
+}
+
+static void batch_done(void *arg, const mg_send_result *vres, size_t nvalid)
+{
+    struct batch_ctx *x = arg;
+    for (size_t k = 0; k < nvalid; k++)
+        x->res[x->valid_idx[k]] = vres[k];
+    batch_respond(x);
+    answer(x->c, GRPC_STATUS_OK, NULL);
+    batch_ctx_free(x);
 }
 
 static grpc_status_code h_send_batch(mg_grpc_server *s, struct rpc *c, const uint8_t *req,
                                      size_t len, char *err, size_t errlen)
 {
     UNPACK(Meshgate__V1__SendBatchRequest, rq, meshgate__v1__send_batch_request__descriptor);
-    grpc_status_code code = GRPC_STATUS_OK;
-    mg_msg *msg = NULL;
-    mg_send_result *res = NULL;
-    const char **valid = NULL;
-    size_t *valid_idx = NULL, nvalid = 0;
-
-    if (rq->n_to == 0) {
-        snprintf(err, errlen, "to: at least one recipient is required");
-        code = GRPC_STATUS_INVALID_ARGUMENT;
-        goto out;
+    if (rq->n_to == 0 || rq->n_to > s->lim.max_batch) {
+        if (rq->n_to == 0)
+            snprintf(err, errlen, "to: at least one recipient is required");
+        else
+            snprintf(err, errlen, "to: %zu recipients, more than the limit of %zu", rq->n_to,
+                     s->lim.max_batch);
+        protobuf_c_message_free_unpacked(&rq->base, NULL);
+        return GRPC_STATUS_INVALID_ARGUMENT;
     }
-    if (rq->n_to > s->lim.max_batch) {
-        snprintf(err, errlen, "to: %zu recipients, more than the limit of %zu", rq->n_to,
-                 s->lim.max_batch);
-        code = GRPC_STATUS_INVALID_ARGUMENT;
-        goto out;
-    }
-    msg = msg_from_pb(&s->lim, rq->message, false, err, errlen);
+    mg_msg *msg = msg_from_pb(&s->lim, rq->message, false, err, errlen);
     if (!msg) {
-        code = GRPC_STATUS_INVALID_ARGUMENT;
-        goto out;
+        protobuf_c_message_free_unpacked(&rq->base, NULL);
+        return GRPC_STATUS_INVALID_ARGUMENT;
     }
-    res = mg_xcalloc(rq->n_to, sizeof(*res));
-    valid = mg_xcalloc(rq->n_to, sizeof(*valid));
-    valid_idx = mg_xcalloc(rq->n_to, sizeof(*valid_idx));
+    struct batch_ctx *x = mg_new(struct batch_ctx);
+    x->c = c;
+    x->rq = rq;
+    x->id = mg_xstrdup(msg->id);
+    x->res = mg_xcalloc(rq->n_to, sizeof(*x->res));
+    x->valid_idx = mg_xcalloc(rq->n_to, sizeof(*x->valid_idx));
+    const char **valid = mg_xcalloc(rq->n_to, sizeof(*valid));
+    size_t nvalid = 0;
     for (size_t i = 0; i < rq->n_to; i++) {
         char why[160];
         if (!valid_user(&s->lim, rq->to[i], "recipient", why, sizeof(why))) {
-            reject(&res[i], why);
+            reject(&x->res[i], why);
             continue;
         }
         valid[nvalid] = rq->to[i];
-        valid_idx[nvalid++] = i;
+        x->valid_idx[nvalid++] = i;
     }
-    if (nvalid > 0 && msg->priority == MG_PRIO_LOW) {
-        struct low_job *j = mg_new(struct low_job);
-        j->router = s->router;
-        j->msg = mg_msg_dup(msg);
-        j->to = mg_xcalloc(nvalid, sizeof(char *));
-        j->n = nvalid;
+    grpc_status_code code = GRPC_STATUS_OK;
+    bool low = msg->priority == MG_PRIO_LOW;
+    if (nvalid > 0 && low) {
+        if (mg_router_send_batch(s->router, msg, valid, nvalid,
+                                 mg_mono_ms() + MG_GRPC_LOW_DEADLINE_MS, low_batch_done, NULL) < 0)
+            code = overloaded(s, err, errlen, true);
         for (size_t k = 0; k < nvalid; k++)
-            j->to[k] = mg_xstrdup(valid[k]);
-        code = low_submit(s, j, err, errlen);
-        for (size_t k = 0; k < nvalid; k++)
-            accepted(&res[valid_idx[k]]);
+            accepted(&x->res[x->valid_idx[k]]);
     } else if (nvalid > 0) {
-        mg_send_result *vres = mg_xcalloc(nvalid, sizeof(*vres));
-        int rc = mg_router_send_batch(s->router, msg, valid, nvalid, c->deadline_ms, vres);
-        if (rc < 0) {
-            code = status_of_errno(rc);
-            snprintf(err, errlen, "router: %s", strerror(-rc));
-        }
-        for (size_t k = 0; k < nvalid; k++)
-            res[valid_idx[k]] = vres[k];
-        free(vres);
+        if (mg_router_send_batch(s->router, msg, valid, nvalid, c->deadline_ms, batch_done, x) < 0)
+            code = overloaded(s, err, errlen, false);
+        else
+            code = MG_GRPC_PENDING; /* x belongs to the batch now */
     }
-    if (code == GRPC_STATUS_OK) {
-        Meshgate__V1__SendBatchResponse out = MESHGATE__V1__SEND_BATCH_RESPONSE__INIT;
-        Meshgate__V1__RecipientResult *rr = mg_xcalloc(rq->n_to, sizeof(*rr));
-        Meshgate__V1__RecipientResult **rrp = mg_xcalloc(rq->n_to, sizeof(*rrp));
-        Meshgate__V1__Path *paths = mg_xcalloc(rq->n_to * MG_PATH_COUNT, sizeof(*paths));
-        for (size_t i = 0; i < rq->n_to; i++) {
-            result_to_pb(rq->to[i], &res[i], &rr[i], &paths[i * MG_PATH_COUNT]);
-            rrp[i] = &rr[i];
-        }
-        out.id = msg->id;
-        out.n_results = rq->n_to;
-        out.results = rrp;
-        c->resp = mg_grpc_pack(&out.base);
-        free(paths);
-        free(rrp);
-        free(rr);
-    }
-out:
-    free(valid_idx);
     free(valid);
-    free(res);
     mg_msg_free(msg);
-    protobuf_c_message_free_unpacked(&rq->base, NULL);
+    if (code == MG_GRPC_PENDING)
+        return code;
+    if (code == GRPC_STATUS_OK)
+        batch_respond(x);
+    batch_ctx_free(x);
     return code;
 }
 
@@ -637,12 +676,26 @@ static grpc_status_code h_disconnect_local(mg_grpc_server *s, struct rpc *c, con
     return disconnect_common(s, c, req, len, err, errlen, true);
 }
 
+static void deliver_done(void *arg, const mg_deliver_outcome *o)
+{
+    struct rpc *c = arg;
+    Meshgate__V1__DeliverMessageResponse out = MESHGATE__V1__DELIVER_MESSAGE_RESPONSE__INIT;
+    out.status = o->status == MG_STATUS_DELIVERED
+                     ? MESHGATE__V1__DELIVER_STATUS__DELIVER_STATUS_DELIVERED
+                     : MESHGATE__V1__DELIVER_STATUS__DELIVER_STATUS_NOT_CONNECTED;
+    out.connections = o->connections;
+    out.duplicate = o->duplicate;
+    c->resp = mg_grpc_pack(&out.base);
+    answer(c, GRPC_STATUS_OK, NULL);
+}
+
+/* Answered when the frames were written (DELIVERED means written, hub.h). */
 static grpc_status_code h_deliver_message(mg_grpc_server *s, struct rpc *c, const uint8_t *req,
                                           size_t len, char *err, size_t errlen)
 {
     UNPACK(Meshgate__V1__DeliverMessageRequest, rq,
            meshgate__v1__deliver_message_request__descriptor);
-    grpc_status_code code = GRPC_STATUS_OK;
+    grpc_status_code code = MG_GRPC_PENDING;
     mg_msg *msg = NULL;
     if (rq->message && (!rq->message->id || !*rq->message->id)) {
         snprintf(err, errlen, "message.id is required on the peer path");
@@ -654,19 +707,11 @@ static grpc_status_code h_deliver_message(mg_grpc_server *s, struct rpc *c, cons
         code = GRPC_STATUS_INVALID_ARGUMENT;
         goto out;
     }
-    bool dup = false;
-    int n = mg_router_deliver_local(s->router, msg, &dup);
-    if (n < 0) {
-        code = status_of_errno(n);
-        snprintf(err, errlen, "deliver: %s", strerror(-n));
-        goto out;
+    int rc = mg_router_deliver_local(s->router, msg, deliver_done, c);
+    if (rc < 0) {
+        code = status_of_errno(rc);
+        snprintf(err, errlen, "deliver: %s", strerror(-rc));
     }
-    Meshgate__V1__DeliverMessageResponse out = MESHGATE__V1__DELIVER_MESSAGE_RESPONSE__INIT;
-    out.status = (n > 0 || dup) ? MESHGATE__V1__DELIVER_STATUS__DELIVER_STATUS_DELIVERED
-                                : MESHGATE__V1__DELIVER_STATUS__DELIVER_STATUS_NOT_CONNECTED;
-    out.connections = (uint32_t)n;
-    out.duplicate = dup;
-    c->resp = mg_grpc_pack(&out.base);
 out:
     mg_msg_free(msg);
     protobuf_c_message_free_unpacked(&rq->base, NULL);
@@ -788,6 +833,30 @@ static void finish(struct rpc *c, grpc_status_code code, const char *details)
     }
 }
 
+/* Runs the call's handler; answers unless the handler left it PENDING. */
+static void run_handler(struct rpc *c)
+{
+    mg_grpc_server *s = c->t->s;
+    char err[256] = "";
+    size_t len;
+    uint8_t *data = mg_grpc_buffer_read(c->req, &len);
+    grpc_status_code code = handlers[c->method](s, c, data, len, err, sizeof(err));
+    free(data);
+    if (code != MG_GRPC_PENDING)
+        answer(c, code, err);
+}
+
+static void handler_job(void *arg)
+{
+    run_handler(arg);
+}
+
+/* GetPresence and Disconnect wait for Redis and peers: not on these threads. */
+static bool handler_blocks(mg_grpc_server *s, enum method m)
+{
+    return (m == M_GET_PRESENCE || m == M_DISCONNECT) && !mg_router_nonblocking(s->router);
+}
+
 static void handle(struct rpc *c)
 {
     mg_grpc_server *s = c->t->s;
@@ -814,17 +883,15 @@ static void handle(struct rpc *c)
          * cancelled (e.g. larger than the receive limit: core answered). */
         code = GRPC_STATUS_INVALID_ARGUMENT;
         snprintf(err, sizeof(err), "request message missing");
+    } else if (!handler_blocks(s, c->method)) {
+        run_handler(c);
+        return;
+    } else if (mg_pool_submit(s->pool, handler_job, c) == 0) {
+        return;
     } else {
-        size_t len;
-        uint8_t *data = mg_grpc_buffer_read(c->req, &len);
-        code = handlers[c->method](s, c, data, len, err, sizeof(err));
-        free(data);
+        code = overloaded(s, err, sizeof(err), false);
     }
-    if (code != GRPC_STATUS_OK && code != GRPC_STATUS_NOT_FOUND &&
-        code != GRPC_STATUS_INVALID_ARGUMENT && code != GRPC_STATUS_UNIMPLEMENTED)
-        mg_log_warn("grpc", "call failed method=%s code=%s details=\"%s\"",
-                    methods[c->method].label, mg_grpc_code_name(code), err);
-    finish(c, code, err);
+    answer(c, code, err);
 }
 
 static void on_event(struct cq_thread *t, struct rpc *c, bool ok)

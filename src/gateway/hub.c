@@ -20,8 +20,11 @@
 #include "common/mg_metrics.h"
 #include "gateway/ws_proto.h"
 
+#include "common/mg_time.h"
+
 #include <errno.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -41,17 +44,27 @@ struct mg_hub_conn {
     char id[]; /* "<gateway_id>-<seq>" */
 };
 
-/* A delivery waiting for its frames to be written. Guarded by the hub mutex;
- * refs: the waiter plus every queued frame that points at it. */
+/* A delivery waiting for its frames to be written (see mg_hub_deliver).
+ * pending/written/fired and the list links are guarded by the hub mutex;
+ * refs (every queued frame that points at it, plus one until its callback
+ * has run) is atomic, so the callback can run outside the mutex. */
 struct mg_hub_receipt {
-    pthread_cond_t cv;
-    int refs, pending, written;
+    mg_written_fn done;
+    void *arg;
+    int64_t deadline_ms; /* monotonic: the write wait ends */
+    uint32_t pending, written, result;
+    bool fired, listed;
+    atomic_int refs;
+    mg_hub_receipt *prev, *next; /* the waiting list, oldest first */
+    mg_hub_receipt *fire_next;   /* the list of callbacks to run */
 };
 
 struct mg_hub {
     pthread_mutex_t mu;
     int write_wait_ms;
     bool stop_waits;
+    mg_hub_receipt *wait_head, *wait_tail; /* receipts waiting for writes */
+    mg_hub_receipt *fire_head;             /* fired, callbacks not run yet */
     mg_metric *slow_counter;
     char *gateway_id;
     size_t max_frames, max_bytes, headroom;
@@ -97,30 +110,82 @@ void mg_hub_mark_service_thread(void)
     on_service_thread = true;
 }
 
+static void receipt_unref(mg_hub_receipt *r)
+{
+    if (atomic_fetch_sub(&r->refs, 1) == 1)
+        free(r);
+}
+
+/* Under the lock: r's wait is over; its callback runs at the next
+ * unlock_fire. Frames still queued on live connections count as written. */
+static void fire(mg_hub *h, mg_hub_receipt *r)
+{
+    if (r->fired)
+        return;
+    r->fired = true;
+    r->result = r->written + r->pending;
+    if (!r->listed)
+        ;
+    else if (r->prev)
+        r->prev->next = r->next;
+    else
+        h->wait_head = r->next;
+    if (r->next)
+        r->next->prev = r->prev;
+    else
+        h->wait_tail = r->prev;
+    r->prev = r->next = NULL;
+    r->fire_next = h->fire_head;
+    h->fire_head = r;
+}
+
+/* Unlocks the hub, then runs the callbacks of the receipts fired under it
+ * (never under the mutex: they continue operations that call the hub). */
+static void unlock_fire(mg_hub *h)
+{
+    mg_hub_receipt *r = h->fire_head;
+    h->fire_head = NULL;
+    pthread_mutex_unlock(&h->mu);
+    /* fired LIFO: run them in the order they fired */
+    mg_hub_receipt *rev = NULL;
+    while (r) {
+        mg_hub_receipt *n = r->fire_next;
+        r->fire_next = rev;
+        rev = r;
+        r = n;
+    }
+    r = rev;
+    while (r) {
+        mg_hub_receipt *n = r->fire_next;
+        r->done(r->arg, r->result);
+        receipt_unref(r);
+        r = n;
+    }
+}
+
 /* Under the lock (or with no other thread left): the frame's fate reaches
  * the delivery waiting for it. */
-static void settle(mg_hub_frame *f, bool written)
+static void settle(mg_hub *h, mg_hub_frame *f, bool written)
 {
     mg_hub_receipt *r = f->receipt;
     if (!r)
         return;
     f->receipt = NULL;
-    r->pending--;
-    r->written += written;
-    if (r->pending == 0)
-        pthread_cond_signal(&r->cv);
-    if (--r->refs == 0) {
-        pthread_cond_destroy(&r->cv);
-        free(r);
+    if (!r->fired) {
+        r->pending--;
+        r->written += written;
+        if (r->pending == 0)
+            fire(h, r);
     }
+    receipt_unref(r);
 }
 
 void mg_hub_frame_done(mg_hub *h, mg_hub_frame *f, bool written)
 {
     if (f->receipt) {
         pthread_mutex_lock(&h->mu);
-        settle(f, written);
-        pthread_mutex_unlock(&h->mu);
+        settle(h, f, written);
+        unlock_fire(h);
     }
     free(f);
 }
@@ -129,15 +194,35 @@ void mg_hub_stop_waits(mg_hub *h)
 {
     pthread_mutex_lock(&h->mu);
     h->stop_waits = true;
-    pthread_mutex_unlock(&h->mu);
+    while (h->wait_head)
+        fire(h, h->wait_head);
+    unlock_fire(h);
 }
 
-static void queue_clear(mg_hub_conn *c)
+bool mg_hub_waiting(mg_hub *h)
+{
+    pthread_mutex_lock(&h->mu);
+    bool w = h->wait_head != NULL;
+    pthread_mutex_unlock(&h->mu);
+    return w;
+}
+
+bool mg_hub_expire_waits(mg_hub *h, int64_t now_ms)
+{
+    pthread_mutex_lock(&h->mu);
+    while (h->wait_head && h->wait_head->deadline_ms <= now_ms)
+        fire(h, h->wait_head);
+    bool more = h->wait_head != NULL;
+    unlock_fire(h);
+    return more;
+}
+
+static void queue_clear(mg_hub *h, mg_hub_conn *c)
 {
     mg_hub_frame *f = c->qhead;
     while (f) {
         mg_hub_frame *n = f->next;
-        settle(f, false);
+        settle(h, f, false);
         free(f);
         f = n;
     }
@@ -146,9 +231,9 @@ static void queue_clear(mg_hub_conn *c)
     c->qbytes = 0;
 }
 
-static void conn_free(mg_hub_conn *c)
+static void conn_free(mg_hub *h, mg_hub_conn *c)
 {
-    queue_clear(c);
+    queue_clear(h, c);
     free(c->user);
     free(c->close_reason);
     free(c);
@@ -160,8 +245,12 @@ void mg_hub_free(mg_hub *h)
         return;
     const char *k;
     void *v;
+    pthread_mutex_lock(&h->mu);
     for (size_t it = 0; mg_map_next(h->by_id, &it, &k, &v);)
-        conn_free(v);
+        conn_free(h, v);
+    while (h->wait_head)
+        fire(h, h->wait_head);
+    unlock_fire(h);
     mg_map_free(h->by_id);
     mg_map_free(h->by_user);
     pthread_mutex_destroy(&h->mu);
@@ -232,9 +321,9 @@ void mg_hub_unregister(mg_hub *h, mg_hub_conn *c)
         }
     }
     h->count--;
-    queue_clear(c); /* under the lock: waiting deliveries learn of the drop */
-    pthread_mutex_unlock(&h->mu);
-    conn_free(c);
+    queue_clear(h, c); /* under the lock: waiting deliveries learn of the drop */
+    unlock_fire(h);
+    conn_free(h, c);
 }
 
 const char *mg_hub_conn_id(const mg_hub_conn *c)
@@ -299,7 +388,7 @@ static int enqueue(mg_hub *h, mg_hub_conn *c, const char *text, size_t len, mg_f
     if (c->close_code)
         return -EPIPE;
     if (c->qcount + 1 > h->max_frames || c->qbytes + len > h->max_bytes) {
-        queue_clear(c);
+        queue_clear(h, c);
         c->slow = true;
         h->slow_closes++;
         if (h->slow_counter)
@@ -315,7 +404,7 @@ static int enqueue(mg_hub *h, mg_hub_conn *c, const char *text, size_t len, mg_f
     f->next = NULL;
     f->receipt = r;
     if (r) {
-        r->refs++;
+        atomic_fetch_add(&r->refs, 1);
         r->pending++;
     }
     f->len = len;
@@ -333,7 +422,8 @@ static int enqueue(mg_hub *h, mg_hub_conn *c, const char *text, size_t len, mg_f
     return 0;
 }
 
-int mg_hub_deliver(mg_hub *h, const mg_msg *msg, const char *conn_id, bool from_inbox)
+int mg_hub_deliver(mg_hub *h, const mg_msg *msg, const char *conn_id, bool from_inbox,
+                   mg_written_fn written, void *arg)
 {
     if (!msg || !msg->to)
         return 0;
@@ -342,14 +432,11 @@ int mg_hub_deliver(mg_hub *h, const mg_msg *msg, const char *conn_id, bool from_
     int n = 0;
     mg_hub_receipt *r = NULL;
     pthread_mutex_lock(&h->mu);
-    if (!from_inbox && !on_service_thread && h->write_wait_ms > 0 && !h->stop_waits) {
+    if (written && !from_inbox && !on_service_thread && h->write_wait_ms > 0 && !h->stop_waits) {
         r = mg_new(mg_hub_receipt);
-        pthread_condattr_t ca;
-        pthread_condattr_init(&ca);
-        pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-        pthread_cond_init(&r->cv, &ca);
-        pthread_condattr_destroy(&ca);
-        r->refs = 1;
+        r->done = written;
+        r->arg = arg;
+        atomic_init(&r->refs, 1);
     }
     if (conn_id) {
         mg_hub_conn *c = mg_map_get(h->by_id, conn_id);
@@ -361,37 +448,26 @@ int mg_hub_deliver(mg_hub *h, const mg_msg *msg, const char *conn_id, bool from_
             if (enqueue(h, c, text, len, MG_FRAME_MESSAGE, r) == 0)
                 n++;
     }
-    if (r) {
-        struct timespec end;
-        clock_gettime(CLOCK_MONOTONIC, &end);
-        end.tv_sec += h->write_wait_ms / 1000;
-        end.tv_nsec += (long)(h->write_wait_ms % 1000) * 1000000;
-        if (end.tv_nsec >= 1000000000)
-            end.tv_sec++, end.tv_nsec -= 1000000000;
-        /* Short slices, so a stopping service thread releases us early. */
-        while (r->pending > 0 && !h->stop_waits) {
-            struct timespec now, slice;
-            clock_gettime(CLOCK_MONOTONIC, &now);
-            if (now.tv_sec > end.tv_sec || (now.tv_sec == end.tv_sec && now.tv_nsec >= end.tv_nsec))
-                break;
-            slice = now;
-            slice.tv_nsec += 50 * 1000000;
-            if (slice.tv_nsec >= 1000000000)
-                slice.tv_sec++, slice.tv_nsec -= 1000000000;
-            if (slice.tv_sec > end.tv_sec ||
-                (slice.tv_sec == end.tv_sec && slice.tv_nsec > end.tv_nsec))
-                slice = end;
-            pthread_cond_timedwait(&r->cv, &h->mu, &slice);
-        }
-        n = r->written + r->pending;
-        if (--r->refs == 0) {
-            pthread_cond_destroy(&r->cv);
-            free(r);
-        }
-    }
     h->delivered += (uint64_t)n;
-    pthread_mutex_unlock(&h->mu);
+    bool wait = r && r->pending > 0;
+    if (wait) {
+        r->deadline_ms = mg_mono_ms() + h->write_wait_ms;
+        r->listed = true;
+        r->prev = h->wait_tail;
+        if (h->wait_tail)
+            h->wait_tail->next = r;
+        else
+            h->wait_head = r;
+        h->wait_tail = r;
+    } else if (r) {
+        /* nothing queued (or a slow consumer dropped it at once): no report */
+        r->fired = true;
+        receipt_unref(r);
+    }
+    unlock_fire(h);
     free(text);
+    if (!wait && written && n > 0)
+        written(arg, (uint32_t)n);
     return n;
 }
 
@@ -475,9 +551,10 @@ bool mg_hub_is_slow(mg_hub *h, const char *conn_id)
     return s;
 }
 
-static int sink_deliver(void *arg, const mg_msg *msg, const char *conn_id, bool from_inbox)
+static int sink_deliver(void *arg, const mg_msg *msg, const char *conn_id, bool from_inbox,
+                        mg_written_fn written, void *written_arg)
 {
-    return mg_hub_deliver(arg, msg, conn_id, from_inbox);
+    return mg_hub_deliver(arg, msg, conn_id, from_inbox, written, written_arg);
 }
 
 static int sink_disconnect(void *arg, const char *user, const char *conn_id, int code,

@@ -46,9 +46,9 @@ typedef struct mg_hub_config {
      * May be NULL. */
     void (*wake)(void *arg);
     void *wake_arg;
-    /* How long a delivery (mg_hub_deliver, not from the inbox, not on the
-     * service thread) waits for its frames to be written to the sockets
-     * before answering; 0: do not wait. See mg_hub_deliver. */
+    /* How long a delivery (mg_hub_deliver with a written callback, not from
+     * the inbox, not on the service thread) waits for its frames to be
+     * written to the sockets before it is reported; 0: do not wait. */
     int write_wait_ms;
     /* Counted when a connection is marked slow (its close may come later, or
      * by timeout when its socket never drains). May be NULL. */
@@ -96,17 +96,22 @@ mg_hub_frame *mg_hub_pop(mg_hub *h, mg_hub_conn *c, bool *more, int *close_code,
                          size_t reasonlen);
 
 /* [ws] Settles a popped frame: written tells whether lws_write took all of
- * it; a delivery waiting on it learns the outcome. Frees f. */
+ * it; a delivery waiting on it learns the outcome (its callback may run
+ * here). Frees f. */
 void mg_hub_frame_done(mg_hub *h, mg_hub_frame *f, bool written);
 
 /* [ws] Marks the calling thread as the service thread: deliveries made on it
- * never wait for writes (the thread that writes cannot wait for itself). */
+ * report their writes at once (the thread that writes cannot wait for itself). */
 void mg_hub_mark_service_thread(void);
-
-/* [ws] The service thread stops: deliveries stop waiting for writes that
- * will not come. */
+/* [ws] The service thread stops: every delivery waiting for writes is
+ * reported now (queued frames count), and later ones do not wait. */
 void mg_hub_stop_waits(mg_hub *h);
-
+/* Whether a delivery is waiting for its writes (the service thread then
+ * keeps a timer for mg_hub_expire_waits). */
+bool mg_hub_waiting(mg_hub *h);
+/* [ws] Reports the deliveries whose write wait ended by now_ms (monotonic).
+ * Returns whether others still wait. */
+bool mg_hub_expire_waits(mg_hub *h, int64_t now_ms);
 /* [ws] Calls fn(handle, close_code, arg) for every connection with queued
  * frames or a pending close (close_code != 0), and clears the ready set. fn
  * runs under the hub mutex: it must not call the hub (lws_callback_on_writable
@@ -114,16 +119,20 @@ void mg_hub_stop_waits(mg_hub *h);
 void mg_hub_take_ready(mg_hub *h, void (*fn)(void *handle, int close_code, void *arg), void *arg);
 
 /* Renders msg once and queues it to every connection of msg->to (or only
- * conn_id, when not NULL, if it belongs to msg->to). Unless from_inbox,
- * called on the service thread or write_wait_ms is 0, it then waits (up to
- * write_wait_ms) until the service thread wrote the frames to the sockets,
- * so "delivered" means written: a gateway killed before the write answers
- * nothing (the caller's call fails and it falls back) instead of a
- * DELIVERED it did not keep. Returns how many connections got it: written,
- * or still queued on a live connection when the wait ended (a slow reader);
- * frames dropped with their connection do not count (0: none here). */
-int mg_hub_deliver(mg_hub *h, const mg_msg *msg, const char *conn_id, bool from_inbox);
-
+ * conn_id, when not NULL, if it belongs to msg->to). Returns how many
+ * connections took it (0: none here). Never blocks.
+ * When written is not NULL and the return is > 0, written(arg, n) runs
+ * exactly once, so that "delivered" means written: when the service thread
+ * has written the frames to the sockets (or dropped them with their
+ * connections), or write_wait_ms after the call, whichever comes first; n
+ * counts the connections written or still queued on a live connection (a
+ * slow reader) then. A gateway killed before the write answers nothing, so
+ * the caller's caller fails and falls back instead of trusting a DELIVERED
+ * it did not keep. It runs on the service thread, or before mg_hub_deliver
+ * returns when nothing waits (from_inbox, called on the service thread,
+ * write_wait_ms 0, or after mg_hub_stop_waits). Never under the hub mutex. */
+int mg_hub_deliver(mg_hub *h, const mg_msg *msg, const char *conn_id, bool from_inbox,
+                   mg_written_fn written, void *arg);
 /* Queues a control frame (ack, error) to one connection. Returns 0, -ENOENT
  * when the connection is gone, or -ENOBUFS when it overflowed (then it is
  * being closed as a slow consumer). */

@@ -6,10 +6,20 @@
  *
  * DESIGN
  * - Nothing blocks the service thread: a client "send" is parsed here and
- *   handed to the worker pool (mg_pool_submit); the job calls mg_router_send
- *   and posts the ack back through the hub by connection id (the connection
- *   may be gone by then; the hub then drops it). A full pool answers at once
- *   with an ack {status:failed, reason:overloaded}.
+ *   started as a router operation (mg_router_send returns at once). One
+ *   connection's sends are chained: operation k+1 starts when k answered
+ *   (from whichever thread completed it), so the order guarantees hold
+ *   without a thread per connection. The answer posts the ack back through
+ *   the hub by connection id (the connection may be gone by then; the hub
+ *   then drops it). A LOW send is acked "accepted" at once and chained like
+ *   the others. Beyond MAX_CHAINED sends waiting on one connection, or when
+ *   the router is at its bound, the ack is {status:failed,
+ *   reason:overloaded}.
+ * - Presence changes and inbox acks block on the stores: they are worker
+ *   pool jobs keyed by the connection (in order), or run here when the
+ *   stores are in memory.
+ * - Deliveries waiting for their writes (hub.h) are reported by a timer of
+ *   this thread when their write wait ends; it runs only while some wait.
  * - Other threads never touch an lws object: they queue frames or closes in
  *   the hub, which wakes this thread with lws_cancel_service; on
  *   LWS_CALLBACK_EVENT_WAIT_CANCELLED we ask for writable on every ready
@@ -50,7 +60,9 @@
 #define MAX_ERR_IN_ROW      20 /* consecutive bad frames before close 1008 */
 #define HTTP_CHUNK          16384
 #define CLOSE_GRACE_SECONDS 5
-#define WRITE_BURST         64 /* frames written per writable callback */
+#define WRITE_BURST         64          /* frames written per writable callback */
+#define MAX_CHAINED         1024        /* sends waiting behind a connection's operation */
+#define WAIT_CHECK_US       (50 * 1000) /* the write-wait timer's period */
 
 typedef struct hook {
     char *path;
@@ -69,8 +81,11 @@ typedef struct ticket {
 
 /* Per-session data: lws allocates it per wsi (HTTP and WS share the protocol;
  * on upgrade lws gives the wsi a fresh one). */
+typedef struct chain chain;
+
 typedef struct pss {
     mg_hub_conn *conn; /* WS: registered connection */
+    chain *ch;         /* WS: the send chain, from the first send on */
     ticket *tk;        /* WS: presence ticket (NULL when none is owned) */
     char *user;        /* WS: between filter and established */
     unsigned char *rx; /* WS: reassembly buffer (NULL when idle) */
@@ -120,6 +135,8 @@ struct mg_ws_server {
     char *stash_user;
 
     pthread_mutex_t mu; /* tickets */
+    lws_sorted_usec_list_t wait_timer;
+    bool wait_timer_armed; /* this thread only */
 
     mg_metric *m_in, *m_out, *m_slow, *m_conns_total, *m_conns;
 };
@@ -152,37 +169,186 @@ static void post_error(mg_ws_server *ws, const char *conn_id, const char *code, 
     post_text(ws, conn_id, t, len);
 }
 
-/* ---- pool jobs ---------------------------------------------------------- */
+/* ---- the send chain of a connection --------------------------------------- */
 
-typedef struct send_job {
-    mg_ws_server *ws;
+typedef struct pend {
+    struct pend *next;
     mg_msg *msg;
-    char conn_id[];
-} send_job;
+} pend;
 
-static void job_send(void *arg)
+/* A connection's sends in order: at most one operation in flight. Shared
+ * by the connection (until it closes) and the operation in flight; freed
+ * by whichever lets go last. Fields under mu. */
+struct chain {
+    mg_ws_server *ws;
+    pthread_mutex_t mu;
+    pend *head, *tail;
+    uint32_t queued;
+    bool busy;      /* an operation is in flight */
+    bool closed;    /* the connection is gone */
+    bool starting;  /* chain_run is inside mg_router_send */
+    bool sync_done; /* ... and the operation answered meanwhile */
+    mg_msg *cur;    /* the operation in flight's message */
+    char conn_id[];
+};
+
+static void chain_free(chain *ch)
 {
-    send_job *j = arg;
-    mg_ws_server *ws = j->ws;
-    mg_send_result res = {0};
-    if (!ws->router) {
-        res.status = MG_STATUS_FAILED;
-        snprintf(res.reason, sizeof(res.reason), "router not ready");
-    } else if (mg_router_send(ws->router, j->msg, mg_mono_ms() + ws->send_deadline_ms, &res) != 0) {
-        if (res.status != MG_STATUS_FAILED)
-            res.status = MG_STATUS_REJECTED;
-        if (!res.reason[0])
-            snprintf(res.reason, sizeof(res.reason), "rejected");
-    }
+    pthread_mutex_destroy(&ch->mu);
+    free(ch);
+}
+
+static void ack(mg_ws_server *ws, const char *conn_id, const char *id, const mg_send_result *res)
+{
     size_t len;
     char *t = mg_ws_proto_encode_ack(
-        j->msg->id, res.status, res.path,
-        (res.status == MG_STATUS_REJECTED || res.status == MG_STATUS_FAILED) ? res.reason : NULL,
+        id, res->status, res->path,
+        (res->status == MG_STATUS_REJECTED || res->status == MG_STATUS_FAILED) ? res->reason : NULL,
         &len);
-    post_text(ws, j->conn_id, t, len);
-    mg_msg_free(j->msg);
-    free(j);
+    post_text(ws, conn_id, t, len);
 }
+
+static void ack_overloaded(mg_ws_server *ws, const char *conn_id, const char *id)
+{
+    size_t len;
+    char *t =
+        mg_ws_proto_encode_ack(id, MG_STATUS_FAILED, MG_PATH_NONE, MG_WS_ERR_OVERLOADED, &len);
+    count_error(MG_WS_ERR_OVERLOADED);
+    post_text(ws, conn_id, t, len);
+}
+
+/* Under ch->mu: the next message, or NULL after marking the chain idle. */
+static mg_msg *chain_next(chain *ch, bool *free_it)
+{
+    pend *p = ch->head;
+    *free_it = false;
+    if (!p) {
+        ch->busy = false;
+        *free_it = ch->closed;
+        return NULL;
+    }
+    ch->head = p->next;
+    if (!ch->head)
+        ch->tail = NULL;
+    ch->queued--;
+    mg_msg *m = p->msg;
+    free(p);
+    return m;
+}
+
+static void chain_done(void *arg, const mg_send_result *res);
+
+/* Runs m and then the chain's next messages until one answers later. The
+ * caller owns the chain's busy flag. */
+static void chain_run(chain *ch, mg_msg *m)
+{
+    mg_ws_server *ws = ch->ws;
+    while (m) {
+        pthread_mutex_lock(&ch->mu);
+        ch->cur = m;
+        ch->starting = true;
+        ch->sync_done = false;
+        pthread_mutex_unlock(&ch->mu);
+        int rc = mg_router_send(ws->router, m, mg_mono_ms() + ws->send_deadline_ms, chain_done, ch);
+        if (rc < 0) {
+            if (m->priority != MG_PRIO_LOW)
+                ack_overloaded(ws, ch->conn_id, m->id);
+            mg_msg_free(m);
+        }
+        pthread_mutex_lock(&ch->mu);
+        ch->starting = false;
+        if (rc == 0 && !ch->sync_done) { /* chain_done continues the chain */
+            pthread_mutex_unlock(&ch->mu);
+            return;
+        }
+        bool free_it;
+        m = chain_next(ch, &free_it);
+        pthread_mutex_unlock(&ch->mu);
+        if (free_it)
+            chain_free(ch);
+    }
+}
+
+/* The answer of the chain's operation in flight (any thread). */
+static void chain_done(void *arg, const mg_send_result *res)
+{
+    chain *ch = arg;
+    mg_msg *m = ch->cur;
+    if (m->priority != MG_PRIO_LOW)
+        ack(ch->ws, ch->conn_id, m->id, res);
+    else if (res->status == MG_STATUS_FAILED)
+        mg_log_debug("ws", "low priority send failed conn=%s msg_id=%s reason=%s", ch->conn_id,
+                     m->id, res->reason);
+    mg_msg_free(m);
+    pthread_mutex_lock(&ch->mu);
+    ch->cur = NULL;
+    if (ch->starting) { /* answered inside mg_router_send: chain_run goes on */
+        ch->sync_done = true;
+        pthread_mutex_unlock(&ch->mu);
+        return;
+    }
+    bool free_it;
+    mg_msg *next = chain_next(ch, &free_it);
+    pthread_mutex_unlock(&ch->mu);
+    if (free_it)
+        chain_free(ch);
+    else if (next)
+        chain_run(ch, next);
+}
+
+/* [ws] Queues m (taken) behind the connection's sends, or starts it. */
+static void chain_send(mg_ws_server *ws, pss *p, const char *conn_id, mg_msg *m)
+{
+    chain *ch = p->ch;
+    if (!ch) {
+        size_t n = strlen(conn_id);
+        ch = mg_xcalloc(1, sizeof(*ch) + n + 1);
+        ch->ws = ws;
+        pthread_mutex_init(&ch->mu, NULL);
+        memcpy(ch->conn_id, conn_id, n + 1);
+        p->ch = ch;
+    }
+    pthread_mutex_lock(&ch->mu);
+    if (!ch->busy) {
+        ch->busy = true;
+        pthread_mutex_unlock(&ch->mu);
+        chain_run(ch, m);
+        return;
+    }
+    if (ch->queued >= MAX_CHAINED) {
+        pthread_mutex_unlock(&ch->mu);
+        if (m->priority != MG_PRIO_LOW)
+            ack_overloaded(ws, conn_id, m->id);
+        mg_msg_free(m);
+        return;
+    }
+    pend *e = mg_new(pend);
+    e->msg = m;
+    if (ch->tail)
+        ch->tail->next = e;
+    else
+        ch->head = e;
+    ch->tail = e;
+    ch->queued++;
+    pthread_mutex_unlock(&ch->mu);
+}
+
+/* [ws] The connection is gone: queued sends still run; the last user frees. */
+static void chain_release(pss *p)
+{
+    chain *ch = p->ch;
+    if (!ch)
+        return;
+    p->ch = NULL;
+    pthread_mutex_lock(&ch->mu);
+    ch->closed = true;
+    bool free_now = !ch->busy;
+    pthread_mutex_unlock(&ch->mu);
+    if (free_now)
+        chain_free(ch);
+}
+
+/* ---- pool jobs ---------------------------------------------------------- */
 
 typedef struct ack_job {
     mg_ws_server *ws;
@@ -296,21 +462,19 @@ static void handle_text(mg_ws_server *ws, pss *p, const char *data, size_t len, 
     }
     mg_msg *m = mg_msg_new(in.id, user, in.to, (const uint8_t *)in.content, in.content_len,
                            in.content_type, mg_now_ms(), in.priority);
-    size_t n = strlen(conn_id);
-    send_job *j = mg_xmalloc(sizeof(*j) + n + 1);
-    j->ws = ws;
-    j->msg = m;
-    memcpy(j->conn_id, conn_id, n + 1);
-    if (dispatch(ws, conn_id, job_send, j) != 0) {
-        size_t len2;
-        char *t = mg_ws_proto_encode_ack(m->id, MG_STATUS_FAILED, MG_PATH_NONE,
-                                         MG_WS_ERR_OVERLOADED, &len2);
-        count_error(MG_WS_ERR_OVERLOADED);
-        post_text(ws, conn_id, t, len2);
-        mg_msg_free(m);
-        free(j);
-    }
     mg_ws_in_clear(&in);
+    if (!ws->router) {
+        mg_send_result res = {.status = MG_STATUS_FAILED};
+        snprintf(res.reason, sizeof(res.reason), "router not ready");
+        ack(ws, conn_id, m->id, &res);
+        mg_msg_free(m);
+        return;
+    }
+    if (m->priority == MG_PRIO_LOW) { /* README: LOW is answered at once */
+        mg_send_result res = {.status = MG_STATUS_ACCEPTED};
+        ack(ws, conn_id, m->id, &res);
+    }
+    chain_send(ws, p, conn_id, m);
 }
 
 /* Returns -1 to close the connection. */
@@ -438,6 +602,7 @@ static void on_closed(mg_ws_server *ws, pss *p)
             ticket_free(t);
         }
     }
+    chain_release(p);
     free(p->rx);
     p->rx = NULL;
     p->rx_len = p->rx_cap = 0;
@@ -618,6 +783,25 @@ static int on_http_writeable(struct lws *wsi, pss *p)
 
 /* ---- the callback ------------------------------------------------------------ */
 
+static void wait_timer_cb(lws_sorted_usec_list_t *sul)
+{
+    mg_ws_server *ws = lws_container_of(sul, mg_ws_server, wait_timer);
+    ws->wait_timer_armed = false;
+    if (mg_hub_expire_waits(ws->hub, mg_mono_ms())) {
+        ws->wait_timer_armed = true;
+        lws_sul_schedule(ws->ctx, 0, &ws->wait_timer, wait_timer_cb, WAIT_CHECK_US);
+    }
+}
+
+/* [ws] Keeps the write-wait timer running while deliveries wait. */
+static void arm_wait_timer(mg_ws_server *ws)
+{
+    if (ws->wait_timer_armed || !mg_hub_waiting(ws->hub))
+        return;
+    ws->wait_timer_armed = true;
+    lws_sul_schedule(ws->ctx, 0, &ws->wait_timer, wait_timer_cb, WAIT_CHECK_US);
+}
+
 static void want_writable(void *handle, int close_code, void *arg)
 {
     struct lws *wsi = handle;
@@ -635,8 +819,10 @@ static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *use
     pss *p = user;
     switch (reason) {
     case LWS_CALLBACK_EVENT_WAIT_CANCELLED:
-        if (ws)
+        if (ws) {
             mg_hub_take_ready(ws->hub, want_writable, NULL);
+            arm_wait_timer(ws);
+        }
         return 0;
     case LWS_CALLBACK_HTTP:
         return on_http(ws, wsi, p, in ? (const char *)in : "");
@@ -932,6 +1118,9 @@ void mg_ws_server_stop(mg_ws_server *ws)
     lws_cancel_service(ws->ctx);
     pthread_join(ws->thread, NULL);
     mg_hub_set_wake(ws->hub, NULL, NULL);
+    if (ws->wait_timer_armed) /* the service thread is gone: safe from here */
+        lws_sul_cancel(&ws->wait_timer);
+    ws->wait_timer_armed = false;
     lws_context_destroy(ws->ctx); /* closes the rest: CLOSED callbacks run here */
     ws->ctx = NULL;
     ws->started = false;

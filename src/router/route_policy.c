@@ -17,3 +17,15 @@ mg_path mg_route_decide(const mg_route_input *in)
         return MG_PATH_GRPC;
     return MG_PATH_NONE;
 }
+
+size_t mg_route_plan(const mg_route_input *in, mg_path plan[MG_PLAN_MAX])
+{
+    mg_path first = mg_route_decide(in);
+    if (first == MG_PATH_NONE)
+        return 0;
+    size_t n = 0;
+    plan[n++] = first;
+    if (first == MG_PATH_GRPC && in->kafka_usable)
+        plan[n++] = MG_PATH_KAFKA;
+    return n;
+}

@@ -6,8 +6,9 @@
  *   other region, hot (from, to) pair, peer usable  -> grpc
  *   other region, cold pair (or peer unusable)      -> kafka
  *   no Kafka configured                             -> grpc when usable, else none
- * The router falls back to Kafka when the gRPC attempt fails, and to the
- * inbox when no path is left.
+ * mg_route_plan turns the decision into the ordered list the router walks:
+ * a failed gRPC attempt falls back to Kafka; the router stores in the inbox
+ * when no path is left.
  */
 #ifndef MG_ROUTE_POLICY_H
 #define MG_ROUTE_POLICY_H
@@ -25,5 +26,11 @@ typedef struct mg_route_input {
 } mg_route_input;
 
 mg_path mg_route_decide(const mg_route_input *in);
+
+#define MG_PLAN_MAX 4
+/* The plan: the transports to try in order until one reaches the
+ * gateway: the decision above, then Kafka after a failed gRPC attempt when
+ * Kafka is usable. Returns the number of steps written to plan (0: no path). */
+size_t mg_route_plan(const mg_route_input *in, mg_path plan[MG_PLAN_MAX]);
 
 #endif

@@ -1,36 +1,46 @@
 /* router.c: where a message goes (see router.h).
  *
  * DESIGN
- * A send resolves the recipient's connections (presence), groups them by
- * gateway and, per gateway, asks the route policy for a path:
- *   local  -> the hub of this gateway (never blocks)
- *   grpc   -> GatewayPeer/DeliverMessage; on failure, Kafka; on NOT_CONNECTED
- *             presence is resolved once more
- *   kafka  -> the recipient region's topic (HIGH waits for acks=all)
- * and falls back to the offline inbox when no connection is left. The result
- * is the best outcome over the gateways (DELIVERED > QUEUED > ... see msg.h).
+ * One recipient's send is a route_op, a small state machine continued by
+ * completions:
  *
- * Every write to a local connection goes through deliver_here(), which drops
- * an (id, recipient) already delivered within the dedupe window: a client's
- * retry, a gRPC retry or a Kafka redelivery never reaches a device twice.
+ *   lookup (store pool job, or inline when presence is in memory)
+ *     -> one attempt per recipient gateway, all in parallel; each walks
+ *        its plan (route_policy.h: local | grpc then kafka | kafka),
+ *        starting the next transport from the completion of the failed one
+ *     -> when the last attempt completed: a gateway that answered
+ *        NOT_CONNECTED and nothing reached -> resolve once more (one more
+ *        round); nothing reached and nothing failed -> inbox (store pool
+ *        job, or inline)
+ *     -> done(arg, result): the best outcome over the gateways
+ *        (DELIVERED > QUEUED > ... see msg.h).
  *
- * Threads: any caller thread but the WebSocket service thread. The router's
- * own state is immutable after setup except for the hot tracker and the
- * dedupe window, which lock internally.
+ * `pending` counts the attempts in flight plus one held by whoever starts
+ * a round, so a completion that arrives before the round is fully started
+ * cannot end it. Results merge under the op's mutex (completions arrive on
+ * the peer-cq, kafka-poll and WebSocket threads at once). A batch is n
+ * route_ops sharing one presence lookup and one answer, counted down as
+ * each completes; nothing waits for any of them.
+ *
+ * Every local write goes through the local transport (transport_local.c),
+ * which holds the dedupe window. Operations in flight are bounded by
+ * max_inflight recipients (-EAGAIN beyond), never by threads.
  */
 #include "router/router.h"
 #include "common/mg_alloc.h"
 #include "common/mg_log.h"
 #include "common/mg_metrics.h"
 #include "common/mg_time.h"
-#include "router/dedupe.h"
 #include "router/hot_routes.h"
 #include "router/route_policy.h"
 
 #include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define INBOX_FETCH_MAX 1000
 
@@ -39,12 +49,14 @@ struct mg_router {
     mg_presence *presence;
     mg_inbox *inbox;
     mg_local_sink sink;
+    mg_pool *pool;
     mg_transport *transports[MG_PATH_COUNT];
     mg_hot *hot;
-    mg_dedupe *dedupe;
+    size_t max_inflight;
+    atomic_size_t inflight;
     mg_metric *outcomes[MG_PATH_COUNT][MG_STATUS_ACCEPTED + 1];
     mg_metric *latency[MG_PATH_COUNT];
-    mg_metric *duplicates, *fallbacks, *presence_errors, *reresolves;
+    mg_metric *fallbacks, *presence_errors, *reresolves, *refused, *inflight_gauge;
 };
 
 static double hot_pairs_gauge(void *arg)
@@ -54,7 +66,7 @@ static double hot_pairs_gauge(void *arg)
 }
 
 mg_router *mg_router_create(const mg_router_config *cfg, mg_presence *presence, mg_inbox *inbox,
-                            const mg_local_sink *sink)
+                            const mg_local_sink *sink, mg_pool *store_pool)
 {
     mg_router *r = mg_new(mg_router);
     r->gateway_id = mg_xstrdup(cfg->gateway_id);
@@ -62,9 +74,11 @@ mg_router *mg_router_create(const mg_router_config *cfg, mg_presence *presence, 
     r->presence = presence;
     r->inbox = inbox;
     r->sink = *sink;
-    r->transports[MG_PATH_LOCAL] = mg_transport_local_create(sink);
+    r->pool = store_pool;
+    r->transports[MG_PATH_LOCAL] = mg_transport_local_create(sink, cfg->dedupe_window);
     r->hot = mg_hot_create(cfg->hot_window_seconds, cfg->hot_threshold, cfg->hot_capacity);
-    r->dedupe = mg_dedupe_create(cfg->dedupe_window);
+    r->max_inflight = cfg->max_inflight;
+    atomic_init(&r->inflight, 0);
     for (int p = 0; p < MG_PATH_COUNT; p++) {
         for (int s = 1; s <= MG_STATUS_ACCEPTED; s++) {
             char labels[96];
@@ -80,8 +94,10 @@ mg_router *mg_router_create(const mg_router_config *cfg, mg_presence *presence, 
             mg_histogram("meshgate_route_seconds",
                          "Time to route one recipient, by the path of its outcome", labels);
     }
-    r->duplicates = mg_counter("meshgate_duplicates_dropped_total",
-                               "Deliveries dropped because the (id, recipient) was seen", NULL);
+    r->refused = mg_counter("meshgate_route_refused_total",
+                            "Sends refused because --max-inflight-sends were being routed", NULL);
+    r->inflight_gauge =
+        mg_gauge("meshgate_route_inflight", "Recipients being routed right now", NULL);
     r->fallbacks = mg_counter("meshgate_grpc_fallbacks_total",
                               "gRPC peer deliveries that failed over to Kafka", NULL);
     r->presence_errors =
@@ -101,6 +117,17 @@ void mg_router_set_transport(mg_router *r, mg_path path, mg_transport *t)
     r->transports[path] = t;
 }
 
+size_t mg_router_drain(mg_router *r, int timeout_ms)
+{
+    int64_t end = mg_mono_ms() + timeout_ms;
+    size_t n;
+    while ((n = atomic_load(&r->inflight)) > 0 && mg_mono_ms() < end)
+        usleep(2000);
+    if (n > 0)
+        mg_log_warn("router", "operations still in flight at shutdown count=%zu", n);
+    return n;
+}
+
 void mg_router_free(mg_router *r)
 {
     if (!r)
@@ -111,7 +138,6 @@ void mg_router_free(mg_router *r)
     mg_presence_free(r->presence);
     mg_inbox_free(r->inbox);
     mg_hot_free(r->hot);
-    mg_dedupe_free(r->dedupe);
     free(r->gateway_id);
     free(r->region);
     free(r);
@@ -119,8 +145,7 @@ void mg_router_free(mg_router *r)
 
 bool mg_router_nonblocking(mg_router *r)
 {
-    return r->presence->ops->nonblocking && r->inbox->ops->nonblocking &&
-           !r->transports[MG_PATH_GRPC] && !r->transports[MG_PATH_KAFKA];
+    return r->presence->ops->nonblocking && r->inbox->ops->nonblocking;
 }
 
 mg_presence *mg_router_presence(mg_router *r)
@@ -135,30 +160,11 @@ mg_inbox *mg_router_inbox(mg_router *r)
 
 /* ---- local delivery ----------------------------------------------------- */
 
-static int deliver_here(mg_router *r, const mg_msg *msg, bool *duplicate)
+int mg_router_deliver_local(mg_router *r, const mg_msg *msg, mg_deliver_done done, void *arg)
 {
-    size_t il = strlen(msg->id), tl = strlen(msg->to);
-    char stackbuf[512], *key = il + tl + 2 <= sizeof(stackbuf) ? stackbuf : mg_xmalloc(il + tl + 2);
-    memcpy(key, msg->id, il);
-    key[il] = '\n';
-    memcpy(key + il + 1, msg->to, tl + 1);
-    int n = 0;
-    *duplicate = mg_dedupe_check_and_add(r->dedupe, key);
-    if (*duplicate) {
-        mg_metric_add(r->duplicates, 1);
-    } else {
-        n = r->sink.deliver(r->sink.arg, msg, NULL, false);
-        if (n <= 0)
-            mg_dedupe_forget(r->dedupe, key); /* nobody got it: a retry must go through */
-    }
-    if (key != stackbuf)
-        free(key);
-    return n < 0 ? 0 : n;
-}
-
-int mg_router_deliver_local(mg_router *r, const mg_msg *msg, bool *duplicate)
-{
-    return deliver_here(r, msg, duplicate);
+    mg_transport *t = r->transports[MG_PATH_LOCAL];
+    mg_route_target self = {r->gateway_id, r->region};
+    return t->ops->deliver(t, &self, msg, 0, done, arg);
 }
 
 int mg_router_disconnect_local(mg_router *r, const char *user, const char *conn_id, int code,
@@ -167,12 +173,77 @@ int mg_router_disconnect_local(mg_router *r, const char *user, const char *conn_
     return r->sink.disconnect(r->sink.arg, user, conn_id, code, reason);
 }
 
-/* ---- routing one recipient ---------------------------------------------- */
+/* ---- the operation -------------------------------------------------------- */
+
+typedef struct batch batch;
+
+typedef struct route_op {
+    mg_router *r;
+    mg_msg *msg;
+    int64_t deadline, start_us;
+    bool queue_mode; /* from the Kafka consumer: never Kafka again */
+    bool hot;
+    int round; /* 0: first resolution; 1: after a NOT_CONNECTED */
+    int presence_rc;
+    mg_presence_list conns;
+    atomic_int pending; /* attempts in flight + the round's starter */
+    pthread_mutex_t mu; /* res, stale */
+    mg_send_result res;
+    size_t stale; /* gateways that answered NOT_CONNECTED this round */
+    mg_send_done done;
+    void *arg;
+    batch *b; /* or part of a batch: its slot */
+    size_t index;
+} route_op;
+
+struct batch {
+    mg_send_result *res;
+    size_t n;
+    atomic_size_t left;
+    mg_batch_done done;
+    void *arg;
+    route_op **ops; /* while the shared lookup runs */
+    size_t nops;
+};
+
+/* One recipient gateway: the plan being walked. */
+typedef struct attempt {
+    route_op *op;
+    mg_route_target target;
+    mg_path plan[MG_PLAN_MAX];
+    size_t nplan, step;
+} attempt;
+
+static void op_route(route_op *op);
+
+static bool admit(mg_router *r, size_t n)
+{
+    size_t was = atomic_fetch_add(&r->inflight, n);
+    if (r->max_inflight && was + n > r->max_inflight) {
+        atomic_fetch_sub(&r->inflight, n);
+        mg_metric_add(r->refused, 1);
+        return false;
+    }
+    mg_metric_add(r->inflight_gauge, (double)n);
+    return true;
+}
+
+static void release(mg_router *r, size_t n)
+{
+    atomic_fetch_sub(&r->inflight, n);
+    mg_metric_add(r->inflight_gauge, -(double)n);
+}
 
 static bool usable(mg_router *r, mg_path path, const mg_route_target *t)
 {
     mg_transport *tr = r->transports[path];
     return tr && (!tr->ops->available || tr->ops->available(tr, t));
+}
+
+static bool reached(const mg_send_result *res)
+{
+    return res->status == MG_STATUS_DELIVERED || res->status == MG_STATUS_QUEUED ||
+           res->status == MG_STATUS_ACCEPTED;
 }
 
 static void record(mg_router *r, mg_send_result *res, mg_status st, mg_path path, uint32_t conns,
@@ -183,187 +254,377 @@ static void record(mg_router *r, mg_send_result *res, mg_status st, mg_path path
         mg_metric_add(r->outcomes[path][st], 1);
 }
 
-/* Sends to the recipient's connections on one gateway. Returns true when the
- * gateway (a peer) said the recipient is not connected there after all. */
-static bool route_gateway(mg_router *r, const mg_msg *msg, const mg_conn_ref *c, bool hot,
-                          bool allow_kafka, int64_t deadline, mg_send_result *res)
+static void op_record(route_op *op, mg_status st, mg_path path, uint32_t conns, const char *reason)
 {
-    mg_route_target target = {c->gateway_id, c->region};
-    mg_route_input in = {
-        .self_gateway = r->gateway_id,
-        .self_region = r->region,
-        .target_gateway = c->gateway_id,
-        .target_region = c->region,
-        .hot = hot,
-        .grpc_usable = usable(r, MG_PATH_GRPC, &target),
-        .kafka_usable = allow_kafka && usable(r, MG_PATH_KAFKA, &target),
-    };
-    mg_path path = mg_route_decide(&in);
-    mg_deliver_outcome out = {0};
-
-    if (path == MG_PATH_LOCAL) {
-        bool dup;
-        int n = deliver_here(r, msg, &dup);
-        if (n > 0 || dup)
-            record(r, res, MG_STATUS_DELIVERED, MG_PATH_LOCAL, (uint32_t)n, NULL);
-        return n == 0 && !dup;
-    }
-    if (path == MG_PATH_GRPC) {
-        int rc = r->transports[MG_PATH_GRPC]->ops->deliver(r->transports[MG_PATH_GRPC], &target,
-                                                           msg, deadline, &out);
-        if (rc == 0 && out.status == MG_STATUS_DELIVERED) {
-            record(r, res, MG_STATUS_DELIVERED, MG_PATH_GRPC, out.connections, NULL);
-            return false;
-        }
-        if (rc == 0 && out.not_connected)
-            return true;
-        mg_log_warn("router", "grpc delivery failed peer=%s msg_id=%s reason=%s%s", c->gateway_id,
-                    msg->id, rc ? strerror(-rc) : out.reason,
-                    in.kafka_usable || (allow_kafka && r->transports[MG_PATH_KAFKA])
-                        ? ", falling back to kafka"
-                        : "");
-        if (!(allow_kafka && r->transports[MG_PATH_KAFKA])) {
-            record(r, res, MG_STATUS_FAILED, MG_PATH_GRPC, 0,
-                   rc ? strerror(-rc) : (out.reason[0] ? out.reason : "peer delivery failed"));
-            return false;
-        }
-        mg_metric_add(r->fallbacks, 1);
-        path = MG_PATH_KAFKA;
-        memset(&out, 0, sizeof(out));
-    }
-    if (path == MG_PATH_KAFKA) {
-        int rc = r->transports[MG_PATH_KAFKA]->ops->deliver(r->transports[MG_PATH_KAFKA], &target,
-                                                            msg, deadline, &out);
-        if (rc == 0 && (out.status == MG_STATUS_QUEUED || out.status == MG_STATUS_ACCEPTED))
-            record(r, res, out.status, MG_PATH_KAFKA, 0, NULL);
-        else
-            record(r, res, MG_STATUS_FAILED, MG_PATH_KAFKA, 0,
-                   rc ? strerror(-rc) : (out.reason[0] ? out.reason : "kafka produce failed"));
-        return false;
-    }
-    char reason[160];
-    snprintf(reason, sizeof(reason), "no path to gateway %s in region %s", c->gateway_id,
-             c->region);
-    record(r, res, MG_STATUS_FAILED, MG_PATH_NONE, 0, reason);
-    return false;
+    pthread_mutex_lock(&op->mu);
+    record(op->r, &op->res, st, path, conns, reason);
+    pthread_mutex_unlock(&op->mu);
 }
 
-static void store_offline(mg_router *r, const mg_msg *msg, mg_send_result *res)
+static route_op *op_new(mg_router *r, const mg_msg *msg, const char *to, int64_t deadline,
+                        bool queue_mode)
 {
-    int rc = r->inbox->ops->store(r->inbox, msg);
-    if (rc == 0)
-        record(r, res, MG_STATUS_STORED, MG_PATH_INBOX, 0, NULL);
+    route_op *op = mg_new(route_op);
+    op->r = r;
+    op->msg = mg_msg_dup_to(msg, to);
+    op->deadline = deadline;
+    op->start_us = mg_mono_us();
+    op->queue_mode = queue_mode;
+    atomic_init(&op->pending, 0);
+    pthread_mutex_init(&op->mu, NULL);
+    return op;
+}
+
+static void batch_slot_done(batch *b, size_t i, const mg_send_result *res)
+{
+    if (res)
+        b->res[i] = *res;
+    if (atomic_fetch_sub(&b->left, 1) == 1) {
+        b->done(b->arg, b->res, b->n);
+        free(b->res);
+        free(b->ops);
+        free(b);
+    }
+}
+
+/* The operation's end: its answer, then it is freed. */
+static void op_complete(route_op *op)
+{
+    mg_router *r = op->r;
+    mg_histogram_observe_us(r->latency[op->res.path], mg_mono_us() - op->start_us);
+    if (op->b)
+        batch_slot_done(op->b, op->index, &op->res);
     else
-        record(r, res, MG_STATUS_FAILED, MG_PATH_INBOX, 0,
-               rc == -ENOSPC ? "offline inbox full" : "offline inbox unavailable");
+        op->done(op->arg, &op->res);
+    mg_presence_list_clear(&op->conns);
+    mg_msg_free(op->msg);
+    pthread_mutex_destroy(&op->mu);
+    free(op);
+    release(r, 1);
 }
 
-/* Routes to every gateway of conns; returns how many said NOT_CONNECTED. */
-static size_t route_all(mg_router *r, const mg_msg *msg, const mg_presence_list *conns, bool hot,
-                        bool allow_kafka, int64_t deadline, mg_send_result *res)
+/* ---- the store steps (lookups and inbox writes may block) ----------------- */
+
+static void store_run(route_op *op)
 {
-    size_t stale = 0;
-    for (size_t i = 0; i < conns->n; i++) {
-        bool seen = false; /* one delivery per gateway, not per connection */
-        for (size_t j = 0; j < i && !seen; j++)
-            seen = !strcmp(conns->items[j].gateway_id, conns->items[i].gateway_id);
-        if (!seen && route_gateway(r, msg, &conns->items[i], hot, allow_kafka, deadline, res))
-            stale++;
-    }
-    return stale;
+    mg_router *r = op->r;
+    int rc = r->inbox->ops->store(r->inbox, op->msg);
+    if (rc == 0)
+        op_record(op, MG_STATUS_STORED, MG_PATH_INBOX, 0, NULL);
+    else
+        op_record(op, MG_STATUS_FAILED, MG_PATH_INBOX, 0,
+                  rc == -ENOSPC ? "offline inbox full" : "offline inbox unavailable");
+    op_complete(op);
 }
 
-static bool reached(const mg_send_result *res)
+static void store_job(void *arg)
 {
-    return res->status == MG_STATUS_DELIVERED || res->status == MG_STATUS_QUEUED ||
-           res->status == MG_STATUS_ACCEPTED;
+    store_run(arg);
 }
 
-/* The whole decision for one recipient whose presence is already in conns. */
-static void route_one(mg_router *r, const mg_msg *msg, mg_presence_list *conns, int presence_rc,
-                      bool allow_kafka, int64_t deadline, mg_send_result *res)
+static void lookup_run(route_op *op)
 {
-    int64_t start = mg_mono_us();
-    memset(res, 0, sizeof(*res));
-    if (mg_mono_ms() > deadline) {
-        record(r, res, MG_STATUS_FAILED, MG_PATH_NONE, 0, "deadline exceeded");
+    op->presence_rc = op->r->presence->ops->lookup(op->r->presence, op->msg->to, &op->conns);
+    op_route(op);
+}
+
+static void lookup_job(void *arg)
+{
+    lookup_run(arg);
+}
+
+/* Runs fn(op) now when the store never blocks, else as a store pool job. */
+static void store_step(route_op *op, bool nonblocking, void (*run)(route_op *), mg_job_fn job,
+                       const char *what)
+{
+    mg_router *r = op->r;
+    if (nonblocking || !r->pool) {
+        run(op);
         return;
     }
-    if (presence_rc != 0) {
-        /* Presence store down: this gateway's own connections still work. */
-        mg_metric_add(r->presence_errors, 1);
-        bool dup;
-        int n = deliver_here(r, msg, &dup);
-        if (n > 0 || dup)
-            record(r, res, MG_STATUS_DELIVERED, MG_PATH_LOCAL, (uint32_t)n, NULL);
-        else
-            record(r, res, MG_STATUS_FAILED, MG_PATH_NONE, 0, "presence store unavailable");
-        goto out;
+    if (mg_pool_submit(r->pool, job, op) != 0) {
+        char reason[96];
+        snprintf(reason, sizeof(reason), "overloaded: %s not started", what);
+        op_record(op, MG_STATUS_FAILED, MG_PATH_NONE, 0, reason);
+        op_complete(op);
     }
-    bool hot = mg_hot_hit(r->hot, msg->from, msg->to, mg_now_ms());
-    size_t stale = route_all(r, msg, conns, hot, allow_kafka, deadline, res);
-    if (stale > 0 && !reached(res)) {
-        /* Presence was stale: resolve once more, then inbox. */
-        mg_metric_add(r->reresolves, 1);
-        mg_presence_list again = {0};
-        if (r->presence->ops->lookup(r->presence, msg->to, &again) == 0 && again.n > 0)
-            route_all(r, msg, &again, hot, allow_kafka, deadline, res);
-        mg_presence_list_clear(&again);
-    }
-    if (!reached(res) && res->status != MG_STATUS_FAILED)
-        store_offline(r, msg, res);
-out:
-    mg_histogram_observe_us(r->latency[res->path], mg_mono_us() - start);
 }
 
-int mg_router_send(mg_router *r, const mg_msg *msg, int64_t deadline_ms, mg_send_result *res)
+static void start_lookup(route_op *op)
 {
-    memset(res, 0, sizeof(*res));
-    if (!msg->to[0] || !msg->id[0]) {
-        record(r, res, MG_STATUS_REJECTED, MG_PATH_NONE, 0,
-               !msg->to[0] ? "empty recipient" : "empty message id");
-        return -EINVAL;
+    store_step(op, op->r->presence->ops->nonblocking, lookup_run, lookup_job, "presence lookup");
+}
+
+/* ---- attempts: one recipient gateway ---------------------------------------- */
+
+static void op_settle(route_op *op);
+
+static void attempt_end(attempt *a)
+{
+    route_op *op = a->op;
+    free(a);
+    op_settle(op);
+}
+
+static void attempt_done(void *arg, const mg_deliver_outcome *out);
+
+/* Starts the plan's current step, moving on past transports that cannot
+ * even try. Must not touch a after a deliver returned 0 (it may be gone). */
+static void attempt_next(attempt *a)
+{
+    route_op *op = a->op;
+    mg_router *r = op->r;
+    char reason[160] = "";
+    while (a->step < a->nplan) {
+        mg_path p = a->plan[a->step];
+        mg_transport *t = r->transports[p];
+        int rc =
+            t ? t->ops->deliver(t, &a->target, op->msg, op->deadline, attempt_done, a) : -ENOSYS;
+        if (rc == 0)
+            return;
+        snprintf(reason, sizeof(reason), "%s: %s", mg_path_name(p), strerror(-rc));
+        if (a->step + 1 == a->nplan)
+            op_record(op, MG_STATUS_FAILED, p, 0, reason);
+        a->step++;
     }
-    mg_presence_list conns = {0};
-    int rc = r->presence->ops->lookup(r->presence, msg->to, &conns);
-    route_one(r, msg, &conns, rc, true, deadline_ms, res);
-    mg_presence_list_clear(&conns);
+    if (a->nplan == 0) {
+        snprintf(reason, sizeof(reason), "no path to gateway %s in region %s", a->target.gateway_id,
+                 a->target.region);
+        op_record(op, MG_STATUS_FAILED, MG_PATH_NONE, 0, reason);
+    }
+    attempt_end(a);
+}
+
+static void attempt_done(void *arg, const mg_deliver_outcome *out)
+{
+    attempt *a = arg;
+    route_op *op = a->op;
+    mg_router *r = op->r;
+    mg_path p = a->plan[a->step];
+    if (out->status == MG_STATUS_DELIVERED || out->status == MG_STATUS_QUEUED ||
+        out->status == MG_STATUS_ACCEPTED) {
+        op_record(op, out->status, p, out->connections, NULL);
+        attempt_end(a);
+        return;
+    }
+    if (out->not_connected) {
+        pthread_mutex_lock(&op->mu);
+        op->stale++;
+        pthread_mutex_unlock(&op->mu);
+        attempt_end(a);
+        return;
+    }
+    const char *why = out->reason[0] ? out->reason : "delivery failed";
+    bool more = a->step + 1 < a->nplan;
+    if (p == MG_PATH_GRPC)
+        mg_log_warn("router", "grpc delivery failed peer=%s msg_id=%s reason=%s%s",
+                    a->target.gateway_id, op->msg->id, why, more ? ", falling back" : "");
+    if (more) {
+        pthread_mutex_lock(&op->mu);
+        op->res.paths |= 1u << p; /* tried: the result says so */
+        pthread_mutex_unlock(&op->mu);
+        if (p == MG_PATH_GRPC)
+            mg_metric_add(r->fallbacks, 1);
+        a->step++;
+        attempt_next(a);
+        return;
+    }
+    op_record(op, MG_STATUS_FAILED, p, 0, why);
+    attempt_end(a);
+}
+
+static void attempt_start(route_op *op, const char *gateway_id, const char *region)
+{
+    mg_router *r = op->r;
+    attempt *a = mg_new(attempt);
+    a->op = op;
+    a->target = (mg_route_target){gateway_id, region};
+    if (op->presence_rc != 0) {
+        a->plan[0] = MG_PATH_LOCAL; /* presence is down: our own connections still work */
+        a->nplan = 1;
+    } else {
+        mg_route_input in = {
+            .self_gateway = r->gateway_id,
+            .self_region = r->region,
+            .target_gateway = gateway_id,
+            .target_region = region,
+            .hot = op->hot,
+            .grpc_usable = usable(r, MG_PATH_GRPC, &a->target),
+            .kafka_usable = !op->queue_mode && usable(r, MG_PATH_KAFKA, &a->target),
+        };
+        a->nplan = mg_route_plan(&in, a->plan);
+    }
+    atomic_fetch_add(&op->pending, 1);
+    attempt_next(a);
+}
+
+/* ---- rounds ------------------------------------------------------------------- */
+
+/* Presence is resolved (op->conns, op->presence_rc): start one attempt per
+ * gateway. Runs on the thread that finished the lookup. */
+static void op_route(route_op *op)
+{
+    mg_router *r = op->r;
+    if (op->round == 0 && mg_mono_ms() > op->deadline) {
+        op_record(op, MG_STATUS_FAILED, MG_PATH_NONE, 0, "deadline exceeded");
+        op_complete(op);
+        return;
+    }
+    if (op->presence_rc != 0)
+        mg_metric_add(r->presence_errors, 1);
+    if (op->round > 0 && op->presence_rc != 0) {
+        op->presence_rc = 0; /* a failed second look: straight to the inbox */
+        mg_presence_list_clear(&op->conns);
+    }
+    atomic_store(&op->pending, 1);
+    if (op->presence_rc != 0) {
+        if (!op->queue_mode)
+            attempt_start(op, r->gateway_id, r->region);
+    } else {
+        if (op->round == 0)
+            op->hot = mg_hot_hit(r->hot, op->msg->from, op->msg->to, mg_now_ms());
+        for (size_t i = 0; i < op->conns.n; i++) {
+            bool seen = false; /* one delivery per gateway, not per connection */
+            for (size_t j = 0; j < i && !seen; j++)
+                seen = !strcmp(op->conns.items[j].gateway_id, op->conns.items[i].gateway_id);
+            if (!seen)
+                attempt_start(op, op->conns.items[i].gateway_id, op->conns.items[i].region);
+        }
+    }
+    op_settle(op);
+}
+
+/* The last attempt of a round completed: decide the next step. */
+static void op_settle(route_op *op)
+{
+    if (atomic_fetch_sub(&op->pending, 1) != 1)
+        return;
+    mg_router *r = op->r;
+    /* every attempt is over: no other thread touches op any more */
+    if (op->presence_rc != 0) {
+        if (!reached(&op->res))
+            record(r, &op->res, MG_STATUS_FAILED, MG_PATH_NONE, 0, "presence store unavailable");
+        op_complete(op);
+        return;
+    }
+    if (op->stale > 0 && !reached(&op->res) && op->round == 0) {
+        /* presence was stale: resolve once more */
+        mg_metric_add(r->reresolves, 1);
+        op->round = 1;
+        op->stale = 0;
+        mg_presence_list_clear(&op->conns);
+        start_lookup(op);
+        return;
+    }
+    if (!reached(&op->res) && op->res.status != MG_STATUS_FAILED) {
+        store_step(op, r->inbox->ops->nonblocking, store_run, store_job, "inbox write");
+        return;
+    }
+    op_complete(op);
+}
+
+/* ---- entry points ---------------------------------------------------------------- */
+
+static int send_one(mg_router *r, const mg_msg *msg, int64_t deadline_ms, bool queue_mode,
+                    mg_send_done done, void *arg)
+{
+    if (!msg->to[0] || !msg->id[0]) {
+        mg_send_result res;
+        memset(&res, 0, sizeof(res));
+        record(r, &res, MG_STATUS_REJECTED, MG_PATH_NONE, 0,
+               !msg->to[0] ? "empty recipient" : "empty message id");
+        done(arg, &res);
+        return 0;
+    }
+    if (!admit(r, 1))
+        return -EAGAIN;
+    route_op *op = op_new(r, msg, msg->to, deadline_ms, queue_mode);
+    op->done = done;
+    op->arg = arg;
+    start_lookup(op);
     return 0;
+}
+
+int mg_router_send(mg_router *r, const mg_msg *msg, int64_t deadline_ms, mg_send_done done,
+                   void *arg)
+{
+    return send_one(r, msg, deadline_ms, false, done, arg);
+}
+
+int mg_router_deliver_from_queue(mg_router *r, const mg_msg *msg, int64_t deadline_ms,
+                                 mg_send_done done, void *arg)
+{
+    return send_one(r, msg, deadline_ms, true, done, arg);
+}
+
+/* The batch's shared presence lookup (one pipelined round trip per node). */
+static void batch_lookup_run(batch *b)
+{
+    mg_router *r = b->ops[0]->r;
+    const char **users = mg_xcalloc(b->nops, sizeof(*users));
+    mg_presence_list *lists = mg_xcalloc(b->nops, sizeof(*lists));
+    for (size_t i = 0; i < b->nops; i++)
+        users[i] = b->ops[i]->msg->to;
+    int rc = r->presence->ops->lookup_batch(r->presence, users, b->nops, lists);
+    size_t nops = b->nops;
+    route_op **ops = b->ops;
+    b->ops = NULL; /* the batch may be gone once its last op completes */
+    for (size_t i = 0; i < nops; i++) {
+        ops[i]->presence_rc = rc;
+        ops[i]->conns = lists[i];
+        op_route(ops[i]);
+    }
+    free(ops);
+    free(lists);
+    free(users);
+}
+
+static void batch_lookup_job(void *arg)
+{
+    batch_lookup_run(arg);
 }
 
 int mg_router_send_batch(mg_router *r, const mg_msg *msg, const char *const *to, size_t n,
-                         int64_t deadline_ms, mg_send_result *res)
+                         int64_t deadline_ms, mg_batch_done done, void *arg)
 {
-    mg_presence_list *lists = mg_xcalloc(n, sizeof(*lists));
-    int rc = r->presence->ops->lookup_batch(r->presence, to, n, lists);
+    if (!admit(r, n))
+        return -EAGAIN;
+    batch *b = mg_new(batch);
+    b->res = mg_xcalloc(n ? n : 1, sizeof(*b->res));
+    b->n = n;
+    b->done = done;
+    b->arg = arg;
+    b->ops = mg_xcalloc(n ? n : 1, sizeof(*b->ops));
+    atomic_init(&b->left, n + 1); /* + the guard dropped below */
     for (size_t i = 0; i < n; i++) {
         if (!to[i][0]) {
-            memset(&res[i], 0, sizeof(res[i]));
-            record(r, &res[i], MG_STATUS_REJECTED, MG_PATH_NONE, 0, "empty recipient");
+            record(r, &b->res[i], MG_STATUS_REJECTED, MG_PATH_NONE, 0, "empty recipient");
+            release(r, 1);
+            batch_slot_done(b, i, NULL);
             continue;
         }
-        mg_msg one = *msg;
-        one.to = (char *)to[i];
-        route_one(r, &one, &lists[i], rc, true, deadline_ms, &res[i]);
+        route_op *op = op_new(r, msg, to[i], deadline_ms, false);
+        op->b = b;
+        op->index = i;
+        b->ops[b->nops++] = op;
     }
-    for (size_t i = 0; i < n; i++)
-        mg_presence_list_clear(&lists[i]);
-    free(lists);
+    if (b->nops > 0) {
+        if (r->presence->ops->nonblocking || !r->pool) {
+            batch_lookup_run(b);
+        } else if (mg_pool_submit(r->pool, batch_lookup_job, b) != 0) {
+            size_t nops = b->nops;
+            route_op **ops = b->ops;
+            b->ops = NULL;
+            for (size_t i = 0; i < nops; i++) {
+                op_record(ops[i], MG_STATUS_FAILED, MG_PATH_NONE, 0,
+                          "overloaded: presence lookup not started");
+                op_complete(ops[i]);
+            }
+            free(ops);
+        }
+    }
+    batch_slot_done(b, 0, NULL); /* the guard: slot 0's result is not touched */
     return 0;
-}
-
-int mg_router_deliver_from_queue(mg_router *r, const mg_msg *msg, mg_send_result *res)
-{
-    mg_presence_list conns = {0};
-    int rc = r->presence->ops->lookup(r->presence, msg->to, &conns);
-    if (rc != 0) {
-        mg_presence_list_clear(&conns);
-        memset(res, 0, sizeof(*res));
-        return rc; /* transient: the consumer retries before committing */
-    }
-    route_one(r, msg, &conns, 0, false, mg_mono_ms() + 5000, res);
-    mg_presence_list_clear(&conns);
-    return res->status == MG_STATUS_FAILED ? -EAGAIN : 0;
 }
 
 /* ---- connections and disconnects ---------------------------------------- */
@@ -422,7 +683,7 @@ int mg_router_user_connected(mg_router *r, const char *user, const char *conn_id
         mg_log_warn("router", "inbox fetch failed user=%s conn=%s err=%s", user, conn_id,
                     strerror(-irc));
     for (size_t i = 0; i < n; i++)
-        r->sink.deliver(r->sink.arg, items[i], conn_id, true);
+        r->sink.deliver(r->sink.arg, items[i], conn_id, true, NULL, NULL);
     mg_inbox_items_free(items, n);
     return rc ? rc : irc;
 }

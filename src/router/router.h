@@ -1,14 +1,21 @@
 /* router.h: where a message goes.
  *
  * The router resolves the recipient's presence, groups their connections by
- * gateway, and for each gateway picks a path (route_policy.h) and a
- * transport (transport.h); when a recipient is offline it stores the message
- * in the inbox. It owns the presence store, the inbox, the transports, the
- * hot-pair tracker and the dedupe window.
+ * gateway, and for each gateway walks the route policy's plan (an ordered
+ * list of transports, route_policy.h); when a recipient is offline it
+ * stores the message in the inbox. It owns the presence store, the inbox,
+ * the transports and the hot-pair tracker.
  *
- * Thread-safety: every function may be called from any thread except the
- * WebSocket service thread (they block on presence, Kafka and peer I/O);
- * the WebSocket front end hands sends to a worker pool (common/mg_pool.h).
+ * A send is an operation continued by completions: mg_router_send returns
+ * at once, and the operation moves through lookup -> plan -> each transport
+ * -> fallback / re-resolve -> inbox -> done, each step started by the
+ * completion of the one before. Steps that may block (a Redis presence
+ * lookup, an inbox write) run as jobs on the store pool; every other step
+ * runs on the thread whose completion started it. No thread waits for a
+ * message.
+ *
+ * Thread-safety: every function may be called from any thread, the
+ * WebSocket service thread included, unless it says otherwise.
  */
 #ifndef MG_ROUTER_H
 #define MG_ROUTER_H
@@ -17,6 +24,7 @@
 #include "router/msg.h"
 #include "router/presence.h"
 #include "router/transport.h"
+#include "common/mg_pool.h"
 
 #include <stdint.h>
 
@@ -29,60 +37,83 @@ typedef struct mg_router_config {
     int hot_threshold;
     size_t hot_capacity;
     size_t dedupe_window;
+    /* Recipients being routed at once (a batch counts each); beyond it a
+     * send is refused with -EAGAIN. 0: unbounded. */
+    size_t max_inflight;
 } mg_router_config;
 
 /* Takes ownership of presence and inbox; sink (copied) is where local
- * deliveries go. All required. */
+ * deliveries go; store_pool runs the steps that block on a store (presence
+ * lookups, inbox writes) and must outlive the router's operations (it is
+ * not owned; NULL only when presence and inbox never block). */
 mg_router *mg_router_create(const mg_router_config *cfg, mg_presence *presence, mg_inbox *inbox,
-                            const mg_local_sink *sink);
+                            const mg_local_sink *sink, mg_pool *store_pool);
 /* Installs the grpc or kafka transport (ownership passes; replaces and frees
  * a previous one). Call before traffic starts. */
 void mg_router_set_transport(mg_router *r, mg_path path, mg_transport *t);
+/* Waits (polling, up to timeout_ms) until no operation is in flight: for
+ * shutdown, after the ingresses stopped and before the store pool goes.
+ * Returns the number still in flight. */
+size_t mg_router_drain(mg_router *r, int timeout_ms);
+/* Frees the router; operations must be over (mg_router_drain). */
 void mg_router_free(mg_router *r);
 
 mg_presence *mg_router_presence(mg_router *r);
 mg_inbox *mg_router_inbox(mg_router *r);
 
-/* True when routing never blocks: presence and inbox are in memory and no
- * peer transport (gRPC, Kafka) is installed. The WebSocket thread then
- * routes its connections' sends itself instead of handing them to a worker
- * (no thread hop, same order guarantees). Constant once traffic starts. */
+/* True when presence and inbox are in memory: an operation then never
+ * leaves the calling thread until it waits for a transport or a write. */
 bool mg_router_nonblocking(mg_router *r);
 
-/* Sends msg to msg->to: all of the recipient's connections, wherever they
- * are, or the inbox. deadline_ms is monotonic (mg_mono_ms). Returns 0 with
- * *res filled (its status says what happened), or -EINVAL for a message the
- * router cannot take (then res->reason says why). */
-int mg_router_send(mg_router *r, const mg_msg *msg, int64_t deadline_ms, mg_send_result *res);
+/* The answer to one send; res lives only for the call. */
+typedef void (*mg_send_done)(void *arg, const mg_send_result *res);
+/* The answer to a batch: res[i] is recipient i's result. */
+typedef void (*mg_batch_done)(void *arg, const mg_send_result *res, size_t n);
 
-/* One payload to n recipients; res[i] is recipient to[i]'s result. Presence
- * is looked up in one batch. */
+/* Sends msg (copied) to msg->to: all of the recipient's connections,
+ * wherever they are, or the inbox. deadline_ms is monotonic (mg_mono_ms).
+ * Returns 0, and then done(arg, res) runs exactly once, on any thread,
+ * possibly before mg_router_send returns: res->status says what happened
+ * (REJECTED with a reason for a message the router cannot take). Returns
+ * -EAGAIN when max_inflight recipients are already being routed, and then
+ * done never runs. */
+int mg_router_send(mg_router *r, const mg_msg *msg, int64_t deadline_ms, mg_send_done done,
+                   void *arg);
+
+/* One payload to n recipients (to[] copied); presence is looked up in one
+ * batch and every recipient is routed in parallel; done(arg, res, n) runs
+ * once, when the last recipient's result is in. Returns 0 or -EAGAIN as
+ * mg_router_send (the batch counts n recipients). */
 int mg_router_send_batch(mg_router *r, const mg_msg *msg, const char *const *to, size_t n,
-                         int64_t deadline_ms, mg_send_result *res);
+                         int64_t deadline_ms, mg_batch_done done, void *arg);
 
-/* The receiving end of the peer path (and every local delivery): delivers
- * msg to this gateway's connections of msg->to, dropping a duplicate
- * (id, recipient) seen within the dedupe window. Returns the number of
- * connections written (0: not connected here, or a duplicate); *duplicate
- * tells whether it was one. */
-int mg_router_deliver_local(mg_router *r, const mg_msg *msg, bool *duplicate);
+/* The receiving end of the peer path: delivers msg to this gateway's
+ * connections of msg->to through the local transport (its dedupe window
+ * drops a duplicate (id, recipient)); done(arg, out) as in transport.h:
+ * DELIVERED (duplicate set for one), or not_connected. Returns 0 or a
+ * negative errno (then done never runs). */
+int mg_router_deliver_local(mg_router *r, const mg_msg *msg, mg_deliver_done done, void *arg);
 
 /* Closes this gateway's connections of user (or one); returns how many. */
 int mg_router_disconnect_local(mg_router *r, const char *user, const char *conn_id, int code,
                                const char *reason);
 
 /* Kafka consumer entry: resolve presence afresh and deliver locally, by gRPC
- * or to the inbox, never by Kafka again. Returns 0 or a negative errno
- * (transient: the caller retries before committing the offset). */
-int mg_router_deliver_from_queue(mg_router *r, const mg_msg *msg, mg_send_result *res);
+ * or to the inbox, never by Kafka again. As mg_router_send; a result of
+ * FAILED (presence store down included) is transient: the consumer retries
+ * before committing the offset. */
+int mg_router_deliver_from_queue(mg_router *r, const mg_msg *msg, int64_t deadline_ms,
+                                 mg_send_done done, void *arg);
 
 /* Closes a user's connections (or one) on every gateway they are on.
- * Returns the number closed (>= 0) or a negative errno. */
+ * Returns the number closed (>= 0) or a negative errno. Blocks on presence
+ * and peers: call from a worker job. */
 int mg_router_disconnect(mg_router *r, const char *user, const char *conn_id, int code,
                          const char *reason);
 
 /* A user connected here: record presence, then hand the inbox to the local
- * sink (as inbox messages, oldest first). Call from a worker thread. */
+ * sink (as inbox messages, oldest first). These three block on the stores:
+ * call them from a worker job. */
 int mg_router_user_connected(mg_router *r, const char *user, const char *conn_id, int64_t now_ms);
 int mg_router_user_disconnected(mg_router *r, const char *user, const char *conn_id);
 int mg_router_inbox_ack(mg_router *r, const char *user, const char *msg_id);

@@ -6,8 +6,9 @@
  *   grpc   - GatewayPeer/DeliverMessage straight to the peer (transport_grpc.c)
  *   kafka  - the topic of the recipient's region (transport_kafka.c)
  *
- * Thread-safety: deliver may be called from any router worker concurrently;
- * it may block up to the deadline, never on the WebSocket service thread.
+ * Every transport is asynchronous: deliver starts an attempt and returns;
+ * its completion continues the router's operation (router.c).
+ * Thread-safety: every op may be called from any thread concurrently.
  */
 #ifndef MG_TRANSPORT_H
 #define MG_TRANSPORT_H
@@ -24,10 +25,14 @@ typedef struct mg_route_target {
 
 typedef struct mg_deliver_outcome {
     mg_status status;   /* DELIVERED, QUEUED, ACCEPTED or FAILED */
-    bool not_connected; /* the peer answered NOT_CONNECTED (presence was stale) */
+    bool not_connected; /* the gateway answered NOT_CONNECTED (presence was stale) */
+    bool duplicate;     /* DELIVERED: the (id, recipient) was delivered before */
     uint32_t connections;
     char reason[128];
 } mg_deliver_outcome;
+
+/* The completion of one delivery attempt. out lives only for the call. */
+typedef void (*mg_deliver_done)(void *arg, const mg_deliver_outcome *out);
 
 typedef struct mg_transport mg_transport;
 
@@ -38,13 +43,19 @@ struct mg_transport_ops {
      * in-flight calls under the bound; broker configured). May be NULL:
      * always available. Must not block. */
     bool (*available)(mg_transport *t, const mg_route_target *target);
-    /* Returns 0 with *out filled (its status says what happened), or a
-     * negative errno when the transport could not even try. deadline is
-     * monotonic milliseconds (mg_mono_ms). */
+    /* Starts delivering msg (copied as needed: the caller may free msg and
+     * target once this returns) and returns at once. Returns 0, and then
+     * done(arg, out) runs exactly once, on any thread (a completion queue,
+     * a delivery report, the WebSocket thread's write, or the caller's own
+     * thread before deliver returns), at the latest shortly after
+     * deadline_ms (monotonic, mg_mono_ms) or the transport's own bound; or a
+     * negative errno when the transport could not even try, and then done
+     * never runs. Must not block. */
     int (*deliver)(mg_transport *t, const mg_route_target *target, const mg_msg *msg,
-                   int64_t deadline_ms, mg_deliver_outcome *out);
+                   int64_t deadline_ms, mg_deliver_done done, void *arg);
     /* Closes the user's connections (or one) on the target gateway; returns
-     * how many were closed or a negative errno. May be NULL (unsupported). */
+     * how many were closed or a negative errno. May block up to the deadline
+     * (called from worker jobs only). May be NULL (unsupported). */
     int (*disconnect)(mg_transport *t, const mg_route_target *target, const char *user,
                       const char *conn_id, int code, const char *reason, int64_t deadline_ms);
     void (*free)(mg_transport *t);
@@ -60,14 +71,23 @@ static inline void mg_transport_free(mg_transport *t)
         t->ops->free(t);
 }
 
+/* How many of a delivery's connections got its frames (see mg_local_sink). */
+typedef void (*mg_written_fn)(void *arg, uint32_t written);
+
 /* What the local transport writes to: the gateway's connection hub.
- * deliver() writes msg to every local connection of msg->to (or only to
+ * deliver() queues msg to every local connection of msg->to (or only to
  * conn_id when it is not NULL) and returns how many took it (0: none
- * connected here). It must not block; it is called from router workers, gRPC
- * threads and the Kafka consumer. from_inbox marks a message the client must
- * ack to remove from the inbox. */
+ * connected here). When written is not NULL and the return is > 0,
+ * written(written_arg, n) runs exactly once when the frames were written to
+ * the sockets (or dropped with their connections, or the sink's write wait
+ * ended): n counts the connections written, or still queued on a live
+ * connection when the wait ended. It may run before deliver returns (on the
+ * writing thread, or when the sink does not wait), else on the writing
+ * thread. deliver never blocks; any thread may call it. from_inbox marks a
+ * message the client must ack to remove from the inbox. */
 typedef struct mg_local_sink {
-    int (*deliver)(void *arg, const mg_msg *msg, const char *conn_id, bool from_inbox);
+    int (*deliver)(void *arg, const mg_msg *msg, const char *conn_id, bool from_inbox,
+                   mg_written_fn written, void *written_arg);
     /* Closes the user's local connections (or one, when conn_id is set);
      * returns how many were closed. */
     int (*disconnect)(void *arg, const char *user, const char *conn_id, int code,
@@ -75,6 +95,12 @@ typedef struct mg_local_sink {
     void *arg;
 } mg_local_sink;
 
-mg_transport *mg_transport_local_create(const mg_local_sink *sink);
+/* The local transport: this gateway's own connections, through sink, past
+ * the dedupe window of dedupe_window recent (message id, recipient) pairs: a
+ * pair seen within it is answered DELIVERED with duplicate set and not
+ * written again. A delivery that reached no connection forgets its pair, so
+ * a retry goes through. An outcome with no connection reached has
+ * not_connected set. */
+mg_transport *mg_transport_local_create(const mg_local_sink *sink, size_t dedupe_window);
 
 #endif

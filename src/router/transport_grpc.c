@@ -4,18 +4,16 @@
  * small state per peer id (link quality, calls in flight, metric handles).
  *
  * DESIGN
- * A call is a struct pcall on the stack of the router worker that makes it.
- * The worker creates the grpc_call on the peer's channel (taken from a peer
- * table snapshot it holds until the call completes) with our completion
- * queue and a deadline of min(router deadline, now + peer_deadline_ms), and
- * starts one batch of all six client ops with the pcall as the tag. A
- * peer-cq thread takes the completion off the queue and signals the pcall's
- * condition variable; the worker wakes, reads the status and response, and
- * unrefs the call. A worker never leaves before its completion arrived:
- * gRPC completes every call by its deadline, and if it somehow has not
- * (deadline + 1 s), the worker cancels the call and keeps waiting, which
- * completes it at once. So the pcall can live on the stack, and the queue
- * never holds a tag whose owner is gone.
+ * A call is a struct pcall on the heap, its tag on our completion queue.
+ * deliver() takes a call slot on the peer, holds a reference to the peer
+ * table snapshot (so the channel lives while the call does), starts one
+ * batch of the six client ops (common/mg_grpc.h, mg_grpc_unary) with a
+ * deadline of min(router deadline, now + peer_deadline_ms) and returns. A
+ * "peer-cq" thread takes the completion off the queue, decodes the answer,
+ * records it, and either retries once (a fast UNAVAILABLE with time left) by
+ * starting the next call from the same thread, or releases the slot and runs
+ * the caller's done callback. gRPC completes every call by its deadline, so
+ * every pcall ends; no thread waits for one.
  *
  * Per peer: `inflight` is bounded by peer_max_inflight (beyond: available()
  * false, deliver() FAILED "busy"); `link` is the circuit breaker of
@@ -23,10 +21,11 @@
  * mutex. Peer states are created on first use and kept until free (one small
  * entry per peer id ever seen, as the metrics registry keeps its series).
  *
- * Threads: available/deliver/disconnect on router workers (any thread but
- * the WebSocket service thread); the peer-cq threads only signal. free()
- * refuses new calls, waits for the ones in flight, shuts the queue down and
- * joins the threads.
+ * Threads: available/deliver from any thread (they never block);
+ * disconnect blocks on its own queue (worker jobs only); the peer-cq threads
+ * run completions and the callbacks they lead to. free() refuses new calls,
+ * waits for the ones in flight (each ends by its deadline), shuts the queue
+ * down and joins the threads.
  */
 #include "router/transport_grpc.h"
 #include "common/mg_grpc.h"
@@ -49,9 +48,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define CALL_GRACE_MS   1000 /* beyond the deadline before a call is cancelled */
-#define MIN_RETRY_MS    50   /* time left needed to retry after UNAVAILABLE */
-#define N_CODES         17   /* GRPC_STATUS_OK .. GRPC_STATUS_UNAUTHENTICATED */
+#define MIN_RETRY_MS    50 /* time left needed to retry after UNAVAILABLE */
+#define N_CODES         17 /* GRPC_STATUS_OK .. GRPC_STATUS_UNAUTHENTICATED */
 #define R_DELIVERED     N_CODES
 #define R_NOT_CONNECTED (N_CODES + 1)
 #define R_BUSY          (N_CODES + 2)
@@ -86,13 +84,22 @@ typedef struct mg_transport_grpc {
     bool closing;
 } mg_transport_grpc;
 
-/* One call in flight; lives on the caller's stack (see DESIGN). */
+/* One DeliverMessage in flight (see DESIGN). */
 struct pcall {
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    bool done;
-    bool success;
+    mg_grpc_unary u;
+    mg_transport_grpc *t;
+    struct peer_state *st;
+    mg_peer_set *set; /* holds the peer's channel */
+    const mg_peer *peer;
+    grpc_byte_buffer *req;
+    int64_t deadline_ms, start_us;
+    int attempt;
+    bool probe;
+    mg_deliver_done done;
+    void *arg;
 };
+
+static void call_complete(struct pcall *pc, bool ok);
 
 /* ---- small helpers ------------------------------------------------------ */
 
@@ -143,12 +150,7 @@ static void *cq_main(void *arg)
             break;
         if (ev.type != GRPC_OP_COMPLETE)
             continue;
-        struct pcall *pc = ev.tag;
-        pthread_mutex_lock(&pc->mu);
-        pc->done = true;
-        pc->success = ev.success != 0;
-        pthread_cond_signal(&pc->cv);
-        pthread_mutex_unlock(&pc->mu); /* the waiter may free pc after this */
+        call_complete(ev.tag, ev.success != 0);
     }
     return NULL;
 }
@@ -257,108 +259,6 @@ static void record(mg_transport_grpc *t, struct peer_state *st, int r, int64_t l
                     (double)latency_us / 1000.0);
 }
 
-/* ---- one unary call ------------------------------------------------------- */
-
-/* Runs method on ch with req, for at most timeout_ms. Returns the status;
- * on OK *resp holds the response (the caller destroys it; may be NULL).
- * details gets the status message. */
-static grpc_status_code unary(mg_transport_grpc *t, grpc_channel *ch, const char *method,
-                              grpc_byte_buffer *req, int64_t timeout_ms, grpc_byte_buffer **resp,
-                              char *details, size_t dlen)
-{
-    *resp = NULL;
-    details[0] = '\0';
-    struct pcall pc = {.done = false};
-    pthread_mutex_init(&pc.mu, NULL);
-    pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_cond_init(&pc.cv, &ca);
-    pthread_condattr_destroy(&ca);
-
-    gpr_timespec deadline =
-        gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(timeout_ms, GPR_TIMESPAN));
-    grpc_call *call =
-        grpc_channel_create_call(ch, NULL, GRPC_PROPAGATE_DEFAULTS, t->cq,
-                                 grpc_slice_from_static_string(method), NULL, deadline, NULL);
-    grpc_metadata_array md_init, md_trail;
-    grpc_metadata_array_init(&md_init);
-    grpc_metadata_array_init(&md_trail);
-    grpc_byte_buffer *recv = NULL;
-    grpc_status_code status = GRPC_STATUS_UNKNOWN;
-    grpc_slice sdetails = grpc_empty_slice();
-
-    grpc_op ops[6];
-    memset(ops, 0, sizeof(ops));
-    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
-    ops[0].data.send_initial_metadata.count = t->nauth;
-    ops[0].data.send_initial_metadata.metadata = &t->auth;
-    ops[1].op = GRPC_OP_SEND_MESSAGE;
-    ops[1].data.send_message.send_message = req;
-    ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
-    ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
-    ops[3].data.recv_initial_metadata.recv_initial_metadata = &md_init;
-    ops[4].op = GRPC_OP_RECV_MESSAGE;
-    ops[4].data.recv_message.recv_message = &recv;
-    ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
-    ops[5].data.recv_status_on_client.trailing_metadata = &md_trail;
-    ops[5].data.recv_status_on_client.status = &status;
-    ops[5].data.recv_status_on_client.status_details = &sdetails;
-
-    grpc_call_error err = call ? grpc_call_start_batch(call, ops, 6, &pc, NULL) : GRPC_CALL_ERROR;
-    if (err != GRPC_CALL_OK) {
-        snprintf(details, dlen, "call could not start (%d)", (int)err);
-        status = GRPC_STATUS_INTERNAL;
-        goto out;
-    }
-
-    struct timespec until;
-    clock_gettime(CLOCK_MONOTONIC, &until);
-    int64_t wait_ms = timeout_ms + CALL_GRACE_MS;
-    until.tv_sec += wait_ms / 1000;
-    until.tv_nsec += (wait_ms % 1000) * 1000000L;
-    if (until.tv_nsec >= 1000000000L) {
-        until.tv_sec++;
-        until.tv_nsec -= 1000000000L;
-    }
-    pthread_mutex_lock(&pc.mu);
-    while (!pc.done) {
-        if (pthread_cond_timedwait(&pc.cv, &pc.mu, &until) == ETIMEDOUT && !pc.done) {
-            pthread_mutex_unlock(&pc.mu);
-            mg_log_warn("peer", "call not completed past its deadline, cancelling method=%s",
-                        method);
-            grpc_call_cancel(call, NULL);
-            pthread_mutex_lock(&pc.mu);
-            while (!pc.done)
-                pthread_cond_wait(&pc.cv, &pc.mu);
-        }
-    }
-    pthread_mutex_unlock(&pc.mu);
-
-    if (!pc.success && status == GRPC_STATUS_OK)
-        status = GRPC_STATUS_INTERNAL;
-    size_t n = GRPC_SLICE_LENGTH(sdetails);
-    if (n >= dlen)
-        n = dlen - 1;
-    memcpy(details, GRPC_SLICE_START_PTR(sdetails), n);
-    details[n] = '\0';
-    if (status == GRPC_STATUS_OK) {
-        *resp = recv;
-        recv = NULL;
-    }
-out:
-    if (recv)
-        grpc_byte_buffer_destroy(recv);
-    grpc_slice_unref(sdetails);
-    grpc_metadata_array_destroy(&md_init);
-    grpc_metadata_array_destroy(&md_trail);
-    if (call)
-        grpc_call_unref(call);
-    pthread_cond_destroy(&pc.cv);
-    pthread_mutex_destroy(&pc.mu);
-    return status;
-}
-
 /* ---- the transport ops -------------------------------------------------- */
 
 static bool tg_available(mg_transport *base, const mg_route_target *target)
@@ -389,30 +289,110 @@ static int64_t budget_ms(mg_transport_grpc *t, int64_t deadline_ms)
     return until - now;
 }
 
+static void fail_now(mg_deliver_done done, void *arg, const char *fmt, const char *id)
+{
+    mg_deliver_outcome out;
+    memset(&out, 0, sizeof(out));
+    out.status = MG_STATUS_FAILED;
+    snprintf(out.reason, sizeof(out.reason), fmt, id);
+    done(arg, &out);
+}
+
+static int call_start(struct pcall *pc)
+{
+    int64_t left = budget_ms(pc->t, pc->deadline_ms);
+    if (left <= 0)
+        return -ETIMEDOUT;
+    pc->start_us = mg_mono_us();
+    return mg_grpc_unary_start(&pc->u, pc->peer->channel, pc->t->cq, MG_PEER_RPC_DELIVER, pc->req,
+                               &pc->t->auth, pc->t->nauth, left, pc);
+}
+
+static void call_end(struct pcall *pc, const mg_deliver_outcome *out)
+{
+    mg_transport_grpc *t = pc->t;
+    grpc_byte_buffer_destroy(pc->req);
+    mg_peer_set_release(pc->set);
+    mg_deliver_done done = pc->done;
+    void *arg = pc->arg;
+    struct peer_state *st = pc->st;
+    free(pc);
+    done(arg, out);
+    slot_release(t, st); /* after the callback: free() waits for it */
+}
+
+/* On a peer-cq thread: the call's batch completed. */
+static void call_complete(struct pcall *pc, bool ok)
+{
+    mg_transport_grpc *t = pc->t;
+    const char *id = pc->st->id;
+    mg_deliver_outcome out;
+    memset(&out, 0, sizeof(out));
+    out.status = MG_STATUS_FAILED;
+    char details[96];
+    grpc_byte_buffer *resp = NULL;
+    grpc_status_code code = mg_grpc_unary_finish(&pc->u, ok, &resp, details, sizeof(details));
+    int64_t took = mg_mono_us() - pc->start_us;
+    int r = (int)code;
+    if (code == GRPC_STATUS_OK) {
+        Meshgate__V1__DeliverMessageResponse *dr =
+            (Meshgate__V1__DeliverMessageResponse *)mg_grpc_unpack(
+                &meshgate__v1__deliver_message_response__descriptor, resp);
+        if (dr && dr->status == MESHGATE__V1__DELIVER_STATUS__DELIVER_STATUS_DELIVERED) {
+            r = R_DELIVERED;
+            out.status = MG_STATUS_DELIVERED;
+            out.connections = dr->connections;
+        } else if (dr && dr->status == MESHGATE__V1__DELIVER_STATUS__DELIVER_STATUS_NOT_CONNECTED) {
+            r = R_NOT_CONNECTED;
+            out.not_connected = true;
+        } else {
+            code = GRPC_STATUS_INTERNAL;
+            r = (int)code;
+            snprintf(details, sizeof(details), "%s",
+                     dr ? "response without a delivery status" : "response does not decode");
+        }
+        if (dr)
+            protobuf_c_message_free_unpacked(&dr->base, NULL);
+    }
+    if (resp)
+        grpc_byte_buffer_destroy(resp);
+    record(t, pc->st, r, took, pc->probe && pc->attempt == 0);
+    if (code != GRPC_STATUS_OK) {
+        snprintf(out.reason, sizeof(out.reason), "peer %s: %s: %s", id, mg_grpc_code_name(code),
+                 details[0] ? details : "no details");
+        /* Idempotent on the receiver: one retry after a fast UNAVAILABLE. */
+        int64_t left = budget_ms(t, pc->deadline_ms);
+        if (code == GRPC_STATUS_UNAVAILABLE && pc->attempt == 0 && !pc->probe &&
+            left >= MIN_RETRY_MS && left >= 2 * took / 1000) {
+            pc->attempt++;
+            if (call_start(pc) == 0)
+                return;
+        }
+    }
+    call_end(pc, &out);
+}
+
 static int tg_deliver(mg_transport *base, const mg_route_target *target, const mg_msg *msg,
-                      int64_t deadline_ms, mg_deliver_outcome *out)
+                      int64_t deadline_ms, mg_deliver_done done, void *arg)
 {
     mg_transport_grpc *t = (mg_transport_grpc *)base;
-    memset(out, 0, sizeof(*out));
-    out->status = MG_STATUS_FAILED;
     const char *id = target && target->gateway_id ? target->gateway_id : "";
-    int64_t left = budget_ms(t, deadline_ms);
-    if (left <= 0) {
-        snprintf(out->reason, sizeof(out->reason), "peer %s: DEADLINE_EXCEEDED: no time left", id);
+    if (budget_ms(t, deadline_ms) <= 0) {
+        fail_now(done, arg, "peer %s: DEADLINE_EXCEEDED: no time left", id);
         return 0;
     }
     mg_peer_set *set = mg_peers_acquire(t->peers);
     const mg_peer *peer = mg_peer_set_find(set, id);
     if (!peer) {
         mg_peer_set_release(set);
-        snprintf(out->reason, sizeof(out->reason), "peer %s: unknown peer", id);
+        fail_now(done, arg, "peer %s: unknown peer", id);
         return 0;
     }
     struct peer_state *st = state_get(t, id);
     bool probe;
     if (!slot_take(t, st, &probe)) {
         mg_peer_set_release(set);
-        snprintf(out->reason, sizeof(out->reason), "peer %s: busy", id);
+        fail_now(done, arg, "peer %s: busy", id);
         return 0;
     }
 
@@ -429,53 +409,25 @@ static int tg_deliver(mg_transport *base, const mg_route_target *target, const m
     rq.message = &pm;
     rq.origin_gateway = t->gateway_id;
     rq.origin_region = t->region;
-    grpc_byte_buffer *req = mg_grpc_pack(&rq.base);
 
-    for (int attempt = 0; attempt < 2; attempt++) {
-        char details[96];
-        grpc_byte_buffer *resp = NULL;
-        int64_t start = mg_mono_us();
-        grpc_status_code code = unary(t, peer->channel, MG_PEER_RPC_DELIVER, req, left, &resp,
-                                      details, sizeof(details));
-        int64_t took = mg_mono_us() - start;
-        int r = (int)code;
-        if (code == GRPC_STATUS_OK) {
-            Meshgate__V1__DeliverMessageResponse *dr =
-                (Meshgate__V1__DeliverMessageResponse *)mg_grpc_unpack(
-                    &meshgate__v1__deliver_message_response__descriptor, resp);
-            if (dr && dr->status == MESHGATE__V1__DELIVER_STATUS__DELIVER_STATUS_DELIVERED) {
-                r = R_DELIVERED;
-                out->status = MG_STATUS_DELIVERED;
-                out->connections = dr->connections;
-            } else if (dr &&
-                       dr->status == MESHGATE__V1__DELIVER_STATUS__DELIVER_STATUS_NOT_CONNECTED) {
-                r = R_NOT_CONNECTED;
-                out->not_connected = true;
-            } else {
-                code = GRPC_STATUS_INTERNAL;
-                r = (int)code;
-                snprintf(details, sizeof(details), "%s",
-                         dr ? "response without a delivery status" : "response does not decode");
-            }
-            if (dr)
-                protobuf_c_message_free_unpacked(&dr->base, NULL);
-        }
-        if (resp)
-            grpc_byte_buffer_destroy(resp);
-        record(t, st, r, took, probe && attempt == 0);
-        if (code == GRPC_STATUS_OK)
-            break;
-        snprintf(out->reason, sizeof(out->reason), "peer %s: %s: %s", id, mg_grpc_code_name(code),
-                 details[0] ? details : "no details");
-        /* Idempotent on the receiver: one retry after a fast UNAVAILABLE. */
-        left = budget_ms(t, deadline_ms);
-        if (code != GRPC_STATUS_UNAVAILABLE || left < MIN_RETRY_MS || left < 2 * took / 1000 ||
-            probe)
-            break;
+    struct pcall *pc = mg_new(struct pcall);
+    pc->t = t;
+    pc->st = st;
+    pc->set = set;
+    pc->peer = peer;
+    pc->req = mg_grpc_pack(&rq.base);
+    pc->deadline_ms = deadline_ms;
+    pc->probe = probe;
+    pc->done = done;
+    pc->arg = arg;
+    if (call_start(pc) != 0) {
+        mg_deliver_outcome out;
+        memset(&out, 0, sizeof(out));
+        out.status = MG_STATUS_FAILED;
+        snprintf(out.reason, sizeof(out.reason), "peer %s: call could not start", id);
+        record(t, st, GRPC_STATUS_INTERNAL, 0, probe);
+        call_end(pc, &out);
     }
-    grpc_byte_buffer_destroy(req);
-    slot_release(t, st);
-    mg_peer_set_release(set);
     return 0;
 }
 
@@ -509,7 +461,8 @@ static int tg_disconnect(mg_transport *base, const mg_route_target *target, cons
     char details[96];
     int64_t start = mg_mono_us();
     grpc_status_code st_code =
-        unary(t, peer->channel, MG_PEER_RPC_DISCONNECT, req, left, &resp, details, sizeof(details));
+        mg_grpc_unary_call(peer->channel, MG_PEER_RPC_DISCONNECT, req, &t->auth, t->nauth, left,
+                           &resp, details, sizeof(details));
     int64_t took = mg_mono_us() - start;
     int rc;
     if (st_code == GRPC_STATUS_OK) {

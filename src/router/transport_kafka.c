@@ -3,14 +3,14 @@
  *
  * DESIGN
  * Producer. One idempotent librdkafka producer (acks=all) per gateway. A
- * HIGH send attaches a reference-counted waiter as the message opaque and
- * sleeps on its condvar until the delivery report arrives or
- * min(deadline, timeout_ms) passes; message.timeout.ms equals timeout_ms, so
- * librdkafka gives up on the message at about the same time the caller does
- * (a report that still comes later finds the waiter alive through its
- * reference and frees it). A LOW send only enqueues. Delivery reports and
- * admin (CreateTopics) results are served by the "kafka-poll" thread, which
- * is the only thread calling rd_kafka_poll() on the producer.
+ * HIGH send attaches a small report (the caller's done callback) as the
+ * message opaque and returns; the delivery report, on "kafka-poll", runs
+ * the callback: QUEUED once the broker acknowledged, else FAILED.
+ * message.timeout.ms equals timeout_ms, so every report comes within it. A
+ * full local queue fails the send at once (the queue is the bound on
+ * messages in flight). A LOW send only enqueues. Delivery reports and admin
+ * (CreateTopics) results are served by the "kafka-poll" thread, which is
+ * the only thread calling rd_kafka_poll() on the producer.
  *
  * Topics. This region's topic is created through the Admin API when the
  * transport is created (retried every few seconds from "kafka-poll" until the
@@ -19,8 +19,10 @@
  * region's gateways, or broker auto-create, usually got there first).
  *
  * Consumer. Group "meshgate-<region>", auto commit and auto offset store off.
- * The "kafka-consume" thread polls, decodes and hands each record to
- * mg_router_deliver_from_queue(); the offset is stored only after the record
+ * The "kafka-consume" thread is an ingress: it polls, decodes and hands each
+ * record to mg_router_deliver_from_queue(), and takes the next record of
+ * the partition once that operation answered (the order of a partition is
+ * the order of its records); the offset is stored only after the record
  * was handled (delivered, forwarded by gRPC, put in the inbox, or skipped as
  * undecodable) and stored offsets are committed asynchronously at most every
  * COMMIT_INTERVAL_MS, synchronously on partition revocation and on stop.
@@ -60,15 +62,12 @@
 
 enum { TOPIC_UNKNOWN = 0, TOPIC_PENDING = 1, TOPIC_READY = 2 };
 
-/* A HIGH send waiting for its delivery report. Two references: the sender's
- * and the delivery report's; the last one frees it. */
-typedef struct waiter {
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    bool done;
-    rd_kafka_resp_err_t err;
-    atomic_int refs;
-} waiter;
+/* A HIGH send's delivery report: the caller's callback (the message opaque). */
+typedef struct report {
+    mg_deliver_done done;
+    void *arg;
+    int64_t start_us;
+} report;
 
 typedef struct tk {
     mg_transport base;
@@ -156,48 +155,22 @@ static void error_cb(rd_kafka_t *rk, int err, const char *reason, void *opaque)
                     rd_kafka_err2name((rd_kafka_resp_err_t)err), reason);
 }
 
-/* ---- waiters ------------------------------------------------------------- */
-
-static waiter *waiter_new(void)
+static void fail_err(tk *k, mg_deliver_outcome *out, rd_kafka_resp_err_t err)
 {
-    waiter *w = mg_new(waiter);
-    pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_cond_init(&w->cv, &ca);
-    pthread_condattr_destroy(&ca);
-    pthread_mutex_init(&w->mu, NULL);
-    atomic_init(&w->refs, 2);
-    return w;
-}
-
-static void waiter_unref(waiter *w)
-{
-    if (atomic_fetch_sub(&w->refs, 1) != 1)
+    if (err == RD_KAFKA_RESP_ERR__FATAL) {
+        char fatal[96];
+        rd_kafka_fatal_error(k->producer, fatal, sizeof(fatal));
+        set_reason(out, MG_STATUS_FAILED, "kafka: fatal producer error: %s", fatal);
         return;
-    pthread_mutex_destroy(&w->mu);
-    pthread_cond_destroy(&w->cv);
-    free(w);
-}
-
-/* Waits until the report came or end_ms (monotonic); returns done. */
-static bool waiter_wait(waiter *w, int64_t end_ms, rd_kafka_resp_err_t *err)
-{
-    struct timespec ts = {.tv_sec = end_ms / 1000, .tv_nsec = (end_ms % 1000) * 1000000L};
-    pthread_mutex_lock(&w->mu);
-    while (!w->done && pthread_cond_timedwait(&w->cv, &w->mu, &ts) != ETIMEDOUT)
-        ;
-    bool done = w->done;
-    *err = w->err;
-    pthread_mutex_unlock(&w->mu);
-    return done;
+    }
+    set_reason(out, MG_STATUS_FAILED, "kafka: %s", rd_kafka_err2str(err));
 }
 
 /* kafka-poll thread (or whoever polls the producer): one delivery report. */
 static void dr_msg_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
 {
     tk *k = opaque;
-    waiter *w = m->_private;
+    report *w = m->_private;
     if (m->err) {
         mg_metric_add(k->produce_errors, 1);
         if (!w && error_log_due(k))
@@ -206,12 +179,19 @@ static void dr_msg_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
     }
     if (!w)
         return;
-    pthread_mutex_lock(&w->mu);
-    w->err = m->err;
-    w->done = true;
-    pthread_cond_signal(&w->cv);
-    pthread_mutex_unlock(&w->mu);
-    waiter_unref(w);
+    int64_t waited_us = mg_mono_us() - w->start_us;
+    mg_histogram_observe_us(k->ack_latency, waited_us);
+    mg_deliver_outcome out;
+    memset(&out, 0, sizeof(out));
+    if (m->err == RD_KAFKA_RESP_ERR_NO_ERROR)
+        out.status = MG_STATUS_QUEUED;
+    else if (m->err == RD_KAFKA_RESP_ERR__MSG_TIMED_OUT)
+        set_reason(&out, MG_STATUS_FAILED, "kafka: %s",
+                   "no acknowledgement in time (broker unreachable?)");
+    else
+        fail_err(k, &out, m->err);
+    w->done(w->arg, &out);
+    free(w);
 }
 
 /* ---- topics -------------------------------------------------------------- */
@@ -334,23 +314,12 @@ static void *poll_main(void *arg)
 /* On success librdkafka owns val (RD_KAFKA_MSG_F_FREE); on failure the caller
  * still does. */
 static rd_kafka_resp_err_t produce(tk *k, const char *topic, const mg_msg *msg, uint8_t *val,
-                                   size_t len, waiter *w)
+                                   size_t len, report *w)
 {
     return rd_kafka_producev(
         k->producer, RD_KAFKA_V_TOPIC(topic), RD_KAFKA_V_KEY(msg->to, strlen(msg->to)),
         RD_KAFKA_V_VALUE(val, len), RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_FREE),
         RD_KAFKA_V_HEADER("origin", k->gateway_id, -1), RD_KAFKA_V_OPAQUE(w), RD_KAFKA_V_END);
-}
-
-static void fail_err(tk *k, mg_deliver_outcome *out, rd_kafka_resp_err_t err)
-{
-    if (err == RD_KAFKA_RESP_ERR__FATAL) {
-        char fatal[96];
-        rd_kafka_fatal_error(k->producer, fatal, sizeof(fatal));
-        set_reason(out, MG_STATUS_FAILED, "kafka: fatal producer error: %s", fatal);
-        return;
-    }
-    set_reason(out, MG_STATUS_FAILED, "kafka: %s", rd_kafka_err2str(err));
 }
 
 static bool tk_available(mg_transport *t, const mg_route_target *target)
@@ -359,78 +328,55 @@ static bool tk_available(mg_transport *t, const mg_route_target *target)
 }
 
 static int tk_deliver(mg_transport *t, const mg_route_target *target, const mg_msg *msg,
-                      int64_t deadline_ms, mg_deliver_outcome *out)
+                      int64_t deadline_ms, mg_deliver_done done, void *arg)
 {
     tk *k = (tk *)t;
     if (!k->producer)
         return -ENOTCONN;
-    out->connections = 0;
-    out->not_connected = false;
-    if (!target || !target->region || !target->region[0]) {
-        set_reason(out, MG_STATUS_FAILED, "kafka: %s", "recipient's region unknown");
-        return 0;
-    }
+    mg_deliver_outcome out;
+    memset(&out, 0, sizeof(out));
     char topic[256];
+    if (!target || !target->region || !target->region[0]) {
+        set_reason(&out, MG_STATUS_FAILED, "kafka: %s", "recipient's region unknown");
+        goto now;
+    }
     if ((size_t)snprintf(topic, sizeof(topic), "%s%s", k->prefix, target->region) >=
         sizeof(topic)) {
-        set_reason(out, MG_STATUS_FAILED, "kafka: %s", "topic name too long");
-        return 0;
+        set_reason(&out, MG_STATUS_FAILED, "kafka: %s", "topic name too long");
+        goto now;
+    }
+    if (msg->priority != MG_PRIO_LOW && deadline_ms <= mg_mono_ms()) {
+        set_reason(&out, MG_STATUS_FAILED, "kafka: %s", "deadline exceeded before produce");
+        goto now;
     }
     ensure_topic(k, topic);
 
     size_t len = 0;
     uint8_t *val = mg_msg_pack(msg, &len);
-    rd_kafka_resp_err_t err;
-    if (msg->priority == MG_PRIO_LOW) {
-        err = produce(k, topic, msg, val, len, NULL);
-        if (err == RD_KAFKA_RESP_ERR_NO_ERROR) {
-            out->status = MG_STATUS_ACCEPTED;
-            return 0;
-        }
-        free(val);
-        if (err == RD_KAFKA_RESP_ERR__QUEUE_FULL) {
-            mg_metric_add(k->dropped, 1);
-            set_reason(out, MG_STATUS_FAILED, "%s", "dropped: overload");
-        } else {
-            fail_err(k, out, err);
-        }
-        return 0;
+    report *w = NULL;
+    if (msg->priority != MG_PRIO_LOW) { /* HIGH: answered by the acks=all report */
+        w = mg_new(report);
+        w->done = done;
+        w->arg = arg;
+        w->start_us = mg_mono_us();
     }
-
-    /* HIGH: wait for acks=all, bounded by the deadline and timeout_ms. */
-    int64_t start = mg_mono_ms();
-    int64_t end = start + k->timeout_ms < deadline_ms ? start + k->timeout_ms : deadline_ms;
-    if (end <= start) {
-        free(val);
-        set_reason(out, MG_STATUS_FAILED, "kafka: %s", "deadline exceeded before produce");
-        return 0;
+    rd_kafka_resp_err_t err = produce(k, topic, msg, val, len, w);
+    if (err == RD_KAFKA_RESP_ERR_NO_ERROR) {
+        if (w)
+            return 0; /* the report runs done */
+        out.status = MG_STATUS_ACCEPTED;
+        goto now;
     }
-    waiter *w = waiter_new();
-    while ((err = produce(k, topic, msg, val, len, w)) == RD_KAFKA_RESP_ERR__QUEUE_FULL &&
-           mg_mono_ms() < end)
-        usleep(1000); /* HIGH waits for room; kafka-poll drains the queue */
-    if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
-        free(val);
-        waiter_unref(w);
-        waiter_unref(w); /* no report will come */
-        fail_err(k, out, err);
-        return 0;
-    }
-    rd_kafka_resp_err_t derr = RD_KAFKA_RESP_ERR_NO_ERROR;
-    bool done = waiter_wait(w, end, &derr);
-    waiter_unref(w);
-    int64_t waited = mg_mono_ms() - start;
-    mg_histogram_observe_us(k->ack_latency, waited * 1000);
-    if (done && derr == RD_KAFKA_RESP_ERR_NO_ERROR) {
-        out->status = MG_STATUS_QUEUED;
-    } else if (done) {
-        fail_err(k, out, derr);
+    free(val);
+    free(w);
+    if (err == RD_KAFKA_RESP_ERR__QUEUE_FULL) {
+        mg_metric_add(k->dropped, 1);
+        set_reason(&out, MG_STATUS_FAILED, "%s", "dropped: overload");
     } else {
-        out->status = MG_STATUS_FAILED;
-        snprintf(out->reason, sizeof(out->reason),
-                 "kafka: no acknowledgement within %lld ms (broker unreachable?)",
-                 (long long)waited);
+        fail_err(k, &out, err);
     }
+now:
+    done(arg, &out);
     return 0;
 }
 
@@ -540,6 +486,49 @@ static bool consumer_sleep(tk *k, int ms)
     return atomic_load(&k->consume_run);
 }
 
+/* The consumer's wait for one record's operation. */
+typedef struct record_wait {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    bool done;
+    mg_send_result res;
+} record_wait;
+
+static void record_done(void *arg, const mg_send_result *res)
+{
+    record_wait *w = arg;
+    pthread_mutex_lock(&w->mu);
+    w->res = *res;
+    w->done = true;
+    pthread_cond_signal(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+}
+
+/* One try of the router: 0 when handled, or -EAGAIN with *res saying why. */
+static int route_record(tk *k, const mg_msg *msg, mg_send_result *res)
+{
+    record_wait w = {.done = false};
+    pthread_mutex_init(&w.mu, NULL);
+    pthread_cond_init(&w.cv, NULL);
+    int rc =
+        mg_router_deliver_from_queue(k->router, msg, mg_mono_ms() + k->timeout_ms, record_done, &w);
+    if (rc == 0) {
+        /* The partition's next record waits for this one (its order). */
+        pthread_mutex_lock(&w.mu);
+        while (!w.done)
+            pthread_cond_wait(&w.cv, &w.mu);
+        pthread_mutex_unlock(&w.mu);
+        *res = w.res;
+        rc = res->status == MG_STATUS_FAILED ? -EAGAIN : 0;
+    } else {
+        memset(res, 0, sizeof(*res));
+        snprintf(res->reason, sizeof(res->reason), "router overloaded");
+    }
+    pthread_cond_destroy(&w.cv);
+    pthread_mutex_destroy(&w.mu);
+    return rc;
+}
+
 /* Hands one decoded record to the router until it is handled. Returns true
  * when its offset may be stored. */
 static bool handle_record(tk *k, const rd_kafka_message_t *m, const mg_msg *msg)
@@ -548,7 +537,7 @@ static bool handle_record(tk *k, const rd_kafka_message_t *m, const mg_msg *msg)
     int delay = RETRY_DELAY_MIN_MS;
     for (int attempt = 0;; attempt++) {
         mg_send_result res;
-        int rc = mg_router_deliver_from_queue(k->router, msg, &res);
+        int rc = route_record(k, msg, &res);
         if (rc == 0)
             return true;
         mg_metric_add(k->retries, 1);

@@ -1,39 +1,109 @@
 /* transport_local.c: delivery to this gateway's own connections.
  *
- * A thin adapter from the transport interface to the local sink (the
- * WebSocket hub). Never blocks: the hub only queues frames.
+ * Every write to a local connection passes through here, whatever brought
+ * the message (a local send, a peer's DeliverMessage, a Kafka record): the
+ * dedupe window drops an (id, recipient) pair already delivered, so a
+ * client's retry, a gRPC retry or a Kafka redelivery never reaches a device
+ * twice. The sink (the WebSocket hub) only queues frames and reports their
+ * writes later, so nothing here blocks; the attempt completes from the
+ * sink's write report (on the WebSocket thread) or, when nothing waits for
+ * a write, on the caller's thread.
  */
 #include "router/transport.h"
 #include "common/mg_alloc.h"
+#include "common/mg_metrics.h"
+#include "router/dedupe.h"
 
+#include <errno.h>
 #include <stdlib.h>
+#include <string.h>
 
 typedef struct transport_local {
     mg_transport base;
     mg_local_sink sink;
+    mg_dedupe *dedupe;
+    mg_metric *duplicates;
 } transport_local;
 
-static int tl_deliver(mg_transport *t, const mg_route_target *target, const mg_msg *msg,
-                      int64_t deadline_ms, mg_deliver_outcome *out)
+/* One local attempt waiting for the sink's write report. */
+typedef struct local_attempt {
+    transport_local *tl;
+    mg_deliver_done done;
+    void *arg;
+    char key[]; /* "<id>\n<recipient>", the dedupe pair */
+} local_attempt;
+
+static void finish(transport_local *tl, const char *key, uint32_t written, mg_deliver_done done,
+                   void *arg)
 {
+    mg_deliver_outcome out;
+    memset(&out, 0, sizeof(out));
+    if (written > 0) {
+        out.status = MG_STATUS_DELIVERED;
+        out.connections = written;
+    } else {
+        mg_dedupe_forget(tl->dedupe, key); /* nobody got it: a retry must go through */
+        out.status = MG_STATUS_FAILED;
+        out.not_connected = true;
+    }
+    done(arg, &out);
+}
+
+static void on_written(void *arg, uint32_t written)
+{
+    local_attempt *a = arg;
+    finish(a->tl, a->key, written, a->done, a->arg);
+    free(a);
+}
+
+static int tl_deliver(mg_transport *t, const mg_route_target *target, const mg_msg *msg,
+                      int64_t deadline_ms, mg_deliver_done done, void *arg)
+{
+    (void)target;
+    (void)deadline_ms;
     transport_local *tl = (transport_local *)t;
-    int n = tl->sink.deliver(tl->sink.arg, msg, NULL, false);
-    out->connections = n > 0 ? (uint32_t)n : 0;
-    out->not_connected = n <= 0;
-    out->status = n > 0 ? MG_STATUS_DELIVERED : MG_STATUS_FAILED;
+    if (!msg->id[0] || !msg->to[0])
+        return -EINVAL;
+    size_t il = strlen(msg->id), ul = strlen(msg->to);
+    local_attempt *a = mg_xmalloc(sizeof(*a) + il + ul + 2);
+    a->tl = tl;
+    a->done = done;
+    a->arg = arg;
+    memcpy(a->key, msg->id, il);
+    a->key[il] = '\n';
+    memcpy(a->key + il + 1, msg->to, ul + 1);
+    if (mg_dedupe_check_and_add(tl->dedupe, a->key)) {
+        mg_metric_add(tl->duplicates, 1);
+        free(a);
+        mg_deliver_outcome out;
+        memset(&out, 0, sizeof(out));
+        out.status = MG_STATUS_DELIVERED;
+        out.duplicate = true;
+        done(arg, &out);
+        return 0;
+    }
+    int n = tl->sink.deliver(tl->sink.arg, msg, NULL, false, on_written, a);
+    if (n <= 0) { /* the report never comes when nothing was queued */
+        finish(tl, a->key, 0, done, arg);
+        free(a);
+    }
     return 0;
 }
 
 static int tl_disconnect(mg_transport *t, const mg_route_target *target, const char *user,
                          const char *conn_id, int code, const char *reason, int64_t deadline_ms)
 {
+    (void)target;
+    (void)deadline_ms;
     transport_local *tl = (transport_local *)t;
     return tl->sink.disconnect(tl->sink.arg, user, conn_id, code, reason);
 }
 
 static void tl_free(mg_transport *t)
 {
-    free(t);
+    transport_local *tl = (transport_local *)t;
+    mg_dedupe_free(tl->dedupe);
+    free(tl);
 }
 
 static const struct mg_transport_ops local_ops = {
@@ -44,10 +114,13 @@ static const struct mg_transport_ops local_ops = {
     .free = tl_free,
 };
 
-mg_transport *mg_transport_local_create(const mg_local_sink *sink)
+mg_transport *mg_transport_local_create(const mg_local_sink *sink, size_t dedupe_window)
 {
     transport_local *tl = mg_new(transport_local);
     tl->base.ops = &local_ops;
     tl->sink = *sink;
+    tl->dedupe = mg_dedupe_create(dedupe_window);
+    tl->duplicates = mg_counter("meshgate_duplicates_dropped_total",
+                                "Deliveries dropped because the (id, recipient) was seen", NULL);
     return &tl->base;
 }

@@ -113,7 +113,8 @@ static struct {
     int inflight, max_inflight;
 } rec = {.mu = PTHREAD_MUTEX_INITIALIZER};
 
-static int sink_deliver(void *arg, const mg_msg *msg, const char *conn_id, bool from_inbox)
+static int sink_deliver(void *arg, const mg_msg *msg, const char *conn_id, bool from_inbox,
+                        mg_written_fn written, void *written_arg)
 {
     pthread_mutex_lock(&rec.mu);
     rec.inflight++;
@@ -129,7 +130,10 @@ static int sink_deliver(void *arg, const mg_msg *msg, const char *conn_id, bool 
     snprintf(rec.last_content, sizeof(rec.last_content), "%.*s", (int)msg->content_len,
              (const char *)msg->content);
     pthread_mutex_unlock(&rec.mu);
-    return strcmp(msg->to, "bob") == 0 || strncmp(msg->to, "c", 1) == 0 ? 1 : 0;
+    int n = strcmp(msg->to, "bob") == 0 || strncmp(msg->to, "c", 1) == 0 ? 1 : 0;
+    if (n && written)
+        written(written_arg, (uint32_t)n);
+    return n;
 }
 
 static int sink_disconnect(void *arg, const char *user, const char *conn_id, int code,
@@ -146,20 +150,21 @@ static mg_pool *pool;
 static mg_grpc_server *server;
 static mg_grpc_client *client;
 
-static void start_server(int threads, int pool_threads, size_t pool_queue)
+static void start_server(int threads, int pool_threads, size_t pool_queue, size_t max_inflight)
 {
     mg_router_config rc = {.gateway_id = "gw-test",
                            .region = "local",
                            .hot_window_seconds = 10,
                            .hot_threshold = 20,
                            .hot_capacity = 64,
-                           .dedupe_window = 1024};
+                           .dedupe_window = 1024,
+                           .max_inflight = max_inflight};
     mg_local_sink sink = {.deliver = sink_deliver, .disconnect = sink_disconnect, .arg = NULL};
+    pool = mg_pool_create("work", pool_threads, pool_queue);
     router = mg_router_create(&rc, mg_presence_memory_create("gw-test", "local"),
-                              mg_inbox_memory_create(100, 3600), &sink);
+                              mg_inbox_memory_create(100, 3600), &sink, pool);
     cr_assert_not_null(router);
     cr_assert_eq(mg_router_user_connected(router, "bob", "gw-test-1", mg_now_ms()), 0);
-    pool = mg_pool_create("work", pool_threads, pool_queue);
     mg_grpc_server_config cfg = {.listen = "127.0.0.1:0",
                                  .threads = threads,
                                  .max_message_bytes = 4096,
@@ -180,7 +185,7 @@ static void start_server(int threads, int pool_threads, size_t pool_queue)
 
 static void setup(void)
 {
-    start_server(4, 2, 64);
+    start_server(4, 2, 64, 0);
 }
 
 static void teardown(void)
@@ -447,56 +452,50 @@ Test(grpc_server, port_in_use_is_reported)
     mg_grpc_server_free(s2);
 }
 
-/* A pool job that holds its worker until released. */
-static pthread_mutex_t gate_mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t gate_cv = PTHREAD_COND_INITIALIZER;
-static int gate_open, gate_entered;
-
-static void gate_job(void *arg)
+static void setup_small_router(void)
 {
-    pthread_mutex_lock(&gate_mu);
-    gate_entered = 1;
-    pthread_cond_broadcast(&gate_cv);
-    while (!gate_open)
-        pthread_cond_wait(&gate_cv, &gate_mu);
-    pthread_mutex_unlock(&gate_mu);
+    start_server(2, 1, 1, 1);
 }
 
-static void setup_small_pool(void)
+static void *slow_high_send(void *arg)
 {
-    start_server(2, 1, 1);
+    return (void *)(intptr_t)mg_tc_send(client, "alice", "bob", NULL, "slow", 1, 5000, NULL, NULL);
 }
 
-Test(grpc_overload, low_dropped_when_pool_full, .init = setup_small_pool, .fini = teardown,
-     .timeout = 60)
+Test(grpc_overload, sends_refused_beyond_the_router_bound, .init = setup_small_router,
+     .fini = teardown, .timeout = 60)
 {
-    /* Occupy the only worker, then fill the one queue slot. */
-    cr_assert_eq(mg_pool_submit(pool, gate_job, NULL), 0);
-    pthread_mutex_lock(&gate_mu);
-    while (!gate_entered)
-        pthread_cond_wait(&gate_cv, &gate_mu);
-    pthread_mutex_unlock(&gate_mu);
+    /* One HIGH send holds the only slot of the router (the sink is slow). */
+    rec.slow_ms = 500;
+    pthread_t th;
+    pthread_create(&th, NULL, slow_high_send, NULL);
+    for (int i = 0; i < 500; i++) {
+        pthread_mutex_lock(&rec.mu);
+        int busy = rec.inflight;
+        pthread_mutex_unlock(&rec.mu);
+        if (busy)
+            break;
+        usleep(2000);
+    }
     int64_t before =
         mg_metric_value(mg_counter("meshgate_dropped_total", "", "reason=\"overload\""));
-
-    Meshgate__V1__SendMessageResponse *r = NULL;
-    cr_assert_eq(mg_tc_send(client, "alice", "x1", NULL, "1", 2, 5000, &r, NULL), GRPC_STATUS_OK);
-    cr_assert_eq(r->result->status, MESHGATE__V1__DELIVERY_STATUS__DELIVERY_STATUS_ACCEPTED);
-    protobuf_c_message_free_unpacked(&r->base, NULL);
     char *d = NULL;
     cr_assert_eq(mg_tc_send(client, "alice", "x2", NULL, "2", 2, 5000, NULL, &d),
-                 GRPC_STATUS_RESOURCE_EXHAUSTED);
+                 GRPC_STATUS_RESOURCE_EXHAUSTED, "LOW beyond the bound is dropped");
     cr_assert(strstr(d, "overloaded"), "%s", d);
     free(d);
-    cr_assert_eq(mg_metric_value(mg_counter("meshgate_dropped_total", "", "reason=\"overload\"")) -
-                     before,
-                 1);
-    /* HIGH does not use the pool: still served. */
-    cr_assert_eq(mg_tc_send(client, "alice", "bob", NULL, "3", 1, 5000, NULL, NULL),
+    d = NULL;
+    cr_assert_eq(mg_tc_send(client, "alice", "bob", NULL, "3", 1, 5000, NULL, &d),
+                 GRPC_STATUS_RESOURCE_EXHAUSTED, "HIGH beyond the bound is refused");
+    free(d);
+    cr_assert_geq(mg_metric_value(mg_counter("meshgate_dropped_total", "", "reason=\"overload\"")) -
+                      before,
+                  1);
+    void *rv;
+    pthread_join(th, &rv);
+    rec.slow_ms = 0;
+    cr_assert_eq((intptr_t)rv, GRPC_STATUS_OK, "the send in flight was answered");
+    /* The slot is free again: served. */
+    cr_assert_eq(mg_tc_send(client, "alice", "bob", NULL, "4", 1, 5000, NULL, NULL),
                  GRPC_STATUS_OK);
-
-    pthread_mutex_lock(&gate_mu);
-    gate_open = 1;
-    pthread_cond_broadcast(&gate_cv);
-    pthread_mutex_unlock(&gate_mu);
 }

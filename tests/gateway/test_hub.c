@@ -1,5 +1,6 @@
 /* Unit tests of the connection hub (gateway/hub.c): registry, fan-out,
  * bounded queues and slow consumers, disconnects, the wake signal. */
+#include "common/mg_time.h"
 #include "gateway/hub.h"
 
 #include <criterion/criterion.h>
@@ -70,9 +71,9 @@ Test(hub, register_ids_and_unregister)
     mg_hub_unregister(h, a);
     cr_assert_eq(mg_hub_count(h), 1);
     mg_msg *m = msg("m1", "bob");
-    cr_assert_eq(mg_hub_deliver(h, m, NULL, false), 1, "remaining conn of bob gets it");
+    cr_assert_eq(mg_hub_deliver(h, m, NULL, false, NULL, NULL), 1, "remaining conn of bob gets it");
     mg_hub_unregister(h, b);
-    cr_assert_eq(mg_hub_deliver(h, m, NULL, false), 0);
+    cr_assert_eq(mg_hub_deliver(h, m, NULL, false, NULL, NULL), 0);
     cr_assert_eq(mg_hub_post(h, "gw1-1", "x", 1), -ENOENT);
     mg_msg_free(m);
     mg_hub_free(h);
@@ -88,7 +89,7 @@ Test(hub, deliver_to_all_connections_of_a_user)
         c[i] = mg_hub_register(h, "bob", &dummy);
     mg_hub_conn *other = mg_hub_register(h, "carol", &dummy);
     mg_msg *m = msg("m1", "bob");
-    cr_assert_eq(mg_hub_deliver(h, m, NULL, false), 3);
+    cr_assert_eq(mg_hub_deliver(h, m, NULL, false, NULL, NULL), 3);
     cr_assert_eq(wakes, 1, "one wake per burst, got %d", wakes);
     int ready = 0;
     mg_hub_take_ready(h, collect, &ready);
@@ -111,9 +112,10 @@ Test(hub, deliver_to_all_connections_of_a_user)
     cr_assert_null(pop_text(h, other, &code));
 
     /* to one connection only (inbox delivery) */
-    cr_assert_eq(mg_hub_deliver(h, m, mg_hub_conn_id(c[1]), true), 1);
-    cr_assert_eq(mg_hub_deliver(h, m, mg_hub_conn_id(other), true), 0, "conn of another user");
-    cr_assert_eq(mg_hub_deliver(h, m, "gw1-999", true), 0);
+    cr_assert_eq(mg_hub_deliver(h, m, mg_hub_conn_id(c[1]), true, NULL, NULL), 1);
+    cr_assert_eq(mg_hub_deliver(h, m, mg_hub_conn_id(other), true, NULL, NULL), 0,
+                 "conn of another user");
+    cr_assert_eq(mg_hub_deliver(h, m, "gw1-999", true, NULL, NULL), 0);
     char *s = pop_text(h, c[1], &code);
     cr_assert(strstr(s, "\"inbox\":true"));
     free(s);
@@ -134,17 +136,19 @@ Test(hub, bounded_queue_slow_consumer)
     mg_hub_conn *fast = mg_hub_register(h, "bob", &dummy);
     mg_msg *m = msg("m", "bob");
     for (int i = 0; i < 3; i++) {
-        cr_assert_eq(mg_hub_deliver(h, m, NULL, false), 2);
+        cr_assert_eq(mg_hub_deliver(h, m, NULL, false, NULL, NULL), 2);
         int code;
         free(pop_text(h, fast, &code)); /* fast keeps up */
     }
-    cr_assert_eq(mg_hub_deliver(h, m, NULL, false), 1, "the overflowing conn does not count");
+    cr_assert_eq(mg_hub_deliver(h, m, NULL, false, NULL, NULL), 1,
+                 "the overflowing conn does not count");
     cr_assert(mg_hub_is_slow(h, mg_hub_conn_id(slow)));
     cr_assert_not(mg_hub_is_slow(h, mg_hub_conn_id(fast)));
     int code;
     cr_assert_null(pop_text(h, slow, &code), "queue dropped");
     cr_assert_eq(code, MG_WS_CLOSE_SLOW_CONSUMER);
-    cr_assert_eq(mg_hub_deliver(h, m, NULL, false), 1, "still closed, still not counted");
+    cr_assert_eq(mg_hub_deliver(h, m, NULL, false, NULL, NULL), 1,
+                 "still closed, still not counted");
     cr_assert_eq(mg_hub_post(h, mg_hub_conn_id(slow), "x", 1), -ENOENT);
     mg_hub_stats st;
     mg_hub_get_stats(h, &st);
@@ -222,7 +226,7 @@ static void *producer(void *arg)
     mg_hub *h = arg;
     mg_msg *m = msg("p", "bob");
     for (int i = 0; i < 2000; i++)
-        mg_hub_deliver(h, m, NULL, false);
+        mg_hub_deliver(h, m, NULL, false, NULL, NULL);
     mg_msg_free(m);
     return NULL;
 }
@@ -255,20 +259,22 @@ Test(hub, concurrent_deliveries)
     mg_hub_free(h);
 }
 
-/* ---- deliveries that wait for the write (delivery-write-wait-ms) ---- */
+/* ---- deliveries reported when written (delivery-write-wait-ms) ---- */
 
-struct deliverer {
-    mg_hub *h;
-    int result;
-};
-
-static void *deliver_main(void *arg)
+static void on_written(void *arg, uint32_t n)
 {
-    struct deliverer *d = arg;
+    int *result = arg;
+    cr_assert_eq(*result, -1, "reported exactly once");
+    *result = (int)n;
+}
+
+static int deliver_reported(mg_hub *h, int *result)
+{
     mg_msg *m = msg("w1", "bob");
-    d->result = mg_hub_deliver(d->h, m, NULL, false);
+    *result = -1;
+    int n = mg_hub_deliver(h, m, NULL, false, on_written, result);
     mg_msg_free(m);
-    return NULL;
+    return n;
 }
 
 static mg_hub *make_waiting(int wait_ms)
@@ -281,35 +287,27 @@ static mg_hub *make_waiting(int wait_ms)
     return mg_hub_create(&c);
 }
 
-/* Pops the frame (as the service thread would) once it is queued. */
-static mg_hub_frame *pop_when_queued(mg_hub *h, mg_hub_conn *c)
+static mg_hub_frame *pop_one(mg_hub *h, mg_hub_conn *c)
 {
-    for (int i = 0; i < 2000; i++) {
-        bool more;
-        int code;
-        mg_hub_frame *f = mg_hub_pop(h, c, &more, &code, NULL, 0);
-        if (f)
-            return f;
-        usleep(1000);
-    }
-    return NULL;
+    bool more;
+    int code;
+    return mg_hub_pop(h, c, &more, &code, NULL, 0);
 }
 
-Test(hub, delivery_answers_after_the_write)
+Test(hub, delivery_reported_after_the_write)
 {
     mg_hub *h = make_waiting(5000);
-    int dummy;
+    int dummy, result;
     mg_hub_conn *c = mg_hub_register(h, "bob", &dummy);
-    struct deliverer d = {h, -1};
-    pthread_t t;
-    pthread_create(&t, NULL, deliver_main, &d);
-    mg_hub_frame *f = pop_when_queued(h, c);
+    cr_assert_eq(deliver_reported(h, &result), 1, "queued to the one connection");
+    cr_assert_eq(result, -1, "not reported before the write");
+    cr_assert(mg_hub_waiting(h));
+    mg_hub_frame *f = pop_one(h, c);
     cr_assert_not_null(f);
-    usleep(50000);
-    cr_assert_eq(d.result, -1, "the delivery is still waiting for the write");
+    cr_assert_eq(result, -1, "taken is not written");
     mg_hub_frame_done(h, f, true);
-    pthread_join(t, NULL);
-    cr_assert_eq(d.result, 1, "written to the one connection");
+    cr_assert_eq(result, 1, "written to the one connection");
+    cr_assert_not(mg_hub_waiting(h));
     mg_hub_unregister(h, c);
     mg_hub_free(h);
 }
@@ -317,21 +315,14 @@ Test(hub, delivery_answers_after_the_write)
 Test(hub, delivery_dropped_with_its_connection_counts_nothing)
 {
     mg_hub *h = make_waiting(5000);
-    int dummy;
+    int dummy, result;
     mg_hub_conn *c1 = mg_hub_register(h, "bob", &dummy);
     mg_hub_conn *c2 = mg_hub_register(h, "bob", &dummy);
-    struct deliverer d = {h, -1};
-    pthread_t t;
-    pthread_create(&t, NULL, deliver_main, &d);
-    /* both frames are queued in one go; write the first */
-    mg_hub_frame *f = pop_when_queued(h, c1);
-    cr_assert_not_null(f);
-    mg_hub_frame_done(h, f, true);
-    usleep(50000);
-    cr_assert_eq(d.result, -1, "still waiting for the second connection");
+    cr_assert_eq(deliver_reported(h, &result), 2);
+    mg_hub_frame_done(h, pop_one(h, c1), true);
+    cr_assert_eq(result, -1, "still waiting for the second connection");
     mg_hub_unregister(h, c2); /* it goes before its frame was written */
-    pthread_join(t, NULL);
-    cr_assert_eq(d.result, 1, "only the written frame counts");
+    cr_assert_eq(result, 1, "only the written frame counts");
     mg_hub_unregister(h, c1);
     mg_hub_free(h);
 }
@@ -339,13 +330,39 @@ Test(hub, delivery_dropped_with_its_connection_counts_nothing)
 Test(hub, slow_write_still_counts_a_live_connection)
 {
     mg_hub *h = make_waiting(100);
-    int dummy;
+    int dummy, result;
     mg_hub_conn *c = mg_hub_register(h, "bob", &dummy);
-    struct deliverer d = {h, -1};
-    pthread_t t;
-    pthread_create(&t, NULL, deliver_main, &d);
-    pthread_join(t, NULL); /* nobody writes: the wait ends after 100 ms */
-    cr_assert_eq(d.result, 1, "still queued on a live connection");
+    cr_assert_eq(deliver_reported(h, &result), 1);
+    cr_assert(mg_hub_expire_waits(h, mg_mono_ms()), "the wait is not over yet");
+    cr_assert_eq(result, -1);
+    cr_assert_not(mg_hub_expire_waits(h, mg_mono_ms() + 150), "nobody wrote: the wait ended");
+    cr_assert_eq(result, 1, "still queued on a live connection");
+    mg_hub_frame *f = pop_one(h, c);
+    mg_hub_frame_done(h, f, true); /* written later: reported once only */
     mg_hub_unregister(h, c);
+    mg_hub_free(h);
+}
+
+Test(hub, stopping_reports_every_wait_and_later_ones_at_once)
+{
+    mg_hub *h = make_waiting(5000);
+    int dummy, r1, r2;
+    mg_hub_conn *c = mg_hub_register(h, "bob", &dummy);
+    cr_assert_eq(deliver_reported(h, &r1), 1);
+    mg_hub_stop_waits(h);
+    cr_assert_eq(r1, 1, "reported by the stop");
+    cr_assert_eq(deliver_reported(h, &r2), 1);
+    cr_assert_eq(r2, 1, "reported before mg_hub_deliver returned");
+    mg_hub_unregister(h, c);
+    mg_hub_free(h);
+}
+
+Test(hub, nobody_connected_is_never_reported)
+{
+    mg_hub *h = make_waiting(5000);
+    int result;
+    cr_assert_eq(deliver_reported(h, &result), 0);
+    cr_assert_eq(result, -1);
+    cr_assert_not(mg_hub_waiting(h));
     mg_hub_free(h);
 }

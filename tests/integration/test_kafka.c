@@ -19,6 +19,8 @@
 #include "router/transport_kafka.h"
 #include "support/mg_test.h"
 
+#include "support/mg_wait.h"
+
 #include <criterion/criterion.h>
 #include <fcntl.h>
 #include <librdkafka/rdkafka.h>
@@ -105,7 +107,8 @@ static int rec_total(rec *r)
     return n;
 }
 
-static int sink_deliver(void *arg, const mg_msg *msg, const char *conn_id, bool from_inbox)
+static int sink_deliver(void *arg, const mg_msg *msg, const char *conn_id, bool from_inbox,
+                        mg_written_fn written, void *written_arg)
 {
     rec *r = arg;
     int64_t now = mg_mono_us(), sent = 0;
@@ -118,6 +121,8 @@ static int sink_deliver(void *arg, const mg_msg *msg, const char *conn_id, bool 
         r->lat_us[r->nlat++] = now - sent;
     }
     pthread_mutex_unlock(&r->mu);
+    if (written)
+        written(written_arg, 1);
     return 1;
 }
 
@@ -149,7 +154,7 @@ static mg_router *make_router(const char *gw, const char *region, rec *r, int us
                            .hot_capacity = 64,
                            .dedupe_window = 4096};
     mg_router *rt = mg_router_create(&rc, mg_presence_memory_create(gw, region),
-                                     mg_inbox_memory_create(1000, 3600), &sink);
+                                     mg_inbox_memory_create(1000, 3600), &sink, NULL);
     for (int i = 0; i < users; i++) {
         char user[32], conn[32];
         snprintf(user, sizeof(user), "u%d", i);
@@ -185,7 +190,7 @@ static mg_deliver_outcome send_to(mg_transport *t, const char *region, const cha
                            mg_now_ms(), prio);
     mg_route_target target = {"gw-far", region};
     mg_deliver_outcome out = {0};
-    int rc = t->ops->deliver(t, &target, m, mg_mono_ms() + 10000, &out);
+    int rc = mg_wait_deliver(t, &target, m, mg_mono_ms() + 10000, &out);
     mg_msg_free(m);
     cr_assert_eq(rc, 0);
     return out;
@@ -487,7 +492,7 @@ Test(kafka, redelivery_after_a_consumer_died_reaches_the_client_once)
         mg_msg *msg = NULL;
         if (!m->err && mg_msg_unpack(m->payload, m->len, &msg) == 0) {
             mg_send_result res;
-            cr_assert_eq(mg_router_deliver_from_queue(rt, msg, &res), 0);
+            cr_assert_eq(mg_wait_from_queue(rt, msg, mg_mono_ms() + 10000, &res), 0);
             mg_msg_free(msg);
             handled++;
         }
@@ -552,7 +557,7 @@ static void *sender_main(void *arg)
                                mg_now_ms(), MG_PRIO_HIGH);
         mg_route_target target = {"gw-far", s->region};
         mg_deliver_outcome out = {0};
-        int rc = s->t->ops->deliver(s->t, &target, m, mg_mono_ms() + 30000, &out);
+        int rc = mg_wait_deliver(s->t, &target, m, mg_mono_ms() + 30000, &out);
         mg_msg_free(m);
         it->took_ms = mg_mono_ms() - it->started_ms;
         it->status = rc == 0 ? out.status : MG_STATUS_NONE;

@@ -8,6 +8,7 @@
 #include "router/inbox.h"
 #include "router/presence.h"
 #include "router/router.h"
+#include "support/mg_wait.h"
 
 #include <criterion/criterion.h>
 #include <errno.h>
@@ -22,7 +23,8 @@ static struct {
     char last_conn[64];
 } hub;
 
-static int sink_deliver(void *arg, const mg_msg *msg, const char *conn_id, bool from_inbox)
+static int sink_deliver(void *arg, const mg_msg *msg, const char *conn_id, bool from_inbox,
+                        mg_written_fn written, void *written_arg)
 {
     if (!hub.online)
         return 0;
@@ -31,7 +33,10 @@ static int sink_deliver(void *arg, const mg_msg *msg, const char *conn_id, bool 
     else
         hub.delivered++;
     snprintf(hub.last_conn, sizeof(hub.last_conn), "%s", conn_id ? conn_id : "");
-    return conn_id ? 1 : hub.online;
+    int n = conn_id ? 1 : hub.online;
+    if (written)
+        written(written_arg, (uint32_t)n); /* as the hub on its own thread: written at once */
+    return n;
 }
 
 static int sink_disconnect(void *arg, const char *user, const char *conn_id, int code,
@@ -56,15 +61,17 @@ static bool sc_available(mg_transport *t, const mg_route_target *target)
 }
 
 static int sc_deliver(mg_transport *t, const mg_route_target *target, const mg_msg *msg,
-                      int64_t deadline, mg_deliver_outcome *out)
+                      int64_t deadline, mg_deliver_done done, void *arg)
 {
     script *s = (script *)t;
     s->calls++;
-    out->status = s->answer;
-    out->not_connected = s->not_connected;
-    out->connections = s->answer == MG_STATUS_DELIVERED;
+    mg_deliver_outcome out = {0};
+    out.status = s->answer;
+    out.not_connected = s->not_connected;
+    out.connections = s->answer == MG_STATUS_DELIVERED;
     if (s->answer == MG_STATUS_FAILED)
-        snprintf(out->reason, sizeof(out->reason), "UNAVAILABLE");
+        snprintf(out.reason, sizeof(out.reason), "UNAVAILABLE");
+    done(arg, &out);
     return 0;
 }
 
@@ -83,9 +90,9 @@ static void setup(void)
 {
     memset(&hub, 0, sizeof(hub));
     presence = mg_presence_memory_create("gw-a", "eu");
-    mg_router_config cfg = {"gw-a", "eu", 10, 3, 128, 1024};
+    mg_router_config cfg = {"gw-a", "eu", 10, 3, 128, 1024, 0};
     mg_local_sink sink = {sink_deliver, sink_disconnect, NULL};
-    router = mg_router_create(&cfg, presence, mg_inbox_memory_create(3, 3600), &sink);
+    router = mg_router_create(&cfg, presence, mg_inbox_memory_create(3, 3600), &sink, NULL);
     grpc_t = (script){{&grpc_ops}, MG_PATH_GRPC, 0, MG_STATUS_DELIVERED, false, true};
     kafka_t = (script){{&kafka_ops}, MG_PATH_KAFKA, 0, MG_STATUS_QUEUED, false, true};
 }
@@ -116,7 +123,7 @@ Test(router, offline_recipient_is_stored_and_delivered_in_order_on_connect)
         char id[8];
         snprintf(id, sizeof(id), "m%d", i);
         mg_msg *m = msg(id, "bob");
-        cr_assert_eq(mg_router_send(router, m, later(), &res), 0);
+        cr_assert_eq(mg_wait_send(router, m, later(), &res), 0);
         cr_assert_eq(res.status, MG_STATUS_STORED);
         cr_assert_eq(res.path, MG_PATH_INBOX);
         mg_msg_free(m);
@@ -149,12 +156,12 @@ Test(router, online_local_recipient_is_delivered_once_per_id)
     mg_router_user_connected(router, "bob", "gw-a-2", mg_now_ms());
     mg_msg *m = msg("x1", "bob");
     mg_send_result res;
-    mg_router_send(router, m, later(), &res);
+    mg_wait_send(router, m, later(), &res);
     cr_assert_eq(res.status, MG_STATUS_DELIVERED);
     cr_assert_eq(res.path, MG_PATH_LOCAL);
     cr_assert_eq(res.connections, 2);
     cr_assert_eq(hub.delivered, 1, "one hand-off to the hub for both connections");
-    mg_router_send(router, m, later(), &res);
+    mg_wait_send(router, m, later(), &res);
     cr_assert_eq(res.status, MG_STATUS_DELIVERED, "a retry is answered as delivered");
     cr_assert_eq(hub.delivered, 1, "but not written again");
     mg_msg_free(m);
@@ -164,7 +171,7 @@ Test(router, rejects_empty_recipient)
 {
     mg_msg *m = msg("x", "");
     mg_send_result res;
-    cr_assert_eq(mg_router_send(router, m, later(), &res), -EINVAL);
+    cr_assert_eq(mg_wait_send(router, m, later(), &res), 0, "answered, not refused");
     cr_assert_eq(res.status, MG_STATUS_REJECTED);
     cr_assert_str_eq(res.reason, "empty recipient");
     mg_msg_free(m);
@@ -174,7 +181,7 @@ Test(router, expired_deadline_fails_clearly)
 {
     mg_msg *m = msg("x", "bob");
     mg_send_result res;
-    mg_router_send(router, m, mg_mono_ms() - 1, &res);
+    mg_wait_send(router, m, mg_mono_ms() - 1, &res);
     cr_assert_eq(res.status, MG_STATUS_FAILED);
     cr_assert_str_eq(res.reason, "deadline exceeded");
     mg_msg_free(m);
@@ -231,9 +238,9 @@ static mg_router *remote_router(const char *gw, const char *region)
     rp->base.ops = &rp_ops;
     rp->gw = gw;
     rp->region = region;
-    mg_router_config cfg = {"gw-a", "eu", 10, 3, 128, 1024};
+    mg_router_config cfg = {"gw-a", "eu", 10, 3, 128, 1024, 0};
     mg_local_sink sink = {sink_deliver, sink_disconnect, NULL};
-    mg_router *r = mg_router_create(&cfg, &rp->base, mg_inbox_memory_create(10, 3600), &sink);
+    mg_router *r = mg_router_create(&cfg, &rp->base, mg_inbox_memory_create(10, 3600), &sink, NULL);
     mg_router_set_transport(r, MG_PATH_GRPC, &grpc_t.base);
     mg_router_set_transport(r, MG_PATH_KAFKA, &kafka_t.base);
     return r;
@@ -244,18 +251,18 @@ Test(router, same_region_goes_grpc_and_falls_back_to_kafka)
     mg_router *r = remote_router("gw-b", "eu");
     mg_msg *m = msg("s1", "bob");
     mg_send_result res;
-    mg_router_send(r, m, later(), &res);
+    mg_wait_send(r, m, later(), &res);
     cr_assert_eq(res.path, MG_PATH_GRPC);
     cr_assert_eq(res.status, MG_STATUS_DELIVERED);
 
     grpc_t.answer = MG_STATUS_FAILED;
-    mg_router_send(r, m, later(), &res);
+    mg_wait_send(r, m, later(), &res);
     cr_assert_eq(res.path, MG_PATH_KAFKA, "a failed peer call goes by Kafka");
     cr_assert_eq(res.status, MG_STATUS_QUEUED);
     cr_assert_eq(kafka_t.calls, 1);
 
     grpc_t.available = false; /* degraded link */
-    mg_router_send(r, m, later(), &res);
+    mg_wait_send(r, m, later(), &res);
     cr_assert_eq(res.path, MG_PATH_KAFKA);
     cr_assert_eq(grpc_t.calls, 2, "a degraded peer is not tried");
     mg_msg_free(m);
@@ -267,10 +274,10 @@ Test(router, cross_region_cold_goes_kafka_hot_goes_grpc)
     mg_router *r = remote_router("gw-c", "us");
     mg_send_result res;
     mg_msg *m = msg("c1", "bob");
-    mg_router_send(r, m, later(), &res);
+    mg_wait_send(r, m, later(), &res);
     cr_assert_eq(res.path, MG_PATH_KAFKA, "cold pair");
-    mg_router_send(r, m, later(), &res);
-    mg_router_send(r, m, later(), &res); /* threshold 3 */
+    mg_wait_send(r, m, later(), &res);
+    mg_wait_send(r, m, later(), &res); /* threshold 3 */
     cr_assert_eq(res.path, MG_PATH_GRPC, "third message in the window makes it hot");
     mg_msg_free(m);
     mg_router_free(r);
@@ -283,7 +290,7 @@ Test(router, not_connected_reresolves_then_inbox)
     grpc_t.not_connected = true;
     mg_send_result res;
     mg_msg *m = msg("n1", "bob");
-    mg_router_send(r, m, later(), &res);
+    mg_wait_send(r, m, later(), &res);
     cr_assert_eq(grpc_t.calls, 2, "tried again after resolving presence once more");
     cr_assert_eq(res.status, MG_STATUS_STORED);
     cr_assert_eq(res.path, MG_PATH_INBOX);
@@ -297,7 +304,7 @@ Test(router, queue_delivery_never_uses_kafka_again)
     grpc_t.answer = MG_STATUS_FAILED;
     mg_send_result res;
     mg_msg *m = msg("q1", "bob");
-    cr_assert_eq(mg_router_deliver_from_queue(r, m, &res), -EAGAIN,
+    cr_assert_eq(mg_wait_from_queue(r, m, later(), &res), -EAGAIN,
                  "the consumer must retry, not commit");
     cr_assert_eq(kafka_t.calls, 0);
     mg_msg_free(m);
@@ -325,6 +332,6 @@ Test(router, only_all_memory_routing_counts_as_nonblocking)
 {
     cr_assert(mg_router_nonblocking(router), "memory presence and inbox, no peers");
     mg_router *r = remote_router("gw-b", "eu");
-    cr_assert_not(mg_router_nonblocking(r), "peer transports may block");
+    cr_assert_not(mg_router_nonblocking(r), "its presence store may block");
     mg_router_free(r);
 }

@@ -10,6 +10,8 @@
 #include "support/ws_client.h"
 
 #include <arpa/inet.h>
+#include "support/mg_wait.h"
+
 #include <criterion/criterion.h>
 #include <grpc/grpc_security.h>
 #include <netinet/in.h>
@@ -70,7 +72,7 @@ static int deliver(mg_transport *t, const char *peer, const char *id, const char
 {
     mg_route_target tg = {peer, "r1"};
     mg_msg *m = text_msg(id, to);
-    int rc = t->ops->deliver(t, &tg, m, deadline_ms, out);
+    int rc = mg_wait_deliver(t, &tg, m, deadline_ms, out);
     mg_msg_free(m);
     return rc;
 }

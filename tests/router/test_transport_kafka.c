@@ -11,6 +11,8 @@
 #include "router/router.h"
 #include "router/transport_kafka.h"
 
+#include "support/mg_wait.h"
+
 #include <criterion/criterion.h>
 #include <errno.h>
 #include <librdkafka/rdkafka.h>
@@ -75,7 +77,7 @@ static mg_deliver_outcome send_one(mg_transport *t, const char *region, const ch
         mg_msg_new(id, "alice", "bob", (const uint8_t *)"hi", 2, "text/plain", mg_now_ms(), prio);
     mg_route_target target = {"gw-b", region};
     mg_deliver_outcome out = {0};
-    int rc = t->ops->deliver(t, &target, m, deadline, &out);
+    int rc = mg_wait_deliver(t, &target, m, deadline, &out);
     mg_msg_free(m);
     cr_assert_eq(rc, 0, "deliver rc=%d", rc);
     return out;
@@ -189,7 +191,7 @@ Test(transport_kafka, no_brokers_is_inert)
     cr_assert_not(t->ops->available(t, &(mg_route_target){"gw-b", "r2"}));
     mg_msg *m = mg_msg_new("m1", "a", "b", NULL, 0, NULL, 0, MG_PRIO_HIGH);
     mg_deliver_outcome out = {0};
-    cr_assert_eq(t->ops->deliver(t, &(mg_route_target){"gw-b", "r2"}, m, mg_mono_ms() + 100, &out),
+    cr_assert_eq(mg_wait_deliver(t, &(mg_route_target){"gw-b", "r2"}, m, mg_mono_ms() + 100, &out),
                  -ENOTCONN);
     mg_msg_free(m);
     cr_assert_eq(mg_transport_kafka_assigned(t), -1);
@@ -211,9 +213,12 @@ Test(transport_kafka, bad_config_is_reported)
 
 static atomic_int sink_count;
 
-static int sink_deliver(void *arg, const mg_msg *msg, const char *conn_id, bool from_inbox)
+static int sink_deliver(void *arg, const mg_msg *msg, const char *conn_id, bool from_inbox,
+                        mg_written_fn written, void *written_arg)
 {
     atomic_fetch_add(&sink_count, 1);
+    if (written)
+        written(written_arg, 1);
     return 1;
 }
 
@@ -233,7 +238,7 @@ Test(transport_kafka, consumer_hands_records_to_the_router)
                            .hot_capacity = 64,
                            .dedupe_window = 1024};
     mg_router *r = mg_router_create(&rc, mg_presence_memory_create("gw-a", "r1"),
-                                    mg_inbox_memory_create(100, 3600), &sink);
+                                    mg_inbox_memory_create(100, 3600), &sink, NULL);
     mg_transport *t = make(5000, 1, 0);
     mg_router_set_transport(r, MG_PATH_KAFKA, t);
     cr_assert_eq(mg_router_user_connected(r, "bob", "c1", mg_now_ms()), 0);

@@ -1,0 +1,413 @@
+/* The route operation of router.c driven by scripted asynchronous
+ * transports, no network: completions arrive later, from another thread, as
+ * they do from peer-cq, kafka-poll and the WebSocket thread's writes. */
+#include "common/mg_alloc.h"
+#include "common/mg_metrics.h"
+#include "common/mg_time.h"
+#include "router/inbox.h"
+#include "router/presence.h"
+#include "router/router.h"
+#include "support/mg_wait.h"
+
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+/* ---- a completer thread: runs callbacks at their time ---- */
+
+typedef struct later_cb {
+    struct later_cb *next;
+    int64_t at_ms;
+    mg_deliver_done done;
+    mg_written_fn written;
+    void *arg;
+    mg_deliver_outcome out;
+    uint32_t n;
+} later_cb;
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    later_cb *head;
+    bool stop;
+    int pending, max_pending;
+    pthread_t thread;
+} cq = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+
+static void *completer(void *arg)
+{
+    pthread_mutex_lock(&cq.mu);
+    while (!cq.stop || cq.head) {
+        int64_t now = mg_mono_ms();
+        later_cb **pp = &cq.head, *due = NULL;
+        while (*pp) {
+            if ((*pp)->at_ms <= now) {
+                later_cb *c = *pp;
+                *pp = c->next;
+                c->next = due;
+                due = c;
+            } else {
+                pp = &(*pp)->next;
+            }
+        }
+        if (due) {
+            pthread_mutex_unlock(&cq.mu);
+            while (due) {
+                later_cb *n = due->next;
+                if (due->done)
+                    due->done(due->arg, &due->out);
+                else
+                    due->written(due->arg, due->n);
+                free(due);
+                pthread_mutex_lock(&cq.mu);
+                cq.pending--;
+                pthread_mutex_unlock(&cq.mu);
+                due = n;
+            }
+            pthread_mutex_lock(&cq.mu);
+            continue;
+        }
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 2 * 1000000;
+        if (ts.tv_nsec >= 1000000000)
+            ts.tv_sec++, ts.tv_nsec -= 1000000000;
+        pthread_cond_timedwait(&cq.cv, &cq.mu, &ts);
+    }
+    pthread_mutex_unlock(&cq.mu);
+    return NULL;
+}
+
+static void schedule(later_cb *c, int delay_ms)
+{
+    c->at_ms = mg_mono_ms() + delay_ms;
+    pthread_mutex_lock(&cq.mu);
+    c->next = cq.head;
+    cq.head = c;
+    if (++cq.pending > cq.max_pending)
+        cq.max_pending = cq.pending;
+    pthread_cond_signal(&cq.cv);
+    pthread_mutex_unlock(&cq.mu);
+}
+
+/* ---- a local sink whose writes are reported later ---- */
+
+static atomic_int local_writes;
+
+static int sink_deliver(void *arg, const mg_msg *msg, const char *conn_id, bool from_inbox,
+                        mg_written_fn written, void *written_arg)
+{
+    if (strncmp(msg->to, "local-", 6) != 0)
+        return 0;
+    atomic_fetch_add(&local_writes, 1);
+    if (written) {
+        later_cb *c = mg_new(later_cb);
+        c->written = written;
+        c->arg = written_arg;
+        c->n = 1;
+        schedule(c, 1);
+    }
+    return 1;
+}
+
+static int sink_disconnect(void *arg, const char *user, const char *conn_id, int code,
+                           const char *reason)
+{
+    return 0;
+}
+
+/* ---- presence by name: local-* here, peer-* on gw-b (same region), far-*
+ * on gw-c (region us), stale-* claimed by gw-b but not there, else offline ---- */
+
+static int tp_lookup(mg_presence *p, const char *user, mg_presence_list *out)
+{
+    if (!strncmp(user, "local-", 6))
+        mg_presence_list_add(out, "gw-a-1", "gw-a", "eu", 1);
+    else if (!strncmp(user, "peer-", 5) || !strncmp(user, "stale-", 6))
+        mg_presence_list_add(out, "gw-b-1", "gw-b", "eu", 1);
+    else if (!strncmp(user, "far-", 4))
+        mg_presence_list_add(out, "gw-c-1", "gw-c", "us", 1);
+    return 0;
+}
+
+static int tp_batch(mg_presence *p, const char *const *users, size_t n, mg_presence_list *outs)
+{
+    for (size_t i = 0; i < n; i++)
+        tp_lookup(p, users[i], &outs[i]);
+    return 0;
+}
+
+static int tp_conn(mg_presence *p, const char *u, const char *c, int64_t now)
+{
+    return 0;
+}
+static int tp_disc(mg_presence *p, const char *u, const char *c)
+{
+    return 0;
+}
+static int tp_noop(mg_presence *p)
+{
+    return 0;
+}
+static void tp_free(mg_presence *p)
+{
+    free(p);
+}
+
+static const struct mg_presence_ops tp_ops = {"table", tp_conn, tp_disc, tp_lookup, tp_batch,
+                                              tp_noop, tp_noop, tp_free, true};
+
+/* ---- scripted transports that answer later ---- */
+
+typedef struct script {
+    mg_transport base;
+    atomic_int calls;
+    mg_status answer;
+    int delay_ms;
+} script;
+
+static int sc_deliver(mg_transport *t, const mg_route_target *target, const mg_msg *msg,
+                      int64_t deadline, mg_deliver_done done, void *arg)
+{
+    script *s = (script *)t;
+    atomic_fetch_add(&s->calls, 1);
+    later_cb *c = mg_new(later_cb);
+    c->done = done;
+    c->arg = arg;
+    c->out.status = s->answer;
+    c->out.connections = s->answer == MG_STATUS_DELIVERED;
+    /* a peer that does not have the user answers NOT_CONNECTED */
+    c->out.not_connected = !strncmp(msg->to, "stale-", 6);
+    if (c->out.not_connected)
+        c->out.status = MG_STATUS_FAILED;
+    else if (s->answer == MG_STATUS_FAILED)
+        snprintf(c->out.reason, sizeof(c->out.reason), "peer gw-b: UNAVAILABLE");
+    schedule(c, s->delay_ms);
+    return 0;
+}
+
+static bool sc_available(mg_transport *t, const mg_route_target *target)
+{
+    return true;
+}
+
+static void sc_free(mg_transport *t) {}
+
+static const struct mg_transport_ops grpc_ops = {"grpc-script", MG_PATH_GRPC, sc_available,
+                                                 sc_deliver,    NULL,         sc_free};
+static const struct mg_transport_ops kafka_ops = {"kafka-script", MG_PATH_KAFKA, sc_available,
+                                                  sc_deliver,     NULL,          sc_free};
+
+static script grpc_t, kafka_t;
+static mg_router *router;
+
+static mg_router *make_router(size_t max_inflight)
+{
+    mg_presence *p = mg_xcalloc(1, sizeof(mg_presence));
+    p->ops = &tp_ops;
+    mg_router_config cfg = {.gateway_id = "gw-a",
+                            .region = "eu",
+                            .hot_window_seconds = 10,
+                            .hot_threshold = 1000,
+                            .hot_capacity = 64,
+                            .dedupe_window = 100000,
+                            .max_inflight = max_inflight};
+    mg_local_sink sink = {sink_deliver, sink_disconnect, NULL};
+    mg_router *r = mg_router_create(&cfg, p, mg_inbox_memory_create(100, 3600), &sink, NULL);
+    mg_router_set_transport(r, MG_PATH_GRPC, &grpc_t.base);
+    mg_router_set_transport(r, MG_PATH_KAFKA, &kafka_t.base);
+    return r;
+}
+
+static void setup(void)
+{
+    atomic_store(&local_writes, 0);
+    grpc_t = (script){.base = {&grpc_ops}, .answer = MG_STATUS_DELIVERED, .delay_ms = 5};
+    kafka_t = (script){.base = {&kafka_ops}, .answer = MG_STATUS_QUEUED, .delay_ms = 5};
+    cq.stop = false;
+    cq.pending = cq.max_pending = 0;
+    pthread_create(&cq.thread, NULL, completer, NULL);
+    router = make_router(0);
+}
+
+static void teardown(void)
+{
+    cr_assert_eq(mg_router_drain(router, 5000), 0, "every operation answered");
+    mg_router_free(router);
+    pthread_mutex_lock(&cq.mu);
+    cq.stop = true;
+    pthread_cond_signal(&cq.cv);
+    pthread_mutex_unlock(&cq.mu);
+    pthread_join(cq.thread, NULL);
+    mg_metrics_shutdown();
+}
+
+TestSuite(route_op, .init = setup, .fini = teardown, .timeout = 60);
+
+static mg_msg *msg(const char *id, const char *to)
+{
+    return mg_msg_new(id, "alice", to, (const uint8_t *)"hi", 2, "", mg_now_ms(), MG_PRIO_HIGH);
+}
+
+static int64_t later(void)
+{
+    return mg_mono_ms() + 5000;
+}
+
+Test(route_op, each_path_answers_from_its_completion)
+{
+    mg_send_result res;
+    mg_msg *m = msg("l1", "local-bob");
+    cr_assert_eq(mg_wait_send(router, m, later(), &res), 0);
+    cr_assert_eq(res.status, MG_STATUS_DELIVERED);
+    cr_assert_eq(res.path, MG_PATH_LOCAL);
+    cr_assert_eq(res.connections, 1);
+    mg_msg_free(m);
+
+    m = msg("p1", "peer-bob");
+    cr_assert_eq(mg_wait_send(router, m, later(), &res), 0);
+    cr_assert_eq(res.status, MG_STATUS_DELIVERED);
+    cr_assert_eq(res.path, MG_PATH_GRPC);
+    mg_msg_free(m);
+
+    m = msg("f1", "far-bob"); /* cold pair in another region */
+    cr_assert_eq(mg_wait_send(router, m, later(), &res), 0);
+    cr_assert_eq(res.status, MG_STATUS_QUEUED);
+    cr_assert_eq(res.path, MG_PATH_KAFKA);
+    mg_msg_free(m);
+
+    m = msg("o1", "off-bob");
+    cr_assert_eq(mg_wait_send(router, m, later(), &res), 0);
+    cr_assert_eq(res.status, MG_STATUS_STORED);
+    cr_assert_eq(res.path, MG_PATH_INBOX);
+    mg_msg_free(m);
+}
+
+Test(route_op, failed_peer_falls_back_to_kafka_from_the_completion)
+{
+    grpc_t.answer = MG_STATUS_FAILED;
+    mg_send_result res;
+    mg_msg *m = msg("fb1", "peer-bob");
+    cr_assert_eq(mg_wait_send(router, m, later(), &res), 0);
+    cr_assert_eq(res.status, MG_STATUS_QUEUED);
+    cr_assert_eq(res.path, MG_PATH_KAFKA);
+    cr_assert(res.paths & (1u << MG_PATH_GRPC), "the gRPC attempt is recorded");
+    cr_assert_eq(atomic_load(&grpc_t.calls), 1);
+    cr_assert_eq(atomic_load(&kafka_t.calls), 1);
+    mg_msg_free(m);
+}
+
+Test(route_op, not_connected_resolves_again_then_stores)
+{
+    mg_send_result res;
+    mg_msg *m = msg("s1", "stale-bob");
+    cr_assert_eq(mg_wait_send(router, m, later(), &res), 0);
+    cr_assert_eq(res.status, MG_STATUS_STORED, "the second look still names gw-b: inbox");
+    cr_assert_eq(atomic_load(&grpc_t.calls), 2, "one attempt per resolution");
+    cr_assert_eq(atomic_load(&kafka_t.calls), 0, "NOT_CONNECTED is not a failure to fall back on");
+    mg_msg_free(m);
+}
+
+Test(route_op, a_duplicate_is_answered_but_not_written_twice)
+{
+    mg_send_result res;
+    mg_msg *m = msg("d1", "local-bob");
+    cr_assert_eq(mg_wait_send(router, m, later(), &res), 0);
+    cr_assert_eq(mg_wait_send(router, m, later(), &res), 0);
+    cr_assert_eq(res.status, MG_STATUS_DELIVERED);
+    cr_assert_eq(atomic_load(&local_writes), 1);
+    mg_msg_free(m);
+}
+
+#define NSLOW 2000
+
+static atomic_int answered;
+
+static void count_answer(void *arg, const mg_send_result *res)
+{
+    if (res->status == MG_STATUS_DELIVERED)
+        atomic_fetch_add(&answered, 1);
+}
+
+/* No thread cap: every send is in flight at the peer at once. */
+Test(route_op, thousands_in_flight_at_once_without_threads)
+{
+    grpc_t.delay_ms = 300; /* the peer answers only after 300 ms */
+    atomic_store(&answered, 0);
+    int64_t start = mg_mono_ms();
+    for (int i = 0; i < NSLOW; i++) {
+        char id[32];
+        snprintf(id, sizeof(id), "slow-%d", i);
+        mg_msg *m = msg(id, "peer-bob");
+        cr_assert_eq(mg_router_send(router, m, later(), count_answer, NULL), 0);
+        mg_msg_free(m);
+    }
+    for (int i = 0; i < 1000 && atomic_load(&answered) < NSLOW; i++)
+        usleep(10000);
+    cr_assert_eq(atomic_load(&answered), NSLOW);
+    cr_assert_geq(cq.max_pending, NSLOW, "all %d calls were at the peer at once (max %d)", NSLOW,
+                  cq.max_pending);
+    cr_assert_lt(mg_mono_ms() - start, 5000, "about one peer delay, not %d of them", NSLOW);
+}
+
+static void batch_answer(void *arg, const mg_send_result *res, size_t n)
+{
+    size_t *counts = arg;
+    for (size_t i = 0; i < n; i++)
+        counts[res[i].status]++;
+    counts[0] = n; /* status NONE never occurs: slot 0 carries n */
+}
+
+Test(route_op, batch_answers_once_with_every_recipient)
+{
+    size_t n = 10000;
+    char **to = mg_xcalloc(n, sizeof(char *));
+    for (size_t i = 0; i < n; i++)
+        to[i] = mg_xasprintf("%s-%zu",
+                             i % 4 == 0   ? "local"
+                             : i % 4 == 1 ? "peer"
+                             : i % 4 == 2 ? "far"
+                                          : "off",
+                             i);
+    mg_msg *m = msg("b1", "");
+    mg_send_result *res = mg_xcalloc(n, sizeof(*res));
+    cr_assert_eq(mg_wait_send_batch(router, m, (const char *const *)to, n, later(), res), 0);
+    size_t st[MG_STATUS_ACCEPTED + 1] = {0};
+    for (size_t i = 0; i < n; i++)
+        st[res[i].status]++;
+    cr_assert_eq(st[MG_STATUS_DELIVERED], n / 2, "local and peer recipients");
+    cr_assert_eq(st[MG_STATUS_QUEUED], n / 4);
+    cr_assert_eq(st[MG_STATUS_STORED], n / 4);
+    cr_assert_eq(res[0].path, MG_PATH_LOCAL);
+    cr_assert_eq(res[1].path, MG_PATH_GRPC);
+    for (size_t i = 0; i < n; i++)
+        free(to[i]);
+    free(to);
+    free(res);
+    mg_msg_free(m);
+}
+
+Test(route_op, refused_beyond_the_bound_and_free_again_after)
+{
+    mg_router_free(router);
+    router = make_router(3);
+    grpc_t.delay_ms = 200;
+    atomic_store(&answered, 0);
+    mg_msg *m = msg("bound", "peer-bob");
+    for (int i = 0; i < 3; i++)
+        cr_assert_eq(mg_router_send(router, m, later(), count_answer, NULL), 0);
+    cr_assert_eq(mg_router_send(router, m, later(), count_answer, NULL), -EAGAIN);
+    const char *to[] = {"peer-x", "peer-y"};
+    cr_assert_eq(mg_router_send_batch(router, m, to, 2, later(), batch_answer, NULL), -EAGAIN,
+                 "a batch counts each recipient");
+    cr_assert_eq(mg_router_drain(router, 5000), 0);
+    cr_assert_eq(atomic_load(&answered), 3);
+    mg_send_result res;
+    cr_assert_eq(mg_wait_send(router, m, later(), &res), 0, "room again");
+    mg_msg_free(m);
+}
