@@ -55,7 +55,11 @@ typedef struct mg_ws_limits {
 
 /* Parses one text frame. Returns 0 with *out filled, or -EINVAL with *code
  * set to one of the MG_WS_ERR_* strings (static) and a human reason in
- * reason (reasonlen bytes); *out is then empty. out->priority defaults to HIGH. */
+ * reason (reasonlen bytes); *out is then empty. out->priority defaults to HIGH.
+ * A frame must be one JSON object without duplicate keys and with nothing but
+ * whitespace after it, its strings valid UTF-8 without \u0000 (else bad_json);
+ * a null field counts as absent; fields other than the six above are ignored,
+ * whatever their value. data need not be NUL-terminated and is not kept. */
 int mg_ws_proto_parse(const char *data, size_t len, const mg_ws_limits *lim, mg_ws_in *out,
                       const char **code, char *reason, size_t reasonlen);
 void mg_ws_in_clear(mg_ws_in *in);
@@ -66,10 +70,27 @@ bool mg_ws_proto_valid_user(const char *user, size_t max);
 bool mg_utf8_valid(const unsigned char *s, size_t len);
 
 /* Encoders: return a malloc'd NUL-terminated JSON text; *len (may be NULL)
- * receives its length. */
+ * receives its length. Compact JSON, fields in the order shown at the top,
+ * optional ones left out when NULL or ""; strings escape only '"', '\\' and
+ * control characters (\b \f \n \r \t, else \u00XX), everything else is
+ * UTF-8 as is. A string argument that is not valid UTF-8 is sent as "?" (the
+ * message content goes as content_b64 instead). */
 char *mg_ws_proto_encode_ack(const char *id, mg_status status, mg_path path, const char *reason,
                              size_t *len);
 char *mg_ws_proto_encode_message(const mg_msg *m, bool from_inbox, size_t *len);
 char *mg_ws_proto_encode_error(const char *code, const char *reason, const char *id, size_t *len);
+
+/* The message frame written into the caller's buffer, e.g. after LWS_PRE
+ * bytes of headroom, to save a copy:
+ *     size_t n = mg_ws_proto_message_len(m, from_inbox);
+ *     char *buf = mg_xmalloc(LWS_PRE + n);
+ *     mg_ws_proto_render_message(buf + LWS_PRE, m, from_inbox);
+ * mg_ws_proto_message_len is the exact length of the text, the same as
+ * mg_ws_proto_encode_message's *len. mg_ws_proto_render_message writes that
+ * text (no NUL after it) to dst, which must have room for
+ * mg_ws_proto_message_len bytes of the same unchanged m, and returns its
+ * length. Neither keeps a pointer to m or dst. */
+size_t mg_ws_proto_message_len(const mg_msg *m, bool from_inbox);
+size_t mg_ws_proto_render_message(char *dst, const mg_msg *m, bool from_inbox);
 
 #endif
