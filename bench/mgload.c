@@ -194,7 +194,7 @@ static double load1(void)
 
 static struct {
     const char *mode, *host, *prefix, *label, *json, *grpc, *scenario, *path;
-    int port, send_port, nsrc, parallel;
+    int port, send_port, port2, nsrc, parallel;
     long conns, pairs, count, rounds;
     double rate, seconds, warmup, hold, settle, connect_timeout, drain, timeout;
     int window, size, low;
@@ -596,6 +596,8 @@ static void on_writable(conn *c)
 static int conn_start(conn *c, long i)
 {
     int port = (c->sender && opt.send_port) ? opt.send_port : opt.port;
+    if (opt.port2 && (i & 1)) /* fanout over two gateways: odd users on the second */
+        port = opt.port2;
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) {
         st.connect_fail++;
@@ -1060,7 +1062,8 @@ static void usage(FILE *o)
             "          --count N (1000000) --seconds S (10) --warmup S (1) --size B (64) --drain S "
             "(5)\n"
             "          --low (priority low: the gateway acks without waiting for delivery)\n"
-            "  fanout: --conns N --grpc HOST:PORT --rounds R (5) --timeout S (30)\n");
+            "  fanout: --conns N --grpc HOST:PORT --rounds R (5) --timeout S (30)\n"
+            "          [--port2 P: every second user connects to a second gateway on P]\n");
 }
 
 int main(int argc, char **argv)
@@ -1108,6 +1111,7 @@ int main(int argc, char **argv)
         S("--gw-pid", pids)
         L("--port", opt.port)
         L("--send-port", opt.send_port)
+        L("--port2", opt.port2)
         L("--src", opt.nsrc)
         L("--parallel", opt.parallel)
         L("--conns", opt.conns)

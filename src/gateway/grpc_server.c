@@ -66,6 +66,7 @@ enum method {
     M_DISCONNECT,
     M_DELIVER_MESSAGE,
     M_DISCONNECT_LOCAL,
+    M_DELIVER_BATCH,
     M_HEALTH_CHECK,
     M_HEALTH_WATCH,
     M_UNKNOWN,
@@ -82,6 +83,7 @@ static const struct {
     [M_DISCONNECT] = {"/meshgate.v1.Messaging/Disconnect", "Disconnect"},
     [M_DELIVER_MESSAGE] = {"/meshgate.v1.GatewayPeer/DeliverMessage", "DeliverMessage"},
     [M_DISCONNECT_LOCAL] = {"/meshgate.v1.GatewayPeer/DisconnectLocal", "DisconnectLocal"},
+    [M_DELIVER_BATCH] = {"/meshgate.v1.GatewayPeer/DeliverBatch", "DeliverBatch"},
     [M_HEALTH_CHECK] = {"/grpc.health.v1.Health/Check", "HealthCheck"},
     [M_HEALTH_WATCH] = {"/grpc.health.v1.Health/Watch", "HealthWatch"},
     [M_UNKNOWN] = {NULL, "unknown"},
@@ -718,6 +720,97 @@ out:
     return code;
 }
 
+/* A DeliverBatch: one local delivery per recipient, answered when the last
+ * one's frames were written (or dropped). */
+struct dbatch {
+    struct rpc *c;
+    atomic_size_t left;
+    size_t n;
+    Meshgate__V1__DeliverMessageResponse *res;
+    struct dbatch_slot {
+        struct dbatch *b;
+        size_t i;
+    } slots[];
+};
+
+static void dbatch_settle(struct dbatch *b)
+{
+    if (atomic_fetch_sub(&b->left, 1) != 1)
+        return;
+    Meshgate__V1__DeliverMessageResponse **rp = mg_xcalloc(b->n, sizeof(*rp));
+    for (size_t i = 0; i < b->n; i++)
+        rp[i] = &b->res[i];
+    Meshgate__V1__DeliverBatchResponse out = MESHGATE__V1__DELIVER_BATCH_RESPONSE__INIT;
+    out.n_results = b->n;
+    out.results = rp;
+    b->c->resp = mg_grpc_pack(&out.base);
+    answer(b->c, GRPC_STATUS_OK, NULL);
+    free(rp);
+    free(b->res);
+    free(b);
+}
+
+static void dbatch_done(void *arg, const mg_deliver_outcome *o)
+{
+    struct dbatch_slot *sl = arg;
+    Meshgate__V1__DeliverMessageResponse *r = &sl->b->res[sl->i];
+    r->status = o->status == MG_STATUS_DELIVERED
+                    ? MESHGATE__V1__DELIVER_STATUS__DELIVER_STATUS_DELIVERED
+                    : MESHGATE__V1__DELIVER_STATUS__DELIVER_STATUS_NOT_CONNECTED;
+    r->connections = o->connections;
+    r->duplicate = o->duplicate;
+    dbatch_settle(sl->b);
+}
+
+static grpc_status_code h_deliver_batch(mg_grpc_server *s, struct rpc *c, const uint8_t *req,
+                                        size_t len, char *err, size_t errlen)
+{
+    UNPACK(Meshgate__V1__DeliverBatchRequest, rq, meshgate__v1__deliver_batch_request__descriptor);
+    grpc_status_code code = MG_GRPC_PENDING;
+    mg_msg *msg = NULL;
+    if (rq->n_to == 0 || rq->n_to > s->lim.max_batch) {
+        snprintf(err, errlen, "to: %zu recipients, want 1..%zu", rq->n_to, s->lim.max_batch);
+        code = GRPC_STATUS_INVALID_ARGUMENT;
+        goto out;
+    }
+    if (!rq->message || !rq->message->id || !*rq->message->id) {
+        snprintf(err, errlen, "message.id is required on the peer path");
+        code = GRPC_STATUS_INVALID_ARGUMENT;
+        goto out;
+    }
+    for (size_t i = 0; i < rq->n_to; i++)
+        if (!valid_user(&s->lim, rq->to[i], "to[]", err, errlen)) {
+            code = GRPC_STATUS_INVALID_ARGUMENT;
+            goto out;
+        }
+    msg = msg_from_pb(&s->lim, rq->message, false, err, errlen);
+    if (!msg) {
+        code = GRPC_STATUS_INVALID_ARGUMENT;
+        goto out;
+    }
+    struct dbatch *b = mg_xcalloc(1, sizeof(*b) + rq->n_to * sizeof(b->slots[0]));
+    b->c = c;
+    b->n = rq->n_to;
+    b->res = mg_xcalloc(b->n, sizeof(*b->res));
+    atomic_init(&b->left, b->n + 1); /* + this handler's guard */
+    char *to0 = msg->to;
+    for (size_t i = 0; i < b->n; i++) {
+        meshgate__v1__deliver_message_response__init(&b->res[i]);
+        b->slots[i] = (struct dbatch_slot){b, i};
+        msg->to = rq->to[i];
+        if (mg_router_deliver_local(s->router, msg, dbatch_done, &b->slots[i]) != 0) {
+            b->res[i].status = MESHGATE__V1__DELIVER_STATUS__DELIVER_STATUS_NOT_CONNECTED;
+            dbatch_settle(b);
+        }
+    }
+    msg->to = to0;
+    dbatch_settle(b);
+out:
+    mg_msg_free(msg);
+    protobuf_c_message_free_unpacked(&rq->base, NULL);
+    return code;
+}
+
 static bool known_service(const char *name)
 {
     return !name || !*name || strcmp(name, "meshgate.v1.Messaging") == 0 ||
@@ -749,6 +842,7 @@ static const handler_fn handlers[M_COUNT] = {
     [M_SEND_MESSAGE] = h_send_message,       [M_SEND_BATCH] = h_send_batch,
     [M_GET_PRESENCE] = h_get_presence,       [M_DISCONNECT] = h_disconnect,
     [M_DELIVER_MESSAGE] = h_deliver_message, [M_DISCONNECT_LOCAL] = h_disconnect_local,
+    [M_DELIVER_BATCH] = h_deliver_batch,
     [M_HEALTH_CHECK] = h_health_check,
 };
 

@@ -367,6 +367,100 @@ static void attempt_end(attempt *a)
 }
 
 static void attempt_done(void *arg, const mg_deliver_outcome *out);
+static void attempt_next(attempt *a);
+
+/* ---- a batch's peer attempts, one call per peer ------------------------------- */
+
+#define PEER_BATCH_MAX 1000 /* recipients per DeliverBatch call */
+
+/* While a batch is being routed on this thread, first attempts on a
+ * transport that can carry many recipients are collected per target
+ * gateway instead of started one by one; batch_flush starts one call per
+ * gateway (per PEER_BATCH_MAX recipients). */
+typedef struct peer_group {
+    mg_transport *t;
+    const char *gateway_id, *region;
+    attempt **a;
+    size_t n, cap;
+} peer_group;
+
+typedef struct collector {
+    peer_group *g;
+    size_t n, cap;
+} collector;
+
+static __thread collector *collecting;
+
+static bool collect(attempt *a, mg_transport *t)
+{
+    collector *c = collecting;
+    if (!c || !t->ops->deliver_batch || a->step != 0)
+        return false;
+    peer_group *g = NULL;
+    for (size_t i = 0; i < c->n && !g; i++)
+        if (c->g[i].t == t && !strcmp(c->g[i].gateway_id, a->target.gateway_id))
+            g = &c->g[i];
+    if (!g) {
+        if (c->n == c->cap) {
+            c->cap = c->cap ? c->cap * 2 : 4;
+            c->g = mg_xrealloc(c->g, c->cap * sizeof(*c->g));
+        }
+        g = &c->g[c->n++];
+        *g = (peer_group){t, a->target.gateway_id, a->target.region, NULL, 0, 0};
+    }
+    if (g->n == g->cap) {
+        g->cap = g->cap ? g->cap * 2 : 64;
+        g->a = mg_xrealloc(g->a, g->cap * sizeof(*g->a));
+    }
+    g->a[g->n++] = a;
+    return true;
+}
+
+typedef struct group_call {
+    attempt **a;
+    size_t n;
+} group_call;
+
+static void group_done(void *arg, const mg_deliver_outcome *out, size_t n)
+{
+    group_call *gc = arg;
+    for (size_t i = 0; i < n && i < gc->n; i++)
+        attempt_done(gc->a[i], &out[i]);
+    free(gc->a);
+    free(gc);
+}
+
+static void batch_flush(collector *c)
+{
+    for (size_t gi = 0; gi < c->n; gi++) {
+        peer_group *g = &c->g[gi];
+        for (size_t off = 0; off < g->n; off += PEER_BATCH_MAX) {
+            size_t n = g->n - off < PEER_BATCH_MAX ? g->n - off : PEER_BATCH_MAX;
+            group_call *gc = mg_new(group_call);
+            gc->a = mg_xmemdup(g->a + off, n * sizeof(*gc->a));
+            gc->n = n;
+            const char **to = mg_xcalloc(n, sizeof(*to));
+            for (size_t i = 0; i < n; i++)
+                to[i] = gc->a[i]->op->msg->to;
+            route_op *op0 = gc->a[0]->op;
+            mg_route_target target = {g->gateway_id, g->region};
+            int rc = g->t->ops->deliver_batch(g->t, &target, op0->msg, to, n, op0->deadline,
+                                              group_done, gc);
+            free(to);
+            if (rc != 0) { /* could not even try: each attempt moves on */
+                attempt **as = gc->a;
+                free(gc);
+                for (size_t i = 0; i < n; i++) {
+                    as[i]->step++;
+                    attempt_next(as[i]);
+                }
+                free(as);
+            }
+        }
+        free(g->a);
+    }
+    free(c->g);
+}
 
 /* Starts the plan's current step, moving on past transports that cannot
  * even try. Must not touch a after a deliver returned 0 (it may be gone). */
@@ -378,6 +472,8 @@ static void attempt_next(attempt *a)
     while (a->step < a->nplan) {
         mg_path p = a->plan[a->step];
         mg_transport *t = r->transports[p];
+        if (t && collect(a, t))
+            return; /* batch_flush starts it */
         int rc =
             t ? t->ops->deliver(t, &a->target, op->msg, op->deadline, attempt_done, a) : -ENOSYS;
         if (rc == 0)
@@ -569,11 +665,15 @@ static void batch_lookup_run(batch *b)
     size_t nops = b->nops;
     route_op **ops = b->ops;
     b->ops = NULL; /* the batch may be gone once its last op completes */
+    collector c = {0};
+    collecting = &c;
     for (size_t i = 0; i < nops; i++) {
         ops[i]->presence_rc = rc;
         ops[i]->conns = lists[i];
         op_route(ops[i]);
     }
+    collecting = NULL;
+    batch_flush(&c);
     free(ops);
     free(lists);
     free(users);

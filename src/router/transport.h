@@ -59,6 +59,15 @@ struct mg_transport_ops {
     int (*disconnect)(mg_transport *t, const mg_route_target *target, const char *user,
                       const char *conn_id, int code, const char *reason, int64_t deadline_ms);
     void (*free)(mg_transport *t);
+    /* One message to n recipients on the same target gateway (a batch's
+     * share): out[i] answers to[i] as deliver would. done(arg, out, n) runs
+     * exactly once, as deliver's done; same returns. to[] and msg are
+     * copied as needed (msg->to is ignored). May be NULL: the router then
+     * calls deliver per recipient. */
+    int (*deliver_batch)(mg_transport *t, const mg_route_target *target, const mg_msg *msg,
+                         const char *const *to, size_t n, int64_t deadline_ms,
+                         void (*done)(void *arg, const mg_deliver_outcome *out, size_t n),
+                         void *arg);
 };
 
 struct mg_transport {

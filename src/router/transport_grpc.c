@@ -84,9 +84,12 @@ typedef struct mg_transport_grpc {
     bool closing;
 } mg_transport_grpc;
 
-/* One DeliverMessage in flight (see DESIGN). */
+/* One DeliverMessage or DeliverBatch in flight (see DESIGN). */
 struct pcall {
     mg_grpc_unary u;
+    const char *method;
+    size_t n; /* recipients: 1 for DeliverMessage */
+    void (*batch_done)(void *arg, const mg_deliver_outcome *out, size_t n); /* DeliverBatch */
     mg_transport_grpc *t;
     struct peer_state *st;
     mg_peer_set *set; /* holds the peer's channel */
@@ -289,36 +292,71 @@ static int64_t budget_ms(mg_transport_grpc *t, int64_t deadline_ms)
     return until - now;
 }
 
-static void fail_now(mg_deliver_done done, void *arg, const char *fmt, const char *id)
-{
-    mg_deliver_outcome out;
-    memset(&out, 0, sizeof(out));
-    out.status = MG_STATUS_FAILED;
-    snprintf(out.reason, sizeof(out.reason), fmt, id);
-    done(arg, &out);
-}
-
 static int call_start(struct pcall *pc)
 {
     int64_t left = budget_ms(pc->t, pc->deadline_ms);
     if (left <= 0)
         return -ETIMEDOUT;
     pc->start_us = mg_mono_us();
-    return mg_grpc_unary_start(&pc->u, pc->peer->channel, pc->t->cq, MG_PEER_RPC_DELIVER, pc->req,
+    return mg_grpc_unary_start(&pc->u, pc->peer->channel, pc->t->cq, pc->method, pc->req,
                                &pc->t->auth, pc->t->nauth, left, pc);
 }
 
+/* out holds pc->n outcomes. */
 static void call_end(struct pcall *pc, const mg_deliver_outcome *out)
 {
     mg_transport_grpc *t = pc->t;
     grpc_byte_buffer_destroy(pc->req);
     mg_peer_set_release(pc->set);
-    mg_deliver_done done = pc->done;
-    void *arg = pc->arg;
     struct peer_state *st = pc->st;
+    if (pc->batch_done)
+        pc->batch_done(pc->arg, out, pc->n);
+    else
+        pc->done(pc->arg, out);
     free(pc);
-    done(arg, out);
     slot_release(t, st); /* after the callback: free() waits for it */
+}
+
+/* One DeliverMessageResponse as an outcome; false when it has no status. */
+static bool outcome_of(const Meshgate__V1__DeliverMessageResponse *dr, mg_deliver_outcome *out)
+{
+    memset(out, 0, sizeof(*out));
+    out->status = MG_STATUS_FAILED;
+    if (dr && dr->status == MESHGATE__V1__DELIVER_STATUS__DELIVER_STATUS_DELIVERED) {
+        out->status = MG_STATUS_DELIVERED;
+        out->connections = dr->connections;
+        out->duplicate = dr->duplicate;
+        return true;
+    }
+    if (dr && dr->status == MESHGATE__V1__DELIVER_STATUS__DELIVER_STATUS_NOT_CONNECTED) {
+        out->not_connected = true;
+        return true;
+    }
+    return false;
+}
+
+/* A DeliverBatch answer: fills outs[0..n); returns R_DELIVERED or a gRPC
+ * code for an answer that does not fit the request. */
+static int batch_outcomes(grpc_byte_buffer *resp, mg_deliver_outcome *outs, size_t n,
+                          char *details, size_t dlen)
+{
+    Meshgate__V1__DeliverBatchResponse *br = (Meshgate__V1__DeliverBatchResponse *)mg_grpc_unpack(
+        &meshgate__v1__deliver_batch_response__descriptor, resp);
+    int r = R_DELIVERED;
+    if (!br || br->n_results != n) {
+        snprintf(details, dlen, "%s", br ? "answer does not match the batch" : "response does not decode");
+        r = GRPC_STATUS_INTERNAL;
+    } else {
+        for (size_t i = 0; i < n; i++)
+            if (!outcome_of(br->results[i], &outs[i])) {
+                snprintf(details, dlen, "result without a delivery status");
+                r = GRPC_STATUS_INTERNAL;
+                break;
+            }
+    }
+    if (br)
+        protobuf_c_message_free_unpacked(&br->base, NULL);
+    return r;
 }
 
 /* On a peer-cq thread: the call's batch completed. */
@@ -334,17 +372,17 @@ static void call_complete(struct pcall *pc, bool ok)
     grpc_status_code code = mg_grpc_unary_finish(&pc->u, ok, &resp, details, sizeof(details));
     int64_t took = mg_mono_us() - pc->start_us;
     int r = (int)code;
-    if (code == GRPC_STATUS_OK) {
+    mg_deliver_outcome *outs = pc->n > 1 || pc->batch_done ? mg_xcalloc(pc->n, sizeof(*outs)) : &out;
+    if (code == GRPC_STATUS_OK && pc->batch_done) {
+        r = batch_outcomes(resp, outs, pc->n, details, sizeof(details));
+        if (r != R_DELIVERED)
+            code = (grpc_status_code)r;
+    } else if (code == GRPC_STATUS_OK) {
         Meshgate__V1__DeliverMessageResponse *dr =
             (Meshgate__V1__DeliverMessageResponse *)mg_grpc_unpack(
                 &meshgate__v1__deliver_message_response__descriptor, resp);
-        if (dr && dr->status == MESHGATE__V1__DELIVER_STATUS__DELIVER_STATUS_DELIVERED) {
-            r = R_DELIVERED;
-            out.status = MG_STATUS_DELIVERED;
-            out.connections = dr->connections;
-        } else if (dr && dr->status == MESHGATE__V1__DELIVER_STATUS__DELIVER_STATUS_NOT_CONNECTED) {
-            r = R_NOT_CONNECTED;
-            out.not_connected = true;
+        if (outcome_of(dr, &out)) {
+            r = out.not_connected ? R_NOT_CONNECTED : R_DELIVERED;
         } else {
             code = GRPC_STATUS_INTERNAL;
             r = (int)code;
@@ -365,70 +403,122 @@ static void call_complete(struct pcall *pc, bool ok)
         if (code == GRPC_STATUS_UNAVAILABLE && pc->attempt == 0 && !pc->probe &&
             left >= MIN_RETRY_MS && left >= 2 * took / 1000) {
             pc->attempt++;
-            if (call_start(pc) == 0)
+            if (call_start(pc) == 0) {
+                if (outs != &out)
+                    free(outs);
                 return;
+            }
         }
+        for (size_t i = 0; outs != &out && i < pc->n; i++)
+            outs[i] = out; /* the call failed: every recipient's attempt did */
     }
-    call_end(pc, &out);
+    call_end(pc, outs);
+    if (outs != &out)
+        free(outs);
+}
+
+/* Takes a call slot on the target and starts method with req (taken).
+ * Answers through pc's callbacks, at once when it cannot start. */
+static int call_begin(mg_transport_grpc *t, const mg_route_target *target, struct pcall *pc,
+                      grpc_byte_buffer *req, int64_t deadline_ms)
+{
+    const char *id = target && target->gateway_id ? target->gateway_id : "";
+    mg_deliver_outcome out;
+    memset(&out, 0, sizeof(out));
+    out.status = MG_STATUS_FAILED;
+    pc->t = t;
+    pc->req = req;
+    pc->deadline_ms = deadline_ms;
+    if (budget_ms(t, deadline_ms) <= 0) {
+        snprintf(out.reason, sizeof(out.reason), "peer %s: DEADLINE_EXCEEDED: no time left", id);
+        goto now;
+    }
+    pc->set = mg_peers_acquire(t->peers);
+    pc->peer = mg_peer_set_find(pc->set, id);
+    if (!pc->peer) {
+        snprintf(out.reason, sizeof(out.reason), "peer %s: unknown peer", id);
+        goto now;
+    }
+    pc->st = state_get(t, id);
+    if (!slot_take(t, pc->st, &pc->probe)) {
+        snprintf(out.reason, sizeof(out.reason), "peer %s: busy", id);
+        goto now;
+    }
+    if (call_start(pc) == 0)
+        return 0;
+    snprintf(out.reason, sizeof(out.reason), "peer %s: call could not start", id);
+    record(t, pc->st, GRPC_STATUS_INTERNAL, 0, pc->probe);
+    call_end(pc, &out); /* releases the slot */
+    return 0;
+now:
+    mg_peer_set_release(pc->set);
+    grpc_byte_buffer_destroy(req);
+    if (pc->batch_done) { /* one outcome per recipient */
+        mg_deliver_outcome *outs = mg_xcalloc(pc->n, sizeof(*outs));
+        for (size_t k = 0; k < pc->n; k++)
+            outs[k] = out;
+        pc->batch_done(pc->arg, outs, pc->n);
+        free(outs);
+    } else {
+        pc->done(pc->arg, &out);
+    }
+    free(pc);
+    return 0;
+}
+
+static void message_to_pb(const mg_msg *msg, const char *to, Meshgate__V1__Message *pm)
+{
+    meshgate__v1__message__init(pm);
+    pm->id = msg->id;
+    pm->from = msg->from ? msg->from : "";
+    pm->to = (char *)to;
+    pm->content.data = msg->content;
+    pm->content.len = msg->content_len;
+    pm->content_type = msg->content_type ? msg->content_type : "";
+    pm->sent_at_ms = msg->sent_at_ms;
+    pm->priority = (Meshgate__V1__Priority)msg->priority;
 }
 
 static int tg_deliver(mg_transport *base, const mg_route_target *target, const mg_msg *msg,
                       int64_t deadline_ms, mg_deliver_done done, void *arg)
 {
     mg_transport_grpc *t = (mg_transport_grpc *)base;
-    const char *id = target && target->gateway_id ? target->gateway_id : "";
-    if (budget_ms(t, deadline_ms) <= 0) {
-        fail_now(done, arg, "peer %s: DEADLINE_EXCEEDED: no time left", id);
-        return 0;
-    }
-    mg_peer_set *set = mg_peers_acquire(t->peers);
-    const mg_peer *peer = mg_peer_set_find(set, id);
-    if (!peer) {
-        mg_peer_set_release(set);
-        fail_now(done, arg, "peer %s: unknown peer", id);
-        return 0;
-    }
-    struct peer_state *st = state_get(t, id);
-    bool probe;
-    if (!slot_take(t, st, &probe)) {
-        mg_peer_set_release(set);
-        fail_now(done, arg, "peer %s: busy", id);
-        return 0;
-    }
-
-    Meshgate__V1__Message pm = MESHGATE__V1__MESSAGE__INIT;
-    pm.id = msg->id;
-    pm.from = msg->from ? msg->from : "";
-    pm.to = msg->to;
-    pm.content.data = msg->content;
-    pm.content.len = msg->content_len;
-    pm.content_type = msg->content_type ? msg->content_type : "";
-    pm.sent_at_ms = msg->sent_at_ms;
-    pm.priority = (Meshgate__V1__Priority)msg->priority;
+    Meshgate__V1__Message pm;
+    message_to_pb(msg, msg->to, &pm);
     Meshgate__V1__DeliverMessageRequest rq = MESHGATE__V1__DELIVER_MESSAGE_REQUEST__INIT;
     rq.message = &pm;
     rq.origin_gateway = t->gateway_id;
     rq.origin_region = t->region;
-
     struct pcall *pc = mg_new(struct pcall);
-    pc->t = t;
-    pc->st = st;
-    pc->set = set;
-    pc->peer = peer;
-    pc->req = mg_grpc_pack(&rq.base);
-    pc->deadline_ms = deadline_ms;
-    pc->probe = probe;
+    pc->method = MG_PEER_RPC_DELIVER;
+    pc->n = 1;
     pc->done = done;
     pc->arg = arg;
-    if (call_start(pc) != 0) {
-        mg_deliver_outcome out;
-        memset(&out, 0, sizeof(out));
-        out.status = MG_STATUS_FAILED;
-        snprintf(out.reason, sizeof(out.reason), "peer %s: call could not start", id);
-        record(t, st, GRPC_STATUS_INTERNAL, 0, probe);
-        call_end(pc, &out);
-    }
-    return 0;
+    return call_begin(t, target, pc, mg_grpc_pack(&rq.base), deadline_ms);
+}
+
+static int tg_deliver_batch(mg_transport *base, const mg_route_target *target, const mg_msg *msg,
+                            const char *const *to, size_t n, int64_t deadline_ms,
+                            void (*done)(void *arg, const mg_deliver_outcome *out, size_t n),
+                            void *arg)
+{
+    mg_transport_grpc *t = (mg_transport_grpc *)base;
+    if (n == 0)
+        return -EINVAL;
+    Meshgate__V1__Message pm;
+    message_to_pb(msg, "", &pm);
+    Meshgate__V1__DeliverBatchRequest rq = MESHGATE__V1__DELIVER_BATCH_REQUEST__INIT;
+    rq.message = &pm;
+    rq.n_to = n;
+    rq.to = (char **)to;
+    rq.origin_gateway = t->gateway_id;
+    rq.origin_region = t->region;
+    struct pcall *pc = mg_new(struct pcall);
+    pc->method = MG_PEER_RPC_DELIVER_BATCH;
+    pc->n = n;
+    pc->batch_done = done;
+    pc->arg = arg;
+    return call_begin(t, target, pc, mg_grpc_pack(&rq.base), deadline_ms);
 }
 
 static int tg_disconnect(mg_transport *base, const mg_route_target *target, const char *user,
@@ -531,6 +621,7 @@ static const struct mg_transport_ops grpc_ops = {
     .deliver = tg_deliver,
     .disconnect = tg_disconnect,
     .free = tg_free,
+    .deliver_batch = tg_deliver_batch,
 };
 
 mg_transport *mg_transport_grpc_create(mg_peers *peers, const mg_transport_grpc_config *cfg)

@@ -3,9 +3,10 @@
  *
  * Peers and their channels come from the peer table (discovery/peers.h).
  * Calls are asynchronous on one shared completion queue drained by
- * cq_threads threads named "peer-cq"; the router worker that calls
- * deliver() waits on a per-call condition variable until its completion
- * arrives (no thread per call). Per peer: a bound on calls in flight and a
+ * cq_threads threads named "peer-cq"; deliver() and deliver_batch() start a
+ * call and return, and its completion runs the caller's callback on a
+ * peer-cq thread (no thread per call). deliver_batch() carries a batch's
+ * share for one peer in one DeliverBatch call (per-recipient results). Per peer: a bound on calls in flight and a
  * link-quality circuit breaker (link_quality.h); when either says no,
  * available() is false and the router goes by Kafka.
  *
@@ -24,8 +25,8 @@
  * {peer,result} (result: delivered, not_connected, busy, or the lower-case
  * gRPC code name such as unavailable, deadline_exceeded, internal).
  *
- * Thread-safety: available/deliver/disconnect from any thread but the
- * WebSocket service thread (deliver blocks up to its deadline).
+ * Thread-safety: available/deliver/deliver_batch from any thread (they
+ * never block); disconnect blocks up to its deadline (worker jobs only).
  * Lifetime: peers must outlive the transport; free it (mg_transport_free,
  * normally through mg_router_free) before mg_peers_free, after the callers
  * (router workers) have stopped. free() waits for calls in flight.
@@ -39,6 +40,7 @@
 
 #define MG_PEER_RPC_DELIVER    "/meshgate.v1.GatewayPeer/DeliverMessage"
 #define MG_PEER_RPC_DISCONNECT "/meshgate.v1.GatewayPeer/DisconnectLocal"
+#define MG_PEER_RPC_DELIVER_BATCH "/meshgate.v1.GatewayPeer/DeliverBatch"
 
 typedef struct mg_transport_grpc_config {
     const char *gateway_id; /* this gateway, sent as origin_gateway (copied) */

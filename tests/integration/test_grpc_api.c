@@ -14,7 +14,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
 
 static mg_gw *gw;
 static mg_grpc_client *client;
@@ -214,4 +216,95 @@ Test(grpc_api, port_in_use_fails_clearly)
     cr_assert_neq(gw2->exit_status, 0);
     cr_assert(mg_gw_log_contains(gw2, "Address already in use"), "see %s", gw2->log_path);
     mg_gw_free(gw2);
+}
+
+/* ---- a client that never reads, fed over gRPC ---- */
+
+#define SLOW_SENDS   400
+#define SLOW_THREADS 8
+#define SLOW_BYTES   32768
+
+static mg_grpc_client *slow_cli;
+
+/* A metric's value from /metrics (the unlabelled series), -1 when absent. */
+static long gauge(const mg_gw *g, const char *name)
+{
+    char *body = NULL, *p;
+    long v = -1;
+    if (mg_http_get(g->ws_port, "/metrics", &body) == 200 && body) {
+        size_t nl = strlen(name);
+        for (p = body; (p = strstr(p, name)); p += nl)
+            if ((p == body || p[-1] == '\n') && p[nl] == ' ') {
+                v = strtol(p + nl + 1, NULL, 10);
+                break;
+            }
+    }
+    free(body);
+    return v;
+}
+static char *slow_text;
+
+static void *slow_feed(void *arg)
+{
+    long ok = 0;
+    for (int i = 0; i < SLOW_SENDS / SLOW_THREADS; i++)
+        ok += mg_tc_send(slow_cli, "feeder", "sink", NULL, slow_text, 1, 10000, NULL, NULL) ==
+              GRPC_STATUS_OK;
+    return (void *)ok;
+}
+
+/* The outbound bound holds for gRPC-fed deliveries too, and nobody else
+ * waits meanwhile: no thread is held by the stuck connection's writes. */
+Test(grpc_slow, never_reading_client_is_closed_and_others_are_served, .timeout = 120)
+{
+    mg_gw *g = mg_gw_spawn("grpc-slow", NULL);
+    cr_assert_not_null(g);
+    slow_cli = mg_grpc_client_create(g->grpc_addr, NULL);
+    mg_wsc *sink = mg_wsc_connect_user(g->ws_port, "sink", 5000, NULL);
+    mg_wsc *watch = mg_wsc_connect_user(g->ws_port, "watch", 5000, NULL);
+    cr_assert(sink && watch);
+    int small = 4096;
+    setsockopt(mg_wsc_fd(sink), SOL_SOCKET, SO_RCVBUF, &small, sizeof(small));
+    usleep(200 * 1000);
+    slow_text = malloc(SLOW_BYTES + 1);
+    memset(slow_text, 's', SLOW_BYTES);
+    slow_text[SLOW_BYTES] = 0;
+    pthread_t th[SLOW_THREADS];
+    for (int i = 0; i < SLOW_THREADS; i++)
+        pthread_create(&th[i], NULL, slow_feed, NULL);
+    /* Meanwhile another user is served promptly, call after call. */
+    int served = 0;
+    for (int i = 0; i < 50; i++) {
+        served += mg_tc_send(slow_cli, "feeder", "watch", NULL, "hi", 1, 3000, NULL, NULL) ==
+                  GRPC_STATUS_OK;
+        char *m = mg_wsc_recv_text(watch, 3000);
+        served -= m == NULL;
+        free(m);
+    }
+    long fed = 0;
+    for (int i = 0; i < SLOW_THREADS; i++) {
+        void *rv;
+        pthread_join(th[i], &rv);
+        fed += (long)rv;
+    }
+    cr_assert_eq(served, 50, "every other send answered and received while the sink was stuck");
+    cr_assert_eq(fed, SLOW_SENDS, "every send to the stuck sink was answered too");
+    /* Marked slow at its bound; it reads nothing, so the close frame cannot
+     * reach it: the server hangs up after the close grace. */
+    cr_assert_eq(gauge(g, "meshgate_ws_slow_consumer_closes_total"), 1,
+                 "closed as a slow consumer");
+    long open = -1;
+    for (int i = 0; i < 150 && open != 1; i++) {
+        open = gauge(g, "meshgate_ws_connections");
+        if (open != 1)
+            usleep(100 * 1000);
+    }
+    cr_assert_eq(open, 1, "the stuck connection is gone, the other stays");
+    cr_assert_eq(mg_wsc_close_code(watch), 0);
+    mg_wsc_free(sink);
+    mg_wsc_free(watch);
+    free(slow_text);
+    mg_grpc_client_free(slow_cli);
+    cr_assert_eq(mg_gw_stop(g), 0);
+    mg_gw_free(g);
 }

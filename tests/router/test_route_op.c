@@ -28,6 +28,8 @@ typedef struct later_cb {
     void *arg;
     mg_deliver_outcome out;
     uint32_t n;
+    void (*batch_done)(void *arg, const mg_deliver_outcome *out, size_t n);
+    mg_deliver_outcome *outs;
 } later_cb;
 
 static struct {
@@ -59,10 +61,13 @@ static void *completer(void *arg)
             pthread_mutex_unlock(&cq.mu);
             while (due) {
                 later_cb *n = due->next;
-                if (due->done)
+                if (due->batch_done)
+                    due->batch_done(due->arg, due->outs, due->n);
+                else if (due->done)
                     due->done(due->arg, &due->out);
                 else
                     due->written(due->arg, due->n);
+                free(due->outs);
                 free(due);
                 pthread_mutex_lock(&cq.mu);
                 cq.pending--;
@@ -166,7 +171,7 @@ static const struct mg_presence_ops tp_ops = {"table", tp_conn, tp_disc, tp_look
 
 typedef struct script {
     mg_transport base;
-    atomic_int calls;
+    atomic_int calls, batch_calls;
     mg_status answer;
     int delay_ms;
 } script;
@@ -191,6 +196,28 @@ static int sc_deliver(mg_transport *t, const mg_route_target *target, const mg_m
     return 0;
 }
 
+static int sc_deliver_batch(mg_transport *t, const mg_route_target *target, const mg_msg *msg,
+                            const char *const *to, size_t n, int64_t deadline,
+                            void (*done)(void *arg, const mg_deliver_outcome *out, size_t n),
+                            void *arg)
+{
+    script *s = (script *)t;
+    atomic_fetch_add(&s->batch_calls, 1);
+    later_cb *c = mg_new(later_cb);
+    c->batch_done = done;
+    c->arg = arg;
+    c->n = (uint32_t)n;
+    c->outs = mg_xcalloc(n, sizeof(*c->outs));
+    for (size_t i = 0; i < n; i++) {
+        c->outs[i].status = s->answer;
+        c->outs[i].connections = s->answer == MG_STATUS_DELIVERED;
+        if (s->answer == MG_STATUS_FAILED)
+            snprintf(c->outs[i].reason, sizeof(c->outs[i].reason), "peer gw-b: UNAVAILABLE");
+    }
+    schedule(c, s->delay_ms);
+    return 0;
+}
+
 static bool sc_available(mg_transport *t, const mg_route_target *target)
 {
     return true;
@@ -198,10 +225,10 @@ static bool sc_available(mg_transport *t, const mg_route_target *target)
 
 static void sc_free(mg_transport *t) {}
 
-static const struct mg_transport_ops grpc_ops = {"grpc-script", MG_PATH_GRPC, sc_available,
-                                                 sc_deliver,    NULL,         sc_free};
+static const struct mg_transport_ops grpc_ops = {
+    "grpc-script", MG_PATH_GRPC, sc_available, sc_deliver, NULL, sc_free, sc_deliver_batch};
 static const struct mg_transport_ops kafka_ops = {"kafka-script", MG_PATH_KAFKA, sc_available,
-                                                  sc_deliver,     NULL,          sc_free};
+                                                  sc_deliver,     NULL,          sc_free, NULL};
 
 static script grpc_t, kafka_t;
 static mg_router *router;
@@ -385,10 +412,27 @@ Test(route_op, batch_answers_once_with_every_recipient)
     cr_assert_eq(st[MG_STATUS_STORED], n / 4);
     cr_assert_eq(res[0].path, MG_PATH_LOCAL);
     cr_assert_eq(res[1].path, MG_PATH_GRPC);
+    cr_assert_eq(atomic_load(&grpc_t.batch_calls), 3, "2,500 peer recipients in calls of 1,000");
+    cr_assert_eq(atomic_load(&grpc_t.calls), 0, "none one by one");
     for (size_t i = 0; i < n; i++)
         free(to[i]);
     free(to);
     free(res);
+    mg_msg_free(m);
+}
+
+Test(route_op, a_failed_batch_call_falls_back_per_recipient)
+{
+    grpc_t.answer = MG_STATUS_FAILED;
+    const char *to[] = {"peer-1", "peer-2", "local-3"};
+    mg_msg *m = msg("bf", "");
+    mg_send_result res[3];
+    cr_assert_eq(mg_wait_send_batch(router, m, to, 3, later(), res), 0);
+    cr_assert_eq(res[0].status, MG_STATUS_QUEUED);
+    cr_assert_eq(res[1].status, MG_STATUS_QUEUED);
+    cr_assert_eq(res[2].status, MG_STATUS_DELIVERED);
+    cr_assert_eq(atomic_load(&grpc_t.batch_calls), 1);
+    cr_assert_eq(atomic_load(&kafka_t.calls), 2);
     mg_msg_free(m);
 }
 
