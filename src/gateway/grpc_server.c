@@ -842,8 +842,7 @@ static const handler_fn handlers[M_COUNT] = {
     [M_SEND_MESSAGE] = h_send_message,       [M_SEND_BATCH] = h_send_batch,
     [M_GET_PRESENCE] = h_get_presence,       [M_DISCONNECT] = h_disconnect,
     [M_DELIVER_MESSAGE] = h_deliver_message, [M_DISCONNECT_LOCAL] = h_disconnect_local,
-    [M_DELIVER_BATCH] = h_deliver_batch,
-    [M_HEALTH_CHECK] = h_health_check,
+    [M_DELIVER_BATCH] = h_deliver_batch,     [M_HEALTH_CHECK] = h_health_check,
 };
 
 /* ---- the call state machine ----------------------------------------------------------- */

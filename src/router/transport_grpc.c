@@ -337,14 +337,15 @@ static bool outcome_of(const Meshgate__V1__DeliverMessageResponse *dr, mg_delive
 
 /* A DeliverBatch answer: fills outs[0..n); returns R_DELIVERED or a gRPC
  * code for an answer that does not fit the request. */
-static int batch_outcomes(grpc_byte_buffer *resp, mg_deliver_outcome *outs, size_t n,
-                          char *details, size_t dlen)
+static int batch_outcomes(grpc_byte_buffer *resp, mg_deliver_outcome *outs, size_t n, char *details,
+                          size_t dlen)
 {
     Meshgate__V1__DeliverBatchResponse *br = (Meshgate__V1__DeliverBatchResponse *)mg_grpc_unpack(
         &meshgate__v1__deliver_batch_response__descriptor, resp);
     int r = R_DELIVERED;
     if (!br || br->n_results != n) {
-        snprintf(details, dlen, "%s", br ? "answer does not match the batch" : "response does not decode");
+        snprintf(details, dlen, "%s",
+                 br ? "answer does not match the batch" : "response does not decode");
         r = GRPC_STATUS_INTERNAL;
     } else {
         for (size_t i = 0; i < n; i++)
@@ -372,7 +373,8 @@ static void call_complete(struct pcall *pc, bool ok)
     grpc_status_code code = mg_grpc_unary_finish(&pc->u, ok, &resp, details, sizeof(details));
     int64_t took = mg_mono_us() - pc->start_us;
     int r = (int)code;
-    mg_deliver_outcome *outs = pc->n > 1 || pc->batch_done ? mg_xcalloc(pc->n, sizeof(*outs)) : &out;
+    mg_deliver_outcome *outs =
+        pc->n > 1 || pc->batch_done ? mg_xcalloc(pc->n, sizeof(*outs)) : &out;
     if (code == GRPC_STATUS_OK && pc->batch_done) {
         r = batch_outcomes(resp, outs, pc->n, details, sizeof(details));
         if (r != R_DELIVERED)

@@ -6,9 +6,9 @@
  * cq_threads threads named "peer-cq"; deliver() and deliver_batch() start a
  * call and return, and its completion runs the caller's callback on a
  * peer-cq thread (no thread per call). deliver_batch() carries a batch's
- * share for one peer in one DeliverBatch call (per-recipient results). Per peer: a bound on calls in flight and a
- * link-quality circuit breaker (link_quality.h); when either says no,
- * available() is false and the router goes by Kafka.
+ * share for one peer in one DeliverBatch call (per-recipient results). Per peer: a bound on calls
+ * in flight and a link-quality circuit breaker (link_quality.h); when either says no, available()
+ * is false and the router goes by Kafka.
  *
  * deliver() outcomes:
  *   DELIVERED (connections, a duplicate counts)     -> MG_STATUS_DELIVERED
@@ -38,8 +38,8 @@
 #include "router/link_quality.h"
 #include "router/transport.h"
 
-#define MG_PEER_RPC_DELIVER    "/meshgate.v1.GatewayPeer/DeliverMessage"
-#define MG_PEER_RPC_DISCONNECT "/meshgate.v1.GatewayPeer/DisconnectLocal"
+#define MG_PEER_RPC_DELIVER       "/meshgate.v1.GatewayPeer/DeliverMessage"
+#define MG_PEER_RPC_DISCONNECT    "/meshgate.v1.GatewayPeer/DisconnectLocal"
 #define MG_PEER_RPC_DELIVER_BATCH "/meshgate.v1.GatewayPeer/DeliverBatch"
 
 typedef struct mg_transport_grpc_config {

@@ -227,8 +227,8 @@ static void sc_free(mg_transport *t) {}
 
 static const struct mg_transport_ops grpc_ops = {
     "grpc-script", MG_PATH_GRPC, sc_available, sc_deliver, NULL, sc_free, sc_deliver_batch};
-static const struct mg_transport_ops kafka_ops = {"kafka-script", MG_PATH_KAFKA, sc_available,
-                                                  sc_deliver,     NULL,          sc_free, NULL};
+static const struct mg_transport_ops kafka_ops = {
+    "kafka-script", MG_PATH_KAFKA, sc_available, sc_deliver, NULL, sc_free, NULL};
 
 static script grpc_t, kafka_t;
 static mg_router *router;

@@ -77,10 +77,10 @@ static int sc_deliver(mg_transport *t, const mg_route_target *target, const mg_m
 
 static void sc_free(mg_transport *t) {}
 
-static const struct mg_transport_ops grpc_ops = {"grpc-script", MG_PATH_GRPC, sc_available,
-                                                 sc_deliver,    NULL,         sc_free, NULL};
-static const struct mg_transport_ops kafka_ops = {"kafka-script", MG_PATH_KAFKA, sc_available,
-                                                  sc_deliver,     NULL,          sc_free, NULL};
+static const struct mg_transport_ops grpc_ops = {
+    "grpc-script", MG_PATH_GRPC, sc_available, sc_deliver, NULL, sc_free, NULL};
+static const struct mg_transport_ops kafka_ops = {
+    "kafka-script", MG_PATH_KAFKA, sc_available, sc_deliver, NULL, sc_free, NULL};
 
 static mg_router *router;
 static mg_presence *presence;
