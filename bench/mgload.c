@@ -11,6 +11,9 @@
  *           messages in flight per pair) or at a fixed rate (open loop,
  *           latency stamped with the scheduled time: no coordinated omission)
  *   fanout  N connected users, SendBatch to all of them, time until all got it
+ *   api     N connected users; gRPC SendMessage calls to them from one more
+ *           thread (asynchronous calls on one completion queue: a window in
+ *           flight, or a fixed rate), as a service calling the API would
  * Guarantees: every phase is bounded in count AND time; per connection only a
  * 40-byte struct (read/write buffers exist only while partial data waits);
  * latency is kept in a log-linear (HDR-style) histogram, <0.8% error.
@@ -18,6 +21,9 @@
  */
 #include "common/mg_grpc.h"
 #include "meshgate/v1/messaging.pb-c.h"
+
+#include <grpc/grpc_security.h>
+#include <grpc/support/time.h>
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -802,7 +808,18 @@ static void on_delivered(conn *r, int64_t stamp, int64_t now)
         }
         return;
     }
-    /* fanout: stamp identifies the round (its send time) */
+    if (strcmp(opt.mode, "api") == 0) { /* as pairs: latency of every message sent in the
+                                           window, rate from receipts inside it */
+        if (stamp >= measure_start && stamp <= send_end_ns) {
+            h_add(&H, now - stamp);
+            if (now <= send_end_ns)
+                st.recv_measured++;
+        } else {
+            st.stale++;
+        }
+        return;
+    }
+    /* fanout: the stamp identifies the round (its send time) */
     if (stamp >= measure_start) {
         h_add(&H, now - stamp);
         st.recv_measured++;
@@ -1046,10 +1063,192 @@ static int mode_fanout(void)
 
 /* ---- main ------------------------------------------------------------------------- */
 
+/* ---- api: SendMessage from a service -------------------------------------- */
+
+typedef struct api_call {
+    mg_grpc_unary u;
+    grpc_byte_buffer *req;
+} api_call;
+
+static struct {
+    atomic_long sent, ok, failed, delivered, other;
+    atomic_int stop;
+    grpc_channel *ch;
+    int64_t t0;
+} api;
+
+static grpc_byte_buffer *api_request(long k, int64_t stamp)
+{
+    char user[160], content[256];
+    snprintf(user, sizeof(user), "%s%ld", opt.prefix, k % nconns);
+    snprintf(content, sizeof(content), "mgb %" PRId64 " %.*s", stamp,
+             opt.size < 128 ? opt.size : 128, pad);
+    Meshgate__V1__Message m = MESHGATE__V1__MESSAGE__INIT;
+    m.from = "bench-api";
+    m.to = user;
+    m.content.data = (uint8_t *)content;
+    m.content.len = strlen(content);
+    m.priority =
+        opt.low ? MESHGATE__V1__PRIORITY__PRIORITY_LOW : MESHGATE__V1__PRIORITY__PRIORITY_HIGH;
+    Meshgate__V1__SendMessageRequest rq = MESHGATE__V1__SEND_MESSAGE_REQUEST__INIT;
+    rq.message = &m;
+    return mg_grpc_pack(&rq.base);
+}
+
+static void api_start(grpc_completion_queue *cq, api_call *c, long k, int64_t stamp)
+{
+    c->req = api_request(k, stamp);
+    if (mg_grpc_unary_start(&c->u, api.ch, cq, "/meshgate.v1.Messaging/SendMessage", c->req, NULL,
+                            0, (int64_t)(opt.timeout * 1000), c) != 0) {
+        grpc_byte_buffer_destroy(c->req);
+        free(c);
+        atomic_fetch_add(&api.failed, 1);
+        return;
+    }
+    atomic_fetch_add(&api.sent, 1);
+}
+
+static void api_finish(api_call *c, bool okev)
+{
+    grpc_byte_buffer *resp = NULL;
+    char details[128];
+    grpc_status_code code = mg_grpc_unary_finish(&c->u, okev, &resp, details, sizeof(details));
+    if (code == GRPC_STATUS_OK) {
+        atomic_fetch_add(&api.ok, 1);
+        Meshgate__V1__SendMessageResponse *r = (Meshgate__V1__SendMessageResponse *)mg_grpc_unpack(
+            &meshgate__v1__send_message_response__descriptor, resp);
+        if (r && r->result &&
+            (r->result->status == MESHGATE__V1__DELIVERY_STATUS__DELIVERY_STATUS_DELIVERED ||
+             r->result->status == MESHGATE__V1__DELIVERY_STATUS__DELIVERY_STATUS_ACCEPTED))
+            atomic_fetch_add(&api.delivered, 1);
+        else
+            atomic_fetch_add(&api.other, 1);
+        if (r)
+            protobuf_c_message_free_unpacked(&r->base, NULL);
+    } else {
+        if (atomic_fetch_add(&api.failed, 1) < 3)
+            fprintf(stderr, "mgload: SendMessage: %s %s\n", mg_grpc_code_name(code), details);
+    }
+    if (resp)
+        grpc_byte_buffer_destroy(resp);
+    grpc_byte_buffer_destroy(c->req);
+    free(c);
+}
+
+/* The sender thread: keeps --window calls in flight (flat out) or starts
+ * them on the --rate schedule, until --count, the send end or stop. */
+static void *api_thread(void *arg)
+{
+    grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
+    bool flat = opt.rate <= 0;
+    double period = flat ? 0 : 1e9 / opt.rate;
+    long k = 0, inflight = 0;
+    int64_t t0 = api.t0;
+    for (;;) {
+        int64_t now = now_ns();
+        bool sending = !atomic_load(&api.stop) && now < send_end_ns && k < opt.count;
+        if (sending && flat) {
+            while (inflight < opt.window && k < opt.count) {
+                api_start(cq, calloc(1, sizeof(api_call)), k++, now_ns());
+                inflight++;
+            }
+        } else if (sending) {
+            int64_t due;
+            while ((due = t0 + (int64_t)((double)k * period)) <= now && k < opt.count) {
+                api_start(cq, calloc(1, sizeof(api_call)), k++, due);
+                inflight++;
+            }
+        }
+        if (!sending && inflight == 0)
+            break;
+        int64_t wait_ns = 1000000;
+        if (sending && !flat) {
+            int64_t next = t0 + (int64_t)((double)k * period) - now_ns();
+            wait_ns = next < 0 ? 0 : next < wait_ns ? next : wait_ns;
+        }
+        grpc_event ev = grpc_completion_queue_next(
+            cq,
+            gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_nanos(wait_ns, GPR_TIMESPAN)),
+            NULL);
+        while (ev.type == GRPC_OP_COMPLETE) {
+            api_finish(ev.tag, ev.success != 0);
+            inflight--;
+            ev = grpc_completion_queue_next(cq, gpr_inf_past(GPR_CLOCK_MONOTONIC), NULL);
+        }
+    }
+    grpc_completion_queue_shutdown(cq);
+    while (grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type !=
+           GRPC_QUEUE_SHUTDOWN)
+        ;
+    grpc_completion_queue_destroy(cq);
+    return NULL;
+}
+
+static int mode_api(void)
+{
+    double ct = connect_all();
+    run_for(opt.settle);
+    grpc_init();
+    grpc_channel_credentials *creds = grpc_insecure_credentials_create();
+    api.ch = grpc_channel_create(opt.grpc, creds, NULL);
+    grpc_channel_credentials_release(creds);
+    int64_t t0 = now_ns();
+    api.t0 = t0;
+    measure_start = t0 + (int64_t)(opt.warmup * 1e9);
+    send_end_ns = t0 + (int64_t)((opt.warmup + opt.seconds) * 1e9);
+    pthread_t th;
+    pthread_create(&th, NULL, api_thread, NULL);
+    long ticks0 = -1, sent0 = 0;
+    int64_t tick_t0 = 0, now;
+    while ((now = now_ns()) < send_end_ns) {
+        if (ticks0 < 0 && now >= measure_start) {
+            ticks0 = gw_ticks();
+            tick_t0 = now;
+            sent0 = atomic_load(&api.sent);
+        }
+        poll_once(1000000);
+    }
+    measure_stop = now_ns();
+    long ticks1 = gw_ticks(), sent1 = atomic_load(&api.sent);
+    int64_t drain_end = now_ns() + (int64_t)(opt.drain * 1e9);
+    while (st.recv_msgs < atomic_load(&api.sent) - atomic_load(&api.failed) && now_ns() < drain_end)
+        poll_once(10000000);
+    atomic_store(&api.stop, 1);
+    pthread_join(th, NULL);
+    while (now_ns() < drain_end && st.recv_msgs < atomic_load(&api.ok))
+        poll_once(10000000);
+    grpc_channel_destroy(api.ch);
+    grpc_shutdown();
+    double mwin = (double)(send_end_ns - (tick_t0 ? tick_t0 : measure_start)) / 1e9;
+    double hz = (double)sysconf(_SC_CLK_TCK);
+    double cpu_s = ticks0 >= 0 && ticks1 >= 0 ? (double)(ticks1 - ticks0) / hz : -1;
+    double rate = mwin > 0 ? (double)st.recv_measured / mwin : 0;
+    long lost = atomic_load(&api.ok) - st.recv_msgs;
+    j_begin();
+    jadd(",\"priority\":\"%s\",\"conns\":%ld,\"open\":%ld,\"connect_seconds\":%.2f,"
+         "\"target_rate\":%.0f,\"window\":%d,\"size\":%d",
+         opt.low ? "low" : "high", nconns, st.open, ct, opt.rate, opt.rate > 0 ? 0 : opt.window,
+         opt.size);
+    jadd(",\"seconds\":%.2f,\"sent\":%ld,\"sent_measured\":%ld,\"calls_ok\":%ld,"
+         "\"calls_failed\":%ld,\"result_delivered\":%ld,\"result_other\":%ld,\"delivered\":%ld,"
+         "\"delivered_measured\":%ld,\"lost\":%ld,\"msgs_per_s\":%.0f",
+         mwin, atomic_load(&api.sent), sent1 - sent0, atomic_load(&api.ok),
+         atomic_load(&api.failed), atomic_load(&api.delivered), atomic_load(&api.other),
+         st.recv_msgs, st.recv_measured, lost > 0 ? lost : 0, rate);
+    j_lat(&H);
+    jadd(",\"gw_cpu_pct\":%.1f,\"gw_cpu_us_per_msg\":%.2f,\"gw_rss_kb\":%ld",
+         cpu_s >= 0 && mwin > 0 ? cpu_s / mwin * 100 : -1.0,
+         cpu_s >= 0 && st.recv_measured ? cpu_s * 1e6 / (double)st.recv_measured : -1.0,
+         gw_rss_kb());
+    j_errors();
+    j_end();
+    return (st.open == nconns && atomic_load(&api.failed) == 0 && lost <= 0) ? 0 : 1;
+}
+
 static void usage(FILE *o)
 {
     fprintf(o,
-            "usage: mgload idle|pairs|fanout [options]\n"
+            "usage: mgload idle|pairs|fanout|api [options]\n"
             "  --host H (127.0.0.1) --port P (recipients' gateway) --send-port P (senders', "
             "default --port)\n"
             "  --src N            source addresses 127.0.0.2..; default ceil(conns/20000)\n"
@@ -1063,7 +1262,9 @@ static void usage(FILE *o)
             "(5)\n"
             "          --low (priority low: the gateway acks without waiting for delivery)\n"
             "  fanout: --conns N --grpc HOST:PORT --rounds R (5) --timeout S (30)\n"
-            "          [--port2 P: every second user connects to a second gateway on P]\n");
+            "          [--port2 P: every second user connects to a second gateway on P]\n"
+            "  api: --conns N --grpc HOST:PORT [--window W | --rate R] --seconds S --count N "
+            "[--low]\n");
 }
 
 int main(int argc, char **argv)
@@ -1152,7 +1353,8 @@ int main(int argc, char **argv)
     }
     if (strcmp(opt.mode, "pairs") == 0)
         nconns = 2 * opt.pairs;
-    else if (strcmp(opt.mode, "idle") == 0 || strcmp(opt.mode, "fanout") == 0)
+    else if (strcmp(opt.mode, "idle") == 0 || strcmp(opt.mode, "fanout") == 0 ||
+             strcmp(opt.mode, "api") == 0)
         nconns = opt.conns;
     else {
         usage(stderr);
@@ -1195,6 +1397,8 @@ int main(int argc, char **argv)
         rc = mode_idle();
     else if (strcmp(opt.mode, "pairs") == 0)
         rc = mode_pairs();
+    else if (strcmp(opt.mode, "api") == 0)
+        rc = mode_api();
     else
         rc = mode_fanout();
     for (long i = 0; i < nconns; i++)

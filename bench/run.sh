@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/run.sh: meshgate benchmark scenarios (see BENCHMARKS.md).
 #
-#   bench/run.sh [all|idle|local|fanout|grpc|kafka|presence]... [--long]
+#   bench/run.sh [all|idle|local|api|fanout|grpc|kafka|presence]... [--long]
 #
 # `make bench` = `bench/run.sh all` (short: under 3 minutes). --long gives the
 # real figures (100,000 idle connections, 30 s load phases, more rounds).
@@ -29,12 +29,12 @@ for a in "$@"; do
   case $a in
     --long) LONG=1 ;;
     -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
-    all|idle|local|fanout|grpc|kafka|presence) SCEN+=("$a") ;;
+    all|idle|local|api|fanout|grpc|kafka|presence) SCEN+=("$a") ;;
     *) echo "run.sh: unknown argument $a" >&2; exit 2 ;;
   esac
 done
 [ ${#SCEN[@]} -eq 0 ] && SCEN=(all)
-[ "${SCEN[0]}" = all ] && { ALL=1; SCEN=(idle local fanout grpc kafka presence); } || ALL=0
+[ "${SCEN[0]}" = all ] && { ALL=1; SCEN=(idle local api fanout grpc kafka presence); } || ALL=0
 
 log() { echo "[bench $(date +%T)] $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -163,6 +163,21 @@ sc_local() {
   load $LOADB pairs --port "$port" --pairs "$pairs" --rate "$half" --seconds "$SECS" --warmup 1 \
     --count $((half * (SECS + 2))) --gw-pid "$gpid" --scenario local --path local \
     --label "local at half rate ($half/s)" --prefix lh$$- >/dev/null
+  stop_gws
+}
+
+# a service calling the API: gRPC SendMessage to users connected over WebSocket
+sc_api() {
+  local users=${API_USERS:-1000} win=${API_WINDOW:-64} rate=${API_RATE:-2000} port grpc gpid
+  port=$(free_port)
+  grpc=$(free_port)
+  start_gw gpid "$port" "$grpc" || return 1
+  load $LOADB api --port "$port" --grpc "127.0.0.1:$grpc" --conns "$users" --window "$win" \
+    --seconds "$SECS" --warmup 1 --count 100000000 --gw-pid "$gpid" --scenario api --path local \
+    --label "API -> user flat out ($win calls in flight)" --prefix af$$- >/dev/null
+  load $LOADB api --port "$port" --grpc "127.0.0.1:$grpc" --conns "$users" --rate "$rate" \
+    --seconds "$SECS" --warmup 1 --count $((rate * (SECS + 2))) --gw-pid "$gpid" --scenario api \
+    --path local --label "API -> user at $rate/s" --prefix ar$$- >/dev/null
   stop_gws
 }
 
@@ -313,7 +328,7 @@ for r in rows:
         conns = f(r.get("conns"))
     else:
         gw = f"CPU {f(r.get('gw_cpu_pct'),0)} %, {f(r.get('gw_cpu_us_per_msg'),1)} µs/msg"
-        conns = f(2 * r.get("pairs", 0))
+        conns = f(r.get("conns")) if r.get("mode") == "api" else f(2 * r.get("pairs", 0))
     o.write(f"| {sc} | {r.get('label')} | {conns} | {f(r.get('msgs_per_s'))} | {f(r.get('p50_us'),0)} | "
             f"{f(r.get('p99_us'),0)} | {f(r.get('p999_us'),0)} | {f(r.get('max_us'),0)} | {f(r.get('errors'))} | {gw} | {f(r.get('load1'),1)} |\n")
     if r.get("samples"):
@@ -322,6 +337,10 @@ for r in rows:
 o.close(); dat.close()
 EOF
 cat "$OUT/$RUN.md"
+
+# ---- change against the previous run (latest.jsonl before this one) ---------------------
+[ -f "$OUT/latest.jsonl" ] && python3 "$ROOT/bench/compare.py" "$OUT/latest.jsonl" "$JSON" |
+  tee "$OUT/$RUN.change.txt"
 
 if ! command -v gnuplot >/dev/null; then
   log "installing gnuplot-nox for the plot"

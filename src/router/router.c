@@ -54,9 +54,13 @@ struct mg_router {
     mg_hot *hot;
     size_t max_inflight;
     atomic_size_t inflight;
+    pthread_mutex_t lk_mu; /* the lookup queue (start_lookup) */
+    struct route_op *lk_head, *lk_tail;
+    int lk_jobs;
     mg_metric *outcomes[MG_PATH_COUNT][MG_STATUS_ACCEPTED + 1];
     mg_metric *latency[MG_PATH_COUNT];
     mg_metric *fallbacks, *presence_errors, *reresolves, *refused, *inflight_gauge;
+    mg_metric *lookup_batches;
 };
 
 static double hot_pairs_gauge(void *arg)
@@ -79,6 +83,7 @@ mg_router *mg_router_create(const mg_router_config *cfg, mg_presence *presence, 
     r->hot = mg_hot_create(cfg->hot_window_seconds, cfg->hot_threshold, cfg->hot_capacity);
     r->max_inflight = cfg->max_inflight;
     atomic_init(&r->inflight, 0);
+    pthread_mutex_init(&r->lk_mu, NULL);
     for (int p = 0; p < MG_PATH_COUNT; p++) {
         for (int s = 1; s <= MG_STATUS_ACCEPTED; s++) {
             char labels[96];
@@ -96,6 +101,8 @@ mg_router *mg_router_create(const mg_router_config *cfg, mg_presence *presence, 
     }
     r->refused = mg_counter("meshgate_route_refused_total",
                             "Sends refused because --max-inflight-sends were being routed", NULL);
+    r->lookup_batches = mg_counter("meshgate_presence_lookup_round_trips_total",
+                                   "Pipelined presence lookups made for routed sends", NULL);
     r->inflight_gauge =
         mg_gauge("meshgate_route_inflight", "Recipients being routed right now", NULL);
     r->fallbacks = mg_counter("meshgate_grpc_fallbacks_total",
@@ -138,6 +145,7 @@ void mg_router_free(mg_router *r)
     mg_presence_free(r->presence);
     mg_inbox_free(r->inbox);
     mg_hot_free(r->hot);
+    pthread_mutex_destroy(&r->lk_mu);
     free(r->gateway_id);
     free(r->region);
     free(r);
@@ -186,8 +194,9 @@ typedef struct route_op {
     int round; /* 0: first resolution; 1: after a NOT_CONNECTED */
     int presence_rc;
     mg_presence_list conns;
-    atomic_int pending; /* attempts in flight + the round's starter */
-    pthread_mutex_t mu; /* res, stale */
+    struct route_op *lk_next; /* in the router's lookup queue */
+    atomic_int pending;       /* attempts in flight + the round's starter */
+    pthread_mutex_t mu;       /* res, stale */
     mg_send_result res;
     size_t stale; /* gateways that answered NOT_CONNECTED this round */
     mg_send_done done;
@@ -328,9 +337,47 @@ static void lookup_run(route_op *op)
     op_route(op);
 }
 
+/* Lookups waiting for a pipeline (see start_lookup). */
+#define LOOKUP_PIPELINES 4   /* pool jobs draining the queue at once, at most */
+#define LOOKUP_BATCH_MAX 512 /* users in one pipelined round trip, at most */
+
+/* A pool job: takes every lookup queued (up to LOOKUP_BATCH_MAX), resolves
+ * them in one pipelined lookup_batch, routes each, and goes on while more
+ * queued up meanwhile. */
 static void lookup_job(void *arg)
 {
-    lookup_run(arg);
+    mg_router *r = arg;
+    route_op *got[LOOKUP_BATCH_MAX];
+    const char *users[LOOKUP_BATCH_MAX];
+    mg_presence_list lists[LOOKUP_BATCH_MAX];
+    for (;;) {
+        size_t n = 0;
+        pthread_mutex_lock(&r->lk_mu);
+        while (n < LOOKUP_BATCH_MAX && r->lk_head) {
+            route_op *op = r->lk_head;
+            r->lk_head = op->lk_next;
+            got[n++] = op;
+        }
+        if (!r->lk_head)
+            r->lk_tail = NULL;
+        if (n == 0)
+            r->lk_jobs--;
+        pthread_mutex_unlock(&r->lk_mu);
+        if (n == 0)
+            return;
+        for (size_t i = 0; i < n; i++) {
+            users[i] = got[i]->msg->to;
+            memset(&lists[i], 0, sizeof(lists[i]));
+        }
+        int rc = n == 1 ? r->presence->ops->lookup(r->presence, users[0], &lists[0])
+                        : r->presence->ops->lookup_batch(r->presence, users, n, lists);
+        mg_metric_add(r->lookup_batches, 1);
+        for (size_t i = 0; i < n; i++) {
+            got[i]->presence_rc = rc;
+            got[i]->conns = lists[i];
+            op_route(got[i]);
+        }
+    }
 }
 
 /* Runs fn(op) now when the store never blocks, else as a store pool job. */
@@ -350,9 +397,44 @@ static void store_step(route_op *op, bool nonblocking, void (*run)(route_op *), 
     }
 }
 
+/* Presence in memory: resolved here. Otherwise the lookup joins the queue
+ * that pipeline jobs drain: lookups arriving while a round trip is in
+ * flight go together in the next one, so concurrent sends share round trips
+ * instead of each holding a worker for its own. */
 static void start_lookup(route_op *op)
 {
-    store_step(op, op->r->presence->ops->nonblocking, lookup_run, lookup_job, "presence lookup");
+    mg_router *r = op->r;
+    if (r->presence->ops->nonblocking || !r->pool) {
+        lookup_run(op);
+        return;
+    }
+    pthread_mutex_lock(&r->lk_mu);
+    op->lk_next = NULL;
+    if (r->lk_tail)
+        r->lk_tail->lk_next = op;
+    else
+        r->lk_head = op;
+    r->lk_tail = op;
+    bool start = r->lk_jobs < LOOKUP_PIPELINES;
+    if (start)
+        r->lk_jobs++;
+    pthread_mutex_unlock(&r->lk_mu);
+    if (start && mg_pool_submit(r->pool, lookup_job, r) != 0) {
+        pthread_mutex_lock(&r->lk_mu);
+        r->lk_jobs--;
+        bool none = r->lk_jobs == 0;
+        route_op *q = none ? r->lk_head : NULL;
+        if (none)
+            r->lk_head = r->lk_tail = NULL;
+        pthread_mutex_unlock(&r->lk_mu);
+        while (q) { /* nobody will drain them: each fails now */
+            route_op *next = q->lk_next;
+            op_record(q, MG_STATUS_FAILED, MG_PATH_NONE, 0,
+                      "overloaded: presence lookup not started");
+            op_complete(q);
+            q = next;
+        }
+    }
 }
 
 /* ---- attempts: one recipient gateway ---------------------------------------- */

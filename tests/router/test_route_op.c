@@ -3,6 +3,7 @@
  * they do from peer-cq, kafka-poll and the WebSocket thread's writes. */
 #include "common/mg_alloc.h"
 #include "common/mg_metrics.h"
+#include "common/mg_pool.h"
 #include "common/mg_time.h"
 #include "router/inbox.h"
 #include "router/presence.h"
@@ -163,6 +164,26 @@ static void tp_free(mg_presence *p)
 {
     free(p);
 }
+
+/* The same table behind a store that takes 5 ms a round trip. */
+static atomic_int round_trips;
+
+static int slow_lookup(mg_presence *p, const char *user, mg_presence_list *out)
+{
+    atomic_fetch_add(&round_trips, 1);
+    usleep(5000);
+    return tp_lookup(p, user, out);
+}
+
+static int slow_batch(mg_presence *p, const char *const *users, size_t n, mg_presence_list *outs)
+{
+    atomic_fetch_add(&round_trips, 1);
+    usleep(5000);
+    return tp_batch(p, users, n, outs);
+}
+
+static const struct mg_presence_ops slow_ops = {
+    "slow-table", tp_conn, tp_disc, slow_lookup, slow_batch, tp_noop, tp_noop, tp_free, false};
 
 static const struct mg_presence_ops tp_ops = {"table", tp_conn, tp_disc, tp_lookup, tp_batch,
                                               tp_noop, tp_noop, tp_free, true};
@@ -434,6 +455,39 @@ Test(route_op, a_failed_batch_call_falls_back_per_recipient)
     cr_assert_eq(atomic_load(&grpc_t.batch_calls), 1);
     cr_assert_eq(atomic_load(&kafka_t.calls), 2);
     mg_msg_free(m);
+}
+
+/* A store that blocks: lookups go through the pool and share round trips. */
+Test(route_op, concurrent_lookups_share_pipelined_round_trips)
+{
+    mg_router_free(router);
+    mg_presence *p = mg_xcalloc(1, sizeof(mg_presence));
+    p->ops = &slow_ops;
+    mg_pool *pool = mg_pool_create("store", 2, 10000);
+    mg_router_config cfg = {.gateway_id = "gw-a",
+                            .region = "eu",
+                            .hot_window_seconds = 10,
+                            .hot_threshold = 1000,
+                            .hot_capacity = 64,
+                            .dedupe_window = 10000};
+    mg_local_sink sink = {sink_deliver, sink_disconnect, NULL};
+    router = mg_router_create(&cfg, p, mg_inbox_memory_create(100, 3600), &sink, pool);
+    atomic_store(&round_trips, 0);
+    atomic_store(&answered, 0);
+    for (int i = 0; i < 2000; i++) {
+        char id[32];
+        snprintf(id, sizeof(id), "pl-%d", i);
+        mg_msg *m = msg(id, "local-bob");
+        cr_assert_eq(mg_router_send(router, m, later(), count_answer, NULL), 0);
+        mg_msg_free(m);
+    }
+    cr_assert_eq(mg_router_drain(router, 20000), 0);
+    cr_assert_eq(atomic_load(&answered), 2000);
+    cr_assert_lt(atomic_load(&round_trips), 200, "2,000 lookups in %d round trips",
+                 atomic_load(&round_trips));
+    mg_router_free(router);
+    mg_pool_free(pool);
+    router = make_router(0);
 }
 
 Test(route_op, refused_beyond_the_bound_and_free_again_after)
