@@ -14,7 +14,7 @@
 #include "gateway/grpc_auth.h"
 #include "gateway/grpc_server.h"
 #include "gateway/ws_server.h"
-#include "router/redis_store.h"
+#include "store/redis_store.h"
 #include "router/router.h"
 #include "router/transport_grpc.h"
 #include "router/transport_kafka.h"

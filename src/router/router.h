@@ -20,9 +20,9 @@
 #ifndef MG_ROUTER_H
 #define MG_ROUTER_H
 
-#include "router/inbox.h"
+#include "store/inbox.h"
 #include "router/msg.h"
-#include "router/presence.h"
+#include "store/presence.h"
 #include "router/transport.h"
 #include "common/mg_pool.h"
 

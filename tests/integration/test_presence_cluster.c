@@ -5,7 +5,7 @@
  * removes its entries at once. Presence is read with the same store
  * (presence_redis.c) from the test process, as another gateway would. */
 #include "common/mg_time.h"
-#include "router/redis_store.h"
+#include "store/redis_store.h"
 #include "support/mg_test.h"
 
 #include <arpa/inet.h>

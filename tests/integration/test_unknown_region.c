@@ -3,7 +3,7 @@
  * a region with no consumer: the send is not lost but QUEUED on that
  * region's topic, and delivered once a gateway of the region starts (its new
  * consumer group reads from the earliest offset) and the user connects. */
-#include "router/redis_store.h"
+#include "store/redis_store.h"
 #include "support/grpc_client.h"
 #include "support/mg_test.h"
 #include "support/ws_client.h"

@@ -6,8 +6,8 @@
  * exercised by tests/integration/test_kafka.c. */
 #include "common/mg_metrics.h"
 #include "common/mg_time.h"
-#include "router/inbox.h"
-#include "router/presence.h"
+#include "store/inbox.h"
+#include "store/presence.h"
 #include "router/router.h"
 #include "router/transport_kafka.h"
 

@@ -1,7 +1,7 @@
 /* Unit tests of redis_cluster.c that need no server: CRC16 and key slots,
  * redirection parsing, error-reply matching, error mapping, create's
  * argument checks. Includes the .c to reach its statics. */
-#include "router/redis_cluster.c"
+#include "store/redis_cluster.c"
 
 #include <criterion/criterion.h>
 

@@ -10,7 +10,7 @@
 #define MG_TEST_REDIS_UTIL_H
 
 #include "common/mg_time.h"
-#include "router/redis_cluster.h"
+#include "store/redis_cluster.h"
 #include "support/mg_test.h"
 
 #include <criterion/criterion.h>

@@ -2,7 +2,7 @@
  * several devices on several gateways, pipelined batch lookups, gateway
  * leases (a gateway that stops renewing drops out within its lease and its
  * keys expire), graceful removal, key spread, huge ids rejected. */
-#include "router/redis_store.h"
+#include "store/redis_store.h"
 #include "common/mg_alloc.h"
 #include "test_redis_util.h"
 

@@ -6,7 +6,7 @@
  *   its replica takes over and the client recovers by itself within 10 s
  *   (cluster-node-timeout 2000), presence written before is still found;
  *   the node is restarted afterwards. */
-#include "router/redis_store.h"
+#include "store/redis_store.h"
 #include "test_redis_util.h"
 
 #include <errno.h>

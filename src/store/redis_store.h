@@ -7,9 +7,9 @@
 #ifndef MG_REDIS_STORE_H
 #define MG_REDIS_STORE_H
 
-#include "router/inbox.h"
-#include "router/presence.h"
-#include "router/redis_cluster.h"
+#include "store/inbox.h"
+#include "store/presence.h"
+#include "store/redis_cluster.h"
 
 #include <stddef.h>
 #include <stdint.h>

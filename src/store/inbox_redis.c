@@ -15,7 +15,7 @@
  * Guarantees: order by arrival per user (across gateways, even with skewed
  * clocks, since scores only grow); a message leaves only by ack, cap or age.
  */
-#include "router/redis_store.h"
+#include "store/redis_store.h"
 
 #include "common/mg_alloc.h"
 #include "common/mg_log.h"

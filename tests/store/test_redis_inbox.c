@@ -1,7 +1,7 @@
 /* Integration tests of inbox_redis.c against the real Redis Cluster: order,
  * count cap, age cap, ack, unacked messages come again, idempotent store,
  * envelopes round-trip, users spread over masters. */
-#include "router/redis_store.h"
+#include "store/redis_store.h"
 #include "test_redis_util.h"
 
 #include <errno.h>

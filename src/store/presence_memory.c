@@ -4,7 +4,7 @@
  * gateway's, so there is no lease: entries leave when connections close.
  * Thread-safety: all ops from any thread.
  */
-#include "router/presence.h"
+#include "store/presence.h"
 #include "common/mg_alloc.h"
 #include "common/mg_map.h"
 

@@ -22,7 +22,7 @@
  * lease_seconds after its last renew; its users' keys expire within 3 x
  * lease once no live gateway renews them. On an error nothing local changes.
  */
-#include "router/redis_store.h"
+#include "store/redis_store.h"
 
 #include "common/mg_alloc.h"
 #include "common/mg_log.h"

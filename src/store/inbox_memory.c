@@ -6,7 +6,7 @@
  * beyond it store fails with -ENOSPC, so memory stays bounded however many
  * users are offline). Thread-safety: all ops from any thread.
  */
-#include "router/inbox.h"
+#include "store/inbox.h"
 #include "common/mg_alloc.h"
 #include "common/mg_map.h"
 #include "common/mg_time.h"

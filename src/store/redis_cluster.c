@@ -25,7 +25,7 @@
  * started before the deadline was known to be short, bounded by the same
  * socket timeouts); replies come back in the order commands were added.
  */
-#include "router/redis_cluster.h"
+#include "store/redis_cluster.h"
 
 #include "common/mg_alloc.h"
 #include "common/mg_log.h"
