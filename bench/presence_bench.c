@@ -10,7 +10,7 @@
 #include "common/mg_alloc.h"
 #include "common/mg_log.h"
 #include "common/mg_time.h"
-#include "router/redis_store.h"
+#include "store/redis_store.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
