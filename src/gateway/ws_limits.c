@@ -25,6 +25,7 @@
 #include "common/mg_map.h"
 #include "common/mg_metrics.h"
 #include "common/mg_time.h"
+#include "gateway/ws_proto.h"
 
 #include <libwebsockets.h>
 #include <stdint.h>
@@ -286,4 +287,91 @@ void mg_ws_fd_budget(unsigned nofile, size_t reserve, size_t max_conns, size_t m
     *conns = max_conns && max_conns < cap ? max_conns : cap;
     *handshakes = max_handshakes ? room : 0;
     *lws_fds = (unsigned)usable;
+}
+
+/* ---- strict upgrade arguments ---------------------------------------------------- */
+
+int mg_ws_query_arg_strict(struct lws *wsi, const char *name, char *reason, size_t reasonlen)
+{
+    char frag[1024];
+    size_t nlen = strlen(name);
+    int seen = 0;
+    for (int i = 0;; i++) {
+        int n = lws_hdr_copy_fragment(wsi, frag, sizeof(frag), WSI_TOKEN_HTTP_URI_ARGS, i);
+        if (n < 0)
+            break;
+        if ((size_t)n < nlen || memcmp(frag, name, nlen) != 0)
+            continue;
+        if (++seen > 1) {
+            snprintf(reason, reasonlen, "?%.*s given more than once", (int)nlen - 1, name);
+            return -1;
+        }
+        for (int k = 0; k < n; k++) {
+            unsigned char ch = (unsigned char)frag[k];
+            if (ch < 0x20 || ch == 0x7f) {
+                snprintf(reason, reasonlen, "control character in ?%.*s", (int)nlen - 1, name);
+                return -1;
+            }
+        }
+    }
+    return 0;
+}
+
+static bool b64_char(unsigned char c)
+{
+    return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '+' ||
+           c == '/';
+}
+
+int mg_ws_upgrade_strict(struct lws *wsi, char *reason, size_t reasonlen)
+{
+    char buf[64];
+    int n = lws_hdr_copy(wsi, buf, sizeof(buf), WSI_TOKEN_HTTP);
+    if (n != 8 || memcmp(buf, "HTTP/1.1", 8) != 0) {
+        snprintf(reason, reasonlen, "the upgrade needs an HTTP/1.1 request line");
+        return -1;
+    }
+    n = lws_hdr_copy(wsi, buf, sizeof(buf), WSI_TOKEN_VERSION);
+    if (n != 2 || memcmp(buf, "13", 2) != 0) {
+        snprintf(reason, reasonlen, "Sec-WebSocket-Version must be 13");
+        return -1;
+    }
+    /* 16 bytes in base64: 22 characters and "==" */
+    n = lws_hdr_copy(wsi, buf, sizeof(buf), WSI_TOKEN_KEY);
+    bool ok = n == 24 && buf[22] == '=' && buf[23] == '=';
+    for (int i = 0; ok && i < 22; i++)
+        ok = b64_char((unsigned char)buf[i]);
+    /* the last character before the padding carries 2 bits: A, Q, g or w */
+    if (ok && !strchr("AQgw", buf[21]))
+        ok = false;
+    if (!ok) {
+        snprintf(reason, reasonlen, "Sec-WebSocket-Key must be 16 bytes in base64");
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- close frames ------------------------------------------------------------ */
+
+bool mg_ws_close_payload_valid(const unsigned char *p, size_t len)
+{
+    if (len == 0)
+        return true;
+    if (len == 1)
+        return false;
+    unsigned code = (unsigned)p[0] << 8 | p[1];
+    bool ok = (code >= 1000 && code <= 1003) || (code >= 1007 && code <= 1014) ||
+              (code >= 3000 && code <= 4999);
+    return ok && mg_utf8_valid(p + 2, len - 2);
+}
+
+int mg_ws_peer_close_check(struct lws *wsi, const void *payload, size_t len)
+{
+    if (mg_ws_close_payload_valid(payload, len))
+        return 0;
+    static const char reason[] = "bad close frame";
+    lws_close_reason(wsi, LWS_CLOSE_STATUS_PROTOCOL_ERR, (unsigned char *)reason,
+                     sizeof(reason) - 1);
+    mg_ws_limit_count("bad_close");
+    return -1;
 }

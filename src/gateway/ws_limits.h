@@ -83,4 +83,24 @@ void mg_ws_limit_count(const char *limit);
 void mg_ws_fd_budget(unsigned nofile, size_t reserve, size_t max_conns, size_t max_handshakes,
                      size_t *conns, size_t *handshakes, unsigned *lws_fds);
 
+/* [ws] Strict checks of an upgrade's ?name= argument: present once, and its
+ * raw (still %-encoded) value decodes to no control character. Returns 0, or
+ * -1 with a reason. */
+int mg_ws_query_arg_strict(struct lws *wsi, const char *name, char *reason, size_t reasonlen);
+
+/* [ws] RFC 6455 section 4.1/4.2.1 checks lws 4.1 leaves out: the request line ends in
+ * exactly HTTP/1.1 (lws accepts HTTP/1.0, and drops the version of a line cut
+ * by a %0d%0a in the URI), Sec-WebSocket-Version is 13 (lws also takes 7 and
+ * 8), and Sec-WebSocket-Key is base64 of 16 bytes. Returns 0, or -1 with a
+ * reason (answer 400). */
+int mg_ws_upgrade_strict(struct lws *wsi, char *reason, size_t reasonlen);
+
+/* A client's close frame payload is valid (RFC 6455 5.5.1, 7.4): empty, or a
+ * status code a peer may send followed by a UTF-8 reason. Pure. */
+bool mg_ws_close_payload_valid(const unsigned char *p, size_t len);
+/* [ws] LWS_CALLBACK_WS_PEER_INITIATED_CLOSE: a valid payload returns 0 (lws
+ * echoes it and closes); an invalid one is answered with close 1002 here and
+ * returns -1 (lws closes without the echo). Counted as bad_close. */
+int mg_ws_peer_close_check(struct lws *wsi, const void *payload, size_t len);
+
 #endif

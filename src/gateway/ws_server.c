@@ -444,7 +444,7 @@ static void handle_text(mg_ws_server *ws, pss *p, const char *data, size_t len, 
     }
     if (mg_ws_proto_parse(data, len, &ws->limits, &in, &code, reason, sizeof(reason)) != 0) {
         post_error(ws, conn_id, code, reason, NULL);
-        if (++p->errors_in_row > MAX_ERR_IN_ROW) {
+        if (++p->errors_in_row >= MAX_ERR_IN_ROW) {
             mg_log_warn("ws", "too many bad frames, closing conn=%s user=%s", conn_id,
                         mg_hub_conn_user(p->conn));
             close_with(wsi, LWS_CLOSE_STATUS_POLICY_VIOLATION, "too many errors");
@@ -668,6 +668,8 @@ static int authenticate(mg_ws_server *ws, struct lws *wsi, char **user, char *re
         return 0;
     }
     char buf[1024];
+    if (mg_ws_query_arg_strict(wsi, "user=", reason, reasonlen) != 0)
+        return HTTP_STATUS_BAD_REQUEST;
     const char *v = lws_get_urlarg_by_name(wsi, "user=", buf, sizeof(buf));
     if (!v || !mg_ws_proto_valid_user(v, ws->limits.max_user_bytes)) {
         snprintf(reason, reasonlen, "missing or invalid ?user=");
@@ -691,6 +693,11 @@ static int on_confirm_upgrade(mg_ws_server *ws, struct lws *wsi, const char *upg
         return reject(wsi, HTTP_STATUS_BAD_REQUEST, "only websocket upgrades");
     if (lws_hdr_copy(wsi, uri, sizeof(uri), WSI_TOKEN_GET_URI) <= 0 || strcmp(uri, "/ws") != 0)
         return reject(wsi, HTTP_STATUS_NOT_FOUND, "not found");
+    char bad[96];
+    if (mg_ws_upgrade_strict(wsi, bad, sizeof(bad)) != 0) {
+        count_error("bad_upgrade");
+        return reject(wsi, HTTP_STATUS_BAD_REQUEST, bad);
+    }
     if (atomic_load(&ws->draining) || atomic_load(&ws->stopping))
         return reject(wsi, HTTP_STATUS_SERVICE_UNAVAILABLE, "draining");
     if (mg_hub_count(ws->hub) >= ws->max_conns) {
@@ -868,6 +875,8 @@ static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *use
         return on_receive(ws, wsi, p, in, len);
     case LWS_CALLBACK_SERVER_WRITEABLE:
         return on_writeable(ws, wsi, p);
+    case LWS_CALLBACK_WS_PEER_INITIATED_CLOSE:
+        return mg_ws_peer_close_check(wsi, in, len);
     case LWS_CALLBACK_CLOSED:
         on_closed(ws, p);
         return 0;

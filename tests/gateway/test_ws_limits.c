@@ -1,5 +1,6 @@
-/* Unit tests of ws_limits.c's pure parts: the token bucket, the fd budget (the lws-facing parts are
- * tested by tests/integration/test_ws_limits.c). */
+/* Unit tests of ws_limits.c's pure parts: the token bucket, the fd budget and
+ * the close payload check (the lws-facing parts are tested by
+ * tests/integration/test_ws_limits.c). */
 #include "gateway/ws_limits.h"
 #include "common/mg_time.h"
 
@@ -67,4 +68,15 @@ Test(ws_limits, fd_budget)
     cr_assert_eq(fds, 768);
     cr_assert_eq(hs, 0);
     cr_assert_lt(conns, fds);
+}
+
+Test(ws_limits, close_payloads)
+{
+    cr_assert(mg_ws_close_payload_valid(NULL, 0));
+    cr_assert_not(mg_ws_close_payload_valid((const unsigned char *)"\x03", 1));
+    cr_assert(mg_ws_close_payload_valid((const unsigned char *)"\x03\xe8ok", 4));
+    cr_assert_not(mg_ws_close_payload_valid((const unsigned char *)"\x03\xe8\xff\xfe", 4));
+    cr_assert_not(mg_ws_close_payload_valid((const unsigned char *)"\x03\xed", 2)); /* 1005 */
+    cr_assert_not(mg_ws_close_payload_valid((const unsigned char *)"\x00\x01", 2));
+    cr_assert(mg_ws_close_payload_valid((const unsigned char *)"\x0f\xa0", 2)); /* 4000 */
 }

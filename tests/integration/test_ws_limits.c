@@ -1,6 +1,7 @@
-/* Integration tests of the WebSocket listener's abuse limits (issue 14,
- * items 4-6) against the real gateway binary: slowloris, the fd limit, the
- * send rate and connections per address. Every loop is bounded. */
+/* Integration tests of the WebSocket listener's abuse limits and strictness
+ * (issue 14, items 4-7) against the real gateway binary: slowloris, the fd
+ * limit, the send rate, connections per address, strict upgrades, close
+ * frames and the bad-frame count. Every loop is bounded. */
 #include "support/mg_test.h"
 #include "support/ws_client.h"
 
@@ -37,6 +38,23 @@ static int tcp_connect(int port)
                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     cr_assert_eq(connect(fd, (struct sockaddr *)&a, sizeof(a)), 0, "connect: %s", strerror(errno));
     return fd;
+}
+
+/* Sends a raw request and returns the response's first line (static). */
+static const char *raw_status(int port, const char *req)
+{
+    static char buf[512];
+    int fd = tcp_connect(port);
+    struct timeval tv = {5, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    cr_assert_eq(write(fd, req, strlen(req)), (ssize_t)strlen(req));
+    ssize_t n = read(fd, buf, sizeof(buf) - 1);
+    close(fd);
+    buf[n > 0 ? n : 0] = 0;
+    char *eol = strstr(buf, "\r\n");
+    if (eol)
+        *eol = 0;
+    return buf;
 }
 
 /* Whether the server closed fd (EOF or reset) within timeout_ms. */
@@ -268,6 +286,80 @@ Test(ws_limits, connections_per_address, .timeout = 60)
     mg_wsc_free(c[1]);
     mg_wsc_free(c[2]);
     cr_assert_geq(metric(gw->ws_port, "meshgate_ws_limit_total{limit=\"per_ip\"} "), 1);
+    cr_assert_eq(mg_gw_stop(gw), 0);
+    mg_gw_free(gw);
+}
+
+static const char *upgrade(int port, const char *query, const char *version, const char *key,
+                           const char *wsver)
+{
+    char req[1024];
+    snprintf(req, sizeof(req),
+             "GET /ws?%s %s\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+             "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: %s\r\n\r\n",
+             query, version, key, wsver);
+    return raw_status(port, req);
+}
+
+Test(ws_limits, strict_upgrades, .timeout = 60)
+{
+    mg_gw *gw = mg_gw_spawn("wsl-strict", NULL);
+    cr_assert_not_null(gw);
+    int p = gw->ws_port;
+    const char *key = "dGhlIHNhbXBsZSBub25jZQ==";
+    cr_assert(strstr(upgrade(p, "user=alice", "HTTP/1.1", key, "13"), " 101 "));
+    cr_assert(strstr(upgrade(p, "user=a%0d%0aX-Inj:%201", "HTTP/1.1", key, "13"), " 400 "),
+              "CRLF in ?user=");
+    cr_assert(strstr(upgrade(p, "user=a&user=b", "HTTP/1.1", key, "13"), " 400 "), "two ?user=");
+    cr_assert(strstr(upgrade(p, "user=alice", "HTTP/1.0", key, "13"), " 400 "), "HTTP/1.0");
+    cr_assert(strstr(upgrade(p, "user=alice", "HTTP/1.1", "short", "13"), " 400 "), "bad key");
+    cr_assert(strstr(upgrade(p, "user=alice", "HTTP/1.1", "dGhlIHNhbXBsZSBub25jZQ", "13"), " 400 "),
+              "key without padding");
+    cr_assert(strstr(upgrade(p, "user=alice", "HTTP/1.1", key, "8"), " 400 "), "version 8");
+    cr_assert_eq(mg_gw_stop(gw), 0);
+    mg_gw_free(gw);
+}
+
+/* The close frame the server answers a client close with payload pl. */
+static int close_answer(const mg_gw *gw, const void *pl, size_t len)
+{
+    int st;
+    mg_wsc *c = mg_wsc_connect_user(gw->ws_port, "closer", T_MS, &st);
+    cr_assert_not_null(c);
+    cr_assert_eq(mg_wsc_send_frame(c, MG_WSC_CLOSE, pl, len), 0);
+    int code = mg_wsc_wait_close(c, T_MS);
+    mg_wsc_free(c);
+    return code;
+}
+
+Test(ws_limits, bad_close_frames_get_1002, .timeout = 60)
+{
+    mg_gw *gw = mg_gw_spawn("wsl-close", NULL);
+    cr_assert_not_null(gw);
+    cr_assert_eq(close_answer(gw, "\x03", 1), 1002, "1-byte close payload");
+    cr_assert_eq(close_answer(gw, "\x03\xe8\xff\xfe", 4), 1002, "close reason not UTF-8");
+    cr_assert_eq(close_answer(gw, "\x03\xe8ok", 4), 1000, "a valid close is echoed");
+    cr_assert_eq(mg_gw_stop(gw), 0);
+    mg_gw_free(gw);
+}
+
+Test(ws_limits, closes_1008_at_the_20th_bad_frame, .timeout = 60)
+{
+    mg_gw *gw = mg_gw_spawn("wsl-errors", NULL);
+    cr_assert_not_null(gw);
+    int st;
+    mg_wsc *a = mg_wsc_connect_user(gw->ws_port, "alice", T_MS, &st);
+    cr_assert_not_null(a);
+    for (int i = 1; i <= 19; i++) {
+        cr_assert_eq(mg_wsc_send_text(a, "{bad"), 0);
+        json_t *j = recv_json(a);
+        cr_assert_str_eq(str(j, "code"), "bad_json");
+        json_decref(j);
+    }
+    cr_assert_eq(mg_wsc_close_code(a), 0, "closed before the 20th bad frame");
+    cr_assert_eq(mg_wsc_send_text(a, "{bad"), 0);
+    cr_assert_eq(mg_wsc_wait_close(a, T_MS), 1008, "not closed at the 20th bad frame");
+    mg_wsc_free(a);
     cr_assert_eq(mg_gw_stop(gw), 0);
     mg_gw_free(gw);
 }
