@@ -210,6 +210,12 @@ int mg_config_validate(const mg_config *cfg, char *err, size_t errlen)
         FAIL("--max-user-bytes must be within 1..4096");
     if (strlen(cfg->id) > 128 || strpbrk(cfg->id, " \t\n/"))
         FAIL("--id must be at most 128 characters without spaces or '/'");
+    if (cfg->ws_max_header_bytes < 1024 || cfg->ws_max_header_bytes > 65535)
+        FAIL("--ws-max-header-bytes must be within 1024..65535");
+    if (cfg->ws_handshake_timeout_ms < 0 || cfg->ws_max_handshakes < 0 || cfg->fd_reserve < 0 ||
+        cfg->ws_send_rate < 0 || cfg->ws_send_burst < 0 || cfg->max_connections_per_ip < 0)
+        FAIL("--ws-handshake-timeout-ms, --ws-max-handshakes, --fd-reserve, --ws-send-rate, "
+             "--ws-send-burst and --max-connections-per-ip must not be negative");
     if (cfg->jwt_secret[0] && cfg->jwt_public_key_file[0])
         FAIL("--jwt-secret and --jwt-public-key-file are exclusive: pick HS256 or RS256");
     return 0;

@@ -56,6 +56,27 @@
       "WebSocket ping interval; a connection silent for 2 intervals is closed")                    \
     X(INT, max_connections, "max-connections", "MESHGATE_MAX_CONNECTIONS", "1000000", "conns",     \
       "WebSocket connections accepted before new ones are refused (503)")                          \
+    X(INT, fd_reserve, "fd-reserve", "MESHGATE_FD_RESERVE", "256", "fds",                          \
+      "descriptors kept for Redis, Kafka, peers and logs: --max-connections is capped at "         \
+      "RLIMIT_NOFILE minus this and the handshake room (logged at start)")                         \
+    X(INT, max_connections_per_ip, "max-connections-per-ip", "MESHGATE_MAX_CONNECTIONS_PER_IP",    \
+      "0", "conns",                                                                                \
+      "WebSocket connections per client address before new ones are refused (429); "               \
+      "0: no limit (behind a NAT or L4 proxy every client shares an address)")                     \
+    X(INT, ws_handshake_timeout_ms, "ws-handshake-timeout-ms", "MESHGATE_WS_HANDSHAKE_TIMEOUT_MS", \
+      "10000", "ms",                                                                               \
+      "a connection that has not sent its whole HTTP request or upgrade by then "                  \
+      "is closed (slowloris)")                                                                     \
+    X(INT, ws_max_handshakes, "ws-max-handshakes", "MESHGATE_WS_MAX_HANDSHAKES", "1024", "conns",  \
+      "connections still sending their request at once; beyond it the oldest is closed")           \
+    X(INT, ws_max_header_bytes, "ws-max-header-bytes", "MESHGATE_WS_MAX_HEADER_BYTES", "8192",     \
+      "bytes",                                                                                     \
+      "HTTP request line and headers kept per request (lws header buffer, at most 65535)")         \
+    X(INT, ws_send_rate, "ws-send-rate", "MESHGATE_WS_SEND_RATE", "0", "frames/s",                 \
+      "client frames per second per connection (token bucket); over it: error rate_limited, "      \
+      "20 refused within a second close with 1008; 0: no limit")                                   \
+    X(INT, ws_send_burst, "ws-send-burst", "MESHGATE_WS_SEND_BURST", "0", "frames",                \
+      "token bucket size of --ws-send-rate (0: one second's worth)")                               \
     X(STR, jwt_secret, "jwt-secret", "MESHGATE_JWT_SECRET", "", "",                                \
       "HS256 secret for client JWTs")                                                              \
     X(STR, jwt_public_key_file, "jwt-public-key-file", "MESHGATE_JWT_PUBLIC_KEY_FILE", "", "path", \

@@ -50,6 +50,7 @@ typedef struct mg_ws_limits {
 #define MG_WS_ERR_BAD_FIELD     "bad_field"
 #define MG_WS_ERR_TOO_LARGE     "too_large"
 #define MG_WS_ERR_OVERLOADED    "overloaded"
+#define MG_WS_ERR_RATE_LIMITED  "rate_limited"
 #define MG_WS_ERR_BINARY        "binary_unsupported"
 #define MG_WS_ERR_INTERNAL      "internal"
 

@@ -42,6 +42,7 @@
 #include "common/mg_time.h"
 #include "gateway/hub.h"
 #include "gateway/jwt_auth.h"
+#include "gateway/ws_limits.h"
 #include "gateway/ws_proto.h"
 
 #include <arpa/inet.h>
@@ -94,6 +95,8 @@ typedef struct pss {
     bool rx_overflow;
     char *body; /* HTTP: response body */
     size_t body_len, body_off;
+    /* WS: rate and per-address state (ws_limits.h) */
+    mg_ws_limiter_conn *lc;
 } pss;
 
 /* Jobs of one connection share a worker queue, so its sends are routed in
@@ -111,6 +114,8 @@ struct mg_ws_server {
     bool inline_jobs; /* routing never blocks: run connection jobs on this thread */
     size_t max_frame, max_conns;
     mg_ws_limits limits;
+    mg_ws_limiter *lim; /* handshakes, per address, send rate (ws_limits.h) */
+    size_t fd_reserve, max_handshakes, max_header_bytes;
     int64_t send_deadline_ms;
     int ping_seconds;
 
@@ -428,9 +433,18 @@ static void handle_text(mg_ws_server *ws, pss *p, const char *data, size_t len, 
     const char *code = NULL;
     char reason[200];
     mg_metric_add(ws->m_in, 1);
+    mg_ws_rate rl = mg_ws_limiter_frame(ws->lim, p->lc, mg_mono_ms());
+    if (rl != MG_WS_RATE_OK) {
+        post_error(ws, conn_id, MG_WS_ERR_RATE_LIMITED, "over --ws-send-rate; slow down", NULL);
+        if (rl == MG_WS_RATE_CLOSE) {
+            close_with(wsi, LWS_CLOSE_STATUS_POLICY_VIOLATION, "rate limit");
+            *close_now = true;
+        }
+        return;
+    }
     if (mg_ws_proto_parse(data, len, &ws->limits, &in, &code, reason, sizeof(reason)) != 0) {
         post_error(ws, conn_id, code, reason, NULL);
-        if (++p->errors_in_row > MAX_ERR_IN_ROW) {
+        if (++p->errors_in_row >= MAX_ERR_IN_ROW) {
             mg_log_warn("ws", "too many bad frames, closing conn=%s user=%s", conn_id,
                         mg_hub_conn_user(p->conn));
             close_with(wsi, LWS_CLOSE_STATUS_POLICY_VIOLATION, "too many errors");
@@ -568,6 +582,8 @@ static void on_established(mg_ws_server *ws, struct lws *wsi, pss *p)
     memcpy(t->conn_id, id, n + 1);
     mg_metric_add(ws->m_conns_total, 1);
     mg_metric_add(ws->m_conns, 1);
+    char ip[64];
+    p->lc = mg_ws_limiter_conn_open(ws->lim, lws_get_peer_simple(wsi, ip, sizeof(ip)) ? ip : "?");
     if (dispatch(ws, id, job_connected, t) != 0) {
         mg_log_warn("ws", "worker pool full, refusing conn=%s user=%s", id, t->user);
         count_error(MG_WS_ERR_OVERLOADED);
@@ -602,6 +618,8 @@ static void on_closed(mg_ws_server *ws, pss *p)
             ticket_free(t);
         }
     }
+    mg_ws_limiter_conn_close(ws->lim, p->lc);
+    p->lc = NULL;
     chain_release(p);
     free(p->rx);
     p->rx = NULL;
@@ -650,6 +668,8 @@ static int authenticate(mg_ws_server *ws, struct lws *wsi, char **user, char *re
         return 0;
     }
     char buf[1024];
+    if (mg_ws_query_arg_strict(wsi, "user=", reason, reasonlen) != 0)
+        return HTTP_STATUS_BAD_REQUEST;
     const char *v = lws_get_urlarg_by_name(wsi, "user=", buf, sizeof(buf));
     if (!v || !mg_ws_proto_valid_user(v, ws->limits.max_user_bytes)) {
         snprintf(reason, reasonlen, "missing or invalid ?user=");
@@ -673,10 +693,20 @@ static int on_confirm_upgrade(mg_ws_server *ws, struct lws *wsi, const char *upg
         return reject(wsi, HTTP_STATUS_BAD_REQUEST, "only websocket upgrades");
     if (lws_hdr_copy(wsi, uri, sizeof(uri), WSI_TOKEN_GET_URI) <= 0 || strcmp(uri, "/ws") != 0)
         return reject(wsi, HTTP_STATUS_NOT_FOUND, "not found");
+    char bad[96];
+    if (mg_ws_upgrade_strict(wsi, bad, sizeof(bad)) != 0) {
+        count_error("bad_upgrade");
+        return reject(wsi, HTTP_STATUS_BAD_REQUEST, bad);
+    }
     if (atomic_load(&ws->draining) || atomic_load(&ws->stopping))
         return reject(wsi, HTTP_STATUS_SERVICE_UNAVAILABLE, "draining");
-    if (mg_hub_count(ws->hub) >= ws->max_conns)
+    if (mg_hub_count(ws->hub) >= ws->max_conns) {
+        mg_ws_limit_count("connections");
         return reject(wsi, HTTP_STATUS_SERVICE_UNAVAILABLE, "too many connections");
+    }
+    char ip[64];
+    if (mg_ws_limiter_ip_full(ws->lim, lws_get_peer_simple(wsi, ip, sizeof(ip)) ? ip : "?"))
+        return reject(wsi, 429, "too many connections from this address");
     char reason[160];
     char *user = NULL;
     int st = authenticate(ws, wsi, &user, reason, sizeof(reason));
@@ -824,7 +854,12 @@ static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *use
             arm_wait_timer(ws);
         }
         return 0;
+    case LWS_CALLBACK_SERVER_NEW_CLIENT_INSTANTIATED:
+        if (ws)
+            mg_ws_limiter_handshake_begin(ws->lim, wsi);
+        return 0;
     case LWS_CALLBACK_HTTP:
+        mg_ws_limiter_handshake_end(ws->lim, wsi);
         return on_http(ws, wsi, p, in ? (const char *)in : "");
     case LWS_CALLBACK_HTTP_WRITEABLE:
         return on_http_writeable(wsi, p);
@@ -833,12 +868,15 @@ static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *use
     case LWS_CALLBACK_FILTER_PROTOCOL_CONNECTION:
         return on_filter(ws, wsi, p);
     case LWS_CALLBACK_ESTABLISHED:
+        mg_ws_limiter_handshake_end(ws->lim, wsi);
         on_established(ws, wsi, p);
         return 0;
     case LWS_CALLBACK_RECEIVE:
         return on_receive(ws, wsi, p, in, len);
     case LWS_CALLBACK_SERVER_WRITEABLE:
         return on_writeable(ws, wsi, p);
+    case LWS_CALLBACK_WS_PEER_INITIATED_CLOSE:
+        return mg_ws_peer_close_check(wsi, in, len);
     case LWS_CALLBACK_CLOSED:
         on_closed(ws, p);
         return 0;
@@ -853,6 +891,8 @@ static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *use
         if (p && p->conn) /* closed without LWS_CALLBACK_CLOSED */
             on_closed(ws, p);
         pss_release(p);
+        if (ws)
+            mg_ws_limiter_handshake_end(ws->lim, wsi);
         if (ws && ws->stash_wsi == wsi) {
             free(ws->stash_user);
             ws->stash_user = NULL;
@@ -921,6 +961,16 @@ mg_ws_server *mg_ws_server_create(const mg_config *cfg, mg_pool *pool, char *err
     ws->limits.max_user_bytes = cfg->max_user_bytes > 0 ? (size_t)cfg->max_user_bytes : 256;
     ws->send_deadline_ms = cfg->kafka_timeout_ms + cfg->peer_deadline_ms + 1000;
     ws->ping_seconds = cfg->ping_seconds > 0 ? (int)cfg->ping_seconds : 30;
+    ws->fd_reserve = (size_t)cfg->fd_reserve;
+    ws->max_handshakes = (size_t)cfg->ws_max_handshakes;
+    ws->max_header_bytes = (size_t)cfg->ws_max_header_bytes;
+    mg_ws_limiter_config lc = {
+        .handshake_timeout_ms = cfg->ws_handshake_timeout_ms,
+        .send_rate = (double)cfg->ws_send_rate,
+        .send_burst = (double)cfg->ws_send_burst,
+        .max_per_ip = (size_t)cfg->max_connections_per_ip,
+    };
+    ws->lim = mg_ws_limiter_create(&lc); /* max_handshakes: at start, from the fd budget */
     ws->m_slow = mg_counter("meshgate_ws_slow_consumer_closes_total",
                             "connections closed as slow consumers (4008)", NULL);
     mg_hub_config hc = {
@@ -1032,10 +1082,23 @@ int mg_ws_server_start(mg_ws_server *ws)
     info.protocols = ws->protocols;
     info.user = ws;
     info.count_threads = 1;
-    size_t want = ws->max_conns + 1024;
-    info.fd_limit_per_thread = want < nofile ? (unsigned)want : nofile;
+    size_t hs_cap;
+    unsigned lws_fds;
+    size_t asked = ws->max_conns;
+    mg_ws_fd_budget(nofile, ws->fd_reserve, asked, ws->max_handshakes, &ws->max_conns, &hs_cap,
+                    &lws_fds);
+    mg_ws_limiter_set_max_handshakes(ws->lim, hs_cap);
+    if (ws->max_conns < asked)
+        mg_log_warn("ws",
+                    "connection cap lowered to the fd limit max_connections=%zu nofile=%u "
+                    "fd_reserve=%zu handshakes=%zu (raise RLIMIT_NOFILE for more)",
+                    ws->max_conns, nofile, ws->fd_reserve, hs_cap);
+    info.fd_limit_per_thread = lws_fds;
     info.retry_and_idle_policy = &ws->retry;
-    info.max_http_header_pool = 256;
+    /* a header table for every handshake allowed, and some for HTTP probes */
+    size_t pool = (hs_cap ? hs_cap : 256) + 32;
+    info.max_http_header_pool = pool > 65535 ? 65535 : (unsigned short)pool;
+    info.max_http_header_data = (unsigned short)ws->max_header_bytes;
     info.timeout_secs = 10;
     info.pt_serv_buf_size = 16384;
     info.vhost_name = "default";
@@ -1044,6 +1107,7 @@ int mg_ws_server_start(mg_ws_server *ws)
         mg_log_error("ws", "cannot listen on %s (lws_create_context failed)", ws->host);
         return -EADDRNOTAVAIL;
     }
+    mg_ws_limiter_attach(ws->lim, ws->ctx);
     struct lws_vhost *vh = lws_get_vhost_by_name(ws->ctx, "default");
     ws->bound_port = vh ? lws_get_vhost_listen_port(vh) : ws->port;
     if (ws->bound_port <= 0) {
@@ -1059,9 +1123,11 @@ int mg_ws_server_start(mg_ws_server *ws)
     }
     pthread_setname_np(ws->thread, "ws");
     ws->started = true;
-    mg_log_info("ws", "listening host=%s port=%d auth=%s fd_limit=%u ping_seconds=%d", ws->host,
-                ws->bound_port, ws->auth ? "jwt" : "none(loopback ?user=)",
-                info.fd_limit_per_thread, ws->ping_seconds);
+    mg_log_info("ws",
+                "listening host=%s port=%d auth=%s fd_limit=%u ping_seconds=%d "
+                "max_connections=%zu max_handshakes=%zu",
+                ws->host, ws->bound_port, ws->auth ? "jwt" : "none(loopback ?user=)",
+                info.fd_limit_per_thread, ws->ping_seconds, ws->max_conns, hs_cap);
     return 0;
 }
 
@@ -1121,6 +1187,7 @@ void mg_ws_server_stop(mg_ws_server *ws)
     if (ws->wait_timer_armed) /* the service thread is gone: safe from here */
         lws_sul_cancel(&ws->wait_timer);
     ws->wait_timer_armed = false;
+    mg_ws_limiter_detach(ws->lim);
     lws_context_destroy(ws->ctx); /* closes the rest: CLOSED callbacks run here */
     ws->ctx = NULL;
     ws->started = false;
@@ -1133,6 +1200,7 @@ void mg_ws_server_free(mg_ws_server *ws)
     mg_ws_server_stop(ws);
     mg_hub_free(ws->hub);
     mg_jwt_auth_free(ws->auth);
+    mg_ws_limiter_free(ws->lim);
     for (int i = 0; i < ws->nhooks; i++)
         free(ws->hooks[i].path);
     free(ws->stash_user);

@@ -3,15 +3,20 @@
  *
  *   GET /ws        upgrade; JWT (Authorization: Bearer or ?token=) or, only
  *                  without auth configured and on loopback, ?user=NAME.
- *                  401 missing/bad/expired token, 503 draining/full, 404 other paths.
+ *                  400 malformed upgrade (ws_limits.h: mg_ws_upgrade_strict, one
+ *                  ?user= without control characters), 401 missing/bad/expired
+ *                  token, 429 too many from the address, 503 draining/full, 404
+ *                  other paths.
  *   GET /healthz   200 while the process runs
  *   GET /readyz    200 while ready (set_ready(true) and not draining), else 503
  *   GET /metrics   Prometheus text (common/mg_metrics.h)
  *   hooks          extra GET endpoints (mg_ws_server_set_http_hook)
  *
- * Protocol: ws_proto.h. Close codes: 1003 binary frame, 1008 repeated bad
- * input, 1009 frame over --max-frame-bytes, 1012 drain (service restart),
- * 1013 overloaded at connect, 4008 slow consumer; 1000/other from Disconnect.
+ * Protocol: ws_proto.h. Close codes: 1002 invalid close frame from the
+ * client, 1003 binary frame, 1008 the 20th bad frame in a row or the 20th
+ * refused by the send rate within a second, 1009 frame over
+ * --max-frame-bytes, 1012 drain (service restart), 1013 overloaded at
+ * connect, 4008 slow consumer; 1000/other from Disconnect.
  *
  * Threads: one lws service thread ("ws") owns every connection. Client sends
  * are parsed there and handed to the worker pool (mg_router_send); acks and
