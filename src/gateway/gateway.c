@@ -51,8 +51,9 @@ static int make_stores(mg_gateway *gw, mg_presence **presence, mg_inbox **inbox,
     const mg_config *cfg = gw->cfg;
     if (!strcmp(cfg->presence, "memory")) {
         *presence = mg_presence_memory_create(cfg->id, cfg->region);
-        *inbox =
-            mg_inbox_memory_create((size_t)cfg->inbox_max_messages, cfg->inbox_max_age_seconds);
+        *inbox = mg_inbox_memory_create_bounded(
+            (size_t)cfg->inbox_max_messages, cfg->inbox_max_age_seconds,
+            (size_t)cfg->inbox_memory_bytes, (size_t)cfg->inbox_memory_users);
         mg_log_info("gateway", "presence=memory inbox=memory (single gateway, nothing shared)");
         return 0;
     }
