@@ -3,12 +3,13 @@
 #   make test   install what the tests need, start the real services, build
 #               (normal and ASan+UBSan), run every test, stop the services
 #   make bench  the short benchmark run (bench/README.md)
+#   make fuzz   every libFuzzer harness for FUZZ_SECONDS (default 600) each (tests/fuzz)
 
 BUILD     ?= build
 BUILD_SAN ?= build-asan
 CMAKE_GEN := $(shell command -v ninja >/dev/null 2>&1 && echo "-G Ninja")
 
-.PHONY: all build run test test-only bench deps services-up services-down format asan clean
+.PHONY: all build run test test-only bench fuzz deps services-up services-down format asan clean
 
 all: build
 
@@ -40,6 +41,13 @@ test-only: build
 bench: build
 	@bash bench/run.sh
 
+BUILD_FUZZ   ?= build-fuzz
+FUZZ_SECONDS ?= 600
+fuzz:
+	CC=clang cmake -S . -B $(BUILD_FUZZ) $(CMAKE_GEN) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMG_FUZZ=ON -DMG_BUILD_TESTS=OFF
+	cmake --build $(BUILD_FUZZ) -j
+	bash tests/fuzz/run.sh $(BUILD_FUZZ) $(FUZZ_SECONDS)
+
 services-up:
 	@bash tests/infra/services.sh up
 
@@ -50,4 +58,4 @@ format:
 	clang-format -i $$(git ls-files '*.c' '*.h')
 
 clean:
-	rm -rf $(BUILD) $(BUILD_SAN)
+	rm -rf $(BUILD) $(BUILD_SAN) $(BUILD_FUZZ)

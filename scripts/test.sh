@@ -4,7 +4,7 @@
 #    module proxy), all cached under ~/.cache/meshgate
 # 2. start Redis Cluster, Kafka and Consul on loopback
 # 3. build normally and with ASan+UBSan, run every test on both builds
-# 4. offline Helm/Istio validation
+# 4. a short run of every libFuzzer harness (tests/fuzz), offline Helm/Istio validation
 # 5. stop the services; print one closing line "N passed, M failed"
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +32,13 @@ bash scripts/run-tests.sh build "$summary" || status=1
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
   LSAN_OPTIONS=suppressions=$root/tests/lsan.supp \
   bash scripts/run-tests.sh build-asan "$summary" || status=1
+# libFuzzer harnesses (tests/fuzz): a short bounded run of each (MG_FUZZ_SECONDS, default 15).
+if CC=clang cmake -S . -B build-fuzz $gen -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMG_FUZZ=ON \
+     -DMG_BUILD_TESTS=OFF >/dev/null && cmake --build build-fuzz -j >/dev/null; then
+  bash tests/fuzz/run.sh build-fuzz "${MG_FUZZ_SECONDS:-15}" "$summary" || status=1
+else
+  echo "fuzz build failed"; echo "fuzz/build 0 1" >>"$summary"; status=1
+fi
 if [ -x tests/deploy/run.sh ] || [ -f tests/deploy/run.sh ]; then
   if out=$(bash tests/deploy/run.sh 2>&1); then echo "$out" | tail -n 5; else echo "$out"; status=1; fi
   line=$(echo "$out" | grep -E '^deploy: [0-9]+ passed, [0-9]+ failed' | tail -n 1 || true)

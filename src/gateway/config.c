@@ -208,6 +208,10 @@ int mg_config_validate(const mg_config *cfg, char *err, size_t errlen)
         FAIL("--max-frame-bytes must be >= 256 and --max-content-bytes >= 1");
     if (cfg->max_user_bytes < 1 || cfg->max_user_bytes > 4096)
         FAIL("--max-user-bytes must be within 1..4096");
+    if (cfg->inbox_memory_bytes < 1 || cfg->inbox_memory_users < 1)
+        FAIL("--inbox-memory-bytes and --inbox-memory-users must be at least 1");
+    if (cfg->inbox_min_replicas > 64)
+        FAIL("--inbox-min-replicas must be within 0..64");
     if (strlen(cfg->id) > 128 || strpbrk(cfg->id, " \t\n/"))
         FAIL("--id must be at most 128 characters without spaces or '/'");
     if (cfg->ws_max_header_bytes < 1024 || cfg->ws_max_header_bytes > 65535)

@@ -119,6 +119,16 @@
       "messages", "offline inbox cap per user; the oldest are dropped beyond it")                  \
     X(INT, inbox_max_age_seconds, "inbox-max-age-seconds", "MESHGATE_INBOX_MAX_AGE_SECONDS",       \
       "604800", "s", "offline messages older than this are dropped")                               \
+    X(INT, inbox_memory_bytes, "inbox-memory-bytes", "MESHGATE_INBOX_MEMORY_BYTES", "268435456",   \
+      "bytes",                                                                                     \
+      "memory inbox (--presence memory): bytes of messages held in all; beyond it stores fail "    \
+      "(FAILED \"offline inbox full\")")                                                           \
+    X(INT, inbox_memory_users, "inbox-memory-users", "MESHGATE_INBOX_MEMORY_USERS", "1000000",     \
+      "users", "memory inbox: users with messages held; beyond it stores fail the same way")       \
+    X(INT, inbox_min_replicas, "inbox-min-replicas", "MESHGATE_INBOX_MIN_REPLICAS", "0",           \
+      "replicas",                                                                                  \
+      "Redis inbox: a write is STORED only after this many replicas acknowledged it (WAIT, "       \
+      "within --redis-timeout-ms); fewer: FAILED")                                                 \
     X(STR, discovery, "discovery", "MESHGATE_DISCOVERY", "none", "",                               \
       "peer discovery: none or consul")                                                            \
     X(STR, consul_addr, "consul-addr", "CONSUL_HTTP_ADDR", "127.0.0.1:8500", "host:port or URL",   \

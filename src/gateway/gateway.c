@@ -51,8 +51,9 @@ static int make_stores(mg_gateway *gw, mg_presence **presence, mg_inbox **inbox,
     const mg_config *cfg = gw->cfg;
     if (!strcmp(cfg->presence, "memory")) {
         *presence = mg_presence_memory_create(cfg->id, cfg->region);
-        *inbox =
-            mg_inbox_memory_create((size_t)cfg->inbox_max_messages, cfg->inbox_max_age_seconds);
+        *inbox = mg_inbox_memory_create_bounded(
+            (size_t)cfg->inbox_max_messages, cfg->inbox_max_age_seconds,
+            (size_t)cfg->inbox_memory_bytes, (size_t)cfg->inbox_memory_users);
         mg_log_info("gateway", "presence=memory inbox=memory (single gateway, nothing shared)");
         return 0;
     }
@@ -66,8 +67,9 @@ static int make_stores(mg_gateway *gw, mg_presence **presence, mg_inbox **inbox,
     }
     *presence =
         mg_presence_redis_create(gw->redis, cfg->id, cfg->region, (int)cfg->presence_lease_seconds);
-    *inbox = mg_inbox_redis_create(gw->redis, (size_t)cfg->inbox_max_messages,
-                                   cfg->inbox_max_age_seconds);
+    *inbox =
+        mg_inbox_redis_create_durable(gw->redis, (size_t)cfg->inbox_max_messages,
+                                      cfg->inbox_max_age_seconds, (int)cfg->inbox_min_replicas);
     if (!*presence || !*inbox) {
         snprintf(err, errlen, "presence store: %s",
                  !*presence ? "cannot write this gateway's lease to Redis Cluster"

@@ -26,6 +26,7 @@
 #include "common/mg_id.h"
 #include "common/mg_log.h"
 #include "common/mg_metrics.h"
+#include "common/mg_pbwire.h"
 #include "common/mg_time.h"
 #include "gateway/config.h"
 #include "common/mg_grpc.h"
@@ -263,6 +264,12 @@ static mg_msg *msg_from_pb(const struct limits *lim, const Meshgate__V1__Message
                  lim->max_user_bytes);
         return NULL;
     }
+    /* from and id reach recipients' frames and logs: the user rule (UTF-8, no
+     * control characters) for both. */
+    if (from_len && !mg_ws_proto_valid_user(pb->from, from_len)) {
+        snprintf(err, errlen, "message.from is not valid UTF-8 or holds control characters");
+        return NULL;
+    }
     if (pb->content.len > lim->max_content_bytes) {
         snprintf(err, errlen, "message.content is %zu bytes, more than the limit of %zu",
                  pb->content.len, lim->max_content_bytes);
@@ -272,6 +279,10 @@ static mg_msg *msg_from_pb(const struct limits *lim, const Meshgate__V1__Message
     if (id_len > MG_GRPC_MAX_ID_BYTES) {
         snprintf(err, errlen, "message.id is %zu bytes, longer than the limit of %d", id_len,
                  MG_GRPC_MAX_ID_BYTES);
+        return NULL;
+    }
+    if (id_len && !mg_ws_proto_valid_user(pb->id, id_len)) {
+        snprintf(err, errlen, "message.id is not valid UTF-8 or holds control characters");
         return NULL;
     }
     if (pb->content_type && strlen(pb->content_type) > MG_GRPC_MAX_TYPE_BYTES) {
@@ -505,9 +516,20 @@ static void batch_done(void *arg, const mg_send_result *vres, size_t nvalid)
     batch_ctx_free(x);
 }
 
+#define MG_GRPC_BATCH_TO_FIELD 2 /* SendBatchRequest.to, proto/meshgate/v1/messaging.proto */
+
 static grpc_status_code h_send_batch(mg_grpc_server *s, struct rpc *c, const uint8_t *req,
                                      size_t len, char *err, size_t errlen)
 {
+    /* Bound the recipients before protobuf-c copies each of them: one pass
+     * over the bytes, stopping just past the limit. */
+    size_t nto = 0;
+    if (mg_pb_count_field(req ? req : (const uint8_t *)"", len, MG_GRPC_BATCH_TO_FIELD,
+                          s->lim.max_batch + 1, &nto) == 0 &&
+        nto > s->lim.max_batch) {
+        snprintf(err, errlen, "to: more than the limit of %zu recipients", s->lim.max_batch);
+        return GRPC_STATUS_INVALID_ARGUMENT;
+    }
     UNPACK(Meshgate__V1__SendBatchRequest, rq, meshgate__v1__send_batch_request__descriptor);
     if (rq->n_to == 0 || rq->n_to > s->lim.max_batch) {
         if (rq->n_to == 0)

@@ -10,6 +10,7 @@
 #include "gateway/ws_proto.h"
 
 #include <errno.h>
+#include <jansson.h>
 #include <jwt.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,7 +20,41 @@ struct mg_jwt_auth {
     jwt_alg_t alg;
     unsigned char *key;
     size_t keylen;
+    char *audience, *issuer; /* NULL: not checked */
 };
+
+void mg_jwt_auth_require(mg_jwt_auth *a, const char *audience, const char *issuer)
+{
+    free(a->audience);
+    free(a->issuer);
+    a->audience = audience && *audience ? mg_xstrdup(audience) : NULL;
+    a->issuer = issuer && *issuer ? mg_xstrdup(issuer) : NULL;
+}
+
+/* "aud" is want, or an array of strings holding it (RFC 7519 4.1.3). */
+static bool audience_ok(jwt_t *jwt, const char *want)
+{
+    const char *aud = jwt_get_grant(jwt, "aud");
+    if (aud)
+        return strcmp(aud, want) == 0;
+    char *js = jwt_get_grants_json(jwt, "aud");
+    if (!js)
+        return false;
+    bool ok = false;
+    json_t *arr = json_loads(js, JSON_DECODE_ANY, NULL);
+    size_t i;
+    json_t *v;
+    if (json_is_array(arr)) {
+        json_array_foreach(arr, i, v)
+        {
+            if (json_is_string(v) && !strcmp(json_string_value(v), want))
+                ok = true;
+        }
+    }
+    json_decref(arr);
+    free(js);
+    return ok;
+}
 
 mg_jwt_auth *mg_jwt_auth_create(const char *hs256_secret, const char *rs256_pem_file, char *err,
                                 size_t errlen)
@@ -72,6 +107,8 @@ void mg_jwt_auth_free(mg_jwt_auth *a)
     if (!a)
         return;
     free(a->key);
+    free(a->audience);
+    free(a->issuer);
     free(a);
 }
 
@@ -113,6 +150,17 @@ int mg_jwt_auth_verify(const mg_jwt_auth *a, const char *token, int64_t now_s,
     const char *sub = jwt_get_grant(jwt, "sub");
     if (!sub || !mg_ws_proto_valid_user(sub, max_user_bytes)) {
         snprintf(reason, reasonlen, "token has no valid sub");
+        goto out;
+    }
+    if (a->issuer) {
+        const char *iss = jwt_get_grant(jwt, "iss");
+        if (!iss || strcmp(iss, a->issuer) != 0) {
+            snprintf(reason, reasonlen, iss ? "token issuer not accepted" : "token has no iss");
+            goto out;
+        }
+    }
+    if (a->audience && !audience_ok(jwt, a->audience)) {
+        snprintf(reason, reasonlen, "token audience not accepted");
         goto out;
     }
     *user = mg_xstrdup(sub);

@@ -4,7 +4,8 @@
  * its "alg" header is exactly the configured algorithm (no "none", no
  * HS/RS confusion), it has an integer "exp" in the future (required), an
  * optional "nbf" not in the future (60 s skew allowed), and a string "sub"
- * that is a valid user id (ws_proto.h mg_ws_proto_valid_user).
+ * that is a valid user id (ws_proto.h mg_ws_proto_valid_user); and, when
+ * required (mg_jwt_auth_require), the configured "aud" and "iss".
  *
  * Thread-safety: create/free on one thread; verify may be called from any
  * thread concurrently (the key is read-only after create).
@@ -23,6 +24,12 @@ typedef struct mg_jwt_auth mg_jwt_auth;
 mg_jwt_auth *mg_jwt_auth_create(const char *hs256_secret, const char *rs256_pem_file, char *err,
                                 size_t errlen);
 void mg_jwt_auth_free(mg_jwt_auth *a);
+
+/* Requires claims from then on (create's thread, before any verify):
+ * audience non-empty: "aud" must be that string or an array holding it;
+ * issuer non-empty: "iss" must equal it. A token without the claim is
+ * refused. NULL or "" leaves that check off. The strings are copied. */
+void mg_jwt_auth_require(mg_jwt_auth *a, const char *audience, const char *issuer);
 
 /* Verifies token at time now_s (Unix seconds). Returns 0 and the user id
  * (malloc'd, the caller frees) in *user, or -EACCES with a reason. */

@@ -322,7 +322,9 @@ static void store_run(route_op *op)
         op_record(op, MG_STATUS_STORED, MG_PATH_INBOX, 0, NULL);
     else
         op_record(op, MG_STATUS_FAILED, MG_PATH_INBOX, 0,
-                  rc == -ENOSPC ? "offline inbox full" : "offline inbox unavailable");
+                  rc == -ENOSPC      ? "offline inbox full"
+                  : rc == -EREMOTEIO ? "offline inbox not replicated"
+                                     : "offline inbox unavailable");
     op_complete(op);
 }
 

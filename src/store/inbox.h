@@ -34,7 +34,15 @@ struct mg_inbox {
     const struct mg_inbox_ops *ops;
 };
 
+/* The in-memory inbox: at most max_messages per user (the oldest dropped
+ * beyond), none older than max_age_seconds, and in all at most max_bytes of
+ * messages and bookkeeping and max_users users with messages (0: no such
+ * bound); a store beyond the overall bounds fails with -ENOSPC and nothing
+ * is evicted for it. Acks and expiry free room. The caller frees it with
+ * mg_inbox_free. _create is _create_bounded without the overall bounds. */
 mg_inbox *mg_inbox_memory_create(size_t max_messages, int64_t max_age_seconds);
+mg_inbox *mg_inbox_memory_create_bounded(size_t max_messages, int64_t max_age_seconds,
+                                         size_t max_bytes, size_t max_users);
 void mg_inbox_items_free(mg_msg **items, size_t n);
 
 static inline void mg_inbox_free(mg_inbox *ib)

@@ -14,6 +14,12 @@
  * - ack: ZREM + HDEL; 0 removed -> -ENOENT.
  * Guarantees: order by arrival per user (across gateways, even with skewed
  * clocks, since scores only grow); a message leaves only by ack, cap or age.
+ * Durability (--inbox-min-replicas > 0): a store returns 0 (STORED) only
+ * after WAIT on the connection that ran the script says that many replicas
+ * have it, within the Redis timeout; fewer gives -EREMOTEIO (FAILED "offline
+ * inbox not replicated"), never a STORED that a failover can take back. The
+ * message may still be on the master and reach the user later: FAILED means
+ * "not known to be durable", and a retry with the same id is idempotent.
  */
 #include "store/redis_store.h"
 
@@ -72,6 +78,7 @@ typedef struct inbox_redis {
     mg_redis_cluster *rc;
     size_t max_messages;
     int64_t max_age_ms;
+    int min_replicas;
 } inbox_redis;
 
 static int user_ok(const char *u)
@@ -85,8 +92,10 @@ static void cutoff(const inbox_redis *ib, int64_t now, char *buf, size_t len)
     snprintf(buf, len, "(%" PRId64, (now - ib->max_age_ms) * 1024);
 }
 
+/* Runs script on user's keys; wait > 0: and WAITs for that many replicas
+ * (a shortfall is -EREMOTEIO). */
 static int eval(inbox_redis *ib, redisReply **out, const char *user, const char *script, int nargs,
-                const char **args, const size_t *arglens)
+                const char **args, const size_t *arglens, int wait)
 {
     char *k1 = mg_xasprintf("mg:i:{%s}", user), *k2 = mg_xasprintf("mg:im:{%s}", user);
     const char *argv[16];
@@ -102,12 +111,20 @@ static int eval(inbox_redis *ib, redisReply **out, const char *user, const char 
         argv[5 + i] = args[i];
         lens[5 + i] = arglens ? arglens[i] : strlen(args[i]);
     }
-    int rv = mg_redis_cluster_command_argv(ib->rc, out, k1, 5 + nargs, argv, lens);
+    int acked = -1;
+    int rv =
+        mg_redis_cluster_command_argv_wait(ib->rc, out, k1, 5 + nargs, argv, lens, wait, &acked);
     if (rv == 0 && (*out)->type == REDIS_REPLY_ERROR) {
         mg_log_warn("inbox", "script failed user=%s err=\"%s\"", user, (*out)->str);
         freeReplyObject(*out);
         *out = NULL;
         rv = -EIO;
+    } else if (rv == 0 && wait > 0 && acked < wait) {
+        mg_log_warn("inbox", "write not replicated user=%s replicas=%d wanted=%d", user, acked,
+                    wait);
+        freeReplyObject(*out);
+        *out = NULL;
+        rv = -EREMOTEIO;
     }
     free(k1);
     free(k2);
@@ -131,7 +148,7 @@ static int ir_store(mg_inbox *base, const mg_msg *msg)
     size_t lens[] = {strlen(msg->id), envlen,         strlen(score),
                      strlen(maxn),    strlen(maxage), strlen(cut)};
     redisReply *r = NULL;
-    int rv = eval(ib, &r, msg->to, STORE_LUA, 6, args, lens);
+    int rv = eval(ib, &r, msg->to, STORE_LUA, 6, args, lens, ib->min_replicas);
     if (r)
         freeReplyObject(r);
     free(env);
@@ -155,7 +172,7 @@ static int ir_fetch(mg_inbox *base, const char *user, size_t max, mg_msg ***out,
     snprintf(maxs, sizeof(maxs), "%zu", max);
     const char *args[] = {maxage, cut, maxs};
     redisReply *r = NULL;
-    int rv = eval(ib, &r, user, FETCH_LUA, 3, args, NULL);
+    int rv = eval(ib, &r, user, FETCH_LUA, 3, args, NULL, 0);
     if (rv != 0)
         return rv;
     if (r->type != REDIS_REPLY_ARRAY) {
@@ -190,7 +207,7 @@ static int ir_ack(mg_inbox *base, const char *user, const char *msg_id)
         return -EINVAL;
     const char *args[] = {msg_id};
     redisReply *r = NULL;
-    int rv = eval(ib, &r, user, ACK_LUA, 1, args, NULL);
+    int rv = eval(ib, &r, user, ACK_LUA, 1, args, NULL, 0);
     if (rv != 0)
         return rv;
     rv = r->type == REDIS_REPLY_INTEGER && r->integer > 0 ? 0 : -ENOENT;
@@ -213,12 +230,19 @@ static const struct mg_inbox_ops inbox_redis_ops = {
 
 mg_inbox *mg_inbox_redis_create(mg_redis_cluster *rc, size_t max_messages, int64_t max_age_seconds)
 {
-    if (!rc || max_messages == 0)
+    return mg_inbox_redis_create_durable(rc, max_messages, max_age_seconds, 0);
+}
+
+mg_inbox *mg_inbox_redis_create_durable(mg_redis_cluster *rc, size_t max_messages,
+                                        int64_t max_age_seconds, int min_replicas)
+{
+    if (!rc || max_messages == 0 || min_replicas < 0)
         return NULL;
     inbox_redis *ib = mg_new(inbox_redis);
     ib->base.ops = &inbox_redis_ops;
     ib->rc = rc;
     ib->max_messages = max_messages;
     ib->max_age_ms = max_age_seconds > 0 ? max_age_seconds * 1000 : 0;
+    ib->min_replicas = min_replicas;
     return &ib->base;
 }

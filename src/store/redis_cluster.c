@@ -76,9 +76,11 @@ typedef struct rc_cmd {
     char *buf; /* the formatted RESP command */
     int len;
     redisReply *reply;
-    int status;   /* 0, or -errno; 1 while pending */
-    rc_node *ask; /* ASK target for the next attempt */
-    bool run;     /* taken by an exec */
+    int status;        /* 0, or -errno; 1 while pending */
+    rc_node *ask;      /* ASK target for the next attempt */
+    bool run;          /* taken by an exec */
+    int wait_replicas; /* > 0: WAIT for this many replicas after the reply */
+    long long acked;   /* WAIT's answer; -1 when not asked or it failed */
 } rc_cmd;
 
 struct mg_redis_batch {
@@ -555,6 +557,43 @@ static void set_slot(mg_redis_cluster *rc, unsigned slot, const char *host, int 
     pthread_rwlock_unlock(&rc->lock);
 }
 
+/* After a group's replies: when a command that just got a non-error reply
+ * asked for replicas, one WAIT on the same connection (so it covers that
+ * write), for the most any of them asked, with a timeout a little inside
+ * what is left of the budget (so WAIT answers before the socket times out).
+ * A failed WAIT closes the connection and leaves acked at -1; the replies
+ * stand (the write happened on the master). */
+static void wait_replicas(rc_group *gr, rc_cmd *cmds, int64_t deadline)
+{
+    int want = 0;
+    for (size_t k = 0; k < gr->n; k++) {
+        rc_cmd *cmd = &cmds[gr->idx[k]];
+        if (cmd->status == 0 && cmd->wait_replicas > want && cmd->acked < 0 &&
+            cmd->reply->type != REDIS_REPLY_ERROR)
+            want = cmd->wait_replicas;
+    }
+    if (!want)
+        return;
+    int64_t left_ms = (deadline - mg_mono_us()) / 1000;
+    long long wait_ms = left_ms - left_ms / 10;
+    if (wait_ms < 1)
+        wait_ms = 1;
+    redisReply *w = redisCommand(gr->c, "WAIT %d %lld", want, wait_ms);
+    long long acked = w && w->type == REDIS_REPLY_INTEGER ? w->integer : -1;
+    if (!w) {
+        mg_log_warn("redis", "WAIT failed node=%s err=\"%s\"", gr->node->name, gr->c->errstr);
+        redisFree(gr->c);
+        gr->c = NULL;
+    }
+    if (w)
+        freeReplyObject(w);
+    for (size_t k = 0; k < gr->n; k++) {
+        rc_cmd *cmd = &cmds[gr->idx[k]];
+        if (cmd->status == 0 && cmd->wait_replicas > 0 && cmd->acked < 0)
+            cmd->acked = acked;
+    }
+}
+
 /* Runs cmds[0..n) (status 1 = pending) until each has a reply or the
  * deadline passes. */
 static int run(mg_redis_cluster *rc, rc_cmd *cmds, size_t n)
@@ -688,6 +727,8 @@ static int run(mg_redis_cluster *rc, rc_cmd *cmds, size_t n)
                 redisFree(gr->c);
                 gr->c = NULL;
             }
+            if (gr->c)
+                wait_replicas(gr, cmds, deadline);
             if (gr->c) {
                 conn_give(gr->node, gr->c);
                 gr->c = NULL;
@@ -741,6 +782,7 @@ static void cmd_init(rc_cmd *cmd, const char *key, char *buf, int len)
     cmd->buf = buf;
     cmd->len = len;
     cmd->status = len > 0 ? 1 : -EINVAL;
+    cmd->acked = -1;
 }
 
 static void cmd_clear(rc_cmd *cmd)
@@ -752,16 +794,20 @@ static void cmd_clear(rc_cmd *cmd)
         freeReplyObject(cmd->reply);
 }
 
-static int run_one(mg_redis_cluster *rc, redisReply **out, const char *key, char *buf, int len)
+static int run_one(mg_redis_cluster *rc, redisReply **out, const char *key, char *buf, int len,
+                   int wait, int *acked)
 {
     rc_cmd cmd;
     cmd_init(&cmd, key, buf, len);
+    cmd.wait_replicas = wait;
     *out = NULL;
     int rv = cmd.status < 0 ? cmd.status : run(rc, &cmd, 1);
     if (rv == 0) {
         *out = cmd.reply;
         cmd.reply = NULL;
     }
+    if (acked)
+        *acked = cmd.acked > INT32_MAX ? INT32_MAX : (int)cmd.acked;
     cmd_clear(&cmd);
     return rv;
 }
@@ -774,7 +820,7 @@ int mg_redis_cluster_command(mg_redis_cluster *rc, redisReply **out, const char 
     va_start(ap, fmt);
     int len = redisvFormatCommand(&buf, fmt, ap);
     va_end(ap);
-    return run_one(rc, out, key, len > 0 ? buf : NULL, len);
+    return run_one(rc, out, key, len > 0 ? buf : NULL, len, 0, NULL);
 }
 
 int mg_redis_cluster_command_argv(mg_redis_cluster *rc, redisReply **out, const char *key, int argc,
@@ -782,7 +828,17 @@ int mg_redis_cluster_command_argv(mg_redis_cluster *rc, redisReply **out, const 
 {
     char *buf = NULL;
     int len = redisFormatCommandArgv(&buf, argc, argv, argvlen);
-    return run_one(rc, out, key, len > 0 ? buf : NULL, len);
+    return run_one(rc, out, key, len > 0 ? buf : NULL, len, 0, NULL);
+}
+
+int mg_redis_cluster_command_argv_wait(mg_redis_cluster *rc, redisReply **out, const char *key,
+                                       int argc, const char **argv, const size_t *argvlen,
+                                       int numreplicas, int *replicas)
+{
+    char *buf = NULL;
+    int len = redisFormatCommandArgv(&buf, argc, argv, argvlen);
+    return run_one(rc, out, key, len > 0 ? buf : NULL, len, numreplicas > 0 ? numreplicas : 0,
+                   replicas);
 }
 
 mg_redis_batch *mg_redis_batch_new(void)

@@ -61,6 +61,17 @@ int mg_redis_cluster_command(mg_redis_cluster *rc, redisReply **out, const char 
 int mg_redis_cluster_command_argv(mg_redis_cluster *rc, redisReply **out, const char *key, int argc,
                                   const char **argv, const size_t *argvlen);
 
+/* Same, and then, when the reply is not an error reply, WAIT numreplicas
+ * on the same connection (the node that took the write), with a timeout
+ * inside what is left of the call's budget. *replicas gets WAIT's answer
+ * (how many replicas acknowledged this connection's writes so far), or -1
+ * when WAIT itself failed or was not sent (numreplicas <= 0, error reply);
+ * the reply is returned either way, since the master did run the command.
+ * A write redirected by MOVED/ASK is waited for on the node that ran it. */
+int mg_redis_cluster_command_argv_wait(mg_redis_cluster *rc, redisReply **out, const char *key,
+                                       int argc, const char **argv, const size_t *argvlen,
+                                       int numreplicas, int *replicas);
+
 /* A batch of commands run pipelined: grouped by node, each group written in
  * one go, replies read back; redirected or failed commands are resent within
  * the budget. Not thread-safe itself (one caller builds and runs it). */

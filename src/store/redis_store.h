@@ -47,5 +47,12 @@ mg_presence *mg_presence_redis_create(mg_redis_cluster *rc, const char *gateway_
  * last store. max_age_seconds <= 0: no age limit (and no TTL).
  * rc is borrowed: it must outlive the store. */
 mg_inbox *mg_inbox_redis_create(mg_redis_cluster *rc, size_t max_messages, int64_t max_age_seconds);
+/* The same, and a store succeeds only once min_replicas replicas
+ * acknowledged it (WAIT on the write's connection, within the cluster
+ * client's timeout); fewer: -EREMOTEIO, though the master may keep the
+ * message (a retry with the same id does not add it twice). 0: no WAIT.
+ * _create is _create_durable with 0. NULL when min_replicas < 0. */
+mg_inbox *mg_inbox_redis_create_durable(mg_redis_cluster *rc, size_t max_messages,
+                                        int64_t max_age_seconds, int min_replicas);
 
 #endif

@@ -69,6 +69,28 @@ Test(grpc_validate, message_rules)
     mg_msg_free(ok);
 }
 
+Test(grpc_validate, from_and_id_refuse_control_characters)
+{
+    char err[256];
+    Meshgate__V1__Message m = MESHGATE__V1__MESSAGE__INIT;
+    m.to = "bob";
+    m.from = "a\r\nX";
+    cr_assert_null(try_msg(&m, err));
+    cr_assert(strstr(err, "message.from is not valid UTF-8 or holds control characters"), "%s",
+              err);
+    m.from = "\xff\xfe";
+    cr_assert_null(try_msg(&m, err));
+    cr_assert(strstr(err, "message.from"), "%s", err);
+    m.from = "al";
+    m.id = "id\x1b[2J";
+    cr_assert_null(try_msg(&m, err));
+    cr_assert(strstr(err, "message.id is not valid UTF-8 or holds control characters"), "%s", err);
+    m.id = "id-\xc3\xa9"; /* UTF-8 is fine */
+    mg_msg *ok = try_msg(&m, err);
+    cr_assert_not_null(ok, "%s", err);
+    mg_msg_free(ok);
+}
+
 Test(grpc_validate, status_mapping)
 {
     cr_assert_eq(status_of_errno(-EINVAL), GRPC_STATUS_INVALID_ARGUMENT);
@@ -287,6 +309,29 @@ Test(grpc_server, bad_inputs)
     /* The server still answers after all that. */
     int st;
     cr_assert_eq(mg_tc_health(client, "", 5000, &st, NULL), GRPC_STATUS_OK);
+}
+
+/* A batch over the limit is refused from a scan of its bytes, before
+ * protobuf-c copies a recipient (the reason says so: no count decoded). */
+Test(grpc_server, oversized_batch_is_refused_before_decoding)
+{
+    uint8_t req[64];
+    size_t n = 0;
+    for (int i = 0; i < 5; i++) { /* max_batch is 4 */
+        req[n++] = 0x12;          /* field 2 (to), length-delimited */
+        req[n++] = 1;
+        req[n++] = (uint8_t)('a' + i);
+    }
+    char *d = NULL;
+    cr_assert_eq(mg_grpc_call_raw(client, MG_RPC_SEND_BATCH, req, n, 5000, NULL, NULL, &d),
+                 GRPC_STATUS_INVALID_ARGUMENT);
+    cr_assert(strstr(d, "to: more than the limit of 4 recipients"), "%s", d);
+    free(d);
+    /* four are decoded and checked as before (no message: refused after decoding) */
+    cr_assert_eq(mg_grpc_call_raw(client, MG_RPC_SEND_BATCH, req, n - 3, 5000, NULL, NULL, &d),
+                 GRPC_STATUS_INVALID_ARGUMENT);
+    cr_assert(strstr(d, "message is required"), "%s", d);
+    free(d);
 }
 
 Test(grpc_server, low_priority_is_accepted_then_routed)

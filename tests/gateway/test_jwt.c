@@ -171,3 +171,60 @@ Test(jwt, rs256_good_and_bad)
     snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
     cr_assert_eq(system(cmd), 0);
 }
+
+static char *hs_claims(const char *iss, const char *aud, const char *aud_json)
+{
+    jwt_t *j = NULL;
+    cr_assert_eq(jwt_new(&j), 0);
+    cr_assert_eq(jwt_set_alg(j, JWT_ALG_HS256, (const unsigned char *)SECRET, strlen(SECRET)), 0);
+    jwt_add_grant(j, "sub", "alice");
+    jwt_add_grant_int(j, "exp", time(NULL) + 600);
+    if (iss)
+        jwt_add_grant(j, "iss", iss);
+    if (aud)
+        jwt_add_grant(j, "aud", aud);
+    if (aud_json)
+        cr_assert_eq(jwt_add_grants_json(j, aud_json), 0);
+    char *t = jwt_encode_str(j);
+    jwt_free(j);
+    return t;
+}
+
+static void expect_claims(mg_jwt_auth *a, char *tok, int want, const char *why)
+{
+    char reason[160] = "", *user = NULL;
+    int rc = mg_jwt_auth_verify(a, tok, time(NULL), 64, &user, reason, sizeof(reason));
+    cr_assert_eq(rc, want, "rc %d reason '%s'", rc, reason);
+    if (want == 0)
+        cr_assert_str_eq(user, "alice");
+    else
+        cr_assert(strstr(reason, why), "reason '%s', want '%s'", reason, why);
+    free(user);
+    free(tok);
+}
+
+Test(jwt, audience_and_issuer_are_checked_when_required)
+{
+    char err[160];
+    mg_jwt_auth *a = mg_jwt_auth_create(SECRET, NULL, err, sizeof(err));
+    /* not required: anything goes */
+    expect_claims(a, hs_claims("other", "other", NULL), 0, NULL);
+    mg_jwt_auth_require(a, "meshgate", "https://id.example");
+    expect_claims(a, hs_claims("https://id.example", "meshgate", NULL), 0, NULL);
+    expect_claims(a, hs_claims("https://id.example", NULL, "{\"aud\":[\"x\",\"meshgate\"]}"), 0,
+                  NULL);
+    expect_claims(a, hs_claims("https://evil.example", "meshgate", NULL), -EACCES,
+                  "issuer not accepted");
+    expect_claims(a, hs_claims(NULL, "meshgate", NULL), -EACCES, "no iss");
+    expect_claims(a, hs_claims("https://id.example", "billing", NULL), -EACCES,
+                  "audience not accepted");
+    expect_claims(a, hs_claims("https://id.example", NULL, "{\"aud\":[\"x\",\"y\"]}"), -EACCES,
+                  "audience not accepted");
+    expect_claims(a, hs_claims("https://id.example", NULL, "{\"aud\":[1,{}]}"), -EACCES,
+                  "audience not accepted");
+    expect_claims(a, hs_claims("https://id.example", NULL, NULL), -EACCES, "audience not accepted");
+    /* off again */
+    mg_jwt_auth_require(a, "", NULL);
+    expect_claims(a, hs_claims(NULL, NULL, NULL), 0, NULL);
+    mg_jwt_auth_free(a);
+}

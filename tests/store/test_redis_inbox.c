@@ -179,3 +179,30 @@ Test(inbox_redis, bad_arguments)
     mg_redis_cluster_free(rc);
     tr_unlock(lk);
 }
+
+/* --inbox-min-replicas: the test cluster has one replica per master
+ * (tests/infra/redis-cluster.sh), so 1 is met and 2 never is: that store
+ * fails with -EREMOTEIO within the client's timeout, not later. */
+Test(inbox_redis, durable_store_waits_for_replicas)
+{
+    int lk = tr_lock(0);
+    mg_redis_cluster *rc = tr_cluster(800);
+    mg_inbox *one = mg_inbox_redis_create_durable(rc, 100, 3600, 1);
+    mg_inbox *two = mg_inbox_redis_create_durable(rc, 100, 3600, 2);
+    cr_assert_null(mg_inbox_redis_create_durable(rc, 100, 3600, -1));
+    fresh_user("w");
+    store(one, "d1", "durable");
+    mg_msg *m = msg("d2", "not durable enough");
+    int64_t t0 = mg_mono_ms();
+    cr_assert_eq(two->ops->store(two, m), -EREMOTEIO);
+    int64_t took = mg_mono_ms() - t0;
+    cr_assert_lt(took, 1000, "took %lld ms, budget 800", (long long)took);
+    cr_assert_geq(took, 300, "WAIT gave up after %lld ms", (long long)took);
+    mg_msg_free(m);
+    /* d1 is there; d2 reached the master even though it was not acknowledged */
+    expect(one, 10, (const char *[]){"d1", "d2", NULL});
+    mg_inbox_free(one);
+    mg_inbox_free(two);
+    mg_redis_cluster_free(rc);
+    tr_unlock(lk);
+}
