@@ -81,6 +81,10 @@
       "HS256 secret for client JWTs")                                                              \
     X(STR, jwt_public_key_file, "jwt-public-key-file", "MESHGATE_JWT_PUBLIC_KEY_FILE", "", "path", \
       "RS256 public key (PEM) for client JWTs")                                                    \
+    X(STR, jwt_audience, "jwt-audience", "MESHGATE_JWT_AUDIENCE", "", "",                          \
+      "client JWTs must name this in \"aud\" (off when empty)")                                    \
+    X(STR, jwt_issuer, "jwt-issuer", "MESHGATE_JWT_ISSUER", "", "",                                \
+      "client JWTs must carry this \"iss\" (off when empty)")                                      \
     X(STR, grpc_tls_cert, "grpc-tls-cert", "MESHGATE_GRPC_TLS_CERT", "", "path",                   \
       "TLS certificate chain (PEM) of the gRPC listener, also this gateway's client certificate "  \
       "on peer calls")                                                                             \

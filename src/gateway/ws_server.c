@@ -937,6 +937,7 @@ mg_ws_server *mg_ws_server_create(const mg_config *cfg, mg_pool *pool, char *err
             free(host);
             return NULL;
         }
+        mg_jwt_auth_require(auth, cfg->jwt_audience, cfg->jwt_issuer);
     }
     bool loopback = mg_host_is_loopback(host);
     if (!auth && !loopback) {

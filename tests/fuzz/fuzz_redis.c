@@ -4,7 +4,7 @@
  * The CLUSTER SLOTS walk is inline in refresh_from, which needs a live
  * connection, so it is not reached here (see tests/fuzz/README.md).
  * redis_cluster.c is included to reach its statics. */
-#include "router/redis_cluster.c"
+#include "store/redis_cluster.c"
 
 static void look(const redisReply *r, int depth)
 {

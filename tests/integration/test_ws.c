@@ -436,3 +436,44 @@ Test(ws, ping_keeps_live_clients_and_drops_dead_ones, .timeout = 60)
     cr_assert_eq(mg_gw_stop(gw), 0);
     mg_gw_free(gw);
 }
+
+Test(ws, jwt_audience_and_issuer_required_when_configured, .timeout = 60)
+{
+    const char *secret = "integration-secret-123456";
+    const char *args[] = {"--jwt-secret",       secret, "--jwt-audience", "chat", "--jwt-issuer",
+                          "https://id.example", NULL};
+    mg_gw *gw = mg_gw_spawn("ws-jwt-aud", args);
+    cr_assert_not_null(gw);
+    jwt_t *j = NULL;
+    char q[2048];
+    int st;
+    /* a good signature without aud/iss is refused */
+    char *plain = token(secret, "alice", time(NULL) + 300);
+    snprintf(q, sizeof(q), "token=%s", plain);
+    cr_assert_null(connect_q(gw, q, NULL, &st));
+    cr_assert_eq(st, 401, "no aud/iss: %d", st);
+    /* wrong audience */
+    cr_assert_eq(jwt_new(&j), 0);
+    jwt_set_alg(j, JWT_ALG_HS256, (const unsigned char *)secret, (int)strlen(secret));
+    jwt_add_grant(j, "sub", "alice");
+    jwt_add_grant_int(j, "exp", time(NULL) + 300);
+    jwt_add_grant(j, "iss", "https://id.example");
+    jwt_add_grant(j, "aud", "billing");
+    char *wrong = jwt_encode_str(j);
+    jwt_del_grants(j, "aud");
+    jwt_add_grant(j, "aud", "chat");
+    char *right = jwt_encode_str(j);
+    jwt_free(j);
+    snprintf(q, sizeof(q), "token=%s", wrong);
+    cr_assert_null(connect_q(gw, q, NULL, &st));
+    cr_assert_eq(st, 401, "wrong audience: %d", st);
+    snprintf(q, sizeof(q), "token=%s", right);
+    mg_wsc *a = connect_q(gw, q, NULL, &st);
+    cr_assert_not_null(a, "right audience and issuer: %d", st);
+    mg_wsc_free(a);
+    free(plain);
+    free(wrong);
+    free(right);
+    cr_assert_eq(mg_gw_stop(gw), 0);
+    mg_gw_free(gw);
+}

@@ -5,8 +5,8 @@
  * refusal is FAILED "offline inbox full". */
 #include "common/mg_metrics.h"
 #include "common/mg_time.h"
-#include "router/inbox.h"
-#include "router/presence.h"
+#include "store/inbox.h"
+#include "store/presence.h"
 #include "router/router.h"
 #include "support/mg_wait.h"
 
