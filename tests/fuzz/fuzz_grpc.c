@@ -1,10 +1,10 @@
 /* fuzz_grpc.c: gRPC request bodies through the decoders and validators the
- * handlers use (grpc_server.c is included to reach its statics, as its unit
- * test does). The first byte picks the method: Messaging (SendMessage,
- * SendBatch with the pre-decode recipient count, GetPresence, Disconnect),
- * GatewayPeer (DeliverMessage; DisconnectLocal shares DisconnectRequest) or
- * Health. */
+ * handlers use (grpc_server.c and grpc_services.c are included to reach their statics, as their
+ * unit test does). The first byte picks the method: Messaging (SendMessage, SendBatch with the
+ * pre-decode recipient count, GetPresence, Disconnect), GatewayPeer (DeliverMessage;
+ * DisconnectLocal shares DisconnectRequest) or Health. */
 #include "gateway/grpc_server.c"
+#include "gateway/grpc_services.c"
 
 static const struct limits fuzz_lim = {
     .max_content_bytes = 65536, .max_user_bytes = 256, .max_batch = 1000};

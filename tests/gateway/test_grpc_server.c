@@ -1,11 +1,13 @@
 /* test_grpc_server.c: the gRPC front end in-process.
  *
- * Validation and status mapping reach the statics of grpc_server.c; the rest
+ * Validation and status mapping reach the statics of grpc_services.c (the
+ * engine, grpc_server.c, is included with it); the rest
  * runs a real server on a free loopback port in front of a real router
  * (memory presence and inbox) whose local sink is this file's recorder, and
  * calls it with the real client of grpc_util.c.
  */
 #include "gateway/grpc_server.c"
+#include "gateway/grpc_services.c"
 #include "support/grpc_client.h"
 
 #include <criterion/criterion.h>
