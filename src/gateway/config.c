@@ -235,3 +235,8 @@ void mg_config_clear(mg_config *cfg)
             *slot = NULL;
         }
 }
+
+int64_t mg_config_send_deadline_ms(const mg_config *cfg)
+{
+    return cfg->peer_deadline_ms + cfg->kafka_timeout_ms + 1000;
+}

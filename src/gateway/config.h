@@ -41,6 +41,10 @@
       "largest WebSocket frame accepted from a client; larger closes with 1009")                   \
     X(INT, grpc_max_message_bytes, "grpc-max-message-bytes", "MESHGATE_GRPC_MAX_MESSAGE_BYTES",    \
       "4194304", "bytes", "largest gRPC request accepted (RESOURCE_EXHAUSTED above)")              \
+    X(INT, grpc_max_deadline_ms, "grpc-max-deadline-ms", "MESHGATE_GRPC_MAX_DEADLINE_MS", "30000", \
+      "ms",                                                                                        \
+      "a gRPC send is routed within the caller's deadline, at most this long (also when "          \
+      "the caller set none)")                                                                      \
     X(INT, max_user_bytes, "max-user-bytes", "MESHGATE_MAX_USER_BYTES", "256", "bytes",            \
       "longest user id accepted")                                                                  \
     X(INT, max_batch, "max-batch", "MESHGATE_MAX_BATCH", "100000", "recipients",                   \
@@ -208,6 +212,11 @@ int mg_config_load(mg_config *cfg, int argc, char **argv, FILE *out, char *err, 
 int mg_config_validate(const mg_config *cfg, char *err, size_t errlen);
 void mg_config_clear(mg_config *cfg);
 void mg_config_print_help(FILE *out, int markdown);
+
+/* The deadline of a send nobody waits for (a WebSocket send, a LOW gRPC
+ * send): long enough for a peer attempt and its Kafka fallback,
+ * --peer-deadline-ms + --kafka-timeout-ms + 1 s. */
+int64_t mg_config_send_deadline_ms(const mg_config *cfg);
 
 /* Splits "host:port" into host (caller frees) and port. -EINVAL when malformed. */
 int mg_parse_hostport(const char *s, char **host, int *port);

@@ -255,6 +255,8 @@ int mg_gateway_start(const mg_config *cfg, mg_gateway **out, char *err, size_t e
         .max_content_bytes = (size_t)cfg->max_content_bytes,
         .max_user_bytes = (size_t)cfg->max_user_bytes,
         .max_batch = (size_t)cfg->max_batch,
+        .max_deadline_ms = (int)cfg->grpc_max_deadline_ms,
+        .low_deadline_ms = (int)mg_config_send_deadline_ms(cfg),
         .gateway_id = cfg->id,
         .region = cfg->region,
         .auth = gw->auth,

@@ -70,6 +70,7 @@ struct mg_grpc_server {
     mg_router *router;
     mg_pool *pool;
     const mg_grpc_auth *auth; /* grpc_auth.h: who may call what */
+    int max_deadline_ms, low_deadline_ms;
 
     grpc_server *server;
     grpc_completion_queue *cq; /* shared by every thread */

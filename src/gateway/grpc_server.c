@@ -17,7 +17,7 @@
  * (those that wait on Redis or peers run as worker pool jobs), so calls in
  * flight are bounded by the router's --max-inflight-sends, not by threads.
  * Deadlines: the client's deadline becomes a monotonic ms deadline for the
- * router; none means MG_GRPC_DEFAULT_DEADLINE_MS. gRPC core itself ends a
+ * router, capped at cfg->max_deadline_ms (also for none). gRPC core itself ends a
  * call whose deadline passes (the client sees DEADLINE_EXCEEDED).
  * Shutdown: shutdown_and_notify, then cancel_all_calls after the grace,
  * then each queue is shut down and drained by its thread, which exits.
@@ -53,8 +53,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#define MG_GRPC_REQUESTS_PER_CQ     16
-#define MG_GRPC_DEFAULT_DEADLINE_MS 30000
+#define MG_GRPC_REQUESTS_PER_CQ 16
 
 const struct mg_grpc_method mg_grpc_methods[M_COUNT] = {
     [M_SEND_MESSAGE] = {"/meshgate.v1.Messaging/SendMessage", "SendMessage"},
@@ -216,8 +215,8 @@ static void handle(struct rpc *c)
     char err[256] = "";
     grpc_status_code code;
     int64_t left = mg_grpc_deadline_left_ms(c->details.deadline);
-    if (left > MG_GRPC_DEFAULT_DEADLINE_MS)
-        left = MG_GRPC_DEFAULT_DEADLINE_MS;
+    if (left > s->max_deadline_ms)
+        left = s->max_deadline_ms;
     c->deadline_ms = mg_mono_ms() + left;
 
     if (c->method == M_UNKNOWN || !mg_grpc_handlers[c->method]) {
@@ -315,6 +314,10 @@ mg_grpc_server *mg_grpc_server_create(const mg_grpc_server_config *cfg, mg_route
         snprintf(err, errlen, "grpc: threads must be 1..256 (got %d)", cfg->threads);
         return NULL;
     }
+    if (cfg->max_deadline_ms < 1 || cfg->low_deadline_ms < 1) {
+        snprintf(err, errlen, "grpc: max and LOW deadlines must be set (> 0 ms)");
+        return NULL;
+    }
     if (cfg->max_message_bytes < 64 || cfg->max_user_bytes < 1 || cfg->max_batch < 1) {
         snprintf(err, errlen,
                  "grpc: max message bytes (>= 64), max user bytes and max batch (>= 1) must be "
@@ -333,6 +336,8 @@ mg_grpc_server *mg_grpc_server_create(const mg_grpc_server_config *cfg, mg_route
     s->lim.max_batch = cfg->max_batch;
     s->router = router;
     s->pool = pool;
+    s->max_deadline_ms = cfg->max_deadline_ms;
+    s->low_deadline_ms = cfg->low_deadline_ms;
     s->auth = cfg->auth;
     s->port = -1;
     atomic_init(&s->serving, true);

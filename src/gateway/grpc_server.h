@@ -34,6 +34,8 @@ typedef struct mg_grpc_server_config {
     const char *gateway_id;   /* copied */
     const char *region;       /* copied */
     const mg_grpc_auth *auth; /* borrowed, outlives the server; NULL: insecure, no checks */
+    int max_deadline_ms;      /* a call's router deadline: the client's, at most this (> 0) */
+    int low_deadline_ms;      /* a LOW send's router deadline (nobody waits for it) (> 0) */
 } mg_grpc_server_config;
 
 /* Creates the server (nothing is bound yet). router and pool are borrowed:

@@ -30,7 +30,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MG_GRPC_LOW_DEADLINE_MS    10000 /* a LOW send's router deadline */
 #define MG_GRPC_MAX_ID_BYTES       128
 #define MG_GRPC_MAX_TYPE_BYTES     128
 #define MG_GRPC_MAX_REASON_BYTES   123 /* WebSocket close reason limit */
@@ -263,7 +262,7 @@ static grpc_status_code h_send_message(mg_grpc_server *s, struct rpc *c, const u
     struct send_ctx *x = NULL;
     int rc;
     if (low) {
-        rc = mg_router_send(s->router, msg, mg_mono_ms() + MG_GRPC_LOW_DEADLINE_MS, low_done, NULL);
+        rc = mg_router_send(s->router, msg, mg_mono_ms() + s->low_deadline_ms, low_done, NULL);
     } else {
         x = mg_new(struct send_ctx);
         x->c = c;
@@ -393,8 +392,8 @@ static grpc_status_code h_send_batch(mg_grpc_server *s, struct rpc *c, const uin
     grpc_status_code code = GRPC_STATUS_OK;
     bool low = msg->priority == MG_PRIO_LOW;
     if (nvalid > 0 && low) {
-        if (mg_router_send_batch(s->router, msg, valid, nvalid,
-                                 mg_mono_ms() + MG_GRPC_LOW_DEADLINE_MS, low_batch_done, NULL) < 0)
+        if (mg_router_send_batch(s->router, msg, valid, nvalid, mg_mono_ms() + s->low_deadline_ms,
+                                 low_batch_done, NULL) < 0)
             code = overloaded(s, err, errlen, true);
         for (size_t k = 0; k < nvalid; k++)
             accepted(&x->res[x->valid_idx[k]]);

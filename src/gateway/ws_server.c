@@ -960,7 +960,7 @@ mg_ws_server *mg_ws_server_create(const mg_config *cfg, mg_pool *pool, char *err
     ws->max_conns = cfg->max_connections > 0 ? (size_t)cfg->max_connections : 1000000;
     ws->limits.max_content_bytes = (size_t)cfg->max_content_bytes;
     ws->limits.max_user_bytes = cfg->max_user_bytes > 0 ? (size_t)cfg->max_user_bytes : 256;
-    ws->send_deadline_ms = cfg->kafka_timeout_ms + cfg->peer_deadline_ms + 1000;
+    ws->send_deadline_ms = mg_config_send_deadline_ms(cfg);
     ws->ping_seconds = cfg->ping_seconds > 0 ? (int)cfg->ping_seconds : 30;
     ws->fd_reserve = (size_t)cfg->fd_reserve;
     ws->max_handshakes = (size_t)cfg->ws_max_handshakes;

@@ -839,7 +839,8 @@ int mg_router_disconnect(mg_router *r, const char *user, const char *conn_id, in
         mg_transport *g = r->transports[MG_PATH_GRPC];
         mg_route_target t = {c->gateway_id, c->region};
         if (g && g->ops->disconnect) {
-            int n = g->ops->disconnect(g, &t, user, conn_id, code, reason, mg_mono_ms() + 2000);
+            /* 0: the transport's own bound (--peer-deadline-ms) */
+            int n = g->ops->disconnect(g, &t, user, conn_id, code, reason, 0);
             if (n > 0)
                 total += n;
         }

@@ -195,6 +195,8 @@ static void start_server(int threads, int pool_threads, size_t pool_queue, size_
                                  .max_content_bytes = 1024,
                                  .max_user_bytes = 32,
                                  .max_batch = 4,
+                                 .max_deadline_ms = 30000,
+                                 .low_deadline_ms = 10000,
                                  .gateway_id = "gw-test",
                                  .region = "local"};
     char err[256];
@@ -491,7 +493,9 @@ Test(grpc_server, port_in_use_is_reported)
                                  .max_message_bytes = 4096,
                                  .max_content_bytes = 1024,
                                  .max_user_bytes = 32,
-                                 .max_batch = 4};
+                                 .max_batch = 4,
+                                 .max_deadline_ms = 30000,
+                                 .low_deadline_ms = 10000};
     mg_grpc_server *s2 = mg_grpc_server_create(&cfg, router, pool, err, sizeof(err));
     cr_assert_not_null(s2);
     cr_assert_eq(mg_grpc_server_start(s2, err, sizeof(err)), -EADDRINUSE, "%s", err);
