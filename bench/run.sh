@@ -11,6 +11,8 @@
 # Environment:
 #   BUILD          build dir (default: build); targets meshgate, meshgate-cli, mgload are built
 #   BENCH_OUT      results dir (default: bench/results)
+#   GW_BIN         the gateway binary (default: $BUILD/meshgate): an older build against the
+#                  same load generator, for before/after pairs in one sitting
 #   BENCH_START_SERVICES=1   `all` starts tests/infra/services.sh when Redis/Kafka/Consul are down
 #                  (single grpc/kafka runs always do)
 #   IDLE_CONNS, LOCAL_PAIRS, LOCAL_WINDOW, FANOUT_USERS, GRPC_RATE, KAFKA_RATE, PHASE_SECONDS
@@ -45,7 +47,7 @@ if [ ! -f "$BUILD/CMakeCache.txt" ]; then
     -DCMAKE_BUILD_TYPE=Release >/dev/null || die "cmake configure failed"
 fi
 cmake --build "$BUILD" --target meshgate meshgate-cli mgload >/dev/null || die "build failed"
-GW=$BUILD/meshgate
+GW=${GW_BIN:-$BUILD/meshgate}
 LOAD=$BUILD/bench/mgload
 [ -x "$GW" ] && [ -x "$LOAD" ] || die "missing $GW or $LOAD"
 
