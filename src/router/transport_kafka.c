@@ -19,17 +19,24 @@
  * region's gateways, or broker auto-create, usually got there first).
  *
  * Consumer. Group "meshgate-<region>", auto commit and auto offset store off.
- * The "kafka-consume" thread is an ingress: it polls, decodes and hands each
- * record to mg_router_deliver_from_queue(), and takes the next record of
- * the partition once that operation answered (the order of a partition is
- * the order of its records); the offset is stored only after the record
+ * The "kafka-consume" thread is an ingress that never waits for a record:
+ * it polls, decodes and starts each record's operation
+ * (mg_router_deliver_from_queue) and pauses the record's partition; the
+ * operation's answer (any thread) is queued back and wakes the poll
+ * (rd_kafka_queue_yield), and the consumer thread settles it: the next
+ * record of that partition starts (fetched ones wait in order behind the one
+ * in flight), or the partition resumes. So each partition has one record in
+ * flight (a partition's order is the order of its records) and every
+ * assigned partition progresses at once. The offset is stored only after the record
  * was handled (delivered, forwarded by gRPC, put in the inbox, or skipped as
  * undecodable) and stored offsets are committed asynchronously at most every
  * COMMIT_INTERVAL_MS, synchronously on partition revocation and on stop.
  * A transient failure retries the same record with exponential backoff; after
  * retry_budget_ms the message is parked in the recipient's inbox (if that
- * fails too, retrying goes on: nothing acknowledged is dropped). Records of a
- * partition are handled in order, one at a time.
+ * fails too, retrying goes on: nothing acknowledged is dropped); the retry
+ * waits on a due time checked by the loop, not on a sleeping thread. On stop
+ * the operations in flight are awaited (bounded by their deadline) before the
+ * consumer closes; what was not handled stays uncommitted and is redelivered.
  *
  * Threads: deliver()/available() from any router worker; "kafka-poll" and
  * "kafka-consume" are owned here; create/start/stop/free from the control
@@ -85,11 +92,18 @@ typedef struct tk {
     mg_map *topics; /* foreign topic -> (void *)TOPIC_PENDING/READY */
 
     rd_kafka_t *consumer;
+    rd_kafka_queue_t *consumer_q; /* yielded by record_done to wake the poll */
     pthread_t consume_thread;
     bool consume_started;
     atomic_bool consume_run;
     mg_router *router;
     atomic_int assigned;
+    struct part *parts; /* by partition number: kafka-consume only */
+    size_t nparts;
+    struct record *retrying; /* kafka-consume only */
+    pthread_mutex_t rec_mu;  /* answered */
+    struct record *answered; /* operations that answered, for kafka-consume */
+    atomic_int in_flight;
 
     atomic_llong last_error_log_ms;
     mg_metric *dropped, *bad_records, *consumed, *retries, *parked, *produce_errors, *ack_latency;
@@ -475,105 +489,193 @@ static void store_offset(tk *k, const rd_kafka_message_t *m)
     rd_kafka_topic_partition_list_destroy(l);
 }
 
-/* Sleeps ms unless the consumer is being stopped; returns false then. */
-static bool consumer_sleep(tk *k, int ms)
+/* ---- the consumer's records in flight --------------------------------------- */
+
+/* A record being handled: its operation in flight, or waiting to be tried
+ * again. The consumer thread owns every field but `res`, which the
+ * operation's callback fills before handing the record back. */
+typedef struct record {
+    struct record *next;
+    tk *k;
+    rd_kafka_message_t *m; /* kept until handled: its offset is stored then */
+    mg_msg *msg;           /* NULL: undecodable, only its offset to store in order */
+    int64_t start_ms, retry_at_ms;
+    int attempt, delay_ms;
+    mg_send_result res;
+} record;
+
+/* Per partition: the record in flight and those fetched behind it. */
+typedef struct part {
+    record *busy;
+    record *head, *tail;
+    bool paused;
+} part;
+
+static part *part_of(tk *k, int32_t p)
 {
-    for (int slept = 0; slept < ms; slept += 20) {
-        if (!atomic_load(&k->consume_run))
-            return false;
-        usleep(20000);
+    if (p < 0)
+        return NULL;
+    if ((size_t)p >= k->nparts) {
+        size_t n = (size_t)p + 1;
+        k->parts = mg_xrealloc(k->parts, n * sizeof(*k->parts));
+        memset(k->parts + k->nparts, 0, (n - k->nparts) * sizeof(*k->parts));
+        k->nparts = n;
     }
-    return atomic_load(&k->consume_run);
+    return &k->parts[p];
 }
 
-/* The consumer's wait for one record's operation. */
-typedef struct record_wait {
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    bool done;
-    mg_send_result res;
-} record_wait;
+static void set_paused(tk *k, const rd_kafka_message_t *m, bool pause)
+{
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
+    rd_kafka_topic_partition_list_add(l, rd_kafka_topic_name(m->rkt), m->partition);
+    rd_kafka_resp_err_t err = pause ? rd_kafka_pause_partitions(k->consumer, l)
+                                    : rd_kafka_resume_partitions(k->consumer, l);
+    if (err)
+        mg_log_debug("kafka", "%s partition=%d err=%s", pause ? "pause" : "resume",
+                     (int)m->partition, rd_kafka_err2str(err));
+    rd_kafka_topic_partition_list_destroy(l);
+}
 
+/* Any thread: the record's operation answered; the consumer thread takes
+ * it from here (record_settle). */
 static void record_done(void *arg, const mg_send_result *res)
 {
-    record_wait *w = arg;
-    pthread_mutex_lock(&w->mu);
-    w->res = *res;
-    w->done = true;
-    pthread_cond_signal(&w->cv);
-    pthread_mutex_unlock(&w->mu);
+    record *r = arg;
+    tk *k = r->k;
+    r->res = *res;
+    pthread_mutex_lock(&k->rec_mu);
+    r->next = k->answered;
+    k->answered = r;
+    pthread_mutex_unlock(&k->rec_mu);
+    rd_kafka_queue_yield(k->consumer_q); /* the consumer thread settles it now */
 }
 
-/* One try of the router: 0 when handled, or -EAGAIN with *res saying why. */
-static int route_record(tk *k, const mg_msg *msg, mg_send_result *res)
+/* Starts the record's operation. */
+static void record_start(tk *k, record *r)
 {
-    record_wait w = {.done = false};
-    pthread_mutex_init(&w.mu, NULL);
-    pthread_cond_init(&w.cv, NULL);
-    int rc =
-        mg_router_deliver_from_queue(k->router, msg, mg_mono_ms() + k->timeout_ms, record_done, &w);
-    if (rc == 0) {
-        /* The partition's next record waits for this one (its order). */
-        pthread_mutex_lock(&w.mu);
-        while (!w.done)
-            pthread_cond_wait(&w.cv, &w.mu);
-        pthread_mutex_unlock(&w.mu);
-        *res = w.res;
-        rc = res->status == MG_STATUS_FAILED ? -EAGAIN : 0;
-    } else {
-        memset(res, 0, sizeof(*res));
-        snprintf(res->reason, sizeof(res->reason), "router overloaded");
+    r->attempt++;
+    r->next = NULL;
+    atomic_fetch_add(&k->in_flight, 1);
+    if (mg_router_deliver_from_queue(k->router, r->msg, mg_mono_ms() + k->timeout_ms, record_done,
+                                     r) != 0) {
+        memset(&r->res, 0, sizeof(r->res));
+        r->res.status = MG_STATUS_FAILED;
+        snprintf(r->res.reason, sizeof(r->res.reason), "router overloaded");
+        record_done(r, &r->res);
     }
-    pthread_cond_destroy(&w.cv);
-    pthread_mutex_destroy(&w.mu);
-    return rc;
 }
 
-/* Hands one decoded record to the router until it is handled. Returns true
- * when its offset may be stored. */
-static bool handle_record(tk *k, const rd_kafka_message_t *m, const mg_msg *msg)
+static void record_free(record *r)
 {
-    int64_t start = mg_mono_ms();
-    int delay = RETRY_DELAY_MIN_MS;
-    for (int attempt = 0;; attempt++) {
-        mg_send_result res;
-        int rc = route_record(k, msg, &res);
-        if (rc == 0)
-            return true;
+    mg_msg_free(r->msg);
+    rd_kafka_message_destroy(r->m);
+    free(r);
+}
+
+/* The partition's record is done (handled, or given up while stopping):
+ * the next one fetched behind it starts, or the partition resumes. */
+static void part_next(tk *k, part *pt, const rd_kafka_message_t *m)
+{
+    while ((pt->busy = pt->head)) {
+        record *r = pt->busy;
+        if (!atomic_load(&k->consume_run))
+            return; /* stopping: the rest stays uncommitted, the next owner redelivers */
+        pt->head = r->next;
+        if (!pt->head)
+            pt->tail = NULL;
+        r->next = NULL;
+        if (r->msg) {
+            record_start(k, r);
+            return;
+        }
+        store_offset(k, r->m); /* undecodable: skipped, in its turn */
+        record_free(r);
+    }
+    if (pt->paused) {
+        pt->paused = false;
+        set_paused(k, m, false);
+    }
+}
+
+/* Consumer thread: an answered record. Returns true when an offset was stored. */
+static bool record_settle(tk *k, record *r)
+{
+    atomic_fetch_sub(&k->in_flight, 1);
+    const rd_kafka_message_t *m = r->m;
+    bool handled = r->res.status != MG_STATUS_FAILED;
+    if (!handled) {
         mg_metric_add(k->retries, 1);
-        if (attempt == 0 || attempt % 20 == 0)
+        if (r->attempt == 1 || r->attempt % 20 == 0)
             mg_log_warn("kafka",
                         "delivery from queue failed, retrying msg_id=%s user=%s "
-                        "partition=%d offset=%lld attempt=%d err=%s reason=%s",
-                        msg->id, msg->to, (int)m->partition, (long long)m->offset, attempt + 1,
-                        strerror(-rc), res.reason);
-        if (mg_mono_ms() - start >= k->retry_budget_ms) {
+                        "partition=%d offset=%lld attempt=%d reason=%s",
+                        r->msg->id, r->msg->to, (int)m->partition, (long long)m->offset, r->attempt,
+                        r->res.reason);
+        if (mg_mono_ms() - r->start_ms >= k->retry_budget_ms) {
             mg_inbox *ib = mg_router_inbox(k->router);
-            int irc = ib->ops->store(ib, msg);
-            if (irc == 0) {
+            if (ib->ops->store(ib, r->msg) == 0) { /* a store job's worth, on a failure path */
                 mg_metric_add(k->parked, 1);
                 mg_log_warn("kafka",
                             "record parked in the inbox after %lld ms of retries "
                             "msg_id=%s user=%s partition=%d offset=%lld",
-                            (long long)(mg_mono_ms() - start), msg->id, msg->to, (int)m->partition,
-                            (long long)m->offset);
-                return true;
+                            (long long)(mg_mono_ms() - r->start_ms), r->msg->id, r->msg->to,
+                            (int)m->partition, (long long)m->offset);
+                handled = true;
             }
         }
-        if (!consumer_sleep(k, delay))
-            return false; /* stopping: left uncommitted, the next owner redelivers */
-        delay = delay * 2 > RETRY_DELAY_MAX_MS ? RETRY_DELAY_MAX_MS : delay * 2;
     }
+    if (!handled) { /* try again after a backoff */
+        r->retry_at_ms = mg_mono_ms() + r->delay_ms;
+        r->delay_ms = r->delay_ms * 2 > RETRY_DELAY_MAX_MS ? RETRY_DELAY_MAX_MS : r->delay_ms * 2;
+        r->next = k->retrying;
+        k->retrying = r;
+        return false;
+    }
+    mg_metric_add(k->consumed, 1);
+    store_offset(k, m);
+    part *pt = part_of(k, m->partition);
+    if (pt && pt->busy == r)
+        part_next(k, pt, m);
+    record_free(r);
+    return true;
 }
 
-/* Returns true when an offset was stored. */
-static bool consume_one(tk *k, const rd_kafka_message_t *m)
+/* Consumer thread: answered records, then retries that are due. */
+static bool records_progress(tk *k)
+{
+    pthread_mutex_lock(&k->rec_mu);
+    record *r = k->answered;
+    k->answered = NULL;
+    pthread_mutex_unlock(&k->rec_mu);
+    bool stored = false;
+    while (r) {
+        record *n = r->next;
+        stored |= record_settle(k, r);
+        r = n;
+    }
+    int64_t now = mg_mono_ms();
+    record **pp = &k->retrying;
+    while (*pp) {
+        record *q = *pp;
+        if (q->retry_at_ms <= now && atomic_load(&k->consume_run)) {
+            *pp = q->next;
+            record_start(k, q);
+        } else {
+            pp = &q->next;
+        }
+    }
+    return stored;
+}
+
+/* Returns true when an offset was stored. Takes m. */
+static bool consume_one(tk *k, rd_kafka_message_t *m)
 {
     if (m->err) {
         if (m->err != RD_KAFKA_RESP_ERR__PARTITION_EOF && error_log_due(k))
             mg_log_warn("kafka", "consumer error topic=%s err=%s",
                         m->rkt ? rd_kafka_topic_name(m->rkt) : k->own_topic,
                         rd_kafka_message_errstr(m));
+        rd_kafka_message_destroy(m);
         return false;
     }
     mg_msg *msg = NULL;
@@ -586,16 +688,75 @@ static bool consume_one(tk *k, const rd_kafka_message_t *m)
                         "offset=%lld bytes=%zu (logged once per %d, total=%lld)",
                         rd_kafka_topic_name(m->rkt), (int)m->partition, (long long)m->offset,
                         m->len, BAD_RECORD_LOG_EVERY, (long long)n);
+        part *pt = part_of(k, m->partition);
+        if (pt && pt->busy) { /* behind a record in flight: its offset waits its turn */
+            record *r = mg_new(record);
+            r->k = k;
+            r->m = m;
+            if (pt->tail)
+                pt->tail->next = r;
+            else
+                pt->head = r;
+            pt->tail = r;
+            return false;
+        }
         store_offset(k, m);
+        rd_kafka_message_destroy(m);
         return true;
     }
-    bool handled = handle_record(k, m, msg);
-    mg_msg_free(msg);
-    if (!handled)
+    record *r = mg_new(record);
+    r->k = k;
+    r->m = m;
+    r->msg = msg;
+    r->start_ms = mg_mono_ms();
+    r->delay_ms = RETRY_DELAY_MIN_MS;
+    part *pt = part_of(k, m->partition);
+    if (pt->busy) { /* fetched before the pause took: in order behind it */
+        if (pt->tail)
+            pt->tail->next = r;
+        else
+            pt->head = r;
+        pt->tail = r;
         return false;
-    mg_metric_add(k->consumed, 1);
-    store_offset(k, m);
-    return true;
+    }
+    pt->busy = r;
+    if (!pt->paused) { /* the partition's next record waits for this one */
+        pt->paused = true;
+        set_paused(k, m, true);
+    }
+    record_start(k, r);
+    return false;
+}
+
+/* Waits (bounded) for the operations in flight, then frees every record:
+ * what was not handled stays uncommitted and is redelivered to the
+ * partition's next owner. */
+static void records_drain(tk *k)
+{
+    int64_t end = mg_mono_ms() + k->timeout_ms + 5000;
+    while (atomic_load(&k->in_flight) > 0 && mg_mono_ms() < end) {
+        records_progress(k);
+        usleep(2000);
+    }
+    records_progress(k);
+    if (atomic_load(&k->in_flight) > 0) /* their callbacks would find freed records */
+        mg_log_error("kafka", "operations still in flight at consumer stop count=%d",
+                     atomic_load(&k->in_flight));
+    for (record *r = k->retrying, *n; r; r = n) {
+        n = r->next;
+        record_free(r);
+    }
+    k->retrying = NULL;
+    for (size_t i = 0; i < k->nparts; i++) {
+        part *pt = &k->parts[i];
+        for (record *r = pt->head, *n; r; r = n) {
+            n = r->next;
+            record_free(r);
+        }
+    }
+    free(k->parts);
+    k->parts = NULL;
+    k->nparts = 0;
 }
 
 static void *consume_main(void *arg)
@@ -605,10 +766,9 @@ static void *consume_main(void *arg)
     bool dirty = false;
     while (atomic_load(&k->consume_run)) {
         rd_kafka_message_t *m = rd_kafka_consumer_poll(k->consumer, 100);
-        if (m) {
+        if (m)
             dirty |= consume_one(k, m);
-            rd_kafka_message_destroy(m);
-        }
+        dirty |= records_progress(k);
         int64_t now = mg_mono_ms();
         if (dirty && (!m || now - last_commit >= COMMIT_INTERVAL_MS)) {
             rd_kafka_resp_err_t err = rd_kafka_commit(k->consumer, NULL, 1);
@@ -622,6 +782,7 @@ static void *consume_main(void *arg)
             next_lag = now + LAG_INTERVAL_MS;
         }
     }
+    records_drain(k);
     return NULL;
 }
 
@@ -672,6 +833,8 @@ mg_transport *mg_transport_kafka_create(const mg_transport_kafka_config *cfg, ch
     k->retry_budget_ms = cfg->retry_budget_ms > 0 ? cfg->retry_budget_ms : 30000;
     k->topics = mg_map_create(16);
     pthread_mutex_init(&k->topics_mu, NULL);
+    pthread_mutex_init(&k->rec_mu, NULL);
+    atomic_init(&k->in_flight, 0);
     atomic_init(&k->assigned, -1);
     k->dropped = mg_counter("meshgate_dropped_total", "Messages dropped, by reason",
                             "reason=\"kafka_queue_full\"");
@@ -778,6 +941,7 @@ int mg_transport_kafka_start_consumer(mg_transport *t, mg_router *router)
         return -EINVAL;
     }
     rd_kafka_poll_set_consumer(c);
+    k->consumer_q = rd_kafka_queue_get_consumer(c);
     rd_kafka_topic_partition_list_t *sub = rd_kafka_topic_partition_list_new(1);
     rd_kafka_topic_partition_list_add(sub, k->own_topic, RD_KAFKA_PARTITION_UA);
     rd_kafka_resp_err_t serr = rd_kafka_subscribe(c, sub);
@@ -816,6 +980,8 @@ void mg_transport_kafka_stop(mg_transport *t, int flush_ms)
         rd_kafka_resp_err_t err = rd_kafka_commit(k->consumer, NULL, 0);
         if (err && err != RD_KAFKA_RESP_ERR__NO_OFFSET)
             mg_log_warn("kafka", "final commit failed err=%s", rd_kafka_err2str(err));
+        rd_kafka_queue_destroy(k->consumer_q);
+        k->consumer_q = NULL;
         rd_kafka_consumer_close(k->consumer); /* revokes: commits again, leaves the group */
         rd_kafka_destroy(k->consumer);
         k->consumer = NULL;
@@ -855,6 +1021,7 @@ static void tk_free(mg_transport *t)
     }
     mg_map_free(k->topics);
     pthread_mutex_destroy(&k->topics_mu);
+    pthread_mutex_destroy(&k->rec_mu);
     free(k->brokers);
     free(k->prefix);
     free(k->region);
