@@ -93,6 +93,12 @@ export interface ClientOptions {
   maxQueue?: number;
   /** getToken() is called this long before the token's `exp`. Default 30000. */
   tokenRefreshMarginMs?: number;
+  /**
+   * Largest content in UTF-8 bytes; a larger send is rejected locally (SendRejectedError with
+   * serverCode 'too_large'), as the gateway would. Set it to the gateway's --max-content-bytes.
+   * Default 65536 (the gateway's default).
+   */
+  maxContentBytes?: number;
   /** WebSocket implementation (a constructor like the browser's). Default: global, else `ws`. */
   WebSocket?: WebSocketCtor;
 }
@@ -228,6 +234,20 @@ function randomId(): string {
   return s;
 }
 
+function utf8Length(s: string): number {
+  let n = 0;
+  for (let i = 0; i < s.length; i++) {
+    const c = s.charCodeAt(i);
+    if (c < 0x80) n += 1;
+    else if (c < 0x800) n += 2;
+    else if (c >= 0xd800 && c < 0xdc00 && i + 1 < s.length) {
+      n += 4;
+      i++;
+    } else n += 3;
+  }
+  return n;
+}
+
 function b64urlDecode(s: string): string {
   s = s.replace(/-/g, '+').replace(/_/g, '/');
   while (s.length % 4) s += '=';
@@ -308,7 +328,10 @@ const OPEN = 1;
 
 export class MeshgateClient {
   private readonly opts: Required<
-    Pick<ClientOptions, 'sendTimeoutMs' | 'maxSendAttempts' | 'dedupeSize' | 'maxQueue' | 'tokenRefreshMarginMs'>
+    Pick<
+      ClientOptions,
+      'sendTimeoutMs' | 'maxSendAttempts' | 'dedupeSize' | 'maxQueue' | 'tokenRefreshMarginMs' | 'maxContentBytes'
+    >
   > &
     ClientOptions;
   private readonly rc: Required<ReconnectOptions> | null;
@@ -324,6 +347,8 @@ export class MeshgateClient {
   private reconnectTimer: ReturnType<typeof setTimeout> | null = null;
   private refreshTimer: ReturnType<typeof setTimeout> | null = null;
   private token: string | undefined;
+  private tokenPinned = false; // set by setToken(): used for the next connect as is
+  private starting = false;
   private failedToken: string | undefined;
   private authBlocked = false;
   private openedAt = 0;
@@ -339,6 +364,7 @@ export class MeshgateClient {
       dedupeSize: 10000,
       maxQueue: 1000,
       tokenRefreshMarginMs: 30000,
+      maxContentBytes: 65536,
       ...options,
     };
     this.rc =
@@ -378,13 +404,21 @@ export class MeshgateClient {
 
   /** Starts connecting (connect() calls it). */
   start(): this {
-    if (!this.closed && !this.ws && !this.reconnectTimer) void this.open();
+    // Deferred so that listeners added right after connect() see 'connecting'.
+    if (!this.closed && !this.ws && !this.reconnectTimer && !this.starting) {
+      this.starting = true;
+      Promise.resolve().then(() => {
+        this.starting = false;
+        if (!this.closed && !this.ws && !this.reconnectTimer) void this.open();
+      });
+    }
     return this;
   }
 
   /** Replaces the token and, after an auth failure, connects again. */
   setToken(token: string): void {
     this.token = token;
+    this.tokenPinned = true;
     this.scheduleRefresh();
     if (this.authBlocked && !this.closed) {
       this.authBlocked = false;
@@ -424,6 +458,11 @@ export class MeshgateClient {
         existing.reject = (e) => (j(e), reject(e));
       });
     }
+    const bytes = utf8Length(content);
+    if (bytes > this.opts.maxContentBytes)
+      return Promise.reject(
+        new SendRejectedError(id, 'rejected', `content is ${bytes} bytes, the limit is ${this.opts.maxContentBytes}`, 'too_large'),
+      );
     if (this._state !== 'connected' && this.pending.size >= this.opts.maxQueue)
       return Promise.reject(new QueueFullError(this.opts.maxQueue));
     return new Promise<Ack>((resolve, reject) => {
@@ -498,6 +537,11 @@ export class MeshgateClient {
   }
 
   private async currentToken(): Promise<string | undefined> {
+    if (this.tokenPinned) {
+      this.tokenPinned = false;
+      const exp = this.token ? tokenExpiryMs(this.token) : undefined;
+      if (exp === undefined || exp - Date.now() > this.opts.tokenRefreshMarginMs) return this.token;
+    }
     if (this.opts.getToken) {
       this.token = await this.opts.getToken();
       this.scheduleRefresh();
