@@ -13,6 +13,7 @@ label="$(basename "$build")/sdk-js"
 export MESHGATE_RUN=${MESHGATE_RUN:-/tmp/meshgate-run}
 out="$MESHGATE_RUN/sdk"
 mkdir -p "$out"
+rm -f "$out"/*.log "$out"/*.png "$out"/tap.txt  # only this run's output
 fail() { echo "sdk-js: $*" >&2; echo "$label 0 1" >>"$summary"; exit 1; }
 
 command -v node >/dev/null && command -v npm >/dev/null || fail "node/npm missing (tests/infra/install-deps.sh installs them)"
@@ -20,7 +21,7 @@ command -v node >/dev/null && command -v npm >/dev/null || fail "node/npm missin
 t0=$(date +%s)
 cd clients/js
 # Nothing here downloads a browser: puppeteer-core drives Debian's /usr/bin/chromium.
-export PUPPETEER_SKIP_DOWNLOAD=1 npm_config_cache="${NPM_CACHE:-$HOME/.cache/meshgate/npm}"
+export PUPPETEER_SKIP_DOWNLOAD=1 npm_config_cache="${NPM_CACHE:-${HOME:-/root}/.cache/meshgate/npm}"
 npm_config_update_notifier=false npm_config_fund=false npm_config_audit=false
 export npm_config_update_notifier npm_config_fund npm_config_audit
 # Reuse node_modules while it matches the lock file; else a clean install (offline first).

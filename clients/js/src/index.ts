@@ -349,6 +349,8 @@ export class MeshgateClient {
   private token: string | undefined;
   private tokenPinned = false; // set by setToken(): used for the next connect as is
   private starting = false;
+  private opening = false;
+  private openAgain = false;
   private failedToken: string | undefined;
   private authBlocked = false;
   private openedAt = 0;
@@ -581,8 +583,27 @@ export class MeshgateClient {
     return u.toString();
   }
 
+  /** One connect attempt at a time: a request during an attempt runs after it, if still needed. */
   private async open(): Promise<void> {
     if (this.closed) return;
+    if (this.opening) {
+      this.openAgain = true;
+      return;
+    }
+    if (this.ws) return;
+    this.opening = true;
+    try {
+      await this.attemptOpen();
+    } finally {
+      this.opening = false;
+    }
+    if (this.openAgain) {
+      this.openAgain = false;
+      if (!this.ws && !this.reconnectTimer && !this.closed) void this.open();
+    }
+  }
+
+  private async attemptOpen(): Promise<void> {
     this.reconnectTimer = null;
     this.setState({ state: 'connecting', attempt: this.attempt });
     let token: string | undefined;

@@ -340,3 +340,19 @@ test('close(): stops reconnecting and rejects pending sends with ClosedError', a
   assert.equal(alice.states.length, n, 'no state change after close');
   await gw.stop();
 });
+
+test('one connect attempt at a time: reconnect() right after connect() opens a single socket', async () => {
+  const gw = await gateway({ name: 'single' });
+  let opened = 0;
+  class CountingWS extends WebSocket {
+    constructor(url) { super(url); opened++; }
+  }
+  const c = client({ url: gw.url, user: 'solo', WebSocket: CountingWS });
+  c.reconnect();
+  c.reconnect();
+  await c.ready();
+  await sleep(300);
+  assert.equal(opened, 1);
+  assert.equal(c.state, 'connected');
+  await gw.stop();
+});
