@@ -4,12 +4,13 @@
 #               (normal and ASan+UBSan), run every test, stop the services
 #   make bench  the short benchmark run (bench/README.md)
 #   make fuzz   every libFuzzer harness for FUZZ_SECONDS (default 600) each (tests/fuzz)
+#   make web-chat  the browser demo of the JavaScript client (examples/web-chat)
 
 BUILD     ?= build
 BUILD_SAN ?= build-asan
 CMAKE_GEN := $(shell command -v ninja >/dev/null 2>&1 && echo "-G Ninja")
 
-.PHONY: all build run test test-only bench fuzz deps services-up services-down format asan clean
+.PHONY: all build run web-chat test test-only bench fuzz deps services-up services-down format asan clean
 
 all: build
 
@@ -26,6 +27,12 @@ run:
 	@command -v protoc-c >/dev/null 2>&1 && pkg-config --exists grpc libwebsockets libjwt jansson hiredis rdkafka || bash tests/infra/install-deps.sh
 	@$(MAKE) --no-print-directory build
 	./$(BUILD)/meshgate $(ARGS)
+
+# The web-chat demo (examples/web-chat) on http://127.0.0.1:8000, talking to `make run`'s gateway.
+web-chat:
+	@command -v npm >/dev/null 2>&1 || bash tests/infra/install-deps.sh
+	@cd clients/js && { [ -d node_modules ] || PUPPETEER_SKIP_DOWNLOAD=1 npm ci --no-audit --no-fund; } && npm run --silent build
+	node examples/web-chat/serve.mjs $(ARGS)
 
 asan:
 	cmake -S . -B $(BUILD_SAN) $(CMAKE_GEN) -DCMAKE_BUILD_TYPE=Debug -DMG_SANITIZE=ON

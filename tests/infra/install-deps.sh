@@ -11,6 +11,11 @@ PKGS=(build-essential cmake pkg-config libgrpc-dev protobuf-c-compiler libprotob
       python3-grpcio python3-protobuf python3-grpc-tools protobuf-compiler maven valgrind
       curl ca-certificates)
 command -v java >/dev/null 2>&1 || PKGS+=(openjdk-17-jre-headless)
+# The JavaScript client SDK (clients/js, scripts/run-sdk-tests.sh): Node >= 18 with npm, and
+# Debian's chromium for its browser test (puppeteer-core drives it; nothing downloads a browser).
+node_major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
+if ! command -v npm >/dev/null 2>&1 || [ "$node_major" -lt 18 ]; then PKGS+=(nodejs npm); fi
+PKGS+=(chromium fonts-dejavu-core)
 # Note: bookworm's golang is 1.19, too old for Consul/Helm (need Go >= 1.25);
 # it is only a fallback so that the message below is explicit.
 command -v go >/dev/null 2>&1 || [ -x /usr/local/go/bin/go ] || PKGS+=(golang)
