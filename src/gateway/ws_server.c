@@ -46,6 +46,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <ev.h>
 #include <libwebsockets.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -63,6 +64,7 @@
 #define WRITE_BURST         64          /* frames written per writable callback */
 #define MAX_CHAINED         1024        /* sends waiting behind a connection's operation */
 #define WAIT_CHECK_US       (50 * 1000) /* the write-wait timer's period */
+#define SUL_TICK_SECONDS    0.1         /* lws timers run at most this late */
 
 typedef struct hook {
     char *path;
@@ -120,6 +122,8 @@ struct mg_ws_server {
     mg_jwt_auth *auth;
 
     struct lws_context *ctx;
+    struct ev_loop *loop; /* epoll, lent to lws as its foreign loop */
+    ev_timer sul_tick;    /* see sul_tick_cb */
     struct lws_protocols protocols[2];
     lws_retry_bo_t retry;
     pthread_t thread;
@@ -819,6 +823,10 @@ static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *use
     pss *p = user;
     switch (reason) {
     case LWS_CALLBACK_EVENT_WAIT_CANCELLED:
+        if (ws && atomic_load(&ws->stopping)) {
+            ev_break(ws->loop, EVBREAK_ALL); /* service_main returns */
+            return 0;
+        }
         if (ws) {
             mg_hub_take_ready(ws->hub, want_writable, NULL);
             arm_wait_timer(ws);
@@ -872,6 +880,21 @@ static void lws_log_emit(int level, const char *line)
     while (n && (line[n - 1] == '\n' || line[n - 1] == '\r'))
         n--;
     mg_log_warn("lws", "%.*s", (int)n, line);
+}
+
+/* lws 4.1's libev glue runs its timers (pings, hang-ups, timeouts, ours)
+ * from one ev_timer that it re-arms only after I/O, with ev_timer_start,
+ * which does nothing on an active timer: a timer added earlier than the one
+ * armed (a new connection's ping) waited for the armed one, or for traffic.
+ * Its idle pass after any I/O runs every due timer, so a wake-up of the loop
+ * every SUL_TICK_SECONDS bounds the lateness; it costs the same whatever the
+ * number of connections (one pipe write and read). */
+static void sul_tick_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    mg_ws_server *ws = lws_container_of(w, mg_ws_server, sul_tick);
+    lws_cancel_service(ws->ctx);
 }
 
 static void wake(void *arg)
@@ -976,10 +999,12 @@ static void *service_main(void *arg)
 {
     mg_ws_server *ws = arg;
     mg_hub_mark_service_thread();
-    while (!atomic_load(&ws->stopping)) {
-        if (lws_service(ws->ctx, 0) < 0)
-            break;
-    }
+    /* lws's libev glue dispatches each ready descriptor and runs its timers
+     * (pings, timeouts, the write-wait timer) from this loop; it returns when
+     * the stop's cancel reaches the callback (ev_break). A stop that came
+     * before the loop ran is seen here. */
+    if (!atomic_load(&ws->stopping))
+        ev_run(ws->loop, 0);
     return NULL;
 }
 
@@ -1032,6 +1057,20 @@ int mg_ws_server_start(mg_ws_server *ws)
     info.protocols = ws->protocols;
     info.user = ws;
     info.count_threads = 1;
+    /* An epoll loop instead of lws's poll(): poll() passes every descriptor
+     * on every turn, so a turn cost grew with the idle connections. The loop
+     * is ours (foreign to lws): no signal watchers (main takes signals with
+     * sigtimedwait, EVFLAG_NOSIGMASK leaves the mask alone), and the stop is
+     * ours too (ev_break on this thread, lws_context_destroy after the join,
+     * ev_loop_destroy last). */
+    ws->loop = ev_loop_new(EVBACKEND_EPOLL | EVFLAG_NOSIGMASK | EVFLAG_NOENV);
+    if (!ws->loop) {
+        mg_log_error("ws", "cannot create the epoll loop (libev)");
+        return -ENOMEM;
+    }
+    void *loops[1] = {ws->loop};
+    info.options |= LWS_SERVER_OPTION_LIBEV;
+    info.foreign_loops = loops;
     size_t want = ws->max_conns + 1024;
     info.fd_limit_per_thread = want < nofile ? (unsigned)want : nofile;
     info.retry_and_idle_policy = &ws->retry;
@@ -1041,7 +1080,12 @@ int mg_ws_server_start(mg_ws_server *ws)
     info.vhost_name = "default";
     ws->ctx = lws_create_context(&info);
     if (!ws->ctx) {
-        mg_log_error("ws", "cannot listen on %s (lws_create_context failed)", ws->host);
+        mg_log_error("ws",
+                     "cannot listen on %s (lws_create_context failed; is lws's libev plugin "
+                     "libwebsockets-evlib-ev installed?)",
+                     ws->host);
+        ev_loop_destroy(ws->loop);
+        ws->loop = NULL;
         return -EADDRNOTAVAIL;
     }
     struct lws_vhost *vh = lws_get_vhost_by_name(ws->ctx, "default");
@@ -1050,18 +1094,26 @@ int mg_ws_server_start(mg_ws_server *ws)
         mg_log_error("ws", "cannot listen on %s:%d", ws->host, ws->port);
         lws_context_destroy(ws->ctx);
         ws->ctx = NULL;
+        ev_loop_destroy(ws->loop);
+        ws->loop = NULL;
         return -EADDRINUSE;
     }
+    ev_timer_init(&ws->sul_tick, sul_tick_cb, SUL_TICK_SECONDS, SUL_TICK_SECONDS);
+    ev_timer_start(ws->loop, &ws->sul_tick);
     if (pthread_create(&ws->thread, NULL, service_main, ws) != 0) {
+        ev_timer_stop(ws->loop, &ws->sul_tick);
         lws_context_destroy(ws->ctx);
         ws->ctx = NULL;
+        ev_loop_destroy(ws->loop);
+        ws->loop = NULL;
         return -EAGAIN;
     }
     pthread_setname_np(ws->thread, "ws");
     ws->started = true;
-    mg_log_info("ws", "listening host=%s port=%d auth=%s fd_limit=%u ping_seconds=%d", ws->host,
-                ws->bound_port, ws->auth ? "jwt" : "none(loopback ?user=)",
-                info.fd_limit_per_thread, ws->ping_seconds);
+    mg_log_info("ws", "listening host=%s port=%d auth=%s fd_limit=%u ping_seconds=%d loop=%s",
+                ws->host, ws->bound_port, ws->auth ? "jwt" : "none(loopback ?user=)",
+                info.fd_limit_per_thread, ws->ping_seconds,
+                ev_backend(ws->loop) == EVBACKEND_EPOLL ? "epoll" : "other");
     return 0;
 }
 
@@ -1121,8 +1173,14 @@ void mg_ws_server_stop(mg_ws_server *ws)
     if (ws->wait_timer_armed) /* the service thread is gone: safe from here */
         lws_sul_cancel(&ws->wait_timer);
     ws->wait_timer_armed = false;
-    lws_context_destroy(ws->ctx); /* closes the rest: CLOSED callbacks run here */
+    /* The loop has stopped and its thread is gone: lws closes the rest here
+     * (CLOSED callbacks run on this thread) and stops its libev watchers,
+     * which needs no loop turn; then the loop itself goes. */
+    ev_timer_stop(ws->loop, &ws->sul_tick);
+    lws_context_destroy(ws->ctx);
     ws->ctx = NULL;
+    ev_loop_destroy(ws->loop);
+    ws->loop = NULL;
     ws->started = false;
 }
 
