@@ -23,8 +23,9 @@
  * - Other threads never touch an lws object: they queue frames or closes in
  *   the hub, which wakes this thread with lws_cancel_service; on
  *   LWS_CALLBACK_EVENT_WAIT_CANCELLED we ask for writable on every ready
- *   connection and write queued frames on LWS_CALLBACK_SERVER_WRITEABLE while
- *   the socket takes them (up to WRITE_BURST).
+ *   connection, and on LWS_CALLBACK_SERVER_WRITEABLE frame its queued frames
+ *   (up to WRITE_BURST, COALESCE_BYTES) into one buffer and write them with
+ *   one lws_write: one send() per connection per writable event.
  * - Presence: each connection has a ticket shared with its "connected" pool
  *   job, so "disconnected" always runs after "connected" even when the client
  *   leaves before the connect job ran.
@@ -62,6 +63,7 @@
 #define HTTP_CHUNK          16384
 #define CLOSE_GRACE_SECONDS 5
 #define WRITE_BURST         64          /* frames written per writable callback */
+#define COALESCE_BYTES      65536       /* payload bytes framed into one write */
 #define MAX_CHAINED         1024        /* sends waiting behind a connection's operation */
 #define WAIT_CHECK_US       (50 * 1000) /* the write-wait timer's period */
 #define SUL_TICK_SECONDS    0.1         /* lws timers run at most this late */
@@ -523,39 +525,105 @@ static int on_receive(mg_ws_server *ws, struct lws *wsi, pss *p, const void *in,
     return close_now ? -1 : 0;
 }
 
-/* Writes queued frames while the socket takes them (at most WRITE_BURST per
- * callback, so one busy connection cannot starve the others), then asks for
- * another callback if frames are left. */
+/* The text frame header of an unmasked server frame of len bytes into h;
+ * returns its length (2, 4 or 10). */
+static size_t frame_header(unsigned char *h, size_t len)
+{
+    h[0] = 0x81; /* FIN, text */
+    if (len < 126) {
+        h[1] = (unsigned char)len;
+        return 2;
+    }
+    if (len < 65536) {
+        h[1] = 126;
+        h[2] = (unsigned char)(len >> 8);
+        h[3] = (unsigned char)len;
+        return 4;
+    }
+    h[1] = 127;
+    for (int i = 0; i < 8; i++)
+        h[2 + i] = (unsigned char)((uint64_t)len >> (56 - 8 * i));
+    return 10;
+}
+
+/* Settles the n frames of one write: written when lws took all its bytes. */
+static void settle(mg_ws_server *ws, mg_hub_frame **fr, int n, bool written)
+{
+    for (int i = 0; i < n; i++) {
+        if (written && fr[i]->kind == MG_FRAME_MESSAGE)
+            mg_metric_add(ws->m_out, 1);
+        mg_hub_frame_done(ws->hub, fr[i], written);
+    }
+}
+
+/* One write per connection per writable event: the queued frames (at most
+ * WRITE_BURST of them and COALESCE_BYTES of payload, so one busy connection
+ * cannot starve the others) are framed into one buffer and written with one
+ * lws_write (LWS_WRITE_RAW: the WebSocket headers are ours, complete frames
+ * only). A frame larger than the buffer goes alone, framed by lws. lws keeps
+ * what the socket did not take (lws_partial_buffered) and writes it before
+ * calling us again, so frames are whole and in order; a frame counts as
+ * written (mg_hub_frame_done) once lws took all of its bytes. Queued frames
+ * are written before a pending close. */
 static int on_writeable(mg_ws_server *ws, struct lws *wsi, pss *p)
 {
+    /* service thread only: one connection's write at a time */
+    static unsigned char obuf[LWS_PRE + COALESCE_BYTES + 10 * WRITE_BURST];
     if (!p->conn)
         return 0;
-    for (int burst = 0; burst < WRITE_BURST; burst++) {
-        bool more;
-        int code;
-        char reason[124];
+    mg_hub_frame *fr[WRITE_BURST];
+    int nf = 0, code = 0;
+    bool more, empty = false; /* empty: the queue was seen empty */
+    char reason[124];
+    size_t used = 0;
+    unsigned char *out = obuf + LWS_PRE;
+    mg_hub_frame *big = NULL; /* popped, too large for the buffer */
+    while (nf < WRITE_BURST) {
         mg_hub_frame *f = mg_hub_pop(ws->hub, p->conn, &more, &code, reason, sizeof(reason));
         if (!f) {
-            if (code) {
-                close_with(wsi, code, reason);
-                return -1;
-            }
-            return 0;
+            empty = true;
+            break;
         }
-        int n = lws_write(wsi, f->data + LWS_PRE, f->len, LWS_WRITE_TEXT);
-        if (f->kind == MG_FRAME_MESSAGE)
-            mg_metric_add(ws->m_out, 1);
-        bool ok = n >= 0 && (size_t)n >= f->len;
-        mg_hub_frame_done(ws->hub, f, ok);
+        if (f->len > COALESCE_BYTES - used) {
+            big = f;
+            break;
+        }
+        used += frame_header(out + used, f->len);
+        memcpy(out + used, f->data + LWS_PRE, f->len);
+        used += f->len;
+        fr[nf++] = f;
+        if (!more && !code) { /* the common end: no need to look again */
+            empty = true;
+            break;
+        }
+    }
+    if (nf > 0) {
+        int n = lws_write(wsi, out, used, LWS_WRITE_RAW);
+        bool ok = n >= 0 && (size_t)n >= used;
+        settle(ws, fr, nf, ok);
+        if (!ok) {
+            if (big)
+                mg_hub_frame_done(ws->hub, big, false);
+            return -1;
+        }
+    }
+    if (big) { /* lws frames it in the frame's own headroom */
+        int n = lws_write(wsi, big->data + LWS_PRE, big->len, LWS_WRITE_TEXT);
+        bool ok = n >= 0 && (size_t)n >= big->len;
+        settle(ws, &big, 1, ok);
         if (!ok)
             return -1;
-        if (!more && !code)
-            return 0;
-        /* lws buffered a partial write: no more writes until it drained */
-        if (lws_partial_buffered(wsi) || lws_send_pipe_choked(wsi))
-            break;
     }
-    lws_callback_on_writable(wsi);
+    bool wrote = nf > 0 || big;
+    if (!empty || (code && wrote && (lws_partial_buffered(wsi) || lws_send_pipe_choked(wsi)))) {
+        /* frames left, or the close once lws has written what it holds */
+        lws_callback_on_writable(wsi);
+        return 0;
+    }
+    if (code) {
+        close_with(wsi, code, reason);
+        return -1;
+    }
     return 0;
 }
 
@@ -1033,6 +1101,9 @@ int mg_ws_server_start(mg_ws_server *ws)
         .callback = callback,
         .per_session_data_size = sizeof(pss),
         .rx_buffer_size = RX_BUFFER,
+        /* lws sends at most this per write (else rx_buffer_size, 1 KB) and
+         * buffers the rest: a coalesced write goes out in one send() */
+        .tx_packet_size = COALESCE_BYTES + 10 * WRITE_BURST,
     };
     ws->retry = (lws_retry_bo_t){
         .secs_since_valid_ping = (uint16_t)ws->ping_seconds,
