@@ -336,6 +336,11 @@ const char *mg_hub_conn_user(const mg_hub_conn *c)
     return c->user;
 }
 
+void *mg_hub_conn_handle(const mg_hub_conn *c)
+{
+    return c->handle;
+}
+
 mg_hub_frame *mg_hub_pop(mg_hub *h, mg_hub_conn *c, bool *more, int *close_code, char *reason,
                          size_t reasonlen)
 {
