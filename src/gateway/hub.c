@@ -336,6 +336,11 @@ const char *mg_hub_conn_user(const mg_hub_conn *c)
     return c->user;
 }
 
+void *mg_hub_conn_handle(const mg_hub_conn *c)
+{
+    return c->handle;
+}
+
 mg_hub_frame *mg_hub_pop(mg_hub *h, mg_hub_conn *c, bool *more, int *close_code, char *reason,
                          size_t reasonlen)
 {
@@ -381,9 +386,21 @@ static void set_close(mg_hub *h, mg_hub_conn *c, int code, const char *reason)
     mark_ready(h, c);
 }
 
-/* Under the lock: queues a copy of text to c, or marks it slow. */
-static int enqueue(mg_hub *h, mg_hub_conn *c, const char *text, size_t len, mg_frame_kind kind,
-                   mg_hub_receipt *r)
+/* A frame of len payload bytes after the headroom, NUL-terminated. */
+static mg_hub_frame *frame_new(mg_hub *h, size_t len, mg_frame_kind kind)
+{
+    mg_hub_frame *f = mg_xmalloc(sizeof(*f) + h->headroom + len + 1);
+    f->next = NULL;
+    f->receipt = NULL;
+    f->len = len;
+    f->kind = kind;
+    f->data[h->headroom + len] = 0;
+    return f;
+}
+
+/* Under the lock: 0 when c can take a frame of len bytes, else -EPIPE
+ * (closing) or -ENOBUFS (now marked slow). */
+static int admit(mg_hub *h, mg_hub_conn *c, size_t len)
 {
     if (c->close_code)
         return -EPIPE;
@@ -400,17 +417,18 @@ static int enqueue(mg_hub *h, mg_hub_conn *c, const char *text, size_t len, mg_f
                     c->id, c->user, h->max_frames, h->max_bytes);
         return -ENOBUFS;
     }
-    mg_hub_frame *f = mg_xmalloc(sizeof(*f) + h->headroom + len + 1);
-    f->next = NULL;
+    return 0;
+}
+
+/* Under the lock: appends f (taken) to c's queue, admitted before. */
+static void push(mg_hub *h, mg_hub_conn *c, mg_hub_frame *f, mg_hub_receipt *r)
+{
+    size_t len = f->len;
     f->receipt = r;
     if (r) {
         atomic_fetch_add(&r->refs, 1);
         r->pending++;
     }
-    f->len = len;
-    f->kind = kind;
-    memcpy(f->data + h->headroom, text, len);
-    f->data[h->headroom + len] = 0;
     if (c->qtail)
         c->qtail->next = f;
     else
@@ -419,6 +437,38 @@ static int enqueue(mg_hub *h, mg_hub_conn *c, const char *text, size_t len, mg_f
     c->qcount++;
     c->qbytes += len;
     mark_ready(h, c);
+}
+
+/* Under the lock: queues a copy of text to c, or marks it slow. */
+static int enqueue(mg_hub *h, mg_hub_conn *c, const char *text, size_t len, mg_frame_kind kind,
+                   mg_hub_receipt *r)
+{
+    int rc = admit(h, c, len);
+    if (rc)
+        return rc;
+    mg_hub_frame *f = frame_new(h, len, kind);
+    memcpy(f->data + h->headroom, text, len);
+    push(h, c, f, r);
+    return 0;
+}
+
+/* Under the lock: queues the rendered message to c, or marks it slow. The
+ * first connection takes *rendered itself; the others a copy of its text,
+ * which stays readable while the lock is held (only the service thread
+ * frees a queued frame, after mg_hub_pop under this lock). */
+static int enqueue_message(mg_hub *h, mg_hub_conn *c, mg_hub_frame **rendered,
+                           const unsigned char *text, size_t len, mg_hub_receipt *r)
+{
+    if (admit(h, c, len))
+        return -1;
+    mg_hub_frame *f = *rendered;
+    if (f) {
+        *rendered = NULL;
+    } else {
+        f = frame_new(h, len, MG_FRAME_MESSAGE);
+        memcpy(f->data + h->headroom, text, len);
+    }
+    push(h, c, f, r);
     return 0;
 }
 
@@ -427,8 +477,11 @@ int mg_hub_deliver(mg_hub *h, const mg_msg *msg, const char *conn_id, bool from_
 {
     if (!msg || !msg->to)
         return 0;
-    size_t len;
-    char *text = mg_ws_proto_encode_message(msg, from_inbox, &len);
+    /* rendered once, straight after the headroom, outside the lock */
+    size_t len = mg_ws_proto_message_len(msg, from_inbox);
+    mg_hub_frame *rendered = frame_new(h, len, MG_FRAME_MESSAGE);
+    mg_ws_proto_render_message((char *)rendered->data + h->headroom, msg, from_inbox);
+    const unsigned char *text = rendered->data + h->headroom;
     int n = 0;
     mg_hub_receipt *r = NULL;
     pthread_mutex_lock(&h->mu);
@@ -441,11 +494,11 @@ int mg_hub_deliver(mg_hub *h, const mg_msg *msg, const char *conn_id, bool from_
     if (conn_id) {
         mg_hub_conn *c = mg_map_get(h->by_id, conn_id);
         if (c && strcmp(c->user, msg->to) == 0 &&
-            enqueue(h, c, text, len, MG_FRAME_MESSAGE, r) == 0)
+            enqueue_message(h, c, &rendered, text, len, r) == 0)
             n++;
     } else {
         for (mg_hub_conn *c = mg_map_get(h->by_user, msg->to); c; c = c->user_next)
-            if (enqueue(h, c, text, len, MG_FRAME_MESSAGE, r) == 0)
+            if (enqueue_message(h, c, &rendered, text, len, r) == 0)
                 n++;
     }
     h->delivered += (uint64_t)n;
@@ -465,7 +518,7 @@ int mg_hub_deliver(mg_hub *h, const mg_msg *msg, const char *conn_id, bool from_
         receipt_unref(r);
     }
     unlock_fire(h);
-    free(text);
+    free(rendered); /* no connection took it (NULL when one did) */
     if (!wait && written && n > 0)
         written(arg, (uint32_t)n);
     return n;

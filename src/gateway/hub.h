@@ -86,6 +86,7 @@ mg_hub_conn *mg_hub_register(mg_hub *h, const char *user, void *handle);
 void mg_hub_unregister(mg_hub *h, mg_hub_conn *c);
 const char *mg_hub_conn_id(const mg_hub_conn *c);   /* [ws] valid until unregister */
 const char *mg_hub_conn_user(const mg_hub_conn *c); /* [ws] valid until unregister */
+void *mg_hub_conn_handle(const mg_hub_conn *c);     /* [ws] the handle given to register */
 
 /* [ws] Takes the next frame of c (the caller hands it back with
  * mg_hub_frame_done once written or abandoned), or NULL
