@@ -113,7 +113,8 @@ void mg_jwt_auth_free(mg_jwt_auth *a)
 }
 
 int mg_jwt_auth_verify(const mg_jwt_auth *a, const char *token, int64_t now_s,
-                       size_t max_user_bytes, char **user, char *reason, size_t reasonlen)
+                       size_t max_user_bytes, char **user, int64_t *exp_out, char *reason,
+                       size_t reasonlen)
 {
     *user = NULL;
     if (!token || !token[0] || strlen(token) > 16384) {
@@ -164,6 +165,8 @@ int mg_jwt_auth_verify(const mg_jwt_auth *a, const char *token, int64_t now_s,
         goto out;
     }
     *user = mg_xstrdup(sub);
+    if (exp_out)
+        *exp_out = (int64_t)exp;
     rc = 0;
 out:
     jwt_free(jwt);

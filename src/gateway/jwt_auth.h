@@ -32,8 +32,10 @@ void mg_jwt_auth_free(mg_jwt_auth *a);
 void mg_jwt_auth_require(mg_jwt_auth *a, const char *audience, const char *issuer);
 
 /* Verifies token at time now_s (Unix seconds). Returns 0 and the user id
- * (malloc'd, the caller frees) in *user, or -EACCES with a reason. */
+ * (malloc'd, the caller frees) in *user and the token's "exp" (Unix seconds,
+ * > now_s) in *exp (exp may be NULL), or -EACCES with a reason. */
 int mg_jwt_auth_verify(const mg_jwt_auth *a, const char *token, int64_t now_s,
-                       size_t max_user_bytes, char **user, char *reason, size_t reasonlen);
+                       size_t max_user_bytes, char **user, int64_t *exp, char *reason,
+                       size_t reasonlen);
 
 #endif

@@ -36,7 +36,7 @@ static char *hs(const char *secret, const char *sub, long exp)
 static int verify(mg_jwt_auth *a, const char *tok, char **user)
 {
     char reason[160];
-    return mg_jwt_auth_verify(a, tok, time(NULL), 64, user, reason, sizeof(reason));
+    return mg_jwt_auth_verify(a, tok, time(NULL), 64, user, NULL, reason, sizeof(reason));
 }
 
 Test(jwt, hs256_good)
@@ -193,7 +193,7 @@ static char *hs_claims(const char *iss, const char *aud, const char *aud_json)
 static void expect_claims(mg_jwt_auth *a, char *tok, int want, const char *why)
 {
     char reason[160] = "", *user = NULL;
-    int rc = mg_jwt_auth_verify(a, tok, time(NULL), 64, &user, reason, sizeof(reason));
+    int rc = mg_jwt_auth_verify(a, tok, time(NULL), 64, &user, NULL, reason, sizeof(reason));
     cr_assert_eq(rc, want, "rc %d reason '%s'", rc, reason);
     if (want == 0)
         cr_assert_str_eq(user, "alice");
