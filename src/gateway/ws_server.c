@@ -1182,8 +1182,17 @@ mg_ws_server *mg_ws_server_create(const mg_config *cfg, mg_pool *pool, char *err
         return NULL;
     }
     mg_jwt_auth *auth = NULL;
-    if ((cfg->jwt_secret && cfg->jwt_secret[0]) ||
-        (cfg->jwt_public_key_file && cfg->jwt_public_key_file[0])) {
+    if (cfg->jwks_url && cfg->jwks_url[0]) {
+        mg_jwks *jwks = mg_jwks_create(cfg->jwks_url, (int)cfg->jwks_refresh_seconds,
+                                       (int)cfg->jwks_min_refetch_seconds, err, errlen);
+        if (!jwks) {
+            free(host);
+            return NULL;
+        }
+        auth = mg_jwt_auth_create_jwks(jwks);
+        mg_jwt_auth_require(auth, cfg->jwt_audience, cfg->jwt_issuer);
+    } else if ((cfg->jwt_secret && cfg->jwt_secret[0]) ||
+               (cfg->jwt_public_key_file && cfg->jwt_public_key_file[0])) {
         auth = mg_jwt_auth_create(cfg->jwt_secret, cfg->jwt_public_key_file, err, errlen);
         if (!auth) {
             free(host);
@@ -1194,8 +1203,8 @@ mg_ws_server *mg_ws_server_create(const mg_config *cfg, mg_pool *pool, char *err
     bool loopback = mg_host_is_loopback(host);
     if (!auth && !loopback) {
         snprintf(err, errlen,
-                 "refusing to listen on %s without client authentication: set --jwt-secret or "
-                 "--jwt-public-key-file, or listen on a loopback address",
+                 "refusing to listen on %s without client authentication: set --jwt-secret, "
+                 "--jwt-public-key-file or --jwks-url, or listen on a loopback address",
                  cfg->ws_listen);
         free(host);
         return NULL;
