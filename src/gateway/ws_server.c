@@ -36,7 +36,7 @@
  *   comes at most half --ping-seconds (plus a 0.1 s tick) after exp. A
  *   {"type":"refresh"} frame with a valid token of the same sub moves it.
  * - Memory per idle connection: the lws wsi and its rx buffer (RX_BUFFER
- *   bytes), a pss of about 100 bytes, the hub entry (id, user, two map slots) and the
+ *   bytes), a 120-byte pss, the hub entry (id, user, two map slots) and the
  *   presence ticket. Reassembly buffers and outbound queues exist only while
  *   used.
  */
@@ -108,12 +108,14 @@ typedef struct pss {
     size_t body_len, body_off;
     /* WS: rate and per-address state (ws_limits.h) */
     mg_ws_limiter_conn *lc;
+    int64_t exp_s;             /* WS: the token's exp, Unix s; 0: no token (?user=) */
     struct pss *wprev, *wnext; /* WS: the ping wheel's slot list */
     uint32_t valid_ds;         /* WS: last frame or pong from the client, mono 1/10 s */
-    int64_t exp_s;             /* WS: the token's exp, Unix s; 0: no token (?user=) */
     uint16_t slot;             /* WS: its slot in the ping wheel */
     bool in_wheel, ping_due;
 } pss;
+/* Per-connection memory (see the top): every idle connection pays for this. */
+_Static_assert(sizeof(pss) <= 120, "pss grew: per-connection memory (see the top)");
 
 /* Jobs of one connection share a worker queue, so its sends are routed in
  * the order the client sent them and its connect runs before its sends. */
