@@ -356,15 +356,23 @@ static int try_connect(const mg_gw *gw, const char *tok)
     return st;
 }
 
+/* Starts the JWKS server (k1 published) and a gateway using it, with one
+ * more option (flag, value). */
+static mg_gw *spawn_jwks(jwks_env *e, const char *name, const char *flag, const char *value)
+{
+    jwks_env_start(e);
+    char url[128];
+    snprintf(url, sizeof(url), "http://127.0.0.1:%d/jwks.json", e->http_port);
+    const char *args[] = {"--jwks-url", url, flag, value, NULL};
+    mg_gw *gw = mg_gw_spawn(name, args);
+    cr_assert_not_null(gw);
+    return gw;
+}
+
 Test(ws_token, jwks_rotation_unknown_kid_and_rate_limit, .timeout = 120)
 {
     jwks_env e;
-    jwks_env_start(&e);
-    char url[128];
-    snprintf(url, sizeof(url), "http://127.0.0.1:%d/jwks.json", e.http_port);
-    const char *args[] = {"--jwks-url", url, "--jwks-min-refetch-seconds", "3", NULL};
-    mg_gw *gw = mg_gw_spawn("tok-jwks", args);
-    cr_assert_not_null(gw);
+    mg_gw *gw = spawn_jwks(&e, "tok-jwks", "--jwks-min-refetch-seconds", "3");
     long exp = (long)(wall_ms() / 1000) + 300;
     char *t1 = rs_token(&e, "k1", "alice", exp), *t2 = rs_token(&e, "k2", "bob", exp),
          *t9 = rs_token(&e, "k9", "eve", exp);
@@ -405,6 +413,25 @@ Test(ws_token, jwks_rotation_unknown_kid_and_rate_limit, .timeout = 120)
     free(t1);
     free(t2);
     free(t9);
+    cr_assert_eq(mg_gw_stop(gw), 0);
+    mg_gw_free(gw);
+    jwks_env_stop(&e);
+}
+
+/* The periodic refresh runs without any token asking for it. */
+Test(ws_token, jwks_periodic_refresh, .timeout = 60)
+{
+    jwks_env e;
+    mg_gw *gw = spawn_jwks(&e, "tok-jwks-periodic", "--jwks-refresh-seconds", "1");
+    const char *const both[] = {"k1", "k2", NULL};
+    write_jwks(&e, both);
+    int64_t until = mono_ms() + 10000;
+    while (fetches(gw) < 3 && mono_ms() < until)
+        usleep(100 * 1000);
+    cr_assert_geq(fetches(gw), 3, "periodic fetches");
+    char *t2 = rs_token(&e, "k2", "bob", (long)(wall_ms() / 1000) + 300);
+    cr_assert_eq(try_connect(gw, t2), 101, "k2 known from a periodic fetch");
+    free(t2);
     cr_assert_eq(mg_gw_stop(gw), 0);
     mg_gw_free(gw);
     jwks_env_stop(&e);
