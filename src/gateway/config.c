@@ -220,8 +220,11 @@ int mg_config_validate(const mg_config *cfg, char *err, size_t errlen)
         cfg->ws_send_rate < 0 || cfg->ws_send_burst < 0 || cfg->max_connections_per_ip < 0)
         FAIL("--ws-handshake-timeout-ms, --ws-max-handshakes, --fd-reserve, --ws-send-rate, "
              "--ws-send-burst and --max-connections-per-ip must not be negative");
-    if (cfg->jwt_secret[0] && cfg->jwt_public_key_file[0])
-        FAIL("--jwt-secret and --jwt-public-key-file are exclusive: pick HS256 or RS256");
+    if (!!cfg->jwt_secret[0] + !!cfg->jwt_public_key_file[0] + !!cfg->jwks_url[0] > 1)
+        FAIL("--jwt-secret, --jwt-public-key-file and --jwks-url are exclusive: pick one key "
+             "source");
+    if (cfg->jwks_refresh_seconds < 1 || cfg->jwks_min_refetch_seconds < 1)
+        FAIL("--jwks-refresh-seconds and --jwks-min-refetch-seconds must be at least 1");
     return 0;
 #undef FAIL
 }

@@ -89,6 +89,15 @@
       "client JWTs must name this in \"aud\" (off when empty)")                                    \
     X(STR, jwt_issuer, "jwt-issuer", "MESHGATE_JWT_ISSUER", "", "",                                \
       "client JWTs must carry this \"iss\" (off when empty)")                                      \
+    X(STR, jwks_url, "jwks-url", "MESHGATE_JWKS_URL", "", "URL",                                   \
+      "JWKS document (http/https) whose RS256 keys verify client JWTs, picked by the token's "     \
+      "\"kid\"; instead of --jwt-secret / --jwt-public-key-file")                                  \
+    X(INT, jwks_refresh_seconds, "jwks-refresh-seconds", "MESHGATE_JWKS_REFRESH_SECONDS", "300",   \
+      "s", "--jwks-url is fetched again this often")                                               \
+    X(INT, jwks_min_refetch_seconds, "jwks-min-refetch-seconds",                                   \
+      "MESHGATE_JWKS_MIN_REFETCH_SECONDS", "30", "s",                                              \
+      "a token with an unknown kid fetches --jwks-url early, at most once per this long "          \
+      "(the token is refused meanwhile)")                                                          \
     X(STR, grpc_tls_cert, "grpc-tls-cert", "MESHGATE_GRPC_TLS_CERT", "", "path",                   \
       "TLS certificate chain (PEM) of the gRPC listener, also this gateway's client certificate "  \
       "on peer calls")                                                                             \

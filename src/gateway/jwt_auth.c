@@ -21,7 +21,16 @@ struct mg_jwt_auth {
     unsigned char *key;
     size_t keylen;
     char *audience, *issuer; /* NULL: not checked */
+    mg_jwks *jwks;           /* key by kid; then key is NULL */
 };
+
+mg_jwt_auth *mg_jwt_auth_create_jwks(mg_jwks *jwks)
+{
+    mg_jwt_auth *a = mg_new(mg_jwt_auth);
+    a->alg = JWT_ALG_RS256;
+    a->jwks = jwks;
+    return a;
+}
 
 void mg_jwt_auth_require(mg_jwt_auth *a, const char *audience, const char *issuer)
 {
@@ -107,21 +116,40 @@ void mg_jwt_auth_free(mg_jwt_auth *a)
     if (!a)
         return;
     free(a->key);
+    mg_jwks_free(a->jwks);
     free(a->audience);
     free(a->issuer);
     free(a);
 }
 
 int mg_jwt_auth_verify(const mg_jwt_auth *a, const char *token, int64_t now_s,
-                       size_t max_user_bytes, char **user, char *reason, size_t reasonlen)
+                       size_t max_user_bytes, char **user, int64_t *exp_out, char *reason,
+                       size_t reasonlen)
 {
     *user = NULL;
     if (!token || !token[0] || strlen(token) > 16384) {
         snprintf(reason, reasonlen, "missing token");
         return -EACCES;
     }
+    const unsigned char *key = a->key;
+    size_t keylen = a->keylen;
+    char *pem = NULL;
+    if (a->jwks) {
+        char kid[257];
+        if (mg_jwks_token_kid(token, kid, sizeof(kid)) != 0) {
+            snprintf(reason, reasonlen, "token has no kid");
+            return -EACCES;
+        }
+        if (mg_jwks_find(a->jwks, kid, &pem, &keylen) != 0) {
+            snprintf(reason, reasonlen, "token kid %.64s unknown", kid);
+            return -EACCES;
+        }
+        key = (const unsigned char *)pem;
+    }
     jwt_t *jwt = NULL;
-    if (jwt_decode(&jwt, token, a->key, (int)a->keylen) != 0 || !jwt) {
+    int drc = jwt_decode(&jwt, token, key, (int)keylen);
+    free(pem);
+    if (drc != 0 || !jwt) {
         snprintf(reason, reasonlen, "invalid token (signature or format)");
         return -EACCES;
     }
@@ -164,6 +192,8 @@ int mg_jwt_auth_verify(const mg_jwt_auth *a, const char *token, int64_t now_s,
         goto out;
     }
     *user = mg_xstrdup(sub);
+    if (exp_out)
+        *exp_out = (int64_t)exp;
     rc = 0;
 out:
     jwt_free(jwt);

@@ -1,4 +1,5 @@
-/* jwt_auth.h: client authentication by JWT (HS256 secret or RS256 public key).
+/* jwt_auth.h: client authentication by JWT (HS256 secret, RS256 public key,
+ * or the RS256 keys of a JWKS document, picked by the header's "kid").
  *
  * A token is accepted when its signature verifies with the configured key,
  * its "alg" header is exactly the configured algorithm (no "none", no
@@ -16,6 +17,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "gateway/jwks.h"
+
 typedef struct mg_jwt_auth mg_jwt_auth;
 
 /* Exactly one of hs256_secret / rs256_pem_file must be non-empty. Returns
@@ -23,6 +26,11 @@ typedef struct mg_jwt_auth mg_jwt_auth;
  * neither are given. */
 mg_jwt_auth *mg_jwt_auth_create(const char *hs256_secret, const char *rs256_pem_file, char *err,
                                 size_t errlen);
+/* RS256 with the keys of jwks (jwks.h), which the verifier owns from then on
+ * (mg_jwt_auth_free frees it). A token whose kid is unknown is refused (the
+ * JWKS thread is asked for an early fetch, so a rotated key is accepted
+ * within --jwks-min-refetch-seconds). Never NULL. */
+mg_jwt_auth *mg_jwt_auth_create_jwks(mg_jwks *jwks);
 void mg_jwt_auth_free(mg_jwt_auth *a);
 
 /* Requires claims from then on (create's thread, before any verify):
@@ -32,8 +40,10 @@ void mg_jwt_auth_free(mg_jwt_auth *a);
 void mg_jwt_auth_require(mg_jwt_auth *a, const char *audience, const char *issuer);
 
 /* Verifies token at time now_s (Unix seconds). Returns 0 and the user id
- * (malloc'd, the caller frees) in *user, or -EACCES with a reason. */
+ * (malloc'd, the caller frees) in *user and the token's "exp" (Unix seconds,
+ * > now_s) in *exp (exp may be NULL), or -EACCES with a reason. */
 int mg_jwt_auth_verify(const mg_jwt_auth *a, const char *token, int64_t now_s,
-                       size_t max_user_bytes, char **user, char *reason, size_t reasonlen);
+                       size_t max_user_bytes, char **user, int64_t *exp, char *reason,
+                       size_t reasonlen);
 
 #endif

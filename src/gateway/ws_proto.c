@@ -123,6 +123,18 @@ static bool valid_id(const char *s, size_t n)
     return true;
 }
 
+/* A JWT is compact ASCII (base64url and dots); anything else is refused
+ * before it reaches the verifier. */
+static bool valid_token(const char *s, size_t n)
+{
+    if (!s || n == 0 || n > MG_WS_MAX_TOKEN_BYTES || n != strlen(s))
+        return false;
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)s[i] <= 0x20 || (unsigned char)s[i] >= 0x7F)
+            return false;
+    return true;
+}
+
 void mg_ws_in_clear(mg_ws_in *in)
 {
     if (!in)
@@ -131,6 +143,7 @@ void mg_ws_in_clear(mg_ws_in *in)
     free(in->to);
     free(in->content);
     free(in->content_type);
+    free(in->token);
     memset(in, 0, sizeof(*in));
 }
 
@@ -414,14 +427,22 @@ char *mg_ws_proto_encode_error(const char *code, const char *reason, const char 
     return encode(&fr, len);
 }
 
+char *mg_ws_proto_encode_refreshed(int64_t exp, size_t *len)
+{
+    jframe fr = {.n = 0};
+    add_str(&fr, "type", "refreshed");
+    add_field(&fr, "exp", J_INT, NULL, 0, exp);
+    return encode(&fr, len);
+}
+
 /* ---- parser -------------------------------------------------------------- */
 
 #define MAX_ARRAY_DEPTH  32
 #define MAX_UNKNOWN_KEYS 16
 
-enum { F_TYPE, F_ID, F_TO, F_CONTENT, F_CONTENT_TYPE, F_PRIORITY, F_COUNT };
-static const char *const field_names[F_COUNT] = {"type",    "id",           "to",
-                                                 "content", "content_type", "priority"};
+enum { F_TYPE, F_ID, F_TO, F_CONTENT, F_CONTENT_TYPE, F_PRIORITY, F_TOKEN, F_COUNT };
+static const char *const field_names[F_COUNT] = {"type",         "id",       "to",   "content",
+                                                 "content_type", "priority", "token"};
 
 typedef enum { V_ABSENT = 0, V_NULL, V_STR, V_OTHER } vkind;
 
@@ -796,6 +817,19 @@ static int check_fields(const jval *v, const mg_ws_limits *lim, mg_ws_in *out, c
         if (r < 0 || !valid_id(out->id, n))
             FAIL(MG_WS_ERR_BAD_FIELD, "id must be a string of 1..%d printable bytes",
                  MG_WS_MAX_ID_BYTES);
+        rc = 0;
+        goto out;
+    }
+    if (strcmp(type, "refresh") == 0) {
+        out->type = MG_WS_IN_REFRESH;
+        r = str_kind(&v[F_TOKEN]);
+        if (r == 0)
+            FAIL(MG_WS_ERR_MISSING_FIELD, "missing field: token");
+        if (r > 0)
+            out->token = take(&v[F_TOKEN], &n);
+        if (r < 0 || !valid_token(out->token, n))
+            FAIL(MG_WS_ERR_BAD_FIELD, "token must be a string of 1..%d printable ASCII bytes",
+                 MG_WS_MAX_TOKEN_BYTES);
         rc = 0;
         goto out;
     }

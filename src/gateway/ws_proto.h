@@ -3,6 +3,8 @@
  * Client -> server text frames:
  *   {"type":"send","id"?:S,"to":S,"content":S,"priority"?:"high"|"low","content_type"?:S}
  *   {"type":"ack","id":S}                       (removes an inbox message)
+ *   {"type":"refresh","token":S}                (a new JWT for this connection:
+ *        verified as at upgrade, same "sub"; moves the connection's expiry)
  * Server -> client text frames:
  *   {"type":"ack","id":S,"status":"delivered|queued|stored|rejected|failed|accepted",
  *    "path":"local|grpc|kafka|inbox|none","reason"?:S}
@@ -11,6 +13,13 @@
  *                    content is bytes) is sent as "content_b64" (standard base64)
  *                    instead of "content".
  *   {"type":"error","code":S,"reason":S,"id"?:S}
+ *   {"type":"refreshed","exp":N}   -- a refresh was accepted; N is the token's
+ *                    new exp (Unix seconds). A refused one gets an error frame
+ *                    with code bad_token and the old expiry stays.
+ *
+ * Close codes of the server (besides RFC 6455's): 4008 slow consumer, 4401
+ * token expired (the JWT's exp passed without a refresh; sent within half a
+ * --ping-seconds interval after exp, the ping wheel's turn).
  *
  * Thread-safety: every function is pure (no shared state) and may be called
  * from any thread. Returned strings are malloc'd; the caller frees them.
@@ -22,10 +31,16 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #define MG_WS_MAX_ID_BYTES 128
 
-typedef enum { MG_WS_IN_SEND = 1, MG_WS_IN_ACK = 2 } mg_ws_in_type;
+typedef enum { MG_WS_IN_SEND = 1, MG_WS_IN_ACK = 2, MG_WS_IN_REFRESH = 3 } mg_ws_in_type;
+
+/* The close code of a connection whose token expired (see the top). */
+#define MG_WS_CLOSE_TOKEN_EXPIRED 4401
+/* Longest token a refresh frame may carry (as at upgrade). */
+#define MG_WS_MAX_TOKEN_BYTES 16384
 
 /* A parsed client frame; strings are owned and freed by mg_ws_in_clear. */
 typedef struct mg_ws_in {
@@ -36,6 +51,7 @@ typedef struct mg_ws_in {
     size_t content_len;
     char *content_type; /* NULL when absent */
     mg_priority priority;
+    char *token; /* refresh only: the JWT, 1..MG_WS_MAX_TOKEN_BYTES printable ASCII */
 } mg_ws_in;
 
 typedef struct mg_ws_limits {
@@ -53,6 +69,7 @@ typedef struct mg_ws_limits {
 #define MG_WS_ERR_RATE_LIMITED  "rate_limited"
 #define MG_WS_ERR_BINARY        "binary_unsupported"
 #define MG_WS_ERR_INTERNAL      "internal"
+#define MG_WS_ERR_BAD_TOKEN     "bad_token" /* a refresh refused (see the top) */
 
 /* Parses one text frame. Returns 0 with *out filled, or -EINVAL with *code
  * set to one of the MG_WS_ERR_* strings (static) and a human reason in
@@ -60,7 +77,8 @@ typedef struct mg_ws_limits {
  * A frame must be one JSON object without duplicate keys and with nothing but
  * whitespace after it, its strings valid UTF-8 without \u0000 (else bad_json);
  * a null field counts as absent; fields other than the six above are ignored,
- * whatever their value. data need not be NUL-terminated and is not kept. */
+ * whatever their value (the six, and "token" of a refresh). data need not be NUL-terminated and is
+ * not kept. */
 int mg_ws_proto_parse(const char *data, size_t len, const mg_ws_limits *lim, mg_ws_in *out,
                       const char **code, char *reason, size_t reasonlen);
 void mg_ws_in_clear(mg_ws_in *in);
@@ -80,6 +98,7 @@ char *mg_ws_proto_encode_ack(const char *id, mg_status status, mg_path path, con
                              size_t *len);
 char *mg_ws_proto_encode_message(const mg_msg *m, bool from_inbox, size_t *len);
 char *mg_ws_proto_encode_error(const char *code, const char *reason, const char *id, size_t *len);
+char *mg_ws_proto_encode_refreshed(int64_t exp, size_t *len);
 
 /* The message frame written into the caller's buffer, e.g. after LWS_PRE
  * bytes of headroom, to save a copy:

@@ -29,8 +29,14 @@
  * - Presence: each connection has a ticket shared with its "connected" pool
  *   job, so "disconnected" always runs after "connected" even when the client
  *   leaves before the connect job ran.
+ * - Token expiry: a connection authenticated by a JWT keeps the token's exp
+ *   (8 bytes in its pss). The ping wheel, which visits every connection
+ *   once per half ping interval anyway, closes those past it with 4401
+ *   (ws_proto.h): no timer per connection and no scan of its own, so a close
+ *   comes at most half --ping-seconds (plus a 0.1 s tick) after exp. A
+ *   {"type":"refresh"} frame with a valid token of the same sub moves it.
  * - Memory per idle connection: the lws wsi and its rx buffer (RX_BUFFER
- *   bytes), a 48-byte pss, the hub entry (id, user, two map slots) and the
+ *   bytes), a 120-byte pss, the hub entry (id, user, two map slots) and the
  *   presence ticket. Reassembly buffers and outbound queues exist only while
  *   used.
  */
@@ -102,11 +108,14 @@ typedef struct pss {
     size_t body_len, body_off;
     /* WS: rate and per-address state (ws_limits.h) */
     mg_ws_limiter_conn *lc;
+    int64_t exp_s;             /* WS: the token's exp, Unix s; 0: no token (?user=) */
     struct pss *wprev, *wnext; /* WS: the ping wheel's slot list */
     uint32_t valid_ds;         /* WS: last frame or pong from the client, mono 1/10 s */
     uint16_t slot;             /* WS: its slot in the ping wheel */
     bool in_wheel, ping_due;
 } pss;
+/* Per-connection memory (see the top): every idle connection pays for this. */
+_Static_assert(sizeof(pss) <= 120, "pss grew: per-connection memory (see the top)");
 
 /* Jobs of one connection share a worker queue, so its sends are routed in
  * the order the client sent them and its connect runs before its sends. */
@@ -149,6 +158,7 @@ struct mg_ws_server {
      * (both run on this thread for the same wsi, back to back) */
     struct lws *stash_wsi;
     char *stash_user;
+    int64_t stash_exp;
 
     pthread_mutex_t mu; /* tickets */
     lws_sorted_usec_list_t wait_timer;
@@ -162,7 +172,7 @@ struct mg_ws_server {
     uint32_t nslots, next_slot, seq;
     int64_t next_slot_ms;
 
-    mg_metric *m_in, *m_out, *m_slow, *m_conns_total, *m_conns;
+    mg_metric *m_in, *m_out, *m_slow, *m_conns_total, *m_conns, *m_expired, *m_refreshed;
 };
 
 /* ---- metrics ------------------------------------------------------------ */
@@ -450,6 +460,42 @@ static void close_with(struct lws *wsi, int code, const char *reason)
     lws_close_reason(wsi, (enum lws_close_status)code, (unsigned char *)reason, strlen(reason));
 }
 
+/* A {"type":"refresh"}: the token is verified as at upgrade (same verifier:
+ * key, alg, aud/iss) and must name the connection's user; then the
+ * connection's expiry moves to its exp. A refused one leaves the old expiry. */
+static void on_refresh(mg_ws_server *ws, pss *p, const char *conn_id, const char *token)
+{
+    char reason[160];
+    char *sub = NULL;
+    int64_t exp = 0;
+    const char *user = mg_hub_conn_user(p->conn);
+    if (!ws->auth || !p->exp_s) {
+        post_error(ws, conn_id, MG_WS_ERR_BAD_TOKEN,
+                   ws->auth ? "this connection's token already expired"
+                            : "this gateway does not authenticate by token",
+                   NULL);
+        return;
+    }
+    if (mg_jwt_auth_verify(ws->auth, token, mg_now_ms() / 1000, ws->limits.max_user_bytes, &sub,
+                           &exp, reason, sizeof(reason)) != 0) {
+        mg_log_info("ws", "refresh refused conn=%s user=%s reason=\"%s\"", conn_id, user, reason);
+        post_error(ws, conn_id, MG_WS_ERR_BAD_TOKEN, reason, NULL);
+        return;
+    }
+    if (strcmp(sub, user) != 0) {
+        mg_log_info("ws", "refresh refused conn=%s user=%s reason=\"another sub\"", conn_id, user);
+        post_error(ws, conn_id, MG_WS_ERR_BAD_TOKEN, "token is for another user", NULL);
+        free(sub);
+        return;
+    }
+    free(sub);
+    p->exp_s = exp;
+    mg_metric_add(ws->m_refreshed, 1);
+    size_t len;
+    char *t = mg_ws_proto_encode_refreshed(exp, &len);
+    post_text(ws, conn_id, t, len);
+}
+
 static void handle_text(mg_ws_server *ws, pss *p, const char *data, size_t len, struct lws *wsi,
                         bool *close_now)
 {
@@ -479,6 +525,11 @@ static void handle_text(mg_ws_server *ws, pss *p, const char *data, size_t len, 
     }
     p->errors_in_row = 0;
     const char *user = mg_hub_conn_user(p->conn);
+    if (in.type == MG_WS_IN_REFRESH) {
+        on_refresh(ws, p, conn_id, in.token);
+        mg_ws_in_clear(&in);
+        return;
+    }
     if (in.type == MG_WS_IN_ACK) {
         size_t n = strlen(in.id);
         ack_job *j = mg_xmalloc(sizeof(*j) + n + 1);
@@ -714,10 +765,19 @@ static void wheel_turn(mg_ws_server *ws)
     uint32_t nds = (uint32_t)(now / 100);
     uint32_t ping_ds = (uint32_t)ws->ping_seconds * 10, hup_ds = ping_ds * 2;
     uint32_t turn_ds = ws->nslots * PING_SLOT_MS / 100; /* between two visits */
+    int64_t wall_s = mg_now_ms() / 1000;
     for (int steps = 0; now >= ws->next_slot_ms && steps < (int)ws->nslots; steps++) {
         for (pss *p = ws->wheel[ws->next_slot]; p; p = p->wnext) {
             uint32_t age = nds - p->valid_ds;
-            if (age >= hup_ds) {
+            if (p->exp_s && wall_s >= p->exp_s) {
+                /* queued frames go first, then the close (hub.h) */
+                p->exp_s = 0;
+                mg_log_info("ws", "token expired, closing conn=%s user=%s", mg_hub_conn_id(p->conn),
+                            mg_hub_conn_user(p->conn));
+                mg_metric_add(ws->m_expired, 1);
+                mg_hub_disconnect(ws->hub, NULL, mg_hub_conn_id(p->conn), MG_WS_CLOSE_TOKEN_EXPIRED,
+                                  "token expired");
+            } else if (age >= hup_ds) {
                 struct lws *wsi = mg_hub_conn_handle(p->conn);
                 mg_log_debug("ws", "no pong, hanging up conn=%s", mg_hub_conn_id(p->conn));
                 lws_set_timeout(wsi, PENDING_TIMEOUT_USER_OK, LWS_TO_KILL_ASYNC);
@@ -807,10 +867,11 @@ static void pss_release(pss *p)
 /* ---- authentication at upgrade ------------------------------------------ */
 
 /* Returns 0 with *user, or an HTTP status with a reason. */
-static int authenticate(mg_ws_server *ws, struct lws *wsi, char **user, char *reason,
+static int authenticate(mg_ws_server *ws, struct lws *wsi, char **user, int64_t *exp, char *reason,
                         size_t reasonlen)
 {
     *user = NULL;
+    *exp = 0;
     if (ws->auth) {
         char buf[4096];
         const char *token = NULL;
@@ -829,7 +890,7 @@ static int authenticate(mg_ws_server *ws, struct lws *wsi, char **user, char *re
             return HTTP_STATUS_UNAUTHORIZED;
         }
         if (mg_jwt_auth_verify(ws->auth, token, mg_now_ms() / 1000, ws->limits.max_user_bytes, user,
-                               reason, reasonlen) != 0)
+                               exp, reason, reasonlen) != 0)
             return HTTP_STATUS_UNAUTHORIZED;
         return 0;
     }
@@ -875,7 +936,8 @@ static int on_confirm_upgrade(mg_ws_server *ws, struct lws *wsi, const char *upg
         return reject(wsi, 429, "too many connections from this address");
     char reason[160];
     char *user = NULL;
-    int st = authenticate(ws, wsi, &user, reason, sizeof(reason));
+    int64_t exp = 0;
+    int st = authenticate(ws, wsi, &user, &exp, reason, sizeof(reason));
     if (st) {
         count_error("unauthorized");
         mg_log_info("ws", "upgrade refused status=%d reason=\"%s\"", st, reason);
@@ -883,6 +945,7 @@ static int on_confirm_upgrade(mg_ws_server *ws, struct lws *wsi, const char *upg
     }
     free(ws->stash_user);
     ws->stash_user = user;
+    ws->stash_exp = exp;
     ws->stash_wsi = wsi;
     return 0;
 }
@@ -891,13 +954,14 @@ static int on_filter(mg_ws_server *ws, struct lws *wsi, pss *p)
 {
     if (ws->stash_wsi == wsi && ws->stash_user) {
         p->user = ws->stash_user;
+        p->exp_s = ws->stash_exp;
         ws->stash_user = NULL;
         ws->stash_wsi = NULL;
         return 0;
     }
     /* Not seen at CONFIRM_UPGRADE (should not happen): authenticate here. */
     char reason[160];
-    return authenticate(ws, wsi, &p->user, reason, sizeof(reason)) ? -1 : 0;
+    return authenticate(ws, wsi, &p->user, &p->exp_s, reason, sizeof(reason)) ? -1 : 0;
 }
 
 /* ---- HTTP side ------------------------------------------------------------ */
@@ -1120,8 +1184,17 @@ mg_ws_server *mg_ws_server_create(const mg_config *cfg, mg_pool *pool, char *err
         return NULL;
     }
     mg_jwt_auth *auth = NULL;
-    if ((cfg->jwt_secret && cfg->jwt_secret[0]) ||
-        (cfg->jwt_public_key_file && cfg->jwt_public_key_file[0])) {
+    if (cfg->jwks_url && cfg->jwks_url[0]) {
+        mg_jwks *jwks = mg_jwks_create(cfg->jwks_url, (int)cfg->jwks_refresh_seconds,
+                                       (int)cfg->jwks_min_refetch_seconds, err, errlen);
+        if (!jwks) {
+            free(host);
+            return NULL;
+        }
+        auth = mg_jwt_auth_create_jwks(jwks);
+        mg_jwt_auth_require(auth, cfg->jwt_audience, cfg->jwt_issuer);
+    } else if ((cfg->jwt_secret && cfg->jwt_secret[0]) ||
+               (cfg->jwt_public_key_file && cfg->jwt_public_key_file[0])) {
         auth = mg_jwt_auth_create(cfg->jwt_secret, cfg->jwt_public_key_file, err, errlen);
         if (!auth) {
             free(host);
@@ -1132,8 +1205,8 @@ mg_ws_server *mg_ws_server_create(const mg_config *cfg, mg_pool *pool, char *err
     bool loopback = mg_host_is_loopback(host);
     if (!auth && !loopback) {
         snprintf(err, errlen,
-                 "refusing to listen on %s without client authentication: set --jwt-secret or "
-                 "--jwt-public-key-file, or listen on a loopback address",
+                 "refusing to listen on %s without client authentication: set --jwt-secret, "
+                 "--jwt-public-key-file or --jwks-url, or listen on a loopback address",
                  cfg->ws_listen);
         free(host);
         return NULL;
@@ -1184,6 +1257,10 @@ mg_ws_server *mg_ws_server_create(const mg_config *cfg, mg_pool *pool, char *err
                                    "WebSocket connections established", NULL);
     ws->m_conns =
         mg_gauge("meshgate_ws_connections", "open WebSocket connections on this gateway", NULL);
+    ws->m_expired = mg_counter("meshgate_ws_token_expired_total",
+                               "connections closed with 4401 because their token expired", NULL);
+    ws->m_refreshed = mg_counter("meshgate_ws_token_refreshed_total",
+                                 "refresh frames accepted (the connection's expiry moved)", NULL);
     if (!auth)
         mg_log_warn("ws",
                     "NO CLIENT AUTHENTICATION: ?user=NAME is trusted as the user id; "

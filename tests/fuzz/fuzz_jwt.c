@@ -18,7 +18,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     memcpy(tok, data, size);
     tok[size] = '\0';
     char *user = NULL, reason[160];
-    mg_jwt_auth_verify(a, tok, 1700000000, 256, &user, reason, sizeof(reason));
+    mg_jwt_auth_verify(a, tok, 1700000000, 256, &user, NULL, reason, sizeof(reason));
     free(user);
     free(tok);
     return 0;

@@ -36,7 +36,7 @@ static char *hs(const char *secret, const char *sub, long exp)
 static int verify(mg_jwt_auth *a, const char *tok, char **user)
 {
     char reason[160];
-    return mg_jwt_auth_verify(a, tok, time(NULL), 64, user, reason, sizeof(reason));
+    return mg_jwt_auth_verify(a, tok, time(NULL), 64, user, NULL, reason, sizeof(reason));
 }
 
 Test(jwt, hs256_good)
@@ -193,7 +193,7 @@ static char *hs_claims(const char *iss, const char *aud, const char *aud_json)
 static void expect_claims(mg_jwt_auth *a, char *tok, int want, const char *why)
 {
     char reason[160] = "", *user = NULL;
-    int rc = mg_jwt_auth_verify(a, tok, time(NULL), 64, &user, reason, sizeof(reason));
+    int rc = mg_jwt_auth_verify(a, tok, time(NULL), 64, &user, NULL, reason, sizeof(reason));
     cr_assert_eq(rc, want, "rc %d reason '%s'", rc, reason);
     if (want == 0)
         cr_assert_str_eq(user, "alice");
@@ -227,4 +227,83 @@ Test(jwt, audience_and_issuer_are_checked_when_required)
     mg_jwt_auth_require(a, "", NULL);
     expect_claims(a, hs_claims(NULL, NULL, NULL), 0, NULL);
     mg_jwt_auth_free(a);
+}
+
+/* ---- JWKS documents (jwks.c) ---------------------------------------------- */
+
+Test(jwks, parse_refuses_and_skips)
+{
+    mg_jwks_keys *ks = NULL;
+    static const char *not_jwks[] = {"", "nope", "[]", "{\"keys\":{}}", "{\"k\":[]}"};
+    for (size_t i = 0; i < sizeof(not_jwks) / sizeof(not_jwks[0]); i++) {
+        cr_assert_eq(mg_jwks_parse(not_jwks[i], strlen(not_jwks[i]), &ks), -EINVAL, "%s",
+                     not_jwks[i]);
+        cr_assert_null(ks);
+    }
+    /* no usable key: EC, oct, wrong use/alg, no kid, a 512-bit modulus, bad base64 */
+    const char *doc =
+        "{\"keys\":[{\"kty\":\"EC\",\"kid\":\"a\",\"crv\":\"P-256\",\"x\":\"AA\",\"y\":\"AA\"},"
+        "{\"kty\":\"oct\",\"kid\":\"b\",\"k\":\"c2VjcmV0\"},"
+        "{\"kty\":\"RSA\",\"kid\":\"c\",\"use\":\"enc\",\"n\":\"AQAB\",\"e\":\"AQAB\"},"
+        "{\"kty\":\"RSA\",\"kid\":\"d\",\"alg\":\"RS512\",\"n\":\"AQAB\",\"e\":\"AQAB\"},"
+        "{\"kty\":\"RSA\",\"n\":\"AQAB\",\"e\":\"AQAB\"},"
+        "{\"kty\":\"RSA\",\"kid\":\"f\",\"n\":\"x5kHtrl7jJeYp6e6CZWgOFK9R2RMFJF8Y7WRF0sHMCk"
+        "tQOMRmzZlDeb2mZ0rOw2BrlD0bmWG8sXW2o8ZXGv9CQ\",\"e\":\"AQAB\"},"
+        "{\"kty\":\"RSA\",\"kid\":\"g\",\"n\":\"!!!\",\"e\":\"AQAB\"}]}";
+    cr_assert_eq(mg_jwks_parse(doc, strlen(doc), &ks), 0);
+    cr_assert_null(mg_jwks_keys_find(ks, "f"));
+    mg_jwks_keys_free(ks);
+    mg_jwks_keys_free(NULL);
+}
+
+Test(jwks, token_kid)
+{
+    char kid[16];
+    /* {"alg":"RS256","kid":"k1"} */
+    cr_assert_eq(mg_jwks_token_kid("eyJhbGciOiJSUzI1NiIsImtpZCI6ImsxIn0.e30.x", kid, sizeof(kid)),
+                 0);
+    cr_assert_str_eq(kid, "k1");
+    /* {"alg":"RS256"} */
+    cr_assert_lt(mg_jwks_token_kid("eyJhbGciOiJSUzI1NiJ9.e30.x", kid, sizeof(kid)), 0);
+    cr_assert_lt(mg_jwks_token_kid("nodots", kid, sizeof(kid)), 0);
+    cr_assert_lt(mg_jwks_token_kid(".e30.x", kid, sizeof(kid)), 0);
+    cr_assert_lt(mg_jwks_token_kid("!!!.e30.x", kid, sizeof(kid)), 0);
+    /* {"kid":"0123456789abcdefXYZ"}: does not fit */
+    cr_assert_lt(
+        mg_jwks_token_kid("eyJraWQiOiIwMTIzNDU2Nzg5YWJjZGVmWFlaIn0.e30.x", kid, sizeof(kid)), 0);
+}
+
+/* n and e of a generated key through the JWKS path give a PEM that verifies
+ * the key's tokens (the OpenSSL conversion is right). */
+Test(jwks, converted_key_verifies)
+{
+    char dir[] = "/tmp/mg-jwks-XXXXXX";
+    cr_assert_not_null(mkdtemp(dir));
+    char cmd[600], priv[64], mod[64];
+    snprintf(priv, sizeof(priv), "%s/priv.pem", dir);
+    snprintf(mod, sizeof(mod), "%s/mod", dir);
+    snprintf(cmd, sizeof(cmd),
+             "openssl genrsa -out %s 2048 2>/dev/null && openssl rsa -in %s -noout -modulus "
+             "2>/dev/null | cut -d= -f2 | xxd -r -p | base64 -w0 | tr '+/' '-_' | tr -d '=' > %s",
+             priv, priv, mod);
+    cr_assert_eq(system(cmd), 0, "openssl failed");
+    size_t klen, nlen;
+    char *key = slurp(priv, &klen), *n = slurp(mod, &nlen);
+    char *doc = malloc(nlen + 200);
+    sprintf(doc, "{\"keys\":[{\"kty\":\"RSA\",\"kid\":\"k1\",\"n\":\"%s\",\"e\":\"AQAB\"}]}", n);
+    mg_jwks_keys *ks = NULL;
+    cr_assert_eq(mg_jwks_parse(doc, strlen(doc), &ks), 1);
+    const char *pem = mg_jwks_keys_find(ks, "k1");
+    cr_assert_not_null(pem);
+    char *t = make_token(JWT_ALG_RS256, (unsigned char *)key, klen, "bob", time(NULL) + 60);
+    jwt_t *j = NULL;
+    cr_assert_eq(jwt_decode(&j, t, (const unsigned char *)pem, (int)strlen(pem)), 0);
+    jwt_free(j);
+    free(t);
+    mg_jwks_keys_free(ks);
+    free(doc);
+    free(n);
+    free(key);
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+    cr_assert_eq(system(cmd), 0);
 }

@@ -75,6 +75,66 @@ Test(ws_proto, ack)
     mg_ws_in_clear(&in);
 }
 
+/* A refresh frame through the one-pass scanner and through jansson (an
+ * escaped key or an unusual shape sends it there): both readers agree. */
+Test(ws_proto, refresh)
+{
+    static const char *frames[] = {
+        "{\"type\":\"refresh\",\"token\":\"aaa.bbb.ccc\"}",
+        " { \"token\" : \"aaa.bbb.ccc\" , \"type\" : \"refresh\" } ",
+        "{\"type\":\"refresh\",\"tok\\u0065n\":\"aaa.bbb.ccc\"}",
+        "{\"type\":\"refresh\",\"token\":\"aaa.bbb.ccc\",\"x\":[1,{\"y\":2}]}",
+    };
+    for (size_t i = 0; i < sizeof(frames) / sizeof(frames[0]); i++) {
+        jval v[F_COUNT];
+        if (i == 0)
+            cr_assert(scan_frame(frames[i], strlen(frames[i]), v), "scanner reads %s", frames[i]);
+        if (i == 2)
+            cr_assert_not(scan_frame(frames[i], strlen(frames[i]), v), "jansson reads %s",
+                          frames[i]);
+        mg_ws_in in;
+        const char *code;
+        cr_assert_eq(parse(frames[i], &in, &code), 0, "%s: %s", frames[i], code);
+        cr_assert_eq(in.type, MG_WS_IN_REFRESH);
+        cr_assert_str_eq(in.token, "aaa.bbb.ccc");
+        cr_assert_null(in.id);
+        mg_ws_in_clear(&in);
+    }
+    expect_error("{\"type\":\"refresh\"}", MG_WS_ERR_MISSING_FIELD);
+    expect_error("{\"type\":\"refresh\",\"token\":null}", MG_WS_ERR_MISSING_FIELD);
+    expect_error("{\"type\":\"refresh\",\"token\":\"\"}", MG_WS_ERR_BAD_FIELD);
+    expect_error("{\"type\":\"refresh\",\"token\":7}", MG_WS_ERR_BAD_FIELD);
+    expect_error("{\"type\":\"refresh\",\"token\":\"a b\"}", MG_WS_ERR_BAD_FIELD);
+    expect_error("{\"type\":\"refresh\",\"token\":\"a\\u00e9\"}", MG_WS_ERR_BAD_FIELD);
+    expect_error("{\"type\":\"refresh\",\"token\":\"a\",\"token\":\"b\"}", MG_WS_ERR_BAD_JSON);
+    size_t big = MG_WS_MAX_TOKEN_BYTES + 1;
+    char *f = malloc(big + 64);
+    int n = snprintf(f, 64, "{\"type\":\"refresh\",\"token\":\"");
+    memset(f + n, 'a', big);
+    strcpy(f + n + big, "\"}");
+    mg_ws_in in;
+    const char *code;
+    cr_assert_lt(parse(f, &in, &code), 0);
+    cr_assert_str_eq(code, MG_WS_ERR_BAD_FIELD);
+    cr_assert_null(in.token);
+    f[n + big - 1] = '"';
+    f[n + big] = '}';
+    f[n + big + 1] = 0;
+    cr_assert_eq(parse(f, &in, &code), 0, "a token of the limit: %s", code);
+    cr_assert_eq(strlen(in.token), MG_WS_MAX_TOKEN_BYTES);
+    mg_ws_in_clear(&in);
+    free(f);
+}
+
+Test(ws_proto, encode_refreshed)
+{
+    size_t len;
+    char *s = mg_ws_proto_encode_refreshed(1700000123, &len);
+    cr_assert_str_eq(s, "{\"type\":\"refreshed\",\"exp\":1700000123}");
+    cr_assert_eq(len, strlen(s));
+    free(s);
+}
+
 Test(ws_proto, malformed)
 {
     expect_error("{", MG_WS_ERR_BAD_JSON);

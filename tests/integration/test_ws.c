@@ -4,6 +4,7 @@
  * slow consumers, drain, and the HTTP endpoints. */
 #include "support/mg_test.h"
 #include "support/ws_client.h"
+#include "support/ws_json.h"
 
 #include <arpa/inet.h>
 #include <criterion/criterion.h>
@@ -43,19 +44,12 @@ static mg_wsc *connect_user(const mg_gw *gw, const char *user)
 /* The next frame as JSON, failing the test on timeout. */
 static json_t *recv_json(mg_wsc *c)
 {
-    char *s = mg_wsc_recv_text(c, T_MS);
-    cr_assert_not_null(s, "no frame within %d ms (close code %d)", T_MS, mg_wsc_close_code(c));
-    json_error_t e;
-    json_t *j = json_loads(s, 0, &e);
-    cr_assert_not_null(j, "not JSON: %s", s);
-    free(s);
-    return j;
+    return mg_wsc_recv_json(c, T_MS);
 }
 
 static const char *str(json_t *j, const char *k)
 {
-    json_t *v = json_object_get(j, k);
-    return v && json_is_string(v) ? json_string_value(v) : "";
+    return mg_json_str(j, k);
 }
 
 static void send_msg(mg_wsc *c, const char *id, const char *to, const char *content)
@@ -246,14 +240,7 @@ Test(ws, oversized_and_binary_frames_close, .timeout = 60)
 
 static char *token(const char *secret, const char *sub, long exp)
 {
-    jwt_t *j = NULL;
-    cr_assert_eq(jwt_new(&j), 0);
-    jwt_set_alg(j, JWT_ALG_HS256, (const unsigned char *)secret, (int)strlen(secret));
-    jwt_add_grant(j, "sub", sub);
-    jwt_add_grant_int(j, "exp", exp);
-    char *t = jwt_encode_str(j);
-    jwt_free(j);
-    return t;
+    return mg_test_jwt_hs256(secret, sub, exp);
 }
 
 Test(ws, jwt_auth_at_upgrade, .timeout = 60)

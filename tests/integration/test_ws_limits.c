@@ -4,6 +4,7 @@
  * frames and the bad-frame count. Every loop is bounded. */
 #include "support/mg_test.h"
 #include "support/ws_client.h"
+#include "support/ws_json.h"
 
 #include <arpa/inet.h>
 #include <criterion/criterion.h>
@@ -87,18 +88,12 @@ static double metric(int port, const char *series)
 
 static json_t *recv_json(mg_wsc *c)
 {
-    char *s = mg_wsc_recv_text(c, T_MS);
-    cr_assert_not_null(s, "no frame within %d ms (close code %d)", T_MS, mg_wsc_close_code(c));
-    json_t *j = json_loads(s, 0, NULL);
-    cr_assert_not_null(j, "not JSON: %s", s);
-    free(s);
-    return j;
+    return mg_wsc_recv_json(c, T_MS);
 }
 
 static const char *str(json_t *j, const char *k)
 {
-    json_t *v = json_object_get(j, k);
-    return v && json_is_string(v) ? json_string_value(v) : "";
+    return mg_json_str(j, k);
 }
 
 /* /healthz answered within 1 s, while n connections hold their upgrade

@@ -89,7 +89,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{- define "meshgate.hasJWT" -}}
-{{- if or .Values.jwt.secret .Values.jwt.publicKey .Values.jwt.existingSecret }}true{{ end }}
+{{- if or .Values.jwt.secret .Values.jwt.publicKey .Values.jwt.existingSecret .Values.jwt.jwksUrl }}true{{ end }}
+{{- end }}
+
+{{/* Where client JWT keys come from: JWKS (jwt.jwksUrl), else jwt.algorithm (HS256 | RS256). */}}
+{{- define "meshgate.jwtKeySource" -}}
+{{- if .Values.jwt.jwksUrl }}JWKS{{ else }}{{ .Values.jwt.algorithm }}{{ end }}
 {{- end }}
 {{- define "meshgate.hasRedisPassword" -}}
 {{- if or .Values.redis.password .Values.redis.existingSecret }}true{{ end }}
@@ -101,7 +106,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{/* Checks that cannot be expressed in the schema. */}}
 {{- define "meshgate.validate" -}}
 {{- if not .Values.region }}{{ fail "region is required (--region): set --set region=eu-west-1" }}{{ end }}
-{{- if not (include "meshgate.hasJWT" .) }}{{ fail "jwt.secret, jwt.publicKey or jwt.existingSecret is required: the gateway refuses unauthenticated clients off loopback" }}{{ end }}
+{{- if not (include "meshgate.hasJWT" .) }}{{ fail "jwt.secret, jwt.publicKey, jwt.existingSecret or jwt.jwksUrl is required: the gateway refuses unauthenticated clients off loopback" }}{{ end }}
+{{- if and .Values.jwt.jwksUrl (or .Values.jwt.secret .Values.jwt.publicKey .Values.jwt.existingSecret) }}{{ fail "jwt.jwksUrl excludes jwt.secret, jwt.publicKey and jwt.existingSecret: pick one key source" }}{{ end }}
 {{- if and .Values.jwt.secret .Values.jwt.publicKey }}{{ fail "set only one of jwt.secret (HS256) and jwt.publicKey (RS256)" }}{{ end }}
 {{- if and (eq .Values.jwt.algorithm "HS256") .Values.jwt.publicKey }}{{ fail "jwt.publicKey needs jwt.algorithm=RS256" }}{{ end }}
 {{- if and (eq .Values.jwt.algorithm "RS256") .Values.jwt.secret }}{{ fail "jwt.secret needs jwt.algorithm=HS256" }}{{ end }}

@@ -1,0 +1,38 @@
+/* ws_json.c: JSON frames and JWTs for WebSocket integration tests (see
+ * ws_json.h). */
+#include "support/ws_json.h"
+
+#include <criterion/criterion.h>
+#include <jwt.h>
+#include <stdlib.h>
+#include <string.h>
+
+json_t *mg_wsc_recv_json(mg_wsc *c, int timeout_ms)
+{
+    char *s = mg_wsc_recv_text(c, timeout_ms);
+    cr_assert_not_null(s, "no frame within %d ms (close code %d)", timeout_ms,
+                       mg_wsc_close_code(c));
+    json_t *j = json_loads(s, 0, NULL);
+    cr_assert_not_null(j, "not JSON: %s", s);
+    free(s);
+    return j;
+}
+
+const char *mg_json_str(json_t *j, const char *k)
+{
+    json_t *v = json_object_get(j, k);
+    return v && json_is_string(v) ? json_string_value(v) : "";
+}
+
+char *mg_test_jwt_hs256(const char *secret, const char *sub, long exp)
+{
+    jwt_t *j = NULL;
+    cr_assert_eq(jwt_new(&j), 0);
+    jwt_set_alg(j, JWT_ALG_HS256, (const unsigned char *)secret, (int)strlen(secret));
+    jwt_add_grant(j, "sub", sub);
+    jwt_add_grant_int(j, "exp", exp);
+    char *t = jwt_encode_str(j);
+    jwt_free(j);
+    cr_assert_not_null(t);
+    return t;
+}

@@ -1,0 +1,21 @@
+/* ws_json.h: JSON frames and JWTs for WebSocket integration tests.
+ *
+ * Each helper fails the current Criterion test (cr_assert) instead of
+ * returning an error; results are the caller's to free.
+ */
+#ifndef MG_WS_JSON_H
+#define MG_WS_JSON_H
+
+#include "support/ws_client.h"
+
+#include <jansson.h>
+
+/* The next text frame as JSON (the caller json_decref's it); fails the test
+ * when none comes within timeout_ms or it is not JSON. */
+json_t *mg_wsc_recv_json(mg_wsc *c, int timeout_ms);
+/* j[k] when it is a string, else "" (never NULL); lives as long as j. */
+const char *mg_json_str(json_t *j, const char *k);
+/* An HS256 token with "sub" and "exp" (malloc'd, the caller frees). */
+char *mg_test_jwt_hs256(const char *secret, const char *sub, long exp);
+
+#endif
