@@ -21,13 +21,16 @@
  * Consumer. Group "meshgate-<region>", auto commit and auto offset store off.
  * The "kafka-consume" thread is an ingress that never waits for a record:
  * it polls, decodes and starts each record's operation
- * (mg_router_deliver_from_queue) and pauses the record's partition; the
- * operation's answer (any thread) is queued back and wakes the poll
- * (rd_kafka_queue_yield), and the consumer thread settles it: the next
- * record of that partition starts (fetched ones wait in order behind the one
- * in flight), or the partition resumes. So each partition has one record in
- * flight (a partition's order is the order of its records) and every
- * assigned partition progresses at once. The offset is stored only after the record
+ * (mg_router_deliver_from_queue), or queues the record behind its
+ * partition's record in flight; the operation's answer (any thread) is
+ * queued back and wakes the poll (rd_kafka_queue_yield), and the consumer
+ * thread settles it and starts the partition's next record. So each
+ * partition has one record in flight (a partition's order is the order of
+ * its records) and every assigned partition progresses at once. A
+ * partition with PART_QUEUE_MAX records queued is paused until half of them
+ * are done (pausing drops librdkafka's prefetched records and refetches from
+ * the one after the last queued: pausing per record would cost a fetch round
+ * trip per record). The offset is stored only after the record
  * was handled (delivered, forwarded by gRPC, put in the inbox, or skipped as
  * undecodable) and stored offsets are committed asynchronously at most every
  * COMMIT_INTERVAL_MS, synchronously on partition revocation and on stop.
@@ -66,6 +69,7 @@
 #define RETRY_DELAY_MIN_MS    50
 #define RETRY_DELAY_MAX_MS    2000
 #define ERROR_LOG_INTERVAL_MS 5000
+#define PART_QUEUE_MAX        1024 /* records fetched behind one in flight, per partition */
 
 enum { TOPIC_UNKNOWN = 0, TOPIC_PENDING = 1, TOPIC_READY = 2 };
 
@@ -508,6 +512,7 @@ typedef struct record {
 typedef struct part {
     record *busy;
     record *head, *tail;
+    size_t queued; /* records waiting behind busy */
     bool paused;
 } part;
 
@@ -572,8 +577,25 @@ static void record_free(record *r)
     free(r);
 }
 
+/* Queues r behind the partition's record in flight; a partition whose
+ * queue reached PART_QUEUE_MAX is paused (fetching stops; it resumes from
+ * the record after the last one queued, so nothing is skipped or fetched
+ * twice) until the queue is down to half. */
+static void part_queue(tk *k, part *pt, record *r)
+{
+    if (pt->tail)
+        pt->tail->next = r;
+    else
+        pt->head = r;
+    pt->tail = r;
+    if (++pt->queued >= PART_QUEUE_MAX && !pt->paused) {
+        pt->paused = true;
+        set_paused(k, r->m, true);
+    }
+}
+
 /* The partition's record is done (handled, or given up while stopping):
- * the next one fetched behind it starts, or the partition resumes. */
+ * the next one queued behind it starts. */
 static void part_next(tk *k, part *pt, const rd_kafka_message_t *m)
 {
     while ((pt->busy = pt->head)) {
@@ -584,6 +606,11 @@ static void part_next(tk *k, part *pt, const rd_kafka_message_t *m)
         if (!pt->head)
             pt->tail = NULL;
         r->next = NULL;
+        pt->queued--;
+        if (pt->paused && pt->queued <= PART_QUEUE_MAX / 2) {
+            pt->paused = false;
+            set_paused(k, r->m, false);
+        }
         if (r->msg) {
             record_start(k, r);
             return;
@@ -591,7 +618,7 @@ static void part_next(tk *k, part *pt, const rd_kafka_message_t *m)
         store_offset(k, r->m); /* undecodable: skipped, in its turn */
         record_free(r);
     }
-    if (pt->paused) {
+    if (pt->paused) { /* (queued is 0 here) */
         pt->paused = false;
         set_paused(k, m, false);
     }
@@ -693,11 +720,7 @@ static bool consume_one(tk *k, rd_kafka_message_t *m)
             record *r = mg_new(record);
             r->k = k;
             r->m = m;
-            if (pt->tail)
-                pt->tail->next = r;
-            else
-                pt->head = r;
-            pt->tail = r;
+            part_queue(k, pt, r);
             return false;
         }
         store_offset(k, m);
@@ -711,19 +734,11 @@ static bool consume_one(tk *k, rd_kafka_message_t *m)
     r->start_ms = mg_mono_ms();
     r->delay_ms = RETRY_DELAY_MIN_MS;
     part *pt = part_of(k, m->partition);
-    if (pt->busy) { /* fetched before the pause took: in order behind it */
-        if (pt->tail)
-            pt->tail->next = r;
-        else
-            pt->head = r;
-        pt->tail = r;
+    if (pt->busy) { /* the partition's order: behind the one in flight */
+        part_queue(k, pt, r);
         return false;
     }
     pt->busy = r;
-    if (!pt->paused) { /* the partition's next record waits for this one */
-        pt->paused = true;
-        set_paused(k, m, true);
-    }
     record_start(k, r);
     return false;
 }

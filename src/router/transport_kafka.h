@@ -16,8 +16,8 @@
  *
  * Consumer: group "meshgate-<region>" on <prefix><region>, so each message is
  * handled by ONE gateway of the region. Each record is passed to
- * mg_router_deliver_from_queue() (one record in flight per partition, its
- * partition paused meanwhile; no thread waits); its offset is stored and
+ * mg_router_deliver_from_queue() (one record in flight per partition, the
+ * next ones queued behind it; no thread waits); its offset is stored and
  * committed only after that succeeded (at-least-once; the router's dedupe window drops the
  * duplicates a redelivery brings). Transient failures are retried on the same
  * record with backoff; after retry_budget_ms the message is put in the
