@@ -136,7 +136,9 @@ LOADB=$((SECS * 3 + 120)) # hard bound of one mgload process
 # ---- scenarios -------------------------------------------------------------------
 sc_idle() {
   local n=${IDLE_CONNS:-$(P 20000 100000)}
-  local cap=$((NOFILE - 300))
+  # The gateway keeps --fd-reserve fds and room for --ws-max-handshakes out of its cap: a small
+  # reserve and 256 handshakes (mgload opens at most 200 at once) leave room for NOFILE - 400.
+  local cap=$((NOFILE - 400))
   if [ "$n" -gt "$cap" ]; then
     log "idle: $n connections asked, but the file limit (ulimit -Hn) is $NOFILE per process and"
     log "      cannot be raised here (no CAP_SYS_RESOURCE); measuring $cap instead"
@@ -144,9 +146,10 @@ sc_idle() {
   fi
   local port gpid
   port=$(free_port)
-  start_gw gpid "$port" "$(free_port)" --max-connections $((n + 100)) || return 1
+  start_gw gpid "$port" "$(free_port)" --max-connections $((n + 100)) --fd-reserve 64 \
+    --ws-max-handshakes 256 || return 1
   local nsrc=$(((n + 19999) / 20000 + 1))
-  load $((LOADB + 300)) idle --port "$port" --conns "$n" --src "$nsrc" --hold 10 --settle 2 \
+  load $((LOADB + 300)) idle --port "$port" --conns "$n" --src "$nsrc" --parallel 200 --hold 10 --settle 2 \
     --gw-pid "$gpid" --scenario idle --path local --label "idle $n conns" --prefix idle$$- >/dev/null
   stop_gws
 }

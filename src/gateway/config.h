@@ -73,7 +73,7 @@
       "is closed (slowloris)")                                                                     \
     X(INT, ws_max_handshakes, "ws-max-handshakes", "MESHGATE_WS_MAX_HANDSHAKES", "1024", "conns",  \
       "connections still sending their request at once; beyond it the oldest is closed")           \
-    X(INT, ws_max_header_bytes, "ws-max-header-bytes", "MESHGATE_WS_MAX_HEADER_BYTES", "8192",     \
+    X(INT, ws_max_header_bytes, "ws-max-header-bytes", "MESHGATE_WS_MAX_HEADER_BYTES", "4096",     \
       "bytes",                                                                                     \
       "HTTP request line and headers kept per request (lws header buffer, at most 65535)")         \
     X(INT, ws_send_rate, "ws-send-rate", "MESHGATE_WS_SEND_RATE", "0", "frames/s",                 \
