@@ -15,7 +15,8 @@ cmake --build "$BUILD" --target mg_router mg_common mg_proto >/dev/null
 BIN=$BUILD/bench/presence_bench
 mkdir -p "$BUILD/bench"
 cc -O2 -std=gnu11 -D_GNU_SOURCE -I"$ROOT/src" -I"$BUILD/gen" "$ROOT/bench/presence_bench.c" \
-  "$BUILD/libmg_router.a" "$BUILD/libmg_common.a" "$BUILD/libmg_proto.a" \
+  "$BUILD/libmg_store.a" "$BUILD/libmg_router.a" "$BUILD/libmg_store.a" "$BUILD/libmg_common.a" \
+  "$BUILD/libmg_proto.a" \
   $(pkg-config --libs hiredis libprotobuf-c) -lpthread -o "$BIN"
 
 echo "== mg_presence: $THREADS threads, ${SECS}s each, $USERS users, batch $BATCH"
