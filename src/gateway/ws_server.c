@@ -1433,8 +1433,8 @@ int mg_ws_server_start(mg_ws_server *ws)
     mg_log_info("ws",
                 "listening host=%s port=%d auth=%s fd_limit=%u ping_seconds=%d "
                 "max_connections=%zu max_handshakes=%zu loop=%s",
-                ws->host, ws->bound_port, ws->auth ? "jwt" : "none(loopback ?user=)",
-                lws_fds, ws->ping_seconds, ws->max_conns, hs_cap,
+                ws->host, ws->bound_port, ws->auth ? "jwt" : "none(loopback ?user=)", lws_fds,
+                ws->ping_seconds, ws->max_conns, hs_cap,
                 ev_backend(ws->loop) == EVBACKEND_EPOLL ? "epoll" : "other");
     return 0;
 }
