@@ -308,13 +308,15 @@ static void call_end(struct pcall *pc, const mg_deliver_outcome *out)
     mg_transport_grpc *t = pc->t;
     grpc_byte_buffer_destroy(pc->req);
     mg_peer_set_release(pc->set);
-    struct peer_state *st = pc->st;
+    /* The slot is free before the caller hears the outcome (its next call may
+     * take it at once); free() still cannot pass this callback: it joins the
+     * peer-cq threads, and the callback touches nothing of the transport. */
+    slot_release(t, pc->st);
     if (pc->batch_done)
         pc->batch_done(pc->arg, out, pc->n);
     else
         pc->done(pc->arg, out);
     free(pc);
-    slot_release(t, st); /* after the callback: free() waits for it */
 }
 
 /* One DeliverMessageResponse as an outcome; false when it has no status. */
