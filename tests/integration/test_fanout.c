@@ -117,15 +117,7 @@ Test(fanout, send_batch_to_10000_users_over_two_gateways, .timeout = 240)
     mg_gw *b = mg_gw_spawn(idb, args);
     cr_assert_not_null(b);
     /* Each must see the other in Consul before the peer path exists. */
-    bool peers = false;
-    for (int i = 0; i < 150 && !peers; i++) {
-        char *body = NULL;
-        peers = mg_http_get(a->ws_port, "/peers", &body) == 200 && body && strstr(body, idb);
-        free(body);
-        if (!peers)
-            usleep(100000);
-    }
-    cr_assert(peers, "gateway a never listed b as a peer");
+    cr_assert(mg_gw_wait_peer(a, idb, 15000), "gateway a never listed b as a peer");
     json_t *r = fanout("fo2", a->ws_port, b->ws_port, a->grpc_addr);
     check_all_delivered(r);
     json_decref(r);

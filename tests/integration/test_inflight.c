@@ -91,15 +91,7 @@ Test(inflight, thousands_of_sends_to_a_stuck_peer_finish_in_about_one_deadline, 
     cr_assert_not_null(b);
     mg_wsc *bob = mg_wsc_connect_user(b->ws_port, "bob", 5000, NULL);
     cr_assert_not_null(bob);
-    bool listed = false;
-    for (int i = 0; i < 150 && !listed; i++) {
-        char *body = NULL;
-        listed = mg_http_get(a->ws_port, "/peers", &body) == 200 && body && strstr(body, idb);
-        free(body);
-        if (!listed)
-            usleep(100000);
-    }
-    cr_assert(listed, "a never listed b as a peer");
+    cr_assert(mg_gw_wait_peer(a, idb, 15000), "a never listed b as a peer");
     usleep(300000); /* bob's presence is in Redis */
 
     mg_gw_kill(b, SIGSTOP); /* b accepts connections but answers nothing */

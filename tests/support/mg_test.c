@@ -328,3 +328,16 @@ bool mg_gw_log_contains(const mg_gw *gw, const char *needle)
     fclose(f);
     return found;
 }
+
+bool mg_gw_wait_peer(const mg_gw *gw, const char *peer_id, int timeout_ms)
+{
+    for (int waited = 0;; waited += 100) {
+        char *body = NULL;
+        bool listed = mg_http_get(gw->ws_port, "/peers", &body) == 200 && body &&
+                      strstr(body, peer_id) != NULL;
+        free(body);
+        if (listed || waited >= timeout_ms)
+            return listed;
+        usleep(100 * 1000);
+    }
+}

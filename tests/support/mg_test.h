@@ -57,5 +57,8 @@ int mg_http_get(int port, const char *path, char **body);
 
 /* Polls cond(arg) every 20 ms until true or timeout_ms; returns the result. */
 bool mg_wait_until(bool (*cond)(void *arg), void *arg, int timeout_ms);
+/* Waits up to timeout_ms until gw's GET /peers lists peer_id (Consul
+ * discovery has made the peer path). Returns whether it did. */
+bool mg_gw_wait_peer(const mg_gw *gw, const char *peer_id, int timeout_ms);
 
 #endif
