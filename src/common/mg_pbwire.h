@@ -15,8 +15,11 @@
  * message buf[0..len) (a repeated field's elements, packed ones counted as
  * one). Stops counting at `stop` (returns as soon as *count reaches it, so a
  * huge request costs no more than `stop` fields). Returns 0, or -EBADMSG
- * when buf is not well-formed wire format up to where the scan stopped
- * (*count then holds what was seen; the decoder will refuse it anyway). */
+ * when buf is not well-formed wire format up to where the scan stopped.
+ * The caller must refuse the request on -EBADMSG rather than decode it:
+ * protobuf-c accepts some encodings this scan does not (a non-minimal key of
+ * field 0, for one), so decoding after a failed scan would let an unbounded
+ * repeated field through. */
 int mg_pb_count_field(const uint8_t *buf, size_t len, uint32_t field, size_t stop, size_t *count);
 
 #endif

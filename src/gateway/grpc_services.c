@@ -352,8 +352,11 @@ static grpc_status_code h_send_batch(mg_grpc_server *s, struct rpc *c, const uin
      * over the bytes, stopping just past the limit. */
     size_t nto = 0;
     if (mg_pb_count_field(req ? req : (const uint8_t *)"", len, MG_GRPC_BATCH_TO_FIELD,
-                          s->lim.max_batch + 1, &nto) == 0 &&
-        nto > s->lim.max_batch) {
+                          s->lim.max_batch + 1, &nto) != 0) {
+        snprintf(err, errlen, "malformed SendBatchRequest");
+        return GRPC_STATUS_INVALID_ARGUMENT;
+    }
+    if (nto > s->lim.max_batch) {
         snprintf(err, errlen, "to: more than the limit of %zu recipients", s->lim.max_batch);
         return GRPC_STATUS_INVALID_ARGUMENT;
     }

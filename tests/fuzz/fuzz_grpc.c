@@ -50,7 +50,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     }
     case 1: {
         size_t n = 0;
-        if (mg_pb_count_field(req, len, MG_GRPC_BATCH_TO_FIELD, fuzz_lim.max_batch + 1, &n) == 0 &&
+        if (mg_pb_count_field(req, len, MG_GRPC_BATCH_TO_FIELD, fuzz_lim.max_batch + 1, &n) != 0 ||
             n > fuzz_lim.max_batch)
             return 0; /* refused before decoding, as h_send_batch does */
         Meshgate__V1__SendBatchRequest *r =

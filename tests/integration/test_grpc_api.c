@@ -175,6 +175,21 @@ Test(grpc_api, bad_inputs_get_the_right_codes)
                               &meshgate__v1__send_batch_response__descriptor, 5000, &out, NULL),
                  GRPC_STATUS_INVALID_ARGUMENT);
 
+    /* SendBatch whose first key is a non-minimal encoding of field 0 (0x82 0x00):
+     * protobuf-c decodes it as an unknown field, the recipient scan cannot
+     * walk it; refused before 1,001 recipients are decoded (fuzz_grpc found it). */
+    uint8_t odd[3 + 2 * 1001] = {0x82, 0x00, 0x00};
+    for (size_t i = 3; i < sizeof(odd); i += 2) {
+        odd[i] = 0x12; /* field 2 (to), length-delimited */
+        odd[i + 1] = 0x00;
+    }
+    d = NULL;
+    cr_assert_eq(
+        mg_grpc_call_raw(client, MG_RPC_SEND_BATCH, odd, sizeof(odd), 5000, NULL, NULL, &d),
+        GRPC_STATUS_INVALID_ARGUMENT);
+    cr_assert(d && strstr(d, "malformed"), "detail: %s", d ? d : "(none)");
+    free(d);
+
     int st;
     cr_assert_eq(mg_tc_health(client, "", 5000, &st, NULL), GRPC_STATUS_OK, "still serving");
 }
