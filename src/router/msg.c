@@ -92,7 +92,7 @@ const char *mg_status_name(mg_status s)
 
 const char *mg_path_name(mg_path p)
 {
-    static const char *names[] = {"none", "local", "grpc", "kafka", "inbox"};
+    static const char *names[] = {"none", "local", "grpc", "kafka", "inbox", "redis-pubsub", "nats"};
     return (unsigned)p < sizeof(names) / sizeof(names[0]) ? names[p] : "unknown";
 }
 

@@ -30,6 +30,8 @@ typedef enum {
     MG_PATH_GRPC = 2,
     MG_PATH_KAFKA = 3,
     MG_PATH_INBOX = 4,
+    MG_PATH_REDIS_PUBSUB = 5,
+    MG_PATH_NATS = 6,
     MG_PATH_COUNT
 } mg_path;
 
@@ -69,7 +71,7 @@ uint8_t *mg_msg_pack(const mg_msg *m, size_t *len);
 int mg_msg_unpack(const uint8_t *data, size_t len, mg_msg **out);
 
 const char *mg_status_name(mg_status s); /* "delivered", "queued", ... */
-const char *mg_path_name(mg_path p);     /* "local", "grpc", "kafka", "inbox", "none" */
+const char *mg_path_name(mg_path p);     /* "local", "grpc", "kafka", "inbox", "redis-pubsub", "nats", "none" */
 
 /* Records one outcome into a result: the best status wins
  * (DELIVERED > QUEUED > ACCEPTED > STORED > FAILED > REJECTED). */

@@ -29,7 +29,15 @@ export interface StateChange {
 }
 
 export type AckStatus = 'delivered' | 'queued' | 'stored' | 'accepted' | 'rejected' | 'failed';
-export type AckPath = 'local' | 'grpc' | 'kafka' | 'inbox' | 'none' | string;
+export type AckPath =
+  | 'local'
+  | 'grpc'
+  | 'kafka'
+  | 'inbox'
+  | 'redis-pubsub'
+  | 'nats'
+  | 'none'
+  | string;
 
 export interface Ack {
   id: string;
