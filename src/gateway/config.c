@@ -212,6 +212,10 @@ int mg_config_validate(const mg_config *cfg, char *err, size_t errlen)
         FAIL("--inbox-memory-bytes and --inbox-memory-users must be at least 1");
     if (cfg->inbox_min_replicas > 64)
         FAIL("--inbox-min-replicas must be within 0..64");
+    if (cfg->presence_sync && (!strcmp(cfg->presence, "memory") || !cfg->kafka_brokers[0]))
+        FAIL("--presence-sync needs --presence redis-cluster and --kafka-brokers");
+    if (cfg->presence_sync && (!cfg->presence_sync_topic[0] || strchr(cfg->region, '|')))
+        FAIL("--presence-sync needs a --presence-sync-topic and a --region without '|'");
     if (strlen(cfg->id) > 128 || strpbrk(cfg->id, " \t\n/"))
         FAIL("--id must be at most 128 characters without spaces or '/'");
     if (cfg->ws_max_header_bytes < 1024 || cfg->ws_max_header_bytes > 65535)

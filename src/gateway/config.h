@@ -132,6 +132,11 @@
       "timeout of every Redis call")                                                               \
     X(INT, presence_lease_seconds, "presence-lease-seconds", "MESHGATE_PRESENCE_LEASE_SECONDS",    \
       "30", "s", "a crashed gateway's users vanish from presence within this lease")               \
+    X(BOOL, presence_sync, "presence-sync", "MESHGATE_PRESENCE_SYNC", "false", "",                 \
+      "multi-region: --redis-nodes is this region's own cluster; presence changes are replicated " \
+      "to the other regions through Kafka (needs --kafka-brokers)")                                \
+    X(STR, presence_sync_topic, "presence-sync-topic", "MESHGATE_PRESENCE_SYNC_TOPIC",             \
+      "meshgate.presence", "topic", "log-compacted topic of the presence replication")             \
     X(INT, inbox_max_messages, "inbox-max-messages", "MESHGATE_INBOX_MAX_MESSAGES", "1000",        \
       "messages", "offline inbox cap per user; the oldest are dropped beyond it")                  \
     X(INT, inbox_max_age_seconds, "inbox-max-age-seconds", "MESHGATE_INBOX_MAX_AGE_SECONDS",       \

@@ -16,6 +16,7 @@
 #include "gateway/ws_server.h"
 #include "store/redis_store.h"
 #include "router/router.h"
+#include "store/presence_sync.h"
 #include "router/transport_grpc.h"
 #include "router/transport_kafka.h"
 
@@ -79,6 +80,25 @@ static int make_stores(mg_gateway *gw, mg_presence **presence, mg_inbox **inbox,
     register_redis_metrics(gw, true);
     mg_log_info("gateway", "presence=redis-cluster nodes=%s lease_seconds=%lld", cfg->redis_nodes,
                 (long long)cfg->presence_lease_seconds);
+    if (cfg->presence_sync) {
+        mg_presence_sync_config scfg = {
+            .brokers = cfg->kafka_brokers,
+            .topic = cfg->presence_sync_topic,
+            .region = cfg->region,
+            .gateway_id = cfg->id,
+            .partitions = (int)cfg->kafka_partitions,
+        };
+        *presence = mg_presence_sync_create(*presence, gw->redis, &scfg, err, errlen);
+        if (!*presence)
+            return -EINVAL;
+        if (mg_presence_sync_start(*presence) != 0) {
+            snprintf(err, errlen, "presence sync: cannot start the consumer of %s",
+                     cfg->presence_sync_topic);
+            return -EINVAL;
+        }
+        mg_log_info("gateway", "presence sync topic=%s (region %s's view in its own cluster)",
+                    cfg->presence_sync_topic, cfg->region);
+    }
     return 0;
 }
 

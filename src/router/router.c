@@ -191,7 +191,8 @@ typedef struct route_op {
     int64_t deadline, start_us;
     bool queue_mode; /* from the Kafka consumer: never Kafka again */
     bool hot;
-    int round; /* 0: first resolution; 1: after a NOT_CONNECTED */
+    bool home_tried; /* handed to the region of the user's inbox (presence_sync.h) */
+    int round;       /* 0: first resolution; 1: after a NOT_CONNECTED */
     int presence_rc;
     mg_presence_list conns;
     struct route_op *lk_next; /* in the router's lookup queue */
@@ -674,6 +675,31 @@ static void op_route(route_op *op)
     op_settle(op);
 }
 
+/* Nothing reached the user and their inbox lives in another region (the
+ * multi-region view says they were last seen there): hand the message to
+ * that region's bus; its gateway delivers it there or stores it in that
+ * region's inbox. Returns false when there is no such region or no bus. */
+static bool start_home_handoff(route_op *op)
+{
+    mg_router *r = op->r;
+    const char *home = op->conns.home_region;
+    if (!home || op->queue_mode || op->home_tried)
+        return false;
+    attempt *a = mg_new(attempt);
+    a->op = op;
+    a->target = (mg_route_target){"", home}; /* home lives in op->conns until the op ends */
+    if (!usable(r, MG_PATH_KAFKA, &a->target)) {
+        free(a);
+        return false;
+    }
+    op->home_tried = true;
+    a->plan[0] = MG_PATH_KAFKA;
+    a->nplan = 1;
+    atomic_store(&op->pending, 1); /* this attempt; its end settles the op again */
+    attempt_next(a);
+    return true;
+}
+
 /* The last attempt of a round completed: decide the next step. */
 static void op_settle(route_op *op)
 {
@@ -697,6 +723,8 @@ static void op_settle(route_op *op)
         return;
     }
     if (!reached(&op->res) && op->res.status != MG_STATUS_FAILED) {
+        if (start_home_handoff(op))
+            return;
         store_step(op, r->inbox->ops->nonblocking, store_run, store_job, "inbox write");
         return;
     }

@@ -28,6 +28,9 @@ typedef struct mg_conn_ref {
 typedef struct mg_presence_list {
     mg_conn_ref *items;
     size_t n, cap;
+    /* The region where the user's offline inbox lives when it is not this
+     * gateway's (set by the multi-region store, presence_sync.h); NULL: here. */
+    char *home_region;
 } mg_presence_list;
 
 void mg_presence_list_add(mg_presence_list *l, const char *conn_id, const char *gateway_id,

@@ -45,7 +45,9 @@ void mg_presence_list_clear(mg_presence_list *l)
         free(l->items[i].region);
     }
     free(l->items);
+    free(l->home_region);
     l->items = NULL;
+    l->home_region = NULL;
     l->n = l->cap = 0;
 }
 

@@ -4,6 +4,7 @@
 # Usage: tests/infra/services.sh up|down|env|status
 #   MESHGATE_RUN (default /tmp/meshgate-run), MESHGATE_CACHE (default ~/.cache/meshgate)
 #   MESHGATE_SERVICES_ACL=0 skips the ACL-enabled Consul agent.
+#   MESHGATE_REDIS_B_BASE_PORT (17100): the second Redis Cluster (region b of the multi-region tests).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -11,6 +12,7 @@ CACHE=${MESHGATE_CACHE:-$HOME/.cache/meshgate}
 RUN=${MESHGATE_RUN:-/tmp/meshgate-run}
 ENVF=$RUN/services.env
 WITH_ACL=${MESHGATE_SERVICES_ACL:-1}
+REDIS_B_BASE=${MESHGATE_REDIS_B_BASE_PORT:-17100}
 export MESHGATE_CACHE=$CACHE MESHGATE_RUN=$RUN
 
 die() { echo "services: $*" >&2; exit 1; }
@@ -31,6 +33,8 @@ cmd_up() {
   mkdir -p "$RUN/logs"
   rm -f "$ENVF"
   bg redis "$HERE/redis-cluster.sh" start
+  # A second cluster: region b's own store in the multi-region tests (presence sync).
+  bg redis-b env MESHGATE_REDIS_BASE_PORT="$REDIS_B_BASE" "$HERE/redis-cluster.sh" start
   bg kafka "$HERE/kafka.sh" start
   if [ "$WITH_ACL" = 1 ]; then
     bg consul bash -c '"$1" start && "$1" start-acl' _ "$HERE/consul.sh"   # one build, two agents
@@ -45,6 +49,7 @@ cmd_up() {
     echo "export MESHGATE_TEST_BIN=$CACHE/bin"
     echo "export MESHGATE_TEST_RUN=$RUN"
     echo "export MESHGATE_TEST_REDIS_NODES=$("$HERE/redis-cluster.sh" nodes)"
+    echo "export MESHGATE_TEST_REDIS_B_NODES=$(MESHGATE_REDIS_BASE_PORT="$REDIS_B_BASE" "$HERE/redis-cluster.sh" nodes)"
     echo "export MESHGATE_TEST_KAFKA=127.0.0.1:${MESHGATE_KAFKA_PORT:-19092}"
     echo "export MESHGATE_TEST_CONSUL=127.0.0.1:${MESHGATE_CONSUL_HTTP_PORT:-18500}"
     if [ "$WITH_ACL" = 1 ]; then
@@ -58,6 +63,7 @@ cmd_up() {
 cmd_down() {
   mkdir -p "$RUN/logs"
   bg redis "$HERE/redis-cluster.sh" stop
+  bg redis-b env MESHGATE_REDIS_BASE_PORT="$REDIS_B_BASE" "$HERE/redis-cluster.sh" stop
   bg kafka "$HERE/kafka.sh" stop
   bg consul "$HERE/consul.sh" stop
   bg consul-acl "$HERE/consul.sh" stop-acl
@@ -68,6 +74,7 @@ cmd_down() {
 cmd_status() {
   local rc=0
   "$HERE/redis-cluster.sh" status || rc=1
+  MESHGATE_REDIS_BASE_PORT="$REDIS_B_BASE" "$HERE/redis-cluster.sh" status || rc=1
   "$HERE/kafka.sh" status || rc=1
   "$HERE/consul.sh" status || rc=1
   [ "$WITH_ACL" = 1 ] && { "$HERE/consul.sh" status-acl || rc=1; }
