@@ -40,11 +40,21 @@ struct mg_gateway {
     mg_peers *peers;
     mg_consul *consul;
     mg_transport *kafka; /* owned by the router; kept to stop its consumer */
+    mg_presence *sync;   /* --presence-sync: the router's presence store, kept to stop it */
     char *advertise;
     bool stopped;
 };
 
 static void register_redis_metrics(mg_gateway *gw, bool on);
+
+/* Another region says the user is online there: their inbox here follows. */
+static void handover_inbox(void *arg, const char *user, const char *region)
+{
+    int n = mg_router_handover_inbox(arg, user);
+    if (n > 0)
+        mg_log_info("gateway", "handing over inbox user=%s to region=%s messages=%d", user, region,
+                    n);
+}
 
 static int make_stores(mg_gateway *gw, mg_presence **presence, mg_inbox **inbox, char *err,
                        size_t errlen)
@@ -91,11 +101,7 @@ static int make_stores(mg_gateway *gw, mg_presence **presence, mg_inbox **inbox,
         *presence = mg_presence_sync_create(*presence, gw->redis, &scfg, err, errlen);
         if (!*presence)
             return -EINVAL;
-        if (mg_presence_sync_start(*presence) != 0) {
-            snprintf(err, errlen, "presence sync: cannot start the consumer of %s",
-                     cfg->presence_sync_topic);
-            return -EINVAL;
-        }
+        gw->sync = *presence; /* started once the router exists */
         mg_log_info("gateway", "presence sync topic=%s (region %s's view in its own cluster)",
                     cfg->presence_sync_topic, cfg->region);
     }
@@ -265,6 +271,12 @@ int mg_gateway_start(const mg_config *cfg, mg_gateway **out, char *err, size_t e
     inbox = NULL;
     mg_ws_server_set_router(gw->ws, gw->router);
     mg_ws_server_set_http_hook(gw->ws, "/peers", render_peers, gw);
+    if (gw->sync && mg_presence_sync_start(gw->sync, handover_inbox, gw->router) != 0) {
+        snprintf(err, errlen, "presence sync: cannot start the consumer of %s",
+                 cfg->presence_sync_topic);
+        rc = -EINVAL;
+        goto fail;
+    }
     if ((rc = make_transports(gw, err, errlen)) != 0)
         goto fail;
 
@@ -340,6 +352,8 @@ void mg_gateway_stop(mg_gateway *gw)
         mg_ws_server_stop(gw->ws);
     if (gw->kafka)
         mg_transport_kafka_stop(gw->kafka, 5000); /* commit handled offsets, flush */
+    if (gw->sync)
+        mg_presence_sync_stop(gw->sync); /* no new inbox hand-over */
     if (gw->router)
         mg_router_drain(gw->router, 35000); /* operations in flight need the pool */
     mg_pool_free(gw->pool);                 /* runs the jobs still queued */

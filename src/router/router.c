@@ -60,7 +60,8 @@ struct mg_router {
     mg_metric *outcomes[MG_PATH_COUNT][MG_STATUS_ACCEPTED + 1];
     mg_metric *latency[MG_PATH_COUNT];
     mg_metric *fallbacks, *presence_errors, *reresolves, *refused, *inflight_gauge;
-    mg_metric *lookup_batches;
+    mg_metric *lookup_batches, *handed_over;
+    atomic_bool draining; /* mg_router_drain started: no new hand-over step */
 };
 
 static double hot_pairs_gauge(void *arg)
@@ -109,6 +110,8 @@ mg_router *mg_router_create(const mg_router_config *cfg, mg_presence *presence, 
                               "gRPC peer deliveries that failed over to Kafka", NULL);
     r->presence_errors =
         mg_counter("meshgate_presence_errors_total", "Presence store calls that failed", NULL);
+    r->handed_over = mg_counter("meshgate_inbox_handed_over_total",
+                                "Inbox messages handed to the region the user connected in", NULL);
     r->reresolves = mg_counter("meshgate_presence_reresolves_total",
                                "Second presence lookups after a peer said NOT_CONNECTED", NULL);
     mg_gauge_fn_register("meshgate_hot_pairs", "(from, to) pairs currently hot", NULL,
@@ -128,6 +131,7 @@ size_t mg_router_drain(mg_router *r, int timeout_ms)
 {
     int64_t end = mg_mono_ms() + timeout_ms;
     size_t n;
+    atomic_store(&r->draining, true);
     while ((n = atomic_load(&r->inflight)) > 0 && mg_mono_ms() < end)
         usleep(2000);
     if (n > 0)
@@ -910,4 +914,96 @@ int mg_router_user_disconnected(mg_router *r, const char *user, const char *conn
 int mg_router_inbox_ack(mg_router *r, const char *user, const char *msg_id)
 {
     return r->inbox->ops->ack(r->inbox, user, msg_id);
+}
+
+/* ---- inbox hand-over (multi-region) ------------------------------------------ */
+
+#define HANDOVER_DEADLINE_MS 30000
+
+/* One user's inbox on its way to the region they connected in: one message
+ * at a time, in order; each is acked here once it was delivered or queued
+ * there, then the next one goes. The chain holds one in-flight slot so
+ * mg_router_drain waits for it. */
+typedef struct handover {
+    mg_router *r;
+    char *user;
+    mg_msg **items;
+    size_t n, i;
+} handover;
+
+static void handover_end(handover *h, const char *why)
+{
+    if (h->i < h->n)
+        mg_log_info("router", "inbox hand-over stopped user=%s moved=%zu left=%zu reason=%s",
+                    h->user, h->i, h->n - h->i, why);
+    release(h->r, 1);
+    mg_inbox_items_free(h->items, h->n);
+    free(h->user);
+    free(h);
+}
+
+static void handover_step(handover *h);
+
+static void handover_ack_job(void *arg)
+{
+    handover *h = arg;
+    int rc = h->r->inbox->ops->ack(h->r->inbox, h->user, h->items[h->i]->id);
+    if (rc != 0 && rc != -ENOENT) {
+        handover_end(h, "inbox ack failed"); /* the next hand-over sends it again: same id */
+        return;
+    }
+    mg_metric_add(h->r->handed_over, 1);
+    h->i++;
+    handover_step(h);
+}
+
+static void handover_sent(void *arg, const mg_send_result *res)
+{
+    handover *h = arg;
+    if (!reached(res)) { /* stored back here, or failed: the rest waits here */
+        handover_end(h, res->status == MG_STATUS_STORED ? "user not reachable" : res->reason);
+        return;
+    }
+    if (mg_pool_submit(h->r->pool, handover_ack_job, h) != 0)
+        handover_end(h, "store pool full");
+}
+
+static void handover_step(handover *h)
+{
+    if (h->i == h->n) {
+        mg_log_info("router", "inbox handed over user=%s messages=%zu", h->user, h->n);
+        handover_end(h, "");
+        return;
+    }
+    if (atomic_load(&h->r->draining)) {
+        handover_end(h, "shutting down");
+        return;
+    }
+    if (send_one(h->r, h->items[h->i], mg_mono_ms() + HANDOVER_DEADLINE_MS, false, handover_sent,
+                 h) != 0)
+        handover_end(h, "overloaded");
+}
+
+int mg_router_handover_inbox(mg_router *r, const char *user)
+{
+    if (!r->pool || atomic_load(&r->draining))
+        return 0;
+    mg_msg **items = NULL;
+    size_t n = 0;
+    int rc = r->inbox->ops->fetch(r->inbox, user, INBOX_FETCH_MAX, &items, &n);
+    if (rc != 0 || n == 0) {
+        mg_inbox_items_free(items, n);
+        return rc;
+    }
+    if (!admit(r, 1)) {
+        mg_inbox_items_free(items, n);
+        return -EAGAIN;
+    }
+    handover *h = mg_new(handover);
+    h->r = r;
+    h->user = mg_xstrdup(user);
+    h->items = items;
+    h->n = n;
+    handover_step(h);
+    return (int)n;
 }

@@ -118,4 +118,13 @@ int mg_router_user_connected(mg_router *r, const char *user, const char *conn_id
 int mg_router_user_disconnected(mg_router *r, const char *user, const char *conn_id);
 int mg_router_inbox_ack(mg_router *r, const char *user, const char *msg_id);
 
+/* Multi-region (presence_sync.h): the user connected in another region, so
+ * this region's inbox of theirs moves there. Sends the messages (up to
+ * 1,000) one after another, oldest first, through the normal route (the view
+ * now names their gateways there), and acks each here once it was delivered
+ * or queued; stops at the first that is not (the rest stays here). Returns
+ * the number of messages it started with, or a negative errno. Blocks on the
+ * inbox fetch: call from a thread that may (the presence sync consumer). */
+int mg_router_handover_inbox(mg_router *r, const char *user);
+
 #endif

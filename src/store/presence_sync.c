@@ -73,6 +73,8 @@ typedef struct presence_sync {
     pthread_mutex_t mu; /* local */
     mg_map *local;      /* user -> live local connections (intptr_t) */
     atomic_llong lag_ms;
+    mg_presence_online_fn online;
+    void *online_arg;
     mg_metric *published, *publish_errors, *applied, *stale, *bad, *apply_errors, *lag_hist;
 } presence_sync;
 
@@ -358,6 +360,8 @@ static int apply_record(presence_sync *s, const void *data, size_t len)
     int rc = mg_redis_cluster_command_argv(s->rc, &r, vkey, 7, argv, NULL);
     if (rc == 0 && r->type == REDIS_REPLY_INTEGER) {
         mg_metric_add(r->integer ? s->applied : s->stale, 1);
+        if (r->integer && json_array_size(gws) > 0 && s->online)
+            s->online(s->online_arg, user, region);
         int64_t lag = mg_now_ms() - (int64_t)at;
         atomic_store(&s->lag_ms, lag > 0 ? lag : 0);
         mg_histogram_observe_us(s->lag_hist, lag > 0 ? lag * 1000 : 0);
@@ -430,17 +434,25 @@ static void *consume_main(void *arg)
 
 /* ---- life cycle ------------------------------------------------------------------ */
 
-static void ps_free(mg_presence *p)
+void mg_presence_sync_stop(mg_presence *p)
 {
     presence_sync *s = (presence_sync *)p;
     if (s->started) {
         atomic_store(&s->stop, true);
         pthread_join(s->thread, NULL);
+        s->started = false;
     }
     if (s->consumer) {
         rd_kafka_consumer_close(s->consumer); /* commits what was applied */
         rd_kafka_destroy(s->consumer);
+        s->consumer = NULL;
     }
+}
+
+static void ps_free(mg_presence *p)
+{
+    presence_sync *s = (presence_sync *)p;
+    mg_presence_sync_stop(p);
     if (s->producer) {
         rd_kafka_flush(s->producer, 2000);
         rd_kafka_destroy(s->producer);
@@ -592,11 +604,13 @@ mg_presence *mg_presence_sync_create(mg_presence *inner, mg_redis_cluster *rc,
     return &s->base;
 }
 
-int mg_presence_sync_start(mg_presence *p)
+int mg_presence_sync_start(mg_presence *p, mg_presence_online_fn online, void *arg)
 {
     presence_sync *s = (presence_sync *)p;
-    if (s->started)
+    if (s->started || s->consumer)
         return -EALREADY;
+    s->online = online;
+    s->online_arg = arg;
     char err[300];
     s->consumer = make_client(s, RD_KAFKA_CONSUMER, err, sizeof(err));
     if (!s->consumer) {

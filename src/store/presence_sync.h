@@ -56,8 +56,17 @@ typedef struct mg_presence_sync_config {
 mg_presence *mg_presence_sync_create(mg_presence *inner, mg_redis_cluster *rc,
                                      const mg_presence_sync_config *cfg, char *err, size_t errlen);
 
-/* Starts consuming the other regions' records ("presence-sync" thread).
- * Returns 0 or a negative errno. The thread stops when the store is freed. */
-int mg_presence_sync_start(mg_presence *p);
+/* Called on the "presence-sync" thread when another region's record says
+ * user is now online there (applied, newer than what the view had): where
+ * this region hands over the user's inbox (mg_router_handover_inbox). */
+typedef void (*mg_presence_online_fn)(void *arg, const char *user, const char *region);
+
+/* Starts consuming the other regions' records ("presence-sync" thread);
+ * online (may be NULL) as above, arg must outlive the consumer. Returns 0 or
+ * a negative errno. */
+int mg_presence_sync_start(mg_presence *p, mg_presence_online_fn online, void *arg);
+/* Stops the consumer (the record being applied finishes, what was applied
+ * is committed). Idempotent; free also stops it. */
+void mg_presence_sync_stop(mg_presence *p);
 
 #endif

@@ -359,3 +359,78 @@ Test(multi_region, late_repeated_and_bad_records_converge_to_the_newest, .timeou
     cr_expect_eq(mg_gw_stop(a1), 0);
     mg_gw_free(a1);
 }
+
+Test(multi_region, the_inbox_follows_the_user_to_another_region, .timeout = 180)
+{
+    char tag[32], ra_name[48], rb_name[48], dave[64], id[96];
+    snprintf(tag, sizeof(tag), "mh%d", (int)getpid());
+    snprintf(ra_name, sizeof(ra_name), "%sa", tag);
+    snprintf(rb_name, sizeof(rb_name), "%sb", tag);
+    snprintf(dave, sizeof(dave), "%s-dave", tag);
+    region_args aa, ab;
+    char n1[64], n2[64];
+    snprintf(n1, sizeof(n1), "%s-a1", tag);
+    snprintf(n2, sizeof(n2), "%s-b1", tag);
+    mg_gw *a1 = mg_gw_spawn(n1, gw_args(&aa, tag, ra_name, "MESHGATE_TEST_REDIS_NODES"));
+    mg_gw *b1 = mg_gw_spawn(n2, gw_args(&ab, tag, rb_name, "MESHGATE_TEST_REDIS_B_NODES"));
+    cr_assert(a1 && b1);
+    cr_assert(mg_gw_wait_peer(a1, b1->name, 20000), "a1 discovers b1");
+
+    /* 50 messages for dave, offline and never seen anywhere: region a's inbox. */
+    enum { N = 50 };
+    mg_grpc_client *ca = mg_grpc_client_create(a1->grpc_addr, NULL);
+    int path = 0;
+    for (int i = 0; i < N; i++) {
+        snprintf(id, sizeof(id), "%s-m%02d", tag, i);
+        cr_assert_eq(send_status(ca, "alice", dave, id, &path),
+                     MESHGATE__V1__DELIVERY_STATUS__DELIVERY_STATUS_STORED);
+    }
+    mg_redis_cluster *rca = cluster("MESHGATE_TEST_REDIS_NODES");
+    char ikey[96];
+    snprintf(ikey, sizeof(ikey), "mg:i:{%s}", dave);
+
+    /* dave connects in region b: region a hands his inbox over, in order. */
+    mg_wsc *ws = mg_wsc_connect_user(b1->ws_port, dave, 5000, NULL);
+    cr_assert_not_null(ws);
+    int next = 0, dup = 0, out_of_order = 0;
+    for (int frames = 0; frames < 4 * N && next < N; frames++) {
+        char *text = mg_wsc_recv_text(ws, 30000);
+        if (!text)
+            break;
+        char *p = strstr(text, "-m");
+        if (strstr(text, "\"message\"") && p && strstr(text, tag)) {
+            int k = atoi(p + 2);
+            if (k == next)
+                next++;
+            else if (k < next)
+                dup++;
+            else
+                out_of_order++;
+        }
+        free(text);
+    }
+    cr_expect_eq(next, N, "all %d messages arrived in order (got %d)", N, next);
+    cr_expect_eq(dup, 0, "none twice");
+    cr_expect_eq(out_of_order, 0, "none out of order");
+    char *extra = mg_wsc_recv_text(ws, 1500);
+    cr_expect(!extra || !strstr(extra, "\"message\""), "nothing more: %s", extra ? extra : "");
+    free(extra);
+    long long left = -1;
+    for (int i = 0; i < 50 && left != 0; i++) {
+        redisReply *r = NULL;
+        cr_assert_eq(mg_redis_cluster_command(rca, &r, ikey, "ZCARD %s", ikey), 0);
+        left = r->type == REDIS_REPLY_INTEGER ? r->integer : -1;
+        freeReplyObject(r);
+        if (left != 0)
+            usleep(100 * 1000);
+    }
+    cr_expect_eq(left, 0, "nothing is left in region a's inbox");
+
+    mg_wsc_free(ws);
+    mg_grpc_client_free(ca);
+    mg_redis_cluster_free(rca);
+    cr_expect_eq(mg_gw_stop(b1), 0);
+    cr_expect_eq(mg_gw_stop(a1), 0);
+    mg_gw_free(b1);
+    mg_gw_free(a1);
+}
