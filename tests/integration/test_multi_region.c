@@ -10,6 +10,7 @@
  *   the sender's;
  * - late, repeated and undecodable replication records: the view converges
  *   to the newest state and the consumer keeps going. */
+#include "common/mg_time.h"
 #include "store/redis_cluster.h"
 #include "support/grpc_client.h"
 #include "support/mg_test.h"
@@ -25,7 +26,7 @@
 
 typedef struct region_args {
     char svc[64], topic[64], sync[64], region[48];
-    const char *args[40];
+    const char *args[44];
 } region_args;
 
 static const char *const *gw_args(region_args *ra, const char *tag, const char *region,
@@ -58,6 +59,8 @@ static const char *const *gw_args(region_args *ra, const char *tag, const char *
                        "--region",
                        ra->region,
                        "--hot-threshold",
+                       "3",
+                       "--presence-lease-seconds",
                        "3",
                        NULL};
     memcpy(ra->args, a, sizeof(a));
@@ -427,6 +430,110 @@ Test(multi_region, the_inbox_follows_the_user_to_another_region, .timeout = 180)
     cr_expect_eq(left, 0, "nothing is left in region a's inbox");
 
     mg_wsc_free(ws);
+    mg_grpc_client_free(ca);
+    mg_redis_cluster_free(rca);
+    cr_expect_eq(mg_gw_stop(b1), 0);
+    cr_expect_eq(mg_gw_stop(a1), 0);
+    mg_gw_free(b1);
+    mg_gw_free(a1);
+}
+
+/* Runs redis-cluster.sh for region b's cluster (17100 unless configured). */
+static int cluster_b(const char *what)
+{
+    const char *nodes = mg_test_require_env("MESHGATE_TEST_REDIS_B_NODES");
+    int base = atoi(strchr(nodes, ':') + 1);
+    char cmd[1024];
+    snprintf(cmd, sizeof(cmd), "MESHGATE_REDIS_BASE_PORT=%d bash %s/redis-cluster.sh %s >/dev/null",
+             base, mg_test_require_env("MESHGATE_TEST_INFRA"), what);
+    return system(cmd);
+}
+
+Test(multi_region, a_region_store_outage_stays_in_its_region, .timeout = 240)
+{
+    char tag[32], ra_name[48], rb_name[48], bob[64], xena[64], id[96];
+    snprintf(tag, sizeof(tag), "mx%d", (int)getpid());
+    snprintf(ra_name, sizeof(ra_name), "%sa", tag);
+    snprintf(rb_name, sizeof(rb_name), "%sb", tag);
+    snprintf(bob, sizeof(bob), "%s-bob", tag);
+    snprintf(xena, sizeof(xena), "%s-xena", tag);
+    region_args aa, ab;
+    char n1[64], n2[64];
+    snprintf(n1, sizeof(n1), "%s-a1", tag);
+    snprintf(n2, sizeof(n2), "%s-b1", tag);
+    mg_gw *a1 = mg_gw_spawn(n1, gw_args(&aa, tag, ra_name, "MESHGATE_TEST_REDIS_NODES"));
+    mg_gw *b1 = mg_gw_spawn(n2, gw_args(&ab, tag, rb_name, "MESHGATE_TEST_REDIS_B_NODES"));
+    cr_assert(a1 && b1);
+    cr_assert(mg_gw_wait_peer(a1, b1->name, 20000), "a1 discovers b1");
+    mg_redis_cluster *rca = cluster("MESHGATE_TEST_REDIS_NODES");
+    mg_wsc *wx = mg_wsc_connect_user(a1->ws_port, xena, 5000, NULL); /* local to a1 */
+    mg_wsc *wb = mg_wsc_connect_user(b1->ws_port, bob, 5000, NULL);  /* far, in region b */
+    cr_assert(wx && wb);
+    char suffix[80];
+    snprintf(suffix, sizeof(suffix), "|%s", b1->name);
+    cr_assert(wait_view(rca, bob, rb_name, suffix, 30000), "region a's view shows bob on b1");
+
+    /* Region b's whole cluster goes away for 20 s while a1 sends to both. */
+    static const int ports_off[] = {0, 1, 2, 3, 4, 5};
+    const char *nodes = mg_test_require_env("MESHGATE_TEST_REDIS_B_NODES");
+    int base = atoi(strchr(nodes, ':') + 1);
+    for (size_t i = 0; i < 6; i++) {
+        char what[64];
+        snprintf(what, sizeof(what), "stop-node %d", base + ports_off[i]);
+        cr_assert_eq(cluster_b(what), 0);
+    }
+    mg_grpc_client *ca = mg_grpc_client_create(a1->grpc_addr, NULL);
+    enum { MAXN = 400 };
+    static char far_ids[MAXN][96];
+    int nfar = 0, local_ok = 0, local_sent = 0, path = 0;
+    for (int64_t end = mg_mono_ms() + 20000; mg_mono_ms() < end && nfar < MAXN;) {
+        snprintf(id, sizeof(id), "%s-x%d", tag, local_sent++);
+        local_ok += send_status(ca, "alice", xena, id, &path) ==
+                    MESHGATE__V1__DELIVERY_STATUS__DELIVERY_STATUS_DELIVERED;
+        snprintf(far_ids[nfar], sizeof(far_ids[nfar]), "%s-b%d", tag, nfar);
+        int st = send_status(ca, "alice", bob, far_ids[nfar], &path);
+        cr_expect(st == MESHGATE__V1__DELIVERY_STATUS__DELIVERY_STATUS_QUEUED ||
+                      st == MESHGATE__V1__DELIVERY_STATUS__DELIVERY_STATUS_DELIVERED,
+                  "far send %d answered %d", nfar, st);
+        nfar++;
+        usleep(100 * 1000);
+    }
+    cr_expect_eq(local_ok, local_sent, "every local send was delivered during the outage");
+    for (size_t i = 0; i < 6; i++) {
+        char what[64];
+        snprintf(what, sizeof(what), "start-node %d", base + ports_off[i]);
+        cr_assert_eq(cluster_b(what), 0);
+    }
+    cr_assert_eq(cluster_b("wait"), 0, "region b's cluster is healthy again");
+
+    /* Every far message reaches bob: live on his connection, or from region
+     * b's inbox once he reconnects (a message handled while b1's renew had
+     * not yet re-asserted him waits there). */
+    static bool got[MAXN];
+    memset(got, 0, sizeof(got));
+    int have = 0;
+    for (int pass = 0; pass < 2 && have < nfar; pass++) {
+        mg_wsc *w = pass == 0 ? wb : mg_wsc_connect_user(b1->ws_port, bob, 5000, NULL);
+        cr_assert_not_null(w);
+        for (int frames = 0; frames < 4 * MAXN && have < nfar; frames++) {
+            char *text = mg_wsc_recv_text(w, pass == 0 ? 20000 : 5000);
+            if (!text)
+                break;
+            char *p = strstr(text, "-b");
+            if (strstr(text, "\"message\"") && p && strstr(text, tag)) {
+                int k = atoi(p + 2);
+                if (k >= 0 && k < nfar && !got[k]) {
+                    got[k] = true;
+                    have++;
+                }
+            }
+            free(text);
+        }
+        mg_wsc_free(w);
+    }
+    cr_expect_eq(have, nfar, "all %d messages for region b arrived (got %d)", nfar, have);
+
+    mg_wsc_free(wx);
     mg_grpc_client_free(ca);
     mg_redis_cluster_free(rca);
     cr_expect_eq(mg_gw_stop(b1), 0);
