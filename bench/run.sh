@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/run.sh: meshgate benchmark scenarios (see BENCHMARKS.md).
 #
-#   bench/run.sh [all|idle|local|api|fanout|grpc|kafka|presence]... [--long]
+#   bench/run.sh [all|idle|local|api|fanout|grpc|kafka|presence|presence-sync]... [--long]
 #
 # `make bench` = `bench/run.sh all` (short: under 3 minutes). --long gives the
 # real figures (100,000 idle connections, 30 s load phases, more rounds).
@@ -31,12 +31,12 @@ for a in "$@"; do
   case $a in
     --long) LONG=1 ;;
     -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
-    all|idle|local|api|fanout|grpc|kafka|presence) SCEN+=("$a") ;;
+    all|idle|local|api|fanout|grpc|kafka|presence|presence-sync) SCEN+=("$a") ;;
     *) echo "run.sh: unknown argument $a" >&2; exit 2 ;;
   esac
 done
 [ ${#SCEN[@]} -eq 0 ] && SCEN=(all)
-[ "${SCEN[0]}" = all ] && { ALL=1; SCEN=(idle local api fanout grpc kafka presence); } || ALL=0
+[ "${SCEN[0]}" = all ] && { ALL=1; SCEN=(idle local api fanout grpc kafka presence presence-sync); } || ALL=0
 
 log() { echo "[bench $(date +%T)] $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -291,9 +291,24 @@ sc_presence() {
     "${single:-0}" "${batch:-0}" "$(date +%s)" >>"$JSON"
 }
 
+# Multi-region presence: replication lag of 1,000 presence changes a second from region b's
+# cluster to region a's view (bench/presence_sync_bench.c; needs the second Redis Cluster).
+sc_presence_sync() {
+  services_up || { skip presence-sync "services not running (make services-up)"; return 0; }
+  local nodes_b=${MESHGATE_TEST_REDIS_B_NODES:-}
+  [ -n "$nodes_b" ] || { skip presence-sync "no second Redis Cluster (tests/infra/services.sh up)"; return 0; }
+  cmake --build "$BUILD" --target presence_sync_bench >/dev/null || { skip presence-sync "build failed"; return 0; }
+  local out
+  out=$(timeout 300 "$BUILD/bench/presence_sync_bench" "$REDIS_NODES" "$nodes_b" "$KAFKA" 1000 "$(P 10 30)" 2>&1 | tail -n 1)
+  case $out in
+    \{*) printf '%s\n' "$out" | python3 -c 'import json,sys,time; r=json.load(sys.stdin); r.update(scenario="presence-sync",path="kafka",label="presence replication, 1,000 changes/s",ts=int(time.time())); print(json.dumps(r))' >>"$JSON" ;;
+    *) skip presence-sync "presence_sync_bench: $out" ;;
+  esac
+}
+
 for s in "${SCEN[@]}"; do
   log "== $s (load $(cut -d' ' -f1 /proc/loadavg))"
-  "sc_$s" || log "$s failed"
+  "sc_${s//-/_}" || log "$s failed"
 done
 
 # ---- report: Markdown table and plot ---------------------------------------------------
@@ -316,6 +331,10 @@ for r in rows:
         continue
     if r.get("skipped"):
         o.write(f"| {sc} | skipped: {r.get('reason')} |||||||||\n")
+        continue
+    if sc == "presence-sync":
+        o.write(f"| presence-sync | {r.get('label')} | | {f(r.get('rate_per_s'))} changes/s, {f(r.get('applied'))} of {f(r.get('changes'))} applied | "
+                f"lag <= {f(r.get('lag_p50_ms_le'))} ms | <= {f(r.get('lag_p99_ms_le'))} ms | | <= {f(r.get('lag_max_ms_le'))} ms | | | |\n")
         continue
     if sc == "presence":
         o.write(f"| presence | {r.get('label')} | | {f(r.get('single_per_s'))} single, {f(r.get('batch_users_per_s'))} batched users/s | | | | | | | |\n")

@@ -507,7 +507,8 @@ static rd_kafka_t *make_client(presence_sync *s, rd_kafka_type_t type, char *err
         ok = set(conf, "group.id", s->group, err, errlen) &&
              set(conf, "auto.offset.reset", "earliest", err, errlen) &&
              set(conf, "enable.auto.offset.store", "false", err, errlen) &&
-             set(conf, "auto.commit.interval.ms", "1000", err, errlen);
+             set(conf, "auto.commit.interval.ms", "1000", err, errlen) &&
+             set(conf, "fetch.wait.max.ms", "100", err, errlen);
     }
     if (!ok) {
         rd_kafka_conf_destroy(conf);
