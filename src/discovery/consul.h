@@ -14,6 +14,8 @@
 #ifndef MG_CONSUL_H
 #define MG_CONSUL_H
 
+#include <stdbool.h>
+
 #include "discovery/peers.h"
 
 #include <stdint.h>
@@ -26,6 +28,10 @@ typedef struct mg_consul_config {
     const char *gateway_id, *region, *version;
     const char *advertise_addr; /* host peers dial */
     int grpc_port, ws_port;
+    /* The gRPC listener is TLS (--grpc-tls-cert): Consul's agent cannot
+     * present a client certificate, so the check is HTTP GET /readyz on the
+     * WebSocket listener instead of grpc.health.v1. */
+    bool grpc_tls;
     int check_interval_seconds;
     int deregister_after_seconds;
 } mg_consul_config;

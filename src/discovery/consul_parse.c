@@ -120,13 +120,25 @@ char *mg_consul__registration_json(const mg_consul_config *cfg)
             json_array_append_new(tags, json_stringn(t, len));
         t = comma ? comma + 1 : t + strlen(t);
     }
-    char *check_name = mg_xasprintf("%s gRPC health", cfg->service);
-    json_t *root = json_pack(
-        "{s:s, s:s, s:s, s:i, s:o, s:{s:s, s:s, s:s}, s:{s:s, s:s, s:b, s:s, s:s, s:s}}", "ID",
-        cfg->gateway_id, "Name", cfg->service, "Address", host, "Port", cfg->grpc_port, "Tags",
-        tags, "Meta", "region", cfg->region ? cfg->region : "", "ws_port", ws, "version",
-        cfg->version ? cfg->version : "", "Check", "Name", check_name, "GRPC", target, "GRPCUseTLS",
-        0, "Interval", iv, "Timeout", to, "DeregisterCriticalServiceAfter", dr);
+    char *check_name =
+        mg_xasprintf("%s %s", cfg->service, cfg->grpc_tls ? "readiness" : "gRPC health");
+    json_t *check = json_pack("{s:s, s:s, s:s, s:s}", "Name", check_name, "Interval", iv, "Timeout",
+                              to, "DeregisterCriticalServiceAfter", dr);
+    if (cfg->grpc_tls) {
+        /* target is host:grpc_port with IPv6 brackets; the check wants the ws port */
+        char *url = mg_xasprintf("http://%.*s:%d/readyz", (int)(strrchr(target, ':') - target),
+                                 target, cfg->ws_port);
+        json_object_set_new(check, "HTTP", json_string(url));
+        free(url);
+    } else {
+        json_object_set_new(check, "GRPC", json_string(target));
+        json_object_set_new(check, "GRPCUseTLS", json_false());
+    }
+    json_t *root =
+        json_pack("{s:s, s:s, s:s, s:i, s:o, s:{s:s, s:s, s:s}, s:o}", "ID", cfg->gateway_id,
+                  "Name", cfg->service, "Address", host, "Port", cfg->grpc_port, "Tags", tags,
+                  "Meta", "region", cfg->region ? cfg->region : "", "ws_port", ws, "version",
+                  cfg->version ? cfg->version : "", "Check", check);
     free(check_name);
     free(target);
     if (!root)

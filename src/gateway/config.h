@@ -160,7 +160,7 @@
       "service name registered and watched")                                                       \
     X(STR, consul_tags, "consul-tags", "MESHGATE_CONSUL_TAGS", "", "tag,...", "service tags")      \
     X(INT, consul_check_interval_seconds, "consul-check-interval-seconds",                         \
-      "MESHGATE_CONSUL_CHECK_INTERVAL_SECONDS", "2", "s", "Consul gRPC health check interval")     \
+      "MESHGATE_CONSUL_CHECK_INTERVAL_SECONDS", "2", "s", "Consul health check interval")     \
     X(INT, consul_deregister_seconds, "consul-deregister-seconds",                                 \
       "MESHGATE_CONSUL_DEREGISTER_SECONDS", "60", "s",                                             \
       "Consul removes a gateway critical for this long")                                           \

@@ -223,6 +223,7 @@ static int start_discovery(mg_gateway *gw, char *err, size_t errlen)
         .advertise_addr = gw->advertise,
         .grpc_port = mg_grpc_server_port(gw->grpc),
         .ws_port = mg_ws_server_port(gw->ws),
+        .grpc_tls = cfg->grpc_tls_cert[0] != '\0',
         .check_interval_seconds = (int)cfg->consul_check_interval_seconds,
         .deregister_after_seconds = (int)cfg->consul_deregister_seconds,
     };

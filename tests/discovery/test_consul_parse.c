@@ -151,6 +151,19 @@ Test(consul_parse, registration_body)
     cr_assert_eq(json_array_size(json_object_get(j, "Tags")), 0);
     json_decref(j);
     free(s);
+
+    /* A TLS gRPC listener: Consul cannot present a client certificate, so the
+     * check is the WebSocket listener's /readyz. */
+    cfg.grpc_tls = true;
+    s = mg_consul__registration_json(&cfg);
+    j = json_loads(s, 0, NULL);
+    chk = json_object_get(j, "Check");
+    cr_assert_null(json_object_get(chk, "GRPC"), "%s", s);
+    cr_assert_str_eq(json_string_value(json_object_get(chk, "HTTP")),
+                     "http://[fd00::1]:8080/readyz");
+    cr_assert_str_eq(json_string_value(json_object_get(chk, "Interval")), "30s");
+    json_decref(j);
+    free(s);
 }
 
 Test(consul_parse, index_rules)

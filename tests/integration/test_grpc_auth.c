@@ -414,3 +414,62 @@ Test(grpc_auth, peers_with_tokens_deliver_to_each_other, .timeout = 120)
     for (int i = 0; i < 3; i++)
         stop(meshed[i]);
 }
+
+/* Two gateways whose gRPC listeners are mTLS only: Consul's check (HTTP
+ * /readyz, since the agent has no client certificate) passes, they list each
+ * other, and a delivery goes over the peers' mutual TLS. */
+Test(grpc_auth, mtls_peers_are_discovered_and_deliver, .timeout = 120)
+{
+    make_certs();
+    char *ca = in_dir("ca.pem"), *scert = in_dir("server.pem"), *skey = in_dir("server.key");
+    char *ccert = in_dir("svc.pem"), *ckey = in_dir("svc.key");
+    char svc[64], ids[2][64], bob[64];
+    int pid = (int)getpid();
+    snprintf(svc, sizeof(svc), "meshgate-gt%d", pid);
+    snprintf(bob, sizeof(bob), "bob-gt%d", pid);
+    for (int i = 0; i < 2; i++) {
+        snprintf(ids[i], sizeof(ids[i]), "gt%d-%c", pid, 'a' + i);
+        const char *args[] = {"--presence",
+                              "redis-cluster",
+                              "--redis-nodes",
+                              mg_test_require_env("MESHGATE_TEST_REDIS_NODES"),
+                              "--discovery",
+                              "consul",
+                              "--consul-addr",
+                              mg_test_require_env("MESHGATE_TEST_CONSUL"),
+                              "--consul-service",
+                              svc,
+                              "--consul-check-interval-seconds",
+                              "1",
+                              "--grpc-tls-cert",
+                              scert,
+                              "--grpc-tls-key",
+                              skey,
+                              "--grpc-client-ca",
+                              ca,
+                              "--grpc-peer-identity",
+                              "meshgate-peer-",
+                              NULL};
+        meshed[i] = mg_gw_spawn(ids[i], args);
+        cr_assert_not_null(meshed[i], "gateway %s did not become ready", ids[i]);
+    }
+    int n = 2;
+    cr_assert(mg_wait_until(all_see, &n, 20000),
+              "the TLS gateways never passed Consul's check / saw each other");
+    mg_wsc *wb = mg_wsc_connect_user(meshed[1]->ws_port, bob, T_MS, NULL);
+    cr_assert_not_null(wb);
+    mg_grpc_client *ca_cli = mg_tc_client(meshed[0]->grpc_addr, NULL, ca, ccert, ckey);
+    int status, path;
+    char reason[200];
+    send_until_routed(ca_cli, bob, &status, &path, reason, sizeof(reason));
+    cr_assert_eq(status, MESHGATE__V1__DELIVERY_STATUS__DELIVERY_STATUS_DELIVERED, "a->b: %s",
+                 reason);
+    cr_assert_eq(path, MESHGATE__V1__PATH__PATH_GRPC, "a->b path %d", path);
+    cr_assert_geq(
+        metric(meshed[1], "meshgate_grpc_auth_total{client=\"mtls-peer\",result=\"ok\"} "), 1);
+    mg_grpc_client_free(ca_cli);
+    mg_wsc_free(wb);
+    for (int i = 0; i < 2; i++)
+        stop(meshed[i]);
+    free(ca), free(scert), free(skey), free(ccert), free(ckey);
+}
