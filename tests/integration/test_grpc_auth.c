@@ -317,28 +317,34 @@ static bool all_see(void *arg)
     return true;
 }
 
-static mg_gw *spawn_meshed(const char *id, const char *svc, const char *peer_file)
+/* A gateway with Redis presence and Consul discovery under service svc,
+ * then the NULL-terminated auth arguments of tail. */
+static mg_gw *spawn_meshed_with(const char *id, const char *svc, const char *const *tail)
 {
-    const char *args[] = {"--presence",
-                          "redis-cluster",
-                          "--redis-nodes",
-                          mg_test_require_env("MESHGATE_TEST_REDIS_NODES"),
-                          "--discovery",
-                          "consul",
-                          "--consul-addr",
-                          mg_test_require_env("MESHGATE_TEST_CONSUL"),
-                          "--consul-service",
-                          svc,
-                          "--consul-check-interval-seconds",
-                          "1",
-                          "--api-token-file",
-                          api_tokens(),
-                          "--peer-token-file",
-                          peer_file,
-                          NULL};
+    const char *args[32] = {"--presence",
+                            "redis-cluster",
+                            "--redis-nodes",
+                            mg_test_require_env("MESHGATE_TEST_REDIS_NODES"),
+                            "--discovery",
+                            "consul",
+                            "--consul-addr",
+                            mg_test_require_env("MESHGATE_TEST_CONSUL"),
+                            "--consul-service",
+                            svc,
+                            "--consul-check-interval-seconds",
+                            "1"};
+    size_t n = 12;
+    for (size_t i = 0; tail[i] && n < 31; i++)
+        args[n++] = tail[i];
     mg_gw *gw = mg_gw_spawn(id, args);
     cr_assert_not_null(gw, "gateway %s did not become ready", id);
     return gw;
+}
+
+static mg_gw *spawn_meshed(const char *id, const char *svc, const char *peer_file)
+{
+    const char *tail[] = {"--api-token-file", api_tokens(), "--peer-token-file", peer_file, NULL};
+    return spawn_meshed_with(id, svc, tail);
 }
 
 /* SendMessage via c until the result is not STORED (presence of a fresh
@@ -429,19 +435,7 @@ Test(grpc_auth, mtls_peers_are_discovered_and_deliver, .timeout = 120)
     snprintf(bob, sizeof(bob), "bob-gt%d", pid);
     for (int i = 0; i < 2; i++) {
         snprintf(ids[i], sizeof(ids[i]), "gt%d-%c", pid, 'a' + i);
-        const char *args[] = {"--presence",
-                              "redis-cluster",
-                              "--redis-nodes",
-                              mg_test_require_env("MESHGATE_TEST_REDIS_NODES"),
-                              "--discovery",
-                              "consul",
-                              "--consul-addr",
-                              mg_test_require_env("MESHGATE_TEST_CONSUL"),
-                              "--consul-service",
-                              svc,
-                              "--consul-check-interval-seconds",
-                              "1",
-                              "--grpc-tls-cert",
+        const char *tail[] = {"--grpc-tls-cert",
                               scert,
                               "--grpc-tls-key",
                               skey,
@@ -450,8 +444,7 @@ Test(grpc_auth, mtls_peers_are_discovered_and_deliver, .timeout = 120)
                               "--grpc-peer-identity",
                               "meshgate-peer-",
                               NULL};
-        meshed[i] = mg_gw_spawn(ids[i], args);
-        cr_assert_not_null(meshed[i], "gateway %s did not become ready", ids[i]);
+        meshed[i] = spawn_meshed_with(ids[i], svc, tail);
     }
     int n = 2;
     cr_assert(mg_wait_until(all_see, &n, 20000),
