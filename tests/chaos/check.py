@@ -27,6 +27,7 @@ PROMISED = ("delivered", "queued", "stored")
 
 def load(path):
     sends, answers, recvs, conns, faults, phases = {}, {}, [], {}, [], []
+    closes = {}
     with open(path) as f:
         for n, line in enumerate(f, 1):
             line = line.strip()
@@ -49,6 +50,9 @@ def load(path):
                 faults.append(e)
             elif ev == "phase":
                 phases.append(e)
+            elif ev == "closed":
+                closes[str(e.get("code"))] = closes.get(str(e.get("code")), 0) + 1
+    conns["_closes"] = closes
     return sends, answers, recvs, conns, faults, phases
 
 
@@ -113,7 +117,7 @@ def check(sends, answers, recvs, strict_reconnect=False):
     return ok, v
 
 
-def summary(sends, answers, recvs, faults, phases, v):
+def summary(sends, answers, recvs, faults, phases, v, closes=None):
     status = {}
     paths = {}
     for mid in sends:
@@ -138,6 +142,9 @@ def summary(sends, answers, recvs, faults, phases, v):
         "misdelivered": len(v["misdelivery"]),
         "duplicates_same_connection": len(v["duplicate"]),
         "duplicates_after_reconnect": len(v["duplicate_reconnect"]),
+        "duplicates_after_reconnect_from_inbox": sum(
+            1 for d in v["duplicate_reconnect"] if d["first"].get("inbox") and d["again"].get("inbox")),
+        "server_closes": closes,
         "order_violations": len(v["order"]),
     }
 
@@ -156,7 +163,7 @@ def main(argv=None):
         print(f"check: {e}")
         return 2
     ok, v = check(sends, answers, recvs, a.strict_reconnect)
-    s = summary(sends, answers, recvs, faults, phases, v)
+    s = summary(sends, answers, recvs, faults, phases, v, conns["_closes"])
     if s["promised"] == 0:  # a history with nothing promised proves nothing
         print("check: no message was answered delivered, queued or stored")
         ok = False

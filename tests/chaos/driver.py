@@ -245,7 +245,7 @@ class Device:
         return hdr + mask + body
 
     def send_json(self, obj):
-        if self.w is None:
+        if self.w is None or self.w.is_closing():
             return False
         try:
             self.w.write(self._frame(0x1, json.dumps(obj).encode()))
@@ -312,8 +312,12 @@ class Device:
                 (n,) = struct.unpack("!Q", await r.readexactly(8))
             payload = await r.readexactly(n)
             if opcode == 0x9:
-                self.w.write(self._frame(0xA, payload))
+                if not self.w.is_closing():
+                    self.w.write(self._frame(0xA, payload))
             elif opcode == 0x8:
+                code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
+                self.drv.hist.write("closed", user=self.user, conn=self.cid, code=code,
+                                    reason=payload[2:].decode(errors="replace"))
                 raise ConnectionError("closed by the server")
             elif opcode == 0x1:
                 self._on_text(payload)
@@ -376,20 +380,18 @@ class Driver:
         if status in ("delivered", "queued", "stored"):
             self.promised[mid] = self.to_of[mid]
 
-    # WebSocket sends: a ticker spreads the rate over 10 ms ticks
-    async def ws_load(self, rate, seconds):
-        tick, credit = 0.01, 0.0
-        end = time.monotonic() + seconds
+    # WebSocket sends: every 10 ms, as many as keep the total (gRPC's included) on the rate
+    async def ws_load(self, seconds):
+        start = time.monotonic()
+        end = start + seconds
         targets = self.users + self.offline
         while time.monotonic() < end and self.counts["sent"] < self.args.messages:
-            credit += rate * tick
-            while credit >= 1:
-                credit -= 1
+            due = min(self.args.messages, int(self.args.rate * (time.monotonic() - start)))
+            for _ in range(max(0, min(due - self.counts["sent"], 500))):
                 if random.random() < 0.3:
                     frm, to = random.choice(self.hot)
                 else:
-                    frm = random.choice(self.users)
-                    to = random.choice(targets)
+                    frm, to = random.choice(self.users), random.choice(targets)
                     if to == frm:
                         continue
                 d = self.devices[frm]
@@ -400,14 +402,14 @@ class Driver:
                 self.to_of[mid] = to
                 self.hist.write("send", id=mid, **{"from": frm}, to=to, via="ws", sconn=d.cid,
                                 seq=s)
+                self.counts["sent"] += 1
                 if d.send_json({"type": "send", "id": mid, "to": to,
                                 "content": f"c:{mid}:{to}", "priority": "high"}):
                     d.pending[mid] = True
-                    self.counts["sent"] += 1
                 else:
                     self.hist.write("answer", id=mid, status="none", path="none",
                                     reason="not written")
-            await asyncio.sleep(tick)
+            await asyncio.sleep(0.01)
 
     # gRPC sends: one service per gateway, each waiting for every answer (its order)
     async def grpc_load(self, svc, gw, rate, seconds):
@@ -459,6 +461,7 @@ class Driver:
             r = fn()
             if asyncio.iscoroutine(r):
                 await r
+                self.hist.write("fault", what=f"{what}: done")
         except Exception as e:  # noqa: BLE001 - a fault that fails is recorded, the run goes on
             self.hist.write("fault", what=f"{what} FAILED: {e}")
             print(f"chaos: fault {what} failed: {e}", flush=True)
@@ -528,10 +531,11 @@ class Driver:
     def all_promised_received(self):
         return all((to, mid) in self.received for mid, to in self.promised.items())
 
-    async def settle_until(self, seconds, quiet):
+    async def settle_until(self, seconds, quiet, quiet_is_enough=False):
         end = time.monotonic() + seconds
         while time.monotonic() < end:
-            if self.all_promised_received() and time.monotonic() - self.last_recv > quiet:
+            calm = time.monotonic() - self.last_recv > quiet
+            if calm and (quiet_is_enough or self.all_promised_received()):
                 return True
             await asyncio.sleep(0.2)
         return False
@@ -556,7 +560,7 @@ class Driver:
         self.hist.write("phase", name="load", seconds=a.seconds, messages=a.messages)
         self.t_load = time.monotonic()
         grpc_rate = a.rate * 0.2 / 4
-        load = [asyncio.ensure_future(self.ws_load(a.rate * 0.8, a.seconds))]
+        load = [asyncio.ensure_future(self.ws_load(a.seconds))]
         load += [asyncio.ensure_future(self.grpc_load(f"svc{i}", n, grpc_rate, a.seconds))
                  for i, n in enumerate(GW_NAMES)]
         faults = [asyncio.ensure_future(self.fault(at, what, fn))
@@ -576,7 +580,7 @@ class Driver:
         end = time.monotonic() + 15
         while any(d.pending for d in self.devices.values()) and time.monotonic() < end:
             await asyncio.sleep(0.2)
-        await self.settle_until(20, 2.0)
+        await self.settle_until(20, 3.0, quiet_is_enough=True)
         # reconnect every device (inbox messages come on a new connection) and the offline users
         self.hist.write("phase", name="reconnect")
         for d in self.devices.values():
