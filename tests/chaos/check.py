@@ -94,7 +94,7 @@ def check(sends, answers, recvs, strict_reconnect=False):
         if a and a["status"] in PROMISED and (s["to"], mid) not in seen_user:
             v["lost"].append({"send": s, "answer": a})
     # order: per recipient connection, per (sender connection, answer, how shown), seq grows
-    last = {}
+    last, compared = {}, {}
     for r in recvs:
         s = sends.get(r["id"])
         if s is None or r["user"] != s["to"] or seen_conn.get((r["conn"], r["id"])) is not r:
@@ -104,6 +104,9 @@ def check(sends, answers, recvs, strict_reconnect=False):
             continue
         k = (r["conn"], s["from"], s["sconn"], a["status"], a["path"], bool(r.get("inbox")))
         prev = last.get(k)
+        if prev is not None:
+            cls = f"{a['status']}/{a['path']}" + ("/from inbox" if r.get("inbox") else "")
+            compared[cls] = compared.get(cls, 0) + 1
         if prev is not None and sends[prev["id"]]["seq"] > s["seq"]:
             v["order"].append({"path": f"{a['status']}/{a['path']}" +
                                ("/shown from inbox" if r.get("inbox") else ""),
@@ -114,6 +117,7 @@ def check(sends, answers, recvs, strict_reconnect=False):
     if strict_reconnect:
         failing.append("duplicate_reconnect")
     ok = all(not v[k] for k in failing)
+    v["_order_pairs_compared"] = compared
     return ok, v
 
 
@@ -132,6 +136,8 @@ def summary(sends, answers, recvs, faults, phases, v, closes=None):
     return {
         "sent": len(sends),
         "load_seconds": settle.get("load_seconds", load.get("seconds")),
+        "rate_per_s": round(len(sends) / settle["load_seconds"]) if settle.get("load_seconds") else None,
+        "max_behind_schedule": end.get("max_behind_schedule"),
         "answers": status,
         "promised_by_path": paths,
         "promised": sum(status.get(k, 0) for k in PROMISED),
@@ -146,6 +152,7 @@ def summary(sends, answers, recvs, faults, phases, v, closes=None):
             1 for d in v["duplicate_reconnect"] if d["first"].get("inbox") and d["again"].get("inbox")),
         "server_closes": closes,
         "order_violations": len(v["order"]),
+        "order_pairs_compared": v.get("_order_pairs_compared"),
     }
 
 
@@ -169,6 +176,7 @@ def main(argv=None):
         ok = False
     for k, val in s.items():
         print(f"check: {k}: {val}")
+    v.pop("_order_pairs_compared", None)
     for k, items in v.items():
         for it in items[:a.max_show]:
             print(f"check: {k.upper()}: {json.dumps(it, separators=(',', ':'))}")
