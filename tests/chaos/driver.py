@@ -608,8 +608,8 @@ class Driver:
         self.pool.shutdown(wait=False)
         print(f"chaos: {self.counts['sent']} sent in {load_s:.1f} s "
               f"({self.counts['sent'] / max(load_s, 0.001):.0f}/s), answers {self.answers}, "
-              f"settled={settled} meshed={meshed}", flush=True)
-        return 0
+              f"settled={settled} meshed={meshed}, exit codes {rcs}", flush=True)
+        return 0 if all(rc == 0 for rc in rcs.values()) else 1
 
 
 def main():
