@@ -12,6 +12,7 @@ and writes one JSON object per line to the history file:
   {"ev":"conn","t":..,"user":..,"conn":..,"gw":..}      a device's connection opened
   {"ev":"recv","t":..,"user":..,"conn":..,"id":..,"from":..,"content":..,"inbox":bool}
   {"ev":"fault","t":..,"what":..}                        a fault injected or healed
+  {"ev":"gateway","t":..,"name":..,"id":..,"region":..}  a gateway process started
   {"ev":"phase","t":..,"name":..}                        load, settle, reconnect, end
 
 check.py reads it; this file asserts nothing. Python 3 standard library, plus Debian's
@@ -125,7 +126,6 @@ class Gateways:
         self.ws = {n: base + i for i, n in enumerate(GW_NAMES)}
         self.grpc = {n: base + 10 + i for i, n in enumerate(GW_NAMES)}
         self.proc, self.gen, self.ids = {}, {}, {}
-        self.stopped = set()
         self.tag = f"chaos{os.getpid()}"
 
     def client_ws_host(self, name):
@@ -153,7 +153,8 @@ class Gateways:
         self.proc[name] = subprocess.Popen(a, stdout=log, stderr=subprocess.STDOUT,
                                            stdin=subprocess.DEVNULL)
         log.close()
-        self.stopped.discard(name)
+        self.hist.write("gateway", name=name, id=gid, region=GW_REGION[name],
+                        pid=self.proc[name].pid)
 
     def ready(self, name):
         try:
