@@ -4,13 +4,14 @@
 #               (normal and ASan+UBSan), run every test, stop the services
 #   make bench  the short benchmark run (bench/README.md)
 #   make fuzz   every libFuzzer harness for FUZZ_SECONDS (default 600) each (tests/fuzz)
+#   make chaos  the full fault schedule with its history checker (tests/chaos, RELIABILITY.md)
 #   make web-chat  the browser demo of the JavaScript client (examples/web-chat)
 
 BUILD     ?= build
 BUILD_SAN ?= build-asan
 CMAKE_GEN := $(shell command -v ninja >/dev/null 2>&1 && echo "-G Ninja")
 
-.PHONY: all build run web-chat test test-only bench fuzz deps services-up services-down format asan clean
+.PHONY: all build run web-chat test test-only bench fuzz chaos deps services-up services-down format asan clean
 
 all: build
 
@@ -54,6 +55,11 @@ fuzz:
 	CC=clang cmake -S . -B $(BUILD_FUZZ) $(CMAKE_GEN) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMG_FUZZ=ON -DMG_BUILD_TESTS=OFF
 	cmake --build $(BUILD_FUZZ) -j
 	bash tests/fuzz/run.sh $(BUILD_FUZZ) $(FUZZ_SECONDS)
+
+# Four gateways under 20,000 messages in two minutes while faults are injected; starts and stops
+# its own Redis Cluster, Kafka and Consul (tests/chaos/run.sh). `make test` runs the short one.
+chaos: build
+	@bash tests/chaos/run.sh $(BUILD) full
 
 services-up:
 	@bash tests/infra/services.sh up

@@ -5,7 +5,8 @@
 # 2. start Redis Cluster, Kafka and Consul on loopback
 # 3. build normally and with ASan+UBSan, run every test on both builds, then the
 #    JavaScript client SDK's tests (clients/js, node --test + chromium) on the normal build
-# 4. a short run of every libFuzzer harness (tests/fuzz), offline Helm/Istio validation
+# 4. a short fault schedule with its history checker (tests/chaos, own services), a short run
+#    of every libFuzzer harness (tests/fuzz), offline Helm/Istio validation
 # 5. stop the services; print one closing line "N passed, M failed"
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +36,8 @@ ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1:ha
   bash scripts/run-tests.sh build-asan "$summary" || status=1
 # The JavaScript client SDK and its web-chat demo (in chromium) against build/meshgate.
 bash scripts/run-sdk-tests.sh build "$summary" || status=1
+# The short fault schedule (tests/chaos) on its own services, after the shared ones' tests.
+bash tests/chaos/run.sh build short "$summary" || status=1
 # libFuzzer harnesses (tests/fuzz): a short bounded run of each (MG_FUZZ_SECONDS, default 15).
 if CC=clang cmake -S . -B build-fuzz $gen -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMG_FUZZ=ON \
      -DMG_BUILD_TESTS=OFF >/dev/null && cmake --build build-fuzz -j >/dev/null; then
