@@ -265,6 +265,8 @@ int mg_gateway_start(const mg_config *cfg, mg_gateway **out, char *err, size_t e
         .hot_capacity = (size_t)cfg->hot_capacity,
         .dedupe_window = (size_t)cfg->dedupe_window,
         .max_inflight = (size_t)cfg->max_inflight_sends,
+        /* half the connection's queue: room for live messages next to the inbox */
+        .inbox_page = cfg->outbound_queue > 1 ? (size_t)cfg->outbound_queue / 2 : 1,
     };
     mg_local_sink sink = mg_ws_server_sink(gw->ws);
     gw->router = mg_router_create(&rcfg, presence, inbox, &sink, gw->pool);

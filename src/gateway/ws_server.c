@@ -392,7 +392,7 @@ static void chain_release(pss *p)
 
 typedef struct ack_job {
     mg_ws_server *ws;
-    char *user;
+    char *user, *conn_id;
     char id[];
 } ack_job;
 
@@ -400,11 +400,12 @@ static void job_inbox_ack(void *arg)
 {
     ack_job *j = arg;
     if (j->ws->router) {
-        int rc = mg_router_inbox_ack(j->ws->router, j->user, j->id);
+        int rc = mg_router_inbox_ack(j->ws->router, j->user, j->conn_id, j->id);
         if (rc < 0 && rc != -ENOENT)
             mg_log_warn("ws", "inbox ack failed user=%s msg_id=%s rc=%d", j->user, j->id, rc);
     }
     free(j->user);
+    free(j->conn_id);
     free(j);
 }
 
@@ -535,11 +536,13 @@ static void handle_text(mg_ws_server *ws, pss *p, const char *data, size_t len, 
         ack_job *j = mg_xmalloc(sizeof(*j) + n + 1);
         j->ws = ws;
         j->user = mg_xstrdup(user);
+        j->conn_id = mg_xstrdup(conn_id);
         memcpy(j->id, in.id, n + 1);
         if (dispatch(ws, conn_id, job_inbox_ack, j) != 0) {
             /* the message stays in the inbox and comes again: no loss */
             count_error(MG_WS_ERR_OVERLOADED);
             free(j->user);
+            free(j->conn_id);
             free(j);
         }
         mg_ws_in_clear(&in);

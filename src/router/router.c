@@ -29,6 +29,7 @@
 #include "router/router.h"
 #include "common/mg_alloc.h"
 #include "common/mg_log.h"
+#include "common/mg_map.h"
 #include "common/mg_metrics.h"
 #include "common/mg_time.h"
 #include "router/hot_routes.h"
@@ -42,7 +43,8 @@
 #include <string.h>
 #include <unistd.h>
 
-#define INBOX_FETCH_MAX 1000
+#define INBOX_FETCH_MAX    1000
+#define INBOX_PAGE_DEFAULT 100
 
 struct mg_router {
     char *gateway_id, *region;
@@ -62,6 +64,9 @@ struct mg_router {
     mg_metric *fallbacks, *presence_errors, *reresolves, *refused, *inflight_gauge;
     mg_metric *lookup_batches, *handed_over;
     atomic_bool draining; /* mg_router_drain started: no new hand-over step */
+    size_t inbox_page;    /* inbox messages outstanding on a connection at once */
+    pthread_mutex_t pages_mu;
+    mg_map *pages; /* conn_id -> inbox_page*: connections still being fed their inbox */
 };
 
 static double hot_pairs_gauge(void *arg)
@@ -85,6 +90,11 @@ mg_router *mg_router_create(const mg_router_config *cfg, mg_presence *presence, 
     r->max_inflight = cfg->max_inflight;
     atomic_init(&r->inflight, 0);
     pthread_mutex_init(&r->lk_mu, NULL);
+    r->inbox_page = cfg->inbox_page ? cfg->inbox_page : INBOX_PAGE_DEFAULT;
+    if (r->inbox_page > INBOX_FETCH_MAX)
+        r->inbox_page = INBOX_FETCH_MAX;
+    pthread_mutex_init(&r->pages_mu, NULL);
+    r->pages = mg_map_create(16);
     for (int p = 0; p < MG_PATH_COUNT; p++) {
         for (int s = 1; s <= MG_STATUS_ACCEPTED; s++) {
             char labels[96];
@@ -139,6 +149,9 @@ size_t mg_router_drain(mg_router *r, int timeout_ms)
     return n;
 }
 
+typedef struct inbox_page inbox_page;
+static void page_free(inbox_page *pg);
+
 void mg_router_free(mg_router *r)
 {
     if (!r)
@@ -150,6 +163,12 @@ void mg_router_free(mg_router *r)
     mg_inbox_free(r->inbox);
     mg_hot_free(r->hot);
     pthread_mutex_destroy(&r->lk_mu);
+    const char *k;
+    void *v;
+    for (size_t it = 0; mg_map_next(r->pages, &it, &k, &v);)
+        page_free(v);
+    mg_map_free(r->pages);
+    pthread_mutex_destroy(&r->pages_mu);
     free(r->gateway_id);
     free(r->region);
     free(r);
@@ -883,6 +902,64 @@ int mg_router_disconnect(mg_router *r, const char *user, const char *conn_id, in
     return total;
 }
 
+/* ---- the inbox of a connecting user, a page at a time ------------------------- */
+
+/* A connection whose inbox did not fit in one page: the ids it was sent and
+ * has not acked yet. Only the connection's own jobs touch it (they run in
+ * order on one worker); the map itself is shared under pages_mu. */
+typedef struct inbox_page {
+    char **sent;
+    size_t n, cap;
+} inbox_page;
+
+static void page_free(inbox_page *pg)
+{
+    for (size_t i = 0; i < pg->n; i++)
+        free(pg->sent[i]);
+    free(pg->sent);
+    free(pg);
+}
+
+static bool page_has(const inbox_page *pg, const char *id)
+{
+    for (size_t i = 0; i < pg->n; i++)
+        if (!strcmp(pg->sent[i], id))
+            return true;
+    return false;
+}
+
+/* Sends the connection the oldest inbox messages it was not sent yet, until
+ * page of them are outstanding. Returns whether more wait in the inbox
+ * beyond what was fetched (then the connection keeps its page), or a
+ * negative errno from the fetch. */
+static int page_feed(mg_router *r, const char *user, const char *conn_id, inbox_page *pg)
+{
+    size_t want = r->inbox_page + pg->n; /* the outstanding ones come first: oldest */
+    if (want > INBOX_FETCH_MAX)
+        want = INBOX_FETCH_MAX;
+    mg_msg **items = NULL;
+    size_t n = 0;
+    int rc = r->inbox->ops->fetch(r->inbox, user, want, &items, &n);
+    if (rc != 0) {
+        mg_log_warn("router", "inbox fetch failed user=%s conn=%s err=%s", user, conn_id,
+                    strerror(-rc));
+        return rc;
+    }
+    for (size_t i = 0; i < n && pg->n < r->inbox_page; i++) {
+        if (page_has(pg, items[i]->id))
+            continue;
+        if (r->sink.deliver(r->sink.arg, items[i], conn_id, true, NULL, NULL) <= 0)
+            break; /* the connection is gone */
+        if (pg->n == pg->cap) {
+            pg->cap = pg->cap ? pg->cap * 2 : 16;
+            pg->sent = mg_xrealloc(pg->sent, pg->cap * sizeof(*pg->sent));
+        }
+        pg->sent[pg->n++] = mg_xstrdup(items[i]->id);
+    }
+    mg_inbox_items_free(items, n);
+    return n == want;
+}
+
 int mg_router_user_connected(mg_router *r, const char *user, const char *conn_id, int64_t now_ms)
 {
     int rc = r->presence->ops->connect(r->presence, user, conn_id, now_ms);
@@ -892,28 +969,63 @@ int mg_router_user_connected(mg_router *r, const char *user, const char *conn_id
                     strerror(-rc));
     }
     /* Presence first, inbox second: a message stored before this point is in
-     * the fetch; one sent after it finds the connection. */
-    mg_msg **items = NULL;
-    size_t n = 0;
-    int irc = r->inbox->ops->fetch(r->inbox, user, INBOX_FETCH_MAX, &items, &n);
-    if (irc != 0)
-        mg_log_warn("router", "inbox fetch failed user=%s conn=%s err=%s", user, conn_id,
-                    strerror(-irc));
-    for (size_t i = 0; i < n; i++)
-        r->sink.deliver(r->sink.arg, items[i], conn_id, true, NULL, NULL);
-    mg_inbox_items_free(items, n);
-    return rc ? rc : irc;
+     * the fetch; one sent after it finds the connection. A page at a time, so
+     * a long inbox never overflows the connection's queue: the next page goes
+     * out as the client acks (mg_router_inbox_ack). */
+    inbox_page *pg = mg_new(inbox_page);
+    int more = page_feed(r, user, conn_id, pg);
+    if (more > 0) {
+        pthread_mutex_lock(&r->pages_mu);
+        inbox_page *old = mg_map_put(r->pages, conn_id, pg); /* a reused id: not expected */
+        pthread_mutex_unlock(&r->pages_mu);
+        if (old)
+            page_free(old);
+    } else {
+        page_free(pg);
+    }
+    return rc ? rc : more < 0 ? more : 0;
+}
+
+static inbox_page *page_take(mg_router *r, const char *conn_id)
+{
+    pthread_mutex_lock(&r->pages_mu);
+    inbox_page *pg = mg_map_del(r->pages, conn_id);
+    pthread_mutex_unlock(&r->pages_mu);
+    return pg;
 }
 
 int mg_router_user_disconnected(mg_router *r, const char *user, const char *conn_id)
 {
+    inbox_page *pg = page_take(r, conn_id);
+    if (pg)
+        page_free(pg);
     int rc = r->presence->ops->disconnect(r->presence, user, conn_id);
     return rc == -ENOENT ? 0 : rc;
 }
 
-int mg_router_inbox_ack(mg_router *r, const char *user, const char *msg_id)
+int mg_router_inbox_ack(mg_router *r, const char *user, const char *conn_id, const char *msg_id)
 {
-    return r->inbox->ops->ack(r->inbox, user, msg_id);
+    int rc = r->inbox->ops->ack(r->inbox, user, msg_id);
+    inbox_page *pg = conn_id ? page_take(r, conn_id) : NULL;
+    if (!pg)
+        return rc;
+    for (size_t i = 0; i < pg->n; i++)
+        if (!strcmp(pg->sent[i], msg_id)) {
+            free(pg->sent[i]);
+            pg->sent[i] = pg->sent[--pg->n];
+            break;
+        }
+    int more = 1;
+    if (pg->n <= r->inbox_page / 2)
+        more = page_feed(r, user, conn_id, pg);
+    if (more != 0 || pg->n > 0) { /* still paging (a failed fetch retries on the next ack) */
+        pthread_mutex_lock(&r->pages_mu);
+        mg_map_put(r->pages, conn_id, pg);
+        pthread_mutex_unlock(&r->pages_mu);
+    } else {
+        page_free(pg);
+    }
+    return rc;
 }
 
 /* ---- inbox hand-over (multi-region) ------------------------------------------ */

@@ -40,6 +40,9 @@ typedef struct mg_router_config {
     /* Recipients being routed at once (a batch counts each); beyond it a
      * send is refused with -EAGAIN. 0: unbounded. */
     size_t max_inflight;
+    /* Inbox messages a connecting user is sent before acking any: the rest
+     * follow as acks come (keep it under the connection's queue). 0: 100. */
+    size_t inbox_page;
 } mg_router_config;
 
 /* Takes ownership of presence and inbox; sink (copied) is where local
@@ -112,11 +115,15 @@ int mg_router_disconnect(mg_router *r, const char *user, const char *conn_id, in
                          const char *reason);
 
 /* A user connected here: record presence, then hand the inbox to the local
- * sink (as inbox messages, oldest first). These three block on the stores:
- * call them from a worker job. */
+ * sink (as inbox messages, oldest first), one page (inbox_page) at a time.
+ * These three block on the stores: call them from a worker job, one
+ * connection's calls in order. */
 int mg_router_user_connected(mg_router *r, const char *user, const char *conn_id, int64_t now_ms);
 int mg_router_user_disconnected(mg_router *r, const char *user, const char *conn_id);
-int mg_router_inbox_ack(mg_router *r, const char *user, const char *msg_id);
+/* The client of conn_id (NULL: not known) acked msg_id: removed from the
+ * inbox, and when that connection is still being fed a long inbox, the next
+ * page goes out once half of the last one is acked. */
+int mg_router_inbox_ack(mg_router *r, const char *user, const char *conn_id, const char *msg_id);
 
 /* Multi-region (presence_sync.h): the user connected in another region, so
  * this region's inbox of theirs moves there. Sends the messages (up to

@@ -535,3 +535,53 @@ Test(ws, partial_writes_resume_whole_and_in_order, .timeout = 120)
     cr_assert_eq(mg_gw_stop(gw), 0);
     mg_gw_free(gw);
 }
+
+/* An inbox longer than the connection's queue (600 messages, 64 frames)
+ * goes out a page at a time as the client acks: every message once, in
+ * order, and the connection is never closed as a slow consumer (the chaos
+ * schedule saw 4008 on reconnect when the whole inbox was queued at once). */
+Test(ws, long_inbox_is_paged_to_the_queue, .timeout = 120)
+{
+    const char *args[] = {"--outbound-queue", "64", "--inbox-max-messages", "1000", NULL};
+    mg_gw *gw = mg_gw_spawn("ws-inbox-pages", args);
+    cr_assert_not_null(gw);
+    enum { N = 600 };
+    mg_wsc *alice = connect_user(gw, "alice");
+    for (int i = 0; i < N; i++) {
+        char id[32];
+        snprintf(id, sizeof(id), "pg-%03d", i);
+        send_msg(alice, id, "carol", "x");
+        json_t *j = recv_json(alice);
+        cr_assert_not_null(j);
+        cr_assert_str_eq(str(j, "status"), "stored", "%s", str(j, "reason"));
+        json_decref(j);
+    }
+    mg_wsc *carol = connect_user(gw, "carol");
+    int next = 0;
+    while (next < N) {
+        json_t *j = mg_wsc_recv_json(carol, 10000);
+        cr_assert_not_null(j, "stalled after %d of %d (close code %d)", next, N,
+                           mg_wsc_close_code(carol));
+        char want[32];
+        snprintf(want, sizeof(want), "pg-%03d", next);
+        cr_assert_str_eq(str(j, "type"), "message");
+        cr_assert_str_eq(str(j, "id"), want, "in order, once");
+        cr_assert(json_is_true(json_object_get(j, "inbox")));
+        char ack[64];
+        snprintf(ack, sizeof(ack), "{\"type\":\"ack\",\"id\":\"%s\"}", want);
+        cr_assert_eq(mg_wsc_send_text(carol, ack), 0);
+        json_decref(j);
+        next++;
+    }
+    char *more = mg_wsc_recv_text(carol, 1000);
+    cr_assert_null(more, "nothing after the last: %s", more);
+    cr_assert_eq(mg_wsc_close_code(carol), 0, "not closed as a slow consumer");
+    mg_wsc_free(carol);
+    carol = connect_user(gw, "carol");
+    more = mg_wsc_recv_text(carol, 1000);
+    cr_assert_null(more, "all acked: nothing comes again: %s", more);
+    mg_wsc_free(carol);
+    mg_wsc_free(alice);
+    cr_assert_eq(mg_gw_stop(gw), 0);
+    mg_gw_free(gw);
+}

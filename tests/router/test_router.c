@@ -21,6 +21,7 @@ static struct {
     int online; /* connections the hub has for any user */
     int delivered, inbox_delivered, disconnects;
     char last_conn[64];
+    char inbox_ids[64][16]; /* the first 64 inbox messages delivered, in order */
 } hub;
 
 static int sink_deliver(void *arg, const mg_msg *msg, const char *conn_id, bool from_inbox,
@@ -28,6 +29,8 @@ static int sink_deliver(void *arg, const mg_msg *msg, const char *conn_id, bool 
 {
     if (!hub.online)
         return 0;
+    if (from_inbox && hub.inbox_delivered < 64)
+        snprintf(hub.inbox_ids[hub.inbox_delivered], sizeof(hub.inbox_ids[0]), "%s", msg->id);
     if (from_inbox)
         hub.inbox_delivered++;
     else
@@ -90,7 +93,7 @@ static void setup(void)
 {
     memset(&hub, 0, sizeof(hub));
     presence = mg_presence_memory_create("gw-a", "eu");
-    mg_router_config cfg = {"gw-a", "eu", 10, 3, 128, 1024, 0};
+    mg_router_config cfg = {"gw-a", "eu", 10, 3, 128, 1024, 0, 0};
     mg_local_sink sink = {sink_deliver, sink_disconnect, NULL};
     router = mg_router_create(&cfg, presence, mg_inbox_memory_create(3, 3600), &sink, NULL);
     grpc_t = (script){{&grpc_ops}, MG_PATH_GRPC, 0, MG_STATUS_DELIVERED, false, true};
@@ -142,8 +145,8 @@ Test(router, offline_recipient_is_stored_and_delivered_in_order_on_connect)
     cr_assert_eq(mg_router_user_connected(router, "bob", "gw-a-1", mg_now_ms()), 0);
     cr_assert_eq(hub.inbox_delivered, 3);
     cr_assert_str_eq(hub.last_conn, "gw-a-1", "inbox goes to the new connection only");
-    cr_assert_eq(mg_router_inbox_ack(router, "bob", "m1"), 0);
-    cr_assert_eq(mg_router_inbox_ack(router, "bob", "m1"), -ENOENT);
+    cr_assert_eq(mg_router_inbox_ack(router, "bob", "gw-a-1", "m1"), 0);
+    cr_assert_eq(mg_router_inbox_ack(router, "bob", "gw-a-1", "m1"), -ENOENT);
     cr_assert_eq(ib->ops->fetch(ib, "bob", 10, &items, &n), 0);
     cr_assert_eq(n, 2, "unacked ones stay");
     mg_inbox_items_free(items, n);
@@ -238,7 +241,7 @@ static mg_router *remote_router(const char *gw, const char *region)
     rp->base.ops = &rp_ops;
     rp->gw = gw;
     rp->region = region;
-    mg_router_config cfg = {"gw-a", "eu", 10, 3, 128, 1024, 0};
+    mg_router_config cfg = {"gw-a", "eu", 10, 3, 128, 1024, 0, 0};
     mg_local_sink sink = {sink_deliver, sink_disconnect, NULL};
     mg_router *r = mg_router_create(&cfg, &rp->base, mg_inbox_memory_create(10, 3600), &sink, NULL);
     mg_router_set_transport(r, MG_PATH_GRPC, &grpc_t.base);
@@ -334,4 +337,46 @@ Test(router, only_all_memory_routing_counts_as_nonblocking)
     mg_router *r = remote_router("gw-b", "eu");
     cr_assert_not(mg_router_nonblocking(r), "its presence store may block");
     mg_router_free(r);
+}
+
+/* A long inbox goes out a page at a time: page messages outstanding at most,
+ * the next ones once half of them are acked, each once, oldest first. */
+Test(router, a_long_inbox_is_sent_a_page_at_a_time)
+{
+    mg_router_free(router);
+    mg_metrics_shutdown();
+    presence = mg_presence_memory_create("gw-a", "eu");
+    mg_router_config cfg = {"gw-a", "eu", 10, 3, 128, 1024, 0, 10};
+    mg_local_sink sink = {sink_deliver, sink_disconnect, NULL};
+    router = mg_router_create(&cfg, presence, mg_inbox_memory_create(100, 3600), &sink, NULL);
+    mg_inbox *ib = mg_router_inbox(router);
+    for (int i = 0; i < 25; i++) {
+        char id[16];
+        snprintf(id, sizeof(id), "p%02d", i);
+        mg_msg *m = msg(id, "bob");
+        cr_assert_eq(ib->ops->store(ib, m), 0);
+        mg_msg_free(m);
+    }
+    hub.online = 1;
+    cr_assert_eq(mg_router_user_connected(router, "bob", "gw-a-1", mg_now_ms()), 0);
+    cr_assert_eq(hub.inbox_delivered, 10, "one page");
+    for (int i = 0; i < 4; i++)
+        cr_assert_eq(mg_router_inbox_ack(router, "bob", "gw-a-1", hub.inbox_ids[i]), 0);
+    cr_assert_eq(hub.inbox_delivered, 10, "6 outstanding: no new page yet");
+    cr_assert_eq(mg_router_inbox_ack(router, "bob", "gw-a-1", hub.inbox_ids[4]), 0);
+    cr_assert_eq(hub.inbox_delivered, 15, "5 outstanding: topped up to 10");
+    /* the rest, acked as they come */
+    for (int acked = 5; acked < hub.inbox_delivered; acked++)
+        cr_assert_eq(mg_router_inbox_ack(router, "bob", "gw-a-1", hub.inbox_ids[acked]), 0);
+    cr_assert_eq(hub.inbox_delivered, 25, "every message once");
+    for (int i = 0; i < 25; i++) {
+        char id[16];
+        snprintf(id, sizeof(id), "p%02d", i);
+        cr_assert_str_eq(hub.inbox_ids[i], id, "oldest first");
+    }
+    mg_msg **items;
+    size_t n;
+    cr_assert_eq(ib->ops->fetch(ib, "bob", 100, &items, &n), 0);
+    cr_assert_eq(n, 0, "all acked");
+    mg_inbox_items_free(items, n);
 }
