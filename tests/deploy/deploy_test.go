@@ -95,6 +95,7 @@ func TestRender(t *testing.T) {
 			has("DestinationRule", want.istio)
 			has("Sidecar", want.istio)
 			has("ServiceMonitor", want.serviceMonitor)
+			has("PrometheusRule", want.serviceMonitor)
 			has("NetworkPolicy", want.networkPolicy)
 			if HasConnectionsMetric(m) != want.connections {
 				t.Errorf("HPA on %s: %v, want %v", ConnectionsMetric, !want.connections, want.connections)
