@@ -223,7 +223,8 @@ static rc_node *node_get(mg_redis_cluster *rc, const char *host, int port)
     }
     pthread_rwlock_unlock(&rc->lock);
     pthread_rwlock_wrlock(&rc->lock);
-    rc_node *n = rc->nodes[node_index_locked(rc, host, port)];
+    int idx = node_index_locked(rc, host, port); /* may move rc->nodes: index first */
+    rc_node *n = rc->nodes[idx];
     pthread_rwlock_unlock(&rc->lock);
     return n;
 }
