@@ -28,7 +28,11 @@
  *   ROLE master; it runs after I/O errors, READONLY (we reached a demoted
  *   primary) and the other retryable errors, and at most every
  *   MG_RC_SENTINEL_RECHECK_US anyway (a switch nobody noticed: reads on a
- *   demoted primary still answer). Sentinels are asked without AUTH.
+ *   demoted primary still answers). Sentinels are asked without AUTH.
+ *   One dedicated thread ("redis-sentinel") holds a SUBSCRIBE +switch-master
+ *   on one Sentinel at a time (the next one after an error) and refreshes
+ *   at once when the master switches, so a planned failover is followed
+ *   before any call hits the demoted primary.
  * Guarantees: a call returns within its budget (plus one connect/read that
  * started before the deadline was known to be short, bounded by the same
  * socket timeouts); replies come back in the order commands were added.
@@ -40,6 +44,7 @@
 #include "common/mg_time.h"
 
 #include <errno.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -84,6 +89,10 @@ struct mg_redis_cluster {
     rc_node **sentinels;
     size_t nsentinels;
     int primary;
+    /* The "redis-sentinel" thread: SUBSCRIBE +switch-master on one Sentinel. */
+    pthread_t sub_thread;
+    bool sub_started;
+    atomic_bool sub_stop;
 };
 
 typedef struct rc_cmd {
@@ -641,6 +650,72 @@ mg_redis_cluster *mg_redis_cluster_create(const char *nodes_csv, const char *use
     return rc;
 }
 
+/* Whether a pub/sub message is a switch of our master:
+ * ["message", "+switch-master", "<name> <old-ip> <old-port> <new-ip> <new-port>"]. */
+static bool is_our_switch(mg_redis_cluster *rc, const redisReply *r)
+{
+    if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 3 ||
+        r->element[0]->type != REDIS_REPLY_STRING || r->element[2]->type != REDIS_REPLY_STRING ||
+        strcmp(r->element[0]->str, "message") != 0)
+        return false;
+    size_t n = strlen(rc->master_name);
+    return r->element[2]->len > n && !strncmp(r->element[2]->str, rc->master_name, n) &&
+           r->element[2]->str[n] == ' ';
+}
+
+/* Subscribed to Sentinel s until an error or stop; returns after either. */
+static void subscribe_on(mg_redis_cluster *rc, rc_node *s)
+{
+    struct timeval tv = tv_of_us((int64_t)rc->timeout_ms * 1000);
+    redisContext *c = redisConnectWithTimeout(s->host, s->port, tv);
+    if (!c || c->err) {
+        mg_log_debug("redis", "sentinel subscribe connect failed sentinel=%s", s->name);
+        if (c)
+            redisFree(c);
+        return;
+    }
+    redisEnableKeepAlive(c);
+    redisSetTimeout(c, tv);
+    redisReply *r = redisCommand(c, "SUBSCRIBE +switch-master");
+    bool ok = r && r->type == REDIS_REPLY_ARRAY;
+    if (r)
+        freeReplyObject(r);
+    if (ok)
+        mg_log_debug("redis", "sentinel subscribed sentinel=%s", s->name);
+    while (ok && !atomic_load(&rc->sub_stop)) {
+        struct pollfd pfd = {.fd = c->fd, .events = POLLIN};
+        int pr = poll(&pfd, 1, 200); /* wakes to see sub_stop */
+        if (pr < 0 && errno != EINTR)
+            break;
+        if (pr <= 0)
+            continue;
+        r = NULL;
+        if (redisGetReply(c, (void **)&r) != REDIS_OK)
+            break; /* the Sentinel went away: the caller moves on */
+        if (is_our_switch(rc, r)) {
+            mg_log_info("redis", "sentinel switch-master %s sentinel=%s", r->element[2]->str,
+                        s->name);
+            char msg[256];
+            if (refresh(rc, mg_mono_us() + (int64_t)rc->timeout_ms * 1000, true, msg,
+                        sizeof(msg)) != 0)
+                mg_log_warn("redis", "primary look-up after switch failed err=\"%s\"", msg);
+        }
+        freeReplyObject(r);
+    }
+    redisFree(c);
+}
+
+static void *subscriber_main(void *arg)
+{
+    mg_redis_cluster *rc = arg;
+    for (size_t k = 0; !atomic_load(&rc->sub_stop); k++) {
+        subscribe_on(rc, rc->sentinels[k % rc->nsentinels]);
+        for (int i = 0; i < 5 && !atomic_load(&rc->sub_stop); i++)
+            usleep(100 * 1000); /* 0.5 s between Sentinels */
+    }
+    return NULL;
+}
+
 mg_redis_cluster *mg_redis_sentinel_create(const char *sentinels_csv, const char *master_name,
                                            const char *user, const char *password, int timeout_ms,
                                            char *err, size_t errlen)
@@ -662,6 +737,12 @@ mg_redis_cluster *mg_redis_sentinel_create(const char *sentinels_csv, const char
         return NULL;
     }
     atomic_store(&rc->last_refresh_us, mg_mono_us());
+    if (pthread_create(&rc->sub_thread, NULL, subscriber_main, rc) == 0) {
+        rc->sub_started = true;
+        pthread_setname_np(rc->sub_thread, "redis-sentinel");
+    } else {
+        mg_log_warn("redis", "no +switch-master subscriber thread: switches are found on errors");
+    }
     mg_log_info("redis", "sentinel connected master=%s sentinels=%zu timeout_ms=%d auth=%s",
                 master_name, rc->nsentinels, timeout_ms,
                 rc->password ? (rc->user ? "acl" : "password") : "none");
@@ -672,6 +753,10 @@ void mg_redis_cluster_free(mg_redis_cluster *rc)
 {
     if (!rc)
         return;
+    if (rc->sub_started) { /* it wakes every 200 ms (or within one Redis timeout) */
+        atomic_store(&rc->sub_stop, true);
+        pthread_join(rc->sub_thread, NULL);
+    }
     for (size_t i = 0; i < rc->nnodes; i++)
         node_free(rc->nodes[i]);
     free(rc->nodes);

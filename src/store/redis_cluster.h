@@ -54,11 +54,12 @@ mg_redis_cluster *mg_redis_cluster_create(const char *nodes_csv, const char *use
  * of sentinels_csv in turn; the node must answer ROLE master). Every slot
  * maps to that primary, so everything below works unchanged (MOVED/ASK never
  * happen; multi-key commands need no hash tag). The primary is asked for
- * again after I/O errors, READONLY and the other retryable errors, and every
- * 2 s anyway, so a failover is followed within the Sentinels' own failover
- * time plus one call's retries. Sentinels are asked without AUTH; user and
- * password are for the Redis nodes. NULL when no Sentinel names a master
- * that answers, with a message in err naming the Sentinels tried. */
+ * again after I/O errors, READONLY and the other retryable errors, every
+ * 2 s anyway, and at once on a Sentinel's +switch-master (one thread,
+ * "redis-sentinel", holds that subscription), so a failover is followed
+ * within the Sentinels' own failover time plus one call's retries. Sentinels are asked without
+ * AUTH; user and password are for the Redis nodes. NULL when no Sentinel names a master that
+ * answers, with a message in err naming the Sentinels tried. */
 mg_redis_cluster *mg_redis_sentinel_create(const char *sentinels_csv, const char *master_name,
                                            const char *user, const char *password, int timeout_ms,
                                            char *err, size_t errlen);

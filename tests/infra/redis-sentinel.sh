@@ -3,8 +3,9 @@
 # one primary, one replica and three Sentinels (redis-server --sentinel) watching master
 # "meshgate" (quorum 2, down-after 1000 ms, failover-timeout 5000 ms).
 # Usage: tests/infra/redis-sentinel.sh start|stop|status|wait|sentinels|master|primary|replica|
-#                                      kill-node PORT|start-node PORT
+#                                      failover|kill-node PORT|start-node PORT
 #   primary / replica: host:port of the current primary / a replica, as the Sentinels say.
+#   failover: a planned failover (SENTINEL FAILOVER: the replica promoted, the primary demoted).
 #   kill-node PORT: SIGKILL a data node (a crashed primary); start-node PORT: start it again
 #   (it rejoins as a replica once a Sentinel reconfigures it).
 #   wait: block (bounded) until the Sentinels agree on a primary that has a synced replica.
@@ -160,7 +161,8 @@ case "${1:-}" in
   master) echo "$MASTER" ;;
   primary) primary ;;
   replica) p=$(primary); echo "$HOST:$(other "${p##*:}")" ;;
+  failover) [ "$(rcli "${SENTINELS[0]}" sentinel failover "$MASTER")" = OK ] || die "SENTINEL FAILOVER refused" ;;
   kill-node) check_port "${2:-}"; kill_node "$2" ;;
   start-node) check_port "${2:-}"; [ -s "$DIR/$2/data.conf" ] || die "no config for $2 (never started?)"; start_node data "$2" ;;
-  *) echo "usage: $0 start|stop|status|wait|sentinels|master|primary|replica|kill-node PORT|start-node PORT" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|status|wait|sentinels|master|primary|replica|failover|kill-node PORT|start-node PORT" >&2; exit 2 ;;
 esac

@@ -6,7 +6,8 @@
  * configuration is a clear error; the primary SIGKILLed: the replica is
  * promoted and presence and inbox work again within the documented time
  * (MG_SENTINEL_RECOVERY_BOUND_MS, README "Redis Sentinel"), with what was
- * acknowledged kept.
+ * acknowledged kept; a planned failover (SENTINEL FAILOVER) is followed
+ * through the +switch-master subscription before any call is made.
  *
  * The failover test holds the Sentinel lock exclusively, the others shared
  * (support/mg_sentinel.h). */
@@ -234,5 +235,42 @@ Test(sentinel_chaos, primary_killed_replica_promoted_store_keeps_working)
     mg_inbox_free(durable);
     mg_inbox_free(ib);
     mg_presence_free(p);
+    mg_redis_cluster_free(rc);
+}
+
+Test(sentinel_chaos, planned_failover_followed_without_a_call)
+{
+    mg_redis_cluster *rc = sentinel_client(1000);
+    cr_assert_eq(mg_sentinel_infra("wait", NULL, 0), 0, "Sentinel setup not healthy before");
+    char old[64], now[64], owner[64];
+    cr_assert_eq(mg_sentinel_infra("primary", old, sizeof(old)), 0);
+    mg_redis_cluster_slot_owner(rc, 0, owner, sizeof(owner));
+    cr_assert_str_eq(owner, old);
+    usleep(500 * 1000); /* the subscription is made by the client's own thread */
+    int64_t t0 = mg_mono_ms();
+    cr_assert_eq(mg_sentinel_infra("failover", NULL, 0), 0);
+    /* No command is sent: only the subscription can move the client. */
+    int64_t followed = -1;
+    while (mg_mono_ms() - t0 < 10000) {
+        mg_redis_cluster_slot_owner(rc, 0, owner, sizeof(owner));
+        if (strcmp(owner, old) != 0) {
+            followed = mg_mono_ms() - t0;
+            break;
+        }
+        usleep(20 * 1000);
+    }
+    mg_sentinel_new_primary(old, now, sizeof(now));
+    cr_log_info("planned failover: %s -> %s, client followed after %lld ms without a call", old,
+                now, (long long)followed);
+    cr_assert_geq(followed, 0, "the client did not follow +switch-master within 10 s");
+    cr_assert_str_eq(owner, now);
+    /* And it works there. */
+    redisReply *r = NULL;
+    cr_assert_eq(mg_redis_cluster_command(rc, &r, "mg:t:{planned}", "SET mg:t:{planned} 1"), 0);
+    cr_expect(r->type == REDIS_REPLY_STATUS, "SET on the new primary: %s", r->str);
+    freeReplyObject(r);
+    cr_assert_eq(mg_redis_cluster_command(rc, &r, "mg:t:{planned}", "DEL mg:t:{planned}"), 0);
+    freeReplyObject(r);
+    cr_assert_eq(mg_sentinel_infra("wait", NULL, 0), 0, "setup not healthy after the failover");
     mg_redis_cluster_free(rc);
 }
