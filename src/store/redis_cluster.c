@@ -3,7 +3,8 @@
  * and its Sentinel mode (one primary named by Redis Sentinel).
  *
  * Threads: called by router worker threads (and the presence renew timer),
- * concurrently; never by the WebSocket service thread.
+ * concurrently; never by the WebSocket service thread. Sentinel mode adds
+ * its own "redis-sentinel" thread (the +switch-master subscription).
  *
  * DESIGN
  * - Nodes are only ever added (never freed before mg_redis_cluster_free), so a
