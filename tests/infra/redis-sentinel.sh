@@ -114,9 +114,12 @@ wait_healthy() {
 }
 
 cmd_start() {
-  local q
-  for q in "${DATA[@]}" "${SENTINELS[@]}"; do alive "$q" && ours_alive "$q"; done
+  local q any=0
+  for q in "${DATA[@]}" "${SENTINELS[@]}"; do alive "$q" && ours_alive "$q" && any=1; done
   healthy && return 0
+  # Nothing of ours running: start from scratch (configs left by a crashed run may hold a
+  # half-done failover that Sentinel would have to untangle).
+  [ $any = 1 ] || rm -rf "${DIR:?}"
   local p
   for p in "${DATA[@]}"; do start_node data "$p"; done
   for p in "${SENTINELS[@]}"; do start_node sentinel "$p"; done
