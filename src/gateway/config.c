@@ -189,10 +189,15 @@ int mg_config_validate(const mg_config *cfg, char *err, size_t errlen)
         FAIL("--ws-listen: want host:port, got '%s'", cfg->ws_listen);
     if (mg_parse_hostport(cfg->grpc_listen, NULL, NULL))
         FAIL("--grpc-listen: want host:port, got '%s'", cfg->grpc_listen);
-    if (strcmp(cfg->presence, "memory") && strcmp(cfg->presence, "redis-cluster"))
-        FAIL("--presence: want memory or redis-cluster, got '%s'", cfg->presence);
+    if (strcmp(cfg->presence, "memory") && strcmp(cfg->presence, "redis-cluster") &&
+        strcmp(cfg->presence, "redis-sentinel"))
+        FAIL("--presence: want memory, redis-cluster or redis-sentinel, got '%s'", cfg->presence);
     if (!strcmp(cfg->presence, "redis-cluster") && !cfg->redis_nodes[0])
         FAIL("--presence redis-cluster needs --redis-nodes");
+    if (!strcmp(cfg->presence, "redis-sentinel") && !cfg->sentinel_nodes[0])
+        FAIL("--presence redis-sentinel needs --sentinel-nodes");
+    if (!strcmp(cfg->presence, "redis-sentinel") && !cfg->sentinel_master[0])
+        FAIL("--presence redis-sentinel needs --sentinel-master");
     if (strcmp(cfg->discovery, "none") && strcmp(cfg->discovery, "consul"))
         FAIL("--discovery: want none or consul, got '%s'", cfg->discovery);
     if (strcmp(cfg->log_level, "debug") && strcmp(cfg->log_level, "info") &&

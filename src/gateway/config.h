@@ -122,9 +122,14 @@
     X(STR, log_level, "log-level", "MESHGATE_LOG_LEVEL", "info", "", "debug, info, warn or error") \
     X(STR, log_format, "log-format", "MESHGATE_LOG_FORMAT", "text", "", "text or json")            \
     X(STR, presence, "presence", "MESHGATE_PRESENCE", "memory", "",                                \
-      "presence and inbox store: memory (single gateway) or redis-cluster")                        \
+      "presence and inbox store: memory (single gateway), redis-cluster, or redis-sentinel (one "  \
+      "primary found through Sentinel)")                                                           \
     X(STR, redis_nodes, "redis-nodes", "MESHGATE_REDIS_NODES", "", "host:port,...",                \
       "Redis Cluster seed nodes")                                                                  \
+    X(STR, sentinel_nodes, "sentinel-nodes", "MESHGATE_SENTINEL_NODES", "", "host:port,...",       \
+      "Redis Sentinels (--presence redis-sentinel), asked in turn for the primary")                \
+    X(STR, sentinel_master, "sentinel-master", "MESHGATE_SENTINEL_MASTER", "mymaster", "",         \
+      "master name the Sentinels monitor (--presence redis-sentinel)")                             \
     X(STR, redis_user, "redis-user", "MESHGATE_REDIS_USER", "", "", "Redis ACL user")              \
     X(STR, redis_password, "redis-password", "MESHGATE_REDIS_PASSWORD", "", "",                    \
       "Redis password (AUTH)")                                                                     \

@@ -69,9 +69,13 @@ static int make_stores(mg_gateway *gw, mg_presence **presence, mg_inbox **inbox,
         return 0;
     }
     char why[400] = "";
-    gw->redis =
-        mg_redis_cluster_create(cfg->redis_nodes, cfg->redis_user[0] ? cfg->redis_user : NULL,
-                                cfg->redis_password, (int)cfg->redis_timeout_ms, why, sizeof(why));
+    const char *user = cfg->redis_user[0] ? cfg->redis_user : NULL;
+    bool sentinel = !strcmp(cfg->presence, "redis-sentinel");
+    gw->redis = sentinel ? mg_redis_sentinel_create(cfg->sentinel_nodes, cfg->sentinel_master, user,
+                                                    cfg->redis_password, (int)cfg->redis_timeout_ms,
+                                                    why, sizeof(why))
+                         : mg_redis_cluster_create(cfg->redis_nodes, user, cfg->redis_password,
+                                                   (int)cfg->redis_timeout_ms, why, sizeof(why));
     if (!gw->redis) {
         snprintf(err, errlen, "presence store: %s", why);
         return -EHOSTUNREACH;
@@ -83,12 +87,13 @@ static int make_stores(mg_gateway *gw, mg_presence **presence, mg_inbox **inbox,
                                       cfg->inbox_max_age_seconds, (int)cfg->inbox_min_replicas);
     if (!*presence || !*inbox) {
         snprintf(err, errlen, "presence store: %s",
-                 !*presence ? "cannot write this gateway's lease to Redis Cluster"
+                 !*presence ? "cannot write this gateway's lease to Redis"
                             : "--inbox-max-messages must be at least 1");
         return -EIO;
     }
     register_redis_metrics(gw, true);
-    mg_log_info("gateway", "presence=redis-cluster nodes=%s lease_seconds=%lld", cfg->redis_nodes,
+    mg_log_info("gateway", "presence=%s nodes=%s lease_seconds=%lld", cfg->presence,
+                sentinel ? cfg->sentinel_nodes : cfg->redis_nodes,
                 (long long)cfg->presence_lease_seconds);
     if (cfg->presence_sync) {
         mg_presence_sync_config scfg = {

@@ -1,8 +1,10 @@
 /* redis_cluster.c: the Redis Cluster client (slot routing, redirections,
- * failover recovery, pipelining) on top of blocking hiredis 0.14 contexts.
+ * failover recovery, pipelining) on top of blocking hiredis 0.14 contexts,
+ * and its Sentinel mode (one primary named by Redis Sentinel).
  *
  * Threads: called by router worker threads (and the presence renew timer),
- * concurrently; never by the WebSocket service thread.
+ * concurrently; never by the WebSocket service thread. Sentinel mode adds
+ * its own "redis-sentinel" thread (the +switch-master subscription).
  *
  * DESIGN
  * - Nodes are only ever added (never freed before mg_redis_cluster_free), so a
@@ -21,6 +23,17 @@
  *   after MOVED, at most every MG_RC_REFRESH_MIN_US, by one thread at a time
  *   (others keep using the current map), asking known nodes in turn.
  * - A connection that saw any error is closed, never returned to the pool.
+ * - Sentinel mode (mg_redis_sentinel_create): the "slot map" is every slot on
+ *   the one primary. A refresh asks the Sentinels in turn for
+ *   get-master-addr-by-name and accepts the answer only when that node says
+ *   ROLE master; it runs after I/O errors, READONLY (we reached a demoted
+ *   primary) and the other retryable errors, and at most every
+ *   MG_RC_SENTINEL_RECHECK_US anyway (a switch nobody noticed: reads on a
+ *   demoted primary still answers). Sentinels are asked without AUTH.
+ *   One dedicated thread ("redis-sentinel") holds a SUBSCRIBE +switch-master
+ *   on one Sentinel at a time (the next one after an error) and refreshes
+ *   at once when the master switches, so a planned failover is followed
+ *   before any call hits the demoted primary.
  * Guarantees: a call returns within its budget (plus one connect/read that
  * started before the deadline was known to be short, bounded by the same
  * socket timeouts); replies come back in the order commands were added.
@@ -32,6 +45,7 @@
 #include "common/mg_time.h"
 
 #include <errno.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -41,9 +55,10 @@
 #include <string.h>
 #include <unistd.h>
 
-#define MG_RC_REFRESH_MIN_US 100000 /* at most one slot map reload per 100 ms */
-#define MG_RC_MAX_ROUNDS     32     /* redirection/retry rounds per call */
-#define MG_RC_HOST_MAX       256
+#define MG_RC_REFRESH_MIN_US      100000 /* at most one slot map reload per 100 ms */
+#define MG_RC_MAX_ROUNDS          32     /* redirection/retry rounds per call */
+#define MG_RC_HOST_MAX            256
+#define MG_RC_SENTINEL_RECHECK_US 2000000 /* Sentinel mode: re-ask for the primary every 2 s */
 
 typedef struct rc_node {
     char *host;
@@ -53,6 +68,7 @@ typedef struct rc_node {
     redisContext *idle[MG_REDIS_POOL_IDLE];
     int nidle;
     atomic_bool down; /* last connect failed (for logging transitions) */
+    bool sentinel;    /* a Sentinel: no AUTH */
 } rc_node;
 
 struct mg_redis_cluster {
@@ -68,6 +84,16 @@ struct mg_redis_cluster {
     atomic_uint refresh_rr; /* round-robin start for refresh */
     atomic_ullong st_commands, st_moved, st_ask, st_refreshes, st_reconnects, st_io_errors,
         st_retries;
+    /* Sentinel mode (master_name set): the Sentinels, asked in turn; primary
+     * is the node index every slot maps to (-1 before the first answer). */
+    char *master_name;
+    rc_node **sentinels;
+    size_t nsentinels;
+    int primary;
+    /* The "redis-sentinel" thread: SUBSCRIBE +switch-master on one Sentinel. */
+    pthread_t sub_thread;
+    bool sub_started;
+    atomic_bool sub_stop;
 };
 
 typedef struct rc_cmd {
@@ -223,7 +249,8 @@ static rc_node *node_get(mg_redis_cluster *rc, const char *host, int port)
     }
     pthread_rwlock_unlock(&rc->lock);
     pthread_rwlock_wrlock(&rc->lock);
-    rc_node *n = rc->nodes[node_index_locked(rc, host, port)];
+    int idx = node_index_locked(rc, host, port); /* may move rc->nodes: index first */
+    rc_node *n = rc->nodes[idx];
     pthread_rwlock_unlock(&rc->lock);
     return n;
 }
@@ -248,7 +275,7 @@ static redisContext *conn_open(mg_redis_cluster *rc, rc_node *n, int64_t deadlin
     }
     redisSetTimeout(c, tv_of_us(deadline_us - mg_mono_us()));
     redisEnableKeepAlive(c);
-    if (rc->password && *rc->password) {
+    if (rc->password && *rc->password && !n->sentinel) {
         redisReply *r = rc->user && *rc->user
                             ? redisCommand(c, "AUTH %s %s", rc->user, rc->password)
                             : redisCommand(c, "AUTH %s", rc->password);
@@ -378,6 +405,91 @@ static int refresh_from(mg_redis_cluster *rc, rc_node *n, int64_t deadline_us, c
     return 0;
 }
 
+/* Runs one command on a fresh-or-pooled connection to n (for refreshes). On
+ * 0, *out is the reply; the connection goes back to the pool. */
+static int node_ask(mg_redis_cluster *rc, rc_node *n, int64_t deadline_us, redisReply **out,
+                    char *msg, size_t msglen, const char *fmt, ...)
+{
+    int err = 0;
+    redisContext *c = conn_take(rc, n, deadline_us, &err, msg, msglen);
+    if (!c)
+        return err;
+    va_list ap;
+    va_start(ap, fmt);
+    *out = redisvCommand(c, fmt, ap);
+    va_end(ap);
+    int saved = errno;
+    if (!*out) {
+        err = ctx_errno(c, saved);
+        snprintf(msg, msglen, "%s: %s", n->name, c->errstr);
+        redisFree(c);
+        atomic_fetch_add(&rc->st_io_errors, 1);
+        return err;
+    }
+    conn_give(n, c);
+    return 0;
+}
+
+/* Sentinel mode: asks Sentinel s where the primary is, checks that node says
+ * ROLE master, and points every slot at it. */
+static int refresh_from_sentinel(mg_redis_cluster *rc, rc_node *s, int64_t deadline_us, char *msg,
+                                 size_t msglen)
+{
+    redisReply *r = NULL;
+    int err = node_ask(rc, s, deadline_us, &r, msg, msglen, "SENTINEL get-master-addr-by-name %s",
+                       rc->master_name);
+    if (err)
+        return err;
+    if (r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
+        r->element[0]->type != REDIS_REPLY_STRING || r->element[1]->type != REDIS_REPLY_STRING) {
+        if (r->type == REDIS_REPLY_ERROR)
+            snprintf(msg, msglen, "sentinel %s: %.*s", s->name, (int)r->len, r->str);
+        else
+            snprintf(msg, msglen, "sentinel %s does not know master \"%s\"", s->name,
+                     rc->master_name);
+        freeReplyObject(r);
+        return -EPROTO;
+    }
+    char host[MG_RC_HOST_MAX];
+    snprintf(host, sizeof(host), "%s", r->element[0]->str);
+    char *end = NULL;
+    long port = strtol(r->element[1]->str, &end, 10);
+    bool bad = !*host || *end || port <= 0 || port > 65535;
+    freeReplyObject(r);
+    if (bad) {
+        snprintf(msg, msglen, "sentinel %s: bad primary address", s->name);
+        return -EPROTO;
+    }
+    rc_node *p = node_get(rc, host, (int)port);
+    err = node_ask(rc, p, deadline_us, &r, msg, msglen, "ROLE");
+    if (err)
+        return err; /* the Sentinel's answer is stale (failover not done yet) */
+    bool master = r->type == REDIS_REPLY_ARRAY && r->elements > 0 &&
+                  r->element[0]->type == REDIS_REPLY_STRING &&
+                  !strcmp(r->element[0]->str, "master");
+    if (!master) {
+        snprintf(msg, msglen, "sentinel %s names %s, which is not a master (%.*s)", s->name,
+                 p->name, r->type == REDIS_REPLY_ERROR ? (int)r->len : 7,
+                 r->type == REDIS_REPLY_ERROR ? r->str : "replica");
+        freeReplyObject(r);
+        return -EAGAIN;
+    }
+    freeReplyObject(r);
+    pthread_rwlock_wrlock(&rc->lock);
+    int idx = node_index_locked(rc, host, (int)port);
+    int was = rc->primary;
+    for (int i = 0; i < MG_REDIS_SLOTS; i++)
+        rc->slots[i] = (int16_t)idx;
+    rc->primary = idx;
+    const char *was_name = was >= 0 ? rc->nodes[was]->name : "none";
+    if (was != idx)
+        mg_log_info("redis", "sentinel primary master=%s node=%s was=%s sentinel=%s",
+                    rc->master_name, p->name, was_name, s->name);
+    pthread_rwlock_unlock(&rc->lock);
+    atomic_fetch_add(&rc->st_refreshes, 1);
+    return 0;
+}
+
 /* Reloads the map from the first node that answers. force: ignore the rate
  * limit (still one thread at a time; a concurrent caller returns at once). */
 static int refresh(mg_redis_cluster *rc, int64_t deadline_us, bool force, char *msg, size_t msglen)
@@ -391,10 +503,17 @@ static int refresh(mg_redis_cluster *rc, int64_t deadline_us, bool force, char *
         return 0;
     atomic_store(&rc->last_refresh_us, now);
     atomic_store(&rc->need_refresh, false);
-    pthread_rwlock_rdlock(&rc->lock);
-    size_t nn = rc->nnodes;
-    rc_node **nodes = mg_xmemdup(rc->nodes, nn * sizeof(*nodes));
-    pthread_rwlock_unlock(&rc->lock);
+    rc_node **nodes;
+    size_t nn;
+    if (rc->master_name) { /* the Sentinels never change */
+        nodes = rc->sentinels;
+        nn = rc->nsentinels;
+    } else {
+        pthread_rwlock_rdlock(&rc->lock);
+        nn = rc->nnodes;
+        nodes = mg_xmemdup(rc->nodes, nn * sizeof(*nodes));
+        pthread_rwlock_unlock(&rc->lock);
+    }
     int err = -EIO;
     unsigned start = atomic_fetch_add(&rc->refresh_rr, 1);
     /* Two passes: nodes not known to be down first, then the rest. */
@@ -405,10 +524,12 @@ static int refresh(mg_redis_cluster *rc, int64_t deadline_us, bool force, char *
                 continue;
             if (mg_mono_us() >= deadline_us)
                 break;
-            err = refresh_from(rc, n, deadline_us, msg, msglen);
+            err = rc->master_name ? refresh_from_sentinel(rc, n, deadline_us, msg, msglen)
+                                  : refresh_from(rc, n, deadline_us, msg, msglen);
         }
     }
-    free(nodes);
+    if (!rc->master_name)
+        free(nodes);
     if (err != 0)
         atomic_store(&rc->need_refresh, true);
     pthread_mutex_unlock(&rc->refresh_mu);
@@ -431,6 +552,82 @@ void mg_redis_cluster_slot_owner(mg_redis_cluster *rc, unsigned slot, char *buf,
 
 /* ---- create / free ------------------------------------------------------- */
 
+/* Splits "host:port" in place (tok keeps the host); 0, or -1 when malformed. */
+static int split_addr(char *tok, int *port)
+{
+    char *colon = strrchr(tok, ':');
+    char *end = NULL;
+    long p = colon ? strtol(colon + 1, &end, 10) : 0;
+    if (!colon || colon == tok || *end || p <= 0 || p > 65535 || colon - tok >= MG_RC_HOST_MAX)
+        return -1;
+    *colon = '\0';
+    *port = (int)p;
+    return 0;
+}
+
+static mg_redis_cluster *rc_new(const char *user, const char *password, int timeout_ms)
+{
+    mg_redis_cluster *rc = mg_new(mg_redis_cluster);
+    rc->user = user && *user ? mg_xstrdup(user) : NULL;
+    rc->password = password && *password ? mg_xstrdup(password) : NULL;
+    rc->timeout_ms = timeout_ms;
+    rc->primary = -1;
+    pthread_rwlock_init(&rc->lock, NULL);
+    pthread_mutex_init(&rc->refresh_mu, NULL);
+    for (int i = 0; i < MG_REDIS_SLOTS; i++)
+        rc->slots[i] = -1;
+    return rc;
+}
+
+/* Adds every address of csv (as Sentinels or seed nodes), then refreshes
+ * from them until one answers. what names them in err. */
+static int rc_connect(mg_redis_cluster *rc, const char *csv_in, bool sentinels, const char *what,
+                      char *err, size_t errlen)
+{
+    char *csv = mg_xstrdup(csv_in), *save = NULL;
+    for (char *tok = strtok_r(csv, ", ", &save); tok; tok = strtok_r(NULL, ", ", &save)) {
+        int port = 0;
+        if (split_addr(tok, &port) != 0) {
+            snprintf(err, errlen, "%s: bad node address \"%s\" (want host:port)", what, tok);
+            free(csv);
+            return -EINVAL;
+        }
+        if (sentinels) {
+            rc->sentinels =
+                mg_xrealloc(rc->sentinels, (rc->nsentinels + 1) * sizeof(*rc->sentinels));
+            rc->sentinels[rc->nsentinels++] = node_new(tok, port);
+            rc->sentinels[rc->nsentinels - 1]->sentinel = true;
+        } else {
+            pthread_rwlock_wrlock(&rc->lock);
+            node_index_locked(rc, tok, port);
+            pthread_rwlock_unlock(&rc->lock);
+        }
+    }
+    free(csv);
+    /* A copy of the seeds: refreshing adds nodes, which may move rc->nodes. */
+    size_t nn = sentinels ? rc->nsentinels : rc->nnodes;
+    rc_node **nodes = mg_xmemdup(sentinels ? rc->sentinels : rc->nodes, nn * sizeof(*nodes));
+    char tried[512] = "", msg[512] = "no answer";
+    size_t tried_len = 0;
+    int rv = -EINVAL;
+    for (size_t i = 0; i < nn && rv != 0; i++) {
+        int64_t deadline = mg_mono_us() + (int64_t)rc->timeout_ms * 1000;
+        rv = sentinels ? refresh_from_sentinel(rc, nodes[i], deadline, msg, sizeof(msg))
+                       : refresh_from(rc, nodes[i], deadline, msg, sizeof(msg));
+        if (rv != 0 && tried_len < sizeof(tried) - 1)
+            tried_len += (size_t)snprintf(tried + tried_len, sizeof(tried) - tried_len, "%s%s",
+                                          tried_len ? ", " : "", nodes[i]->name);
+        if (rv == -EACCES || (rv == -EPROTO && !sentinels))
+            break; /* it answered, but is no usable cluster: say so */
+    }
+    free(nodes);
+    if (rv == -EPROTO || rv == -EACCES)
+        snprintf(err, errlen, "%s unusable: %s", what, msg);
+    else if (rv != 0)
+        snprintf(err, errlen, "no %s node reachable (tried %s): %s", what, tried, msg);
+    return rv;
+}
+
 mg_redis_cluster *mg_redis_cluster_create(const char *nodes_csv, const char *user,
                                           const char *password, int timeout_ms, char *err,
                                           size_t errlen)
@@ -441,51 +638,8 @@ mg_redis_cluster *mg_redis_cluster_create(const char *nodes_csv, const char *use
         snprintf(err, errlen, "redis cluster: need at least one host:port and a timeout > 0");
         return NULL;
     }
-    mg_redis_cluster *rc = mg_new(mg_redis_cluster);
-    rc->user = user && *user ? mg_xstrdup(user) : NULL;
-    rc->password = password && *password ? mg_xstrdup(password) : NULL;
-    rc->timeout_ms = timeout_ms;
-    pthread_rwlock_init(&rc->lock, NULL);
-    pthread_mutex_init(&rc->refresh_mu, NULL);
-    for (int i = 0; i < MG_REDIS_SLOTS; i++)
-        rc->slots[i] = -1;
-
-    char *csv = mg_xstrdup(nodes_csv), *save = NULL;
-    size_t tried_len = 0;
-    char tried[512] = "";
-    char msg[512] = "no answer";
-    int rv = -EINVAL;
-    for (char *tok = strtok_r(csv, ", ", &save); tok; tok = strtok_r(NULL, ", ", &save)) {
-        char *colon = strrchr(tok, ':');
-        char *end = NULL;
-        long port = colon ? strtol(colon + 1, &end, 10) : 0;
-        if (!colon || colon == tok || *end || port <= 0 || port > 65535 ||
-            colon - tok >= MG_RC_HOST_MAX) {
-            snprintf(err, errlen, "redis cluster: bad node address \"%s\" (want host:port)", tok);
-            free(csv);
-            mg_redis_cluster_free(rc);
-            return NULL;
-        }
-        *colon = '\0';
-        pthread_rwlock_wrlock(&rc->lock);
-        int idx = node_index_locked(rc, tok, (int)port);
-        rc_node *n = rc->nodes[idx];
-        pthread_rwlock_unlock(&rc->lock);
-        if (rv != 0) { /* not connected yet: try this seed */
-            rv = refresh_from(rc, n, mg_mono_us() + (int64_t)timeout_ms * 1000, msg, sizeof(msg));
-            if (rv != 0 && tried_len < sizeof(tried) - 1)
-                tried_len += (size_t)snprintf(tried + tried_len, sizeof(tried) - tried_len, "%s%s",
-                                              tried_len ? ", " : "", n->name);
-            if (rv == -EPROTO || rv == -EACCES)
-                break; /* it answered, but is no usable cluster: say so */
-        }
-    }
-    free(csv);
-    if (rv != 0) {
-        if (rv == -EPROTO || rv == -EACCES)
-            snprintf(err, errlen, "redis cluster unusable: %s", msg);
-        else
-            snprintf(err, errlen, "no Redis Cluster node reachable (tried %s): %s", tried, msg);
+    mg_redis_cluster *rc = rc_new(user, password, timeout_ms);
+    if (rc_connect(rc, nodes_csv, false, "Redis Cluster", err, errlen) != 0) {
         mg_redis_cluster_free(rc);
         return NULL;
     }
@@ -497,13 +651,120 @@ mg_redis_cluster *mg_redis_cluster_create(const char *nodes_csv, const char *use
     return rc;
 }
 
+/* Whether a pub/sub message is a switch of our master:
+ * ["message", "+switch-master", "<name> <old-ip> <old-port> <new-ip> <new-port>"]. */
+static bool is_our_switch(mg_redis_cluster *rc, const redisReply *r)
+{
+    if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 3 ||
+        r->element[0]->type != REDIS_REPLY_STRING || r->element[2]->type != REDIS_REPLY_STRING ||
+        strcmp(r->element[0]->str, "message") != 0)
+        return false;
+    size_t n = strlen(rc->master_name);
+    return r->element[2]->len > n && !strncmp(r->element[2]->str, rc->master_name, n) &&
+           r->element[2]->str[n] == ' ';
+}
+
+/* Subscribed to Sentinel s until an error or stop; returns after either. */
+static void subscribe_on(mg_redis_cluster *rc, rc_node *s)
+{
+    struct timeval tv = tv_of_us((int64_t)rc->timeout_ms * 1000);
+    redisContext *c = redisConnectWithTimeout(s->host, s->port, tv);
+    if (!c || c->err) {
+        mg_log_debug("redis", "sentinel subscribe connect failed sentinel=%s", s->name);
+        if (c)
+            redisFree(c);
+        return;
+    }
+    redisEnableKeepAlive(c);
+    redisSetTimeout(c, tv);
+    redisReply *r = redisCommand(c, "SUBSCRIBE +switch-master");
+    bool ok = r && r->type == REDIS_REPLY_ARRAY;
+    if (r)
+        freeReplyObject(r);
+    if (ok)
+        mg_log_debug("redis", "sentinel subscribed sentinel=%s", s->name);
+    while (ok && !atomic_load(&rc->sub_stop)) {
+        struct pollfd pfd = {.fd = c->fd, .events = POLLIN};
+        int pr = poll(&pfd, 1, 200); /* wakes to see sub_stop */
+        if (pr < 0 && errno != EINTR)
+            break;
+        if (pr <= 0)
+            continue;
+        r = NULL;
+        if (redisGetReply(c, (void **)&r) != REDIS_OK)
+            break; /* the Sentinel went away: the caller moves on */
+        if (is_our_switch(rc, r)) {
+            mg_log_info("redis", "sentinel switch-master %s sentinel=%s", r->element[2]->str,
+                        s->name);
+            char msg[256];
+            if (refresh(rc, mg_mono_us() + (int64_t)rc->timeout_ms * 1000, true, msg,
+                        sizeof(msg)) != 0)
+                mg_log_warn("redis", "primary look-up after switch failed err=\"%s\"", msg);
+        }
+        freeReplyObject(r);
+    }
+    redisFree(c);
+}
+
+static void *subscriber_main(void *arg)
+{
+    mg_redis_cluster *rc = arg;
+    for (size_t k = 0; !atomic_load(&rc->sub_stop); k++) {
+        subscribe_on(rc, rc->sentinels[k % rc->nsentinels]);
+        for (int i = 0; i < 5 && !atomic_load(&rc->sub_stop); i++)
+            usleep(100 * 1000); /* 0.5 s between Sentinels */
+    }
+    return NULL;
+}
+
+mg_redis_cluster *mg_redis_sentinel_create(const char *sentinels_csv, const char *master_name,
+                                           const char *user, const char *password, int timeout_ms,
+                                           char *err, size_t errlen)
+{
+    if (errlen)
+        err[0] = '\0';
+    if (!sentinels_csv || !*sentinels_csv || !master_name || !*master_name || timeout_ms <= 0) {
+        snprintf(err, errlen,
+                 "redis sentinel: need at least one Sentinel host:port, a master name and a "
+                 "timeout > 0");
+        return NULL;
+    }
+    mg_redis_cluster *rc = rc_new(user, password, timeout_ms);
+    rc->master_name = mg_xstrdup(master_name);
+    char what[160];
+    snprintf(what, sizeof(what), "Redis Sentinel (master \"%.100s\")", master_name);
+    if (rc_connect(rc, sentinels_csv, true, what, err, errlen) != 0) {
+        mg_redis_cluster_free(rc);
+        return NULL;
+    }
+    atomic_store(&rc->last_refresh_us, mg_mono_us());
+    if (pthread_create(&rc->sub_thread, NULL, subscriber_main, rc) == 0) {
+        rc->sub_started = true;
+        pthread_setname_np(rc->sub_thread, "redis-sentinel");
+    } else {
+        mg_log_warn("redis", "no +switch-master subscriber thread: switches are found on errors");
+    }
+    mg_log_info("redis", "sentinel connected master=%s sentinels=%zu timeout_ms=%d auth=%s",
+                master_name, rc->nsentinels, timeout_ms,
+                rc->password ? (rc->user ? "acl" : "password") : "none");
+    return rc;
+}
+
 void mg_redis_cluster_free(mg_redis_cluster *rc)
 {
     if (!rc)
         return;
+    if (rc->sub_started) { /* it wakes every 200 ms (or within one Redis timeout) */
+        atomic_store(&rc->sub_stop, true);
+        pthread_join(rc->sub_thread, NULL);
+    }
     for (size_t i = 0; i < rc->nnodes; i++)
         node_free(rc->nodes[i]);
     free(rc->nodes);
+    for (size_t i = 0; i < rc->nsentinels; i++)
+        node_free(rc->sentinels[i]);
+    free(rc->sentinels);
+    free(rc->master_name);
     pthread_rwlock_destroy(&rc->lock);
     pthread_mutex_destroy(&rc->refresh_mu);
     free(rc->user);
@@ -611,6 +872,9 @@ static int run(mg_redis_cluster *rc, rc_cmd *cmds, size_t n)
             pending += cmds[i].status == 1;
         if (!pending || mg_mono_us() >= deadline)
             break;
+        if (rc->master_name &&
+            mg_mono_us() - atomic_load(&rc->last_refresh_us) > MG_RC_SENTINEL_RECHECK_US)
+            atomic_store(&rc->need_refresh, true);
         if (atomic_load(&rc->need_refresh))
             refresh(rc, deadline, false, msg, sizeof(msg));
 
@@ -709,7 +973,8 @@ static int run(mg_redis_cluster *rc, rc_cmd *cmds, size_t n)
                         continue; /* stays pending */
                     }
                 } else if (reply_is_err(r, "TRYAGAIN") || reply_is_err(r, "CLUSTERDOWN") ||
-                           reply_is_err(r, "LOADING") || reply_is_err(r, "MASTERDOWN")) {
+                           reply_is_err(r, "LOADING") || reply_is_err(r, "MASTERDOWN") ||
+                           reply_is_err(r, "READONLY")) { /* READONLY: a demoted primary */
                     atomic_fetch_add(&rc->st_retries, 1);
                     snprintf(msg, sizeof(msg), "%s: %.*s", gr->node->name, (int)r->len, r->str);
                     freeReplyObject(r);

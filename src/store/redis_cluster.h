@@ -49,6 +49,21 @@ typedef struct mg_redis_cluster mg_redis_cluster;
 mg_redis_cluster *mg_redis_cluster_create(const char *nodes_csv, const char *user,
                                           const char *password, int timeout_ms, char *err,
                                           size_t errlen);
+/* Sentinel mode: the same client on a single primary that Redis Sentinel
+ * names (SENTINEL get-master-addr-by-name master_name, asking the Sentinels
+ * of sentinels_csv in turn; the node must answer ROLE master). Every slot
+ * maps to that primary, so everything below works unchanged (MOVED/ASK never
+ * happen; multi-key commands need no hash tag). The primary is asked for
+ * again after I/O errors, READONLY and the other retryable errors, every
+ * 2 s anyway, and at once on a Sentinel's +switch-master (one thread,
+ * "redis-sentinel", holds that subscription), so a failover is followed
+ * within the Sentinels' own failover time plus one call's retries. Sentinels are asked without
+ * AUTH; user and password are for the Redis nodes. NULL when no Sentinel names a master that
+ * answers, with a message in err naming the Sentinels tried. */
+mg_redis_cluster *mg_redis_sentinel_create(const char *sentinels_csv, const char *master_name,
+                                           const char *user, const char *password, int timeout_ms,
+                                           char *err, size_t errlen);
+
 /* Closes every connection. NULL is a no-op. No call may be running. */
 void mg_redis_cluster_free(mg_redis_cluster *rc);
 
@@ -98,7 +113,7 @@ typedef struct mg_redis_cluster_stats {
     uint64_t commands;   /* commands sent (each attempt counts) */
     uint64_t moved;      /* MOVED redirections followed */
     uint64_t ask;        /* ASK redirections followed */
-    uint64_t refreshes;  /* slot map reloads */
+    uint64_t refreshes;  /* slot map reloads (Sentinel mode: primary look-ups) */
     uint64_t reconnects; /* connections opened */
     uint64_t io_errors;  /* connection failures (refused, reset, timeout) */
     uint64_t retries;    /* TRYAGAIN / CLUSTERDOWN / LOADING retries */

@@ -95,6 +95,7 @@ func TestRender(t *testing.T) {
 			has("DestinationRule", want.istio)
 			has("Sidecar", want.istio)
 			has("ServiceMonitor", want.serviceMonitor)
+			has("PrometheusRule", want.serviceMonitor)
 			has("NetworkPolicy", want.networkPolicy)
 			if HasConnectionsMetric(m) != want.connections {
 				t.Errorf("HPA on %s: %v, want %v", ConnectionsMetric, !want.connections, want.connections)
@@ -126,6 +127,8 @@ func TestValuesTypoFails(t *testing.T) {
 		"no region (fail())":  {[]string{"region="}, "region is required"},
 		"grace below drain":   {[]string{"lifecycle.terminationGracePeriodSeconds=5"}, "must be at least"},
 		"memory presence+HPA": {[]string{"gateway.presence=memory", "autoscaling.enabled=true"}, "single gateway"},
+		"sentinel, no nodes":  {[]string{"gateway.presence=redis-sentinel"}, "needs redis.sentinel.nodes"},
+		"bad sentinel addr":   {[]string{"gateway.presence=redis-sentinel", "redis.sentinel.nodes[0]=s0"}, "redis.sentinel.nodes"},
 	}
 	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {

@@ -77,6 +77,28 @@ type ServiceMonitor struct {
 	} `json:"spec"`
 }
 
+// PrometheusRule is the subset of monitoring.coreos.com/v1 the chart uses; unknown fields fail.
+type PrometheusRule struct {
+	APIVersion string            `json:"apiVersion"`
+	Kind       string            `json:"kind"`
+	Metadata   metav1.ObjectMeta `json:"metadata"`
+	Spec       RuleSpec          `json:"spec"`
+}
+
+// RuleSpec is a Prometheus rules file (groups of alerting rules).
+type RuleSpec struct {
+	Groups []struct {
+		Name  string `json:"name"`
+		Rules []struct {
+			Alert       string            `json:"alert"`
+			Expr        string            `json:"expr"`
+			For         string            `json:"for,omitempty"`
+			Labels      map[string]string `json:"labels,omitempty"`
+			Annotations map[string]string `json:"annotations,omitempty"`
+		} `json:"rules"`
+	} `json:"groups"`
+}
+
 // istioEnvelope holds an Istio object; spec is decoded separately with protojson.
 type istioEnvelope struct {
 	APIVersion string            `json:"apiVersion"`
@@ -96,6 +118,7 @@ var kubeTypes = map[string]func() any{
 	"policy/v1/PodDisruptionBudget":           func() any { return &policyv1.PodDisruptionBudget{} },
 	"networking.k8s.io/v1/NetworkPolicy":      func() any { return &networkingv1.NetworkPolicy{} },
 	"monitoring.coreos.com/v1/ServiceMonitor": func() any { return &ServiceMonitor{} },
+	"monitoring.coreos.com/v1/PrometheusRule": func() any { return &PrometheusRule{} },
 }
 
 var istioTypes = map[string]func() proto.Message{
@@ -147,6 +170,8 @@ func ParseDocument(doc []byte) (*Object, error) {
 		o := &Object{APIVersion: head.APIVersion, Kind: head.Kind, Typed: v}
 		if sm, ok := v.(*ServiceMonitor); ok {
 			o.Meta = sm.Metadata
+		} else if pr, ok := v.(*PrometheusRule); ok {
+			o.Meta = pr.Metadata
 		} else if mo, ok := v.(interface{ GetObjectMeta() metav1.Object }); ok {
 			m := mo.GetObjectMeta()
 			o.Meta = metav1.ObjectMeta{Name: m.GetName(), Namespace: m.GetNamespace(),

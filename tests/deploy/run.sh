@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Offline checks of the deployment artefacts: Helm chart (lint, schema, strict decoding of
-# every rendered object into the official Kubernetes/Istio types, mesh properties), istio/,
+# every rendered object into the official Kubernetes/Istio types, mesh properties, the Grafana
+# dashboard and the alerts with promtool check rules / test rules), istio/,
 # Dockerfile and its runtime package list. No cluster, no container engine.
 # Prints "deploy: N passed, M failed" and exits non-zero on any failure.
 set -uo pipefail
@@ -26,6 +27,9 @@ else
 fi
 export HELM
 ok "helm: $HELM"
+
+# promtool (Debian package prometheus) checks the chart's alert rules in the go test below.
+command -v promtool >/dev/null && ok "promtool: $(command -v promtool)" || bad "promtool: not installed (tests/infra/install-deps.sh)"
 
 # --- chart: go test (lint, render, strict types, mesh checks, negative cases) ------------------
 log=$(mktemp)

@@ -86,6 +86,27 @@ Test(config, bad_input_is_a_clear_error)
     cr_assert_eq(load(&cfg, 3, a5, err), 0);
     cr_assert_eq(mg_config_validate(&cfg, err, sizeof(err)), -EINVAL);
     mg_config_clear(&cfg);
+    char *a6[] = {"meshgate", "--presence", "redis-sentinel"};
+    cr_assert_eq(load(&cfg, 3, a6, err), 0);
+    cr_assert_eq(mg_config_validate(&cfg, err, sizeof(err)), -EINVAL);
+    cr_assert(strstr(err, "needs --sentinel-nodes"), "%s", err);
+    mg_config_clear(&cfg);
+    char *a7[] = {"meshgate",
+                  "--presence",
+                  "redis-sentinel",
+                  "--sentinel-nodes",
+                  "127.0.0.1:1",
+                  "--sentinel-master",
+                  ""};
+    cr_assert_eq(load(&cfg, 7, a7, err), 0);
+    cr_assert_eq(mg_config_validate(&cfg, err, sizeof(err)), -EINVAL);
+    cr_assert(strstr(err, "needs --sentinel-master"), "%s", err);
+    mg_config_clear(&cfg);
+    char *a8[] = {"meshgate", "--presence", "redis"};
+    cr_assert_eq(load(&cfg, 3, a8, err), 0);
+    cr_assert_eq(mg_config_validate(&cfg, err, sizeof(err)), -EINVAL);
+    cr_assert(strstr(err, "want memory, redis-cluster or redis-sentinel"), "%s", err);
+    mg_config_clear(&cfg);
 }
 
 Test(config, help_lists_every_option_with_its_default)

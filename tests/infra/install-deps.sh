@@ -10,8 +10,10 @@ PKGS=(build-essential cmake pkg-config libgrpc-dev protobuf-c-compiler libprotob
       libcurl4-openssl-dev libcriterion-dev
       libjansson-dev libjwt-dev libssl-dev redis-server redis-tools clang-format clang
       python3-grpcio python3-protobuf python3-grpc-tools protobuf-compiler maven valgrind
-      curl ca-certificates)
+      curl ca-certificates prometheus)
 command -v java >/dev/null 2>&1 || PKGS+=(openjdk-17-jre-headless)
+# prometheus: only for promtool (tests/deploy checks the chart's alert rules with it); its
+# server is never started (policy-rc.d below, and disabled after the install).
 # The JavaScript client SDK (clients/js, scripts/run-sdk-tests.sh): Node >= 18 with npm, and
 # Debian's chromium for its browser test (puppeteer-core drives it; nothing downloads a browser).
 node_major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
@@ -59,6 +61,11 @@ if pgrep -x redis-server >/dev/null 2>&1 && redis-cli -p 6379 ping >/dev/null 2>
   elif [ -x /etc/init.d/redis-server ]; then
     /etc/init.d/redis-server stop >/dev/null 2>&1 || true
   fi
+fi
+
+# Debian's prometheus package enables its server for boot; the tests only want promtool.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-enabled --quiet prometheus 2>/dev/null; then
+  systemctl disable --now prometheus >/dev/null 2>&1 || true
 fi
 
 # Go toolchain check (Consul v1.22 / Helm v3.16 need a recent Go).

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Start/stop all real test services (Redis Cluster, Kafka, Consul dev + ACL agents) in parallel
+# Start/stop all real test services (Redis Cluster, Redis with Sentinel, Kafka, Consul dev + ACL
+# agents) in parallel
 # and write $MESHGATE_RUN/services.env for the tests (source it, or `include` it from make).
 # Usage: tests/infra/services.sh up|down|env|status
 #   MESHGATE_RUN (default /tmp/meshgate-run), MESHGATE_CACHE (default ~/.cache/meshgate)
@@ -35,6 +36,7 @@ cmd_up() {
   bg redis "$HERE/redis-cluster.sh" start
   # A second cluster: region b's own store in the multi-region tests (presence sync).
   bg redis-b env MESHGATE_REDIS_BASE_PORT="$REDIS_B_BASE" "$HERE/redis-cluster.sh" start
+  bg sentinel "$HERE/redis-sentinel.sh" start
   bg kafka "$HERE/kafka.sh" start
   if [ "$WITH_ACL" = 1 ]; then
     bg consul bash -c '"$1" start && "$1" start-acl' _ "$HERE/consul.sh"   # one build, two agents
@@ -50,6 +52,8 @@ cmd_up() {
     echo "export MESHGATE_TEST_RUN=$RUN"
     echo "export MESHGATE_TEST_REDIS_NODES=$("$HERE/redis-cluster.sh" nodes)"
     echo "export MESHGATE_TEST_REDIS_B_NODES=$(MESHGATE_REDIS_BASE_PORT="$REDIS_B_BASE" "$HERE/redis-cluster.sh" nodes)"
+    echo "export MESHGATE_TEST_SENTINEL_NODES=$("$HERE/redis-sentinel.sh" sentinels)"
+    echo "export MESHGATE_TEST_SENTINEL_MASTER=$("$HERE/redis-sentinel.sh" master)"
     echo "export MESHGATE_TEST_KAFKA=127.0.0.1:${MESHGATE_KAFKA_PORT:-19092}"
     echo "export MESHGATE_TEST_CONSUL=127.0.0.1:${MESHGATE_CONSUL_HTTP_PORT:-18500}"
     if [ "$WITH_ACL" = 1 ]; then
@@ -64,6 +68,7 @@ cmd_down() {
   mkdir -p "$RUN/logs"
   bg redis "$HERE/redis-cluster.sh" stop
   bg redis-b env MESHGATE_REDIS_BASE_PORT="$REDIS_B_BASE" "$HERE/redis-cluster.sh" stop
+  bg sentinel "$HERE/redis-sentinel.sh" stop
   bg kafka "$HERE/kafka.sh" stop
   bg consul "$HERE/consul.sh" stop
   bg consul-acl "$HERE/consul.sh" stop-acl
@@ -75,6 +80,7 @@ cmd_status() {
   local rc=0
   "$HERE/redis-cluster.sh" status || rc=1
   MESHGATE_REDIS_BASE_PORT="$REDIS_B_BASE" "$HERE/redis-cluster.sh" status || rc=1
+  "$HERE/redis-sentinel.sh" status || rc=1
   "$HERE/kafka.sh" status || rc=1
   "$HERE/consul.sh" status || rc=1
   [ "$WITH_ACL" = 1 ] && { "$HERE/consul.sh" status-acl || rc=1; }

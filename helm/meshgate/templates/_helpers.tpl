@@ -114,7 +114,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if not (or .Values.istio.enabled .Values.grpcAuth.apiTokensSecret .Values.grpcAuth.peerTokensSecret .Values.grpcAuth.tlsSecret) }}{{ fail "the gRPC listener needs caller authentication off loopback: set istio.enabled (the sidecar's mTLS), grpcAuth.apiTokensSecret and grpcAuth.peerTokensSecret, or grpcAuth.tlsSecret" }}{{ end }}
 {{- if and .Values.grpcAuth.peerIdentity (not .Values.grpcAuth.tlsSecret) }}{{ fail "grpcAuth.peerIdentity needs grpcAuth.tlsSecret" }}{{ end }}
 {{- if and (eq .Values.gateway.presence "redis-cluster") (not .Values.redis.nodes) }}{{ fail "gateway.presence=redis-cluster needs redis.nodes" }}{{ end }}
-{{- if and (eq .Values.gateway.presence "memory") (or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1)) }}{{ fail "gateway.presence=memory is for a single gateway: use redis-cluster with more than one replica or HPA" }}{{ end }}
+{{- if and (eq .Values.gateway.presence "redis-sentinel") (not .Values.redis.sentinel.nodes) }}{{ fail "gateway.presence=redis-sentinel needs redis.sentinel.nodes" }}{{ end }}
+{{- if and (eq .Values.gateway.presence "memory") (or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1)) }}{{ fail "gateway.presence=memory is for a single gateway: use redis-cluster or redis-sentinel with more than one replica or HPA" }}{{ end }}
 {{- if and .Values.consul.enabled (not .Values.consul.addr) (not .Values.consul.useHostIP) }}{{ fail "consul.enabled needs consul.addr or consul.useHostIP=true" }}{{ end }}
 {{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}{{ fail "autoscaling.minReplicas must not exceed maxReplicas" }}{{ end }}
 {{- end }}
