@@ -267,6 +267,8 @@ Test(dashboard, every_panel_and_alert_names_an_exported_metric, .timeout = 120)
     snprintf(tag, sizeof(tag), "db%d", (int)getpid());
     snprintf(svc, sizeof(svc), "meshgate-%s", tag);
     snprintf(topic, sizeof(topic), "meshgate.%s.", tag);
+    char sync_topic[80];
+    snprintf(sync_topic, sizeof(sync_topic), "meshgate.%s.presence", tag);
     snprintf(region, sizeof(region), "%s-r", tag);
     snprintf(ida, sizeof(ida), "%s-a", tag);
     snprintf(idb, sizeof(idb), "%s-b", tag);
@@ -289,6 +291,10 @@ Test(dashboard, every_panel_and_alert_names_an_exported_metric, .timeout = 120)
                           topic,
                           "--region",
                           region,
+                          "--presence-sync", /* the multi-region panels' metrics */
+                          "true",
+                          "--presence-sync-topic",
+                          sync_topic,
                           NULL};
     mg_gw *a = mg_gw_spawn(ida, args);
     cr_assert_not_null(a, "gateway a did not become ready");
