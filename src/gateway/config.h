@@ -175,6 +175,11 @@
       "10", "calls", "calls needed before a peer can be degraded")                                 \
     X(INT, peer_probe_interval_ms, "peer-probe-interval-ms", "MESHGATE_PEER_PROBE_INTERVAL_MS",    \
       "2000", "ms", "one probe call per interval while a peer is degraded")                        \
+    X(STR, near_route, "near-route", "MESHGATE_NEAR_ROUTE", "grpc,kafka", "path,...",              \
+      "paths tried in order to a gateway of this region (grpc, kafka, redis-pubsub, nats; inbox "  \
+      "last: store when none delivered); a path not configured or not usable is skipped")          \
+    X(STR, far_route, "far-route", "MESHGATE_FAR_ROUTE", "kafka,grpc", "path,...",                 \
+      "paths tried in order to a gateway of another region; a hot pair tries grpc first")          \
     X(STR, kafka_brokers, "kafka-brokers", "MESHGATE_KAFKA_BROKERS", "", "host:port,...",          \
       "Kafka bootstrap servers (empty: no Kafka path)")                                            \
     X(STR, kafka_topic_prefix, "kafka-topic-prefix", "MESHGATE_KAFKA_TOPIC_PREFIX",                \

@@ -230,6 +230,9 @@ int mg_gateway_start(const mg_config *cfg, mg_gateway **out, char *err, size_t e
     }
     if ((rc = make_stores(gw, &presence, &inbox, err, errlen)) != 0)
         goto fail;
+    mg_route_lists routes;
+    if ((rc = mg_route_lists_parse(cfg->near_route, cfg->far_route, &routes, err, errlen)) != 0)
+        goto fail;
     mg_router_config rcfg = {
         .gateway_id = cfg->id,
         .region = cfg->region,
@@ -238,6 +241,7 @@ int mg_gateway_start(const mg_config *cfg, mg_gateway **out, char *err, size_t e
         .hot_capacity = (size_t)cfg->hot_capacity,
         .dedupe_window = (size_t)cfg->dedupe_window,
         .max_inflight = (size_t)cfg->max_inflight_sends,
+        .routes = &routes,
     };
     mg_local_sink sink = mg_ws_server_sink(gw->ws);
     gw->router = mg_router_create(&rcfg, presence, inbox, &sink, gw->pool);
@@ -275,8 +279,10 @@ int mg_gateway_start(const mg_config *cfg, mg_gateway **out, char *err, size_t e
     if ((rc = start_discovery(gw, err, errlen)) != 0)
         goto fail;
     mg_ws_server_set_ready(gw->ws, true);
-    mg_log_info("gateway", "ready id=%s region=%s ws=%s grpc=%s version=%s", cfg->id, cfg->region,
-                cfg->ws_listen, cfg->grpc_listen, MG_VERSION);
+    mg_log_info("gateway",
+                "ready id=%s region=%s ws=%s grpc=%s near_route=%s far_route=%s version=%s",
+                cfg->id, cfg->region, cfg->ws_listen, cfg->grpc_listen, cfg->near_route,
+                cfg->far_route, MG_VERSION);
     *out = gw;
     return 0;
 

@@ -6,12 +6,13 @@
  *
  *   lookup (store pool job, or inline when presence is in memory)
  *     -> one attempt per recipient gateway, all in parallel; each walks
- *        its plan (route_policy.h: local | grpc then kafka | kafka),
- *        starting the next transport from the completion of the failed one
+ *        its plan (route_policy.h: local, or the near or far route list),
+ *        starting the next transport from the completion of the failed one;
+ *        a plan that reaches its `inbox` step asks for the inbox
  *     -> when the last attempt completed: a gateway that answered
  *        NOT_CONNECTED and nothing reached -> resolve once more (one more
- *        round); nothing reached and nothing failed -> inbox (store pool
- *        job, or inline)
+ *        round); nothing reached and nothing failed (or a plan asked for
+ *        it) -> inbox (store pool job, or inline)
  *     -> done(arg, result): the best outcome over the gateways
  *        (DELIVERED > QUEUED > ... see msg.h).
  *
@@ -51,6 +52,7 @@ struct mg_router {
     mg_local_sink sink;
     mg_pool *pool;
     mg_transport *transports[MG_PATH_COUNT];
+    mg_route_lists routes;
     mg_hot *hot;
     size_t max_inflight;
     atomic_size_t inflight;
@@ -80,6 +82,10 @@ mg_router *mg_router_create(const mg_router_config *cfg, mg_presence *presence, 
     r->sink = *sink;
     r->pool = store_pool;
     r->transports[MG_PATH_LOCAL] = mg_transport_local_create(sink, cfg->dedupe_window);
+    if (cfg->routes)
+        r->routes = *cfg->routes;
+    else
+        mg_route_lists_parse(NULL, NULL, &r->routes, NULL, 0); /* the defaults always parse */
     r->hot = mg_hot_create(cfg->hot_window_seconds, cfg->hot_threshold, cfg->hot_capacity);
     r->max_inflight = cfg->max_inflight;
     atomic_init(&r->inflight, 0);
@@ -118,7 +124,7 @@ mg_router *mg_router_create(const mg_router_config *cfg, mg_presence *presence, 
 
 void mg_router_set_transport(mg_router *r, mg_path path, mg_transport *t)
 {
-    if (path <= MG_PATH_LOCAL || path >= MG_PATH_COUNT)
+    if (path <= MG_PATH_LOCAL || path >= MG_PATH_COUNT || path == MG_PATH_INBOX)
         return;
     mg_transport_free(r->transports[path]);
     r->transports[path] = t;
@@ -189,7 +195,8 @@ typedef struct route_op {
     mg_router *r;
     mg_msg *msg;
     int64_t deadline, start_us;
-    bool queue_mode; /* from the Kafka consumer: never Kafka again */
+    bool queue_mode; /* from a queue consumer: never a queue path again */
+    bool to_inbox;   /* a plan reached its inbox step (under mu) */
     bool hot;
     int round; /* 0: first resolution; 1: after a NOT_CONNECTED */
     int presence_rc;
@@ -555,6 +562,12 @@ static void attempt_next(attempt *a)
     char reason[160] = "";
     while (a->step < a->nplan) {
         mg_path p = a->plan[a->step];
+        if (p == MG_PATH_INBOX) { /* nothing before it reached the gateway */
+            pthread_mutex_lock(&op->mu);
+            op->to_inbox = true;
+            pthread_mutex_unlock(&op->mu);
+            break;
+        }
         mg_transport *t = r->transports[p];
         if (t && collect(a, t))
             return; /* batch_flush starts it */
@@ -596,8 +609,8 @@ static void attempt_done(void *arg, const mg_deliver_outcome *out)
     }
     const char *why = out->reason[0] ? out->reason : "delivery failed";
     bool more = a->step + 1 < a->nplan;
-    if (p == MG_PATH_GRPC)
-        mg_log_warn("router", "grpc delivery failed peer=%s msg_id=%s reason=%s%s",
+    if (p != MG_PATH_KAFKA) /* librdkafka reports broker trouble itself */
+        mg_log_warn("router", "%s delivery failed peer=%s msg_id=%s reason=%s%s", mg_path_name(p),
                     a->target.gateway_id, op->msg->id, why, more ? ", falling back" : "");
     if (more) {
         pthread_mutex_lock(&op->mu);
@@ -629,9 +642,13 @@ static void attempt_start(route_op *op, const char *gateway_id, const char *regi
             .target_gateway = gateway_id,
             .target_region = region,
             .hot = op->hot,
-            .grpc_usable = usable(r, MG_PATH_GRPC, &a->target),
-            .kafka_usable = !op->queue_mode && usable(r, MG_PATH_KAFKA, &a->target),
+            .usable = 1u << MG_PATH_INBOX,
+            .lists = &r->routes,
         };
+        for (int p = MG_PATH_GRPC; p < MG_PATH_COUNT; p++)
+            if (!(op->queue_mode && mg_path_is_queue((mg_path)p)) &&
+                usable(r, (mg_path)p, &a->target))
+                in.usable |= 1u << p;
         a->nplan = mg_route_plan(&in, a->plan);
     }
     atomic_fetch_add(&op->pending, 1);
@@ -696,7 +713,7 @@ static void op_settle(route_op *op)
         start_lookup(op);
         return;
     }
-    if (!reached(&op->res) && op->res.status != MG_STATUS_FAILED) {
+    if (!reached(&op->res) && (op->res.status != MG_STATUS_FAILED || op->to_inbox)) {
         store_step(op, r->inbox->ops->nonblocking, store_run, store_job, "inbox write");
         return;
     }
