@@ -194,6 +194,10 @@ int mg_config_validate(const mg_config *cfg, char *err, size_t errlen)
         FAIL("--presence: want memory or redis-cluster, got '%s'", cfg->presence);
     if (!strcmp(cfg->presence, "redis-cluster") && !cfg->redis_nodes[0])
         FAIL("--presence redis-cluster needs --redis-nodes");
+    if (cfg->redis_pubsub && !cfg->redis_nodes[0])
+        FAIL("--redis-pubsub needs --redis-nodes");
+    if (cfg->redis_pubsub_timeout_ms < 1 || cfg->redis_pubsub_max_bytes < 256)
+        FAIL("--redis-pubsub-timeout-ms must be >= 1 and --redis-pubsub-max-bytes >= 256");
     if (strcmp(cfg->discovery, "none") && strcmp(cfg->discovery, "consul"))
         FAIL("--discovery: want none or consul, got '%s'", cfg->discovery);
     if (strcmp(cfg->log_level, "debug") && strcmp(cfg->log_level, "info") &&

@@ -18,6 +18,7 @@
 #include "router/router.h"
 #include "router/transport_grpc.h"
 #include "router/transport_kafka.h"
+#include "router/transport_redis_pubsub.h"
 
 #include <arpa/inet.h>
 #include <stddef.h>
@@ -38,12 +39,31 @@ struct mg_gateway {
     mg_redis_cluster *redis; /* shared by the Redis presence and inbox */
     mg_peers *peers;
     mg_consul *consul;
-    mg_transport *kafka; /* owned by the router; kept to stop its consumer */
+    mg_transport *kafka;  /* owned by the router; kept to stop its consumer */
+    mg_transport *pubsub; /* owned by the router; kept to unsubscribe */
     char *advertise;
     bool stopped;
 };
 
 static void register_redis_metrics(mg_gateway *gw, bool on);
+
+/* The Redis Cluster client shared by presence, inbox and the Pub/Sub bus. */
+static int connect_redis(mg_gateway *gw, const char *what, char *err, size_t errlen)
+{
+    const mg_config *cfg = gw->cfg;
+    if (gw->redis)
+        return 0;
+    char why[400] = "";
+    gw->redis =
+        mg_redis_cluster_create(cfg->redis_nodes, cfg->redis_user[0] ? cfg->redis_user : NULL,
+                                cfg->redis_password, (int)cfg->redis_timeout_ms, why, sizeof(why));
+    if (!gw->redis) {
+        snprintf(err, errlen, "%s: %s", what, why);
+        return -EHOSTUNREACH;
+    }
+    register_redis_metrics(gw, true);
+    return 0;
+}
 
 static int make_stores(mg_gateway *gw, mg_presence **presence, mg_inbox **inbox, char *err,
                        size_t errlen)
@@ -57,14 +77,9 @@ static int make_stores(mg_gateway *gw, mg_presence **presence, mg_inbox **inbox,
         mg_log_info("gateway", "presence=memory inbox=memory (single gateway, nothing shared)");
         return 0;
     }
-    char why[400] = "";
-    gw->redis =
-        mg_redis_cluster_create(cfg->redis_nodes, cfg->redis_user[0] ? cfg->redis_user : NULL,
-                                cfg->redis_password, (int)cfg->redis_timeout_ms, why, sizeof(why));
-    if (!gw->redis) {
-        snprintf(err, errlen, "presence store: %s", why);
-        return -EHOSTUNREACH;
-    }
+    int rc = connect_redis(gw, "presence store", err, errlen);
+    if (rc != 0)
+        return rc;
     *presence =
         mg_presence_redis_create(gw->redis, cfg->id, cfg->region, (int)cfg->presence_lease_seconds);
     *inbox =
@@ -76,13 +91,34 @@ static int make_stores(mg_gateway *gw, mg_presence **presence, mg_inbox **inbox,
                             : "--inbox-max-messages must be at least 1");
         return -EIO;
     }
-    register_redis_metrics(gw, true);
     mg_log_info("gateway", "presence=redis-cluster nodes=%s lease_seconds=%lld", cfg->redis_nodes,
                 (long long)cfg->presence_lease_seconds);
     return 0;
 }
 
-/* Peer transports: gRPC direct (needs discovery) and Kafka (needs brokers). */
+/* The Redis Pub/Sub bus: subscribed before the gateway says it is ready. */
+static int make_pubsub(mg_gateway *gw, char *err, size_t errlen)
+{
+    const mg_config *cfg = gw->cfg;
+    int rc = connect_redis(gw, "redis-pubsub", err, errlen);
+    if (rc != 0)
+        return rc;
+    mg_transport_redis_pubsub_config pcfg = {
+        .gateway_id = cfg->id,
+        .cluster = gw->redis,
+        .user = cfg->redis_user,
+        .password = cfg->redis_password,
+        .timeout_ms = (int)cfg->redis_pubsub_timeout_ms,
+        .max_bytes = (size_t)cfg->redis_pubsub_max_bytes,
+        .refresh_pool = gw->pool,
+    };
+    gw->pubsub = mg_transport_redis_pubsub_create(&pcfg);
+    mg_router_set_transport(gw->router, MG_PATH_REDIS_PUBSUB, gw->pubsub);
+    return mg_transport_redis_pubsub_start(gw->pubsub, gw->router, err, errlen);
+}
+
+/* Peer transports: gRPC direct (needs discovery), Kafka (needs brokers) and
+ * Redis Pub/Sub (--redis-pubsub). */
 static int make_transports(mg_gateway *gw, char *err, size_t errlen)
 {
     const mg_config *cfg = gw->cfg;
@@ -131,6 +167,8 @@ static int make_transports(mg_gateway *gw, char *err, size_t errlen)
             return rc;
         }
     }
+    if (cfg->redis_pubsub)
+        return make_pubsub(gw, err, errlen);
     return 0;
 }
 
@@ -326,6 +364,8 @@ void mg_gateway_stop(mg_gateway *gw)
         mg_ws_server_stop(gw->ws);
     if (gw->kafka)
         mg_transport_kafka_stop(gw->kafka, 5000); /* commit handled offsets, flush */
+    if (gw->pubsub)
+        mg_transport_redis_pubsub_stop(gw->pubsub); /* unsubscribe; waits go the next step */
     if (gw->router)
         mg_router_drain(gw->router, 35000); /* operations in flight need the pool */
     mg_pool_free(gw->pool);                 /* runs the jobs still queued */
