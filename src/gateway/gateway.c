@@ -111,6 +111,7 @@ static int make_pubsub(mg_gateway *gw, char *err, size_t errlen)
         .timeout_ms = (int)cfg->redis_pubsub_timeout_ms,
         .max_bytes = (size_t)cfg->redis_pubsub_max_bytes,
         .refresh_pool = gw->pool,
+        .peers = gw->peers,
     };
     gw->pubsub = mg_transport_redis_pubsub_create(&pcfg);
     mg_router_set_transport(gw->router, MG_PATH_REDIS_PUBSUB, gw->pubsub);
@@ -224,6 +225,9 @@ static int start_discovery(mg_gateway *gw, char *err, size_t errlen)
     gw->advertise = cfg->advertise_addr[0] ? mg_xstrdup(cfg->advertise_addr) : host;
     if (gw->advertise != host)
         free(host);
+    char buses[96]; /* what this gateway consumes, for senders choosing a bus */
+    snprintf(buses, sizeof(buses), "grpc%s%s", cfg->kafka_brokers[0] ? ",kafka" : "",
+             cfg->redis_pubsub ? ",redis-pubsub" : "");
     mg_consul_config ccfg = {
         .addr = cfg->consul_addr,
         .token = cfg->consul_token,
@@ -232,6 +236,7 @@ static int start_discovery(mg_gateway *gw, char *err, size_t errlen)
         .gateway_id = cfg->id,
         .region = cfg->region,
         .version = MG_VERSION,
+        .buses = buses,
         .advertise_addr = gw->advertise,
         .grpc_port = mg_grpc_server_port(gw->grpc),
         .ws_port = mg_ws_server_port(gw->ws),

@@ -107,6 +107,7 @@ struct trp {
     unsigned slot;
     mg_redis_cluster *rc;
     mg_pool *pool;
+    mg_peers *peers;
     int timeout_ms;
     size_t max_bytes, max_pending;
     mg_router *router;
@@ -1011,8 +1012,16 @@ static void *io_main(void *arg)
 static bool trp_available(mg_transport *base, const mg_route_target *target)
 {
     trp *t = (trp *)base;
-    return !atomic_load(&t->stopped) && atomic_load(&t->subscribed) &&
-           atomic_load(&t->npending) < t->max_pending;
+    if (atomic_load(&t->stopped) || !atomic_load(&t->subscribed) ||
+        atomic_load(&t->npending) >= t->max_pending)
+        return false;
+    if (!t->peers)
+        return true;
+    mg_peer_set *s = mg_peers_acquire(t->peers);
+    const mg_peer *p = mg_peer_set_find(s, target->gateway_id);
+    bool consumes = !p || mg_peer_consumes(p, "redis-pubsub");
+    mg_peer_set_release(s);
+    return consumes;
 }
 
 static int trp_deliver(mg_transport *base, const mg_route_target *target, const mg_msg *msg,
@@ -1141,6 +1150,7 @@ mg_transport *mg_transport_redis_pubsub_create(const mg_transport_redis_pubsub_c
     t->password = cfg->password && cfg->password[0] ? mg_xstrdup(cfg->password) : NULL;
     t->rc = cfg->cluster;
     t->pool = cfg->refresh_pool;
+    t->peers = cfg->peers;
     t->timeout_ms = cfg->timeout_ms > 0 ? cfg->timeout_ms : 500;
     t->max_bytes = cfg->max_bytes ? cfg->max_bytes : 1 << 20;
     t->max_pending = cfg->max_pending ? cfg->max_pending : 65536;

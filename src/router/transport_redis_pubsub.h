@@ -51,6 +51,7 @@
 #define MG_TRANSPORT_REDIS_PUBSUB_H
 
 #include "common/mg_pool.h"
+#include "discovery/peers.h"
 #include "router/router.h"
 #include "router/transport.h"
 #include "store/redis_cluster.h"
@@ -67,6 +68,8 @@ typedef struct mg_transport_redis_pubsub_config {
     size_t max_bytes;            /* largest envelope sent or accepted; 0: 1 MiB */
     size_t max_pending;          /* messages in flight; beyond: deliver -EAGAIN; 0: 65536 */
     mg_pool *refresh_pool;       /* runs slot map reloads; NULL: on the I/O thread */
+    mg_peers *peers; /* discovery: a target advertising buses without redis-pubsub is not
+                      * available (mixed fleets); NULL or a target not listed: try it */
 } mg_transport_redis_pubsub_config;
 
 /* Creates the transport and its I/O thread (not subscribed yet). Never NULL. */

@@ -37,32 +37,44 @@
 
 static char tag[32];
 
-static mg_gw *spawn(const char *who, const char *max_bytes)
+/* A gateway of region eu on the bus; more: further NULL-terminated flags
+ * (later ones win). */
+static mg_gw *spawn_with(const char *who, const char *max_bytes, const char *const *more)
 {
     char id[64];
     snprintf(id, sizeof(id), "%s-%s", tag, who);
-    const char *args[] = {"--presence",
-                          "redis-cluster",
-                          "--redis-nodes",
-                          mg_test_require_env("MESHGATE_TEST_REDIS_NODES"),
-                          "--redis-pubsub",
-                          "true",
-                          "--redis-pubsub-max-bytes",
-                          max_bytes ? max_bytes : "1048576",
-                          "--near-route",
-                          "redis-pubsub,inbox",
-                          "--region",
-                          "eu",
-                          "--log-level",
-                          "info",
-                          "--outbound-queue", /* bob's inbox replay after the failover */
-                          "2048",
-                          "--inbox-max-messages", /* keeps every message of the run */
-                          "5000",
-                          NULL};
+    const char *args[40] = {"--presence",
+                            "redis-cluster",
+                            "--redis-nodes",
+                            mg_test_require_env("MESHGATE_TEST_REDIS_NODES"),
+                            "--redis-pubsub",
+                            "true",
+                            "--redis-pubsub-max-bytes",
+                            max_bytes ? max_bytes : "1048576",
+                            "--near-route",
+                            "redis-pubsub,inbox",
+                            "--region",
+                            "eu",
+                            "--log-level",
+                            "info",
+                            "--outbound-queue", /* bob's inbox replay after the failover */
+                            "2048",
+                            "--inbox-max-messages", /* keeps every message of the run */
+                            "5000",
+                            NULL};
+    size_t n = 0;
+    while (args[n])
+        n++;
+    for (size_t i = 0; more && more[i] && n < 39; i++)
+        args[n++] = more[i];
     mg_gw *gw = mg_gw_spawn(id, args);
     cr_assert_not_null(gw, "gateway %s did not become ready", id);
     return gw;
+}
+
+static mg_gw *spawn(const char *who, const char *max_bytes)
+{
+    return spawn_with(who, max_bytes, NULL);
 }
 
 /* The value of a /metrics sample `name{labels}` (0 when absent). */
@@ -525,4 +537,80 @@ Test(redis_pubsub, an_unreachable_cluster_at_start_is_a_clear_error)
     cr_expect_neq(gw->exit_status, 0);
     cr_expect(mg_gw_log_contains(gw, "--redis-pubsub needs --redis-nodes"));
     mg_gw_free(gw);
+}
+
+/* ---- mixed fleets ----------------------------------------------------------------- */
+
+static bool peers_show(const mg_gw *gw, const char *peer, const char *buses)
+{
+    char *body = NULL;
+    bool yes = false;
+    if (mg_http_get(gw->ws_port, "/peers", &body) == 200 && body) {
+        json_t *j = json_loads(body, 0, NULL);
+        size_t i;
+        json_t *e;
+        json_array_foreach(json_object_get(j, "peers"), i, e)
+        {
+            const char *id = json_string_value(json_object_get(e, "id"));
+            const char *b = json_string_value(json_object_get(e, "buses"));
+            if (id && b && !strcmp(id, peer) && !strcmp(b, buses))
+                yes = true;
+        }
+        json_decref(j);
+    }
+    free(body);
+    return yes;
+}
+
+Test(redis_pubsub, a_sender_takes_the_bus_only_to_gateways_that_consume_it)
+{
+    snprintf(tag, sizeof(tag), "rm%d", (int)getpid());
+    char svc[64], bid[64], cid[64];
+    snprintf(svc, sizeof(svc), "meshgate-%s", tag);
+    snprintf(bid, sizeof(bid), "%s-b", tag);
+    snprintf(cid, sizeof(cid), "%s-c", tag);
+    const char *consul[14] = {"--discovery",
+                              "consul",
+                              "--consul-addr",
+                              mg_test_require_env("MESHGATE_TEST_CONSUL"),
+                              "--consul-service",
+                              svc,
+                              "--consul-check-interval-seconds",
+                              "1",
+                              "--near-route",
+                              "redis-pubsub,grpc,inbox",
+                              NULL};
+    mg_gw *a = spawn_with("a", NULL, consul), *b = spawn_with("b", NULL, consul);
+    consul[10] = "--redis-pubsub"; /* c stays off the bus */
+    consul[11] = "false";
+    mg_gw *c = spawn_with("c", NULL, consul);
+    cr_assert(mg_gw_wait_peer(a, bid, 20000) && mg_gw_wait_peer(a, cid, 20000), "a lists b and c");
+    cr_expect(peers_show(a, bid, "grpc,redis-pubsub"), "b advertises the bus");
+    cr_expect(peers_show(a, cid, "grpc"), "c does not");
+
+    mg_grpc_client *cli = mg_grpc_client_create(a->grpc_addr, NULL);
+    user *bob = user_new("bob", b), *carol = user_new("carol", c);
+    cr_assert(bus_ready(cli, bob), "to b: redis-pubsub");
+    sent s = {0};
+    for (int i = 0; i < 100 && s.status != ST_DELIVERED; i++) { /* carol's presence lands */
+        char id[64];
+        snprintf(id, sizeof(id), "rm-carol-%d", i);
+        s = send_msg(cli, carol->name, id, 1);
+        if (s.status != ST_DELIVERED)
+            usleep(100 * 1000);
+    }
+    cr_expect_eq(s.status, ST_DELIVERED, "%s", s.reason);
+    cr_expect_eq(s.path, MESHGATE__V1__PATH__PATH_GRPC, "to c: the bus is skipped, gRPC direct");
+    cr_expect_eq(
+        metric(a, "meshgate_bus_failed_total{bus=\"redis-pubsub\",reason=\"no_subscriber\"}"), 0,
+        "c's channel was never tried");
+
+    user_free(bob);
+    user_free(carol);
+    mg_grpc_client_free(cli);
+    mg_gw *all[] = {a, b, c};
+    for (int i = 0; i < 3; i++) {
+        cr_expect_eq(mg_gw_stop(all[i]), 0, "%s exits cleanly", all[i]->name);
+        mg_gw_free(all[i]);
+    }
 }
