@@ -138,8 +138,8 @@ struct trp {
     int resub_ms, owner_mismatch;
     int64_t sub_since_us, last_pong_us, last_refresh_us;
 
-    mg_metric *sent, *received, *receipt_lat, *resubscribes, *bad_undecodable, *bad_oversized,
-        *late_receipts;
+    mg_metric *sent, *received, *receipt_lat, *local_lat, *resubscribes, *bad_undecodable,
+        *bad_oversized, *late_receipts;
     mg_metric *failed_no_sub, *failed_timeout, *failed_error, *failed_overload, *failed_stopping;
 };
 
@@ -291,9 +291,9 @@ static void finish(pend *p, const mg_deliver_outcome *out)
     pend_free(p);
 }
 
-static void finish_fail(pend *p, mg_metric *m, bool not_connected, const char *fmt, ...)
+static void finish_fail(pend *p, mg_metric *m, const char *fmt, ...)
 {
-    mg_deliver_outcome out = {.status = MG_STATUS_FAILED, .not_connected = not_connected};
+    mg_deliver_outcome out = {.status = MG_STATUS_FAILED};
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(out.reason, sizeof(out.reason), fmt, ap);
@@ -307,10 +307,10 @@ static void on_timeout(struct ev_loop *loop, ev_timer *w, int revents)
 {
     pend *p = w->data;
     if (p->published)
-        finish_fail(p, p->t->failed_timeout, false,
+        finish_fail(p, p->t->failed_timeout,
                     "redis-pubsub: no receipt from gateway %s within the wait", p->target);
     else
-        finish_fail(p, p->t->failed_timeout, false, "redis-pubsub: no reply from Redis in time");
+        finish_fail(p, p->t->failed_timeout, "redis-pubsub: no reply from Redis in time");
 }
 
 /* ---- topology ------------------------------------------------------------ */
@@ -586,7 +586,7 @@ static void conn_close(rconn *c, const char *why)
             p = mg_map_get(t->pending, key);
         }
         if (p && !p->published)
-            finish_fail(p, t->failed_error, false, "redis-pubsub: %s: %s", c->addr, why);
+            finish_fail(p, t->failed_error, "redis-pubsub: %s: %s", c->addr, why);
     }
     request_refresh(t);
 }
@@ -624,7 +624,7 @@ static void publish(trp *t, pend *p, const char *addr)
     if (!c) {
         request_refresh(t);
         if (p->done)
-            finish_fail(p, t->failed_error, false, "redis-pubsub: %s: %s",
+            finish_fail(p, t->failed_error, "redis-pubsub: %s: %s",
                         addr[0] ? addr : "no master known for the channel's slot", strerror(-rc));
         else
             pend_free(p);
@@ -657,8 +657,8 @@ static void pub_reply(rconn *c, const expect *e, redisReply *r)
     if (r->type == REDIS_REPLY_INTEGER) {
         if (r->integer == 0) {
             request_refresh(t); /* gone, or our map names a demoted master */
-            finish_fail(p, t->failed_no_sub, false,
-                        "redis-pubsub: no subscriber on gateway %s's channel", p->target);
+            finish_fail(p, t->failed_no_sub, "redis-pubsub: no subscriber on gateway %s's channel",
+                        p->target);
             return;
         }
         mg_metric_add(t->sent, 1);
@@ -678,7 +678,7 @@ static void pub_reply(rconn *c, const expect *e, redisReply *r)
         publish(t, p, addr);
         return;
     }
-    finish_fail(p, t->failed_error, false, "redis-pubsub: %s: %s", c->addr,
+    finish_fail(p, t->failed_error, "redis-pubsub: %s: %s", c->addr,
                 r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
 }
 
@@ -689,6 +689,7 @@ typedef struct rx {
     char *origin, *id, *to;
     uint64_t seq;
     bool want; /* HIGH: the sender waits for the receipt */
+    int64_t start_us;
 } rx;
 
 static void rx_free(rx *x)
@@ -704,6 +705,7 @@ static void rx_free(rx *x)
 static void rx_done(void *arg, const mg_deliver_outcome *out)
 {
     rx *x = arg;
+    mg_histogram_observe_us(x->t->local_lat, mg_mono_us() - x->start_us);
     if (!x->want) {
         rx_free(x);
         return;
@@ -742,7 +744,9 @@ static void on_message(trp *t, const uint8_t *data, size_t len)
             return;
         }
         rx *x = mg_new(rx);
-        *x = (rx){t, origin, mg_xstrdup(msg->id), mg_xstrdup(msg->to), seq, flags & FLAG_WANT};
+        *x = (rx){
+            t,           origin, mg_xstrdup(msg->id), mg_xstrdup(msg->to), seq, flags & FLAG_WANT,
+            mg_mono_us()};
         int rc = mg_router_deliver_local(t->router, msg, rx_done, x);
         if (rc != 0) {
             mg_deliver_outcome out = {.status = MG_STATUS_FAILED};
@@ -761,10 +765,13 @@ static void on_message(trp *t, const uint8_t *data, size_t len)
         char *id = get_str(&r), *to = get_str(&r);
         char key[24];
         snprintf(key, sizeof(key), "%llx", (unsigned long long)seq);
+        /* The receipt may come before SPUBLISH's own reply (the receiver's
+         * answer went through another shard): it ends the wait either way,
+         * and the reply then finds nothing. */
         pend *p = r.bad ? NULL : mg_map_get(t->pending, key);
         if (r.bad) {
             mg_metric_add(t->bad_undecodable, 1);
-        } else if (!p || !p->published || strcmp(p->id, id) || strcmp(p->to, to)) {
+        } else if (!p || strcmp(p->id, id) || strcmp(p->to, to)) {
             mg_metric_add(t->late_receipts, 1); /* its wait ended, or not ours */
         } else {
             out.not_connected = flags & FLAG_NOTCONN;
@@ -954,7 +961,7 @@ static void io_stop(trp *t)
     while (mg_map_next(t->pending, &it, &key, &v) && k < n)
         all[k++] = v;
     for (size_t i = 0; i < k; i++)
-        finish_fail(all[i], t->failed_stopping, false, "redis-pubsub: gateway stopping");
+        finish_fail(all[i], t->failed_stopping, "redis-pubsub: gateway stopping");
     free(all);
     pthread_mutex_lock(&t->mu);
     t->stop_acked = true;
@@ -992,7 +999,7 @@ static void on_wake(struct ev_loop *loop, ev_async *w, int revents)
         mg_map_put(t->pending, p->key, p);
         ev_timer_start(loop, &p->timer);
         if (t->io_stopped)
-            finish_fail(p, t->failed_stopping, false, "redis-pubsub: gateway stopping");
+            finish_fail(p, t->failed_stopping, "redis-pubsub: gateway stopping");
         else
             publish(t, p, NULL);
     }
@@ -1164,6 +1171,8 @@ mg_transport *mg_transport_redis_pubsub_create(const mg_transport_redis_pubsub_c
     t->received = mg_counter("meshgate_bus_received_total", "Payloads received on a bus", LABEL);
     t->receipt_lat = mg_histogram("meshgate_bus_receipt_seconds",
                                   "Send to the target gateway's receipt (HIGH), by bus", LABEL);
+    t->local_lat = mg_histogram("meshgate_bus_local_delivery_seconds",
+                                "A received message to its local outcome (written), by bus", LABEL);
     t->resubscribes = mg_counter("meshgate_bus_resubscribes_total",
                                  "Subscriptions opened again (failover, resharding, loss)", LABEL);
     t->late_receipts = mg_counter("meshgate_bus_late_receipts_total",

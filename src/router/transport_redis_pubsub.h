@@ -44,7 +44,7 @@
  *
  * Metrics (label bus="redis-pubsub"): meshgate_bus_sent_total,
  * meshgate_bus_failed_total{reason}, meshgate_bus_receipt_seconds,
- * meshgate_bus_pending, meshgate_bus_received_total,
+ * meshgate_bus_pending, meshgate_bus_received_total, meshgate_bus_local_delivery_seconds,
  * meshgate_bus_bad_payloads_total{reason}, meshgate_bus_resubscribes_total.
  */
 #ifndef MG_TRANSPORT_REDIS_PUBSUB_H

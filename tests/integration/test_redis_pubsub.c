@@ -249,6 +249,28 @@ static void pair_stop(pair *p)
     mg_gw_free(p->b);
 }
 
+/* A burst of HIGH sends from several threads at once. */
+typedef struct burst {
+    mg_grpc_client *cli;
+    const char *to;
+    int thread, delivered_by_bus;
+} burst;
+
+#define BURST_THREADS 8
+#define BURST_EACH    250
+
+static void *burst_main(void *arg)
+{
+    burst *b = arg;
+    for (int i = 0; i < BURST_EACH; i++) {
+        char id[64];
+        snprintf(id, sizeof(id), "burst-%d-%d", b->thread, i);
+        sent s = send_msg(b->cli, b->to, id, 1);
+        b->delivered_by_bus += s.status == ST_DELIVERED && s.path == P_PUBSUB;
+    }
+    return NULL;
+}
+
 TestSuite(redis_pubsub, .timeout = 240);
 
 Test(redis_pubsub, high_is_delivered_by_receipt_low_accepted_and_a_dead_target_falls_through)
@@ -273,6 +295,25 @@ Test(redis_pubsub, high_is_delivered_by_receipt_low_accepted_and_a_dead_target_f
     cr_expect_geq(metric(b, "meshgate_bus_received_total{bus=\"redis-pubsub\"}"), 2);
     cr_expect_eq(metric(a, "meshgate_messages_total{path=\"redis-pubsub\",status=\"accepted\"}"),
                  1);
+
+    /* many at once: a receipt that overtakes its SPUBLISH's reply (the two
+     * channels live on different shards) still ends the wait */
+    burst bs[BURST_THREADS];
+    pthread_t th[BURST_THREADS];
+    for (int i = 0; i < BURST_THREADS; i++) {
+        bs[i] = (burst){cli, bob->name, i, 0};
+        pthread_create(&th[i], NULL, burst_main, &bs[i]);
+    }
+    int by_bus = 0;
+    for (int i = 0; i < BURST_THREADS; i++) {
+        pthread_join(th[i], NULL);
+        by_bus += bs[i].delivered_by_bus;
+    }
+    cr_expect_eq(by_bus, BURST_THREADS * BURST_EACH,
+                 "every HIGH of the burst DELIVERED by the bus");
+    cr_expect_eq(metric(a, "meshgate_bus_late_receipts_total{bus=\"redis-pubsub\"}"), 0);
+    cr_expect_eq(metric(a, "meshgate_bus_failed_total{bus=\"redis-pubsub\",reason=\"timeout\"}"),
+                 0);
 
     /* b dies; presence still lists bob there (its lease), nobody listens */
     user_disconnect(bob);
