@@ -173,6 +173,16 @@ static int make_transports(mg_gateway *gw, char *err, size_t errlen)
     return 0;
 }
 
+/* A route list set by hand may name a path this gateway has no transport
+ * for (the same lists across a fleet): it is skipped; say so once. */
+static void warn_unconfigured(mg_gateway *gw, const char *option, const mg_route_list *l)
+{
+    for (size_t i = 0; i < l->n; i++)
+        if (!mg_router_has_path(gw->router, l->step[i]))
+            mg_log_warn("gateway", "--%s names %s, which is not configured here: skipped", option,
+                        mg_path_name(l->step[i]));
+}
+
 static double redis_stat(mg_gateway *gw, size_t offset)
 {
     mg_redis_cluster_stats st;
@@ -294,6 +304,10 @@ int mg_gateway_start(const mg_config *cfg, mg_gateway **out, char *err, size_t e
     mg_ws_server_set_http_hook(gw->ws, "/peers", render_peers, gw);
     if ((rc = make_transports(gw, err, errlen)) != 0)
         goto fail;
+    if (strcmp(cfg->near_route, MG_NEAR_ROUTE_DEFAULT))
+        warn_unconfigured(gw, "near-route", &routes.near_route);
+    if (strcmp(cfg->far_route, MG_FAR_ROUTE_DEFAULT))
+        warn_unconfigured(gw, "far-route", &routes.far_route);
 
     mg_grpc_server_config gcfg = {
         .listen = cfg->grpc_listen,

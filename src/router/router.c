@@ -130,6 +130,12 @@ void mg_router_set_transport(mg_router *r, mg_path path, mg_transport *t)
     r->transports[path] = t;
 }
 
+bool mg_router_has_path(mg_router *r, mg_path path)
+{
+    return path == MG_PATH_INBOX ||
+           (path > MG_PATH_NONE && path < MG_PATH_COUNT && r->transports[path]);
+}
+
 size_t mg_router_drain(mg_router *r, int timeout_ms)
 {
     int64_t end = mg_mono_ms() + timeout_ms;

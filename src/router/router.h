@@ -56,6 +56,8 @@ mg_router *mg_router_create(const mg_router_config *cfg, mg_presence *presence, 
  * (ownership passes; replaces and frees a previous one). A route list step
  * whose path has no transport is skipped. Call before traffic starts. */
 void mg_router_set_transport(mg_router *r, mg_path path, mg_transport *t);
+/* Whether a transport is installed for path (local and inbox always are). */
+bool mg_router_has_path(mg_router *r, mg_path path);
 /* Waits (polling, up to timeout_ms) until no operation is in flight: for
  * shutdown, after the ingresses stopped and before the store pool goes.
  * Returns the number still in flight. */
