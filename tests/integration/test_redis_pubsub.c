@@ -15,6 +15,7 @@
 #include "common/mg_time.h"
 #include "router/transport_redis_pubsub.h"
 #include "store/redis_cluster.h"
+#include "store/test_redis_util.h"
 #include "support/grpc_client.h"
 #include "support/mg_test.h"
 #include "support/ws_client.h"
@@ -271,7 +272,27 @@ static void *burst_main(void *arg)
     return NULL;
 }
 
-TestSuite(redis_pubsub, .timeout = 240);
+/* The cluster is shared: the failover holds the chaos lock of the store
+ * tests exclusively, the others shared (tests/store/test_redis_util.h). */
+static int lock_fd = -1;
+
+static void lock_shared(void)
+{
+    lock_fd = tr_lock(0);
+}
+
+static void lock_exclusive(void)
+{
+    lock_fd = tr_lock(1);
+}
+
+static void unlock(void)
+{
+    tr_unlock(lock_fd);
+}
+
+TestSuite(redis_pubsub, .init = lock_shared, .fini = unlock, .timeout = 240);
+TestSuite(redis_pubsub_failover, .init = lock_exclusive, .fini = unlock, .timeout = 240);
 
 Test(redis_pubsub, high_is_delivered_by_receipt_low_accepted_and_a_dead_target_falls_through)
 {
@@ -477,7 +498,7 @@ static void *traffic_main(void *arg)
     return NULL;
 }
 
-Test(redis_pubsub, failover_of_the_channel_shard_loses_nothing_accepted)
+Test(redis_pubsub_failover, the_channel_shard_fails_over_and_nothing_accepted_is_lost)
 {
     pair p = {0};
     pair_start(&p, "rf", NULL);

@@ -13,6 +13,7 @@
 #include "store/inbox.h"
 #include "store/presence.h"
 #include "store/redis_cluster.h"
+#include "store/test_redis_util.h"
 #include "support/mg_test.h"
 #include "support/mg_wait.h"
 
@@ -48,6 +49,7 @@ typedef struct side {
 
 static mg_redis_cluster *rc;
 static side A, B;
+static int lock_fd = -1; /* shared: no failover or resharding meanwhile */
 
 static void side_start(side *s, const char *who, size_t max_bytes)
 {
@@ -68,6 +70,7 @@ static void side_start(side *s, const char *who, size_t max_bytes)
 static void setup(void)
 {
     char why[256];
+    lock_fd = tr_lock(0);
     rc = mg_redis_cluster_create(mg_test_require_env("MESHGATE_TEST_REDIS_NODES"), NULL, NULL, 2000,
                                  why, sizeof(why));
     cr_assert_not_null(rc, "%s", why);
@@ -82,6 +85,7 @@ static void teardown(void)
     mg_router_free(B.router);
     mg_redis_cluster_free(rc);
     mg_metrics_shutdown();
+    tr_unlock(lock_fd);
 }
 
 TestSuite(transport_redis_pubsub, .init = setup, .fini = teardown, .timeout = 60);
