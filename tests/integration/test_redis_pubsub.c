@@ -498,6 +498,37 @@ static void *traffic_main(void *arg)
     return NULL;
 }
 
+/* Every message of tr answered DELIVERED or STORED reaches u: live, or
+ * from the inbox on a new connection to gw. Prints the counts; returns how
+ * many never arrived. */
+static int check_accepted(traffic *tr, user *u, const mg_gw *gw, const char *what)
+{
+    int n = atomic_load(&tr->sent);
+    cr_expect_eq(n, FAILOVER_MSGS, "the traffic ran to its end");
+    usleep(500 * 1000);
+    user_disconnect(u);
+    user_connect(u, gw);
+    int delivered = 0, stored = 0, other = 0, missing = 0, by_bus = 0;
+    for (int i = 0; i < n; i++) {
+        char id[64];
+        snprintf(id, sizeof(id), "fo-%d", i);
+        delivered += tr->status[i] == ST_DELIVERED;
+        stored += tr->status[i] == ST_STORED;
+        other += tr->status[i] != ST_DELIVERED && tr->status[i] != ST_STORED;
+        by_bus += tr->path[i] == P_PUBSUB;
+        if ((tr->status[i] == ST_DELIVERED || tr->status[i] == ST_STORED) &&
+            !user_got(u, id, missing ? 0 : 10000)) {
+            missing++;
+            cr_expect(false, "%s answered %d by path %d never reached %s", id, tr->status[i],
+                      tr->path[i], u->name);
+        }
+    }
+    printf("%s: %d sent, %d delivered (%d by redis-pubsub), %d stored, %d other (not accepted), "
+           "%d lost\n",
+           what, n, delivered, by_bus, stored, other, missing);
+    return missing;
+}
+
 Test(redis_pubsub_failover, the_channel_shard_fails_over_and_nothing_accepted_is_lost)
 {
     pair p = {0};
@@ -521,7 +552,6 @@ Test(redis_pubsub_failover, the_channel_shard_fails_over_and_nothing_accepted_is
     bool moved = fail_over_to(replica);
     cr_expect(moved, "%s took over from %s", replica, master);
     pthread_join(th, NULL);
-    int n = atomic_load(&tr->sent);
 
     /* after the failover the bus carries messages again */
     bool again = false;
@@ -535,34 +565,10 @@ Test(redis_pubsub_failover, the_channel_shard_fails_over_and_nothing_accepted_is
     }
     cr_expect(again, "redis-pubsub delivers again after the failover");
 
-    /* every message answered DELIVERED or STORED reaches bob: live, or from
-     * the inbox on his next connection */
-    usleep(500 * 1000);
-    user_disconnect(bob);
-    user_connect(bob, b);
-    int delivered = 0, stored = 0, other = 0, missing = 0;
-    for (int i = 0; i < n; i++) {
-        char id[64];
-        snprintf(id, sizeof(id), "fo-%d", i);
-        if (tr->status[i] == ST_DELIVERED)
-            delivered++;
-        else if (tr->status[i] == ST_STORED)
-            stored++;
-        else
-            other++;
-        if ((tr->status[i] == ST_DELIVERED || tr->status[i] == ST_STORED) &&
-            !user_got(bob, id, missing ? 0 : 10000)) {
-            missing++;
-            cr_expect(false, "%s answered %d by path %d never reached bob", id, tr->status[i],
-                      tr->path[i]);
-        }
-    }
-    printf("failover: %d sent, %d delivered, %d stored, %d other (not accepted), %d lost; "
-           "b resubscribed %.0f times\n",
-           n, delivered, stored, other, missing,
+    int missing = check_accepted(tr, bob, b, "failover");
+    printf("failover: b resubscribed %.0f times\n",
            metric(b, "meshgate_bus_resubscribes_total{bus=\"redis-pubsub\"}"));
     cr_expect_eq(missing, 0);
-    cr_expect_eq(n, FAILOVER_MSGS, "the traffic ran to its end");
 
     /* give the shard back to its first master: others share the cluster */
     if (moved)
@@ -666,6 +672,34 @@ Test(redis_pubsub, a_sender_takes_the_bus_only_to_gateways_that_consume_it)
     cr_expect_eq(
         metric(a, "meshgate_bus_failed_total{bus=\"redis-pubsub\",reason=\"no_subscriber\"}"), 0,
         "c's channel was never tried");
+
+    /* migration: b leaves the bus under traffic (restarted without it) */
+    traffic *tr = calloc(1, sizeof(*tr));
+    tr->cli = cli;
+    tr->to = bob->name;
+    pthread_t th;
+    pthread_create(&th, NULL, traffic_main, tr);
+    while (atomic_load(&tr->sent) < FAILOVER_MSGS / 4)
+        usleep(10 * 1000);
+    user_disconnect(bob);
+    cr_expect_eq(mg_gw_stop(b), 0, "b exits cleanly");
+    mg_gw_free(b);
+    b = spawn_with("b", NULL, consul); /* now with --redis-pubsub false */
+    user_connect(bob, b);
+    pthread_join(th, NULL);
+    bool moved = false;
+    for (int i = 0; i < 200 && !moved; i++) {
+        moved = peers_show(a, bid, "grpc");
+        if (!moved)
+            usleep(100 * 1000);
+    }
+    cr_expect(moved, "a sees b's new buses");
+    s = send_msg(cli, bob->name, "rm-after", 1);
+    cr_expect_eq(s.path, MESHGATE__V1__PATH__PATH_GRPC, "b off the bus: gRPC direct (%s)",
+                 s.reason);
+    cr_expect_eq(check_accepted(tr, bob, b, "migration"), 0);
+    cr_expect_eq(tr->path[0], P_PUBSUB, "the first messages went by the bus");
+    free(tr);
 
     user_free(bob);
     user_free(carol);
