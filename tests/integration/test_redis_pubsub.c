@@ -498,6 +498,19 @@ static void *traffic_main(void *arg)
     return NULL;
 }
 
+/* Starts FAILOVER_MSGS HIGH sends to `to` on their own thread; returns once
+ * a quarter of them went. */
+static traffic *traffic_start(mg_grpc_client *cli, const char *to, pthread_t *th)
+{
+    traffic *tr = calloc(1, sizeof(*tr));
+    tr->cli = cli;
+    tr->to = to;
+    pthread_create(th, NULL, traffic_main, tr);
+    while (atomic_load(&tr->sent) < FAILOVER_MSGS / 4)
+        usleep(10 * 1000);
+    return tr;
+}
+
 /* Every message of tr answered DELIVERED or STORED reaches u: live, or
  * from the inbox on a new connection to gw. Prints the counts; returns how
  * many never arrived. */
@@ -542,13 +555,8 @@ Test(redis_pubsub_failover, the_channel_shard_fails_over_and_nothing_accepted_is
                                 sizeof(master));
     cr_assert(replica_of(master, replica, sizeof(replica)), "a replica of %s", master);
 
-    traffic *tr = calloc(1, sizeof(*tr));
-    tr->cli = cli;
-    tr->to = bob->name;
     pthread_t th;
-    pthread_create(&th, NULL, traffic_main, tr);
-    while (atomic_load(&tr->sent) < FAILOVER_MSGS / 4)
-        usleep(10 * 1000);
+    traffic *tr = traffic_start(cli, bob->name, &th);
     bool moved = fail_over_to(replica);
     cr_expect(moved, "%s took over from %s", replica, master);
     pthread_join(th, NULL);
@@ -674,13 +682,8 @@ Test(redis_pubsub, a_sender_takes_the_bus_only_to_gateways_that_consume_it)
         "c's channel was never tried");
 
     /* migration: b leaves the bus under traffic (restarted without it) */
-    traffic *tr = calloc(1, sizeof(*tr));
-    tr->cli = cli;
-    tr->to = bob->name;
     pthread_t th;
-    pthread_create(&th, NULL, traffic_main, tr);
-    while (atomic_load(&tr->sent) < FAILOVER_MSGS / 4)
-        usleep(10 * 1000);
+    traffic *tr = traffic_start(cli, bob->name, &th);
     user_disconnect(bob);
     cr_expect_eq(mg_gw_stop(b), 0, "b exits cleanly");
     mg_gw_free(b);
