@@ -793,7 +793,7 @@ static void on_message(trp *t, const uint8_t *data, size_t len)
 
 /* ---- the subscription ---------------------------------------------------- */
 
-static void sub_signal_state(trp *t, const char *err)
+static void sub_set_error(trp *t, const char *err)
 {
     pthread_mutex_lock(&t->mu);
     snprintf(t->sub_err, sizeof(t->sub_err), "%s", err);
@@ -834,7 +834,7 @@ static void sub_open(trp *t)
         return;
     }
     if (!addr[0]) {
-        sub_signal_state(t, "no master known for the channel's slot");
+        sub_set_error(t, "no master known for the channel's slot");
         request_refresh(t);
         sub_backoff(t);
         return;
@@ -844,7 +844,7 @@ static void sub_open(trp *t)
     if (rc != 0) {
         char why[160];
         snprintf(why, sizeof(why), "%s: %s", addr, strerror(-rc));
-        sub_signal_state(t, why);
+        sub_set_error(t, why);
         request_refresh(t);
         sub_backoff(t);
         return;
@@ -894,7 +894,7 @@ static void sub_reply(trp *t, redisReply *r)
         atomic_store(&t->subscribed, true);
         t->resub_ms = RESUB_MIN_MS;
         t->last_pong_us = mg_mono_us();
-        sub_signal_state(t, "");
+        sub_set_error(t, "");
         mg_log_info("redis-pubsub", "subscribed channel=%s node=%s", t->channel, c->addr);
     } else if (!strcasecmp(kind, "sunsubscribe")) {
         /* the server dropped us: the slot moved (resharding, failover) */

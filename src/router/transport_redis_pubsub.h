@@ -29,11 +29,15 @@
  * (meshgate_bus_bad_payloads_total{bus,reason}) and skipped; the
  * subscription keeps going.
  *
- * Topology: the slot map of the shared cluster client (redis_cluster.h);
- * MOVED on SPUBLISH retries once on the named node and reloads the map (on
- * the store pool); the subscription follows SUNSUBSCRIBE from the server,
- * MOVED, connection loss and a change of its slot's owner (checked every
- * second, with a PING) by subscribing again on the slot's master.
+ * Topology: the slot map of the shared cluster client (redis_cluster.h),
+ * reloaded on the store pool every 2 s and after MOVED, 0 receivers,
+ * SUNSUBSCRIBE or a lost connection (Redis 7.0 lets a demoted master take
+ * SSUBSCRIBE and SPUBLISH without MOVED, so a fresh map is what moves both
+ * ends after a failover). MOVED on SPUBLISH retries once on the named node.
+ * The subscription follows SUNSUBSCRIBE from the server, MOVED, connection
+ * loss and a change of its slot's owner (checked every second, with a PING)
+ * by subscribing again on the slot's master, not on the node that dropped
+ * it until the map names another (5 s at most).
  *
  * Threads: one I/O thread "redis-pubsub" runs a libev loop over
  * non-blocking connections (one per master it publishes to, one for the
