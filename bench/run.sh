@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/run.sh: meshgate benchmark scenarios (see BENCHMARKS.md).
 #
-#   bench/run.sh [all|idle|local|api|fanout|grpc|kafka|presence|presence-sync]... [--long]
+#   bench/run.sh [all|idle|local|api|fanout|grpc|kafka|pubsub|presence|presence-sync]... [--long]
 #
 # `make bench` = `bench/run.sh all` (short: under 3 minutes). --long gives the
 # real figures (100,000 idle connections, 30 s load phases, more rounds).
@@ -15,7 +15,8 @@
 #                  same load generator, for before/after pairs in one sitting
 #   BENCH_START_SERVICES=1   `all` starts tests/infra/services.sh when Redis/Kafka/Consul are down
 #                  (single grpc/kafka runs always do)
-#   IDLE_CONNS, LOCAL_PAIRS, LOCAL_WINDOW, FANOUT_USERS, GRPC_RATE, KAFKA_RATE, PHASE_SECONDS
+#   IDLE_CONNS, LOCAL_PAIRS, LOCAL_WINDOW, FANOUT_USERS, GRPC_RATE, KAFKA_RATE, PUBSUB_RATE,
+#                  PHASE_SECONDS
 #                  override the scenario sizes
 # Output: $BENCH_OUT/<run>.jsonl (one JSON line per measurement), <run>.md (table),
 #   <run>.png (latency percentiles per path), and latest.{jsonl,md,png}.
@@ -31,12 +32,12 @@ for a in "$@"; do
   case $a in
     --long) LONG=1 ;;
     -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
-    all|idle|local|api|fanout|grpc|kafka|presence|presence-sync) SCEN+=("$a") ;;
+    all|idle|local|api|fanout|grpc|kafka|pubsub|presence|presence-sync) SCEN+=("$a") ;;
     *) echo "run.sh: unknown argument $a" >&2; exit 2 ;;
   esac
 done
 [ ${#SCEN[@]} -eq 0 ] && SCEN=(all)
-[ "${SCEN[0]}" = all ] && { ALL=1; SCEN=(idle local api fanout grpc kafka presence presence-sync); } || ALL=0
+[ "${SCEN[0]}" = all ] && { ALL=1; SCEN=(idle local api fanout grpc kafka pubsub presence presence-sync); } || ALL=0
 
 log() { echo "[bench $(date +%T)] $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -214,12 +215,13 @@ probe_path() {
   out=$(timeout 60 "$LOAD" pairs --port "$PB" --send-port "$PA" --pairs 1 --window 1 --count 20 \
     --seconds 15 --warmup 0 --settle 2 --drain 10 --prefix "probe$1$$-" 2>/dev/null)
   echo "$out" >>"$OUT/$RUN.probe.jsonl"
-  local g k l d
+  local g k l d r
   g=$(sed -n 's/.*"ack_path_grpc":\([0-9]*\).*/\1/p' <<<"$out")
+  r=$(sed -n 's/.*"ack_path_redis_pubsub":\([0-9]*\).*/\1/p' <<<"$out")
   k=$(sed -n 's/.*"ack_path_kafka":\([0-9]*\).*/\1/p' <<<"$out")
   l=$(sed -n 's/.*"ack_path_local":\([0-9]*\).*/\1/p' <<<"$out")
   d=$(sed -n 's/.*"delivered":\([0-9]*\).*/\1/p' <<<"$out")
-  echo "grpc=${g:-0} kafka=${k:-0} local=${l:-0} delivered=${d:-0}"
+  echo "grpc=${g:-0} kafka=${k:-0} pubsub=${r:-0} local=${l:-0} delivered=${d:-0}"
 }
 
 sc_grpc() {
@@ -272,6 +274,33 @@ sc_kafka() {
   load $LOADB pairs --port "$PB" --send-port "$PA" --pairs 64 --window 8 --low --seconds "$SECS" \
     --warmup 2 --count 100000000 --drain 15 --gw-pid "$PIDA,$PIDB" --scenario kafka --path kafka \
     --label "kafka cold, flat out, priority low" --prefix kl$$- >/dev/null
+  stop_gws
+}
+
+# Redis Pub/Sub between two gateways of one region (HIGH: DELIVERED by the target's receipt)
+sc_pubsub() {
+  services_up || { skip pubsub "Redis Cluster/Consul not running (make services-up)"; return 0; }
+  two_gws r1 r1 --redis-pubsub true --near-route redis-pubsub,grpc \
+    || { skip pubsub "gateways did not start with --redis-pubsub"; stop_gws; return 0; }
+  local pr
+  pr=$(probe_path p)
+  log "pubsub probe: $pr"
+  local pp=${pr#*pubsub=}; pp=${pp%% *}
+  if [ "${pp:-0}" -lt 15 ] || [[ $pr != *"delivered=20"* ]]; then
+    skip pubsub "gateways do not route A->B by redis-pubsub (probe: $pr)"
+    stop_gws
+    return 0
+  fi
+  local rate=${PUBSUB_RATE:-5000}
+  load $LOADB pairs --port "$PB" --send-port "$PA" --pairs 64 --rate "$rate" --seconds "$SECS" \
+    --warmup 1 --count $((rate * (SECS + 2))) --gw-pid "$PIDA,$PIDB" --scenario pubsub \
+    --path redis-pubsub --label "redis-pubsub at $rate/s" --prefix pr$$- >/dev/null
+  load $LOADB pairs --port "$PB" --send-port "$PA" --pairs 64 --window 16 --seconds "$SECS" \
+    --warmup 1 --count 100000000 --gw-pid "$PIDA,$PIDB" --scenario pubsub --path redis-pubsub \
+    --label "redis-pubsub flat out" --prefix pf$$- >/dev/null
+  load $LOADB pairs --port "$PB" --send-port "$PA" --pairs 64 --window 16 --low --seconds "$SECS" \
+    --warmup 1 --count 100000000 --gw-pid "$PIDA,$PIDB" --scenario pubsub --path redis-pubsub \
+    --label "redis-pubsub flat out, priority low" --prefix pl$$- >/dev/null
   stop_gws
 }
 

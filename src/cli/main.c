@@ -8,6 +8,7 @@
 #include "cli/cli.h"
 #include "common/mg_alloc.h"
 #include "common/mg_grpc.h"
+#include "router/msg.h"
 
 #include "grpc/health/v1/health.pb-c.h"
 #include "meshgate/v1/messaging.pb-c.h"
@@ -58,8 +59,7 @@ static const char *status_name(int s)
 
 static const char *path_name(int p)
 {
-    static const char *const names[] = {"none", "local", "grpc", "kafka", "inbox"};
-    return p >= 0 && p <= 4 ? names[p] : "unknown";
+    return mg_path_name((mg_path)p); /* the proto's Path values are mg_path's */
 }
 
 static void print_result(const Meshgate__V1__RecipientResult *r)

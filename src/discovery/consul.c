@@ -92,6 +92,7 @@ mg_consul *mg_consul_create(const mg_consul_config *cfg, mg_peers *peers)
     c->cfg.gateway_id = dup_or_empty(cfg->gateway_id);
     c->cfg.region = dup_or_empty(cfg->region);
     c->cfg.version = dup_or_empty(cfg->version);
+    c->cfg.buses = dup_or_empty(cfg->buses && cfg->buses[0] ? cfg->buses : "grpc");
     c->cfg.advertise_addr = dup_or_empty(cfg->advertise_addr);
     c->peers = peers;
     atomic_init(&c->stop, false);
@@ -424,6 +425,7 @@ void mg_consul_free(mg_consul *c)
     free((char *)c->cfg.gateway_id);
     free((char *)c->cfg.region);
     free((char *)c->cfg.version);
+    free((char *)c->cfg.buses);
     free((char *)c->cfg.advertise_addr);
     free(c->reg_json);
     free(c->reg_path);

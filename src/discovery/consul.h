@@ -1,7 +1,7 @@
 /* consul.h: registration with Consul and the watcher of healthy peers.
  *
  * mg_consul_start registers service `service` (ID = gateway id, address and
- * gRPC port, meta region/ws_port/version, tags) with a Consul GRPC check on
+ * gRPC port, meta region/ws_port/version/buses, tags) with a Consul GRPC check on
  * grpc.health.v1.Health and DeregisterCriticalServiceAfter, then starts the
  * watcher thread ("consul-watch") that follows
  * /v1/health/service/<service>?passing with blocking queries and feeds the
@@ -26,6 +26,7 @@ typedef struct mg_consul_config {
     const char *service; /* "meshgate" */
     const char *tags;    /* comma-separated */
     const char *gateway_id, *region, *version;
+    const char *buses;          /* meta "buses": the paths this gateway consumes, "grpc,kafka" */
     const char *advertise_addr; /* host peers dial */
     int grpc_port, ws_port;
     /* The gRPC listener is TLS (--grpc-tls-cert): Consul's agent cannot

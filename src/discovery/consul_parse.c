@@ -70,6 +70,7 @@ int mg_consul__parse_health(const char *body, size_t len, mg_peer **out, size_t 
             e->address = mg_xasprintf("%s:%d", host, (int)p);
         e->region = mg_xstrdup(str_or(meta, "region", ""));
         e->version = mg_xstrdup(str_or(meta, "version", ""));
+        e->buses = mg_xstrdup(str_or(meta, "buses", ""));
         e->ws_port = meta_port(meta);
         e->channel = NULL;
     }
@@ -86,6 +87,7 @@ void mg_consul__peers_free(mg_peer *peers, size_t n)
         free(peers[i].address);
         free(peers[i].region);
         free(peers[i].version);
+        free(peers[i].buses);
     }
     free(peers);
 }
@@ -135,10 +137,11 @@ char *mg_consul__registration_json(const mg_consul_config *cfg)
         json_object_set_new(check, "GRPCUseTLS", json_false());
     }
     json_t *root =
-        json_pack("{s:s, s:s, s:s, s:i, s:o, s:{s:s, s:s, s:s}, s:o}", "ID", cfg->gateway_id,
+        json_pack("{s:s, s:s, s:s, s:i, s:o, s:{s:s, s:s, s:s, s:s}, s:o}", "ID", cfg->gateway_id,
                   "Name", cfg->service, "Address", host, "Port", cfg->grpc_port, "Tags", tags,
                   "Meta", "region", cfg->region ? cfg->region : "", "ws_port", ws, "version",
-                  cfg->version ? cfg->version : "", "Check", check);
+                  cfg->version ? cfg->version : "", "buses", cfg->buses ? cfg->buses : "grpc", "Check",
+                  check);
     free(check_name);
     free(target);
     if (!root)

@@ -109,6 +109,7 @@ static void node_release(struct node *n)
         free(n->peer.address);
         free(n->peer.region);
         free(n->peer.version);
+        free(n->peer.buses);
         free(n);
     }
 }
@@ -338,7 +339,8 @@ void mg_peers_update(mg_peers *p, const mg_peer *peers, size_t n)
         struct node *pn = (struct node *)prev;
         struct node *nd;
         if (prev && streq(prev->address, in->address) && streq(prev->region, in->region) &&
-            streq(prev->version, in->version) && prev->ws_port == in->ws_port) {
+            streq(prev->version, in->version) && streq(prev->buses, in->buses) &&
+            prev->ws_port == in->ws_port) {
             nd = pn; /* unchanged: share the node */
             atomic_fetch_add(&nd->refs, 1);
         } else {
@@ -348,6 +350,7 @@ void mg_peers_update(mg_peers *p, const mg_peer *peers, size_t n)
             nd->peer.address = mg_xstrdup(in->address);
             nd->peer.region = mg_xstrdup(in->region ? in->region : "");
             nd->peer.version = mg_xstrdup(in->version ? in->version : "");
+            nd->peer.buses = mg_xstrdup(in->buses ? in->buses : "");
             nd->peer.ws_port = in->ws_port;
             if (prev && streq(prev->address, in->address)) {
                 nd->chan = pn->chan; /* same address: keep the channel */
@@ -412,6 +415,32 @@ static const char *state_name(grpc_connectivity_state st)
     return "UNKNOWN";
 }
 
+bool mg_peer_consumes(const mg_peer *peer, const char *bus)
+{
+    const char *list = peer->buses && peer->buses[0] ? peer->buses : "grpc,kafka";
+    size_t n = strlen(bus);
+    for (const char *p = list; *p;) {
+        size_t len = strcspn(p, ",");
+        if (len == n && !strncmp(p, bus, n))
+            return true;
+        p += len + (p[len] == ',');
+    }
+    return false;
+}
+
+bool mg_peers_region_consumes(mg_peers *p, const char *region, const char *bus)
+{
+    mg_peer_set *s = mg_peers_acquire(p);
+    bool all = true;
+    for (size_t i = 0; i < s->n && all; i++) {
+        const mg_peer *e = &s->nodes[i]->peer;
+        if (region && !strcmp(e->region, region))
+            all = mg_peer_consumes(e, bus);
+    }
+    mg_peer_set_release(s);
+    return all;
+}
+
 char *mg_peers_render_json(mg_peers *p)
 {
     mg_peer_set *s = mg_peers_acquire(p);
@@ -419,10 +448,10 @@ char *mg_peers_render_json(mg_peers *p)
     for (size_t i = 0; i < s->n; i++) {
         const mg_peer *e = &s->nodes[i]->peer;
         json_array_append_new(
-            arr,
-            json_pack("{s:s, s:s, s:s, s:i, s:s, s:s}", "id", e->id, "address", e->address,
-                      "region", e->region, "ws_port", e->ws_port, "version", e->version, "channel",
-                      state_name(grpc_channel_check_connectivity_state(e->channel, 0))));
+            arr, json_pack("{s:s, s:s, s:s, s:i, s:s, s:s, s:s}", "id", e->id, "address",
+                           e->address, "region", e->region, "ws_port", e->ws_port, "version",
+                           e->version, "buses", e->buses[0] ? e->buses : "grpc,kafka", "channel",
+                           state_name(grpc_channel_check_connectivity_state(e->channel, 0))));
     }
     json_t *root =
         json_pack("{s:s, s:I, s:I, s:o}", "self", p->self_id, "age_ms",

@@ -13,6 +13,7 @@
 #define MG_PEERS_H
 
 #include <grpc/grpc.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -21,6 +22,7 @@ typedef struct mg_peer {
     char *address; /* host:port of its gRPC listener */
     char *region;
     char *version; /* Consul meta "version", "" when absent */
+    char *buses; /* Consul meta "buses": paths it consumes, "grpc,kafka,redis-pubsub"; "" absent */
     int ws_port;
     grpc_channel *channel; /* owned by the peer; valid while a reference is held */
 } mg_peer;
@@ -55,12 +57,20 @@ void mg_peers_update(mg_peers *p, const mg_peer *peers, size_t n);
 int64_t mg_peers_age_ms(mg_peers *p);
 void mg_peers_mark_fresh(mg_peers *p);
 
+/* Whether the peer consumes bus (a path name: grpc, kafka, redis-pubsub,
+ * nats), by its "buses" meta; a peer without it (an older gateway) consumes
+ * grpc and kafka. */
+bool mg_peer_consumes(const mg_peer *peer, const char *bus);
+/* Whether every known peer of region consumes bus (true when none is known):
+ * a region-wide bus is usable only when all of the region takes it. */
+bool mg_peers_region_consumes(mg_peers *p, const char *region, const char *bus);
+
 /* 1 when addr is host:port (hostname, IPv4, or [IPv6]; port 1..65535). */
 int mg_peers_valid_address(const char *addr);
 
 /* The table as JSON for the admin view GET /peers and `meshgate-cli peers`:
  * {"self":..,"age_ms":..,"count":..,"peers":[{"id","address","region",
- * "ws_port","version","channel"}]}. Returns a malloc'd string the caller
+ * "ws_port","version","buses","channel"}]}. Returns a malloc'd string the caller
  * frees with free(). */
 char *mg_peers_render_json(mg_peers *p);
 

@@ -1,6 +1,7 @@
 /* config.c: parsing the one configuration table (see config.h). */
 #include "gateway/config.h"
 #include "common/mg_alloc.h"
+#include "router/route_policy.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -198,6 +199,10 @@ int mg_config_validate(const mg_config *cfg, char *err, size_t errlen)
         FAIL("--presence redis-sentinel needs --sentinel-nodes");
     if (!strcmp(cfg->presence, "redis-sentinel") && !cfg->sentinel_master[0])
         FAIL("--presence redis-sentinel needs --sentinel-master");
+    if (cfg->redis_pubsub && !cfg->redis_nodes[0])
+        FAIL("--redis-pubsub needs --redis-nodes");
+    if (cfg->redis_pubsub_timeout_ms < 1 || cfg->redis_pubsub_max_bytes < 256)
+        FAIL("--redis-pubsub-timeout-ms must be >= 1 and --redis-pubsub-max-bytes >= 256");
     if (strcmp(cfg->discovery, "none") && strcmp(cfg->discovery, "consul"))
         FAIL("--discovery: want none or consul, got '%s'", cfg->discovery);
     if (strcmp(cfg->log_level, "debug") && strcmp(cfg->log_level, "info") &&
@@ -232,6 +237,9 @@ int mg_config_validate(const mg_config *cfg, char *err, size_t errlen)
     if (!!cfg->jwt_secret[0] + !!cfg->jwt_public_key_file[0] + !!cfg->jwks_url[0] > 1)
         FAIL("--jwt-secret, --jwt-public-key-file and --jwks-url are exclusive: pick one key "
              "source");
+    mg_route_lists routes;
+    if (mg_route_lists_parse(cfg->near_route, cfg->far_route, &routes, err, errlen))
+        return -EINVAL;
     if (cfg->jwks_refresh_seconds < 1 || cfg->jwks_min_refetch_seconds < 1)
         FAIL("--jwks-refresh-seconds and --jwks-min-refetch-seconds must be at least 1");
     return 0;

@@ -185,6 +185,21 @@
       "10", "calls", "calls needed before a peer can be degraded")                                 \
     X(INT, peer_probe_interval_ms, "peer-probe-interval-ms", "MESHGATE_PEER_PROBE_INTERVAL_MS",    \
       "2000", "ms", "one probe call per interval while a peer is degraded")                        \
+    X(BOOL, redis_pubsub, "redis-pubsub", "MESHGATE_REDIS_PUBSUB", "false", "",                    \
+      "the Redis Pub/Sub bus (path redis-pubsub): subscribe to this gateway's channel "            \
+      "meshgate:gw:{id} on the Redis Cluster of --redis-nodes (SSUBSCRIBE) and publish to peers'") \
+    X(INT, redis_pubsub_timeout_ms, "redis-pubsub-timeout-ms", "MESHGATE_REDIS_PUBSUB_TIMEOUT_MS", \
+      "500", "ms",                                                                                 \
+      "how long a HIGH send over redis-pubsub waits for the target gateway's receipt (then the "   \
+      "route list's next step)")                                                                   \
+    X(INT, redis_pubsub_max_bytes, "redis-pubsub-max-bytes", "MESHGATE_REDIS_PUBSUB_MAX_BYTES",    \
+      "1048576", "bytes",                                                                          \
+      "largest redis-pubsub payload sent or accepted (larger: skipped, counted)")                  \
+    X(STR, near_route, "near-route", "MESHGATE_NEAR_ROUTE", "grpc,kafka", "path,...",              \
+      "paths tried in order to a gateway of this region (grpc, kafka, redis-pubsub, nats; inbox "  \
+      "last: store when none delivered); a path not configured or not usable is skipped")          \
+    X(STR, far_route, "far-route", "MESHGATE_FAR_ROUTE", "kafka,grpc", "path,...",                 \
+      "paths tried in order to a gateway of another region; a hot pair tries grpc first")          \
     X(STR, kafka_brokers, "kafka-brokers", "MESHGATE_KAFKA_BROKERS", "", "host:port,...",          \
       "Kafka bootstrap servers (empty: no Kafka path)")                                            \
     X(STR, kafka_topic_prefix, "kafka-topic-prefix", "MESHGATE_KAFKA_TOPIC_PREFIX",                \

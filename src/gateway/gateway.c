@@ -19,6 +19,7 @@
 #include "store/presence_sync.h"
 #include "router/transport_grpc.h"
 #include "router/transport_kafka.h"
+#include "router/transport_redis_pubsub.h"
 
 #include <arpa/inet.h>
 #include <stddef.h>
@@ -39,8 +40,9 @@ struct mg_gateway {
     mg_redis_cluster *redis; /* shared by the Redis presence and inbox */
     mg_peers *peers;
     mg_consul *consul;
-    mg_transport *kafka; /* owned by the router; kept to stop its consumer */
-    mg_presence *sync;   /* --presence-sync: the router's presence store, kept to stop it */
+    mg_transport *kafka;  /* owned by the router; kept to stop its consumer */
+    mg_transport *pubsub; /* owned by the router; kept to unsubscribe */
+    mg_presence *sync;    /* --presence-sync: the router's presence store, kept to stop it */
     char *advertise;
     bool stopped;
 };
@@ -56,6 +58,28 @@ static void handover_inbox(void *arg, const char *user, const char *region)
                     n);
 }
 
+/* The Redis Cluster client shared by presence, inbox and the Pub/Sub bus. */
+static int connect_redis(mg_gateway *gw, const char *what, char *err, size_t errlen)
+{
+    const mg_config *cfg = gw->cfg;
+    if (gw->redis)
+        return 0;
+    char why[400] = "";
+    const char *user = cfg->redis_user[0] ? cfg->redis_user : NULL;
+    gw->redis = !strcmp(cfg->presence, "redis-sentinel")
+                    ? mg_redis_sentinel_create(cfg->sentinel_nodes, cfg->sentinel_master, user,
+                                               cfg->redis_password, (int)cfg->redis_timeout_ms, why,
+                                               sizeof(why))
+                    : mg_redis_cluster_create(cfg->redis_nodes, user, cfg->redis_password,
+                                              (int)cfg->redis_timeout_ms, why, sizeof(why));
+    if (!gw->redis) {
+        snprintf(err, errlen, "%s: %s", what, why);
+        return -EHOSTUNREACH;
+    }
+    register_redis_metrics(gw, true);
+    return 0;
+}
+
 static int make_stores(mg_gateway *gw, mg_presence **presence, mg_inbox **inbox, char *err,
                        size_t errlen)
 {
@@ -68,18 +92,10 @@ static int make_stores(mg_gateway *gw, mg_presence **presence, mg_inbox **inbox,
         mg_log_info("gateway", "presence=memory inbox=memory (single gateway, nothing shared)");
         return 0;
     }
-    char why[400] = "";
-    const char *user = cfg->redis_user[0] ? cfg->redis_user : NULL;
+    int rc = connect_redis(gw, "presence store", err, errlen);
+    if (rc != 0)
+        return rc;
     bool sentinel = !strcmp(cfg->presence, "redis-sentinel");
-    gw->redis = sentinel ? mg_redis_sentinel_create(cfg->sentinel_nodes, cfg->sentinel_master, user,
-                                                    cfg->redis_password, (int)cfg->redis_timeout_ms,
-                                                    why, sizeof(why))
-                         : mg_redis_cluster_create(cfg->redis_nodes, user, cfg->redis_password,
-                                                   (int)cfg->redis_timeout_ms, why, sizeof(why));
-    if (!gw->redis) {
-        snprintf(err, errlen, "presence store: %s", why);
-        return -EHOSTUNREACH;
-    }
     *presence =
         mg_presence_redis_create(gw->redis, cfg->id, cfg->region, (int)cfg->presence_lease_seconds);
     *inbox =
@@ -91,7 +107,6 @@ static int make_stores(mg_gateway *gw, mg_presence **presence, mg_inbox **inbox,
                             : "--inbox-max-messages must be at least 1");
         return -EIO;
     }
-    register_redis_metrics(gw, true);
     mg_log_info("gateway", "presence=%s nodes=%s lease_seconds=%lld", cfg->presence,
                 sentinel ? cfg->sentinel_nodes : cfg->redis_nodes,
                 (long long)cfg->presence_lease_seconds);
@@ -113,7 +128,30 @@ static int make_stores(mg_gateway *gw, mg_presence **presence, mg_inbox **inbox,
     return 0;
 }
 
-/* Peer transports: gRPC direct (needs discovery) and Kafka (needs brokers). */
+/* The Redis Pub/Sub bus: subscribed before the gateway says it is ready. */
+static int make_pubsub(mg_gateway *gw, char *err, size_t errlen)
+{
+    const mg_config *cfg = gw->cfg;
+    int rc = connect_redis(gw, "redis-pubsub", err, errlen);
+    if (rc != 0)
+        return rc;
+    mg_transport_redis_pubsub_config pcfg = {
+        .gateway_id = cfg->id,
+        .cluster = gw->redis,
+        .user = cfg->redis_user,
+        .password = cfg->redis_password,
+        .timeout_ms = (int)cfg->redis_pubsub_timeout_ms,
+        .max_bytes = (size_t)cfg->redis_pubsub_max_bytes,
+        .refresh_pool = gw->pool,
+        .peers = gw->peers,
+    };
+    gw->pubsub = mg_transport_redis_pubsub_create(&pcfg);
+    mg_router_set_transport(gw->router, MG_PATH_REDIS_PUBSUB, gw->pubsub);
+    return mg_transport_redis_pubsub_start(gw->pubsub, gw->router, err, errlen);
+}
+
+/* Peer transports: gRPC direct (needs discovery), Kafka (needs brokers) and
+ * Redis Pub/Sub (--redis-pubsub). */
 static int make_transports(mg_gateway *gw, char *err, size_t errlen)
 {
     const mg_config *cfg = gw->cfg;
@@ -162,7 +200,19 @@ static int make_transports(mg_gateway *gw, char *err, size_t errlen)
             return rc;
         }
     }
+    if (cfg->redis_pubsub)
+        return make_pubsub(gw, err, errlen);
     return 0;
+}
+
+/* A route list set by hand may name a path this gateway has no transport
+ * for (the same lists across a fleet): it is skipped; say so once. */
+static void warn_unconfigured(mg_gateway *gw, const char *option, const mg_route_list *l)
+{
+    for (size_t i = 0; i < l->n; i++)
+        if (!mg_router_has_path(gw->router, l->step[i]))
+            mg_log_warn("gateway", "--%s names %s, which is not configured here: skipped", option,
+                        mg_path_name(l->step[i]));
 }
 
 static double redis_stat(mg_gateway *gw, size_t offset)
@@ -217,6 +267,9 @@ static int start_discovery(mg_gateway *gw, char *err, size_t errlen)
     gw->advertise = cfg->advertise_addr[0] ? mg_xstrdup(cfg->advertise_addr) : host;
     if (gw->advertise != host)
         free(host);
+    char buses[96]; /* what this gateway consumes, for senders choosing a bus */
+    snprintf(buses, sizeof(buses), "grpc%s%s", cfg->kafka_brokers[0] ? ",kafka" : "",
+             cfg->redis_pubsub ? ",redis-pubsub" : "");
     mg_consul_config ccfg = {
         .addr = cfg->consul_addr,
         .token = cfg->consul_token,
@@ -225,6 +278,7 @@ static int start_discovery(mg_gateway *gw, char *err, size_t errlen)
         .gateway_id = cfg->id,
         .region = cfg->region,
         .version = MG_VERSION,
+        .buses = buses,
         .advertise_addr = gw->advertise,
         .grpc_port = mg_grpc_server_port(gw->grpc),
         .ws_port = mg_ws_server_port(gw->ws),
@@ -262,6 +316,9 @@ int mg_gateway_start(const mg_config *cfg, mg_gateway **out, char *err, size_t e
     }
     if ((rc = make_stores(gw, &presence, &inbox, err, errlen)) != 0)
         goto fail;
+    mg_route_lists routes;
+    if ((rc = mg_route_lists_parse(cfg->near_route, cfg->far_route, &routes, err, errlen)) != 0)
+        goto fail;
     mg_router_config rcfg = {
         .gateway_id = cfg->id,
         .region = cfg->region,
@@ -272,6 +329,7 @@ int mg_gateway_start(const mg_config *cfg, mg_gateway **out, char *err, size_t e
         .max_inflight = (size_t)cfg->max_inflight_sends,
         /* half the connection's queue: room for live messages next to the inbox */
         .inbox_page = cfg->outbound_queue > 1 ? (size_t)cfg->outbound_queue / 2 : 1,
+        .routes = &routes,
     };
     mg_local_sink sink = mg_ws_server_sink(gw->ws);
     gw->router = mg_router_create(&rcfg, presence, inbox, &sink, gw->pool);
@@ -287,6 +345,10 @@ int mg_gateway_start(const mg_config *cfg, mg_gateway **out, char *err, size_t e
     }
     if ((rc = make_transports(gw, err, errlen)) != 0)
         goto fail;
+    if (strcmp(cfg->near_route, MG_NEAR_ROUTE_DEFAULT))
+        warn_unconfigured(gw, "near-route", &routes.near_route);
+    if (strcmp(cfg->far_route, MG_FAR_ROUTE_DEFAULT))
+        warn_unconfigured(gw, "far-route", &routes.far_route);
 
     mg_grpc_server_config gcfg = {
         .listen = cfg->grpc_listen,
@@ -315,8 +377,10 @@ int mg_gateway_start(const mg_config *cfg, mg_gateway **out, char *err, size_t e
     if ((rc = start_discovery(gw, err, errlen)) != 0)
         goto fail;
     mg_ws_server_set_ready(gw->ws, true);
-    mg_log_info("gateway", "ready id=%s region=%s ws=%s grpc=%s version=%s", cfg->id, cfg->region,
-                cfg->ws_listen, cfg->grpc_listen, MG_VERSION);
+    mg_log_info("gateway",
+                "ready id=%s region=%s ws=%s grpc=%s near_route=%s far_route=%s version=%s",
+                cfg->id, cfg->region, cfg->ws_listen, cfg->grpc_listen, cfg->near_route,
+                cfg->far_route, MG_VERSION);
     *out = gw;
     return 0;
 
@@ -362,6 +426,8 @@ void mg_gateway_stop(mg_gateway *gw)
         mg_transport_kafka_stop(gw->kafka, 5000); /* commit handled offsets, flush */
     if (gw->sync)
         mg_presence_sync_stop(gw->sync); /* no new inbox hand-over */
+    if (gw->pubsub)
+        mg_transport_redis_pubsub_stop(gw->pubsub); /* unsubscribe; waits go the next step */
     if (gw->router)
         mg_router_drain(gw->router, 35000); /* operations in flight need the pool */
     mg_pool_free(gw->pool);                 /* runs the jobs still queued */

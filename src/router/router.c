@@ -6,12 +6,13 @@
  *
  *   lookup (store pool job, or inline when presence is in memory)
  *     -> one attempt per recipient gateway, all in parallel; each walks
- *        its plan (route_policy.h: local | grpc then kafka | kafka),
- *        starting the next transport from the completion of the failed one
+ *        its plan (route_policy.h: local, or the near or far route list),
+ *        starting the next transport from the completion of the failed one;
+ *        a plan that reaches its `inbox` step asks for the inbox
  *     -> when the last attempt completed: a gateway that answered
  *        NOT_CONNECTED and nothing reached -> resolve once more (one more
- *        round); nothing reached and nothing failed -> inbox (store pool
- *        job, or inline)
+ *        round); nothing reached and nothing failed (or a plan asked for
+ *        it) -> inbox (store pool job, or inline)
  *     -> done(arg, result): the best outcome over the gateways
  *        (DELIVERED > QUEUED > ... see msg.h).
  *
@@ -53,6 +54,7 @@ struct mg_router {
     mg_local_sink sink;
     mg_pool *pool;
     mg_transport *transports[MG_PATH_COUNT];
+    mg_route_lists routes;
     mg_hot *hot;
     size_t max_inflight;
     atomic_size_t inflight;
@@ -86,6 +88,10 @@ mg_router *mg_router_create(const mg_router_config *cfg, mg_presence *presence, 
     r->sink = *sink;
     r->pool = store_pool;
     r->transports[MG_PATH_LOCAL] = mg_transport_local_create(sink, cfg->dedupe_window);
+    if (cfg->routes)
+        r->routes = *cfg->routes;
+    else
+        mg_route_lists_parse(NULL, NULL, &r->routes, NULL, 0); /* the defaults always parse */
     r->hot = mg_hot_create(cfg->hot_window_seconds, cfg->hot_threshold, cfg->hot_capacity);
     r->max_inflight = cfg->max_inflight;
     atomic_init(&r->inflight, 0);
@@ -131,10 +137,16 @@ mg_router *mg_router_create(const mg_router_config *cfg, mg_presence *presence, 
 
 void mg_router_set_transport(mg_router *r, mg_path path, mg_transport *t)
 {
-    if (path <= MG_PATH_LOCAL || path >= MG_PATH_COUNT)
+    if (path <= MG_PATH_LOCAL || path >= MG_PATH_COUNT || path == MG_PATH_INBOX)
         return;
     mg_transport_free(r->transports[path]);
     r->transports[path] = t;
+}
+
+bool mg_router_has_path(mg_router *r, mg_path path)
+{
+    return path == MG_PATH_INBOX ||
+           (path > MG_PATH_NONE && path < MG_PATH_COUNT && r->transports[path]);
 }
 
 size_t mg_router_drain(mg_router *r, int timeout_ms)
@@ -212,7 +224,8 @@ typedef struct route_op {
     mg_router *r;
     mg_msg *msg;
     int64_t deadline, start_us;
-    bool queue_mode; /* from the Kafka consumer: never Kafka again */
+    bool queue_mode; /* from a queue consumer: never a queue path again */
+    bool to_inbox;   /* a plan reached its inbox step (under mu) */
     bool hot;
     bool home_tried; /* handed to the region of the user's inbox (presence_sync.h) */
     int round;       /* 0: first resolution; 1: after a NOT_CONNECTED */
@@ -579,6 +592,12 @@ static void attempt_next(attempt *a)
     char reason[160] = "";
     while (a->step < a->nplan) {
         mg_path p = a->plan[a->step];
+        if (p == MG_PATH_INBOX) { /* nothing before it reached the gateway */
+            pthread_mutex_lock(&op->mu);
+            op->to_inbox = true;
+            pthread_mutex_unlock(&op->mu);
+            break;
+        }
         mg_transport *t = r->transports[p];
         if (t && collect(a, t))
             return; /* batch_flush starts it */
@@ -620,8 +639,8 @@ static void attempt_done(void *arg, const mg_deliver_outcome *out)
     }
     const char *why = out->reason[0] ? out->reason : "delivery failed";
     bool more = a->step + 1 < a->nplan;
-    if (p == MG_PATH_GRPC)
-        mg_log_warn("router", "grpc delivery failed peer=%s msg_id=%s reason=%s%s",
+    if (p != MG_PATH_KAFKA) /* librdkafka reports broker trouble itself */
+        mg_log_warn("router", "%s delivery failed peer=%s msg_id=%s reason=%s%s", mg_path_name(p),
                     a->target.gateway_id, op->msg->id, why, more ? ", falling back" : "");
     if (more) {
         pthread_mutex_lock(&op->mu);
@@ -653,9 +672,13 @@ static void attempt_start(route_op *op, const char *gateway_id, const char *regi
             .target_gateway = gateway_id,
             .target_region = region,
             .hot = op->hot,
-            .grpc_usable = usable(r, MG_PATH_GRPC, &a->target),
-            .kafka_usable = !op->queue_mode && usable(r, MG_PATH_KAFKA, &a->target),
+            .usable = 1u << MG_PATH_INBOX,
+            .lists = &r->routes,
         };
+        for (int p = MG_PATH_GRPC; p < MG_PATH_COUNT; p++)
+            if (!(op->queue_mode && mg_path_is_queue((mg_path)p)) &&
+                usable(r, (mg_path)p, &a->target))
+                in.usable |= 1u << p;
         a->nplan = mg_route_plan(&in, a->plan);
     }
     atomic_fetch_add(&op->pending, 1);
@@ -700,8 +723,9 @@ static void op_route(route_op *op)
 
 /* Nothing reached the user and their inbox lives in another region (the
  * multi-region view says they were last seen there): hand the message to
- * that region's bus; its gateway delivers it there or stores it in that
- * region's inbox. Returns false when there is no such region or no bus. */
+ * that region's queue bus (the far route's first: kafka or nats); its
+ * gateway delivers it there or stores it in that region's inbox. Returns
+ * false when there is no such region or no usable queue bus. */
 static bool start_home_handoff(route_op *op)
 {
     mg_router *r = op->r;
@@ -711,13 +735,16 @@ static bool start_home_handoff(route_op *op)
     attempt *a = mg_new(attempt);
     a->op = op;
     a->target = (mg_route_target){"", home}; /* home lives in op->conns until the op ends */
-    if (!usable(r, MG_PATH_KAFKA, &a->target)) {
+    /* the far route's first queue bus that can take it (kafka, nats) */
+    const mg_route_list *far = &r->routes.far_route;
+    for (size_t i = 0; i < far->n && a->nplan == 0; i++)
+        if (mg_path_is_queue(far->step[i]) && usable(r, far->step[i], &a->target))
+            a->plan[a->nplan++] = far->step[i];
+    if (a->nplan == 0) {
         free(a);
         return false;
     }
     op->home_tried = true;
-    a->plan[0] = MG_PATH_KAFKA;
-    a->nplan = 1;
     atomic_store(&op->pending, 1); /* this attempt; its end settles the op again */
     attempt_next(a);
     return true;
@@ -745,7 +772,7 @@ static void op_settle(route_op *op)
         start_lookup(op);
         return;
     }
-    if (!reached(&op->res) && op->res.status != MG_STATUS_FAILED) {
+    if (!reached(&op->res) && (op->res.status != MG_STATUS_FAILED || op->to_inbox)) {
         if (start_home_handoff(op))
             return;
         store_step(op, r->inbox->ops->nonblocking, store_run, store_job, "inbox write");

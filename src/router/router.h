@@ -22,6 +22,7 @@
 
 #include "store/inbox.h"
 #include "router/msg.h"
+#include "router/route_policy.h"
 #include "store/presence.h"
 #include "router/transport.h"
 #include "common/mg_pool.h"
@@ -40,6 +41,9 @@ typedef struct mg_router_config {
     /* Recipients being routed at once (a batch counts each); beyond it a
      * send is refused with -EAGAIN. 0: unbounded. */
     size_t max_inflight;
+    /* The near and far route lists (route_policy.h; copied). NULL: the
+     * defaults, today's grpc,kafka / kafka,grpc. */
+    const mg_route_lists *routes;
     /* Inbox messages a connecting user is sent before acking any: the rest
      * follow as acks come (keep it under the connection's queue). 0: 100. */
     size_t inbox_page;
@@ -51,9 +55,12 @@ typedef struct mg_router_config {
  * not owned; NULL only when presence and inbox never block). */
 mg_router *mg_router_create(const mg_router_config *cfg, mg_presence *presence, mg_inbox *inbox,
                             const mg_local_sink *sink, mg_pool *store_pool);
-/* Installs the grpc or kafka transport (ownership passes; replaces and frees
- * a previous one). Call before traffic starts. */
+/* Installs the transport of a peer path: grpc, kafka, redis-pubsub, nats
+ * (ownership passes; replaces and frees a previous one). A route list step
+ * whose path has no transport is skipped. Call before traffic starts. */
 void mg_router_set_transport(mg_router *r, mg_path path, mg_transport *t);
+/* Whether a transport is installed for path (local and inbox always are). */
+bool mg_router_has_path(mg_router *r, mg_path path);
 /* Waits (polling, up to timeout_ms) until no operation is in flight: for
  * shutdown, after the ingresses stopped and before the store pool goes.
  * Returns the number still in flight. */
@@ -101,8 +108,9 @@ int mg_router_deliver_local(mg_router *r, const mg_msg *msg, mg_deliver_done don
 int mg_router_disconnect_local(mg_router *r, const char *user, const char *conn_id, int code,
                                const char *reason);
 
-/* Kafka consumer entry: resolve presence afresh and deliver locally, by gRPC
- * or to the inbox, never by Kafka again. As mg_router_send; a result of
+/* Queue consumer entry (Kafka, NATS): resolve presence afresh and deliver
+ * locally, by a direct path or to the inbox, never by a queue path again
+ * (mg_path_is_queue). As mg_router_send; a result of
  * FAILED (presence store down included) is transient: the consumer retries
  * before committing the offset. */
 int mg_router_deliver_from_queue(mg_router *r, const mg_msg *msg, int64_t deadline_ms,

@@ -14,7 +14,8 @@ static const char GOOD[] =
     "[{\"Node\":{\"ID\":\"0d5c\",\"Node\":\"n1\",\"Address\":\"127.0.0.1\",\"Datacenter\":\"dc1\"},"
     "\"Service\":{\"ID\":\"gw1\",\"Service\":\"meshgate\",\"Tags\":[\"a\"],\"Address\":\"10.1.2."
     "3\","
-    "\"Meta\":{\"region\":\"eu\",\"ws_port\":\"8080\",\"version\":\"0.1.0\"},\"Port\":50051,"
+    "\"Meta\":{\"region\":\"eu\",\"ws_port\":\"8080\",\"version\":\"0.1.0\",\"buses\":\"grpc,"
+    "redis-pubsub\"},\"Port\":50051,"
     "\"Weights\":{\"Passing\":1,\"Warning\":1}},"
     "\"Checks\":[{\"CheckID\":\"serfHealth\",\"Status\":\"passing\"},"
     "{\"CheckID\":\"service:gw1\",\"Status\":\"passing\"}]},"
@@ -38,6 +39,14 @@ Test(consul_parse, good_answer)
     cr_assert_str_eq(p[0].region, "eu");
     cr_assert_str_eq(p[0].version, "0.1.0");
     cr_assert_eq(p[0].ws_port, 8080);
+    cr_assert_str_eq(p[0].buses, "grpc,redis-pubsub");
+    cr_assert(mg_peer_consumes(&p[0], "redis-pubsub"));
+    cr_assert_not(mg_peer_consumes(&p[0], "kafka"));
+    cr_assert_not(mg_peer_consumes(&p[0], "redis"), "whole names only");
+    cr_assert_str_eq(p[1].buses, "", "an older gateway advertises none");
+    cr_assert(mg_peer_consumes(&p[1], "kafka") && mg_peer_consumes(&p[1], "grpc"),
+              "and consumes what every gateway did: grpc and kafka");
+    cr_assert_not(mg_peer_consumes(&p[1], "redis-pubsub"));
     cr_assert_str_eq(p[1].address, "10.9.9.9:50052", "empty Service.Address: Node.Address");
     cr_assert_str_eq(p[1].region, "us");
     cr_assert_eq(p[1].ws_port, 0);
@@ -111,6 +120,7 @@ Test(consul_parse, registration_body)
                             .gateway_id = "gw1",
                             .region = "eu",
                             .version = "0.1.0",
+                            .buses = "grpc,kafka,redis-pubsub",
                             .advertise_addr = "127.0.0.1",
                             .grpc_port = 50051,
                             .ws_port = 8080,
@@ -130,6 +140,7 @@ Test(consul_parse, registration_body)
     cr_assert_str_eq(json_string_value(json_object_get(meta, "region")), "eu");
     cr_assert_str_eq(json_string_value(json_object_get(meta, "ws_port")), "8080");
     cr_assert_str_eq(json_string_value(json_object_get(meta, "version")), "0.1.0");
+    cr_assert_str_eq(json_string_value(json_object_get(meta, "buses")), "grpc,kafka,redis-pubsub");
     json_t *chk = json_object_get(j, "Check");
     cr_assert_str_eq(json_string_value(json_object_get(chk, "GRPC")), "127.0.0.1:50051");
     cr_assert(json_is_false(json_object_get(chk, "GRPCUseTLS")));

@@ -148,8 +148,30 @@ Test(peers, render_json)
     cr_assert_str_eq(json_string_value(json_object_get(e, "region")), "r1");
     cr_assert_eq(json_integer_value(json_object_get(e, "ws_port")), 8080);
     cr_assert_str_eq(json_string_value(json_object_get(e, "channel")), "IDLE");
+    cr_assert_str_eq(json_string_value(json_object_get(e, "buses")), "grpc,kafka",
+                     "no meta: what every gateway consumed");
     json_decref(j);
     free(s);
+    mg_peers_free(p);
+}
+
+Test(peers, a_region_consumes_a_bus_when_every_gateway_does)
+{
+    mg_peers *p = mg_peers_create("gw1", NULL, 0);
+    mg_peer in[] = {P("gw2", "127.0.0.1:2", "r1"), P("gw3", "127.0.0.1:3", "r1"),
+                    P("gw4", "127.0.0.1:4", "r2")};
+    in[0].buses = "grpc,redis-pubsub";
+    in[1].buses = "grpc,kafka";
+    in[2].buses = "grpc,kafka,redis-pubsub";
+    mg_peers_update(p, in, 3);
+    cr_assert_not(mg_peers_region_consumes(p, "r1", "kafka"), "gw2 moved off Kafka");
+    cr_assert_not(mg_peers_region_consumes(p, "r1", "redis-pubsub"));
+    cr_assert(mg_peers_region_consumes(p, "r1", "grpc"));
+    cr_assert(mg_peers_region_consumes(p, "r2", "kafka"));
+    cr_assert(mg_peers_region_consumes(p, "r9", "nats"), "no gateway known: not refused here");
+    in[1].buses = "grpc,kafka,redis-pubsub"; /* gw3 advertises a new bus */
+    mg_peers_update(p, in, 3);
+    cr_assert(mg_peers_region_consumes(p, "r1", "redis-pubsub"), "the table follows the meta");
     mg_peers_free(p);
 }
 

@@ -93,7 +93,7 @@ static void setup(void)
 {
     memset(&hub, 0, sizeof(hub));
     presence = mg_presence_memory_create("gw-a", "eu");
-    mg_router_config cfg = {"gw-a", "eu", 10, 3, 128, 1024, 0, 0};
+    mg_router_config cfg = {"gw-a", "eu", 10, 3, 128, 1024, 0, NULL, 0};
     mg_local_sink sink = {sink_deliver, sink_disconnect, NULL};
     router = mg_router_create(&cfg, presence, mg_inbox_memory_create(3, 3600), &sink, NULL);
     grpc_t = (script){{&grpc_ops}, MG_PATH_GRPC, 0, MG_STATUS_DELIVERED, false, true};
@@ -235,18 +235,23 @@ static void rp_free(mg_presence *p)
 static const struct mg_presence_ops rp_ops = {"remote", rp_conn, rp_disc, rp_lookup, rp_batch,
                                               rp_noop,  rp_noop, rp_free, false};
 
-static mg_router *remote_router(const char *gw, const char *region)
+static mg_router *routed_router(const char *gw, const char *region, const mg_route_lists *routes)
 {
     remote_presence *rp = mg_new(remote_presence);
     rp->base.ops = &rp_ops;
     rp->gw = gw;
     rp->region = region;
-    mg_router_config cfg = {"gw-a", "eu", 10, 3, 128, 1024, 0, 0};
+    mg_router_config cfg = {"gw-a", "eu", 10, 3, 128, 1024, 0, routes, 0};
     mg_local_sink sink = {sink_deliver, sink_disconnect, NULL};
     mg_router *r = mg_router_create(&cfg, &rp->base, mg_inbox_memory_create(10, 3600), &sink, NULL);
     mg_router_set_transport(r, MG_PATH_GRPC, &grpc_t.base);
     mg_router_set_transport(r, MG_PATH_KAFKA, &kafka_t.base);
     return r;
+}
+
+static mg_router *remote_router(const char *gw, const char *region)
+{
+    return routed_router(gw, region, NULL);
 }
 
 Test(router, same_region_goes_grpc_and_falls_back_to_kafka)
@@ -314,6 +319,47 @@ Test(router, queue_delivery_never_uses_kafka_again)
     mg_router_free(r);
 }
 
+static const struct mg_transport_ops bus_ops = {
+    "bus-script", MG_PATH_REDIS_PUBSUB, sc_available, sc_deliver, NULL, sc_free, NULL};
+
+Test(router, route_lists_pick_a_new_bus_and_end_in_the_inbox)
+{
+    mg_route_lists routes;
+    char err[160];
+    cr_assert_eq(
+        mg_route_lists_parse("redis-pubsub,grpc,inbox", "kafka", &routes, err, sizeof(err)), 0);
+    mg_router *r = routed_router("gw-b", "eu", &routes);
+    script bus = {{&bus_ops}, MG_PATH_REDIS_PUBSUB, 0, MG_STATUS_DELIVERED, false, true};
+    mg_router_set_transport(r, MG_PATH_REDIS_PUBSUB, &bus.base);
+    mg_send_result res;
+    mg_msg *m = msg("l1", "bob");
+    mg_wait_send(r, m, later(), &res);
+    cr_assert_eq(res.path, MG_PATH_REDIS_PUBSUB, "the list's first bus");
+    cr_assert_eq(res.status, MG_STATUS_DELIVERED);
+    cr_assert_eq(grpc_t.calls, 0);
+
+    bus.answer = MG_STATUS_FAILED;
+    mg_wait_send(r, m, later(), &res);
+    cr_assert_eq(res.path, MG_PATH_GRPC, "a failed bus step moves on to the next");
+    cr_assert_eq(bus.calls, 2);
+
+    grpc_t.answer = MG_STATUS_FAILED;
+    mg_wait_send(r, m, later(), &res);
+    cr_assert_eq(res.status, MG_STATUS_STORED, "inbox ends the list");
+    cr_assert_eq(res.path, MG_PATH_INBOX);
+    cr_assert(res.paths & (1u << MG_PATH_REDIS_PUBSUB) && res.paths & (1u << MG_PATH_GRPC),
+              "the result names the paths tried");
+    cr_assert_eq(kafka_t.calls, 0, "kafka is not on the near list");
+
+    bus.available = false;
+    grpc_t.answer = MG_STATUS_DELIVERED;
+    mg_wait_send(r, m, later(), &res);
+    cr_assert_eq(res.path, MG_PATH_GRPC, "an unavailable bus is skipped");
+    cr_assert_eq(bus.calls, 3);
+    mg_msg_free(m);
+    mg_router_free(r);
+}
+
 Test(router, envelope_round_trips)
 {
     mg_msg *m = msg("e1", "bob");
@@ -346,7 +392,7 @@ Test(router, a_long_inbox_is_sent_a_page_at_a_time)
     mg_router_free(router);
     mg_metrics_shutdown();
     presence = mg_presence_memory_create("gw-a", "eu");
-    mg_router_config cfg = {"gw-a", "eu", 10, 3, 128, 1024, 0, 10};
+    mg_router_config cfg = {"gw-a", "eu", 10, 3, 128, 1024, 0, NULL, 10};
     mg_local_sink sink = {sink_deliver, sink_disconnect, NULL};
     router = mg_router_create(&cfg, presence, mg_inbox_memory_create(100, 3600), &sink, NULL);
     mg_inbox *ib = mg_router_inbox(router);
