@@ -18,6 +18,7 @@
 #include "router/router.h"
 #include "router/transport_grpc.h"
 #include "router/transport_kafka.h"
+#include "router/transport_nats.h"
 
 #include <arpa/inet.h>
 #include <stddef.h>
@@ -39,6 +40,7 @@ struct mg_gateway {
     mg_peers *peers;
     mg_consul *consul;
     mg_transport *kafka; /* owned by the router; kept to stop its consumer */
+    mg_transport *nats;  /* the same */
     char *advertise;
     bool stopped;
 };
@@ -82,7 +84,32 @@ static int make_stores(mg_gateway *gw, mg_presence **presence, mg_inbox **inbox,
     return 0;
 }
 
-/* Peer transports: gRPC direct (needs discovery) and Kafka (needs brokers). */
+/* The NATS JetStream bus (needs servers): its region stream and consumer. */
+static int make_nats(mg_gateway *gw, char *err, size_t errlen)
+{
+    const mg_config *cfg = gw->cfg;
+    mg_transport_nats_config ncfg = {
+        .urls = cfg->nats_url,
+        .region = cfg->region,
+        .gateway_id = cfg->id,
+        .replicas = (int)cfg->nats_replicas,
+        .max_age_seconds = (int)cfg->nats_max_age_seconds,
+        .timeout_ms = (int)cfg->nats_timeout_ms,
+        .ack_wait_ms = (int)cfg->nats_ack_wait_ms,
+        .max_deliver = (int)cfg->nats_max_deliver,
+        .max_pending = (int)cfg->nats_max_pending,
+        .max_message_bytes = (size_t)cfg->grpc_max_message_bytes,
+    };
+    mg_transport *n = mg_transport_nats_create(&ncfg, err, errlen);
+    if (!n)
+        return -EHOSTUNREACH;
+    mg_router_set_transport(gw->router, MG_PATH_NATS, n);
+    gw->nats = n;
+    return mg_transport_nats_start_consumer(n, gw->router, err, errlen);
+}
+
+/* Peer transports: gRPC direct (needs discovery), Kafka (needs brokers) and
+ * NATS (needs servers). */
 static int make_transports(mg_gateway *gw, char *err, size_t errlen)
 {
     const mg_config *cfg = gw->cfg;
@@ -131,6 +158,8 @@ static int make_transports(mg_gateway *gw, char *err, size_t errlen)
             return rc;
         }
     }
+    if (cfg->nats_url[0])
+        return make_nats(gw, err, errlen);
     return 0;
 }
 
@@ -326,6 +355,8 @@ void mg_gateway_stop(mg_gateway *gw)
         mg_ws_server_stop(gw->ws);
     if (gw->kafka)
         mg_transport_kafka_stop(gw->kafka, 5000); /* commit handled offsets, flush */
+    if (gw->nats)
+        mg_transport_nats_stop(gw->nats, 5000); /* ack handled messages, await PubAcks */
     if (gw->router)
         mg_router_drain(gw->router, 35000); /* operations in flight need the pool */
     mg_pool_free(gw->pool);                 /* runs the jobs still queued */
