@@ -79,7 +79,8 @@ typedef struct tn {
 
     natsSubscription *sub;
     mg_router *router;
-    bool opened; /* counted in nats_users */
+    bool opened;         /* counted in nats_users */
+    atomic_bool closing; /* tn_free closes the connection: no "reconnecting" */
     pthread_t consume_thread;
     bool consume_started;
     atomic_bool consume_run;
@@ -143,13 +144,17 @@ static void msg_key(const natsMsg *m, char key[32])
 static const char *status_text(natsStatus s, const char *fallback)
 {
     const char *t = nats_GetLastError(NULL);
+    if (t && t[0] == '(' && strstr(t, "): ")) /* "(conn.c:2088): text": the text */
+        t = strstr(t, "): ") + 3;
     return t && t[0] ? t : s != NATS_OK ? natsStatus_GetText(s) : fallback;
 }
 
 static void conn_disconnected(natsConnection *nc, void *closure)
 {
     tn *n = closure;
-    mg_log_warn("nats", "disconnected from the server gateway=%s (reconnecting)", n->gateway_id);
+    if (!atomic_load(&n->closing))
+        mg_log_warn("nats", "disconnected from the server gateway=%s (reconnecting)",
+                    n->gateway_id);
 }
 
 static void conn_reconnected(natsConnection *nc, void *closure)
@@ -747,9 +752,9 @@ static void tn_free(mg_transport *t)
     if (!n)
         return;
     mg_transport_nats_stop(t, n->js ? 1000 : 0);
-    if (n->nc) {
-        natsConnection_Close(n->nc); /* pending PubAcks fail now: their reports answer */
-    }
+    atomic_store(&n->closing, true);
+    if (n->nc)
+        natsConnection_Close(n->nc);
     jsCtx_Destroy(n->js);
     natsConnection_Destroy(n->nc);
     natsOptions_Destroy(n->opts);
