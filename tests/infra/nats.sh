@@ -57,8 +57,8 @@ running_pid() {
   echo "$pid"
 }
 
-# ready HTTP_PORT: JetStream enabled and (clustered) a meta leader known
-ready() { curl -fsS --max-time 2 "http://$HOST:$1/healthz?js-enabled-only=true" >/dev/null 2>&1; }
+# ready HTTP_PORT: JetStream current (clustered: the meta group has a leader)
+ready() { curl -fsS --max-time 2 "http://$HOST:$1/healthz" >/dev/null 2>&1; }
 
 # start_server NAME DIR CLIENT_PORT HTTP_PORT [cluster args...]
 start_server() {

@@ -26,6 +26,7 @@
 #include "router/transport_nats.h"
 #include "support/grpc_client.h"
 #include "support/mg_test.h"
+#include "support/mg_recsink.h"
 #include "support/mg_wait.h"
 #include "support/ws_client.h"
 
@@ -50,74 +51,6 @@ static void teardown(void)
 TestSuite(nats, .fini = teardown, .timeout = 120);
 TestSuite(nats_gw, .fini = teardown, .timeout = 180);
 
-/* ---- a recording local sink ---- */
-
-typedef struct rec {
-    pthread_mutex_t mu;
-    mg_map *seen; /* msg id -> count */
-    int total;
-} rec;
-
-static void rec_init(rec *r)
-{
-    memset(r, 0, sizeof(*r));
-    pthread_mutex_init(&r->mu, NULL);
-    r->seen = mg_map_create(64);
-}
-
-static void rec_destroy(rec *r)
-{
-    mg_map_free(r->seen);
-    pthread_mutex_destroy(&r->mu);
-}
-
-static int rec_count(rec *r, const char *id)
-{
-    pthread_mutex_lock(&r->mu);
-    int n = (int)(intptr_t)mg_map_get(r->seen, id);
-    pthread_mutex_unlock(&r->mu);
-    return n;
-}
-
-static int rec_total(rec *r)
-{
-    pthread_mutex_lock(&r->mu);
-    int n = r->total;
-    pthread_mutex_unlock(&r->mu);
-    return n;
-}
-
-static int sink_deliver(void *arg, const mg_msg *msg, const char *conn_id, bool from_inbox,
-                        mg_written_fn written, void *written_arg)
-{
-    rec *r = arg;
-    pthread_mutex_lock(&r->mu);
-    intptr_t n = (intptr_t)mg_map_get(r->seen, msg->id);
-    mg_map_put(r->seen, msg->id, (void *)(n + 1));
-    r->total++;
-    pthread_mutex_unlock(&r->mu);
-    if (written)
-        written(written_arg, 1);
-    return 1;
-}
-
-static int sink_disconnect(void *arg, const char *user, const char *conn_id, int code,
-                           const char *reason)
-{
-    return 0;
-}
-
-typedef struct {
-    rec *r;
-    int n;
-} total_arg;
-
-static bool total_reached(void *arg)
-{
-    total_arg *a = arg;
-    return rec_total(a->r) >= a->n;
-}
-
 /* ---- helpers ---- */
 
 static const char *server(void)
@@ -135,9 +68,9 @@ static int64_t counter(const char *name)
     return mg_metric_value(mg_counter(name, "", NULL));
 }
 
-static mg_router *make_router(const char *gw, const char *region, rec *r, int users)
+static mg_router *make_router(const char *gw, const char *region, mg_recsink *r, int users)
 {
-    mg_local_sink sink = {sink_deliver, sink_disconnect, r};
+    mg_local_sink sink = mg_recsink_sink(r);
     mg_router_config rc = {.gateway_id = gw,
                            .region = region,
                            .hot_window_seconds = 10,
@@ -171,6 +104,21 @@ static mg_transport *make_transport_at(const char *urls, const char *gw, const c
     char err[256] = "";
     mg_transport *t = mg_transport_nats_create(&cfg, err, sizeof(err));
     cr_assert(t, "create: %s", err);
+    return t;
+}
+
+/* Gateway gw of region in-process: a router recording into r with users
+ * u0..u<users-1> connected, the NATS transport on urls, its consumer
+ * started. Returns the transport (the router owns it). */
+static mg_transport *consumer_at(const char *urls, const char *gw, const char *region,
+                                 mg_recsink *r, int users, int replicas, size_t max_bytes,
+                                 mg_router **rt)
+{
+    *rt = make_router(gw, region, r, users);
+    mg_transport *t = make_transport_at(urls, gw, region, replicas, max_bytes);
+    mg_router_set_transport(*rt, MG_PATH_NATS, t);
+    char err[256] = "";
+    cr_assert_eq(mg_transport_nats_start_consumer(t, *rt, err, sizeof(err)), 0, "%s", err);
     return t;
 }
 
@@ -237,6 +185,7 @@ Test(nats, high_waits_for_the_puback_low_does_not)
     out = send_to(t, other, "m3", "u0", MG_PRIO_HIGH);
     cr_assert_eq(out.status, MG_STATUS_FAILED);
     cr_assert(strncmp(out.reason, "nats: ", 6) == 0, "reason=%s", out.reason);
+    fprintf(stderr, "no stream: %s\n", out.reason);
     mg_transport_free(t);
     delete_stream(server(), region);
 }
@@ -245,13 +194,11 @@ Test(nats, consumer_delivers_each_message_once)
 {
     char region[64];
     region_name(region, sizeof(region), "once");
-    rec r;
-    rec_init(&r);
-    mg_router *rt = make_router("gw-a", region, &r, 10);
-    mg_transport *t = make_transport_at(server(), "gw-a", region, 1, 0);
-    mg_router_set_transport(rt, MG_PATH_NATS, t);
+    mg_recsink r;
+    mg_recsink_init(&r);
+    mg_router *rt = NULL;
+    mg_transport *t = consumer_at(server(), "gw-a", region, &r, 10, 1, 0, &rt);
     char err[256] = "";
-    cr_assert_eq(mg_transport_nats_start_consumer(t, rt, err, sizeof(err)), 0, "%s", err);
     cr_assert_eq(mg_transport_nats_start_consumer(t, rt, err, sizeof(err)), -EALREADY);
     enum { N = 300 };
     for (int i = 0; i < N; i++) {
@@ -265,19 +212,19 @@ Test(nats, consumer_delivers_each_message_once)
      * stream's duplicate window keeps one copy. */
     mg_deliver_outcome out = send_to(t, region, "h0", "u0", MG_PRIO_HIGH);
     cr_assert_eq(out.status, MG_STATUS_QUEUED, "%s", out.reason);
-    total_arg ta = {&r, N};
-    cr_assert(mg_wait_until(total_reached, &ta, 30000), "delivered %d of %d", rec_total(&r), N);
+    cr_assert(mg_recsink_wait_total(&r, N, 30000), "delivered %d of %d", mg_recsink_total(&r), N);
     usleep(1000 * 1000); /* nothing more may come */
-    cr_assert_eq(rec_total(&r), N);
+    cr_assert_eq(mg_recsink_total(&r), N);
     for (int i = 0; i < N; i++) {
         char id[32];
         snprintf(id, sizeof(id), "h%d", i);
-        cr_assert_eq(rec_count(&r, id), 1, "%s delivered %d times", id, rec_count(&r, id));
+        cr_assert_eq(mg_recsink_count(&r, id), 1, "%s delivered %d times", id,
+                     mg_recsink_count(&r, id));
     }
     cr_assert_eq(counter("meshgate_nats_consumed_total"), N);
     mg_transport_nats_stop(t, 5000);
     mg_router_free(rt);
-    rec_destroy(&r);
+    mg_recsink_destroy(&r);
     delete_stream(server(), region);
 }
 
@@ -285,13 +232,10 @@ Test(nats, bad_payloads_are_skipped_and_the_consumer_goes_on)
 {
     char region[64];
     region_name(region, sizeof(region), "bad");
-    rec r;
-    rec_init(&r);
-    mg_router *rt = make_router("gw-a", region, &r, 1);
-    mg_transport *t = make_transport_at(server(), "gw-a", region, 1, 4096);
-    mg_router_set_transport(rt, MG_PATH_NATS, t);
-    char err[256] = "";
-    cr_assert_eq(mg_transport_nats_start_consumer(t, rt, err, sizeof(err)), 0, "%s", err);
+    mg_recsink r;
+    mg_recsink_init(&r);
+    mg_router *rt = NULL;
+    mg_transport *t = consumer_at(server(), "gw-a", region, &r, 1, 1, 4096, &rt);
 
     natsConnection *nc = raw_connect(server());
     jsCtx *js = NULL;
@@ -319,18 +263,17 @@ Test(nats, bad_payloads_are_skipped_and_the_consumer_goes_on)
 
     mg_deliver_outcome out = send_to(t, region, "good", "u0", MG_PRIO_HIGH);
     cr_assert_eq(out.status, MG_STATUS_QUEUED, "%s", out.reason);
-    total_arg ta = {&r, 1};
-    cr_assert(mg_wait_until(total_reached, &ta, 20000), "the good message after the bad ones");
-    cr_assert_eq(rec_count(&r, "good"), 1);
-    cr_assert_eq(rec_count(&r, "big"), 0);
+    cr_assert(mg_recsink_wait_total(&r, 1, 20000), "the good message after the bad ones");
+    cr_assert_eq(mg_recsink_count(&r, "good"), 1);
+    cr_assert_eq(mg_recsink_count(&r, "big"), 0);
     cr_assert_eq(counter("meshgate_nats_bad_messages_total"), 2);
     /* Terminated: not redelivered after the ack wait (3 s). */
     usleep(4000 * 1000);
     cr_assert_eq(counter("meshgate_nats_bad_messages_total"), 2);
-    cr_assert_eq(rec_total(&r), 1);
+    cr_assert_eq(mg_recsink_total(&r), 1);
     mg_transport_nats_stop(t, 5000);
     mg_router_free(rt);
-    rec_destroy(&r);
+    mg_recsink_destroy(&r);
     delete_stream(server(), region);
 }
 
@@ -455,22 +398,6 @@ static mg_gw *spawn_gw(const char *id, const char *region, const char *svc, cons
     return mg_gw_spawn(id, args);
 }
 
-/* The value of a /metrics sample "name{labels} " or "name " (0 when absent). */
-static double gw_metric(const mg_gw *gw, const char *name_labels)
-{
-    char *body = NULL;
-    double v = 0;
-    if (mg_http_get(gw->ws_port, "/metrics", &body) == 200 && body) {
-        char key[256];
-        snprintf(key, sizeof(key), "\n%s", name_labels);
-        char *p = strstr(body, key);
-        if (p)
-            v = strtod(p + strlen(key), NULL);
-    }
-    free(body);
-    return v;
-}
-
 Test(nats_gw, two_gateways_of_a_region_deliver_over_nats)
 {
     char region[64], svc[64], id1[64], id2[64], user[64];
@@ -521,9 +448,9 @@ Test(nats_gw, two_gateways_of_a_region_deliver_over_nats)
         snprintf(id, sizeof(id), "n2-%d", i);
         cr_assert_eq(wsuser_count(&u, id), 1, "%s shown %d times", id, wsuser_count(&u, id));
     }
-    cr_assert_geq(gw_metric(g1, "meshgate_nats_published_total "), N);
-    cr_assert_eq(gw_metric(g1, "meshgate_nats_consumed_total ") +
-                     gw_metric(g2, "meshgate_nats_consumed_total "),
+    cr_assert_geq(mg_gw_metric(g1, "meshgate_nats_published_total "), N);
+    cr_assert_eq(mg_gw_metric(g1, "meshgate_nats_consumed_total ") +
+                     mg_gw_metric(g2, "meshgate_nats_consumed_total "),
                  N, "each message handled by one gateway of the region");
     wsuser_stop(&u);
     mg_grpc_client_free(cli);
@@ -604,7 +531,7 @@ Test(nats_gw, killed_gateway_leaves_its_pulled_messages_to_the_region)
      * killed mid-run, it holds messages it pulled and did not acknowledge. */
     while (atomic_load(&s[0].sent) < N / 3)
         usleep(10 * 1000);
-    double g1_consumed = gw_metric(g1, "meshgate_nats_consumed_total ");
+    double g1_consumed = mg_gw_metric(g1, "meshgate_nats_consumed_total ");
     mg_gw_kill(g1, SIGKILL);
     cr_assert(mg_gw_wait(g1, 5000));
     int nq = 0, other = 0;
@@ -630,7 +557,7 @@ Test(nats_gw, killed_gateway_leaves_its_pulled_messages_to_the_region)
     int dups = u.dups;
     pthread_mutex_unlock(&u.mu);
     cr_assert_eq(dups, 0, "%d messages shown twice", dups);
-    double redelivered = gw_metric(g2, "meshgate_nats_redeliveries_total ");
+    double redelivered = mg_gw_metric(g2, "meshgate_nats_redeliveries_total ");
     fprintf(stderr,
             "nats kill: %d queued, g1 had handled %.0f before SIGKILL, g2 received %.0f "
             "redeliveries\n",
@@ -663,4 +590,107 @@ Test(nats_gw, unreachable_server_at_start_exits_naming_it)
     snprintf(needle, sizeof(needle), "cannot connect to %s", url);
     cr_assert(mg_gw_log_contains(g, needle), "the log names %s", url);
     mg_gw_free(g);
+}
+
+/* ---- suite nats_cluster: a 3-node JetStream cluster of its own ---- */
+
+static char cluster_run[256];
+
+static int cluster_cmd(const char *what)
+{
+    char cmd[1024];
+    snprintf(cmd, sizeof(cmd),
+             "MESHGATE_RUN=%s %s/tests/infra/nats.sh %s >>%s/nats-cluster.out 2>&1", cluster_run,
+             MG_SOURCE_DIR, what, cluster_run);
+    return system(cmd);
+}
+
+static void cluster_up(void)
+{
+    const char *run = getenv("MESHGATE_RUN");
+    snprintf(cluster_run, sizeof(cluster_run), "%s/nats-cluster-test",
+             run && *run ? run : "/tmp/meshgate-run");
+    mkdir(cluster_run, 0755);
+    cr_assert_eq(cluster_cmd("start-cluster"), 0, "cannot start the 3-node cluster (see %s)",
+                 cluster_run);
+}
+
+static void cluster_down(void)
+{
+    cluster_cmd("stop-cluster"); /* every server this suite started */
+    mg_metrics_shutdown();
+}
+
+TestSuite(nats_cluster, .init = cluster_up, .fini = cluster_down, .timeout = 240);
+
+typedef struct publisher {
+    mg_transport *t;
+    const char *region;
+    int n;
+    atomic_int sent;
+    char (*queued)[32];
+    int nqueued, other;
+    char first_reason[128]; /* of the first send not QUEUED */
+} publisher;
+
+static void *publisher_main(void *arg)
+{
+    publisher *p = arg;
+    for (int i = 0; i < p->n; i++) {
+        char id[32], user[16];
+        snprintf(id, sizeof(id), "c%d", i);
+        snprintf(user, sizeof(user), "u%d", i % 10);
+        mg_deliver_outcome out = send_to(p->t, p->region, id, user, MG_PRIO_HIGH);
+        if (out.status == MG_STATUS_QUEUED)
+            snprintf(p->queued[p->nqueued++], 32, "%s", id);
+        else if (p->other++ == 0)
+            snprintf(p->first_reason, sizeof(p->first_reason), "%s", out.reason);
+        atomic_store(&p->sent, i + 1);
+        usleep(1000);
+    }
+    return NULL;
+}
+
+Test(nats_cluster, r3_stream_survives_a_node_killed_mid_run)
+{
+    /* Node 1 only: the client learns the others from the cluster, and node 1
+     * is the one killed, so the connection must fail over mid-run. */
+    const char *urls = "nats://127.0.0.1:14223";
+    char region[64];
+    region_name(region, sizeof(region), "r3");
+    mg_recsink r;
+    mg_recsink_init(&r);
+    mg_router *rt = NULL;
+    mg_transport *t = consumer_at(urls, "gw-a", region, &r, 10, 3, 0, &rt);
+    enum { N = 3000 };
+    publisher p = {.t = t, .region = region, .n = N};
+    p.queued = calloc(N, sizeof(*p.queued));
+    pthread_t th;
+    cr_assert_eq(pthread_create(&th, NULL, publisher_main, &p), 0);
+    while (atomic_load(&p.sent) < N / 3)
+        usleep(10 * 1000);
+    cr_assert_eq(cluster_cmd("kill-node 1"), 0, "kill node 1");
+    pthread_join(th, NULL);
+    cr_assert_gt(p.nqueued, N / 2, "only %d of %d queued (%d not)", p.nqueued, N, p.other);
+    int64_t end = mg_mono_ms() + 60000;
+    int missing = p.nqueued;
+    while (missing > 0 && mg_mono_ms() < end) {
+        missing = 0;
+        for (int i = 0; i < p.nqueued; i++)
+            missing += mg_recsink_count(&r, p.queued[i]) == 0;
+        if (missing)
+            usleep(200 * 1000);
+    }
+    cr_assert_eq(missing, 0, "%d of %d QUEUED messages never delivered", missing, p.nqueued);
+    for (int i = 0; i < p.nqueued; i++)
+        cr_assert_eq(mg_recsink_count(&r, p.queued[i]), 1, "%s delivered %d times", p.queued[i],
+                     mg_recsink_count(&r, p.queued[i]));
+    fprintf(stderr,
+            "nats R3 node kill: %d of %d queued, %d not (first: %s), all queued delivered once\n",
+            p.nqueued, N, p.other, p.first_reason);
+    mg_transport_nats_stop(t, 5000);
+    mg_router_free(rt);
+    mg_recsink_destroy(&r);
+    free(p.queued);
+    delete_stream(urls, region);
 }
