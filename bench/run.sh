@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/run.sh: meshgate benchmark scenarios (see BENCHMARKS.md).
 #
-#   bench/run.sh [all|idle|local|api|fanout|grpc|kafka|presence]... [--long]
+#   bench/run.sh [all|idle|local|api|fanout|grpc|kafka|nats|presence]... [--long]
 #
 # `make bench` = `bench/run.sh all` (short: under 3 minutes). --long gives the
 # real figures (100,000 idle connections, 30 s load phases, more rounds).
@@ -15,7 +15,8 @@
 #                  same load generator, for before/after pairs in one sitting
 #   BENCH_START_SERVICES=1   `all` starts tests/infra/services.sh when Redis/Kafka/Consul are down
 #                  (single grpc/kafka runs always do)
-#   IDLE_CONNS, LOCAL_PAIRS, LOCAL_WINDOW, FANOUT_USERS, GRPC_RATE, KAFKA_RATE, PHASE_SECONDS
+#   IDLE_CONNS, LOCAL_PAIRS, LOCAL_WINDOW, FANOUT_USERS, GRPC_RATE, KAFKA_RATE, NATS_RATE,
+#                  PHASE_SECONDS
 #                  override the scenario sizes
 # Output: $BENCH_OUT/<run>.jsonl (one JSON line per measurement), <run>.md (table),
 #   <run>.png (latency percentiles per path), and latest.{jsonl,md,png}.
@@ -31,12 +32,12 @@ for a in "$@"; do
   case $a in
     --long) LONG=1 ;;
     -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
-    all|idle|local|api|fanout|grpc|kafka|presence) SCEN+=("$a") ;;
+    all|idle|local|api|fanout|grpc|kafka|nats|presence) SCEN+=("$a") ;;
     *) echo "run.sh: unknown argument $a" >&2; exit 2 ;;
   esac
 done
 [ ${#SCEN[@]} -eq 0 ] && SCEN=(all)
-[ "${SCEN[0]}" = all ] && { ALL=1; SCEN=(idle local api fanout grpc kafka presence); } || ALL=0
+[ "${SCEN[0]}" = all ] && { ALL=1; SCEN=(idle local api fanout grpc kafka nats presence); } || ALL=0
 
 log() { echo "[bench $(date +%T)] $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -114,6 +115,7 @@ services_env() {
   REDIS_NODES=${MESHGATE_TEST_REDIS_NODES:-}
   KAFKA=${MESHGATE_TEST_KAFKA:-127.0.0.1:19092}
   CONSUL=${MESHGATE_TEST_CONSUL:-127.0.0.1:18500}
+  NATS=${MESHGATE_TEST_NATS:-nats://127.0.0.1:14222}
 }
 services_up() { # bounded: status, else start (when allowed)
   services_env
@@ -214,12 +216,13 @@ probe_path() {
   out=$(timeout 60 "$LOAD" pairs --port "$PB" --send-port "$PA" --pairs 1 --window 1 --count 20 \
     --seconds 15 --warmup 0 --settle 2 --drain 10 --prefix "probe$1$$-" 2>/dev/null)
   echo "$out" >>"$OUT/$RUN.probe.jsonl"
-  local g k l d
+  local g k n l d
   g=$(sed -n 's/.*"ack_path_grpc":\([0-9]*\).*/\1/p' <<<"$out")
   k=$(sed -n 's/.*"ack_path_kafka":\([0-9]*\).*/\1/p' <<<"$out")
+  n=$(sed -n 's/.*"ack_path_nats":\([0-9]*\).*/\1/p' <<<"$out")
   l=$(sed -n 's/.*"ack_path_local":\([0-9]*\).*/\1/p' <<<"$out")
   d=$(sed -n 's/.*"delivered":\([0-9]*\).*/\1/p' <<<"$out")
-  echo "grpc=${g:-0} kafka=${k:-0} local=${l:-0} delivered=${d:-0}"
+  echo "grpc=${g:-0} kafka=${k:-0} nats=${n:-0} local=${l:-0} delivered=${d:-0}"
 }
 
 sc_grpc() {
@@ -272,6 +275,30 @@ sc_kafka() {
   load $LOADB pairs --port "$PB" --send-port "$PA" --pairs 64 --window 8 --low --seconds "$SECS" \
     --warmup 2 --count 100000000 --drain 15 --gw-pid "$PIDA,$PIDB" --scenario kafka --path kafka \
     --label "kafka cold, flat out, priority low" --prefix kl$$- >/dev/null
+  stop_gws
+}
+
+# the NATS JetStream bus: a cold cross-region pair, --far-route nats (HIGH waits for the PubAck)
+sc_nats() {
+  services_up || { skip nats "Redis Cluster/Consul/NATS not running (make services-up)"; return 0; }
+  two_gws r1 r2 --nats-url "$NATS" --far-route nats,inbox --hot-threshold 1000000000 \
+    || { skip nats "gateways did not start with --nats-url $NATS"; stop_gws; return 0; }
+  local pr
+  pr=$(probe_path n)
+  log "nats probe: $pr"
+  local pn=${pr#*nats=}; pn=${pn%% *}
+  if [ "${pn:-0}" -lt 15 ] || [[ $pr != *"delivered=20"* ]]; then
+    skip nats "gateways do not route r1 -> r2 by NATS (probe: $pr)"
+    stop_gws
+    return 0
+  fi
+  local rate=${NATS_RATE:-5000}
+  load $LOADB pairs --port "$PB" --send-port "$PA" --pairs 64 --rate "$rate" --seconds "$SECS" \
+    --warmup 2 --count $((rate * (SECS + 3))) --drain 15 --gw-pid "$PIDA,$PIDB" --scenario nats \
+    --path nats --label "nats cold, $rate/s" --prefix nr$$- >/dev/null
+  load $LOADB pairs --port "$PB" --send-port "$PA" --pairs 64 --window 16 --seconds "$SECS" \
+    --warmup 2 --count 100000000 --drain 15 --gw-pid "$PIDA,$PIDB" --scenario nats --path nats \
+    --label "nats cold, flat out, HIGH" --prefix nf$$- >/dev/null
   stop_gws
 }
 

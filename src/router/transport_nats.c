@@ -16,7 +16,8 @@
  * router thread).
  *
  * Consumer. The "nats-consume" thread fetches up to the free room of
- * max_inflight messages (a blocking fetch of at most FETCH_WAIT_MS: it
+ * max_inflight messages (a no-wait pull of what the stream has or, when it
+ * has nothing, a pull waiting at most FETCH_WAIT_MS for one message: it
  * waits for the server, not for operations), decodes each and starts its
  * operation (mg_router_deliver_from_queue). The operation's completion, on
  * whatever thread ends it, acknowledges the message (natsMsg_Ack is a
@@ -495,6 +496,26 @@ static void consume_one(tn *n, natsMsg *m)
     }
 }
 
+/* nats-consume: what the stream has for us now, up to batch, at once (a
+ * no-wait pull); when it has nothing, one waiting pull for a single message
+ * (at most FETCH_WAIT_MS), so a message is handed over when it arrives
+ * rather than when a whole batch has gathered. */
+static natsStatus fetch(tn *n, natsMsgList *list, int batch)
+{
+    jsFetchRequest req;
+    jsFetchRequest_Init(&req);
+    req.Batch = batch;
+    req.NoWait = true;
+    req.Expires = (int64_t)n->timeout_ms * 1000000LL; /* bounds the wait for the answer */
+    natsStatus s = natsSubscription_FetchRequest(list, n->sub, &req);
+    if (s == NATS_OK && list->Count > 0)
+        return s;
+    natsMsgList_Destroy(list);
+    if (s != NATS_NOT_FOUND && s != NATS_TIMEOUT && s != NATS_OK)
+        return s;
+    return natsSubscription_Fetch(list, n->sub, 1, FETCH_WAIT_MS, NULL);
+}
+
 static void *consume_main(void *arg)
 {
     tn *n = arg;
@@ -517,9 +538,8 @@ static void *consume_main(void *arg)
             continue;
         }
         natsMsgList list = {0};
-        natsStatus s = natsSubscription_Fetch(&list, n->sub, room < FETCH_MAX ? room : FETCH_MAX,
-                                              FETCH_WAIT_MS, NULL);
-        if (s != NATS_OK && s != NATS_TIMEOUT) {
+        natsStatus s = fetch(n, &list, room < FETCH_MAX ? room : FETCH_MAX);
+        if (s != NATS_OK && s != NATS_TIMEOUT && s != NATS_NOT_FOUND) {
             if (error_log_due(n))
                 mg_log_warn("nats", "fetch failed stream=%s consumer=%s err=%s", n->stream,
                             n->durable, status_text(s, "fetch failed"));
