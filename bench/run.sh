@@ -225,18 +225,23 @@ probe_path() {
   echo "grpc=${g:-0} kafka=${k:-0} nats=${n:-0} local=${l:-0} delivered=${d:-0}"
 }
 
+# probe_by SCENARIO PATH: true when the probe's 20 messages all arrived, 15 or more acked by PATH;
+# else skips SCENARIO saying what the probe saw.
+probe_by() {
+  local pr n
+  pr=$(probe_path "${1:0:1}")
+  log "$1 probe: $pr"
+  n=${pr#*"$2"=}; n=${n%% *}
+  [ "${n:-0}" -ge 15 ] && [[ $pr == *"delivered=20"* ]] && return 0
+  skip "$1" "gateways do not route A -> B by $2 (probe: $pr)"
+  stop_gws
+  return 1
+}
+
 sc_grpc() {
   services_up || { skip grpc "Redis Cluster/Consul not running (make services-up)"; return 0; }
   two_gws r1 r1 || { skip grpc "gateways did not start with --presence redis-cluster --discovery consul"; stop_gws; return 0; }
-  local pr
-  pr=$(probe_path g)
-  log "grpc probe: $pr"
-  local pg=${pr#grpc=}; pg=${pg%% *}
-  if [ "${pg:-0}" -lt 15 ] || [[ $pr != *"delivered=20"* ]]; then
-    skip grpc "gateways do not route A->B by gRPC yet (probe: $pr)"
-    stop_gws
-    return 0
-  fi
+  probe_by grpc grpc || return 0
   local rate=${GRPC_RATE:-20000}
   load $LOADB pairs --port "$PB" --send-port "$PA" --pairs 64 --window 16 --seconds "$SECS" \
     --warmup 1 --count 100000000 --gw-pid "$PIDA,$PIDB" --scenario grpc --path grpc \
@@ -256,15 +261,7 @@ sc_kafka() {
   # hot threshold out of reach: every pair stays cold, so r1 -> r2 goes by Kafka
   two_gws r1 r2 --kafka-brokers "$KAFKA" --kafka-linger-ms "$linger" --hot-threshold 1000000000 \
     || { skip kafka "gateways did not start with --kafka-brokers"; stop_gws; return 0; }
-  local pr
-  pr=$(probe_path k)
-  log "kafka probe: $pr"
-  local pk=${pr#*kafka=}; pk=${pk%% *}
-  if [ "${pk:-0}" -lt 15 ] || [[ $pr != *"delivered=20"* ]]; then
-    skip kafka "gateways do not route cold cross-region pairs by Kafka yet (probe: $pr)"
-    stop_gws
-    return 0
-  fi
+  probe_by kafka kafka || return 0
   local rate=${KAFKA_RATE:-200}
   load $LOADB pairs --port "$PB" --send-port "$PA" --pairs 64 --rate "$rate" --seconds "$SECS" \
     --warmup 2 --count $((rate * (SECS + 3))) --drain 15 --gw-pid "$PIDA,$PIDB" --scenario kafka \
@@ -283,15 +280,7 @@ sc_nats() {
   services_up || { skip nats "Redis Cluster/Consul/NATS not running (make services-up)"; return 0; }
   two_gws r1 r2 --nats-url "$NATS" --far-route nats,inbox --hot-threshold 1000000000 \
     || { skip nats "gateways did not start with --nats-url $NATS"; stop_gws; return 0; }
-  local pr
-  pr=$(probe_path n)
-  log "nats probe: $pr"
-  local pn=${pr#*nats=}; pn=${pn%% *}
-  if [ "${pn:-0}" -lt 15 ] || [[ $pr != *"delivered=20"* ]]; then
-    skip nats "gateways do not route r1 -> r2 by NATS (probe: $pr)"
-    stop_gws
-    return 0
-  fi
+  probe_by nats nats || return 0
   local rate=${NATS_RATE:-5000}
   load $LOADB pairs --port "$PB" --send-port "$PA" --pairs 64 --rate "$rate" --seconds "$SECS" \
     --warmup 2 --count $((rate * (SECS + 3))) --drain 15 --gw-pid "$PIDA,$PIDB" --scenario nats \
