@@ -61,12 +61,12 @@ if pgrep -x redis-server >/dev/null 2>&1 && redis-cli -p 6379 ping >/dev/null 2>
   fi
 fi
 
-# Go toolchain check (Consul v1.22 / Helm v3.16 need a recent Go).
+# Go toolchain check (Consul v1.22 / Helm v3.16 / nats-server v2.15 need a recent Go).
 GO=$(command -v go || echo /usr/local/go/bin/go)
 if [ -x "$GO" ]; then
   gv=$("$GO" env GOVERSION 2>/dev/null | sed 's/^go//')
   case "$(printf '%s\n1.25\n' "${gv%%[!0-9.]*}" | sort -V | head -1)" in
     1.25) ;;
-    *) echo "install-deps: warning: go $gv is older than 1.25; consul.sh/helm.sh builds will fail" >&2 ;;
+    *) echo "install-deps: warning: go $gv is older than 1.25; consul.sh/helm.sh/nats.sh builds will fail" >&2 ;;
   esac
 fi

@@ -5,7 +5,9 @@
  *     region's durable consumer -> the router -> the local sink, each once
  *     (a producer retry with the same id is dropped by the stream's duplicate
  *     window); undecodable and oversized payloads published straight to the
- *     subject are counted and skipped and the consumer keeps going; an
+ *     subject are counted and skipped and the consumer keeps going; a message
+ *     whose handling fails at every delivery is NAKed up to max_deliver and
+ *     then put in the inbox (real Redis Cluster presence and inbox); an
  *     unreachable server is a clear error naming it.
  *   suite nats_gw (real gateways with Redis presence, Consul discovery and
  *     --near-route / --far-route selecting nats): delivery between two
@@ -22,6 +24,7 @@
 #include "common/mg_time.h"
 #include "store/inbox.h"
 #include "store/presence.h"
+#include "store/redis_store.h"
 #include "router/router.h"
 #include "router/transport_nats.h"
 #include "support/grpc_client.h"
@@ -274,6 +277,73 @@ Test(nats, bad_payloads_are_skipped_and_the_consumer_goes_on)
     mg_transport_nats_stop(t, 5000);
     mg_router_free(rt);
     mg_recsink_destroy(&r);
+    delete_stream(server(), region);
+}
+
+/* A message whose handling fails at every delivery (its recipient is on a
+ * gateway this one has no path to: no grpc, and a queue consumer never
+ * re-routes by a queue) is NAKed, redelivered up to max_deliver times, then
+ * put in the recipient's inbox (real Redis Cluster presence and inbox). */
+Test(nats, max_deliver_then_the_inbox)
+{
+    char region[64], ghost[64], user[64], err[256] = "";
+    region_name(region, sizeof(region), "park");
+    snprintf(ghost, sizeof(ghost), "%d-ghost", (int)getpid());
+    snprintf(user, sizeof(user), "%d-parked-user", (int)getpid());
+    mg_redis_cluster *rc = mg_redis_cluster_create(mg_test_require_env("MESHGATE_TEST_REDIS_NODES"),
+                                                   NULL, NULL, 1000, err, sizeof(err));
+    cr_assert(rc, "redis: %s", err);
+    /* The recipient is connected on another gateway of the region. */
+    mg_presence *other = mg_presence_redis_create(rc, ghost, region, 30);
+    cr_assert(other);
+    cr_assert_eq(other->ops->connect(other, user, "c1", mg_now_ms()), 0);
+    mg_recsink r;
+    mg_recsink_init(&r);
+    mg_local_sink sink = mg_recsink_sink(&r);
+    mg_router_config rcfg = {.gateway_id = "gw-a",
+                             .region = region,
+                             .hot_window_seconds = 10,
+                             .hot_threshold = 100000,
+                             .hot_capacity = 64,
+                             .dedupe_window = 1024};
+    mg_router *rt = mg_router_create(&rcfg, mg_presence_redis_create(rc, "gw-a", region, 30),
+                                     mg_inbox_redis_create(rc, 100, 3600), &sink, NULL);
+    mg_transport_nats_config cfg = {.urls = server(),
+                                    .region = region,
+                                    .gateway_id = "gw-a",
+                                    .ack_wait_ms = 3000,
+                                    .max_deliver = 3};
+    mg_transport *t = mg_transport_nats_create(&cfg, err, sizeof(err));
+    cr_assert(t, "%s", err);
+    mg_router_set_transport(rt, MG_PATH_NATS, t);
+    cr_assert_eq(mg_transport_nats_start_consumer(t, rt, err, sizeof(err)), 0, "%s", err);
+    mg_deliver_outcome out = send_to(t, region, "parked-1", user, MG_PRIO_HIGH);
+    cr_assert_eq(out.status, MG_STATUS_QUEUED, "%s", out.reason);
+    int64_t end = mg_mono_ms() + 20000;
+    while (counter("meshgate_nats_parked_total") < 1 && mg_mono_ms() < end)
+        usleep(50 * 1000);
+    cr_assert_eq(counter("meshgate_nats_parked_total"), 1, "not parked after 3 deliveries");
+    cr_assert_eq(counter("meshgate_nats_naks_total"), 2, "deliveries 1 and 2 NAKed");
+    cr_assert_eq(counter("meshgate_nats_redeliveries_total"), 2);
+    mg_inbox *ib = mg_router_inbox(rt);
+    mg_msg **items = NULL;
+    size_t n = 0;
+    cr_assert_eq(ib->ops->fetch(ib, user, 10, &items, &n), 0);
+    cr_assert_eq(n, 1);
+    cr_assert_str_eq(items[0]->id, "parked-1");
+    cr_assert_eq(ib->ops->ack(ib, user, "parked-1"), 0);
+    mg_inbox_items_free(items, n);
+    /* Acknowledged: never delivered again. */
+    usleep(4000 * 1000);
+    cr_assert_eq(counter("meshgate_nats_parked_total"), 1);
+    mg_transport_nats_stop(t, 5000);
+    mg_presence *mine = mg_router_presence(rt);
+    mine->ops->remove_gateway(mine);
+    mg_router_free(rt);
+    other->ops->remove_gateway(other);
+    mg_presence_free(other);
+    mg_recsink_destroy(&r);
+    mg_redis_cluster_free(rc);
     delete_stream(server(), region);
 }
 
