@@ -247,7 +247,7 @@ static long ndirty;
 
 static struct {
     long connect_fail, handshake_fail, closed, error_frames, ack_failed, ack_other, backlog_drop;
-    long path_local, path_grpc, path_kafka, path_pubsub, path_other;
+    long path_local, path_grpc, path_kafka, path_pubsub, path_nats, path_other;
     long open, acks_ok, recv_msgs, recv_other, sent, recv_measured, stale;
 } st;
 
@@ -422,6 +422,8 @@ static void on_text(conn *c, const char *p, size_t len, int64_t now)
                 st.path_kafka++;
             else if (memmem(p, len, "\"path\":\"redis-pubsub\"", 21))
                 st.path_pubsub++;
+            else if (memmem(p, len, "\"path\":\"nats\"", 13))
+                st.path_nats++;
             else
                 st.path_other++;
         } else {
@@ -922,8 +924,9 @@ static int mode_pairs(void)
          gw_rss_kb());
     j_errors();
     jadd(",\"acks_ok\":%ld,\"ack_path_local\":%ld,\"ack_path_grpc\":%ld,\"ack_path_kafka\":%ld,"
-         "\"ack_path_redis_pubsub\":%ld,\"ack_path_other\":%ld",
-         st.acks_ok, st.path_local, st.path_grpc, st.path_kafka, st.path_pubsub, st.path_other);
+         "\"ack_path_redis_pubsub\":%ld,\"ack_path_nats\":%ld,\"ack_path_other\":%ld",
+         st.acks_ok, st.path_local, st.path_grpc, st.path_kafka, st.path_pubsub, st.path_nats,
+         st.path_other);
     j_end();
     return (st.open == nconns && inflight == 0 && st.ack_failed == 0 && st.closed == 0) ? 0 : 1;
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/run.sh: meshgate benchmark scenarios (see BENCHMARKS.md).
 #
-#   bench/run.sh [all|idle|local|api|fanout|grpc|kafka|pubsub|presence|presence-sync]... [--long]
+#   bench/run.sh [all|idle|local|api|fanout|grpc|kafka|pubsub|nats|presence|presence-sync]... [--long]
 #
 # `make bench` = `bench/run.sh all` (short: under 3 minutes). --long gives the
 # real figures (100,000 idle connections, 30 s load phases, more rounds).
@@ -15,7 +15,7 @@
 #                  same load generator, for before/after pairs in one sitting
 #   BENCH_START_SERVICES=1   `all` starts tests/infra/services.sh when Redis/Kafka/Consul are down
 #                  (single grpc/kafka runs always do)
-#   IDLE_CONNS, LOCAL_PAIRS, LOCAL_WINDOW, FANOUT_USERS, GRPC_RATE, KAFKA_RATE, PUBSUB_RATE,
+#   IDLE_CONNS, LOCAL_PAIRS, LOCAL_WINDOW, FANOUT_USERS, GRPC_RATE, KAFKA_RATE, PUBSUB_RATE, NATS_RATE,
 #                  PHASE_SECONDS
 #                  override the scenario sizes
 # Output: $BENCH_OUT/<run>.jsonl (one JSON line per measurement), <run>.md (table),
@@ -32,12 +32,12 @@ for a in "$@"; do
   case $a in
     --long) LONG=1 ;;
     -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
-    all|idle|local|api|fanout|grpc|kafka|pubsub|presence|presence-sync) SCEN+=("$a") ;;
+    all|idle|local|api|fanout|grpc|kafka|pubsub|nats|presence|presence-sync) SCEN+=("$a") ;;
     *) echo "run.sh: unknown argument $a" >&2; exit 2 ;;
   esac
 done
 [ ${#SCEN[@]} -eq 0 ] && SCEN=(all)
-[ "${SCEN[0]}" = all ] && { ALL=1; SCEN=(idle local api fanout grpc kafka pubsub presence presence-sync); } || ALL=0
+[ "${SCEN[0]}" = all ] && { ALL=1; SCEN=(idle local api fanout grpc kafka pubsub nats presence presence-sync); } || ALL=0
 
 log() { echo "[bench $(date +%T)] $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -115,6 +115,7 @@ services_env() {
   REDIS_NODES=${MESHGATE_TEST_REDIS_NODES:-}
   KAFKA=${MESHGATE_TEST_KAFKA:-127.0.0.1:19092}
   CONSUL=${MESHGATE_TEST_CONSUL:-127.0.0.1:18500}
+  NATS=${MESHGATE_TEST_NATS:-nats://127.0.0.1:14222}
 }
 services_up() { # bounded: status, else start (when allowed)
   services_env
@@ -215,27 +216,33 @@ probe_path() {
   out=$(timeout 60 "$LOAD" pairs --port "$PB" --send-port "$PA" --pairs 1 --window 1 --count 20 \
     --seconds 15 --warmup 0 --settle 2 --drain 10 --prefix "probe$1$$-" 2>/dev/null)
   echo "$out" >>"$OUT/$RUN.probe.jsonl"
-  local g k l d r
+  local g k n l d r
   g=$(sed -n 's/.*"ack_path_grpc":\([0-9]*\).*/\1/p' <<<"$out")
   r=$(sed -n 's/.*"ack_path_redis_pubsub":\([0-9]*\).*/\1/p' <<<"$out")
   k=$(sed -n 's/.*"ack_path_kafka":\([0-9]*\).*/\1/p' <<<"$out")
+  n=$(sed -n 's/.*"ack_path_nats":\([0-9]*\).*/\1/p' <<<"$out")
   l=$(sed -n 's/.*"ack_path_local":\([0-9]*\).*/\1/p' <<<"$out")
   d=$(sed -n 's/.*"delivered":\([0-9]*\).*/\1/p' <<<"$out")
-  echo "grpc=${g:-0} kafka=${k:-0} pubsub=${r:-0} local=${l:-0} delivered=${d:-0}"
+  echo "grpc=${g:-0} kafka=${k:-0} pubsub=${r:-0} nats=${n:-0} local=${l:-0} delivered=${d:-0}"
+}
+
+# probe_by SCENARIO PATH: true when the probe's 20 messages all arrived, 15 or more acked by PATH;
+# else skips SCENARIO saying what the probe saw.
+probe_by() {
+  local pr n
+  pr=$(probe_path "${1:0:1}")
+  log "$1 probe: $pr"
+  n=${pr#*"$2"=}; n=${n%% *}
+  [ "${n:-0}" -ge 15 ] && [[ $pr == *"delivered=20"* ]] && return 0
+  skip "$1" "gateways do not route A -> B by $2 (probe: $pr)"
+  stop_gws
+  return 1
 }
 
 sc_grpc() {
   services_up || { skip grpc "Redis Cluster/Consul not running (make services-up)"; return 0; }
   two_gws r1 r1 || { skip grpc "gateways did not start with --presence redis-cluster --discovery consul"; stop_gws; return 0; }
-  local pr
-  pr=$(probe_path g)
-  log "grpc probe: $pr"
-  local pg=${pr#grpc=}; pg=${pg%% *}
-  if [ "${pg:-0}" -lt 15 ] || [[ $pr != *"delivered=20"* ]]; then
-    skip grpc "gateways do not route A->B by gRPC yet (probe: $pr)"
-    stop_gws
-    return 0
-  fi
+  probe_by grpc grpc || return 0
   local rate=${GRPC_RATE:-20000}
   load $LOADB pairs --port "$PB" --send-port "$PA" --pairs 64 --window 16 --seconds "$SECS" \
     --warmup 1 --count 100000000 --gw-pid "$PIDA,$PIDB" --scenario grpc --path grpc \
@@ -255,15 +262,7 @@ sc_kafka() {
   # hot threshold out of reach: every pair stays cold, so r1 -> r2 goes by Kafka
   two_gws r1 r2 --kafka-brokers "$KAFKA" --kafka-linger-ms "$linger" --hot-threshold 1000000000 \
     || { skip kafka "gateways did not start with --kafka-brokers"; stop_gws; return 0; }
-  local pr
-  pr=$(probe_path k)
-  log "kafka probe: $pr"
-  local pk=${pr#*kafka=}; pk=${pk%% *}
-  if [ "${pk:-0}" -lt 15 ] || [[ $pr != *"delivered=20"* ]]; then
-    skip kafka "gateways do not route cold cross-region pairs by Kafka yet (probe: $pr)"
-    stop_gws
-    return 0
-  fi
+  probe_by kafka kafka || return 0
   local rate=${KAFKA_RATE:-200}
   load $LOADB pairs --port "$PB" --send-port "$PA" --pairs 64 --rate "$rate" --seconds "$SECS" \
     --warmup 2 --count $((rate * (SECS + 3))) --drain 15 --gw-pid "$PIDA,$PIDB" --scenario kafka \
@@ -282,15 +281,7 @@ sc_pubsub() {
   services_up || { skip pubsub "Redis Cluster/Consul not running (make services-up)"; return 0; }
   two_gws r1 r1 --redis-pubsub true --near-route redis-pubsub,grpc \
     || { skip pubsub "gateways did not start with --redis-pubsub"; stop_gws; return 0; }
-  local pr
-  pr=$(probe_path p)
-  log "pubsub probe: $pr"
-  local pp=${pr#*pubsub=}; pp=${pp%% *}
-  if [ "${pp:-0}" -lt 15 ] || [[ $pr != *"delivered=20"* ]]; then
-    skip pubsub "gateways do not route A->B by redis-pubsub (probe: $pr)"
-    stop_gws
-    return 0
-  fi
+  probe_by pubsub pubsub || return 0
   local rate=${PUBSUB_RATE:-5000}
   load $LOADB pairs --port "$PB" --send-port "$PA" --pairs 64 --rate "$rate" --seconds "$SECS" \
     --warmup 1 --count $((rate * (SECS + 2))) --gw-pid "$PIDA,$PIDB" --scenario pubsub \
@@ -301,6 +292,22 @@ sc_pubsub() {
   load $LOADB pairs --port "$PB" --send-port "$PA" --pairs 64 --window 16 --low --seconds "$SECS" \
     --warmup 1 --count 100000000 --gw-pid "$PIDA,$PIDB" --scenario pubsub --path redis-pubsub \
     --label "redis-pubsub flat out, priority low" --prefix pl$$- >/dev/null
+  stop_gws
+}
+
+# the NATS JetStream bus: a cold cross-region pair, --far-route nats (HIGH waits for the PubAck)
+sc_nats() {
+  services_up || { skip nats "Redis Cluster/Consul/NATS not running (make services-up)"; return 0; }
+  two_gws r1 r2 --nats-url "$NATS" --far-route nats,inbox --hot-threshold 1000000000 \
+    || { skip nats "gateways did not start with --nats-url $NATS"; stop_gws; return 0; }
+  probe_by nats nats || return 0
+  local rate=${NATS_RATE:-5000}
+  load $LOADB pairs --port "$PB" --send-port "$PA" --pairs 64 --rate "$rate" --seconds "$SECS" \
+    --warmup 2 --count $((rate * (SECS + 3))) --drain 15 --gw-pid "$PIDA,$PIDB" --scenario nats \
+    --path nats --label "nats cold, $rate/s" --prefix nr$$- >/dev/null
+  load $LOADB pairs --port "$PB" --send-port "$PA" --pairs 64 --window 16 --seconds "$SECS" \
+    --warmup 2 --count 100000000 --drain 15 --gw-pid "$PIDA,$PIDB" --scenario nats --path nats \
+    --label "nats cold, flat out, HIGH" --prefix nf$$- >/dev/null
   stop_gws
 }
 

@@ -242,6 +242,12 @@ int mg_config_validate(const mg_config *cfg, char *err, size_t errlen)
         return -EINVAL;
     if (cfg->jwks_refresh_seconds < 1 || cfg->jwks_min_refetch_seconds < 1)
         FAIL("--jwks-refresh-seconds and --jwks-min-refetch-seconds must be at least 1");
+    if (cfg->nats_replicas < 1 || cfg->nats_replicas > 5)
+        FAIL("--nats-replicas must be within 1..5 (JetStream's limit)");
+    if (cfg->nats_max_age_seconds < 1 || cfg->nats_timeout_ms < 1 || cfg->nats_ack_wait_ms < 1 ||
+        cfg->nats_max_deliver < 1 || cfg->nats_max_pending < 1)
+        FAIL("--nats-max-age-seconds, --nats-timeout-ms, --nats-ack-wait-ms, --nats-max-deliver "
+             "and --nats-max-pending must be at least 1");
     return 0;
 #undef FAIL
 }
@@ -258,5 +264,7 @@ void mg_config_clear(mg_config *cfg)
 
 int64_t mg_config_send_deadline_ms(const mg_config *cfg)
 {
-    return cfg->peer_deadline_ms + cfg->kafka_timeout_ms + 1000;
+    int64_t bus =
+        cfg->kafka_timeout_ms > cfg->nats_timeout_ms ? cfg->kafka_timeout_ms : cfg->nats_timeout_ms;
+    return cfg->peer_deadline_ms + bus + 1000;
 }

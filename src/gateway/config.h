@@ -217,6 +217,22 @@
       "producer queue bound; LOW messages are dropped beyond it")                                  \
     X(INT, kafka_retry_budget_ms, "kafka-retry-budget-ms", "MESHGATE_KAFKA_RETRY_BUDGET_MS",       \
       "30000", "ms", "consumer retries one record this long, then puts it in the inbox")           \
+    X(STR, nats_url, "nats-url", "MESHGATE_NATS_URL", "", "nats://host:port,...",                  \
+      "NATS servers with JetStream, comma-separated (empty: no NATS path); "                       \
+      "unreachable at start: the gateway exits naming them")                                       \
+    X(INT, nats_replicas, "nats-replicas", "MESHGATE_NATS_REPLICAS", "1", "replicas",              \
+      "replicas of the region's stream this gateway creates (3 on a 3-node cluster)")              \
+    X(INT, nats_max_age_seconds, "nats-max-age-seconds", "MESHGATE_NATS_MAX_AGE_SECONDS", "86400", \
+      "s", "messages older than this leave the region's stream unhandled")                         \
+    X(INT, nats_timeout_ms, "nats-timeout-ms", "MESHGATE_NATS_TIMEOUT_MS", "5000", "ms",           \
+      "how long a HIGH send waits for the stream's PubAck, then the next step")                    \
+    X(INT, nats_ack_wait_ms, "nats-ack-wait-ms", "MESHGATE_NATS_ACK_WAIT_MS", "30000", "ms",       \
+      "a consumed message not acknowledged this long is redelivered (to any gateway of "           \
+      "the region)")                                                                               \
+    X(INT, nats_max_deliver, "nats-max-deliver", "MESHGATE_NATS_MAX_DELIVER", "5", "deliveries",   \
+      "deliveries of one stream message whose handling fails; the last puts it in the inbox")      \
+    X(INT, nats_max_pending, "nats-max-pending", "MESHGATE_NATS_MAX_PENDING", "65536", "messages", \
+      "publishes awaiting their PubAck; beyond it a send fails at once (LOW dropped)")             \
     X(INT, hot_window_seconds, "hot-window-seconds", "MESHGATE_HOT_WINDOW_SECONDS", "10", "s",     \
       "sliding window of hot-pair rates")                                                          \
     X(INT, hot_threshold, "hot-threshold", "MESHGATE_HOT_THRESHOLD", "20", "messages",             \
@@ -249,7 +265,7 @@ void mg_config_print_help(FILE *out, int markdown);
 
 /* The deadline of a send nobody waits for (a WebSocket send, a LOW gRPC
  * send): long enough for a peer attempt and its Kafka fallback,
- * --peer-deadline-ms + --kafka-timeout-ms + 1 s. */
+ * --peer-deadline-ms + the longer of --kafka-timeout-ms and --nats-timeout-ms + 1 s. */
 int64_t mg_config_send_deadline_ms(const mg_config *cfg);
 
 /* Splits "host:port" into host (caller frees) and port. -EINVAL when malformed. */

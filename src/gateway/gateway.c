@@ -20,6 +20,7 @@
 #include "router/transport_grpc.h"
 #include "router/transport_kafka.h"
 #include "router/transport_redis_pubsub.h"
+#include "router/transport_nats.h"
 
 #include <arpa/inet.h>
 #include <stddef.h>
@@ -42,6 +43,7 @@ struct mg_gateway {
     mg_consul *consul;
     mg_transport *kafka;  /* owned by the router; kept to stop its consumer */
     mg_transport *pubsub; /* owned by the router; kept to unsubscribe */
+    mg_transport *nats;   /* owned by the router; kept to stop its consumer */
     mg_presence *sync;    /* --presence-sync: the router's presence store, kept to stop it */
     char *advertise;
     bool stopped;
@@ -152,6 +154,33 @@ static int make_pubsub(mg_gateway *gw, char *err, size_t errlen)
 
 /* Peer transports: gRPC direct (needs discovery), Kafka (needs brokers) and
  * Redis Pub/Sub (--redis-pubsub). */
+
+/* The NATS JetStream bus (needs servers): its region stream and consumer. */
+static int make_nats(mg_gateway *gw, char *err, size_t errlen)
+{
+    const mg_config *cfg = gw->cfg;
+    mg_transport_nats_config ncfg = {
+        .urls = cfg->nats_url,
+        .region = cfg->region,
+        .gateway_id = cfg->id,
+        .replicas = (int)cfg->nats_replicas,
+        .max_age_seconds = (int)cfg->nats_max_age_seconds,
+        .timeout_ms = (int)cfg->nats_timeout_ms,
+        .ack_wait_ms = (int)cfg->nats_ack_wait_ms,
+        .max_deliver = (int)cfg->nats_max_deliver,
+        .max_pending = (int)cfg->nats_max_pending,
+        .max_message_bytes = (size_t)cfg->grpc_max_message_bytes,
+    };
+    mg_transport *n = mg_transport_nats_create(&ncfg, err, errlen);
+    if (!n)
+        return -EHOSTUNREACH;
+    mg_router_set_transport(gw->router, MG_PATH_NATS, n);
+    gw->nats = n;
+    return mg_transport_nats_start_consumer(n, gw->router, err, errlen);
+}
+
+/* Peer transports: gRPC direct (needs discovery), Kafka (needs brokers) and
+ * NATS (needs servers). */
 static int make_transports(mg_gateway *gw, char *err, size_t errlen)
 {
     const mg_config *cfg = gw->cfg;
@@ -200,8 +229,13 @@ static int make_transports(mg_gateway *gw, char *err, size_t errlen)
             return rc;
         }
     }
-    if (cfg->redis_pubsub)
-        return make_pubsub(gw, err, errlen);
+    if (cfg->redis_pubsub) {
+        int rc = make_pubsub(gw, err, errlen);
+        if (rc != 0)
+            return rc;
+    }
+    if (cfg->nats_url[0])
+        return make_nats(gw, err, errlen);
     return 0;
 }
 
@@ -268,8 +302,8 @@ static int start_discovery(mg_gateway *gw, char *err, size_t errlen)
     if (gw->advertise != host)
         free(host);
     char buses[96]; /* what this gateway consumes, for senders choosing a bus */
-    snprintf(buses, sizeof(buses), "grpc%s%s", cfg->kafka_brokers[0] ? ",kafka" : "",
-             cfg->redis_pubsub ? ",redis-pubsub" : "");
+    snprintf(buses, sizeof(buses), "grpc%s%s%s", cfg->kafka_brokers[0] ? ",kafka" : "",
+             cfg->redis_pubsub ? ",redis-pubsub" : "", cfg->nats_url[0] ? ",nats" : "");
     mg_consul_config ccfg = {
         .addr = cfg->consul_addr,
         .token = cfg->consul_token,
@@ -428,6 +462,8 @@ void mg_gateway_stop(mg_gateway *gw)
         mg_presence_sync_stop(gw->sync); /* no new inbox hand-over */
     if (gw->pubsub)
         mg_transport_redis_pubsub_stop(gw->pubsub); /* unsubscribe; waits go the next step */
+    if (gw->nats)
+        mg_transport_nats_stop(gw->nats, 5000); /* ack handled messages, await PubAcks */
     if (gw->router)
         mg_router_drain(gw->router, 35000); /* operations in flight need the pool */
     mg_pool_free(gw->pool);                 /* runs the jobs still queued */

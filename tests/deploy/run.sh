@@ -56,7 +56,7 @@ user=$(grep -E '^USER ' "$df" | tail -n1 | awk '{print $2}')
 case "${user%%:*}" in ''|0|root) bad "Dockerfile: last USER is '${user:-none}', want non-root" ;; *) ok "Dockerfile: runs as $user" ;; esac
 missing=""
 for p in build-essential cmake pkg-config libgrpc-dev protobuf-c-compiler libprotobuf-c-dev libhiredis-dev \
-         librdkafka-dev libwebsockets-dev libcurl4-openssl-dev libjansson-dev libjwt-dev libssl-dev; do
+         librdkafka-dev libnats-dev libwebsockets-dev libcurl4-openssl-dev libjansson-dev libjwt-dev libssl-dev; do
   grep -qE "(^|[[:space:]])$p([[:space:]]|\\\\|$)" "$df" || missing="$missing $p"
 done
 [ -z "$missing" ] && ok "Dockerfile: build packages" || bad "Dockerfile: build packages missing:$missing"

@@ -6,7 +6,7 @@
 set -euo pipefail
 
 PKGS=(build-essential cmake pkg-config libgrpc-dev protobuf-c-compiler libprotobuf-c-dev
-      libhiredis-dev librdkafka-dev libwebsockets-dev libwebsockets-evlib-ev libev-dev
+      libhiredis-dev librdkafka-dev libnats-dev libwebsockets-dev libwebsockets-evlib-ev libev-dev
       libcurl4-openssl-dev libcriterion-dev
       libjansson-dev libjwt-dev libssl-dev redis-server redis-tools clang-format clang
       python3-grpcio python3-protobuf python3-grpc-tools protobuf-compiler maven valgrind
@@ -68,12 +68,12 @@ if command -v systemctl >/dev/null 2>&1 && systemctl is-enabled --quiet promethe
   systemctl disable --now prometheus >/dev/null 2>&1 || true
 fi
 
-# Go toolchain check (Consul v1.22 / Helm v3.16 need a recent Go).
+# Go toolchain check (Consul v1.22 / Helm v3.16 / nats-server v2.15 need a recent Go).
 GO=$(command -v go || echo /usr/local/go/bin/go)
 if [ -x "$GO" ]; then
   gv=$("$GO" env GOVERSION 2>/dev/null | sed 's/^go//')
   case "$(printf '%s\n1.25\n' "${gv%%[!0-9.]*}" | sort -V | head -1)" in
     1.25) ;;
-    *) echo "install-deps: warning: go $gv is older than 1.25; consul.sh/helm.sh builds will fail" >&2 ;;
+    *) echo "install-deps: warning: go $gv is older than 1.25; consul.sh/helm.sh/nats.sh builds will fail" >&2 ;;
   esac
 fi

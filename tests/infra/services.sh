@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Start/stop all real test services (Redis Cluster, Redis with Sentinel, Kafka, Consul dev + ACL
-# agents) in parallel
+# Start/stop all real test services (Redis Cluster x2, Redis with Sentinel, Kafka, Consul dev +
+# ACL agents, NATS) in parallel
 # and write $MESHGATE_RUN/services.env for the tests (source it, or `include` it from make).
 # Usage: tests/infra/services.sh up|down|env|status
 #   MESHGATE_RUN (default /tmp/meshgate-run), MESHGATE_CACHE (default ~/.cache/meshgate)
@@ -38,6 +38,7 @@ cmd_up() {
   bg redis-b env MESHGATE_REDIS_BASE_PORT="$REDIS_B_BASE" "$HERE/redis-cluster.sh" start
   bg sentinel "$HERE/redis-sentinel.sh" start
   bg kafka "$HERE/kafka.sh" start
+  bg nats "$HERE/nats.sh" start
   if [ "$WITH_ACL" = 1 ]; then
     bg consul bash -c '"$1" start && "$1" start-acl' _ "$HERE/consul.sh"   # one build, two agents
   else
@@ -56,6 +57,8 @@ cmd_up() {
     echo "export MESHGATE_TEST_SENTINEL_MASTER=$("$HERE/redis-sentinel.sh" master)"
     echo "export MESHGATE_TEST_KAFKA=127.0.0.1:${MESHGATE_KAFKA_PORT:-19092}"
     echo "export MESHGATE_TEST_CONSUL=127.0.0.1:${MESHGATE_CONSUL_HTTP_PORT:-18500}"
+    # Not MESHGATE_NATS_URL: that is the gateway's own --nats-url variable.
+    echo "export MESHGATE_TEST_NATS=$("$HERE/nats.sh" url)"
     if [ "$WITH_ACL" = 1 ]; then
       echo "export MESHGATE_TEST_CONSUL_ACL=127.0.0.1:${MESHGATE_CONSUL_ACL_HTTP_PORT:-18600}"
       echo "export MESHGATE_TEST_CONSUL_ACL_TOKEN=$("$HERE/consul.sh" token)"
@@ -70,6 +73,7 @@ cmd_down() {
   bg redis-b env MESHGATE_REDIS_BASE_PORT="$REDIS_B_BASE" "$HERE/redis-cluster.sh" stop
   bg sentinel "$HERE/redis-sentinel.sh" stop
   bg kafka "$HERE/kafka.sh" stop
+  bg nats "$HERE/nats.sh" stop
   bg consul "$HERE/consul.sh" stop
   bg consul-acl "$HERE/consul.sh" stop-acl
   wait_all
@@ -82,6 +86,7 @@ cmd_status() {
   MESHGATE_REDIS_BASE_PORT="$REDIS_B_BASE" "$HERE/redis-cluster.sh" status || rc=1
   "$HERE/redis-sentinel.sh" status || rc=1
   "$HERE/kafka.sh" status || rc=1
+  "$HERE/nats.sh" status || rc=1
   "$HERE/consul.sh" status || rc=1
   [ "$WITH_ACL" = 1 ] && { "$HERE/consul.sh" status-acl || rc=1; }
   return $rc

@@ -19,6 +19,7 @@
 #include "router/transport_kafka.h"
 #include "support/mg_test.h"
 
+#include "support/mg_recsink.h"
 #include "support/mg_wait.h"
 
 #include <criterion/criterion.h>
@@ -68,70 +69,6 @@ static void teardown(void)
 TestSuite(kafka, .init = setup_shared, .fini = teardown, .timeout = 120);
 TestSuite(kafka_chaos, .init = setup_exclusive, .fini = teardown, .timeout = 240);
 
-/* ---- a recording local sink ---- */
-
-typedef struct rec {
-    pthread_mutex_t mu;
-    mg_map *seen; /* msg id -> count */
-    int total;
-    int64_t lat_us[1024];
-    int nlat;
-} rec;
-
-static void rec_init(rec *r)
-{
-    memset(r, 0, sizeof(*r));
-    pthread_mutex_init(&r->mu, NULL);
-    r->seen = mg_map_create(64);
-}
-
-static void rec_destroy(rec *r)
-{
-    mg_map_free(r->seen);
-    pthread_mutex_destroy(&r->mu);
-}
-
-static int rec_count(rec *r, const char *id)
-{
-    pthread_mutex_lock(&r->mu);
-    int n = (int)(intptr_t)mg_map_get(r->seen, id);
-    pthread_mutex_unlock(&r->mu);
-    return n;
-}
-
-static int rec_total(rec *r)
-{
-    pthread_mutex_lock(&r->mu);
-    int n = r->total;
-    pthread_mutex_unlock(&r->mu);
-    return n;
-}
-
-static int sink_deliver(void *arg, const mg_msg *msg, const char *conn_id, bool from_inbox,
-                        mg_written_fn written, void *written_arg)
-{
-    rec *r = arg;
-    int64_t now = mg_mono_us(), sent = 0;
-    pthread_mutex_lock(&r->mu);
-    intptr_t n = (intptr_t)mg_map_get(r->seen, msg->id);
-    mg_map_put(r->seen, msg->id, (void *)(n + 1));
-    r->total++;
-    if (msg->content_len == sizeof(sent) && r->nlat < 1024) {
-        memcpy(&sent, msg->content, sizeof(sent));
-        r->lat_us[r->nlat++] = now - sent;
-    }
-    pthread_mutex_unlock(&r->mu);
-    if (written)
-        written(written_arg, 1);
-    return 1;
-}
-
-static int sink_disconnect(void *arg, const char *user, const char *conn_id, int code,
-                           const char *reason)
-{
-    return 0;
-}
-
 /* ---- helpers ---- */
 
 static const char *broker(void)
@@ -144,9 +81,9 @@ static void region_name(char *buf, size_t len, const char *test)
     snprintf(buf, len, "%d-%s", (int)getpid(), test);
 }
 
-static mg_router *make_router(const char *gw, const char *region, rec *r, int users)
+static mg_router *make_router(const char *gw, const char *region, mg_recsink *r, int users)
 {
-    mg_local_sink sink = {sink_deliver, sink_disconnect, r};
+    mg_local_sink sink = mg_recsink_sink(r);
     mg_router_config rc = {.gateway_id = gw,
                            .region = region,
                            .hot_window_seconds = 10,
@@ -194,17 +131,6 @@ static mg_deliver_outcome send_to(mg_transport *t, const char *region, const cha
     mg_msg_free(m);
     cr_assert_eq(rc, 0);
     return out;
-}
-
-typedef struct {
-    rec *r;
-    int n;
-} total_arg;
-
-static bool total_reached(void *arg)
-{
-    total_arg *a = arg;
-    return rec_total(a->r) >= a->n;
 }
 
 typedef struct {
@@ -263,8 +189,8 @@ Test(kafka, produce_consume_delivers_once)
 {
     char region[64];
     region_name(region, sizeof(region), "once");
-    rec r;
-    rec_init(&r);
+    mg_recsink r;
+    mg_recsink_init(&r);
     mg_router *rt = make_router("gw-a", region, &r, 10);
     mg_transport *t = make_transport("gw-a", region, 5000);
     mg_router_set_transport(rt, MG_PATH_KAFKA, t);
@@ -285,14 +211,14 @@ Test(kafka, produce_consume_delivers_once)
         cr_assert_eq(out.status, MG_STATUS_QUEUED, "msg %d: %s", i, out.reason);
     }
     qsort(ack_us, N, sizeof(int64_t), cmp64);
-    total_arg ta = {&r, N};
-    cr_assert(mg_wait_until(total_reached, &ta, 30000), "delivered %d of %d", rec_total(&r), N);
+    cr_assert(mg_recsink_wait_total(&r, N, 30000), "delivered %d of %d", mg_recsink_total(&r), N);
     usleep(1000000); /* nothing more may come */
-    cr_assert_eq(rec_total(&r), N);
+    cr_assert_eq(mg_recsink_total(&r), N);
     for (int i = 0; i < N; i++) {
         char id[32];
         snprintf(id, sizeof(id), "h%d", i);
-        cr_assert_eq(rec_count(&r, id), 1, "%s delivered %d times", id, rec_count(&r, id));
+        cr_assert_eq(mg_recsink_count(&r, id), 1, "%s delivered %d times", id,
+                     mg_recsink_count(&r, id));
     }
     pthread_mutex_lock(&r.mu);
     qsort(r.lat_us, (size_t)r.nlat, sizeof(int64_t), cmp64);
@@ -300,7 +226,7 @@ Test(kafka, produce_consume_delivers_once)
     pthread_mutex_unlock(&r.mu);
 
     /* A LOW burst: ACCEPTED at once, delivered without waiting per message. */
-    int low0 = rec_total(&r);
+    int low0 = mg_recsink_total(&r);
     pthread_mutex_lock(&r.mu);
     r.nlat = 0;
     pthread_mutex_unlock(&r.mu);
@@ -311,9 +237,8 @@ Test(kafka, produce_consume_delivers_once)
         mg_deliver_outcome out = send_to(t, region, id, user, MG_PRIO_LOW);
         cr_assert_eq(out.status, MG_STATUS_ACCEPTED, "msg %d: %s", i, out.reason);
     }
-    ta.n = low0 + N;
-    cr_assert(mg_wait_until(total_reached, &ta, 30000), "LOW delivered %d of %d",
-              rec_total(&r) - low0, N);
+    cr_assert(mg_recsink_wait_total(&r, low0 + N, 30000), "LOW delivered %d of %d",
+              mg_recsink_total(&r) - low0, N);
     pthread_mutex_lock(&r.mu);
     qsort(r.lat_us, (size_t)r.nlat, sizeof(int64_t), cmp64);
     int64_t lp50 = r.lat_us[r.nlat / 2], lp99 = r.lat_us[r.nlat * 99 / 100];
@@ -328,7 +253,7 @@ Test(kafka, produce_consume_delivers_once)
     mg_transport_kafka_stop(t, 5000);
     mg_router_free(rt);
     delete_topic(region);
-    rec_destroy(&r);
+    mg_recsink_destroy(&r);
 }
 
 /* Committed offsets of group meshgate-<region> on its topic, summed. */
@@ -362,8 +287,8 @@ Test(kafka, undecodable_record_is_skipped_counted_and_committed)
     char region[64], topic[160], e[512];
     region_name(region, sizeof(region), "bad");
     snprintf(topic, sizeof(topic), PREFIX "%s", region);
-    rec r;
-    rec_init(&r);
+    mg_recsink r;
+    mg_recsink_init(&r);
     mg_router *rt = make_router("gw-a", region, &r, 1);
     mg_transport *t = make_transport("gw-a", region, 5000);
     mg_router_set_transport(rt, MG_PATH_KAFKA, t);
@@ -388,25 +313,24 @@ Test(kafka, undecodable_record_is_skipped_counted_and_committed)
 
     mg_deliver_outcome out = send_to(t, region, "good-1", "u0", MG_PRIO_HIGH);
     cr_assert_eq(out.status, MG_STATUS_QUEUED, "%s", out.reason);
-    total_arg ta = {&r, 1};
-    cr_assert(mg_wait_until(total_reached, &ta, 30000), "the good record after the bad one "
-                                                        "was not delivered");
-    cr_assert_eq(rec_count(&r, "good-1"), 1);
+    cr_assert(mg_recsink_wait_total(&r, 1, 30000), "the good record after the bad one "
+                                                   "was not delivered");
+    cr_assert_eq(mg_recsink_count(&r, "good-1"), 1);
     cr_assert_eq(counter("meshgate_kafka_bad_records_total"), bad0 + 1);
     mg_transport_kafka_stop(t, 5000);
     cr_assert_eq(committed_sum(region), 2, "offsets did not move past both records");
     mg_router_free(rt);
     delete_topic(region);
-    rec_destroy(&r);
+    mg_recsink_destroy(&r);
 }
 
 Test(kafka, one_group_per_region_handles_each_message_once)
 {
     char region[64];
     region_name(region, sizeof(region), "group");
-    rec ra, rb;
-    rec_init(&ra);
-    rec_init(&rb);
+    mg_recsink ra, rb;
+    mg_recsink_init(&ra);
+    mg_recsink_init(&rb);
     enum { USERS = 24, N = 120 };
     mg_router *a = make_router("gw-a", region, &ra, USERS);
     mg_router *b = make_router("gw-b", region, &rb, USERS);
@@ -428,25 +352,27 @@ Test(kafka, one_group_per_region_handles_each_message_once)
         cr_assert_eq(out.status, MG_STATUS_QUEUED, "%s", out.reason);
     }
     int64_t end = mg_mono_ms() + 30000;
-    while (rec_total(&ra) + rec_total(&rb) < N && mg_mono_ms() < end)
+    while (mg_recsink_total(&ra) + mg_recsink_total(&rb) < N && mg_mono_ms() < end)
         usleep(20000);
     usleep(1000000);
-    cr_assert_eq(rec_total(&ra) + rec_total(&rb), N, "a=%d b=%d", rec_total(&ra), rec_total(&rb));
+    cr_assert_eq(mg_recsink_total(&ra) + mg_recsink_total(&rb), N, "a=%d b=%d",
+                 mg_recsink_total(&ra), mg_recsink_total(&rb));
     for (int i = 0; i < N; i++) {
         char id[32];
         snprintf(id, sizeof(id), "g%d", i);
-        cr_assert_eq(rec_count(&ra, id) + rec_count(&rb, id), 1, "%s handled %d times", id,
-                     rec_count(&ra, id) + rec_count(&rb, id));
+        cr_assert_eq(mg_recsink_count(&ra, id) + mg_recsink_count(&rb, id), 1,
+                     "%s handled %d times", id,
+                     mg_recsink_count(&ra, id) + mg_recsink_count(&rb, id));
     }
-    cr_assert_gt(rec_total(&ra), 0, "gateway a handled nothing");
-    cr_assert_gt(rec_total(&rb), 0, "gateway b handled nothing");
+    cr_assert_gt(mg_recsink_total(&ra), 0, "gateway a handled nothing");
+    cr_assert_gt(mg_recsink_total(&rb), 0, "gateway b handled nothing");
     mg_transport_kafka_stop(ta, 5000);
     mg_transport_kafka_stop(tb, 5000);
     mg_router_free(a);
     mg_router_free(b);
     delete_topic(region);
-    rec_destroy(&ra);
-    rec_destroy(&rb);
+    mg_recsink_destroy(&ra);
+    mg_recsink_destroy(&rb);
 }
 
 Test(kafka, redelivery_after_a_consumer_died_reaches_the_client_once)
@@ -455,8 +381,8 @@ Test(kafka, redelivery_after_a_consumer_died_reaches_the_client_once)
     region_name(region, sizeof(region), "redeliver");
     snprintf(topic, sizeof(topic), PREFIX "%s", region);
     snprintf(group, sizeof(group), "meshgate-%s", region);
-    rec r;
-    rec_init(&r);
+    mg_recsink r;
+    mg_recsink_init(&r);
     mg_router *rt = make_router("gw-a", region, &r, 5);
     mg_transport *t = make_transport("gw-a", region, 5000);
     mg_router_set_transport(rt, MG_PATH_KAFKA, t);
@@ -500,7 +426,7 @@ Test(kafka, redelivery_after_a_consumer_died_reaches_the_client_once)
     }
     rd_kafka_destroy_flags(dying, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE);
     cr_assert_eq(handled, N, "the first consumer handled %d of %d", handled, N);
-    cr_assert_eq(rec_total(&r), N);
+    cr_assert_eq(mg_recsink_total(&r), N);
 
     /* The region's next consumer gets the partitions once the dead member's
      * session expires and handles every record again; dedupe drops them. */
@@ -513,17 +439,18 @@ Test(kafka, redelivery_after_a_consumer_died_reaches_the_client_once)
     cr_assert_eq(counter("meshgate_kafka_consumed_total") - consumed0, N, "redelivered %lld of %d",
                  (long long)(counter("meshgate_kafka_consumed_total") - consumed0), N);
     cr_assert_eq(counter("meshgate_duplicates_dropped_total") - dups0, N);
-    cr_assert_eq(rec_total(&r), N, "the client saw %d deliveries of %d messages", rec_total(&r), N);
+    cr_assert_eq(mg_recsink_total(&r), N, "the client saw %d deliveries of %d messages",
+                 mg_recsink_total(&r), N);
     for (int i = 0; i < N; i++) {
         char id[32];
         snprintf(id, sizeof(id), "d%d", i);
-        cr_assert_eq(rec_count(&r, id), 1);
+        cr_assert_eq(mg_recsink_count(&r, id), 1);
     }
     mg_transport_kafka_stop(t, 5000);
     cr_assert_eq(committed_sum(region), N);
     mg_router_free(rt);
     delete_topic(region);
-    rec_destroy(&r);
+    mg_recsink_destroy(&r);
 }
 
 /* ---- broker restart mid-run ---- */
@@ -576,8 +503,8 @@ Test(kafka_chaos, broker_restart_high_fails_clearly_and_nothing_queued_is_lost)
     const char *infra = mg_test_env("MESHGATE_TEST_INFRA");
     snprintf(cmd, sizeof(cmd), "%s/kafka.sh restart-broker >/dev/null 2>&1",
              infra ? infra : MG_SOURCE_DIR "/tests/infra");
-    rec r;
-    rec_init(&r);
+    mg_recsink r;
+    mg_recsink_init(&r);
     mg_router *rt = make_router("gw-a", region, &r, 8);
     mg_transport *t = make_transport("gw-a", region, TIMEOUT_MS);
     mg_router_set_transport(rt, MG_PATH_KAFKA, t);
@@ -628,17 +555,18 @@ Test(kafka_chaos, broker_restart_high_fails_clearly_and_nothing_queued_is_lost)
     while (missing > 0 && mg_mono_ms() < end) {
         missing = 0;
         for (int i = 0; i < s->n; i++)
-            if (s->items[i].status == MG_STATUS_QUEUED && rec_count(&r, s->items[i].id) == 0)
+            if (s->items[i].status == MG_STATUS_QUEUED && mg_recsink_count(&r, s->items[i].id) == 0)
                 missing++;
         if (missing)
             usleep(100000);
     }
     cr_assert_eq(missing, 0, "%d messages answered QUEUED were never delivered", missing);
     for (int i = 0; i < s->n; i++)
-        cr_assert_leq(rec_count(&r, s->items[i].id), 1, "%s delivered twice", s->items[i].id);
+        cr_assert_leq(mg_recsink_count(&r, s->items[i].id), 1, "%s delivered twice",
+                      s->items[i].id);
     mg_transport_kafka_stop(t, 5000);
     mg_router_free(rt);
     delete_topic(region);
-    rec_destroy(&r);
+    mg_recsink_destroy(&r);
     free(s);
 }

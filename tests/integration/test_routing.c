@@ -146,18 +146,7 @@ static void kill_gw(int i)
 /* The value of a /metrics sample `name{labels}` of gateway i (0 when absent). */
 static double metric(int i, const char *name_labels)
 {
-    char *body = NULL;
-    double v = 0;
-    if (mg_http_get(C.gw[i]->ws_port, "/metrics", &body) == 200 && body) {
-        /* A sample line, not the # HELP / # TYPE lines naming it. */
-        char key[256];
-        snprintf(key, sizeof(key), "\n%s", name_labels);
-        char *p = strstr(body, key);
-        if (p)
-            v = strtod(p + strlen(key), NULL);
-    }
-    free(body);
-    return v;
+    return mg_gw_metric(C.gw[i], name_labels);
 }
 
 static double messages_total(int i, const char *path, const char *status)

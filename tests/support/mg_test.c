@@ -341,3 +341,19 @@ bool mg_gw_wait_peer(const mg_gw *gw, const char *peer_id, int timeout_ms)
         usleep(100 * 1000);
     }
 }
+
+double mg_gw_metric(const mg_gw *gw, const char *name_labels)
+{
+    char *body = NULL;
+    double v = 0;
+    if (mg_http_get(gw->ws_port, "/metrics", &body) == 200 && body) {
+        /* A sample line, not the # HELP / # TYPE lines naming it. */
+        char key[256];
+        snprintf(key, sizeof(key), "\n%s", name_labels);
+        char *p = strstr(body, key);
+        if (p)
+            v = strtod(p + strlen(key), NULL);
+    }
+    free(body);
+    return v;
+}

@@ -51,6 +51,10 @@ void mg_gw_free(mg_gw *gw);
 /* Whether the gateway's log contains needle. */
 bool mg_gw_log_contains(const mg_gw *gw, const char *needle);
 
+/* The value of the /metrics sample "name{labels} " (or "name ", with the
+ * space) of gw, or 0 when absent or unreachable. */
+double mg_gw_metric(const mg_gw *gw, const char *name_labels);
+
 /* A plain HTTP/1.0 GET on 127.0.0.1:port. Returns the status code (or -1)
  * and, when body is not NULL, the body (caller frees). */
 int mg_http_get(int port, const char *path, char **body);

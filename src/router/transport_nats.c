@@ -1,0 +1,813 @@
+/* transport_nats.c: the NATS JetStream path: publisher to region streams
+ * and the region's shared durable pull consumer (see transport_nats.h for
+ * the contract).
+ *
+ * DESIGN
+ * Publisher. One nats.c connection per gateway and one JetStream context
+ * whose PublishAsync.AckHandler receives every PubAck (or its error, or the
+ * library's MaxWait timeout) on nats.c's delivery thread. A HIGH send puts a
+ * small report (the caller's done callback) in `reports`, keyed by the
+ * natsMsg it publishes, before js_PublishMsgAsync (the PubAck may come back
+ * before that call returns), and the handler takes it out and answers:
+ * QUEUED, or FAILED. Every publish carries MaxWait = min(deadline,
+ * timeout_ms), so every report is answered within its bound; `pending`
+ * counts publishes awaiting a PubAck and refuses beyond max_pending (the
+ * library's own bound is set higher, so js_PublishMsgAsync never stalls a
+ * router thread).
+ *
+ * Consumer. The "nats-consume" thread fetches up to the free room of
+ * max_inflight messages (a no-wait pull of what the stream has or, when it
+ * has nothing, a pull waiting at most FETCH_WAIT_MS for one message: it
+ * waits for the server, not for operations), decodes each and starts its
+ * operation (mg_router_deliver_from_queue). The operation's completion, on
+ * whatever thread ends it, acknowledges the message (natsMsg_Ack is a
+ * publish: it does not block) or NAKs it with a backoff; the last delivery
+ * of a failed message (max_deliver) is handed back to "nats-consume", which
+ * writes it to the inbox (the one blocking store call here, on a failure
+ * path, as the Kafka consumer does) and acknowledges it. Messages are handled
+ * concurrently: unlike a Kafka partition, a recipient's order is not kept
+ * across messages fetched together, nor across the region's gateways.
+ *
+ * Threads: deliver()/available() from any router thread; the PubAck handler
+ * on nats.c's thread; "nats-consume" owned here; create/start/stop/free from
+ * the control thread. nats.c's own threads (read loop, flusher, reconnect)
+ * run the connection callbacks, which only log.
+ */
+#include "router/transport_nats.h"
+#include "common/mg_alloc.h"
+#include "common/mg_log.h"
+#include "common/mg_map.h"
+#include "common/mg_metrics.h"
+#include "common/mg_time.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <nats/nats.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define FETCH_MAX             256 /* messages asked for in one fetch */
+#define FETCH_WAIT_MS         200 /* a fetch's wait for the server */
+#define NAK_DELAY_MIN_MS      100 /* first redelivery backoff, doubled per delivery */
+#define NAK_DELAY_MAX_MS      5000
+#define DUPLICATE_WINDOW_NS   (120LL * 1000000000LL)
+#define ERROR_LOG_INTERVAL_MS 5000
+#define BAD_MSG_LOG_EVERY     100
+
+/* A HIGH publish awaiting its PubAck. */
+typedef struct report {
+    mg_deliver_done done;
+    void *arg;
+    int64_t start_us;
+} report;
+
+typedef struct tn {
+    mg_transport base;
+    char *urls, *prefix, *region, *gateway_id, *stream, *subject, *durable;
+    int replicas, max_age_seconds, timeout_ms, ack_wait_ms, max_deliver, max_pending, max_inflight;
+    size_t max_message_bytes;
+
+    natsOptions *opts;
+    natsConnection *nc;
+    jsCtx *js;
+    pthread_mutex_t rep_mu;
+    mg_map *reports; /* "%p" of the natsMsg -> report */
+    atomic_int pending;
+
+    natsSubscription *sub;
+    mg_router *router;
+    bool opened;         /* counted in nats_users */
+    atomic_bool closing; /* tn_free closes the connection: no "reconnecting" */
+    pthread_t consume_thread;
+    bool consume_started;
+    atomic_bool consume_run;
+    atomic_int in_flight;
+    pthread_mutex_t c_mu; /* room, parked */
+    pthread_cond_t c_cond;
+    struct rec *parked; /* last deliveries that failed: for the inbox */
+
+    atomic_llong last_error_log_ms;
+    mg_metric *published, *publish_errors, *puback_latency, *dropped, *consumed, *bad_msgs,
+        *redeliveries, *naks, *parked_count, *undeliverable, *pending_gauge, *inflight_gauge;
+} tn;
+
+/* One consumed message being handled. */
+typedef struct rec {
+    struct rec *next;
+    tn *n;
+    natsMsg *m; /* kept until acknowledged */
+    mg_msg *msg;
+    uint64_t delivered; /* this delivery's number (1 = first) */
+    mg_send_result res;
+} rec;
+
+static int nats_users; /* nats_Open / nats_Close pairs across transports */
+static pthread_mutex_t nats_users_mu = PTHREAD_MUTEX_INITIALIZER;
+
+/* ---- small helpers ------------------------------------------------------- */
+
+static bool error_log_due(tn *n)
+{
+    int64_t now = mg_mono_ms();
+    long long last = atomic_load(&n->last_error_log_ms);
+    return now - last >= ERROR_LOG_INTERVAL_MS &&
+           atomic_compare_exchange_strong(&n->last_error_log_ms, &last, now);
+}
+
+static void set_reason(mg_deliver_outcome *out, mg_status st, const char *fmt, const char *arg)
+{
+    out->status = st;
+    snprintf(out->reason, sizeof(out->reason), fmt, arg);
+}
+
+/* "eu-west.1" -> "EU_WEST_1" style: what stream and durable names allow. */
+static char *name_part(const char *region, bool upper)
+{
+    char *s = mg_xstrdup(region);
+    for (char *p = s; *p; p++) {
+        if (!isalnum((unsigned char)*p) && *p != '-' && *p != '_')
+            *p = '_';
+        else if (upper)
+            *p = (char)toupper((unsigned char)*p);
+    }
+    return s;
+}
+
+static void msg_key(const natsMsg *m, char key[32])
+{
+    snprintf(key, 32, "%p", (const void *)m);
+}
+
+static const char *status_text(natsStatus s, const char *fallback)
+{
+    const char *t = nats_GetLastError(NULL);
+    if (t && t[0] == '(' && strstr(t, "): ")) /* "(conn.c:2088): text": the text */
+        t = strstr(t, "): ") + 3;
+    return t && t[0] ? t : s != NATS_OK ? natsStatus_GetText(s) : fallback;
+}
+
+static void conn_disconnected(natsConnection *nc, void *closure)
+{
+    tn *n = closure;
+    if (!atomic_load(&n->closing))
+        mg_log_warn("nats", "disconnected from the server gateway=%s (reconnecting)",
+                    n->gateway_id);
+}
+
+static void conn_reconnected(natsConnection *nc, void *closure)
+{
+    tn *n = closure;
+    char url[256] = "";
+    natsConnection_GetConnectedUrl(nc, url, sizeof(url));
+    mg_log_info("nats", "reconnected gateway=%s server=%s", n->gateway_id, url);
+}
+
+static void conn_error(natsConnection *nc, natsSubscription *sub, natsStatus err, void *closure)
+{
+    tn *n = closure;
+    if (error_log_due(n))
+        mg_log_warn("nats", "async error gateway=%s err=%s", n->gateway_id,
+                    natsStatus_GetText(err));
+}
+
+/* ---- publisher ----------------------------------------------------------- */
+
+/* nats.c's delivery thread: one PubAck, error or timeout. Takes msg. */
+static void puback_cb(jsCtx *js, natsMsg *msg, jsPubAck *pa, jsPubAckErr *pae, void *closure)
+{
+    tn *n = closure;
+    char key[32];
+    msg_key(msg, key);
+    pthread_mutex_lock(&n->rep_mu);
+    report *w = mg_map_del(n->reports, key);
+    pthread_mutex_unlock(&n->rep_mu);
+    atomic_fetch_sub(&n->pending, 1);
+    mg_deliver_outcome out;
+    memset(&out, 0, sizeof(out));
+    if (pa) {
+        mg_metric_add(n->published, 1);
+        out.status = MG_STATUS_QUEUED;
+    } else {
+        mg_metric_add(n->publish_errors, 1);
+        natsStatus st = pae ? pae->Err : NATS_ERR;
+        const char *why = st == NATS_TIMEOUT ? "no PubAck in time (server unreachable?)"
+                          : pae && pae->ErrText && pae->ErrText[0] ? pae->ErrText
+                                                                   : natsStatus_GetText(st);
+        set_reason(&out, MG_STATUS_FAILED, "nats: %s", why);
+        if (!w && error_log_due(n))
+            mg_log_warn("nats", "LOW message not stored subject=%s err=%s", natsMsg_GetSubject(msg),
+                        why);
+    }
+    natsMsg_Destroy(msg);
+    if (!w)
+        return;
+    mg_histogram_observe_us(n->puback_latency, mg_mono_us() - w->start_us);
+    w->done(w->arg, &out);
+    free(w);
+}
+
+static bool tn_available(mg_transport *t, const mg_route_target *target)
+{
+    tn *n = (tn *)t;
+    return n->nc && natsConnection_Status(n->nc) == NATS_CONN_STATUS_CONNECTED;
+}
+
+static int tn_deliver(mg_transport *t, const mg_route_target *target, const mg_msg *msg,
+                      int64_t deadline_ms, mg_deliver_done done, void *arg)
+{
+    tn *n = (tn *)t;
+    if (!n->nc)
+        return -ENOTCONN;
+    mg_deliver_outcome out;
+    memset(&out, 0, sizeof(out));
+    bool high = msg->priority != MG_PRIO_LOW;
+    int64_t wait = n->timeout_ms;
+    if (!target || !target->region || !target->region[0]) {
+        set_reason(&out, MG_STATUS_FAILED, "nats: %s", "recipient's region unknown");
+        goto now;
+    }
+    if (high) {
+        int64_t left = deadline_ms - mg_mono_ms();
+        if (left <= 0) {
+            set_reason(&out, MG_STATUS_FAILED, "nats: %s", "deadline exceeded before publish");
+            goto now;
+        }
+        wait = left < wait ? left : wait;
+    }
+    if (atomic_fetch_add(&n->pending, 1) >= n->max_pending) {
+        atomic_fetch_sub(&n->pending, 1);
+        mg_metric_add(n->dropped, 1);
+        set_reason(&out, MG_STATUS_FAILED, "%s", "dropped: overload");
+        goto now;
+    }
+    char subject[256], msg_id[512];
+    snprintf(subject, sizeof(subject), "%s%s", n->prefix, target->region);
+    snprintf(msg_id, sizeof(msg_id), "%s/%s", msg->id, msg->to);
+    size_t len = 0;
+    uint8_t *val = mg_msg_pack(msg, &len);
+    natsMsg *m = NULL;
+    natsStatus s = natsMsg_Create(&m, subject, NULL, (const char *)val, (int)len);
+    free(val);
+    report *w = NULL;
+    char key[32];
+    if (s == NATS_OK && high) { /* registered first: the PubAck may beat the return */
+        w = mg_new(report);
+        w->done = done;
+        w->arg = arg;
+        w->start_us = mg_mono_us();
+        msg_key(m, key);
+        pthread_mutex_lock(&n->rep_mu);
+        mg_map_put(n->reports, key, w);
+        pthread_mutex_unlock(&n->rep_mu);
+    }
+    if (s == NATS_OK) {
+        jsPubOptions po;
+        jsPubOptions_Init(&po);
+        po.MsgId = msg_id;
+        po.MaxWait = wait;
+        s = js_PublishMsgAsync(n->js, &m, &po);
+    }
+    if (s == NATS_OK) {
+        if (w)
+            return 0; /* puback_cb answers */
+        out.status = MG_STATUS_ACCEPTED;
+        goto now;
+    }
+    if (w) {
+        pthread_mutex_lock(&n->rep_mu);
+        mg_map_del(n->reports, key);
+        pthread_mutex_unlock(&n->rep_mu);
+        free(w);
+    }
+    natsMsg_Destroy(m); /* still ours when the publish failed (NULL-safe) */
+    atomic_fetch_sub(&n->pending, 1);
+    mg_metric_add(n->publish_errors, 1);
+    set_reason(&out, MG_STATUS_FAILED, "nats: %s", status_text(s, "publish failed"));
+now:
+    done(arg, &out);
+    return 0;
+}
+
+/* ---- stream and consumer set-up (control thread, blocking) --------------- */
+
+static int ensure_stream(tn *n, char *err, size_t errlen)
+{
+    jsStreamConfig sc;
+    jsStreamConfig_Init(&sc);
+    const char *subjects[1] = {n->subject};
+    sc.Name = n->stream;
+    sc.Subjects = subjects;
+    sc.SubjectsLen = 1;
+    sc.Retention = js_WorkQueuePolicy;
+    sc.Storage = js_FileStorage;
+    sc.Replicas = n->replicas;
+    sc.MaxAge = (int64_t)n->max_age_seconds * 1000000000LL;
+    sc.Duplicates = DUPLICATE_WINDOW_NS;
+    jsStreamInfo *si = NULL;
+    jsErrCode jerr = 0;
+    natsStatus s = js_AddStream(&si, n->js, &sc, NULL, &jerr);
+    if (s != NATS_OK && jerr == JSStreamNameExistErr) {
+        jerr = 0;
+        s = js_UpdateStream(&si, n->js, &sc, NULL, &jerr);
+    }
+    if (s != NATS_OK) {
+        snprintf(err, errlen, "nats: stream %s (subject %s, replicas %d): %s (code %d)", n->stream,
+                 n->subject, n->replicas, status_text(s, "failed"), (int)jerr);
+        return -EIO;
+    }
+    jsStreamInfo_Destroy(si);
+    mg_log_info("nats", "stream ready stream=%s subject=%s replicas=%d max_age_s=%d", n->stream,
+                n->subject, n->replicas, n->max_age_seconds);
+    return 0;
+}
+
+static int ensure_consumer(tn *n, char *err, size_t errlen)
+{
+    jsConsumerConfig cc;
+    jsConsumerConfig_Init(&cc);
+    cc.Durable = n->durable;
+    cc.AckPolicy = js_AckExplicit;
+    cc.AckWait = (int64_t)n->ack_wait_ms * 1000000LL;
+    cc.MaxDeliver = n->max_deliver;
+    cc.FilterSubject = n->subject;
+    cc.DeliverPolicy = js_DeliverAll;
+    cc.MaxAckPending = (int64_t)n->max_inflight * 64; /* shared by the region's gateways */
+    jsConsumerInfo *ci = NULL;
+    jsErrCode jerr = 0;
+    natsStatus s = js_AddConsumer(&ci, n->js, n->stream, &cc, NULL, &jerr);
+    if (s != NATS_OK && jerr != 0) { /* exists with another configuration: take ours */
+        jsErrCode first = jerr;
+        jerr = 0;
+        s = js_UpdateConsumer(&ci, n->js, n->stream, &cc, NULL, &jerr);
+        if (s != NATS_OK && !jerr)
+            jerr = first;
+    }
+    if (s != NATS_OK) {
+        snprintf(err, errlen, "nats: consumer %s on stream %s: %s (code %d)", n->durable, n->stream,
+                 status_text(s, "failed"), (int)jerr);
+        return -EIO;
+    }
+    jsConsumerInfo_Destroy(ci);
+    jsSubOptions so;
+    jsSubOptions_Init(&so);
+    so.Stream = n->stream;
+    so.Consumer = n->durable; /* bound: never created or deleted by the library */
+    s = js_PullSubscribe(&n->sub, n->js, n->subject, n->durable, NULL, &so, &jerr);
+    if (s != NATS_OK) {
+        snprintf(err, errlen, "nats: pull subscription %s: %s (code %d)", n->durable,
+                 status_text(s, "failed"), (int)jerr);
+        return -EIO;
+    }
+    return 0;
+}
+
+/* ---- consumer ------------------------------------------------------------ */
+
+static void rec_free(rec *r)
+{
+    natsMsg_Destroy(r->m);
+    mg_msg_free(r->msg);
+    free(r);
+}
+
+static void rec_finish(tn *n, rec *r)
+{
+    rec_free(r);
+    atomic_fetch_sub(&n->in_flight, 1);
+    mg_metric_add(n->inflight_gauge, -1);
+    pthread_mutex_lock(&n->c_mu);
+    pthread_cond_signal(&n->c_cond);
+    pthread_mutex_unlock(&n->c_mu);
+}
+
+/* Any thread: the message's operation answered. */
+static void rec_done(void *arg, const mg_send_result *res)
+{
+    rec *r = arg;
+    tn *n = r->n;
+    if (res->status != MG_STATUS_FAILED) {
+        natsStatus s = natsMsg_Ack(r->m, NULL);
+        if (s != NATS_OK && error_log_due(n)) /* it is redelivered: the dedupe window drops it */
+            mg_log_warn("nats", "ack failed msg_id=%s err=%s", r->msg->id, natsStatus_GetText(s));
+        mg_metric_add(n->consumed, 1);
+        rec_finish(n, r);
+        return;
+    }
+    if (r->delivered < (uint64_t)n->max_deliver) {
+        int64_t delay = NAK_DELAY_MIN_MS;
+        for (uint64_t i = 1; i < r->delivered && delay < NAK_DELAY_MAX_MS; i++)
+            delay *= 2;
+        delay = delay > NAK_DELAY_MAX_MS ? NAK_DELAY_MAX_MS : delay;
+        if (r->delivered == 1 || error_log_due(n))
+            mg_log_warn("nats",
+                        "delivery from the stream failed, redelivery in %lld ms msg_id=%s "
+                        "user=%s delivery=%llu/%d reason=%s",
+                        (long long)delay, r->msg->id, r->msg->to, (unsigned long long)r->delivered,
+                        n->max_deliver, res->reason);
+        natsMsg_NakWithDelay(r->m, delay, NULL);
+        mg_metric_add(n->naks, 1);
+        rec_finish(n, r);
+        return;
+    }
+    r->res = *res; /* the last delivery: to the inbox, on nats-consume */
+    pthread_mutex_lock(&n->c_mu);
+    r->next = n->parked;
+    n->parked = r;
+    pthread_cond_signal(&n->c_cond);
+    pthread_mutex_unlock(&n->c_mu);
+}
+
+/* nats-consume: last deliveries that failed go to the inbox. */
+static void park_failed(tn *n)
+{
+    pthread_mutex_lock(&n->c_mu);
+    rec *r = n->parked;
+    n->parked = NULL;
+    pthread_mutex_unlock(&n->c_mu);
+    while (r) {
+        rec *next = r->next;
+        mg_inbox *ib = mg_router_inbox(n->router);
+        if (ib->ops->store(ib, r->msg) == 0) {
+            natsMsg_Ack(r->m, NULL);
+            mg_metric_add(n->parked_count, 1);
+            mg_log_warn("nats",
+                        "message put in the inbox after %d deliveries msg_id=%s user=%s "
+                        "reason=%s",
+                        n->max_deliver, r->msg->id, r->msg->to, r->res.reason);
+        } else {
+            mg_metric_add(n->undeliverable, 1);
+            mg_log_error("nats",
+                         "message undeliverable after %d deliveries and the inbox refused it "
+                         "(left in stream %s until its max age) msg_id=%s user=%s reason=%s",
+                         n->max_deliver, n->stream, r->msg->id, r->msg->to, r->res.reason);
+        }
+        rec_finish(n, r);
+        r = next;
+    }
+}
+
+/* nats-consume: one fetched message. Takes m. */
+static void consume_one(tn *n, natsMsg *m)
+{
+    const char *data = natsMsg_GetData(m);
+    int len = natsMsg_GetDataLength(m);
+    jsMsgMetaData *meta = NULL;
+    uint64_t delivered = 1;
+    if (natsMsg_GetMetaData(&meta, m) == NATS_OK) {
+        delivered = meta->NumDelivered;
+        jsMsgMetaData_Destroy(meta);
+    }
+    mg_msg *msg = NULL;
+    bool oversized = len < 0 || (size_t)len > n->max_message_bytes;
+    if (oversized || mg_msg_unpack((const uint8_t *)data, (size_t)len, &msg) != 0) {
+        mg_metric_add(n->bad_msgs, 1);
+        int64_t c = mg_metric_value(n->bad_msgs);
+        if (c % BAD_MSG_LOG_EVERY == 1)
+            mg_log_warn("nats",
+                        "skipping a message that %s stream=%s bytes=%d (logged once per %d, "
+                        "total=%lld)",
+                        oversized ? "is over the size bound" : "does not decode", n->stream, len,
+                        BAD_MSG_LOG_EVERY, (long long)c);
+        natsMsg_Term(m, NULL); /* never redelivered */
+        natsMsg_Destroy(m);
+        return;
+    }
+    if (delivered > 1)
+        mg_metric_add(n->redeliveries, 1);
+    rec *r = mg_new(rec);
+    r->n = n;
+    r->m = m;
+    r->msg = msg;
+    r->delivered = delivered;
+    atomic_fetch_add(&n->in_flight, 1);
+    mg_metric_add(n->inflight_gauge, 1);
+    /* The operation ends well before the server would redeliver. */
+    int64_t deadline = mg_mono_ms() + (int64_t)n->ack_wait_ms * 3 / 4;
+    if (mg_router_deliver_from_queue(n->router, msg, deadline, rec_done, r) != 0) {
+        mg_send_result res;
+        memset(&res, 0, sizeof(res));
+        res.status = MG_STATUS_FAILED;
+        snprintf(res.reason, sizeof(res.reason), "router overloaded");
+        rec_done(r, &res);
+    }
+}
+
+/* nats-consume: what the stream has for us now, up to batch, at once (a
+ * no-wait pull); when it has nothing, one waiting pull for a single message
+ * (at most FETCH_WAIT_MS), so a message is handed over when it arrives
+ * rather than when a whole batch has gathered. */
+static natsStatus fetch(tn *n, natsMsgList *list, int batch)
+{
+    jsFetchRequest req;
+    jsFetchRequest_Init(&req);
+    req.Batch = batch;
+    req.NoWait = true;
+    req.Expires = (int64_t)n->timeout_ms * 1000000LL; /* bounds the wait for the answer */
+    natsStatus s = natsSubscription_FetchRequest(list, n->sub, &req);
+    if (s == NATS_OK && list->Count > 0)
+        return s;
+    natsMsgList_Destroy(list);
+    if (s != NATS_NOT_FOUND && s != NATS_TIMEOUT && s != NATS_OK)
+        return s;
+    return natsSubscription_Fetch(list, n->sub, 1, FETCH_WAIT_MS, NULL);
+}
+
+static void *consume_main(void *arg)
+{
+    tn *n = arg;
+    while (atomic_load(&n->consume_run)) {
+        park_failed(n);
+        int room = n->max_inflight - atomic_load(&n->in_flight);
+        if (room <= 0) { /* full: wait for a completion (or a parked message) */
+            pthread_mutex_lock(&n->c_mu);
+            if (n->max_inflight - atomic_load(&n->in_flight) <= 0 && !n->parked) {
+                struct timespec ts;
+                clock_gettime(CLOCK_REALTIME, &ts);
+                ts.tv_nsec += 100 * 1000000L;
+                if (ts.tv_nsec >= 1000000000L) {
+                    ts.tv_sec++;
+                    ts.tv_nsec -= 1000000000L;
+                }
+                pthread_cond_timedwait(&n->c_cond, &n->c_mu, &ts);
+            }
+            pthread_mutex_unlock(&n->c_mu);
+            continue;
+        }
+        natsMsgList list = {0};
+        natsStatus s = fetch(n, &list, room < FETCH_MAX ? room : FETCH_MAX);
+        if (s != NATS_OK && s != NATS_TIMEOUT && s != NATS_NOT_FOUND) {
+            if (error_log_due(n))
+                mg_log_warn("nats", "fetch failed stream=%s consumer=%s err=%s", n->stream,
+                            n->durable, status_text(s, "fetch failed"));
+            natsMsgList_Destroy(&list);
+            usleep(100 * 1000);
+            continue;
+        }
+        for (int i = 0; i < list.Count; i++) {
+            natsMsg *m = list.Msgs[i];
+            list.Msgs[i] = NULL;
+            consume_one(n, m);
+        }
+        natsMsgList_Destroy(&list);
+    }
+    /* Stopping: the operations in flight answer (bounded by their deadline). */
+    int64_t end = mg_mono_ms() + n->ack_wait_ms;
+    while (atomic_load(&n->in_flight) > 0 && mg_mono_ms() < end) {
+        park_failed(n);
+        usleep(2000);
+    }
+    park_failed(n);
+    if (atomic_load(&n->in_flight) > 0)
+        mg_log_error("nats", "operations still in flight at consumer stop count=%d",
+                     atomic_load(&n->in_flight));
+    return NULL;
+}
+
+/* ---- lifecycle ----------------------------------------------------------- */
+
+static void tn_free(mg_transport *t);
+
+static const struct mg_transport_ops nats_ops = {
+    .name = "nats",
+    .path = MG_PATH_NATS,
+    .available = tn_available,
+    .deliver = tn_deliver,
+    .disconnect = NULL,
+    .free = tn_free,
+};
+
+static double pending_now(void *arg)
+{
+    return (double)atomic_load(&((tn *)arg)->pending);
+}
+
+static int connect_servers(tn *n, char *err, size_t errlen)
+{
+    char *list = mg_xstrdup(n->urls), *save = NULL;
+    const char *servers[64];
+    int count = 0;
+    for (char *tok = strtok_r(list, ",", &save); tok && count < 64;
+         tok = strtok_r(NULL, ",", &save))
+        if (*tok)
+            servers[count++] = tok;
+    natsStatus s = natsOptions_Create(&n->opts);
+    if (s == NATS_OK)
+        s = natsOptions_SetServers(n->opts, servers, count);
+    free(list);
+    if (s == NATS_OK)
+        s = natsOptions_SetName(n->opts, n->gateway_id);
+    if (s == NATS_OK)
+        s = natsOptions_SetTimeout(n->opts, 2000);
+    if (s == NATS_OK)
+        s = natsOptions_SetMaxReconnect(n->opts, -1); /* forever */
+    if (s == NATS_OK)
+        s = natsOptions_SetReconnectWait(n->opts, 250);
+    if (s == NATS_OK)
+        s = natsOptions_SetDisconnectedCB(n->opts, conn_disconnected, n);
+    if (s == NATS_OK)
+        s = natsOptions_SetReconnectedCB(n->opts, conn_reconnected, n);
+    if (s == NATS_OK)
+        s = natsOptions_SetErrorHandler(n->opts, conn_error, n);
+    if (s != NATS_OK) {
+        snprintf(err, errlen, "nats: --nats-url %s: %s", n->urls, status_text(s, "bad option"));
+        return -EINVAL;
+    }
+    s = natsConnection_Connect(&n->nc, n->opts);
+    if (s != NATS_OK) {
+        snprintf(err, errlen, "nats: cannot connect to %s: %s", n->urls,
+                 status_text(s, "connect failed"));
+        n->nc = NULL;
+        return -EHOSTUNREACH;
+    }
+    jsOptions jo;
+    jsOptions_Init(&jo);
+    jo.Wait = n->timeout_ms;
+    jo.PublishAsync.MaxPending = (int64_t)n->max_pending * 2; /* ours refuses first: no stall */
+    jo.PublishAsync.AckHandler = puback_cb;
+    jo.PublishAsync.AckHandlerClosure = n;
+    jo.PublishAsync.StallWait = 1;
+    s = natsConnection_JetStream(&n->js, n->nc, &jo);
+    if (s != NATS_OK) {
+        snprintf(err, errlen, "nats: JetStream context: %s", status_text(s, "failed"));
+        return -EIO;
+    }
+    return 0;
+}
+
+mg_transport *mg_transport_nats_create(const mg_transport_nats_config *cfg, char *err,
+                                       size_t errlen)
+{
+    tn *n = mg_new(tn);
+    n->urls = mg_xstrdup(cfg->urls ? cfg->urls : "");
+    n->prefix = mg_xstrdup(cfg->subject_prefix ? cfg->subject_prefix : "meshgate.deliver.");
+    n->region = mg_xstrdup(cfg->region && cfg->region[0] ? cfg->region : "local");
+    n->gateway_id =
+        mg_xstrdup(cfg->gateway_id && cfg->gateway_id[0] ? cfg->gateway_id : "meshgate");
+    char *up = name_part(n->region, true), *low = name_part(n->region, false);
+    n->stream = mg_xasprintf("MESHGATE_%s", up);
+    n->durable = mg_xasprintf("meshgate-%s", low);
+    free(up);
+    free(low);
+    n->subject = mg_xasprintf("%s%s", n->prefix, n->region);
+    n->replicas = cfg->replicas > 0 ? cfg->replicas : 1;
+    n->max_age_seconds = cfg->max_age_seconds > 0 ? cfg->max_age_seconds : 86400;
+    n->timeout_ms = cfg->timeout_ms > 0 ? cfg->timeout_ms : 5000;
+    n->ack_wait_ms = cfg->ack_wait_ms > 0 ? cfg->ack_wait_ms : 30000;
+    n->max_deliver = cfg->max_deliver > 0 ? cfg->max_deliver : 5;
+    n->max_pending = cfg->max_pending > 0 ? cfg->max_pending : 65536;
+    n->max_inflight = cfg->max_inflight > 0 ? cfg->max_inflight : 1024;
+    n->max_message_bytes = cfg->max_message_bytes ? cfg->max_message_bytes : 4u << 20;
+    n->reports = mg_map_create(1024);
+    pthread_mutex_init(&n->rep_mu, NULL);
+    pthread_mutex_init(&n->c_mu, NULL);
+    pthread_cond_init(&n->c_cond, NULL);
+    n->published = mg_counter("meshgate_nats_published_total",
+                              "Messages the NATS stream acknowledged (PubAck)", NULL);
+    n->publish_errors = mg_counter("meshgate_nats_publish_errors_total",
+                                   "NATS publishes that failed or got no PubAck in time", NULL);
+    n->puback_latency = mg_histogram("meshgate_nats_puback_seconds",
+                                     "Time a HIGH send waited for the stream's PubAck", NULL);
+    n->dropped = mg_counter("meshgate_dropped_total", "Messages dropped, by reason",
+                            "reason=\"nats_pending_full\"");
+    n->consumed = mg_counter("meshgate_nats_consumed_total",
+                             "Stream messages handled and acknowledged by this gateway", NULL);
+    n->bad_msgs =
+        mg_counter("meshgate_nats_bad_messages_total",
+                   "Stream messages that did not decode or were too large (skipped)", NULL);
+    n->redeliveries = mg_counter("meshgate_nats_redeliveries_total",
+                                 "Stream messages this gateway received more than once", NULL);
+    n->naks =
+        mg_counter("meshgate_nats_naks_total",
+                   "Stream messages whose handling failed, redelivered after a backoff", NULL);
+    n->parked_count = mg_counter("meshgate_nats_parked_total",
+                                 "Stream messages put in the inbox after --nats-max-deliver", NULL);
+    n->undeliverable =
+        mg_counter("meshgate_nats_undeliverable_total",
+                   "Stream messages neither delivered nor stored after --nats-max-deliver", NULL);
+    n->inflight_gauge =
+        mg_gauge("meshgate_nats_consumer_inflight", "Stream messages being handled", NULL);
+    n->base.ops = &nats_ops;
+
+    if (!n->urls[0]) {
+        mg_log_info("nats", "no servers configured: the NATS path is off");
+        return &n->base;
+    }
+    pthread_mutex_lock(&nats_users_mu);
+    if (nats_users++ == 0)
+        nats_Open(-1);
+    pthread_mutex_unlock(&nats_users_mu);
+    n->opened = true;
+    n->pending_gauge =
+        mg_gauge_fn_register("meshgate_nats_publish_pending",
+                             "NATS publishes awaiting their PubAck", NULL, pending_now, n);
+    if (connect_servers(n, err, errlen) != 0 || ensure_stream(n, err, errlen) != 0) {
+        tn_free(&n->base);
+        return NULL;
+    }
+    char url[256] = "";
+    natsConnection_GetConnectedUrl(n->nc, url, sizeof(url));
+    mg_log_info("nats", "publisher ready server=%s subject=%s timeout_ms=%d max_pending=%d", url,
+                n->subject, n->timeout_ms, n->max_pending);
+    return &n->base;
+}
+
+int mg_transport_nats_start_consumer(mg_transport *t, mg_router *router, char *err, size_t errlen)
+{
+    tn *n = (tn *)t;
+    if (!n || !router)
+        return -EINVAL;
+    if (!n->nc)
+        return 0;
+    if (n->consume_started)
+        return -EALREADY;
+    int rc = ensure_consumer(n, err, errlen);
+    if (rc != 0)
+        return rc;
+    n->router = router;
+    atomic_store(&n->consume_run, true);
+    if (pthread_create(&n->consume_thread, NULL, consume_main, n) != 0) {
+        natsSubscription_Destroy(n->sub);
+        n->sub = NULL;
+        snprintf(err, errlen, "nats: cannot start the consumer thread");
+        return -EAGAIN;
+    }
+    pthread_setname_np(n->consume_thread, "nats-consume");
+    n->consume_started = true;
+    mg_log_info("nats", "consumer started stream=%s consumer=%s ack_wait_ms=%d max_deliver=%d",
+                n->stream, n->durable, n->ack_wait_ms, n->max_deliver);
+    return 0;
+}
+
+void mg_transport_nats_stop(mg_transport *t, int flush_ms)
+{
+    tn *n = (tn *)t;
+    if (!n)
+        return;
+    if (n->consume_started) {
+        atomic_store(&n->consume_run, false);
+        pthread_join(n->consume_thread, NULL);
+        n->consume_started = false;
+        natsConnection_Flush(n->nc);      /* the acks go out before the subscription does */
+        natsSubscription_Destroy(n->sub); /* not Unsubscribe: the durable stays */
+        n->sub = NULL;
+        mg_log_info("nats", "consumer stopped stream=%s", n->stream);
+    }
+    if (n->js && flush_ms > 0) {
+        jsPubOptions po;
+        jsPubOptions_Init(&po);
+        po.MaxWait = flush_ms;
+        if (js_PublishAsyncComplete(n->js, &po) != NATS_OK)
+            mg_log_warn("nats", "publishes still awaiting PubAcks after %d ms count=%d", flush_ms,
+                        atomic_load(&n->pending));
+    }
+}
+
+static void tn_free(mg_transport *t)
+{
+    tn *n = (tn *)t;
+    if (!n)
+        return;
+    mg_transport_nats_stop(t, n->js ? 1000 : 0);
+    atomic_store(&n->closing, true);
+    if (n->nc)
+        natsConnection_Close(n->nc);
+    jsCtx_Destroy(n->js);
+    natsConnection_Destroy(n->nc);
+    natsOptions_Destroy(n->opts);
+    if (n->pending_gauge)
+        mg_gauge_fn_register("meshgate_nats_publish_pending",
+                             "NATS publishes awaiting their PubAck", NULL, NULL, NULL);
+    if (n->opened) {
+        pthread_mutex_lock(&nats_users_mu);
+        if (--nats_users == 0)
+            nats_CloseAndWait(2000);
+        pthread_mutex_unlock(&nats_users_mu);
+    }
+    /* Reports nats.c never answered (closed before their PubAck) fail now. */
+    const char *key;
+    void *v;
+    for (size_t it = 0; mg_map_next(n->reports, &it, &key, &v);) {
+        report *w = v;
+        mg_deliver_outcome out;
+        memset(&out, 0, sizeof(out));
+        set_reason(&out, MG_STATUS_FAILED, "nats: %s", "connection closed before the PubAck");
+        w->done(w->arg, &out);
+        free(w);
+    }
+    mg_map_free(n->reports);
+    pthread_mutex_destroy(&n->rep_mu);
+    pthread_mutex_destroy(&n->c_mu);
+    pthread_cond_destroy(&n->c_cond);
+    free(n->urls);
+    free(n->prefix);
+    free(n->region);
+    free(n->gateway_id);
+    free(n->stream);
+    free(n->subject);
+    free(n->durable);
+    free(n);
+}
