@@ -199,7 +199,7 @@ int mg_config_validate(const mg_config *cfg, char *err, size_t errlen)
         FAIL("--presence redis-sentinel needs --sentinel-nodes");
     if (!strcmp(cfg->presence, "redis-sentinel") && !cfg->sentinel_master[0])
         FAIL("--presence redis-sentinel needs --sentinel-master");
-    if (cfg->redis_pubsub && !cfg->redis_nodes[0])
+    if (cfg->redis_pubsub && !cfg->redis_nodes[0] && strcmp(cfg->presence, "redis-sentinel") != 0)
         FAIL("--redis-pubsub needs --redis-nodes");
     if (cfg->redis_pubsub_timeout_ms < 1 || cfg->redis_pubsub_max_bytes < 256)
         FAIL("--redis-pubsub-timeout-ms must be >= 1 and --redis-pubsub-max-bytes >= 256");

@@ -165,7 +165,7 @@
       "service name registered and watched")                                                       \
     X(STR, consul_tags, "consul-tags", "MESHGATE_CONSUL_TAGS", "", "tag,...", "service tags")      \
     X(INT, consul_check_interval_seconds, "consul-check-interval-seconds",                         \
-      "MESHGATE_CONSUL_CHECK_INTERVAL_SECONDS", "2", "s", "Consul health check interval")     \
+      "MESHGATE_CONSUL_CHECK_INTERVAL_SECONDS", "2", "s", "Consul health check interval")          \
     X(INT, consul_deregister_seconds, "consul-deregister-seconds",                                 \
       "MESHGATE_CONSUL_DEREGISTER_SECONDS", "60", "s",                                             \
       "Consul removes a gateway critical for this long")                                           \
@@ -187,7 +187,8 @@
       "2000", "ms", "one probe call per interval while a peer is degraded")                        \
     X(BOOL, redis_pubsub, "redis-pubsub", "MESHGATE_REDIS_PUBSUB", "false", "",                    \
       "the Redis Pub/Sub bus (path redis-pubsub): subscribe to this gateway's channel "            \
-      "meshgate:gw:{id} on the Redis Cluster of --redis-nodes (SSUBSCRIBE) and publish to peers'") \
+      "meshgate:gw:{id} on the Redis Cluster of --redis-nodes, or the Sentinel primary of "        \
+      "--presence redis-sentinel (SSUBSCRIBE), and publish to peers'")                             \
     X(INT, redis_pubsub_timeout_ms, "redis-pubsub-timeout-ms", "MESHGATE_REDIS_PUBSUB_TIMEOUT_MS", \
       "500", "ms",                                                                                 \
       "how long a HIGH send over redis-pubsub waits for the target gateway's receipt (then the "   \

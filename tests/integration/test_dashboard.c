@@ -295,6 +295,10 @@ Test(dashboard, every_panel_and_alert_names_an_exported_metric, .timeout = 120)
                           "true",
                           "--presence-sync-topic",
                           sync_topic,
+                          "--redis-pubsub", /* and the buses' */
+                          "true",
+                          "--nats-url",
+                          mg_test_require_env("MESHGATE_TEST_NATS"),
                           NULL};
     mg_gw *a = mg_gw_spawn(ida, args);
     cr_assert_not_null(a, "gateway a did not become ready");

@@ -207,3 +207,66 @@ Test(sentinel_gw, bad_sentinel_configuration_stops_the_gateway)
     snprintf(name, sizeof(name), "sbad3-%d", (int)getpid());
     expect_start_error(name, missing, "--presence redis-sentinel needs --sentinel-nodes");
 }
+
+/* The scaling guide's stage 2 in one piece: presence and inbox on a
+ * Sentinel-managed primary, and the Redis Pub/Sub bus on that same primary
+ * (sharded pub/sub works on a single Redis 7): a send between two gateways
+ * goes by redis-pubsub and is DELIVERED by the target's receipt. */
+Test(sentinel_gw, redis_pubsub_bus_on_the_sentinel_primary)
+{
+    const char *sentinels = mg_test_require_env("MESHGATE_TEST_SENTINEL_NODES");
+    const char *master = mg_test_require_env("MESHGATE_TEST_SENTINEL_MASTER");
+    const char *consul = mg_test_require_env("MESHGATE_TEST_CONSUL");
+    char tag[32], svc[64], id1[64], id2[64], u1[64];
+    snprintf(tag, sizeof(tag), "sp%d", (int)getpid());
+    snprintf(svc, sizeof(svc), "meshgate-%s", tag);
+    snprintf(id1, sizeof(id1), "%s-1", tag);
+    snprintf(id2, sizeof(id2), "%s-2", tag);
+    snprintf(u1, sizeof(u1), "%s-user", tag);
+    const char *args[] = {"--presence",
+                          "redis-sentinel",
+                          "--sentinel-nodes",
+                          sentinels,
+                          "--sentinel-master",
+                          master,
+                          "--discovery",
+                          "consul",
+                          "--consul-addr",
+                          consul,
+                          "--consul-service",
+                          svc,
+                          "--consul-check-interval-seconds",
+                          "1",
+                          "--redis-pubsub",
+                          "true",
+                          "--near-route",
+                          "redis-pubsub,inbox",
+                          NULL};
+    mg_gw *g1 = mg_gw_spawn(id1, args);
+    cr_assert_not_null(g1, "gateway 1 did not become ready");
+    mg_gw *g2 = mg_gw_spawn(id2, args);
+    cr_assert_not_null(g2, "gateway 2 did not become ready");
+    cr_assert(mg_gw_wait_peer(g2, id1, 20000), "gateway 2 never listed gateway 1");
+    int http = 0;
+    mg_wsc *w1 = mg_wsc_connect_user(g1->ws_port, u1, 5000, &http);
+    cr_assert_not_null(w1, "WebSocket to gateway 1: HTTP %d", http);
+    mg_grpc_client *c2 = mg_grpc_client_create(g2->grpc_addr, NULL);
+    sent s = {0};
+    char id[64];
+    for (int k = 0; k < 50; k++) {
+        snprintf(id, sizeof(id), "%s-p%d", tag, k);
+        s = send_to(c2, u1, id);
+        if (s.status == ST_DELIVERED)
+            break;
+        usleep(100 * 1000);
+    }
+    cr_assert_eq(s.status, ST_DELIVERED, "status %d path %d", s.status, s.path);
+    cr_expect_eq(s.path, MESHGATE__V1__PATH__PATH_REDIS_PUBSUB, "path %d", s.path);
+    cr_assert(got_message(w1, id, 5000), "u1 did not get %s", id);
+    mg_grpc_client_free(c2);
+    mg_wsc_free(w1);
+    cr_expect_eq(mg_gw_stop(g2), 0);
+    cr_expect_eq(mg_gw_stop(g1), 0);
+    mg_gw_free(g2);
+    mg_gw_free(g1);
+}
