@@ -30,6 +30,7 @@ export MESHGATE_CONSUL_SERVER_PORT=$((MESHGATE_CONSUL_HTTP_PORT - 200))
 export MESHGATE_CONSUL_SERF_LAN_PORT=$((MESHGATE_CONSUL_HTTP_PORT - 199))
 export MESHGATE_CONSUL_SERF_WAN_PORT=$((MESHGATE_CONSUL_HTTP_PORT - 198))
 export MESHGATE_SERVICES_ACL=0
+export MESHGATE_SERVICES="redis kafka consul" # of its own: never the shared ones' ports
 port_base=${MESHGATE_CHAOS_PORT_BASE:-28600}   # gateways: +0..3 ws, +10..13 grpc (us2 also on 127.0.0.2: the relay)
 
 passed=0 failed=0

@@ -5,6 +5,8 @@
 # Usage: tests/infra/services.sh up|down|env|status
 #   MESHGATE_RUN (default /tmp/meshgate-run), MESHGATE_CACHE (default ~/.cache/meshgate)
 #   MESHGATE_SERVICES_ACL=0 skips the ACL-enabled Consul agent.
+#   MESHGATE_SERVICES: which to run (default all): any of redis redis-b sentinel kafka nats consul,
+#     e.g. tests/chaos starts "redis kafka consul" of its own on other ports.
 #   MESHGATE_REDIS_B_BASE_PORT (17100): the second Redis Cluster (region b of the multi-region tests).
 set -euo pipefail
 
@@ -14,9 +16,11 @@ RUN=${MESHGATE_RUN:-/tmp/meshgate-run}
 ENVF=$RUN/services.env
 WITH_ACL=${MESHGATE_SERVICES_ACL:-1}
 REDIS_B_BASE=${MESHGATE_REDIS_B_BASE_PORT:-17100}
+SERVICES=" ${MESHGATE_SERVICES:-redis redis-b sentinel kafka nats consul} "
 export MESHGATE_CACHE=$CACHE MESHGATE_RUN=$RUN
 
 die() { echo "services: $*" >&2; exit 1; }
+on() { [[ $SERVICES == *" $1 "* ]]; } # on NAME: is this service selected
 
 # run NAME CMD... in background, output to $RUN/logs/NAME.out
 declare -A JOBS=()
@@ -33,15 +37,15 @@ wait_all() {
 cmd_up() {
   mkdir -p "$RUN/logs"
   rm -f "$ENVF"
-  bg redis "$HERE/redis-cluster.sh" start
+  on redis && bg redis "$HERE/redis-cluster.sh" start
   # A second cluster: region b's own store in the multi-region tests (presence sync).
-  bg redis-b env MESHGATE_REDIS_BASE_PORT="$REDIS_B_BASE" "$HERE/redis-cluster.sh" start
-  bg sentinel "$HERE/redis-sentinel.sh" start
-  bg kafka "$HERE/kafka.sh" start
-  bg nats "$HERE/nats.sh" start
-  if [ "$WITH_ACL" = 1 ]; then
+  on redis-b && bg redis-b env MESHGATE_REDIS_BASE_PORT="$REDIS_B_BASE" "$HERE/redis-cluster.sh" start
+  on sentinel && bg sentinel "$HERE/redis-sentinel.sh" start
+  on kafka && bg kafka "$HERE/kafka.sh" start
+  on nats && bg nats "$HERE/nats.sh" start
+  if on consul && [ "$WITH_ACL" = 1 ]; then
     bg consul bash -c '"$1" start && "$1" start-acl' _ "$HERE/consul.sh"   # one build, two agents
-  else
+  elif on consul; then
     bg consul "$HERE/consul.sh" start
   fi
   wait_all
@@ -51,15 +55,15 @@ cmd_up() {
     echo "export MESHGATE_TEST_INFRA=$HERE"
     echo "export MESHGATE_TEST_BIN=$CACHE/bin"
     echo "export MESHGATE_TEST_RUN=$RUN"
-    echo "export MESHGATE_TEST_REDIS_NODES=$("$HERE/redis-cluster.sh" nodes)"
-    echo "export MESHGATE_TEST_REDIS_B_NODES=$(MESHGATE_REDIS_BASE_PORT="$REDIS_B_BASE" "$HERE/redis-cluster.sh" nodes)"
-    echo "export MESHGATE_TEST_SENTINEL_NODES=$("$HERE/redis-sentinel.sh" sentinels)"
-    echo "export MESHGATE_TEST_SENTINEL_MASTER=$("$HERE/redis-sentinel.sh" master)"
-    echo "export MESHGATE_TEST_KAFKA=127.0.0.1:${MESHGATE_KAFKA_PORT:-19092}"
-    echo "export MESHGATE_TEST_CONSUL=127.0.0.1:${MESHGATE_CONSUL_HTTP_PORT:-18500}"
+    on redis && echo "export MESHGATE_TEST_REDIS_NODES=$("$HERE/redis-cluster.sh" nodes)"
+    on redis-b && echo "export MESHGATE_TEST_REDIS_B_NODES=$(MESHGATE_REDIS_BASE_PORT="$REDIS_B_BASE" "$HERE/redis-cluster.sh" nodes)"
+    on sentinel && echo "export MESHGATE_TEST_SENTINEL_NODES=$("$HERE/redis-sentinel.sh" sentinels)"
+    on sentinel && echo "export MESHGATE_TEST_SENTINEL_MASTER=$("$HERE/redis-sentinel.sh" master)"
+    on kafka && echo "export MESHGATE_TEST_KAFKA=127.0.0.1:${MESHGATE_KAFKA_PORT:-19092}"
+    on consul && echo "export MESHGATE_TEST_CONSUL=127.0.0.1:${MESHGATE_CONSUL_HTTP_PORT:-18500}"
     # Not MESHGATE_NATS_URL: that is the gateway's own --nats-url variable.
-    echo "export MESHGATE_TEST_NATS=$("$HERE/nats.sh" url)"
-    if [ "$WITH_ACL" = 1 ]; then
+    on nats && echo "export MESHGATE_TEST_NATS=$("$HERE/nats.sh" url)"
+    if on consul && [ "$WITH_ACL" = 1 ]; then
       echo "export MESHGATE_TEST_CONSUL_ACL=127.0.0.1:${MESHGATE_CONSUL_ACL_HTTP_PORT:-18600}"
       echo "export MESHGATE_TEST_CONSUL_ACL_TOKEN=$("$HERE/consul.sh" token)"
     fi
@@ -69,26 +73,26 @@ cmd_up() {
 
 cmd_down() {
   mkdir -p "$RUN/logs"
-  bg redis "$HERE/redis-cluster.sh" stop
-  bg redis-b env MESHGATE_REDIS_BASE_PORT="$REDIS_B_BASE" "$HERE/redis-cluster.sh" stop
-  bg sentinel "$HERE/redis-sentinel.sh" stop
-  bg kafka "$HERE/kafka.sh" stop
-  bg nats "$HERE/nats.sh" stop
-  bg consul "$HERE/consul.sh" stop
-  bg consul-acl "$HERE/consul.sh" stop-acl
+  on redis && bg redis "$HERE/redis-cluster.sh" stop
+  on redis-b && bg redis-b env MESHGATE_REDIS_BASE_PORT="$REDIS_B_BASE" "$HERE/redis-cluster.sh" stop
+  on sentinel && bg sentinel "$HERE/redis-sentinel.sh" stop
+  on kafka && bg kafka "$HERE/kafka.sh" stop
+  on nats && bg nats "$HERE/nats.sh" stop
+  on consul && bg consul "$HERE/consul.sh" stop
+  on consul && bg consul-acl "$HERE/consul.sh" stop-acl
   wait_all
   rm -f "$ENVF"
 }
 
 cmd_status() {
   local rc=0
-  "$HERE/redis-cluster.sh" status || rc=1
-  MESHGATE_REDIS_BASE_PORT="$REDIS_B_BASE" "$HERE/redis-cluster.sh" status || rc=1
-  "$HERE/redis-sentinel.sh" status || rc=1
-  "$HERE/kafka.sh" status || rc=1
-  "$HERE/nats.sh" status || rc=1
-  "$HERE/consul.sh" status || rc=1
-  [ "$WITH_ACL" = 1 ] && { "$HERE/consul.sh" status-acl || rc=1; }
+  if on redis; then "$HERE/redis-cluster.sh" status || rc=1; fi
+  if on redis-b; then MESHGATE_REDIS_BASE_PORT="$REDIS_B_BASE" "$HERE/redis-cluster.sh" status || rc=1; fi
+  if on sentinel; then "$HERE/redis-sentinel.sh" status || rc=1; fi
+  if on kafka; then "$HERE/kafka.sh" status || rc=1; fi
+  if on nats; then "$HERE/nats.sh" status || rc=1; fi
+  if on consul; then "$HERE/consul.sh" status || rc=1; fi
+  if on consul && [ "$WITH_ACL" = 1 ]; then "$HERE/consul.sh" status-acl || rc=1; fi
   return $rc
 }
 
