@@ -170,6 +170,7 @@ static int make_nats(mg_gateway *gw, char *err, size_t errlen)
         .max_deliver = (int)cfg->nats_max_deliver,
         .max_pending = (int)cfg->nats_max_pending,
         .max_message_bytes = (size_t)cfg->grpc_max_message_bytes,
+        .peers = gw->peers,
     };
     mg_transport *n = mg_transport_nats_create(&ncfg, err, errlen);
     if (!n)
@@ -217,6 +218,7 @@ static int make_transports(mg_gateway *gw, char *err, size_t errlen)
             .timeout_ms = (int)cfg->kafka_timeout_ms,
             .queue_max_messages = (int)cfg->kafka_queue_max_messages,
             .retry_budget_ms = (int)cfg->kafka_retry_budget_ms,
+            .peers = gw->peers,
         };
         mg_transport *k = mg_transport_kafka_create(&kcfg, err, errlen);
         if (!k)

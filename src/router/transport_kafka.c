@@ -84,6 +84,7 @@ typedef struct tk {
     mg_transport base;
     char *brokers, *prefix, *region, *gateway_id, *own_topic;
     int partitions, linger_ms, batch_bytes, timeout_ms, queue_max, retry_budget_ms;
+    mg_peers *peers; /* borrowed; NULL: every region consumes Kafka */
 
     rd_kafka_t *producer;
     rd_kafka_queue_t *admin_q;
@@ -342,7 +343,9 @@ static rd_kafka_resp_err_t produce(tk *k, const char *topic, const mg_msg *msg, 
 
 static bool tk_available(mg_transport *t, const mg_route_target *target)
 {
-    return ((tk *)t)->producer != NULL;
+    tk *k = (tk *)t;
+    return k->producer != NULL &&
+           (!k->peers || !target || mg_peers_region_consumes(k->peers, target->region, "kafka"));
 }
 
 static int tk_deliver(mg_transport *t, const mg_route_target *target, const mg_msg *msg,
@@ -846,6 +849,7 @@ mg_transport *mg_transport_kafka_create(const mg_transport_kafka_config *cfg, ch
     k->timeout_ms = cfg->timeout_ms > 0 ? cfg->timeout_ms : 5000;
     k->queue_max = cfg->queue_max_messages;
     k->retry_budget_ms = cfg->retry_budget_ms > 0 ? cfg->retry_budget_ms : 30000;
+    k->peers = cfg->peers;
     k->topics = mg_map_create(16);
     pthread_mutex_init(&k->topics_mu, NULL);
     pthread_mutex_init(&k->rec_mu, NULL);

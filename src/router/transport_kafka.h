@@ -30,6 +30,7 @@
 #ifndef MG_TRANSPORT_KAFKA_H
 #define MG_TRANSPORT_KAFKA_H
 
+#include "discovery/peers.h"
 #include "router/router.h"
 #include "router/transport.h"
 
@@ -46,6 +47,9 @@ typedef struct mg_transport_kafka_config {
     int timeout_ms;           /* HIGH wait bound and message.timeout.ms; <= 0: 5000 */
     int queue_max_messages;   /* producer queue bound (queue.buffering.max.messages); 0: 100000 */
     int retry_budget_ms;      /* consumer: retry a record this long, then inbox; <= 0: 30000 */
+    /* Discovery (may be NULL): a region's topic is used only while every known gateway of
+     * that region consumes Kafka (its Consul "buses"; a region with none known: yes). */
+    mg_peers *peers;
 } mg_transport_kafka_config;
 
 /* Creates the producer (and its "kafka-poll" thread) and asks the broker to

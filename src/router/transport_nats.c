@@ -70,6 +70,7 @@ typedef struct tn {
     char *urls, *prefix, *region, *gateway_id, *stream, *subject, *durable;
     int replicas, max_age_seconds, timeout_ms, ack_wait_ms, max_deliver, max_pending, max_inflight;
     size_t max_message_bytes;
+    mg_peers *peers; /* borrowed; NULL: every region consumes NATS */
 
     natsOptions *opts;
     natsConnection *nc;
@@ -213,7 +214,8 @@ static void puback_cb(jsCtx *js, natsMsg *msg, jsPubAck *pa, jsPubAckErr *pae, v
 static bool tn_available(mg_transport *t, const mg_route_target *target)
 {
     tn *n = (tn *)t;
-    return n->nc && natsConnection_Status(n->nc) == NATS_CONN_STATUS_CONNECTED;
+    return n->nc && natsConnection_Status(n->nc) == NATS_CONN_STATUS_CONNECTED &&
+           (!n->peers || !target || mg_peers_region_consumes(n->peers, target->region, "nats"));
 }
 
 static int tn_deliver(mg_transport *t, const mg_route_target *target, const mg_msg *msg,
@@ -661,6 +663,7 @@ mg_transport *mg_transport_nats_create(const mg_transport_nats_config *cfg, char
     n->max_pending = cfg->max_pending > 0 ? cfg->max_pending : 65536;
     n->max_inflight = cfg->max_inflight > 0 ? cfg->max_inflight : 1024;
     n->max_message_bytes = cfg->max_message_bytes ? cfg->max_message_bytes : 4u << 20;
+    n->peers = cfg->peers;
     n->reports = mg_map_create(1024);
     pthread_mutex_init(&n->rep_mu, NULL);
     pthread_mutex_init(&n->c_mu, NULL);

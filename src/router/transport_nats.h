@@ -43,6 +43,7 @@
 #define MG_TRANSPORT_NATS_H
 
 #include "router/router.h"
+#include "discovery/peers.h"
 #include "router/transport.h"
 
 #include <stddef.h>
@@ -60,6 +61,9 @@ typedef struct mg_transport_nats_config {
     int max_pending;            /* publishes awaiting a PubAck; <= 0: 65536 */
     int max_inflight;           /* consumed messages being handled at once; <= 0: 1024 */
     size_t max_message_bytes;   /* consumed payloads above it are skipped; 0: 4 MiB */
+    /* Discovery (may be NULL): a region's stream is used only while every known gateway of
+     * that region consumes NATS (its Consul "buses"; a region with none known: yes). */
+    mg_peers *peers;
 } mg_transport_nats_config;
 
 /* Connects to the servers and creates or updates this region's stream.

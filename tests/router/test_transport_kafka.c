@@ -263,3 +263,44 @@ Test(transport_kafka, consumer_hands_records_to_the_router)
     cr_assert_eq(mg_transport_kafka_assigned(t), -1);
     mg_router_free(r);
 }
+
+/* Mixed fleets (issue 12): a region's topic is used only while every known
+ * gateway of that region consumes Kafka (Consul "buses"; none known, or an
+ * older gateway without the meta, counts as consuming it). */
+Test(transport_kafka, a_region_is_reached_only_when_all_its_gateways_consume_kafka)
+{
+    mg_peers *peers = mg_peers_create("gw-a", "", 1 << 20);
+    mg_transport_kafka_config cfg = {
+        .brokers = bootstraps,
+        .topic_prefix = "ut.deliver.",
+        .region = "r1",
+        .gateway_id = "gw-a",
+        .peers = peers,
+    };
+    char err[256] = "";
+    mg_transport *t = mg_transport_kafka_create(&cfg, err, sizeof(err));
+    cr_assert(t, "create: %s", err);
+    mg_route_target r2 = {"gw-b", "r2"}, r3 = {"gw-x", "r3"};
+    cr_assert(t->ops->available(t, &r2), "no gateway of r2 known: its topic is used");
+    mg_peer in[] = {
+        {.id = "gw-b",
+         .address = "127.0.0.1:1",
+         .region = "r2",
+         .version = "",
+         .buses = "grpc,kafka"},
+        {.id = "gw-c",
+         .address = "127.0.0.1:2",
+         .region = "r2",
+         .version = "",
+         .buses = "grpc,redis-pubsub"},
+        {.id = "gw-d", .address = "127.0.0.1:3", .region = "r3", .version = "", .buses = ""},
+    };
+    mg_peers_update(peers, in, 3);
+    cr_assert_not(t->ops->available(t, &r2), "gw-c of r2 does not consume Kafka");
+    cr_assert(t->ops->available(t, &r3), "gw-d has no buses meta: an older gateway, Kafka");
+    in[1].buses = "grpc,kafka,redis-pubsub";
+    mg_peers_update(peers, in, 3);
+    cr_assert(t->ops->available(t, &r2), "every gateway of r2 consumes Kafka now");
+    mg_transport_free(t);
+    mg_peers_free(peers);
+}
