@@ -379,11 +379,14 @@ static void rec_free(rec *r)
 static void rec_finish(tn *n, rec *r)
 {
     rec_free(r);
-    atomic_fetch_sub(&n->in_flight, 1);
     mg_metric_add(n->inflight_gauge, -1);
-    pthread_mutex_lock(&n->c_mu);
-    pthread_cond_signal(&n->c_cond);
-    pthread_mutex_unlock(&n->c_mu);
+    /* Only the completion that makes room wakes nats-consume (it waits for
+     * room when max_inflight operations are out, never for one message). */
+    if (atomic_fetch_sub(&n->in_flight, 1) == n->max_inflight) {
+        pthread_mutex_lock(&n->c_mu);
+        pthread_cond_signal(&n->c_cond);
+        pthread_mutex_unlock(&n->c_mu);
+    }
 }
 
 /* Any thread: the message's operation answered. */
@@ -524,7 +527,10 @@ static void *consume_main(void *arg)
     while (atomic_load(&n->consume_run)) {
         park_failed(n);
         int room = n->max_inflight - atomic_load(&n->in_flight);
-        if (room <= 0) { /* full: wait for a completion (or a parked message) */
+        if (room <= 0) {
+            /* Flow control: max_inflight operations are out. Sleep until the
+             * completion that makes room (or a parked message) signals; the
+             * 100 ms bound only re-checks. No message is waited for. */
             pthread_mutex_lock(&n->c_mu);
             if (n->max_inflight - atomic_load(&n->in_flight) <= 0 && !n->parked) {
                 struct timespec ts;

@@ -81,26 +81,6 @@ static void region_name(char *buf, size_t len, const char *test)
     snprintf(buf, len, "%d-%s", (int)getpid(), test);
 }
 
-static mg_router *make_router(const char *gw, const char *region, mg_recsink *r, int users)
-{
-    mg_local_sink sink = mg_recsink_sink(r);
-    mg_router_config rc = {.gateway_id = gw,
-                           .region = region,
-                           .hot_window_seconds = 10,
-                           .hot_threshold = 100000,
-                           .hot_capacity = 64,
-                           .dedupe_window = 4096};
-    mg_router *rt = mg_router_create(&rc, mg_presence_memory_create(gw, region),
-                                     mg_inbox_memory_create(1000, 3600), &sink, NULL);
-    for (int i = 0; i < users; i++) {
-        char user[32], conn[32];
-        snprintf(user, sizeof(user), "u%d", i);
-        snprintf(conn, sizeof(conn), "%s-c%d", gw, i);
-        cr_assert_eq(mg_router_user_connected(rt, user, conn, mg_now_ms()), 0);
-    }
-    return rt;
-}
-
 static mg_transport *make_transport(const char *gw, const char *region, int timeout_ms)
 {
     mg_transport_kafka_config cfg = {
@@ -191,7 +171,7 @@ Test(kafka, produce_consume_delivers_once)
     region_name(region, sizeof(region), "once");
     mg_recsink r;
     mg_recsink_init(&r);
-    mg_router *rt = make_router("gw-a", region, &r, 10);
+    mg_router *rt = mg_recsink_router("gw-a", region, &r, 10);
     mg_transport *t = make_transport("gw-a", region, 5000);
     mg_router_set_transport(rt, MG_PATH_KAFKA, t);
     cr_assert_eq(mg_transport_kafka_start_consumer(t, rt), 0);
@@ -289,7 +269,7 @@ Test(kafka, undecodable_record_is_skipped_counted_and_committed)
     snprintf(topic, sizeof(topic), PREFIX "%s", region);
     mg_recsink r;
     mg_recsink_init(&r);
-    mg_router *rt = make_router("gw-a", region, &r, 1);
+    mg_router *rt = mg_recsink_router("gw-a", region, &r, 1);
     mg_transport *t = make_transport("gw-a", region, 5000);
     mg_router_set_transport(rt, MG_PATH_KAFKA, t);
     cr_assert_eq(mg_transport_kafka_start_consumer(t, rt), 0);
@@ -332,8 +312,8 @@ Test(kafka, one_group_per_region_handles_each_message_once)
     mg_recsink_init(&ra);
     mg_recsink_init(&rb);
     enum { USERS = 24, N = 120 };
-    mg_router *a = make_router("gw-a", region, &ra, USERS);
-    mg_router *b = make_router("gw-b", region, &rb, USERS);
+    mg_router *a = mg_recsink_router("gw-a", region, &ra, USERS);
+    mg_router *b = mg_recsink_router("gw-b", region, &rb, USERS);
     mg_transport *ta = make_transport("gw-a", region, 5000);
     mg_transport *tb = make_transport("gw-b", region, 5000);
     mg_router_set_transport(a, MG_PATH_KAFKA, ta);
@@ -383,7 +363,7 @@ Test(kafka, redelivery_after_a_consumer_died_reaches_the_client_once)
     snprintf(group, sizeof(group), "meshgate-%s", region);
     mg_recsink r;
     mg_recsink_init(&r);
-    mg_router *rt = make_router("gw-a", region, &r, 5);
+    mg_router *rt = mg_recsink_router("gw-a", region, &r, 5);
     mg_transport *t = make_transport("gw-a", region, 5000);
     mg_router_set_transport(rt, MG_PATH_KAFKA, t);
     enum { N = 20 };
@@ -505,7 +485,7 @@ Test(kafka_chaos, broker_restart_high_fails_clearly_and_nothing_queued_is_lost)
              infra ? infra : MG_SOURCE_DIR "/tests/infra");
     mg_recsink r;
     mg_recsink_init(&r);
-    mg_router *rt = make_router("gw-a", region, &r, 8);
+    mg_router *rt = mg_recsink_router("gw-a", region, &r, 8);
     mg_transport *t = make_transport("gw-a", region, TIMEOUT_MS);
     mg_router_set_transport(rt, MG_PATH_KAFKA, t);
     cr_assert_eq(mg_transport_kafka_start_consumer(t, rt), 0);

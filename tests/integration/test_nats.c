@@ -73,26 +73,6 @@ static int64_t counter(const char *name)
     return mg_metric_value(mg_counter(name, "", NULL));
 }
 
-static mg_router *make_router(const char *gw, const char *region, mg_recsink *r, int users)
-{
-    mg_local_sink sink = mg_recsink_sink(r);
-    mg_router_config rc = {.gateway_id = gw,
-                           .region = region,
-                           .hot_window_seconds = 10,
-                           .hot_threshold = 100000,
-                           .hot_capacity = 64,
-                           .dedupe_window = 8192};
-    mg_router *rt = mg_router_create(&rc, mg_presence_memory_create(gw, region),
-                                     mg_inbox_memory_create(1000, 3600), &sink, NULL);
-    for (int i = 0; i < users; i++) {
-        char user[32], conn[32];
-        snprintf(user, sizeof(user), "u%d", i);
-        snprintf(conn, sizeof(conn), "%s-c%d", gw, i);
-        cr_assert_eq(mg_router_user_connected(rt, user, conn, mg_now_ms()), 0);
-    }
-    return rt;
-}
-
 static mg_transport *make_transport_at(const char *urls, const char *gw, const char *region,
                                        int replicas, size_t max_bytes)
 {
@@ -119,7 +99,7 @@ static mg_transport *consumer_at(const char *urls, const char *gw, const char *r
                                  mg_recsink *r, int users, int replicas, size_t max_bytes,
                                  mg_router **rt)
 {
-    *rt = make_router(gw, region, r, users);
+    *rt = mg_recsink_router(gw, region, r, users);
     mg_transport *t = make_transport_at(urls, gw, region, replicas, max_bytes);
     mg_router_set_transport(*rt, MG_PATH_NATS, t);
     char err[256] = "";

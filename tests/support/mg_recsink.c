@@ -1,7 +1,13 @@
 /* mg_recsink.c: the recording local sink of tests (see mg_recsink.h). */
 #include "support/mg_recsink.h"
 #include "common/mg_time.h"
+#include "router/router.h"
+#include "store/inbox.h"
+#include "store/presence.h"
 #include "support/mg_test.h"
+
+#include <criterion/criterion.h>
+#include <stdio.h>
 
 #include <string.h>
 
@@ -79,4 +85,24 @@ bool mg_recsink_wait_total(mg_recsink *r, int n, int timeout_ms)
 {
     total_arg a = {r, n};
     return mg_wait_until(total_reached, &a, timeout_ms);
+}
+
+mg_router *mg_recsink_router(const char *gw, const char *region, mg_recsink *r, int users)
+{
+    mg_local_sink sink = mg_recsink_sink(r);
+    mg_router_config rc = {.gateway_id = gw,
+                           .region = region,
+                           .hot_window_seconds = 10,
+                           .hot_threshold = 100000,
+                           .hot_capacity = 64,
+                           .dedupe_window = 8192};
+    mg_router *rt = mg_router_create(&rc, mg_presence_memory_create(gw, region),
+                                     mg_inbox_memory_create(1000, 3600), &sink, NULL);
+    for (int i = 0; i < users; i++) {
+        char user[32], conn[32];
+        snprintf(user, sizeof(user), "u%d", i);
+        snprintf(conn, sizeof(conn), "%s-c%d", gw, i);
+        cr_assert_eq(mg_router_user_connected(rt, user, conn, mg_now_ms()), 0);
+    }
+    return rt;
 }

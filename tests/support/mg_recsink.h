@@ -30,4 +30,9 @@ int mg_recsink_total(mg_recsink *r);
 /* Waits up to timeout_ms for the total to reach n; returns whether it did. */
 bool mg_recsink_wait_total(mg_recsink *r, int n, int timeout_ms);
 
+typedef struct mg_router mg_router;
+/* An in-process router (memory presence and inbox, no store pool) writing to
+ * r, with users "u0".."u<users-1>" connected as "<gw>-c<i>". */
+mg_router *mg_recsink_router(const char *gw, const char *region, mg_recsink *r, int users);
+
 #endif
