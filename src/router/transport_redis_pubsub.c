@@ -26,6 +26,7 @@
 #include "common/mg_map.h"
 #include "common/mg_metrics.h"
 #include "common/mg_time.h"
+#include "store/redis_cluster.h"
 
 #include <errno.h>
 #include <ev.h>
@@ -457,6 +458,8 @@ static int conn_open(rconn *c)
     c->fd = fd;
     c->connected = false;
     c->reader = redisReaderCreate();
+    if (c->reader)
+        mg_redis_reader_bound(c->reader);
     c->wlen = c->woff = 0;
     c->qhead = c->qn = 0;
     c->progress_us = mg_mono_us();

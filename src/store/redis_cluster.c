@@ -255,6 +255,32 @@ static rc_node *node_get(mg_redis_cluster *rc, const char *host, int port)
     return n;
 }
 
+static const redisReplyObjectFunctions *hiredis_fns; /* hiredis's own, saved once */
+static redisReplyObjectFunctions bounded_fns;
+static pthread_once_t bounded_once = PTHREAD_ONCE_INIT;
+
+static void *bounded_array(const redisReadTask *task, int elements)
+{
+    if (elements < 0 || elements > MG_REDIS_MAX_ARRAY)
+        return NULL; /* the reader reports an error and the connection is dropped */
+    return hiredis_fns->createArray(task, elements);
+}
+
+static void bounded_init(void)
+{
+    redisReader *r = redisReaderCreate();
+    hiredis_fns = r->fn;
+    redisReaderFree(r);
+    bounded_fns = *hiredis_fns;
+    bounded_fns.createArray = bounded_array;
+}
+
+void mg_redis_reader_bound(redisReader *reader)
+{
+    pthread_once(&bounded_once, bounded_init);
+    reader->fn = &bounded_fns;
+}
+
 /* Opens a connection to n within the deadline and authenticates it. */
 static redisContext *conn_open(mg_redis_cluster *rc, rc_node *n, int64_t deadline_us, int *err,
                                char *msg, size_t msglen)
@@ -273,6 +299,7 @@ static redisContext *conn_open(mg_redis_cluster *rc, rc_node *n, int64_t deadlin
         snprintf(msg, msglen, "%s: %s", n->name, c ? c->errstr : "out of memory");
         goto fail;
     }
+    mg_redis_reader_bound(c->reader);
     redisSetTimeout(c, tv_of_us(deadline_us - mg_mono_us()));
     redisEnableKeepAlive(c);
     if (rc->password && *rc->password && !n->sentinel) {
@@ -675,6 +702,7 @@ static void subscribe_on(mg_redis_cluster *rc, rc_node *s)
             redisFree(c);
         return;
     }
+    mg_redis_reader_bound(c->reader);
     redisEnableKeepAlive(c);
     redisSetTimeout(c, tv);
     redisReply *r = redisCommand(c, "SUBSCRIBE +switch-master");

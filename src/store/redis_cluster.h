@@ -64,6 +64,15 @@ mg_redis_cluster *mg_redis_sentinel_create(const char *sentinels_csv, const char
                                            const char *user, const char *password, int timeout_ms,
                                            char *err, size_t errlen);
 
+/* The most elements a reply array may declare (1M: far above any reply meshgate asks for). */
+#define MG_REDIS_MAX_ARRAY (1 << 20)
+
+/* Makes reader refuse a reply array declaring more than MG_REDIS_MAX_ARRAY elements (a protocol
+ * error on that connection) instead of allocating what a broken or hostile server claims:
+ * hiredis 0.14 has no such bound, and `*555555555` alone asks for 4.4 GB. Every reader
+ * meshgate creates goes through this. */
+void mg_redis_reader_bound(redisReader *reader);
+
 /* Closes every connection. NULL is a no-op. No call may be running. */
 void mg_redis_cluster_free(mg_redis_cluster *rc);
 

@@ -626,7 +626,7 @@ def main():
     ap.add_argument("--offline-users", type=int, default=8)
     ap.add_argument("--settle-seconds", type=float, default=60)
     ap.add_argument("--port-base", type=int, default=28600)
-    ap.add_argument("--redis-base", type=int, default=26000)
+    ap.add_argument("--redis-base", type=int, default=22000)
     ap.add_argument("--no-faults", action="store_true")
     ap.add_argument("--seed", type=int, default=None)
     a = ap.parse_args()

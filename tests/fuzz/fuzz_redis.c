@@ -1,9 +1,9 @@
 /* fuzz_redis.c: bytes from a Redis node as the cluster client reads them:
  * hiredis's RESP reader, then each reply the way redis_cluster.c looks at
- * it (MOVED/ASK redirections through parse_redirect, the error prefixes).
- * The CLUSTER SLOTS walk is inline in refresh_from, which needs a live
- * connection, so it is not reached here (see tests/fuzz/README.md).
- * redis_cluster.c is included to reach its statics. */
+ * it (bounded by mg_redis_reader_bound; MOVED/ASK redirections through parse_redirect, the error
+ * prefixes). The CLUSTER SLOTS walk is inline in refresh_from, which needs a live connection, so it
+ * is not reached here (see tests/fuzz/README.md). redis_cluster.c is included to reach its statics.
+ */
 #include "store/redis_cluster.c"
 
 static void look(const redisReply *r, int depth)
@@ -26,6 +26,7 @@ static void look(const redisReply *r, int depth)
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     redisReader *rd = redisReaderCreate();
+    mg_redis_reader_bound(rd);
     redisReaderFeed(rd, (const char *)data, size);
     for (int i = 0; i < 64; i++) {
         void *r = NULL;

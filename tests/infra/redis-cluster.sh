@@ -21,6 +21,12 @@ alive() { [ "$(rcli "$1" ping)" = PONG ]; }
 
 command -v redis-server >/dev/null || die "redis-server not installed (run tests/infra/install-deps.sh)"
 
+# Each node's cluster bus listens on port + 10000. Inside the kernel's ephemeral range an
+# outgoing connection may already hold it ("Address already in use" at random): refuse.
+eph_low=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+[ $((BASE + 10005)) -lt "$eph_low" ] ||
+  die "base port $BASE puts the cluster bus ($((BASE + 10000))-$((BASE + 10005))) in the ephemeral range (from $eph_low)"
+
 start_node() {
   local p=$1 d=$DIR/$1
   alive "$p" && return 0

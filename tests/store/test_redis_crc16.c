@@ -105,3 +105,32 @@ Test(redis_batch, formatting_without_server)
     cr_assert_null(mg_redis_batch_reply(b, 5));
     mg_redis_batch_free(b);
 }
+
+/* A reply array's declared size is bounded: a server claiming half a billion elements is a
+ * protocol error on the connection, not a 4.4 GB allocation (found by fuzz_redis). */
+Test(redis_reply, reader_refuses_a_huge_array_and_keeps_normal_ones)
+{
+    static const char *huge[] = {"*555555555\r\n", "*2\r\n*99999999\r\n", "*1048577\r\n"};
+    for (size_t i = 0; i < sizeof(huge) / sizeof(huge[0]); i++) {
+        redisReader *rd = redisReaderCreate();
+        mg_redis_reader_bound(rd);
+        redisReaderFeed(rd, huge[i], strlen(huge[i]));
+        void *r = NULL;
+        cr_expect_eq(redisReaderGetReply(rd, &r), REDIS_ERR, "%s refused", huge[i]);
+        cr_expect_null(r);
+        redisReaderFree(rd);
+    }
+    redisReader *rd = redisReaderCreate();
+    mg_redis_reader_bound(rd);
+    const char ok[] = "*2\r\n$3\r\nfoo\r\n:42\r\n";
+    redisReaderFeed(rd, ok, strlen(ok));
+    redisReply *r = NULL;
+    cr_assert_eq(redisReaderGetReply(rd, (void **)&r), REDIS_OK);
+    cr_assert_not_null(r);
+    cr_expect_eq(r->type, REDIS_REPLY_ARRAY);
+    cr_expect_eq(r->elements, 2);
+    cr_expect_str_eq(r->element[0]->str, "foo");
+    cr_expect_eq(r->element[1]->integer, 42);
+    freeReplyObject(r);
+    redisReaderFree(rd);
+}
