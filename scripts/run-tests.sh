@@ -15,9 +15,10 @@ for bin in $(find "$build/tests" -type f -perm -u+x -name '*_test_*' | sort); do
   # competing for the two cores and makes their timing bounds meaningful.
   jobs=2; case "$bin" in */integration/*) jobs=1 ;; esac
   echo "== $label/$name"
+  t0=$(date +%s)
   out=$("$bin" --jobs "$jobs" --timeout 300 2>&1); rc=$?
   syn=$(echo "$out" | grep -E 'Synthesis: Tested' | tail -n 1)
-  if [ $rc -ne 0 ] || [ -z "$syn" ]; then echo "$out" | tail -n 200; status=1; else echo "$syn"; fi
+  if [ $rc -ne 0 ] || [ -z "$syn" ]; then echo "$out" | tail -n 200; status=1; else echo "$syn ($(( $(date +%s) - t0 )) s)"; fi
   t=$(echo "$syn" | sed -nE 's/.*Tested: ([0-9]+).*/\1/p'); t=${t:-0}
   p=$(echo "$syn" | sed -nE 's/.*Passing: ([0-9]+).*/\1/p'); p=${p:-0}
   f=$(( t - p )); [ $rc -ne 0 ] && [ $f -eq 0 ] && f=1

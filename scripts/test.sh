@@ -12,13 +12,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 t0=$(date +%s)
+tp=$t0
+# phase NAME: prints how long the step that just ended took (the suite's time is a budget).
+phase() { local now; now=$(date +%s); echo "-- $1 took $((now - tp)) s"; tp=$now; }
 
 bash tests/infra/install-deps.sh
+phase install
 export MESHGATE_RUN=${MESHGATE_RUN:-/tmp/meshgate-run}
 mkdir -p "$MESHGATE_RUN"
 ulimit -n 65536 2>/dev/null || true
 
 bash tests/infra/services.sh up
+phase services
 trap 'bash "$root/tests/infra/services.sh" down >/dev/null 2>&1 || true' EXIT
 
 gen=""; command -v ninja >/dev/null && gen="-G Ninja"
@@ -26,18 +31,23 @@ cmake -S . -B build $gen -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build build -j
 cmake -S . -B build-asan $gen -DCMAKE_BUILD_TYPE=Debug -DMG_SANITIZE=ON >/dev/null
 cmake --build build-asan -j
+phase build
 
 summary="$MESHGATE_RUN/summary.txt"
 : >"$summary"
 status=0
 bash scripts/run-tests.sh build "$summary" || status=1
+phase "normal suite"
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
   LSAN_OPTIONS=suppressions=$root/tests/lsan.supp \
   bash scripts/run-tests.sh build-asan "$summary" || status=1
+phase "ASan+UBSan suite"
 # The JavaScript client SDK and its web-chat demo (in chromium) against build/meshgate.
 bash scripts/run-sdk-tests.sh build "$summary" || status=1
+phase "JS SDK"
 # The short fault schedule (tests/chaos) on its own services, after the shared ones' tests.
 bash tests/chaos/run.sh build short "$summary" || status=1
+phase chaos
 # libFuzzer harnesses (tests/fuzz): a short bounded run of each (MG_FUZZ_SECONDS, default 15).
 if CC=clang cmake -S . -B build-fuzz $gen -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMG_FUZZ=ON \
      -DMG_BUILD_TESTS=OFF >/dev/null && cmake --build build-fuzz -j >/dev/null; then
@@ -45,6 +55,7 @@ if CC=clang cmake -S . -B build-fuzz $gen -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMG
 else
   echo "fuzz build failed"; echo "fuzz/build 0 1" >>"$summary"; status=1
 fi
+phase fuzz
 if [ -x tests/deploy/run.sh ] || [ -f tests/deploy/run.sh ]; then
   if out=$(bash tests/deploy/run.sh 2>&1); then echo "$out" | tail -n 5; else echo "$out"; status=1; fi
   line=$(echo "$out" | grep -E '^deploy: [0-9]+ passed, [0-9]+ failed' | tail -n 1 || true)
