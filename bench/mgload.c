@@ -203,7 +203,7 @@ static struct {
     int port, send_port, port2, nsrc, parallel;
     long conns, pairs, count, rounds;
     double rate, seconds, warmup, hold, settle, connect_timeout, drain, timeout;
-    int window, size, low;
+    int window, size, low, stream;
 } opt = {
     .host = "127.0.0.1",
     .label = "",
@@ -1140,6 +1140,20 @@ static void api_finish(api_call *c, bool okev)
     free(c);
 }
 
+/* The next completion on cq, waiting at most 1 ms, or until due_ns when paced
+ * (the next message of the --rate schedule). */
+static grpc_event api_next_event(grpc_completion_queue *cq, bool paced, int64_t due_ns)
+{
+    int64_t wait_ns = 1000000;
+    if (paced) {
+        int64_t next = due_ns - now_ns();
+        wait_ns = next < 0 ? 0 : next < wait_ns ? next : wait_ns;
+    }
+    return grpc_completion_queue_next(
+        cq, gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_nanos(wait_ns, GPR_TIMESPAN)),
+        NULL);
+}
+
 /* The sender thread: keeps --window calls in flight (flat out) or starts
  * them on the --rate schedule, until --count, the send end or stop. */
 static void *api_thread(void *arg)
@@ -1166,26 +1180,112 @@ static void *api_thread(void *arg)
         }
         if (!sending && inflight == 0)
             break;
-        int64_t wait_ns = 1000000;
-        if (sending && !flat) {
-            int64_t next = t0 + (int64_t)((double)k * period) - now_ns();
-            wait_ns = next < 0 ? 0 : next < wait_ns ? next : wait_ns;
-        }
-        grpc_event ev = grpc_completion_queue_next(
-            cq,
-            gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_nanos(wait_ns, GPR_TIMESPAN)),
-            NULL);
+        grpc_event ev = api_next_event(cq, sending && !flat, t0 + (int64_t)((double)k * period));
         while (ev.type == GRPC_OP_COMPLETE) {
             api_finish(ev.tag, ev.success != 0);
             inflight--;
             ev = grpc_completion_queue_next(cq, gpr_inf_past(GPR_CLOCK_MONOTONIC), NULL);
         }
     }
-    grpc_completion_queue_shutdown(cq);
-    while (grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type !=
-           GRPC_QUEUE_SHUTDOWN)
-        ;
-    grpc_completion_queue_destroy(cq);
+    mg_grpc_cq_destroy(cq);
+    return NULL;
+}
+
+/* The --stream sender: one SendStream call; one message on the wire at a
+ * time (gRPC's rule), --window results outstanding (flat out) or messages
+ * started on the --rate schedule; then half-close and the status. */
+enum { ST_SEND = 1, ST_RECV, ST_STATUS };
+
+static int stream_results(grpc_byte_buffer *bb)
+{
+    Meshgate__V1__SendStreamResponse *r = (Meshgate__V1__SendStreamResponse *)mg_grpc_unpack(
+        &meshgate__v1__send_stream_response__descriptor, bb);
+    if (!r)
+        return 0;
+    int n = (int)r->n_results;
+    for (size_t i = 0; i < r->n_results; i++) {
+        Meshgate__V1__RecipientResult *rr = r->results[i]->result;
+        atomic_fetch_add(&api.ok, 1);
+        if (rr && (rr->status == MESHGATE__V1__DELIVERY_STATUS__DELIVERY_STATUS_DELIVERED ||
+                   rr->status == MESHGATE__V1__DELIVERY_STATUS__DELIVERY_STATUS_ACCEPTED))
+            atomic_fetch_add(&api.delivered, 1);
+        else
+            atomic_fetch_add(&api.other, 1);
+    }
+    protobuf_c_message_free_unpacked(&r->base, NULL);
+    return n;
+}
+
+static void *stream_thread(void *arg)
+{
+    (void)arg;
+    grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
+    mg_grpc_stream s;
+    int64_t life_ms = (int64_t)((opt.warmup + opt.seconds + opt.drain + opt.timeout) * 1000);
+    int outstanding = mg_grpc_stream_open(&s, api.ch, cq, "/meshgate.v1.Messaging/SendStream", NULL,
+                                          0, life_ms, (void *)(intptr_t)ST_STATUS,
+                                          (void *)(intptr_t)ST_RECV, (void *)(intptr_t)ST_SEND);
+    bool send_out = outstanding == 3, flat = opt.rate <= 0, closed = false, done = !send_out;
+    bool status_came = false;
+    double period = flat ? 0 : 1e9 / opt.rate;
+    long k = 0, unanswered = 0;
+    int64_t t0 = api.t0;
+    while (outstanding > 0) {
+        int64_t now = now_ns();
+        bool sending = !closed && !atomic_load(&api.stop) && now < send_end_ns && k < opt.count;
+        if (!send_out && !done) {
+            int64_t due = flat ? now : t0 + (int64_t)((double)k * period);
+            bool more = sending && (flat ? unanswered < opt.window : due <= now);
+            bool end = !sending && !closed && (unanswered == 0 || atomic_load(&api.stop));
+            if (more || end) {
+                grpc_byte_buffer *bb = NULL;
+                if (more) {
+                    bb = api_request(k++, due);
+                    unanswered++;
+                    atomic_fetch_add(&api.sent, 1);
+                } else {
+                    closed = true;
+                }
+                send_out = mg_grpc_stream_send(&s, bb, (void *)(intptr_t)ST_SEND);
+                outstanding += send_out;
+                done = !send_out;
+                continue;
+            }
+        }
+        grpc_event ev =
+            api_next_event(cq, sending && !flat && !send_out, t0 + (int64_t)((double)k * period));
+        if (ev.type != GRPC_OP_COMPLETE)
+            continue;
+        outstanding--;
+        switch ((int)(intptr_t)ev.tag) {
+        case ST_SEND:
+            send_out = false;
+            mg_grpc_stream_send_done(&s);
+            done = done || !ev.success;
+            break;
+        case ST_RECV:
+            if (!ev.success || !s.recv) {
+                done = true;
+                break;
+            }
+            unanswered -= stream_results(s.recv);
+            grpc_byte_buffer_destroy(s.recv);
+            s.recv = NULL;
+            outstanding += mg_grpc_stream_recv(&s, (void *)(intptr_t)ST_RECV);
+            break;
+        case ST_STATUS:
+            done = status_came = true;
+            if (s.status != GRPC_STATUS_OK)
+                fprintf(stderr, "mgload: SendStream ended %s %.*s\n", mg_grpc_code_name(s.status),
+                        (int)GRPC_SLICE_LENGTH(s.details),
+                        (const char *)GRPC_SLICE_START_PTR(s.details));
+            break;
+        }
+    }
+    if (unanswered > 0)
+        atomic_fetch_add(&api.failed, unanswered);
+    mg_grpc_stream_release(&s, status_came);
+    mg_grpc_cq_destroy(cq);
     return NULL;
 }
 
@@ -1202,7 +1302,7 @@ static int mode_api(void)
     measure_start = t0 + (int64_t)(opt.warmup * 1e9);
     send_end_ns = t0 + (int64_t)((opt.warmup + opt.seconds) * 1e9);
     pthread_t th;
-    pthread_create(&th, NULL, api_thread, NULL);
+    pthread_create(&th, NULL, opt.stream ? stream_thread : api_thread, NULL);
     long ticks0 = -1, sent0 = 0;
     int64_t tick_t0 = 0, now;
     while ((now = now_ns()) < send_end_ns) {
@@ -1231,9 +1331,9 @@ static int mode_api(void)
     long lost = atomic_load(&api.ok) - st.recv_msgs;
     j_begin();
     jadd(",\"priority\":\"%s\",\"conns\":%ld,\"open\":%ld,\"connect_seconds\":%.2f,"
-         "\"target_rate\":%.0f,\"window\":%d,\"size\":%d",
+         "\"target_rate\":%.0f,\"window\":%d,\"size\":%d,\"api\":\"%s\"",
          opt.low ? "low" : "high", nconns, st.open, ct, opt.rate, opt.rate > 0 ? 0 : opt.window,
-         opt.size);
+         opt.size, opt.stream ? "SendStream" : "SendMessage");
     jadd(",\"seconds\":%.2f,\"sent\":%ld,\"sent_measured\":%ld,\"calls_ok\":%ld,"
          "\"calls_failed\":%ld,\"result_delivered\":%ld,\"result_other\":%ld,\"delivered\":%ld,"
          "\"delivered_measured\":%ld,\"lost\":%ld,\"msgs_per_s\":%.0f",
@@ -1269,7 +1369,9 @@ static void usage(FILE *o)
             "  fanout: --conns N --grpc HOST:PORT --rounds R (5) --timeout S (30)\n"
             "          [--port2 P: every second user connects to a second gateway on P]\n"
             "  api: --conns N --grpc HOST:PORT [--window W | --rate R] --seconds S --count N "
-            "[--low]\n");
+            "[--low]\n"
+            "       [--stream: one SendStream call, W messages unanswered, instead of SendMessage "
+            "calls]\n");
 }
 
 int main(int argc, char **argv)
@@ -1328,6 +1430,10 @@ int main(int argc, char **argv)
         L("--size", opt.size)
         if (strcmp(a, "--low") == 0) {
             opt.low = 1;
+            continue;
+        }
+        if (strcmp(a, "--stream") == 0) {
+            opt.stream = 1;
             continue;
         }
         D("--rate", opt.rate)

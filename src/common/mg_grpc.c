@@ -186,17 +186,25 @@ void mg_grpc_client_free(mg_grpc_client *c)
     grpc_shutdown();
 }
 
+/* A call of method on ch, completing on cq, with a deadline timeout_ms from now. */
+static grpc_call *create_call(grpc_channel *ch, grpc_completion_queue *cq, const char *method,
+                              int64_t timeout_ms)
+{
+    gpr_timespec deadline =
+        gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(timeout_ms, GPR_TIMESPAN));
+    grpc_slice m = grpc_slice_from_copied_string(method);
+    grpc_call *call =
+        grpc_channel_create_call(ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq, m, NULL, deadline, NULL);
+    grpc_slice_unref(m);
+    return call;
+}
+
 int mg_grpc_unary_start(mg_grpc_unary *u, grpc_channel *ch, grpc_completion_queue *cq,
                         const char *method, grpc_byte_buffer *req, const grpc_metadata *md,
                         size_t nmd, int64_t timeout_ms, void *tag)
 {
     memset(u, 0, sizeof(*u));
-    gpr_timespec deadline =
-        gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(timeout_ms, GPR_TIMESPAN));
-    grpc_slice m = grpc_slice_from_copied_string(method);
-    u->call =
-        grpc_channel_create_call(ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq, m, NULL, deadline, NULL);
-    grpc_slice_unref(m);
+    u->call = create_call(ch, cq, method, timeout_ms);
     if (!u->call)
         return -EIO;
     grpc_metadata_array_init(&u->md_init);
@@ -276,12 +284,106 @@ grpc_status_code mg_grpc_unary_call(grpc_channel *ch, const char *method, grpc_b
         while (ev.type != GRPC_OP_COMPLETE || ev.tag != &u);
         status = mg_grpc_unary_finish(&u, ev.success != 0, resp, details, dlen);
     }
+    mg_grpc_cq_destroy(cq);
+    return status;
+}
+
+static bool stream_batch(mg_grpc_stream *s, const grpc_op *ops, size_t n, void *tag)
+{
+    return grpc_call_start_batch(s->call, ops, n, tag, NULL) == GRPC_CALL_OK;
+}
+
+int mg_grpc_stream_open(mg_grpc_stream *s, grpc_channel *ch, grpc_completion_queue *cq,
+                        const char *method, const grpc_metadata *md, size_t nmd, int64_t timeout_ms,
+                        void *status_tag, void *recv_tag, void *send_tag)
+{
+    memset(s, 0, sizeof(*s));
+    s->call = create_call(ch, cq, method, timeout_ms);
+    grpc_metadata_array_init(&s->md_init);
+    grpc_metadata_array_init(&s->md_trail);
+    s->status = GRPC_STATUS_UNKNOWN;
+    s->details = grpc_empty_slice();
+    if (!s->call)
+        return 0;
+    int started = 0;
+    grpc_op ops[2];
+    memset(ops, 0, sizeof(ops));
+    ops[0].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+    ops[0].data.recv_status_on_client.trailing_metadata = &s->md_trail;
+    ops[0].data.recv_status_on_client.status = &s->status;
+    ops[0].data.recv_status_on_client.status_details = &s->details;
+    started += stream_batch(s, ops, 1, status_tag);
+    memset(ops, 0, sizeof(ops));
+    ops[0].op = GRPC_OP_RECV_INITIAL_METADATA;
+    ops[0].data.recv_initial_metadata.recv_initial_metadata = &s->md_init;
+    ops[1].op = GRPC_OP_RECV_MESSAGE;
+    ops[1].data.recv_message.recv_message = &s->recv;
+    started += stream_batch(s, ops, 2, recv_tag);
+    memset(ops, 0, sizeof(ops));
+    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    ops[0].data.send_initial_metadata.count = nmd;
+    ops[0].data.send_initial_metadata.metadata = (grpc_metadata *)md;
+    started += stream_batch(s, ops, 1, send_tag);
+    return started;
+}
+
+bool mg_grpc_stream_send(mg_grpc_stream *s, grpc_byte_buffer *bb, void *tag)
+{
+    grpc_op op;
+    memset(&op, 0, sizeof(op));
+    if (bb) {
+        op.op = GRPC_OP_SEND_MESSAGE;
+        op.data.send_message.send_message = bb;
+    } else {
+        op.op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+    }
+    s->send = bb;
+    if (stream_batch(s, &op, 1, tag))
+        return true;
+    mg_grpc_stream_send_done(s);
+    return false;
+}
+
+void mg_grpc_stream_send_done(mg_grpc_stream *s)
+{
+    if (s->send)
+        grpc_byte_buffer_destroy(s->send);
+    s->send = NULL;
+}
+
+bool mg_grpc_stream_recv(mg_grpc_stream *s, void *tag)
+{
+    grpc_op op;
+    memset(&op, 0, sizeof(op));
+    op.op = GRPC_OP_RECV_MESSAGE;
+    op.data.recv_message.recv_message = &s->recv;
+    return stream_batch(s, &op, 1, tag);
+}
+
+void mg_grpc_stream_release(mg_grpc_stream *s, bool status_came)
+{
+    if (s->call && !status_came)
+        grpc_call_cancel(s->call, NULL);
+    mg_grpc_stream_send_done(s);
+    if (s->recv)
+        grpc_byte_buffer_destroy(s->recv);
+    s->recv = NULL;
+    grpc_slice_unref(s->details);
+    s->details = grpc_empty_slice();
+    grpc_metadata_array_destroy(&s->md_init);
+    grpc_metadata_array_destroy(&s->md_trail);
+    if (s->call)
+        grpc_call_unref(s->call);
+    s->call = NULL;
+}
+
+void mg_grpc_cq_destroy(grpc_completion_queue *cq)
+{
     grpc_completion_queue_shutdown(cq);
     while (grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type !=
            GRPC_QUEUE_SHUTDOWN)
         ;
     grpc_completion_queue_destroy(cq);
-    return status;
 }
 
 grpc_status_code mg_grpc_call_raw(mg_grpc_client *c, const char *method, const void *req,

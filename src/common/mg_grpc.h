@@ -81,6 +81,39 @@ grpc_status_code mg_grpc_unary_call(grpc_channel *ch, const char *method, grpc_b
                                     const grpc_metadata *md, size_t nmd, int64_t timeout_ms,
                                     grpc_byte_buffer **resp, char *details, size_t dlen);
 
+/* --- one bidirectional stream call ------------------------------------------------------ */
+
+/* A client's bidirectional stream in flight, driven by its owner's
+ * completion queue: one send and one receive outstanding at a time (gRPC's
+ * rule), each completing with the tag it was started with. The struct must
+ * stay put until released. */
+typedef struct mg_grpc_stream {
+    grpc_call *call;
+    grpc_metadata_array md_init, md_trail;
+    grpc_status_code status; /* valid once status_tag completed */
+    grpc_slice details;
+    grpc_byte_buffer *recv; /* the message the last receive got (NULL: the server ended) */
+    grpc_byte_buffer *send; /* the message on the wire, destroyed by send_done */
+} mg_grpc_stream;
+/* Opens method on ch with the nmd initial metadata md and a deadline timeout_ms from now, and
+ * starts three operations: the final status (status_tag), the first receive (recv_tag) and the
+ * initial metadata (send_tag, a send). Returns how many were started (3; fewer on failure: each
+ * started one still completes). */
+int mg_grpc_stream_open(mg_grpc_stream *s, grpc_channel *ch, grpc_completion_queue *cq,
+                        const char *method, const grpc_metadata *md, size_t nmd, int64_t timeout_ms,
+                        void *status_tag, void *recv_tag, void *send_tag);
+/* Sends one message (taken: destroyed when the send completed, by send_done) or, with bb NULL,
+ * half-closes. Returns true when the operation was started (its tag will complete). */
+bool mg_grpc_stream_send(mg_grpc_stream *s, grpc_byte_buffer *bb, void *tag);
+void mg_grpc_stream_send_done(mg_grpc_stream *s);
+/* The next receive into s->recv (the caller destroys what the last one got first). */
+bool mg_grpc_stream_recv(mg_grpc_stream *s, void *tag);
+/* Releases the call once no operation is outstanding (cancels it first when the status
+ * never came). */
+void mg_grpc_stream_release(mg_grpc_stream *s, bool status_came);
+/* Shuts cq down, drains and destroys it (after its calls were released). */
+void mg_grpc_cq_destroy(grpc_completion_queue *cq);
+
 /* --- the client ------------------------------------------------------------------ */
 
 typedef struct mg_grpc_client mg_grpc_client;

@@ -15,6 +15,9 @@
 #include "common/mg_pool.h"
 #include "gateway/grpc_auth.h"
 #include "gateway/grpc_server.h"
+#include "router/msg.h"
+
+#include "meshgate/v1/message.pb-c.h"
 
 #include <grpc/grpc.h>
 #include <pthread.h>
@@ -33,6 +36,7 @@ enum method {
     M_DELIVER_BATCH,
     M_HEALTH_CHECK,
     M_HEALTH_WATCH,
+    M_SEND_STREAM,
     M_UNKNOWN,
     M_COUNT
 };
@@ -94,11 +98,13 @@ struct mg_grpc_server {
     mg_metric *inflight;
 };
 
-enum rpc_state { RPC_REQUESTED, RPC_RECEIVED, RPC_FINISHING };
+/* What a completion-queue tag is: every tag starts with its state, so the
+ * queue's threads dispatch on it (a struct rpc, or one of a stream's ops). */
+enum rpc_state { RPC_REQUESTED, RPC_RECEIVED, RPC_FINISHING, RPC_STREAM_OP };
 
 /* One call, from request_call to its final batch. */
 struct rpc {
-    enum rpc_state state;
+    enum rpc_state state; /* first: the tag's kind */
     struct cq_thread *t;
     grpc_call *call;
     grpc_call_details details;
@@ -127,5 +133,25 @@ bool mg_grpc_handler_blocks(mg_grpc_server *s, enum method m);
 /* Ends the call: status code, details err (logged when it is a server-side
  * failure), c->resp as the response on OK. Any thread; exactly once. */
 void mg_grpc_answer(struct rpc *c, grpc_status_code code, const char *err);
+/* Frees a call that never started (no request arrived). */
+void mg_grpc_rpc_free(struct rpc *c);
+/* A started call ended (its final batch completed, c->code set): counted
+ * in the metrics, then freed. */
+void mg_grpc_rpc_done(struct rpc *c);
+
+/* The SendStream call (grpc_stream.c). begin takes over c once its request
+ * arrived (instead of a RECV_MESSAGE): from then on the stream's own tags
+ * (state RPC_STREAM_OP) come back through mg_grpc_stream_event, and the
+ * stream frees c when its last operation ended. */
+void mg_grpc_stream_begin(struct rpc *c);
+void mg_grpc_stream_event(void *tag, bool ok);
+
+/* Shared by the services (grpc_services.c): a Message checked and turned
+ * into an mg_msg (NULL with err filled when invalid), and a router result
+ * as a RecipientResult (paths must hold MG_PATH_COUNT). */
+mg_msg *mg_grpc_msg_from_pb(const struct limits *lim, const Meshgate__V1__Message *pb, bool need_to,
+                            char *err, size_t errlen);
+void mg_grpc_result_to_pb(const char *user, const mg_send_result *res,
+                          Meshgate__V1__RecipientResult *out, Meshgate__V1__Path *paths);
 
 #endif

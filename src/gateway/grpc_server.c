@@ -65,6 +65,7 @@ const struct mg_grpc_method mg_grpc_methods[M_COUNT] = {
     [M_DELIVER_BATCH] = {"/meshgate.v1.GatewayPeer/DeliverBatch", "DeliverBatch"},
     [M_HEALTH_CHECK] = {"/grpc.health.v1.Health/Check", "HealthCheck"},
     [M_HEALTH_WATCH] = {"/grpc.health.v1.Health/Watch", "HealthWatch"},
+    [M_SEND_STREAM] = {"/meshgate.v1.Messaging/SendStream", "SendStream"},
     [M_UNKNOWN] = {NULL, "unknown"},
 };
 
@@ -112,7 +113,7 @@ void mg_grpc_answer(struct rpc *c, grpc_status_code code, const char *err)
 
 /* ---- the call state machine ----------------------------------------------------------- */
 
-static void rpc_free(struct rpc *c)
+void mg_grpc_rpc_free(struct rpc *c)
 {
     mg_grpc_server *s = c->t->s;
     if (c->call)
@@ -129,6 +130,15 @@ static void rpc_free(struct rpc *c)
     if (--s->live == 0)
         pthread_cond_broadcast(&s->cv);
     pthread_mutex_unlock(&s->mu);
+}
+
+/* A call ended (its final batch completed): counted, then freed. */
+void mg_grpc_rpc_done(struct rpc *c)
+{
+    mg_grpc_server *s = c->t->s;
+    count_request(s, c->method, c->code, mg_mono_us() - c->start_us);
+    mg_metric_add(s->inflight, -1);
+    mg_grpc_rpc_free(c);
 }
 
 /* Puts one request_call slot on t's queue (unless shutting down). */
@@ -148,7 +158,7 @@ static void arm(struct cq_thread *t)
         e = grpc_server_request_call(s->server, &c->call, &c->details, &c->md, s->cq, s->cq, c);
     pthread_mutex_unlock(&s->mu);
     if (e != GRPC_CALL_OK)
-        rpc_free(c);
+        mg_grpc_rpc_free(c);
 }
 
 static void start_recv(struct rpc *c)
@@ -160,7 +170,7 @@ static void start_recv(struct rpc *c)
     c->state = RPC_RECEIVED;
     if (grpc_call_start_batch(c->call, &op, 1, c, NULL) != GRPC_CALL_OK) {
         mg_log_error("grpc", "cannot start RECV_MESSAGE batch");
-        rpc_free(c);
+        mg_grpc_rpc_free(c);
     }
 }
 
@@ -187,7 +197,7 @@ static void finish(struct rpc *c, grpc_status_code code, const char *details)
     c->state = RPC_FINISHING;
     if (grpc_call_start_batch(c->call, ops, n, c, NULL) != GRPC_CALL_OK) {
         mg_log_error("grpc", "cannot start the final batch");
-        rpc_free(c);
+        mg_grpc_rpc_free(c);
     }
 }
 
@@ -247,28 +257,33 @@ static void handle(struct rpc *c)
     mg_grpc_answer(c, code, err);
 }
 
-static void on_event(struct cq_thread *t, struct rpc *c, bool ok)
+static void on_event(struct cq_thread *t, void *tag, bool ok)
 {
     mg_grpc_server *s = t->s;
-    switch (c->state) {
+    struct rpc *c = tag;
+    switch (*(enum rpc_state *)tag) {
     case RPC_REQUESTED:
         if (!ok) { /* the server is shutting down */
-            rpc_free(c);
+            mg_grpc_rpc_free(c);
             return;
         }
         arm(t); /* keep the slot count */
         c->method = method_of(c->details.method);
         c->start_us = mg_mono_us();
         mg_metric_add(s->inflight, 1);
-        start_recv(c);
+        if (c->method == M_SEND_STREAM)
+            mg_grpc_stream_begin(c); /* many messages: the stream receives them */
+        else
+            start_recv(c);
         return;
     case RPC_RECEIVED:
         handle(c);
         return;
     case RPC_FINISHING:
-        count_request(s, c->method, c->code, mg_mono_us() - c->start_us);
-        mg_metric_add(s->inflight, -1);
-        rpc_free(c);
+        mg_grpc_rpc_done(c);
+        return;
+    case RPC_STREAM_OP:
+        mg_grpc_stream_event(tag, ok);
         return;
     }
 }

@@ -90,8 +90,8 @@ static bool valid_user(const struct limits *lim, const char *user, const char *w
 /* Checks a Message (need_to: message.to must be set) and turns it into an
  * mg_msg: an empty id gets a new UUIDv7, sent_at_ms 0 gets now, priority
  * UNSPECIFIED becomes HIGH. Returns NULL with err filled when invalid. */
-static mg_msg *msg_from_pb(const struct limits *lim, const Meshgate__V1__Message *pb, bool need_to,
-                           char *err, size_t errlen)
+mg_msg *mg_grpc_msg_from_pb(const struct limits *lim, const Meshgate__V1__Message *pb, bool need_to,
+                            char *err, size_t errlen)
 {
     if (!pb) {
         snprintf(err, errlen, "message is required");
@@ -159,8 +159,8 @@ static mg_msg *msg_from_pb(const struct limits *lim, const Meshgate__V1__Message
 }
 
 /* Fills a RecipientResult from a router result; paths must hold MG_PATH_COUNT. */
-static void result_to_pb(const char *user, const mg_send_result *res,
-                         Meshgate__V1__RecipientResult *out, Meshgate__V1__Path *paths)
+void mg_grpc_result_to_pb(const char *user, const mg_send_result *res,
+                          Meshgate__V1__RecipientResult *out, Meshgate__V1__Path *paths)
 {
     meshgate__v1__recipient_result__init(out);
     out->user = (char *)user;
@@ -239,7 +239,7 @@ static void send_done(void *arg, const mg_send_result *res)
     Meshgate__V1__SendMessageResponse out = MESHGATE__V1__SEND_MESSAGE_RESPONSE__INIT;
     Meshgate__V1__RecipientResult rr;
     Meshgate__V1__Path paths[MG_PATH_COUNT];
-    result_to_pb(x->to, res, &rr, paths);
+    mg_grpc_result_to_pb(x->to, res, &rr, paths);
     out.id = x->id;
     out.result = &rr;
     x->c->resp = mg_grpc_pack(&out.base);
@@ -253,7 +253,7 @@ static grpc_status_code h_send_message(mg_grpc_server *s, struct rpc *c, const u
                                        size_t len, char *err, size_t errlen)
 {
     UNPACK(Meshgate__V1__SendMessageRequest, rq, meshgate__v1__send_message_request__descriptor);
-    mg_msg *msg = msg_from_pb(&s->lim, rq->message, true, err, errlen);
+    mg_msg *msg = mg_grpc_msg_from_pb(&s->lim, rq->message, true, err, errlen);
     protobuf_c_message_free_unpacked(&rq->base, NULL);
     if (!msg)
         return GRPC_STATUS_INVALID_ARGUMENT;
@@ -283,7 +283,7 @@ static grpc_status_code h_send_message(mg_grpc_server *s, struct rpc *c, const u
         Meshgate__V1__SendMessageResponse out = MESHGATE__V1__SEND_MESSAGE_RESPONSE__INIT;
         Meshgate__V1__RecipientResult rr;
         Meshgate__V1__Path paths[MG_PATH_COUNT];
-        result_to_pb(msg->to, &res, &rr, paths);
+        mg_grpc_result_to_pb(msg->to, &res, &rr, paths);
         out.id = msg->id;
         out.result = &rr;
         c->resp = mg_grpc_pack(&out.base);
@@ -321,7 +321,7 @@ static void batch_respond(struct batch_ctx *x)
     Meshgate__V1__RecipientResult **rrp = mg_xcalloc(n, sizeof(*rrp));
     Meshgate__V1__Path *paths = mg_xcalloc(n * MG_PATH_COUNT, sizeof(*paths));
     for (size_t i = 0; i < n; i++) {
-        result_to_pb(x->rq->to[i], &x->res[i], &rr[i], &paths[i * MG_PATH_COUNT]);
+        mg_grpc_result_to_pb(x->rq->to[i], &x->res[i], &rr[i], &paths[i * MG_PATH_COUNT]);
         rrp[i] = &rr[i];
     }
     out.id = x->id;
@@ -370,7 +370,7 @@ static grpc_status_code h_send_batch(mg_grpc_server *s, struct rpc *c, const uin
         protobuf_c_message_free_unpacked(&rq->base, NULL);
         return GRPC_STATUS_INVALID_ARGUMENT;
     }
-    mg_msg *msg = msg_from_pb(&s->lim, rq->message, false, err, errlen);
+    mg_msg *msg = mg_grpc_msg_from_pb(&s->lim, rq->message, false, err, errlen);
     if (!msg) {
         protobuf_c_message_free_unpacked(&rq->base, NULL);
         return GRPC_STATUS_INVALID_ARGUMENT;
@@ -556,7 +556,7 @@ static grpc_status_code h_deliver_message(mg_grpc_server *s, struct rpc *c, cons
         code = GRPC_STATUS_INVALID_ARGUMENT;
         goto out;
     }
-    msg = msg_from_pb(&s->lim, rq->message, true, err, errlen);
+    msg = mg_grpc_msg_from_pb(&s->lim, rq->message, true, err, errlen);
     if (!msg) {
         code = GRPC_STATUS_INVALID_ARGUMENT;
         goto out;
@@ -635,7 +635,7 @@ static grpc_status_code h_deliver_batch(mg_grpc_server *s, struct rpc *c, const 
             code = GRPC_STATUS_INVALID_ARGUMENT;
             goto out;
         }
-    msg = msg_from_pb(&s->lim, rq->message, false, err, errlen);
+    msg = mg_grpc_msg_from_pb(&s->lim, rq->message, false, err, errlen);
     if (!msg) {
         code = GRPC_STATUS_INVALID_ARGUMENT;
         goto out;

@@ -19,7 +19,7 @@ static void check_users(char **users, size_t n)
 static void check_msg(const Meshgate__V1__Message *m, bool need_to)
 {
     char err[256];
-    mg_msg *msg = msg_from_pb(&fuzz_lim, m, need_to, err, sizeof(err));
+    mg_msg *msg = mg_grpc_msg_from_pb(&fuzz_lim, m, need_to, err, sizeof(err));
     if (msg) {
         size_t len = 0;
         uint8_t *env = mg_msg_pack(msg, &len);

@@ -18,13 +18,13 @@ static const struct limits test_lim = {.max_content_bytes = 8, .max_user_bytes =
 
 static mg_msg *try_msg(Meshgate__V1__Message *m, char *err)
 {
-    return msg_from_pb(&test_lim, m, true, err, 256);
+    return mg_grpc_msg_from_pb(&test_lim, m, true, err, 256);
 }
 
 Test(grpc_validate, message_rules)
 {
     char err[256];
-    cr_assert_null(msg_from_pb(&test_lim, NULL, true, err, sizeof(err)));
+    cr_assert_null(mg_grpc_msg_from_pb(&test_lim, NULL, true, err, sizeof(err)));
     cr_assert(strstr(err, "message is required"));
 
     Meshgate__V1__Message m = MESHGATE__V1__MESSAGE__INIT;
@@ -118,7 +118,7 @@ Test(grpc_validate, result_paths)
                         .connections = 2};
     Meshgate__V1__RecipientResult rr;
     Meshgate__V1__Path paths[MG_PATH_COUNT];
-    result_to_pb("bob", &r, &rr, paths);
+    mg_grpc_result_to_pb("bob", &r, &rr, paths);
     cr_assert_eq(rr.status, MESHGATE__V1__DELIVERY_STATUS__DELIVERY_STATUS_DELIVERED);
     cr_assert_eq(rr.n_paths, 2);
     cr_assert_eq(rr.paths[0], MESHGATE__V1__PATH__PATH_LOCAL);

@@ -12,6 +12,7 @@
  *   refused.
  */
 #include "support/grpc_client.h"
+#include "support/grpc_stream_client.h"
 #include "support/mg_test.h"
 #include "support/ws_client.h"
 
@@ -185,6 +186,24 @@ Test(grpc_auth, bearer_tokens, .timeout = 60)
     cr_assert_eq(metric(gw, "meshgate_grpc_auth_total{client=\"none\",result="
                             "\"unauthenticated\"} "),
                  2);
+
+    /* SendStream: the same rule, checked before any message is taken */
+    size_t len;
+    uint8_t *rq = mg_tc_stream_request("svc", "bob", "st-auth", "x", 1, &len);
+    const uint8_t *rqs[] = {rq};
+    mg_tc_stream_out so;
+    cr_expect_eq(mg_tc_stream(gw->grpc_addr, NULL, rqs, &len, 1, T_MS, &so),
+                 GRPC_STATUS_UNAUTHENTICATED, "stream without a token: %s", so.details);
+    cr_expect_eq(so.n, 0);
+    mg_tc_stream_out_free(&so);
+    cr_expect_eq(mg_tc_stream(gw->grpc_addr, PEER_TOKEN, rqs, &len, 1, T_MS, &so),
+                 GRPC_STATUS_PERMISSION_DENIED, "stream with a peer token: %s", so.details);
+    mg_tc_stream_out_free(&so);
+    cr_expect_eq(mg_tc_stream(gw->grpc_addr, API_TOKEN, rqs, &len, 1, T_MS, &so), GRPC_STATUS_OK,
+                 "stream with a service token: %s", so.details);
+    cr_expect_eq(so.n, 1);
+    mg_tc_stream_out_free(&so);
+    free(rq);
 
     mg_grpc_client_free(none);
     mg_grpc_client_free(wrong);

@@ -9,9 +9,8 @@
 #include <string.h>
 #include <unistd.h>
 
-/* A text message from -> to, pointing into its arguments. */
-static Meshgate__V1__Message text_message(const char *from, const char *to, const char *id,
-                                          const char *text, int priority)
+Meshgate__V1__Message mg_tc_text_message(const char *from, const char *to, const char *id,
+                                         const char *text, int priority)
 {
     Meshgate__V1__Message m = MESHGATE__V1__MESSAGE__INIT;
     m.id = (char *)(id ? id : "");
@@ -28,7 +27,7 @@ grpc_status_code mg_tc_send(mg_grpc_client *c, const char *from, const char *to,
                             const char *text, int priority, int timeout_ms,
                             Meshgate__V1__SendMessageResponse **resp, char **details)
 {
-    Meshgate__V1__Message m = text_message(from, to, id, text, priority);
+    Meshgate__V1__Message m = mg_tc_text_message(from, to, id, text, priority);
     Meshgate__V1__SendMessageRequest rq = MESHGATE__V1__SEND_MESSAGE_REQUEST__INIT;
     rq.message = &m;
     ProtobufCMessage *out = NULL;
@@ -68,7 +67,7 @@ grpc_status_code mg_tc_deliver(mg_grpc_client *c, const char *from, const char *
                  atomic_fetch_add(&seq, 1));
         id = auto_id;
     }
-    Meshgate__V1__Message m = text_message(from, to, id, "delivered by a peer", 1);
+    Meshgate__V1__Message m = mg_tc_text_message(from, to, id, "delivered by a peer", 1);
     Meshgate__V1__DeliverMessageRequest rq = MESHGATE__V1__DELIVER_MESSAGE_REQUEST__INIT;
     rq.message = &m;
     rq.origin_gateway = "test-peer";

@@ -22,6 +22,11 @@
 #define MG_RPC_DELIVER      "/meshgate.v1.GatewayPeer/DeliverMessage"
 #define MG_RPC_HEALTH_CHECK "/grpc.health.v1.Health/Check"
 
+/* A text message from -> to (priority: 0/1 HIGH, 2 LOW; id may be NULL), pointing into its
+ * arguments. */
+Meshgate__V1__Message mg_tc_text_message(const char *from, const char *to, const char *id,
+                                         const char *text, int priority);
+
 /* SendMessage of a text from -> to (priority: 0/1 HIGH, 2 LOW; id may be NULL). */
 grpc_status_code mg_tc_send(mg_grpc_client *c, const char *from, const char *to, const char *id,
                             const char *text, int priority, int timeout_ms,
