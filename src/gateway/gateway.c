@@ -193,6 +193,7 @@ static int make_transports(mg_gateway *gw, char *err, size_t errlen)
             .region = cfg->region,
             .peer_deadline_ms = (int)cfg->peer_deadline_ms,
             .peer_max_inflight = (int)cfg->peer_max_inflight,
+            .coalesce_calls = (int)cfg->peer_coalesce_calls,
             .cq_threads = (int)cfg->peer_cq_threads,
             .peer_token = mg_grpc_auth_peer_token(gw->auth),
             .link =

@@ -63,6 +63,7 @@ const struct mg_grpc_method mg_grpc_methods[M_COUNT] = {
     [M_DELIVER_MESSAGE] = {"/meshgate.v1.GatewayPeer/DeliverMessage", "DeliverMessage"},
     [M_DISCONNECT_LOCAL] = {"/meshgate.v1.GatewayPeer/DisconnectLocal", "DisconnectLocal"},
     [M_DELIVER_BATCH] = {"/meshgate.v1.GatewayPeer/DeliverBatch", "DeliverBatch"},
+    [M_DELIVER_MANY] = {"/meshgate.v1.GatewayPeer/DeliverMany", "DeliverMany"},
     [M_HEALTH_CHECK] = {"/grpc.health.v1.Health/Check", "HealthCheck"},
     [M_HEALTH_WATCH] = {"/grpc.health.v1.Health/Watch", "HealthWatch"},
     [M_SEND_STREAM] = {"/meshgate.v1.Messaging/SendStream", "SendStream"},

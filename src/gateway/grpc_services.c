@@ -614,6 +614,22 @@ static void dbatch_done(void *arg, const mg_deliver_outcome *o)
     dbatch_settle(sl->b);
 }
 
+/* n results, each NOT_CONNECTED until its delivery reports; settled n + 1
+ * times (the last by the handler that fills it). */
+static struct dbatch *dbatch_new(struct rpc *c, size_t n)
+{
+    struct dbatch *b = mg_xcalloc(1, sizeof(*b) + n * sizeof(b->slots[0]));
+    b->c = c;
+    b->n = n;
+    b->res = mg_xcalloc(n, sizeof(*b->res));
+    atomic_init(&b->left, n + 1); /* + the handler's guard */
+    for (size_t i = 0; i < n; i++) {
+        meshgate__v1__deliver_message_response__init(&b->res[i]);
+        b->slots[i] = (struct dbatch_slot){b, i};
+    }
+    return b;
+}
+
 static grpc_status_code h_deliver_batch(mg_grpc_server *s, struct rpc *c, const uint8_t *req,
                                         size_t len, char *err, size_t errlen)
 {
@@ -640,15 +656,9 @@ static grpc_status_code h_deliver_batch(mg_grpc_server *s, struct rpc *c, const 
         code = GRPC_STATUS_INVALID_ARGUMENT;
         goto out;
     }
-    struct dbatch *b = mg_xcalloc(1, sizeof(*b) + rq->n_to * sizeof(b->slots[0]));
-    b->c = c;
-    b->n = rq->n_to;
-    b->res = mg_xcalloc(b->n, sizeof(*b->res));
-    atomic_init(&b->left, b->n + 1); /* + this handler's guard */
+    struct dbatch *b = dbatch_new(c, rq->n_to);
     char *to0 = msg->to;
     for (size_t i = 0; i < b->n; i++) {
-        meshgate__v1__deliver_message_response__init(&b->res[i]);
-        b->slots[i] = (struct dbatch_slot){b, i};
         msg->to = rq->to[i];
         if (mg_router_deliver_local(s->router, msg, dbatch_done, &b->slots[i]) != 0) {
             b->res[i].status = MESHGATE__V1__DELIVER_STATUS__DELIVER_STATUS_NOT_CONNECTED;
@@ -659,6 +669,48 @@ static grpc_status_code h_deliver_batch(mg_grpc_server *s, struct rpc *c, const 
     dbatch_settle(b);
 out:
     mg_msg_free(msg);
+    protobuf_c_message_free_unpacked(&rq->base, NULL);
+    return code;
+}
+
+/* A DeliverMany: one local delivery per message, answered like a
+ * DeliverBatch. Every message is checked before any is delivered, so a bad
+ * one fails the call as a whole (the sender then falls back for all). */
+static grpc_status_code h_deliver_many(mg_grpc_server *s, struct rpc *c, const uint8_t *req,
+                                       size_t len, char *err, size_t errlen)
+{
+    UNPACK(Meshgate__V1__DeliverManyRequest, rq, meshgate__v1__deliver_many_request__descriptor);
+    grpc_status_code code = MG_GRPC_PENDING;
+    size_t n = rq->n_deliveries;
+    mg_msg **msgs = NULL;
+    if (n == 0 || n > s->lim.max_batch) {
+        snprintf(err, errlen, "deliveries: %zu, want 1..%zu", n, s->lim.max_batch);
+        code = GRPC_STATUS_INVALID_ARGUMENT;
+        goto out;
+    }
+    msgs = mg_xcalloc(n, sizeof(*msgs));
+    for (size_t i = 0; i < n; i++) {
+        const Meshgate__V1__Message *m = rq->deliveries[i]->message;
+        char why[192];
+        if (m && (!m->id || !*m->id))
+            snprintf(why, sizeof(why), "message.id is required on the peer path");
+        else if ((msgs[i] = mg_grpc_msg_from_pb(&s->lim, m, true, why, sizeof(why))) != NULL)
+            continue;
+        snprintf(err, errlen, "deliveries[%zu]: %s", i, why);
+        code = GRPC_STATUS_INVALID_ARGUMENT;
+        goto out;
+    }
+    struct dbatch *b = dbatch_new(c, n);
+    for (size_t i = 0; i < n; i++)
+        if (mg_router_deliver_local(s->router, msgs[i], dbatch_done, &b->slots[i]) != 0) {
+            b->res[i].status = MESHGATE__V1__DELIVER_STATUS__DELIVER_STATUS_NOT_CONNECTED;
+            dbatch_settle(b);
+        }
+    dbatch_settle(b);
+out:
+    for (size_t i = 0; msgs && i < n; i++)
+        mg_msg_free(msgs[i]);
+    free(msgs);
     protobuf_c_message_free_unpacked(&rq->base, NULL);
     return code;
 }
@@ -695,6 +747,7 @@ const handler_fn mg_grpc_handlers[M_COUNT] = {
     [M_GET_PRESENCE] = h_get_presence,       [M_DISCONNECT] = h_disconnect,
     [M_DELIVER_MESSAGE] = h_deliver_message, [M_DISCONNECT_LOCAL] = h_disconnect_local,
     [M_DELIVER_BATCH] = h_deliver_batch,     [M_HEALTH_CHECK] = h_health_check,
+    [M_DELIVER_MANY] = h_deliver_many,
 };
 
 /* GetPresence and Disconnect wait for Redis and peers: not on these threads. */

@@ -15,6 +15,15 @@
  * the caller's done callback. gRPC completes every call by its deadline, so
  * every pcall ends; no thread waits for one.
  *
+ * Coalescing: with coalesce_calls calls in flight to a peer, deliver()
+ * queues the delivery on the peer (packed, with its callback); the next call
+ * to end hands its slot to a DeliverMany carrying the queue (up to
+ * MANY_MAX_BYTES per call; results[i] answers deliveries[i]). Handing the
+ * slot over keeps the queue ahead of deliveries that come after it and
+ * keeps free() (which waits for the slots) from passing it. UNIMPLEMENTED
+ * from the peer (a gateway of before DeliverMany) sends the queue one call
+ * each and turns coalescing off for that peer.
+ *
  * Per peer: `inflight` is bounded by peer_max_inflight (beyond: available()
  * false, deliver() FAILED "busy"); `link` is the circuit breaker of
  * link_quality.h, updated with every attempt's result under the state's
@@ -48,18 +57,33 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MIN_RETRY_MS    50 /* time left needed to retry after UNAVAILABLE */
-#define N_CODES         17 /* GRPC_STATUS_OK .. GRPC_STATUS_UNAUTHENTICATED */
+#define MIN_RETRY_MS    50        /* time left needed to retry after UNAVAILABLE */
+#define MANY_MAX_BYTES  (1 << 20) /* a DeliverMany's request, well under the receive limit */
+#define N_CODES         17        /* GRPC_STATUS_OK .. GRPC_STATUS_UNAUTHENTICATED */
 #define R_DELIVERED     N_CODES
 #define R_NOT_CONNECTED (N_CODES + 1)
 #define R_BUSY          (N_CODES + 2)
 #define R_COUNT         (N_CODES + 3)
+
+/* A delivery waiting behind its peer's calls in flight, to go out in the
+ * next DeliverMany (see DESIGN). */
+struct queued {
+    struct queued *next;
+    uint8_t *req; /* its DeliverMessageRequest, packed */
+    size_t len;
+    int64_t deadline_ms;
+    mg_deliver_done done;
+    void *arg;
+};
 
 struct peer_state {
     pthread_mutex_t mu;
     char *id;
     mg_link link;
     int inflight;
+    struct queued *qhead, *qtail; /* deliveries waiting for a call to end */
+    int qn;
+    bool no_many; /* the peer answered UNIMPLEMENTED to DeliverMany (an older gateway) */
     mg_metric *latency, *degraded;
     mg_metric *calls[R_COUNT]; /* created on first use, under mu */
 };
@@ -68,7 +92,7 @@ typedef struct mg_transport_grpc {
     mg_transport base;
     mg_peers *peers;
     char *gateway_id, *region;
-    int peer_deadline_ms, max_inflight;
+    int peer_deadline_ms, max_inflight, coalesce_calls;
     mg_link_config link_cfg;
     grpc_metadata auth; /* the peer token (cfg->peer_token), sent when nauth is 1 */
     size_t nauth;
@@ -100,9 +124,12 @@ struct pcall {
     bool probe;
     mg_deliver_done done;
     void *arg;
+    struct queued *many; /* DeliverMany: its n deliveries, each answered on its own */
+    bool held;           /* started on a slot handed over by slot_release (st set) */
 };
 
 static void call_complete(struct pcall *pc, bool ok);
+static void deliver_one(mg_transport_grpc *t, struct peer_state *st, struct queued *q, bool held);
 
 /* ---- small helpers ------------------------------------------------------ */
 
@@ -227,11 +254,25 @@ static bool slot_take(mg_transport_grpc *t, struct peer_state *st, bool *probe)
     return ok;
 }
 
+static void flush_queue(mg_transport_grpc *t, struct peer_state *st, struct queued *q);
+
+/* Gives a call's slot back, or, when deliveries queued behind the peer's
+ * calls, hands it to the first call that sends them (so they go before any
+ * delivery that comes after them, and free(), which waits for the slots,
+ * cannot pass them). */
 static void slot_release(mg_transport_grpc *t, struct peer_state *st)
 {
     pthread_mutex_lock(&st->mu);
-    st->inflight--;
+    struct queued *q = st->qhead;
+    st->qhead = st->qtail = NULL;
+    st->qn = 0;
+    if (!q)
+        st->inflight--;
     pthread_mutex_unlock(&st->mu);
+    if (q) { /* the slot passes to the queue's first call: the queue stays ahead of new calls */
+        flush_queue(t, st, q);
+        return;
+    }
     pthread_mutex_lock(&t->mu);
     if (--t->active == 0)
         pthread_cond_broadcast(&t->idle);
@@ -302,21 +343,41 @@ static int call_start(struct pcall *pc)
                                &pc->t->auth, pc->t->nauth, left, pc);
 }
 
-/* out holds pc->n outcomes. */
+/* Answers every caller of pc (out holds pc->n outcomes) and frees it. */
+static void call_answer(struct pcall *pc, const mg_deliver_outcome *out)
+{
+    if (pc->many) {
+        size_t i = 0;
+        for (struct queued *q = pc->many, *next; q; q = next, i++) {
+            next = q->next;
+            q->done(q->arg, &out[i]);
+            free(q->req);
+            free(q);
+        }
+    } else if (pc->batch_done) {
+        pc->batch_done(pc->arg, out, pc->n);
+    } else {
+        pc->done(pc->arg, out);
+    }
+    free(pc);
+}
+
+/* The call is over: its slot is released (and what queued behind it goes
+ * out), then, when out is not NULL, its callers hear the outcome. */
 static void call_end(struct pcall *pc, const mg_deliver_outcome *out)
 {
     mg_transport_grpc *t = pc->t;
+    struct peer_state *st = pc->st;
     grpc_byte_buffer_destroy(pc->req);
     mg_peer_set_release(pc->set);
     /* The slot is free before the caller hears the outcome (its next call may
      * take it at once); free() still cannot pass this callback: it joins the
      * peer-cq threads, and the callback touches nothing of the transport. */
-    slot_release(t, pc->st);
-    if (pc->batch_done)
-        pc->batch_done(pc->arg, out, pc->n);
+    slot_release(t, st);
+    if (out)
+        call_answer(pc, out);
     else
-        pc->done(pc->arg, out);
-    free(pc);
+        free(pc);
 }
 
 /* One DeliverMessageResponse as an outcome; false when it has no status. */
@@ -376,8 +437,27 @@ static void call_complete(struct pcall *pc, bool ok)
     int64_t took = mg_mono_us() - pc->start_us;
     int r = (int)code;
     mg_deliver_outcome *outs =
-        pc->n > 1 || pc->batch_done ? mg_xcalloc(pc->n, sizeof(*outs)) : &out;
-    if (code == GRPC_STATUS_OK && pc->batch_done) {
+        pc->n > 1 || pc->batch_done || pc->many ? mg_xcalloc(pc->n, sizeof(*outs)) : &out;
+    if (code == GRPC_STATUS_UNIMPLEMENTED && pc->many) {
+        /* An older gateway: it gets its deliveries one call each from now on. */
+        pthread_mutex_lock(&pc->st->mu);
+        pc->st->no_many = true;
+        pthread_mutex_unlock(&pc->st->mu);
+        mg_log_info("peer", "peer does not know DeliverMany, delivering one call each peer=%s", id);
+        if (resp)
+            grpc_byte_buffer_destroy(resp);
+        free(outs);
+        struct queued *q = pc->many;
+        pc->many = NULL;
+        struct peer_state *st = pc->st;
+        call_end(pc, NULL);
+        for (struct queued *next; q; q = next) {
+            next = q->next;
+            deliver_one(t, st, q, false);
+        }
+        return;
+    }
+    if (code == GRPC_STATUS_OK && (pc->batch_done || pc->many)) {
         r = batch_outcomes(resp, outs, pc->n, details, sizeof(details));
         if (r != R_DELIVERED)
             code = (grpc_status_code)r;
@@ -444,7 +524,12 @@ static int call_begin(mg_transport_grpc *t, const mg_route_target *target, struc
         goto now;
     }
     pc->st = state_get(t, id);
-    if (!slot_take(t, pc->st, &pc->probe)) {
+    if (pc->held) {
+        pthread_mutex_lock(&pc->st->mu);
+        pc->probe = pc->st->link.degraded;
+        pthread_mutex_unlock(&pc->st->mu);
+        pc->held = false; /* the call owns it now: call_end releases it */
+    } else if (!slot_take(t, pc->st, &pc->probe)) {
         snprintf(out.reason, sizeof(out.reason), "peer %s: busy", id);
         goto now;
     }
@@ -457,16 +542,14 @@ static int call_begin(mg_transport_grpc *t, const mg_route_target *target, struc
 now:
     mg_peer_set_release(pc->set);
     grpc_byte_buffer_destroy(req);
-    if (pc->batch_done) { /* one outcome per recipient */
-        mg_deliver_outcome *outs = mg_xcalloc(pc->n, sizeof(*outs));
-        for (size_t k = 0; k < pc->n; k++)
-            outs[k] = out;
-        pc->batch_done(pc->arg, outs, pc->n);
+    if (pc->held)
+        slot_release(t, pc->st); /* the handed-over slot, unused */
+    mg_deliver_outcome *outs = pc->n > 1 ? mg_xcalloc(pc->n, sizeof(*outs)) : &out;
+    for (size_t k = 0; outs != &out && k < pc->n; k++)
+        outs[k] = out; /* one outcome per recipient */
+    call_answer(pc, outs);
+    if (outs != &out)
         free(outs);
-    } else {
-        pc->done(pc->arg, &out);
-    }
-    free(pc);
     return 0;
 }
 
@@ -483,6 +566,130 @@ static void message_to_pb(const mg_msg *msg, const char *to, Meshgate__V1__Messa
     pm->priority = (Meshgate__V1__Priority)msg->priority;
 }
 
+/* A queued delivery that goes alone: one DeliverMessage call. */
+static void deliver_one(mg_transport_grpc *t, struct peer_state *st, struct queued *q, bool held)
+{
+    struct pcall *pc = mg_new(struct pcall);
+    pc->method = MG_PEER_RPC_DELIVER;
+    pc->n = 1;
+    pc->done = q->done;
+    pc->arg = q->arg;
+    pc->st = st;
+    pc->held = held;
+    mg_route_target target = {.gateway_id = st->id};
+    call_begin(t, &target, pc, mg_grpc_buffer_from(q->req, q->len), q->deadline_ms);
+    free(q->req);
+    free(q);
+}
+
+/* A protobuf varint of v at p; returns its length. */
+static size_t put_varint(uint8_t *p, size_t v)
+{
+    size_t n = 0;
+    for (; v >= 0x80; v >>= 7)
+        p[n++] = (uint8_t)(v | 0x80);
+    p[n++] = (uint8_t)v;
+    return n;
+}
+
+/* Sends the deliveries that queued behind a peer's calls: DeliverMany calls
+ * of up to MANY_MAX_BYTES each (a DeliverManyRequest is the packed requests,
+ * each as field 1), one that is alone as a DeliverMessage; one whose
+ * deadline passed while it waited fails now. */
+static void flush_queue(mg_transport_grpc *t, struct peer_state *st, struct queued *q)
+{
+    int64_t now = mg_mono_ms();
+    bool held = true; /* the slot slot_release handed over, for the first call */
+    while (q) {
+        struct queued *head = NULL, **tail = &head;
+        size_t n = 0, bytes = 0;
+        int64_t deadline = 0;
+        while (q && (n == 0 || bytes + q->len + 11 <= MANY_MAX_BYTES)) {
+            struct queued *e = q;
+            q = q->next;
+            e->next = NULL;
+            if (e->deadline_ms > 0 && e->deadline_ms <= now) {
+                mg_deliver_outcome out;
+                memset(&out, 0, sizeof(out));
+                out.status = MG_STATUS_FAILED;
+                snprintf(out.reason, sizeof(out.reason),
+                         "peer %s: DEADLINE_EXCEEDED: expired while queued", st->id);
+                e->done(e->arg, &out);
+                free(e->req);
+                free(e);
+                continue;
+            }
+            *tail = e;
+            tail = &e->next;
+            n++;
+            bytes += e->len + 11; /* the tag and at most 10 bytes of length */
+            if (e->deadline_ms > 0 && (deadline == 0 || e->deadline_ms < deadline))
+                deadline = e->deadline_ms;
+        }
+        if (n == 1)
+            deliver_one(t, st, head, held);
+        if (n == 1)
+            held = false;
+        if (n <= 1)
+            continue;
+        uint8_t *buf = mg_xmalloc(bytes);
+        size_t off = 0;
+        for (struct queued *e = head; e; e = e->next) {
+            buf[off++] = 0x0a; /* field 1 (deliveries), length-delimited */
+            off += put_varint(buf + off, e->len);
+            memcpy(buf + off, e->req, e->len);
+            off += e->len;
+        }
+        struct pcall *pc = mg_new(struct pcall);
+        pc->method = MG_PEER_RPC_DELIVER_MANY;
+        pc->n = n;
+        pc->many = head;
+        pc->st = st;
+        pc->held = held;
+        held = false;
+        mg_route_target target = {.gateway_id = st->id};
+        call_begin(t, &target, pc, mg_grpc_buffer_from(buf, off), deadline);
+        free(buf);
+    }
+    if (held)
+        slot_release(t, st); /* every delivery had expired: no call took the slot */
+}
+
+/* Queues the delivery behind the peer's calls in flight when there are
+ * coalesce_calls of them already (it goes in the DeliverMany the next one
+ * to end sends); false: call now. */
+static bool maybe_queue(mg_transport_grpc *t, const char *id,
+                        const Meshgate__V1__DeliverMessageRequest *rq, int64_t deadline_ms,
+                        mg_deliver_done done, void *arg)
+{
+    if (t->coalesce_calls <= 0 || !*id)
+        return false;
+    pthread_mutex_lock(&t->mu);
+    struct peer_state *st = mg_map_get(t->states, id); /* none yet: nothing in flight */
+    pthread_mutex_unlock(&t->mu);
+    if (!st)
+        return false;
+    pthread_mutex_lock(&st->mu);
+    bool queue = !st->no_many && st->inflight >= t->coalesce_calls && st->qn < t->max_inflight;
+    if (queue) {
+        struct queued *e = mg_new(struct queued);
+        e->len = meshgate__v1__deliver_message_request__get_packed_size(rq);
+        e->req = mg_xmalloc(e->len ? e->len : 1);
+        meshgate__v1__deliver_message_request__pack(rq, e->req);
+        e->deadline_ms = deadline_ms;
+        e->done = done;
+        e->arg = arg;
+        if (st->qtail)
+            st->qtail->next = e;
+        else
+            st->qhead = e;
+        st->qtail = e;
+        st->qn++;
+    }
+    pthread_mutex_unlock(&st->mu);
+    return queue;
+}
+
 static int tg_deliver(mg_transport *base, const mg_route_target *target, const mg_msg *msg,
                       int64_t deadline_ms, mg_deliver_done done, void *arg)
 {
@@ -493,6 +700,9 @@ static int tg_deliver(mg_transport *base, const mg_route_target *target, const m
     rq.message = &pm;
     rq.origin_gateway = t->gateway_id;
     rq.origin_region = t->region;
+    if (maybe_queue(t, target && target->gateway_id ? target->gateway_id : "", &rq, deadline_ms,
+                    done, arg))
+        return 0;
     struct pcall *pc = mg_new(struct pcall);
     pc->method = MG_PEER_RPC_DELIVER;
     pc->n = 1;
@@ -638,6 +848,7 @@ mg_transport *mg_transport_grpc_create(mg_peers *peers, const mg_transport_grpc_
     t->region = mg_xstrdup(cfg->region ? cfg->region : "");
     t->peer_deadline_ms = cfg->peer_deadline_ms > 0 ? cfg->peer_deadline_ms : 500;
     t->max_inflight = cfg->peer_max_inflight > 0 ? cfg->peer_max_inflight : 1024;
+    t->coalesce_calls = cfg->coalesce_calls > 0 ? cfg->coalesce_calls : 0;
     t->link_cfg = cfg->link;
     mg_link_config_defaults(&t->link_cfg);
     t->nauth = mg_grpc_bearer_metadata(&t->auth, cfg->peer_token);
@@ -650,7 +861,9 @@ mg_transport *mg_transport_grpc_create(mg_peers *peers, const mg_transport_grpc_
     for (int i = 0; i < t->nthreads; i++)
         if (pthread_create(&t->threads[i], NULL, cq_main, t) != 0)
             abort(); /* as allocation failure: no threads, no process */
-    mg_log_info("peer", "grpc peer transport ready deadline_ms=%d max_inflight=%d cq_threads=%d",
-                t->peer_deadline_ms, t->max_inflight, t->nthreads);
+    mg_log_info("peer",
+                "grpc peer transport ready deadline_ms=%d max_inflight=%d coalesce_calls=%d "
+                "cq_threads=%d",
+                t->peer_deadline_ms, t->max_inflight, t->coalesce_calls, t->nthreads);
     return &t->base;
 }

@@ -41,12 +41,15 @@
 #define MG_PEER_RPC_DELIVER       "/meshgate.v1.GatewayPeer/DeliverMessage"
 #define MG_PEER_RPC_DISCONNECT    "/meshgate.v1.GatewayPeer/DisconnectLocal"
 #define MG_PEER_RPC_DELIVER_BATCH "/meshgate.v1.GatewayPeer/DeliverBatch"
+#define MG_PEER_RPC_DELIVER_MANY  "/meshgate.v1.GatewayPeer/DeliverMany"
 
 typedef struct mg_transport_grpc_config {
     const char *gateway_id; /* this gateway, sent as origin_gateway (copied) */
     const char *region;     /* this gateway's region, origin_region (copied) */
     int peer_deadline_ms;   /* per call, capped by the router's deadline; <= 0: 500 */
-    int peer_max_inflight;  /* calls in flight per peer; <= 0: 1024 */
+    int peer_max_inflight;  /* calls in flight per peer, and deliveries queued; <= 0: 1024 */
+    int coalesce_calls;     /* calls in flight to a peer before the next deliveries queue for
+                               one DeliverMany; <= 0: never */
     int cq_threads;         /* "peer-cq" threads draining the queue; <= 0: 1 */
     mg_link_config link;    /* zero fields take link_quality.h defaults */
     const char *peer_token; /* sent as "authorization: Bearer" on peer calls; NULL: none (copied) */

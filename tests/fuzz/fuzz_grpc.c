@@ -1,7 +1,7 @@
 /* fuzz_grpc.c: gRPC request bodies through the decoders and validators the
  * handlers use (grpc_server.c and grpc_services.c are included to reach their statics, as their
  * unit test does). The first byte picks the method: Messaging (SendMessage, SendBatch with the
- * pre-decode recipient count, GetPresence, Disconnect), GatewayPeer (DeliverMessage;
+ * pre-decode recipient count, GetPresence, Disconnect), GatewayPeer (DeliverMessage, DeliverMany;
  * DisconnectLocal shares DisconnectRequest) or Health. */
 #include "gateway/grpc_server.c"
 #include "gateway/grpc_services.c"
@@ -35,7 +35,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     if (size < 1)
         return 0;
-    unsigned which = data[0] % 6;
+    unsigned which = data[0] % 7;
     const uint8_t *req = data + 1;
     size_t len = size - 1;
     ProtobufCMessage *m = NULL;
@@ -85,6 +85,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             meshgate__v1__deliver_message_request__unpack(NULL, len, req);
         if (r)
             check_msg(r->message, true);
+        m = (ProtobufCMessage *)r; /* base is the first member; r may be NULL */
+        break;
+    }
+    case 6: {
+        Meshgate__V1__DeliverManyRequest *r =
+            meshgate__v1__deliver_many_request__unpack(NULL, len, req);
+        for (size_t i = 0; r && i < r->n_deliveries; i++)
+            check_msg(r->deliveries[i]->message, true);
         m = (ProtobufCMessage *)r; /* base is the first member; r may be NULL */
         break;
     }

@@ -157,6 +157,41 @@ Test(grpc_api, bad_inputs_get_the_right_codes)
         mg_grpc_call_raw(client, "/meshgate.v1.Messaging/Teleport", "", 0, 5000, NULL, NULL, NULL),
         GRPC_STATUS_UNIMPLEMENTED);
 
+    /* GatewayPeer/DeliverMany: nothing, garbage, or one delivery without an id refuse the call */
+    const char *many = "/meshgate.v1.GatewayPeer/DeliverMany";
+    cr_assert_eq(mg_grpc_call_raw(client, many, "", 0, 5000, NULL, NULL, &d),
+                 GRPC_STATUS_INVALID_ARGUMENT);
+    cr_assert(strstr(d, "deliveries: 0"), "%s", d);
+    free(d);
+    cr_assert_eq(mg_grpc_call_raw(client, many, junk, sizeof(junk), 5000, NULL, NULL, &d),
+                 GRPC_STATUS_INVALID_ARGUMENT);
+    free(d);
+    Meshgate__V1__Message good = mg_tc_text_message("a", "bob", "dm-1", "x", 1),
+                          noid = mg_tc_text_message("a", "bob", NULL, "x", 1);
+    Meshgate__V1__DeliverMessageRequest d0 = MESHGATE__V1__DELIVER_MESSAGE_REQUEST__INIT,
+                                        d1 = MESHGATE__V1__DELIVER_MESSAGE_REQUEST__INIT;
+    d0.message = &good;
+    d1.message = &noid;
+    Meshgate__V1__DeliverMessageRequest *ds[] = {&d0, &d1};
+    Meshgate__V1__DeliverManyRequest mr = MESHGATE__V1__DELIVER_MANY_REQUEST__INIT;
+    mr.n_deliveries = 2;
+    mr.deliveries = ds;
+    ProtobufCMessage *mout = NULL;
+    cr_assert_eq(mg_grpc_call(client, many, &mr.base,
+                              &meshgate__v1__deliver_batch_response__descriptor, 5000, &mout, &d),
+                 GRPC_STATUS_INVALID_ARGUMENT);
+    cr_assert(strstr(d, "deliveries[1]: message.id is required"), "%s", d);
+    free(d);
+    mr.n_deliveries = 1; /* the good one alone: bob is not connected here */
+    cr_assert_eq(mg_grpc_call(client, many, &mr.base,
+                              &meshgate__v1__deliver_batch_response__descriptor, 5000, &mout, &d),
+                 GRPC_STATUS_OK, "%s", d);
+    Meshgate__V1__DeliverBatchResponse *br = (Meshgate__V1__DeliverBatchResponse *)mout;
+    cr_assert_eq(br->n_results, 1);
+    cr_expect_eq(br->results[0]->status,
+                 MESHGATE__V1__DELIVER_STATUS__DELIVER_STATUS_NOT_CONNECTED);
+    protobuf_c_message_free_unpacked(mout, NULL);
+
     /* A deadline already in the past. */
     cr_assert_eq(mg_tc_send(client, "alice", "bob", NULL, "x", 1, -1, NULL, NULL),
                  GRPC_STATUS_DEADLINE_EXCEEDED);

@@ -491,7 +491,8 @@ struct fake_grpc {
     pthread_t th;
     int port;
     bool hang;
-    atomic_int calls;
+    bool old; /* a gateway of before DeliverMany: UNIMPLEMENTED to it, DELIVERED to the rest */
+    atomic_int calls, many_calls;
     atomic_bool shut; /* the shutdown tag came out of the queue */
 };
 
@@ -518,6 +519,7 @@ static void *fake_main(void *arg)
             continue;
         }
         if (ev->kind == EV_NEW) {
+            bool many = !grpc_slice_str_cmp(ev->details.method, MG_PEER_RPC_DELIVER_MANY);
             grpc_call_details_destroy(&ev->details);
             grpc_metadata_array_destroy(&ev->md);
             if (!e.success) { /* server shutting down */
@@ -530,7 +532,22 @@ static void *fake_main(void *arg)
             grpc_op ops[4];
             memset(ops, 0, sizeof(ops));
             size_t n = 0;
-            if (!f->hang) {
+            atomic_fetch_add(&f->many_calls, many);
+            if (f->old) {
+                /* DeliverMessageResponse{status: DELIVERED, connections: 1} */
+                static const unsigned char ok[] = {0x08, 0x01, 0x10, 0x01};
+                grpc_slice sl = grpc_slice_from_copied_buffer((const char *)ok, sizeof(ok));
+                ev->payload = many ? NULL : grpc_raw_byte_buffer_create(&sl, 1);
+                grpc_slice_unref(sl);
+                ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
+                if (!many) {
+                    ops[n].op = GRPC_OP_SEND_MESSAGE;
+                    ops[n++].data.send_message.send_message = ev->payload;
+                }
+                ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+                ops[n++].data.send_status_from_server.status =
+                    many ? GRPC_STATUS_UNIMPLEMENTED : GRPC_STATUS_OK;
+            } else if (!f->hang) {
                 static const unsigned char junk[] = {0xff, 0xff, 0xff, 0x07, 0x01};
                 grpc_slice sl = grpc_slice_from_copied_buffer((const char *)junk, sizeof(junk));
                 ev->payload = grpc_raw_byte_buffer_create(&sl, 1);
@@ -554,11 +571,12 @@ static void *fake_main(void *arg)
     return NULL;
 }
 
-static struct fake_grpc *fake_start(bool hang)
+static struct fake_grpc *fake_start(bool hang, bool old)
 {
     grpc_init();
     struct fake_grpc *f = calloc(1, sizeof(*f));
     f->hang = hang;
+    f->old = old;
     f->cq = grpc_completion_queue_create_for_next(NULL);
     f->srv = grpc_server_create(NULL, NULL);
     grpc_server_register_completion_queue(f->srv, f->cq, NULL);
@@ -589,7 +607,7 @@ static void fake_stop(struct fake_grpc *f)
 
 Test(transport_grpc, a_grpc_peer_answering_undecodable_bytes_fails, .timeout = 30)
 {
-    struct fake_grpc *f = fake_start(false);
+    struct fake_grpc *f = fake_start(false, false);
     char addr[64];
     snprintf(addr, sizeof(addr), "127.0.0.1:%d", f->port);
     mg_peers *peers = mg_peers_create("self-test", NULL, 0);
@@ -610,7 +628,7 @@ Test(transport_grpc, a_grpc_peer_answering_undecodable_bytes_fails, .timeout = 3
 
 Test(transport_grpc, a_grpc_peer_holding_the_call_fails_at_the_deadline, .timeout = 30)
 {
-    struct fake_grpc *f = fake_start(true);
+    struct fake_grpc *f = fake_start(true, false);
     char addr[64];
     snprintf(addr, sizeof(addr), "127.0.0.1:%d", f->port);
     mg_peers *peers = mg_peers_create("self-test", NULL, 0);
@@ -625,6 +643,124 @@ Test(transport_grpc, a_grpc_peer_holding_the_call_fails_at_the_deadline, .timeou
     cr_expect_geq(took, 200);
     cr_expect_leq(took, 400, "took %lld ms", (long long)took);
     cr_expect_eq(atomic_load(&f->calls), 1, "the call reached the server");
+    mg_transport_free(t);
+    mg_peers_free(peers);
+    fake_stop(f);
+}
+
+/* ---- coalescing: the deliveries queued behind calls in flight ---------------- */
+
+struct many_out {
+    atomic_int done, delivered, not_connected, failed;
+};
+
+static void many_done(void *arg, const mg_deliver_outcome *o)
+{
+    struct many_out *m = arg;
+    if (o->status == MG_STATUS_DELIVERED)
+        atomic_fetch_add(&m->delivered, 1);
+    else if (o->not_connected)
+        atomic_fetch_add(&m->not_connected, 1);
+    else
+        atomic_fetch_add(&m->failed, 1);
+    atomic_fetch_add(&m->done, 1);
+}
+
+/* A transport that queues behind one call in flight to a peer. */
+static mg_transport *coalescing_transport(mg_peers *peers)
+{
+    mg_transport_grpc_config cfg = {.gateway_id = "self-test",
+                                    .region = "r1",
+                                    .peer_deadline_ms = 5000,
+                                    .cq_threads = 1,
+                                    .coalesce_calls = 1};
+    return mg_transport_grpc_create(peers, &cfg);
+}
+
+/* Starts n deliveries <prefix>-1..n to peer at once (every fourth to carol
+ * when with_carol) and waits until each was answered. */
+static void burst(mg_transport *t, const char *peer, const char *prefix, int n, bool with_carol,
+                  struct many_out *m)
+{
+    mg_route_target tg = {peer, "r1"};
+    for (int i = 0; i < n; i++) {
+        char id[32];
+        snprintf(id, sizeof(id), "%s-%d", prefix, i + 1);
+        mg_msg *msg = text_msg(id, with_carol && i % 4 == 3 ? "carol" : "bob");
+        cr_assert_eq(t->ops->deliver(t, &tg, msg, mg_mono_ms() + 5000, many_done, m), 0);
+        mg_msg_free(msg);
+    }
+    for (int i = 0; i < 500 && atomic_load(&m->done) < n; i++)
+        usleep(10 * 1000);
+    cr_assert_eq(atomic_load(&m->done), n, "every delivery answered once");
+}
+
+Test(transport_grpc, deliveries_behind_calls_in_flight_go_together_in_one_deliver_many,
+     .timeout = 60)
+{
+    const char *args[] = {"--outbound-queue", "4096", NULL}; /* bob reads only at the end */
+    mg_gw *gw = mg_gw_spawn("tg-many", args);
+    cr_assert_not_null(gw);
+    mg_wsc *bob = ws_user(gw, "bob");
+    mg_peers *peers = mg_peers_create("self-test", NULL, 0);
+    set_peer(peers, "peerm", gw->grpc_addr);
+    mg_transport *t = coalescing_transport(peers);
+    mg_deliver_outcome out;
+    int64_t end = mg_mono_ms() + 3000; /* bob's registration races the first call */
+    do {
+        cr_assert_eq(deliver(t, "peerm", "mw-0", "bob", mg_mono_ms() + 1000, &out), 0);
+    } while (out.status != MG_STATUS_DELIVERED && mg_mono_ms() < end && usleep(20000) == 0);
+    cr_assert_eq(out.status, MG_STATUS_DELIVERED, "%s", out.reason);
+
+    /* 400 deliveries started at once: with one call in flight allowed before
+     * queueing, nearly all of them wait and go in DeliverMany calls. */
+    enum { N = 400 };
+    struct many_out m = {0};
+    burst(t, "peerm", "mw", N, true, &m); /* carol: not connected there */
+    cr_expect_eq(atomic_load(&m.delivered), N * 3 / 4);
+    cr_expect_eq(atomic_load(&m.not_connected), N / 4);
+    cr_expect_eq(atomic_load(&m.failed), 0);
+    int got = 0;
+    for (int i = 0; i < N; i++) {
+        char id[32];
+        snprintf(id, sizeof(id), "mw-%d", i + 1);
+        if (i % 4 != 3)
+            got += ws_got(bob, id, 2000);
+    }
+    cr_expect_eq(got, N * 3 / 4, "bob received each of his, in order");
+    double many =
+        mg_gw_metric(gw, "meshgate_grpc_requests_total{method=\"DeliverMany\",code=\"OK\"}");
+    double one =
+        mg_gw_metric(gw, "meshgate_grpc_requests_total{method=\"DeliverMessage\",code=\"OK\"}");
+    printf("coalescing: %d deliveries in %.0f DeliverMany and %.0f DeliverMessage calls\n", N, many,
+           one - 1);
+    cr_expect_gt(many, 0, "queued deliveries went together");
+    cr_expect_lt(many + one, N / 2, "far fewer calls than deliveries");
+
+    mg_transport_free(t);
+    mg_peers_free(peers);
+    mg_wsc_free(bob);
+    cr_expect_eq(mg_gw_stop(gw), 0);
+    mg_gw_free(gw);
+}
+
+Test(transport_grpc, a_peer_without_deliver_many_gets_one_call_each, .timeout = 30)
+{
+    struct fake_grpc *f = fake_start(false, true);
+    char addr[64];
+    snprintf(addr, sizeof(addr), "127.0.0.1:%d", f->port);
+    mg_peers *peers = mg_peers_create("self-test", NULL, 0);
+    set_peer(peers, "old", addr);
+    mg_transport *t = coalescing_transport(peers);
+    mg_deliver_outcome out;
+    cr_assert_eq(deliver(t, "old", "o-0", "bob", mg_mono_ms() + 2000, &out), 0);
+    cr_assert_eq(out.status, MG_STATUS_DELIVERED, "%s", out.reason);
+    enum { N = 100 };
+    struct many_out m = {0};
+    burst(t, "old", "o", N, false, &m);
+    cr_expect_eq(atomic_load(&m.delivered), N, "none lost to the UNIMPLEMENTED");
+    cr_expect_eq(atomic_load(&f->many_calls), 1, "asked once, then never again");
+    cr_expect_eq(atomic_load(&f->calls), 1 + N + 1, "then one call each");
     mg_transport_free(t);
     mg_peers_free(peers);
     fake_stop(f);
