@@ -16,6 +16,7 @@
 #   BENCH_START_SERVICES=1   `all` starts tests/infra/services.sh when Redis/Kafka/Consul are down
 #                  (single grpc/kafka runs always do)
 #   IDLE_CONNS, LOCAL_PAIRS, LOCAL_WINDOW, FANOUT_USERS, GRPC_RATE, KAFKA_RATE, PUBSUB_RATE, NATS_RATE,
+#                  API_USERS, API_WINDOW, API_RATE, API_STREAM_WINDOW,
 #                  PHASE_SECONDS
 #                  override the scenario sizes
 # Output: $BENCH_OUT/<run>.jsonl (one JSON line per measurement), <run>.md (table),
@@ -185,6 +186,16 @@ sc_api() {
   load $LOADB api --port "$port" --grpc "127.0.0.1:$grpc" --conns "$users" --rate "$rate" \
     --seconds "$SECS" --warmup 1 --count $((rate * (SECS + 2))) --gw-pid "$gpid" --scenario api \
     --path local --label "API -> user at $rate/s" --prefix ar$$- >/dev/null
+  # the same through one SendStream call (an older gateway answers UNIMPLEMENTED: rows fail)
+  load $LOADB api --stream --port "$port" --grpc "127.0.0.1:$grpc" --conns "$users" \
+    --window "${API_STREAM_WINDOW:-256}" --seconds "$SECS" --warmup 1 --count 100000000 \
+    --gw-pid "$gpid" --scenario api --path local \
+    --label "API -> user flat out, SendStream (${API_STREAM_WINDOW:-256} unanswered)" \
+    --prefix as$$- >/dev/null || true
+  load $LOADB api --stream --port "$port" --grpc "127.0.0.1:$grpc" --conns "$users" \
+    --rate "$rate" --seconds "$SECS" --warmup 1 --count $((rate * (SECS + 2))) --gw-pid "$gpid" \
+    --scenario api --path local --label "API -> user at $rate/s, SendStream" \
+    --prefix at$$- >/dev/null || true
   stop_gws
 }
 
