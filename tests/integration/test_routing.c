@@ -13,6 +13,7 @@
 #include "support/grpc_client.h"
 #include "support/mg_test.h"
 #include "support/ws_client.h"
+#include "support/ws_json.h"
 
 #include <criterion/criterion.h>
 #include <jansson.h>
@@ -198,21 +199,12 @@ static int fallback_gw(int from)
 static void on_frame(user *u, const char *text)
 {
     json_t *j = json_loads(text, 0, NULL);
-    if (!j)
-        return;
-    const char *type = json_string_value(json_object_get(j, "type"));
-    const char *id = json_string_value(json_object_get(j, "id"));
-    if (type && id && !strcmp(type, "message")) {
-        if (json_is_true(json_object_get(j, "inbox"))) {
-            char ack[256];
-            snprintf(ack, sizeof(ack), "{\"type\":\"ack\",\"id\":\"%s\"}", id);
-            mg_wsc_send_text(u->ws, ack);
-        }
+    const char *id = j ? mg_wsc_take_message(u->ws, j) : NULL;
+    if (id) {
         pthread_mutex_lock(&u->mu);
         intptr_t n = (intptr_t)mg_map_get(u->got, id);
         mg_map_put(u->got, id, (void *)(n + 1));
-        if (n >= 1)
-            u->dups++;
+        u->dups += n >= 1;
         pthread_mutex_unlock(&u->mu);
     }
     json_decref(j);
