@@ -720,8 +720,9 @@ static natsStatus fetch(tn *n, natsMsgList *list, int batch)
 static void read_lag(tn *n)
 {
     int64_t now = mg_mono_ms();
-    if (now - n->lag_at_ms < LAG_INTERVAL_MS)
-        return;
+    if (now - n->lag_at_ms < LAG_INTERVAL_MS ||
+        natsConnection_Status(n->nc) != NATS_CONN_STATUS_CONNECTED)
+        return; /* reconnecting: the request would only wait out timeout_ms */
     n->lag_at_ms = now;
     jsConsumerInfo *ci = NULL;
     jsErrCode jerr = 0;
