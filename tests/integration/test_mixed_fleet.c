@@ -31,22 +31,19 @@
  * Isolation: Consul service, Kafka topic prefix, regions (so Kafka groups),
  * gateway and user names carry the pid.
  */
-#include "common/mg_map.h"
 #include "common/mg_time.h"
 #include "support/grpc_client.h"
 #include "support/mg_test.h"
 #include "support/ws_client.h"
-#include "support/ws_json.h"
+#include "support/ws_user.h"
 
 #include <criterion/criterion.h>
-#include <jansson.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #define ST_DELIVERED MESHGATE__V1__DELIVERY_STATUS__DELIVERY_STATUS_DELIVERED
@@ -191,68 +188,17 @@ static bool forbidden_path(int from, int to, int path)
 typedef struct user {
     char name[64];
     int gw;
-    mg_wsc *ws;
-    pthread_t th;
-    atomic_bool stop, connected;
-    atomic_int reconnects;
-    pthread_mutex_t mu;
-    mg_map *got; /* message id -> times shown (intptr_t) */
-    int dups;
+    mg_wsuser *rd;
 } user;
 
 static user *U[NGW];
 
-static mg_wsc *user_dial(const user *u)
+static mg_wsc *user_dial(void *arg)
 {
+    const user *u = arg;
     char url[192];
     snprintf(url, sizeof(url), "ws://%s/ws?user=%s", F.ws_listen[u->gw], u->name);
     return mg_wsc_connect(url, NULL, 3000, NULL);
-}
-
-static void on_frame(user *u, const char *text)
-{
-    json_t *j = json_loads(text, 0, NULL);
-    const char *id = j ? mg_wsc_take_message(u->ws, j) : NULL;
-    if (id) {
-        pthread_mutex_lock(&u->mu);
-        intptr_t n = (intptr_t)mg_map_get(u->got, id);
-        mg_map_put(u->got, id, (void *)(n + 1));
-        u->dups += n >= 1;
-        pthread_mutex_unlock(&u->mu);
-    }
-    json_decref(j);
-}
-
-/* Reads frames; when the gateway closes the connection (a restart), dials it
- * again until it answers (bounded). */
-static void *user_main(void *arg)
-{
-    user *u = arg;
-    while (!atomic_load(&u->stop)) {
-        char *f = mg_wsc_recv_text(u->ws, 100);
-        if (f) {
-            on_frame(u, f);
-            free(f);
-            continue;
-        }
-        if (mg_wsc_close_code(u->ws) == 0)
-            continue; /* a timeout */
-        atomic_store(&u->connected, false);
-        mg_wsc *ws = NULL;
-        for (int64_t end = mg_mono_ms() + 60000;
-             !ws && !atomic_load(&u->stop) && mg_mono_ms() < end;) {
-            ws = user_dial(u);
-            if (!ws)
-                usleep(100 * 1000);
-        }
-        if (!ws)
-            break;
-        mg_wsc_free(u->ws);
-        u->ws = ws;
-        atomic_fetch_add(&u->reconnects, 1);
-        atomic_store(&u->connected, true);
-    }
-    return NULL;
 }
 
 static user *user_new(int g)
@@ -260,38 +206,21 @@ static user *user_new(int g)
     user *u = calloc(1, sizeof(*u));
     snprintf(u->name, sizeof(u->name), "%s-u%s", F.tag, gw_short[g]);
     u->gw = g;
-    pthread_mutex_init(&u->mu, NULL);
-    u->got = mg_map_create(1024);
-    u->ws = user_dial(u);
-    cr_assert_not_null(u->ws, "%s connects to %s", u->name, F.id[g]);
-    atomic_store(&u->connected, true);
-    pthread_create(&u->th, NULL, user_main, u);
+    mg_wsc *ws = user_dial(u);
+    cr_assert_not_null(ws, "%s connects to %s", u->name, F.id[g]);
+    u->rd = mg_wsuser_start(ws, user_dial, u);
     return u;
-}
-
-/* Closes the connection from our side; the reader dials again (the inbox
- * is replayed on the new connection). */
-static void user_redial(user *u)
-{
-    shutdown(mg_wsc_fd(u->ws), SHUT_RDWR);
 }
 
 static void user_free(user *u)
 {
-    atomic_store(&u->stop, true);
-    pthread_join(u->th, NULL);
-    mg_wsc_free(u->ws);
-    mg_map_free(u->got);
-    pthread_mutex_destroy(&u->mu);
+    mg_wsuser_free(u->rd);
     free(u);
 }
 
 static int user_count(user *u, const char *id)
 {
-    pthread_mutex_lock(&u->mu);
-    int n = (int)(intptr_t)mg_map_get(u->got, id);
-    pthread_mutex_unlock(&u->mu);
-    return n;
+    return mg_wsuser_count(u->rd, id);
 }
 
 /* ---- sending ------------------------------------------------------------------------ */
@@ -335,7 +264,7 @@ static bool user_present(int g)
     bool ok = false;
     for (int i = 0; i < 100 && !ok; i++) {
         char id[96];
-        snprintf(id, sizeof(id), "%s-probe-%d-%d", U[g]->name, atomic_load(&U[g]->reconnects), i);
+        snprintf(id, sizeof(id), "%s-probe-%d-%d", U[g]->name, mg_wsuser_reconnects(U[g]->rd), i);
         sent s = send_one(c, "probe", U[g]->name, id);
         ok = accepted(&s) && s.status == ST_DELIVERED;
         if (!ok)
@@ -428,7 +357,7 @@ static void open_phase(int ph)
 static void move_p2(int ph)
 {
     int64_t t0 = mg_mono_ms();
-    int before = atomic_load(&U[P2]->reconnects);
+    int before = mg_wsuser_reconnects(U[P2]->rd);
     open_phase(ph);
     cr_expect_eq(mg_gw_stop(F.gw[P2]), 0, "%s exits cleanly", F.id[P2]);
     mg_gw_free(F.gw[P2]);
@@ -438,7 +367,7 @@ static void move_p2(int ph)
     cr_assert(mg_wait_until(fleet_settled, NULL, 30000), "the fleet sees %s on %s", F.id[P2],
               buses_of(P2));
     for (int64_t end = mg_mono_ms() + 30000;
-         (atomic_load(&U[P2]->reconnects) == before || !atomic_load(&U[P2]->connected)) &&
+         (mg_wsuser_reconnects(U[P2]->rd) == before || !mg_wsuser_connected(U[P2]->rd)) &&
          mg_mono_ms() < end;)
         usleep(20 * 1000);
     cr_assert(user_present(P2), "%s is back on %s", U[P2]->name, F.id[P2]);
@@ -579,15 +508,12 @@ Test(mixed_fleet, moves_one_gateway_to_kafka_and_back_under_traffic_in_every_dir
      * was online comes from the inbox on the next connection */
     mg_wait_until(none_missing_live, NULL, 20000);
     for (int g = 0; g < NGW; g++)
-        user_redial(U[g]);
+        mg_wsuser_redial(U[g]->rd);
     bool all = mg_wait_until(none_missing, NULL, 30000);
     int lost = missing(true), dups = 0, dups_outside = 0;
     for (int g = 0; g < NGW; g++) {
-        pthread_mutex_lock(&U[g]->mu);
-        dups += U[g]->dups;
-        if (g != P2)
-            dups_outside += U[g]->dups;
-        pthread_mutex_unlock(&U[g]->mu);
+        dups += mg_wsuser_dups(U[g]->rd);
+        dups_outside += g != P2 ? mg_wsuser_dups(U[g]->rd) : 0;
     }
     printf("mixed fleet: %d sent over %d lanes, %d stored, %d retried after a refusal, %d lost, "
            "%d shown twice (%d not to p2); paths:\n",
