@@ -4,16 +4,24 @@
  *
  * DESIGN
  * Publisher. One nats.c connection per gateway and one JetStream context
- * whose PublishAsync.AckHandler receives every PubAck (or its error, or the
- * library's MaxWait timeout) on nats.c's delivery thread. A HIGH send puts a
- * small report (the caller's done callback) in `reports`, keyed by the
- * natsMsg it publishes, before js_PublishMsgAsync (the PubAck may come back
- * before that call returns), and the handler takes it out and answers:
- * QUEUED, or FAILED. Every publish carries MaxWait = min(deadline,
- * timeout_ms), so every report is answered within its bound; `pending`
- * counts publishes awaiting a PubAck and refuses beyond max_pending (the
- * library's own bound is set higher, so js_PublishMsgAsync never stalls a
- * router thread).
+ * whose PublishAsync.AckHandler receives every PubAck (or its error) on
+ * nats.c's delivery thread. Every publish puts a small report (for HIGH the
+ * caller's done callback) in `reports`, keyed by the natsMsg it publishes,
+ * before js_PublishMsgAsync (the PubAck may come back before that call
+ * returns), and in the deadline heap, due at min(deadline, timeout_ms); the
+ * handler takes it out of both and answers: QUEUED, or FAILED. The PubAck
+ * deadlines are ours, not nats.c's (a publish with MaxWait makes nats.c keep
+ * a timeout entry that the PubAck does not remove and, at expiry, queue a
+ * timeout message per publish to the delivery thread: about a fifth of the
+ * gateway's CPU per message flat out). "nats-timeout" sleeps until the
+ * earliest deadline (woken only when a publish becomes the earliest) and
+ * answers FAILED for what is due; such a report stays in `reports` as an
+ * orphan, since nats.c keeps its message until a PubAck comes: a late PubAck
+ * frees it, and when nothing but orphans is pending the thread takes them
+ * back from nats.c (js_PublishAsyncGetPendingList), so what nats.c holds for
+ * lost PubAcks stays bounded. `pending` counts publishes awaiting a PubAck
+ * and refuses beyond max_pending (the library's own bound is set higher, so
+ * js_PublishMsgAsync never stalls a router thread).
  *
  * Consumer. The "nats-consume" thread fetches up to the free room of
  * max_inflight messages (a no-wait pull of what the stream has or, when it
@@ -34,6 +42,7 @@
  * run the connection callbacks, which only log.
  */
 #include "router/transport_nats.h"
+#include "router/bus_metrics.h"
 #include "common/mg_alloc.h"
 #include "common/mg_log.h"
 #include "common/mg_map.h"
@@ -57,13 +66,20 @@
 #define DUPLICATE_WINDOW_NS   (120LL * 1000000000LL)
 #define ERROR_LOG_INTERVAL_MS 5000
 #define BAD_MSG_LOG_EVERY     100
+#define LAG_INTERVAL_MS       2000 /* the consumer's pending count, read this often */
 
-/* A HIGH publish awaiting its PubAck. */
+/* A publish awaiting its PubAck (done is NULL for LOW). In `reports` until
+ * its PubAck or reclaim; in the deadline heap until its PubAck or deadline. */
 typedef struct report {
     mg_deliver_done done;
     void *arg;
     int64_t start_us;
+    int64_t due_ms;
+    size_t heap_i; /* index in heap; NOT_IN_HEAP once due (an orphan) */
+    char key[32];  /* msg_key of its natsMsg */
 } report;
+
+#define NOT_IN_HEAP ((size_t)-1)
 
 typedef struct tn {
     mg_transport base;
@@ -75,8 +91,14 @@ typedef struct tn {
     natsOptions *opts;
     natsConnection *nc;
     jsCtx *js;
-    pthread_mutex_t rep_mu;
-    mg_map *reports; /* "%p" of the natsMsg -> report */
+    pthread_mutex_t rep_mu; /* reports, heap, orphans; signals t_cond */
+    mg_map *reports;        /* "%p" of the natsMsg -> report */
+    report **heap;          /* min-heap on due_ms */
+    size_t heap_n, heap_cap, orphans;
+    int64_t timer_until;   /* when nats-timeout wakes next (mono ms; 0: running) */
+    pthread_cond_t t_cond; /* CLOCK_MONOTONIC: a new earliest deadline, or stop */
+    pthread_t timeout_thread;
+    bool timeout_started, timeout_stop;
     atomic_int pending;
 
     natsSubscription *sub;
@@ -92,8 +114,12 @@ typedef struct tn {
     struct rec *parked; /* last deliveries that failed: for the inbox */
 
     atomic_llong last_error_log_ms;
-    mg_metric *published, *publish_errors, *puback_latency, *dropped, *consumed, *bad_msgs,
-        *redeliveries, *naks, *parked_count, *undeliverable, *pending_gauge, *inflight_gauge;
+    /* meshgate_bus_*{bus="nats"} (bus_metrics.h) */
+    mg_metric *sent, *failed_timeout, *failed_error, *failed_overload, *failed_stopping,
+        *puback_latency, *dropped, *received, *bad_undecodable, *bad_oversized, *redeliveries,
+        *retries, *parked_count, *undeliverable, *inflight_gauge, *lag_gauge;
+    bool pending_registered;
+    int64_t lag_at_ms; /* nats-consume: when the consumer's pending count was last read */
 } tn;
 
 /* One consumed message being handled. */
@@ -177,37 +203,199 @@ static void conn_error(natsConnection *nc, natsSubscription *sub, natsStatus err
 
 /* ---- publisher ----------------------------------------------------------- */
 
-/* nats.c's delivery thread: one PubAck, error or timeout. Takes msg. */
+/* ---- PubAck deadlines (rep_mu held) ------------------------------------- */
+
+static void heap_set(tn *n, size_t i, report *w)
+{
+    n->heap[i] = w;
+    w->heap_i = i;
+}
+
+static void heap_up(tn *n, size_t i)
+{
+    report *w = n->heap[i];
+    while (i > 0 && n->heap[(i - 1) / 2]->due_ms > w->due_ms) {
+        heap_set(n, i, n->heap[(i - 1) / 2]);
+        i = (i - 1) / 2;
+    }
+    heap_set(n, i, w);
+}
+
+static void heap_down(tn *n, size_t i)
+{
+    report *w = n->heap[i];
+    for (;;) {
+        size_t c = 2 * i + 1;
+        if (c >= n->heap_n)
+            break;
+        if (c + 1 < n->heap_n && n->heap[c + 1]->due_ms < n->heap[c]->due_ms)
+            c++;
+        if (n->heap[c]->due_ms >= w->due_ms)
+            break;
+        heap_set(n, i, n->heap[c]);
+        i = c;
+    }
+    heap_set(n, i, w);
+}
+
+/* Adds w; wakes nats-timeout only when w is due before it wakes anyway
+ * (rare: a send whose deadline is nearer than timeout_ms). */
+static void heap_push(tn *n, report *w)
+{
+    if (n->heap_n == n->heap_cap) {
+        n->heap_cap = n->heap_cap ? n->heap_cap * 2 : 1024;
+        n->heap = mg_xrealloc(n->heap, n->heap_cap * sizeof(*n->heap));
+    }
+    heap_set(n, n->heap_n++, w);
+    heap_up(n, n->heap_n - 1);
+    if (n->timer_until && w->due_ms < n->timer_until) {
+        n->timer_until = 0;
+        pthread_cond_signal(&n->t_cond);
+    }
+}
+
+static void heap_remove(tn *n, report *w)
+{
+    size_t i = w->heap_i;
+    w->heap_i = NOT_IN_HEAP;
+    report *last = n->heap[--n->heap_n];
+    if (i == n->heap_n)
+        return;
+    heap_set(n, i, last);
+    heap_up(n, i);
+    heap_down(n, last->heap_i);
+}
+
+/* Takes report key out of reports and the heap: NULL when there is none, or
+ * when it was already answered as due (an orphan, then freed here). */
+static report *take_report(tn *n, const char *key)
+{
+    report *w = mg_map_del(n->reports, key);
+    if (w && w->heap_i == NOT_IN_HEAP) {
+        n->orphans--;
+        free(w);
+        return NULL;
+    }
+    if (w)
+        heap_remove(n, w);
+    return w;
+}
+
+static void fail_no_puback(tn *n, mg_deliver_done done, void *arg)
+{
+    mg_metric_add(n->failed_timeout, 1);
+    if (!done)
+        return;
+    mg_deliver_outcome out;
+    memset(&out, 0, sizeof(out));
+    set_reason(&out, MG_STATUS_FAILED, "nats: %s", "no PubAck in time (server unreachable?)");
+    done(arg, &out);
+}
+
+/* When everything pending is an orphan (a PubAck lost with a connection or a
+ * stream leader), takes the orphans' messages back from nats.c. A publish
+ * enters `reports` before nats.c, so none can be pending there unseen. */
+static void reclaim_orphans(tn *n)
+{
+    natsMsgList list = {0};
+    if (js_PublishAsyncGetPendingList(&list, n->js) != NATS_OK)
+        return;
+    int back = 0;
+    for (int i = 0; i < list.Count; i++) {
+        char key[32];
+        msg_key(list.Msgs[i], key);
+        report *w = mg_map_del(n->reports, key);
+        if (w) {
+            n->orphans--;
+            free(w);
+            back++;
+        }
+    }
+    natsMsgList_Destroy(&list);
+    if (back)
+        mg_log_warn("nats", "publishes whose PubAck never came, taken back count=%d", back);
+}
+
+/* "nats-timeout": answers FAILED for publishes whose PubAck is due. */
+static void *timeout_main(void *arg)
+{
+    tn *n = arg;
+    pthread_mutex_lock(&n->rep_mu);
+    while (!n->timeout_stop) {
+        int64_t now = mg_mono_ms();
+        struct {
+            mg_deliver_done done;
+            void *arg;
+        } due[64];
+        int nd = 0;
+        while (n->heap_n > 0 && n->heap[0]->due_ms <= now && nd < 64) {
+            report *w = n->heap[0];
+            heap_remove(n, w); /* stays in reports: nats.c still holds its message */
+            n->orphans++;
+            due[nd].done = w->done;
+            due[nd++].arg = w->arg;
+            w->done = NULL;
+        }
+        if (nd > 0) {
+            pthread_mutex_unlock(&n->rep_mu);
+            atomic_fetch_sub(&n->pending, nd);
+            for (int i = 0; i < nd; i++)
+                fail_no_puback(n, due[i].done, due[i].arg);
+            pthread_mutex_lock(&n->rep_mu);
+            continue;
+        }
+        if (n->orphans > 0 && mg_map_size(n->reports) == n->orphans)
+            reclaim_orphans(n);
+        int64_t until = n->heap_n > 0 ? n->heap[0]->due_ms : now + 1000;
+        if (n->orphans > 0 && until > now + 1000)
+            until = now + 1000; /* look at the orphans again */
+        n->timer_until = until;
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        int64_t ns = ts.tv_nsec + (until - now) * 1000000LL;
+        ts.tv_sec += (time_t)(ns / 1000000000LL);
+        ts.tv_nsec = (long)(ns % 1000000000LL);
+        pthread_cond_timedwait(&n->t_cond, &n->rep_mu, &ts);
+        n->timer_until = 0;
+    }
+    pthread_mutex_unlock(&n->rep_mu);
+    return NULL;
+}
+
+/* nats.c's delivery thread: one PubAck or error. Takes msg. */
 static void puback_cb(jsCtx *js, natsMsg *msg, jsPubAck *pa, jsPubAckErr *pae, void *closure)
 {
     tn *n = closure;
     char key[32];
     msg_key(msg, key);
     pthread_mutex_lock(&n->rep_mu);
-    report *w = mg_map_del(n->reports, key);
+    report *w = take_report(n, key);
     pthread_mutex_unlock(&n->rep_mu);
+    if (!w) {
+        natsMsg_Destroy(msg);
+        return; /* answered as due already */
+    }
     atomic_fetch_sub(&n->pending, 1);
     mg_deliver_outcome out;
     memset(&out, 0, sizeof(out));
     if (pa) {
-        mg_metric_add(n->published, 1);
+        mg_metric_add(n->sent, 1);
         out.status = MG_STATUS_QUEUED;
     } else {
-        mg_metric_add(n->publish_errors, 1);
+        mg_metric_add(n->failed_error, 1);
         natsStatus st = pae ? pae->Err : NATS_ERR;
-        const char *why = st == NATS_TIMEOUT ? "no PubAck in time (server unreachable?)"
-                          : pae && pae->ErrText && pae->ErrText[0] ? pae->ErrText
-                                                                   : natsStatus_GetText(st);
+        const char *why =
+            pae && pae->ErrText && pae->ErrText[0] ? pae->ErrText : natsStatus_GetText(st);
         set_reason(&out, MG_STATUS_FAILED, "nats: %s", why);
-        if (!w && error_log_due(n))
+        if (!w->done && error_log_due(n))
             mg_log_warn("nats", "LOW message not stored subject=%s err=%s", natsMsg_GetSubject(msg),
                         why);
     }
     natsMsg_Destroy(msg);
-    if (!w)
-        return;
-    mg_histogram_observe_us(n->puback_latency, mg_mono_us() - w->start_us);
-    w->done(w->arg, &out);
+    if (w->done) {
+        mg_histogram_observe_us(n->puback_latency, mg_mono_us() - w->start_us);
+        w->done(w->arg, &out);
+    }
     free(w);
 }
 
@@ -243,6 +431,7 @@ static int tn_deliver(mg_transport *t, const mg_route_target *target, const mg_m
     if (atomic_fetch_add(&n->pending, 1) >= n->max_pending) {
         atomic_fetch_sub(&n->pending, 1);
         mg_metric_add(n->dropped, 1);
+        mg_metric_add(n->failed_overload, 1);
         set_reason(&out, MG_STATUS_FAILED, "%s", "dropped: overload");
         goto now;
     }
@@ -255,39 +444,43 @@ static int tn_deliver(mg_transport *t, const mg_route_target *target, const mg_m
     natsStatus s = natsMsg_Create(&m, subject, NULL, (const char *)val, (int)len);
     free(val);
     report *w = NULL;
-    char key[32];
-    if (s == NATS_OK && high) { /* registered first: the PubAck may beat the return */
+    if (s == NATS_OK) { /* registered first: the PubAck may beat the return */
         w = mg_new(report);
-        w->done = done;
+        w->done = high ? done : NULL;
         w->arg = arg;
         w->start_us = mg_mono_us();
-        msg_key(m, key);
+        w->due_ms = mg_mono_ms() + wait;
+        msg_key(m, w->key);
         pthread_mutex_lock(&n->rep_mu);
-        mg_map_put(n->reports, key, w);
+        mg_map_put(n->reports, w->key, w);
+        heap_push(n, w);
         pthread_mutex_unlock(&n->rep_mu);
-    }
-    if (s == NATS_OK) {
         jsPubOptions po;
         jsPubOptions_Init(&po);
-        po.MsgId = msg_id;
-        po.MaxWait = wait;
+        po.MsgId = msg_id; /* no MaxWait: the deadline is ours (see the top) */
         s = js_PublishMsgAsync(n->js, &m, &po);
     }
     if (s == NATS_OK) {
-        if (w)
-            return 0; /* puback_cb answers */
+        if (high)
+            return 0; /* puback_cb or nats-timeout answers */
         out.status = MG_STATUS_ACCEPTED;
         goto now;
     }
+    bool answered = false; /* by nats-timeout, when the wait was over already */
     if (w) {
         pthread_mutex_lock(&n->rep_mu);
-        mg_map_del(n->reports, key);
+        report *still = take_report(n, w->key);
         pthread_mutex_unlock(&n->rep_mu);
-        free(w);
+        answered = !still;
+        free(still);
     }
     natsMsg_Destroy(m); /* still ours when the publish failed (NULL-safe) */
-    atomic_fetch_sub(&n->pending, 1);
-    mg_metric_add(n->publish_errors, 1);
+    if (answered && high)
+        return 0;
+    if (!answered) {
+        atomic_fetch_sub(&n->pending, 1);
+        mg_metric_add(n->failed_error, 1);
+    }
     set_reason(&out, MG_STATUS_FAILED, "nats: %s", status_text(s, "publish failed"));
 now:
     done(arg, &out);
@@ -398,7 +591,6 @@ static void rec_done(void *arg, const mg_send_result *res)
         natsStatus s = natsMsg_Ack(r->m, NULL);
         if (s != NATS_OK && error_log_due(n)) /* it is redelivered: the dedupe window drops it */
             mg_log_warn("nats", "ack failed msg_id=%s err=%s", r->msg->id, natsStatus_GetText(s));
-        mg_metric_add(n->consumed, 1);
         rec_finish(n, r);
         return;
     }
@@ -414,7 +606,7 @@ static void rec_done(void *arg, const mg_send_result *res)
                         (long long)delay, r->msg->id, r->msg->to, (unsigned long long)r->delivered,
                         n->max_deliver, res->reason);
         natsMsg_NakWithDelay(r->m, delay, NULL);
-        mg_metric_add(n->naks, 1);
+        mg_metric_add(n->retries, 1);
         rec_finish(n, r);
         return;
     }
@@ -466,11 +658,12 @@ static void consume_one(tn *n, natsMsg *m)
         delivered = meta->NumDelivered;
         jsMsgMetaData_Destroy(meta);
     }
+    mg_metric_add(n->received, 1);
     mg_msg *msg = NULL;
     bool oversized = len < 0 || (size_t)len > n->max_message_bytes;
     if (oversized || mg_msg_unpack((const uint8_t *)data, (size_t)len, &msg) != 0) {
-        mg_metric_add(n->bad_msgs, 1);
-        int64_t c = mg_metric_value(n->bad_msgs);
+        mg_metric_add(oversized ? n->bad_oversized : n->bad_undecodable, 1);
+        int64_t c = mg_metric_value(n->bad_oversized) + mg_metric_value(n->bad_undecodable);
         if (c % BAD_MSG_LOG_EVERY == 1)
             mg_log_warn("nats",
                         "skipping a message that %s stream=%s bytes=%d (logged once per %d, "
@@ -521,11 +714,30 @@ static natsStatus fetch(tn *n, natsMsgList *list, int batch)
     return natsSubscription_Fetch(list, n->sub, 1, FETCH_WAIT_MS, NULL);
 }
 
+/* nats-consume: the stream's messages not yet delivered to the region's
+ * consumer (meshgate_bus_consumer_lag), at most every LAG_INTERVAL_MS; a
+ * request to the server, bounded by timeout_ms. */
+static void read_lag(tn *n)
+{
+    int64_t now = mg_mono_ms();
+    if (now - n->lag_at_ms < LAG_INTERVAL_MS ||
+        natsConnection_Status(n->nc) != NATS_CONN_STATUS_CONNECTED)
+        return; /* reconnecting: the request would only wait out timeout_ms */
+    n->lag_at_ms = now;
+    jsConsumerInfo *ci = NULL;
+    jsErrCode jerr = 0;
+    if (js_GetConsumerInfo(&ci, n->js, n->stream, n->durable, NULL, &jerr) == NATS_OK) {
+        mg_metric_set(n->lag_gauge, (int64_t)ci->NumPending);
+        jsConsumerInfo_Destroy(ci);
+    }
+}
+
 static void *consume_main(void *arg)
 {
     tn *n = arg;
     while (atomic_load(&n->consume_run)) {
         park_failed(n);
+        read_lag(n);
         int room = n->max_inflight - atomic_load(&n->in_flight);
         if (room <= 0) {
             /* Flow control: max_inflight operations are out. Sleep until the
@@ -672,33 +884,30 @@ mg_transport *mg_transport_nats_create(const mg_transport_nats_config *cfg, char
     n->peers = cfg->peers;
     n->reports = mg_map_create(1024);
     pthread_mutex_init(&n->rep_mu, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&n->t_cond, &ca);
+    pthread_condattr_destroy(&ca);
     pthread_mutex_init(&n->c_mu, NULL);
     pthread_cond_init(&n->c_cond, NULL);
-    n->published = mg_counter("meshgate_nats_published_total",
-                              "Messages the NATS stream acknowledged (PubAck)", NULL);
-    n->publish_errors = mg_counter("meshgate_nats_publish_errors_total",
-                                   "NATS publishes that failed or got no PubAck in time", NULL);
-    n->puback_latency = mg_histogram("meshgate_nats_puback_seconds",
-                                     "Time a HIGH send waited for the stream's PubAck", NULL);
+    n->sent = mg_bus_metric(MG_BUS_SENT, "nats", NULL);
+    n->failed_timeout = mg_bus_metric(MG_BUS_FAILED, "nats", "timeout");
+    n->failed_error = mg_bus_metric(MG_BUS_FAILED, "nats", "error");
+    n->failed_overload = mg_bus_metric(MG_BUS_FAILED, "nats", "overload");
+    n->failed_stopping = mg_bus_metric(MG_BUS_FAILED, "nats", "stopping");
+    n->puback_latency = mg_bus_metric(MG_BUS_RECEIPT, "nats", NULL);
     n->dropped = mg_counter("meshgate_dropped_total", "Messages dropped, by reason",
                             "reason=\"nats_pending_full\"");
-    n->consumed = mg_counter("meshgate_nats_consumed_total",
-                             "Stream messages handled and acknowledged by this gateway", NULL);
-    n->bad_msgs =
-        mg_counter("meshgate_nats_bad_messages_total",
-                   "Stream messages that did not decode or were too large (skipped)", NULL);
-    n->redeliveries = mg_counter("meshgate_nats_redeliveries_total",
-                                 "Stream messages this gateway received more than once", NULL);
-    n->naks =
-        mg_counter("meshgate_nats_naks_total",
-                   "Stream messages whose handling failed, redelivered after a backoff", NULL);
-    n->parked_count = mg_counter("meshgate_nats_parked_total",
-                                 "Stream messages put in the inbox after --nats-max-deliver", NULL);
-    n->undeliverable =
-        mg_counter("meshgate_nats_undeliverable_total",
-                   "Stream messages neither delivered nor stored after --nats-max-deliver", NULL);
-    n->inflight_gauge =
-        mg_gauge("meshgate_nats_consumer_inflight", "Stream messages being handled", NULL);
+    n->received = mg_bus_metric(MG_BUS_RECEIVED, "nats", NULL);
+    n->bad_undecodable = mg_bus_metric(MG_BUS_BAD, "nats", "undecodable");
+    n->bad_oversized = mg_bus_metric(MG_BUS_BAD, "nats", "oversized");
+    n->redeliveries = mg_bus_metric(MG_BUS_REDELIVERIES, "nats", NULL);
+    n->retries = mg_bus_metric(MG_BUS_RETRIES, "nats", NULL);
+    n->parked_count = mg_bus_metric(MG_BUS_PARKED, "nats", NULL);
+    n->undeliverable = mg_bus_metric(MG_BUS_UNDELIVERABLE, "nats", NULL);
+    n->inflight_gauge = mg_bus_metric(MG_BUS_CONSUMER_INFLIGHT, "nats", NULL);
+    n->lag_gauge = mg_bus_metric(MG_BUS_CONSUMER_LAG, "nats", NULL);
     n->base.ops = &nats_ops;
 
     if (!n->urls[0]) {
@@ -710,13 +919,19 @@ mg_transport *mg_transport_nats_create(const mg_transport_nats_config *cfg, char
         nats_Open(-1);
     pthread_mutex_unlock(&nats_users_mu);
     n->opened = true;
-    n->pending_gauge =
-        mg_gauge_fn_register("meshgate_nats_publish_pending",
-                             "NATS publishes awaiting their PubAck", NULL, pending_now, n);
+    mg_bus_pending_register("nats", pending_now, n);
+    n->pending_registered = true;
     if (connect_servers(n, err, errlen) != 0 || ensure_stream(n, err, errlen) != 0) {
         tn_free(&n->base);
         return NULL;
     }
+    if (pthread_create(&n->timeout_thread, NULL, timeout_main, n) != 0) {
+        snprintf(err, errlen, "nats: cannot start the PubAck timeout thread");
+        tn_free(&n->base);
+        return NULL;
+    }
+    pthread_setname_np(n->timeout_thread, "nats-timeout");
+    n->timeout_started = true;
     char url[256] = "";
     natsConnection_GetConnectedUrl(n->nc, url, sizeof(url));
     mg_log_info("nats", "publisher ready server=%s subject=%s timeout_ms=%d max_pending=%d", url,
@@ -784,31 +999,43 @@ static void tn_free(mg_transport *t)
     atomic_store(&n->closing, true);
     if (n->nc)
         natsConnection_Close(n->nc);
+    if (n->timeout_started) { /* before jsCtx_Destroy: it may reclaim from the context */
+        pthread_mutex_lock(&n->rep_mu);
+        n->timeout_stop = true;
+        pthread_cond_signal(&n->t_cond);
+        pthread_mutex_unlock(&n->rep_mu);
+        pthread_join(n->timeout_thread, NULL);
+    }
     jsCtx_Destroy(n->js);
     natsConnection_Destroy(n->nc);
     natsOptions_Destroy(n->opts);
-    if (n->pending_gauge)
-        mg_gauge_fn_register("meshgate_nats_publish_pending",
-                             "NATS publishes awaiting their PubAck", NULL, NULL, NULL);
+    if (n->pending_registered)
+        mg_bus_pending_register("nats", NULL, NULL);
     if (n->opened) {
         pthread_mutex_lock(&nats_users_mu);
         if (--nats_users == 0)
             nats_CloseAndWait(2000);
         pthread_mutex_unlock(&nats_users_mu);
     }
-    /* Reports nats.c never answered (closed before their PubAck) fail now. */
+    /* Reports nats.c never answered (closed before their PubAck) fail now;
+     * orphans were answered already. */
     const char *key;
     void *v;
     for (size_t it = 0; mg_map_next(n->reports, &it, &key, &v);) {
         report *w = v;
-        mg_deliver_outcome out;
-        memset(&out, 0, sizeof(out));
-        set_reason(&out, MG_STATUS_FAILED, "nats: %s", "connection closed before the PubAck");
-        w->done(w->arg, &out);
+        if (w->done && w->heap_i != NOT_IN_HEAP) {
+            mg_metric_add(n->failed_stopping, 1);
+            mg_deliver_outcome out;
+            memset(&out, 0, sizeof(out));
+            set_reason(&out, MG_STATUS_FAILED, "nats: %s", "connection closed before the PubAck");
+            w->done(w->arg, &out);
+        }
         free(w);
     }
     mg_map_free(n->reports);
+    free(n->heap);
     pthread_mutex_destroy(&n->rep_mu);
+    pthread_cond_destroy(&n->t_cond);
     pthread_mutex_destroy(&n->c_mu);
     pthread_cond_destroy(&n->c_cond);
     free(n->urls);

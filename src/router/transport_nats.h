@@ -12,10 +12,12 @@
  * so the stream drops a producer retry of the same (message, recipient).
  * Asynchronous JetStream publish (no thread waits for the PubAck):
  *   HIGH: QUEUED when the stream's PubAck arrives, FAILED "nats: <error>" on
- *         an error or no PubAck within min(deadline, timeout_ms), so the
- *         plan's next step runs.
+ *         an error or no PubAck within min(deadline, timeout_ms) (the
+ *         transport's own deadline, not nats.c's), so the plan's next step
+ *         runs.
  *   LOW:  ACCEPTED once handed to the connection; a failed PubAck is only
  *         counted.
+ * Metrics: the bus families of bus_metrics.h with bus="nats".
  * Publishes awaiting their PubAck are bounded by max_pending: beyond it a
  * send fails at once ("dropped: overload", meshgate_dropped_total
  * {reason="nats_pending_full"}). While the connection is down the transport
@@ -29,12 +31,13 @@
  * ack_wait_ms; the local transport's dedupe window drops what was already
  * shown). A failed operation is NAKed with a backoff, up to max_deliver
  * deliveries; the last one puts the message in the recipient's inbox (if that
- * fails too it is counted in meshgate_nats_undeliverable_total and left
+ * fails too it is counted in meshgate_bus_undeliverable_total and left
  * unacknowledged in the stream until max age). Undecodable or oversized
  * payloads are counted, terminated (never redelivered) and skipped.
  *
  * Threads: deliver()/available() from any thread; PubAck handlers run on
- * nats.c's delivery thread of the JetStream reply subscription; "nats-consume"
+ * nats.c's delivery thread of the JetStream reply subscription, missed
+ * deadlines on "nats-timeout" (both start the next step); "nats-consume"
  * fetches (a blocking fetch waits for the server, never for an operation)
  * and starts operations; their completions acknowledge on whatever thread
  * they run. create/start/stop/free from one control thread.

@@ -21,6 +21,7 @@
  * subscription connection is re-opened by a timer with backoff.
  */
 #include "router/transport_redis_pubsub.h"
+#include "router/bus_metrics.h"
 #include "common/mg_alloc.h"
 #include "common/mg_log.h"
 #include "common/mg_map.h"
@@ -1107,10 +1108,7 @@ static void trp_free(mg_transport *base)
         conn_release(c);
         free(c);
     }
-    mg_gauge_fn_register("meshgate_bus_pending",
-                         "Messages a bus is carrying (awaiting a reply or "
-                         "a receipt)",
-                         LABEL, NULL, NULL);
+    mg_bus_pending_register("redis-pubsub", NULL, NULL);
     ev_loop_destroy(t->loop);
     mg_map_free(t->pending);
     pthread_mutex_destroy(&t->mu);
@@ -1130,24 +1128,6 @@ static const struct mg_transport_ops trp_ops = {
     .free = trp_free,
     .deliver_batch = NULL,
 };
-
-static mg_metric *failed_metric(const char *reason)
-{
-    char labels[96];
-    snprintf(labels, sizeof(labels), LABEL ",reason=\"%s\"", reason);
-    return mg_counter("meshgate_bus_failed_total",
-                      "Messages a bus step failed, by reason (the route list's next step takes "
-                      "them)",
-                      labels);
-}
-
-static mg_metric *bad_metric(const char *reason)
-{
-    char labels[96];
-    snprintf(labels, sizeof(labels), LABEL ",reason=\"%s\"", reason);
-    return mg_counter("meshgate_bus_bad_payloads_total",
-                      "Payloads received on a bus that were skipped, by reason", labels);
-}
 
 mg_transport *mg_transport_redis_pubsub_create(const mg_transport_redis_pubsub_config *cfg)
 {
@@ -1169,27 +1149,23 @@ mg_transport *mg_transport_redis_pubsub_create(const mg_transport_redis_pubsub_c
     t->subc = (rconn){.t = t, .sub = true, .fd = -1};
     t->resub_ms = RESUB_MIN_MS;
 
-    t->sent = mg_counter("meshgate_bus_sent_total",
-                         "Messages a bus took (SPUBLISH reached a subscriber, ...)", LABEL);
-    t->received = mg_counter("meshgate_bus_received_total", "Payloads received on a bus", LABEL);
-    t->receipt_lat = mg_histogram("meshgate_bus_receipt_seconds",
-                                  "Send to the target gateway's receipt (HIGH), by bus", LABEL);
+    t->sent = mg_bus_metric(MG_BUS_SENT, "redis-pubsub", NULL);
+    t->received = mg_bus_metric(MG_BUS_RECEIVED, "redis-pubsub", NULL);
+    t->receipt_lat = mg_bus_metric(MG_BUS_RECEIPT, "redis-pubsub", NULL);
     t->local_lat = mg_histogram("meshgate_bus_local_delivery_seconds",
                                 "A received message to its local outcome (written), by bus", LABEL);
     t->resubscribes = mg_counter("meshgate_bus_resubscribes_total",
                                  "Subscriptions opened again (failover, resharding, loss)", LABEL);
     t->late_receipts = mg_counter("meshgate_bus_late_receipts_total",
                                   "Receipts that came after their wait ended", LABEL);
-    t->bad_undecodable = bad_metric("undecodable");
-    t->bad_oversized = bad_metric("oversized");
-    t->failed_no_sub = failed_metric("no_subscriber");
-    t->failed_timeout = failed_metric("timeout");
-    t->failed_error = failed_metric("error");
-    t->failed_overload = failed_metric("overload");
-    t->failed_stopping = failed_metric("stopping");
-    mg_gauge_fn_register("meshgate_bus_pending",
-                         "Messages a bus is carrying (awaiting a reply or a receipt)", LABEL,
-                         pending_gauge, t);
+    t->bad_undecodable = mg_bus_metric(MG_BUS_BAD, "redis-pubsub", "undecodable");
+    t->bad_oversized = mg_bus_metric(MG_BUS_BAD, "redis-pubsub", "oversized");
+    t->failed_no_sub = mg_bus_metric(MG_BUS_FAILED, "redis-pubsub", "no_subscriber");
+    t->failed_timeout = mg_bus_metric(MG_BUS_FAILED, "redis-pubsub", "timeout");
+    t->failed_error = mg_bus_metric(MG_BUS_FAILED, "redis-pubsub", "error");
+    t->failed_overload = mg_bus_metric(MG_BUS_FAILED, "redis-pubsub", "overload");
+    t->failed_stopping = mg_bus_metric(MG_BUS_FAILED, "redis-pubsub", "stopping");
+    mg_bus_pending_register("redis-pubsub", pending_gauge, t);
 
     t->loop = ev_loop_new(EVBACKEND_EPOLL | EVFLAG_NOSIGMASK | EVFLAG_NOENV);
     ev_async_init(&t->wake, on_wake);

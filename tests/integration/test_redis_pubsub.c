@@ -617,27 +617,6 @@ Test(redis_pubsub, an_unreachable_cluster_at_start_is_a_clear_error)
 
 /* ---- mixed fleets ----------------------------------------------------------------- */
 
-static bool peers_show(const mg_gw *gw, const char *peer, const char *buses)
-{
-    char *body = NULL;
-    bool yes = false;
-    if (mg_http_get(gw->ws_port, "/peers", &body) == 200 && body) {
-        json_t *j = json_loads(body, 0, NULL);
-        size_t i;
-        json_t *e;
-        json_array_foreach(json_object_get(j, "peers"), i, e)
-        {
-            const char *id = json_string_value(json_object_get(e, "id"));
-            const char *b = json_string_value(json_object_get(e, "buses"));
-            if (id && b && !strcmp(id, peer) && !strcmp(b, buses))
-                yes = true;
-        }
-        json_decref(j);
-    }
-    free(body);
-    return yes;
-}
-
 Test(redis_pubsub, a_sender_takes_the_bus_only_to_gateways_that_consume_it)
 {
     snprintf(tag, sizeof(tag), "rm%d", (int)getpid());
@@ -661,8 +640,8 @@ Test(redis_pubsub, a_sender_takes_the_bus_only_to_gateways_that_consume_it)
     consul[11] = "false";
     mg_gw *c = spawn_with("c", NULL, consul);
     cr_assert(mg_gw_wait_peer(a, bid, 20000) && mg_gw_wait_peer(a, cid, 20000), "a lists b and c");
-    cr_expect(peers_show(a, bid, "grpc,redis-pubsub"), "b advertises the bus");
-    cr_expect(peers_show(a, cid, "grpc"), "c does not");
+    cr_expect(mg_gw_peer_has_buses(a, bid, "grpc,redis-pubsub"), "b advertises the bus");
+    cr_expect(mg_gw_peer_has_buses(a, cid, "grpc"), "c does not");
 
     mg_grpc_client *cli = mg_grpc_client_create(a->grpc_addr, NULL);
     user *bob = user_new("bob", b), *carol = user_new("carol", c);
@@ -692,7 +671,7 @@ Test(redis_pubsub, a_sender_takes_the_bus_only_to_gateways_that_consume_it)
     pthread_join(th, NULL);
     bool moved = false;
     for (int i = 0; i < 200 && !moved; i++) {
-        moved = peers_show(a, bid, "grpc");
+        moved = mg_gw_peer_has_buses(a, bid, "grpc");
         if (!moved)
             usleep(100 * 1000);
     }

@@ -8,11 +8,11 @@
  * Isolation from other tests sharing the services: a Consul service name,
  * a Kafka topic prefix and user names of our own (pid in each).
  */
-#include "common/mg_map.h"
 #include "common/mg_time.h"
 #include "support/grpc_client.h"
 #include "support/mg_test.h"
 #include "support/ws_client.h"
+#include "support/ws_user.h"
 
 #include <criterion/criterion.h>
 #include <jansson.h>
@@ -160,14 +160,9 @@ static double messages_total(int i, const char *path, const char *status)
 
 typedef struct user {
     char name[64];
-    atomic_int gw; /* index of the gateway it is connected to */
-    mg_wsc *ws;
-    pthread_t th;
-    atomic_bool stop, connected;
+    atomic_int gw;    /* index of the gateway it is connected to */
     atomic_bool hold; /* do not reconnect while set */
-    pthread_mutex_t mu;
-    mg_map *got; /* message id -> times received (intptr_t) */
-    int dups, reconnects;
+    mg_wsuser *rd;
 } user;
 
 static void user_name(char *out, size_t len, const char *who)
@@ -195,78 +190,25 @@ static int fallback_gw(int from)
     return -1;
 }
 
-static void on_frame(user *u, const char *text)
-{
-    json_t *j = json_loads(text, 0, NULL);
-    if (!j)
-        return;
-    const char *type = json_string_value(json_object_get(j, "type"));
-    const char *id = json_string_value(json_object_get(j, "id"));
-    if (type && id && !strcmp(type, "message")) {
-        if (json_is_true(json_object_get(j, "inbox"))) {
-            char ack[256];
-            snprintf(ack, sizeof(ack), "{\"type\":\"ack\",\"id\":\"%s\"}", id);
-            mg_wsc_send_text(u->ws, ack);
-        }
-        pthread_mutex_lock(&u->mu);
-        intptr_t n = (intptr_t)mg_map_get(u->got, id);
-        mg_map_put(u->got, id, (void *)(n + 1));
-        if (n >= 1)
-            u->dups++;
-        pthread_mutex_unlock(&u->mu);
-    }
-    json_decref(j);
-}
-
-static void *user_main(void *arg)
+/* The gateway went away (or closed us): reconnect elsewhere, unless held. */
+static mg_wsc *user_dial(void *arg)
 {
     user *u = arg;
-    while (!atomic_load(&u->stop)) {
-        char *f = mg_wsc_recv_text(u->ws, 100);
-        if (f) {
-            on_frame(u, f);
-            free(f);
-            continue;
-        }
-        if (mg_wsc_close_code(u->ws) == 0)
-            continue; /* just a timeout */
-        /* The gateway went away (or closed us): reconnect elsewhere. */
-        atomic_store(&u->connected, false);
-        for (int i = 0; i < 300 && atomic_load(&u->hold) && !atomic_load(&u->stop); i++)
-            usleep(100 * 1000);
-        int64_t end = mg_mono_ms() + 20000;
-        mg_wsc *ws = NULL;
-        while (!ws && !atomic_load(&u->stop) && mg_mono_ms() < end) {
-            int g = fallback_gw(atomic_load(&u->gw));
-            if (g < 0)
-                break;
-            ws = ws_connect(g, u->name);
-            if (ws)
-                atomic_store(&u->gw, g);
-            else
-                usleep(100 * 1000);
-        }
-        if (!ws)
-            break;
-        mg_wsc_free(u->ws);
-        u->ws = ws;
-        u->reconnects++;
-        atomic_store(&u->connected, true);
-    }
-    return NULL;
+    int g = atomic_load(&u->hold) ? -1 : fallback_gw(atomic_load(&u->gw));
+    mg_wsc *ws = g >= 0 ? ws_connect(g, u->name) : NULL;
+    if (ws)
+        atomic_store(&u->gw, g);
+    return ws;
 }
 
 static user *user_new(const char *who, int gwi)
 {
     user *u = calloc(1, sizeof(*u));
     user_name(u->name, sizeof(u->name), who);
-    pthread_mutex_init(&u->mu, NULL);
-    u->got = mg_map_create(64);
     atomic_store(&u->gw, gwi);
-    u->ws = ws_connect(gwi, u->name);
-    cr_assert_not_null(u->ws, "user %s could not connect to %s", u->name, C.id[gwi]);
-    atomic_store(&u->connected, true);
-    pthread_create(&u->th, NULL, user_main, u);
+    mg_wsc *ws = ws_connect(gwi, u->name);
+    cr_assert_not_null(ws, "user %s could not connect to %s", u->name, C.id[gwi]);
+    u->rd = mg_wsuser_start(ws, user_dial, u);
     return u;
 }
 
@@ -274,28 +216,18 @@ static void user_free(user *u)
 {
     if (!u)
         return;
-    atomic_store(&u->stop, true);
-    pthread_join(u->th, NULL);
-    mg_wsc_free(u->ws);
-    mg_map_free(u->got);
-    pthread_mutex_destroy(&u->mu);
+    mg_wsuser_free(u->rd);
     free(u);
 }
 
 static int user_count(user *u, const char *id)
 {
-    pthread_mutex_lock(&u->mu);
-    int n = (int)(intptr_t)mg_map_get(u->got, id);
-    pthread_mutex_unlock(&u->mu);
-    return n;
+    return mg_wsuser_count(u->rd, id);
 }
 
 static bool user_got(user *u, const char *id, int timeout_ms)
 {
-    int64_t end = mg_mono_ms() + timeout_ms;
-    while (user_count(u, id) == 0 && mg_mono_ms() < end)
-        usleep(20 * 1000);
-    return user_count(u, id) > 0;
+    return mg_wsuser_got(u->rd, id, timeout_ms);
 }
 
 /* Waits until presence (Redis) knows the user: a SendMessage to them from
@@ -454,7 +386,8 @@ Test(routing, each_path_taken_when_it_should_be, .timeout = 300)
     cr_expect_geq(messages_total(EU1, "inbox", "stored"), inbox0 + 1);
     user *live[] = {a, b, c, d};
     for (int i = 0; i < 4; i++)
-        cr_expect_eq(live[i]->dups, 0, "no duplicates while gateways live (%s)", live[i]->name);
+        cr_expect_eq(mg_wsuser_dups(live[i]->rd), 0, "no duplicates while gateways live (%s)",
+                     live[i]->name);
 
     user_free(a);
     user_free(b);
@@ -635,7 +568,7 @@ Test(routing, no_loss_while_a_gateway_is_killed, .timeout = 600)
         }
     }
     for (int i = 0; i < NL_USERS; i++)
-        reconnects += NL.users[i]->reconnects;
+        reconnects += mg_wsuser_reconnects(NL.users[i]->rd);
     printf("no-loss run: %d messages, %d users on %d gateways, %s SIGKILLed at message %d\n"
            "  sends took %lld ms, everything arrived after %lld ms\n"
            "  paths: local=%d grpc=%d kafka=%d inbox=%d; client retries=%d; reconnects=%d\n"

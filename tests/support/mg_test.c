@@ -6,6 +6,7 @@
 #include <criterion/criterion.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <jansson.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
@@ -340,6 +341,26 @@ bool mg_gw_wait_peer(const mg_gw *gw, const char *peer_id, int timeout_ms)
             return listed;
         usleep(100 * 1000);
     }
+}
+
+bool mg_gw_peer_has_buses(const mg_gw *gw, const char *peer_id, const char *buses)
+{
+    char *body = NULL;
+    bool yes = false;
+    if (mg_http_get(gw->ws_port, "/peers", &body) == 200 && body) {
+        json_t *j = json_loads(body, 0, NULL);
+        size_t i;
+        json_t *e;
+        json_array_foreach(json_object_get(j, "peers"), i, e)
+        {
+            const char *id = json_string_value(json_object_get(e, "id"));
+            const char *b = json_string_value(json_object_get(e, "buses"));
+            yes |= id && b && !strcmp(id, peer_id) && !strcmp(b, buses);
+        }
+        json_decref(j);
+    }
+    free(body);
+    return yes;
 }
 
 double mg_gw_metric(const mg_gw *gw, const char *name_labels)

@@ -64,5 +64,8 @@ bool mg_wait_until(bool (*cond)(void *arg), void *arg, int timeout_ms);
 /* Waits up to timeout_ms until gw's GET /peers lists peer_id (Consul
  * discovery has made the peer path). Returns whether it did. */
 bool mg_gw_wait_peer(const mg_gw *gw, const char *peer_id, int timeout_ms);
+/* Whether gw's GET /peers lists peer_id with exactly these buses (its
+ * Consul meta, "grpc,kafka"). */
+bool mg_gw_peer_has_buses(const mg_gw *gw, const char *peer_id, const char *buses);
 
 #endif

@@ -4,6 +4,7 @@
 
 #include <criterion/criterion.h>
 #include <jwt.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -22,6 +23,20 @@ const char *mg_json_str(json_t *j, const char *k)
 {
     json_t *v = json_object_get(j, k);
     return v && json_is_string(v) ? json_string_value(v) : "";
+}
+
+const char *mg_wsc_take_message(mg_wsc *c, json_t *j)
+{
+    const char *type = json_string_value(json_object_get(j, "type"));
+    const char *id = json_string_value(json_object_get(j, "id"));
+    if (!type || !id || strcmp(type, "message") != 0)
+        return NULL;
+    if (json_is_true(json_object_get(j, "inbox"))) {
+        char ack[256];
+        snprintf(ack, sizeof(ack), "{\"type\":\"ack\",\"id\":\"%s\"}", id);
+        mg_wsc_send_text(c, ack);
+    }
+    return id;
 }
 
 char *mg_test_jwt_hs256(const char *secret, const char *sub, long exp)

@@ -15,6 +15,10 @@
 json_t *mg_wsc_recv_json(mg_wsc *c, int timeout_ms);
 /* j[k] when it is a string, else "" (never NULL); lives as long as j. */
 const char *mg_json_str(json_t *j, const char *k);
+/* The id of a "message" frame j (NULL for other frames), after acking it on
+ * c when it came from the inbox ("inbox":true), as a client does. The id
+ * lives as long as j. */
+const char *mg_wsc_take_message(mg_wsc *c, json_t *j);
 /* An HS256 token with "sub" and "exp" (malloc'd, the caller frees). */
 char *mg_test_jwt_hs256(const char *secret, const char *sub, long exp);
 
