@@ -704,7 +704,10 @@ static natsStatus fetch(tn *n, natsMsgList *list, int batch)
     jsFetchRequest_Init(&req);
     req.Batch = batch;
     req.NoWait = true;
-    req.Expires = (int64_t)n->timeout_ms * 1000000LL; /* bounds the wait for the answer */
+    /* Bounds the wait for the answer: the server holds a no-wait pull with an expiry that long
+     * when it has nothing (measured: the whole 5 s of --nats-timeout-ms, which a stop waited out).
+     */
+    req.Expires = (int64_t)FETCH_WAIT_MS * 1000000LL;
     natsStatus s = natsSubscription_FetchRequest(list, n->sub, &req);
     if (s == NATS_OK && list->Count > 0)
         return s;
