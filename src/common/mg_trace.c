@@ -176,7 +176,14 @@ static void new_id(uint8_t *b, size_t n)
 
 void mg_trace_ingress(const char *s, size_t len, mg_trace_ctx *out)
 {
-    if (s && mg_traceparent_parse(s, len, out) == 0)
+    if (!s || mg_traceparent_parse(s, len, out) != 0)
+        memset(out, 0, sizeof(*out));
+    mg_trace_begin(out);
+}
+
+void mg_trace_begin(mg_trace_ctx *out)
+{
+    if (mg_trace_valid(out))
         return;
     memset(out, 0, sizeof(*out));
     if (T.ratio <= 0 || (T.ratio < 1 && (double)(mg_random64() >> 11) * 0x1p-53 >= T.ratio))
@@ -196,9 +203,11 @@ static int64_t unix_ns(void)
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-mg_span *mg_span_start(const mg_trace_ctx *parent, const char *name, mg_span_kind kind,
+mg_span *mg_span_start(const mg_trace_ctx *parent_in, const char *name, mg_span_kind kind,
                        mg_trace_ctx *child)
 {
+    mg_trace_ctx pc; /* child may be parent_in itself */
+    const mg_trace_ctx *parent = parent_in ? (pc = *parent_in, &pc) : NULL;
     if (!parent || !mg_trace_valid(parent) || !mg_trace_sampled(parent)) {
         if (child) {
             if (parent)

@@ -66,6 +66,10 @@ void mg_trace_id_hex(const mg_trace_ctx *c, char out[33]);
  * is zeroed when the message is not traced. Never fails. */
 void mg_trace_ingress(const char *s, size_t len, mg_trace_ctx *out);
 
+/* The same for a context already parsed (e.g. from a WebSocket frame):
+ * kept when valid, else a new trace by the ratio, else zeroed. */
+void mg_trace_begin(mg_trace_ctx *c);
+
 typedef struct mg_trace_config {
     const char *endpoint;     /* "http://host:4318" ("/v1/traces" is appended); "": no export */
     double sample_ratio;      /* new traces started at ingress: 0..1 */
@@ -98,7 +102,8 @@ typedef struct mg_span mg_span;
  * (may be NULL) receives the context to hand on: the new span's id when
  * parent is sampled, else parent itself (an unsampled or absent trace
  * propagates unchanged). Returns the span, or NULL when nothing is recorded
- * (not sampled, tracing off, or no free slot: then dropped and counted). */
+ * (not sampled, tracing off, or no free slot: then dropped and counted).
+ * child may point to parent (a message's context replaced in place). */
 mg_span *mg_span_start(const mg_trace_ctx *parent, const char *name, mg_span_kind kind,
                        mg_trace_ctx *child);
 /* Attributes (at most 12; more are ignored): key is a static string, val

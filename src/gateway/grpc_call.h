@@ -13,6 +13,7 @@
 
 #include "common/mg_metrics.h"
 #include "common/mg_pool.h"
+#include "common/mg_trace.h"
 #include "gateway/grpc_auth.h"
 #include "gateway/grpc_server.h"
 #include "router/msg.h"
@@ -117,6 +118,8 @@ struct rpc {
     grpc_status_code code;
     int64_t start_us;
     int64_t deadline_ms; /* monotonic */
+    mg_trace_ctx trace;  /* the call's server span (what its messages carry), or none */
+    mg_span *span;       /* ended by mg_grpc_answer; NULL: not traced */
 };
 
 /* A handler fills c->resp (on OK) and returns the status; err gets details.

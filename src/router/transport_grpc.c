@@ -34,6 +34,7 @@
 #include "common/mg_map.h"
 #include "common/mg_metrics.h"
 #include "common/mg_time.h"
+#include "common/mg_trace.h"
 #include "meshgate/v1/messaging.pb-c.h"
 #include "meshgate/v1/peer.pb-c.h"
 
@@ -100,6 +101,9 @@ struct pcall {
     bool probe;
     mg_deliver_done done;
     void *arg;
+    grpc_metadata md[2]; /* the peer token, then traceparent (of tp) when traced */
+    size_t nmd;
+    char tp[MG_TRACEPARENT_LEN + 1];
 };
 
 static void call_complete(struct pcall *pc, bool ok);
@@ -298,8 +302,8 @@ static int call_start(struct pcall *pc)
     if (left <= 0)
         return -ETIMEDOUT;
     pc->start_us = mg_mono_us();
-    return mg_grpc_unary_start(&pc->u, pc->peer->channel, pc->t->cq, pc->method, pc->req,
-                               &pc->t->auth, pc->t->nauth, left, pc);
+    return mg_grpc_unary_start(&pc->u, pc->peer->channel, pc->t->cq, pc->method, pc->req, pc->md,
+                               pc->nmd, left, pc);
 }
 
 /* out holds pc->n outcomes. */
@@ -424,7 +428,7 @@ static void call_complete(struct pcall *pc, bool ok)
 /* Takes a call slot on the target and starts method with req (taken).
  * Answers through pc's callbacks, at once when it cannot start. */
 static int call_begin(mg_transport_grpc *t, const mg_route_target *target, struct pcall *pc,
-                      grpc_byte_buffer *req, int64_t deadline_ms)
+                      grpc_byte_buffer *req, int64_t deadline_ms, const mg_trace_ctx *trace)
 {
     const char *id = target && target->gateway_id ? target->gateway_id : "";
     mg_deliver_outcome out;
@@ -433,6 +437,12 @@ static int call_begin(mg_transport_grpc *t, const mg_route_target *target, struc
     pc->t = t;
     pc->req = req;
     pc->deadline_ms = deadline_ms;
+    if (t->nauth)
+        pc->md[pc->nmd++] = t->auth;            /* borrowed: lives as long as the transport */
+    if (mg_traceparent_format(trace, pc->tp)) { /* W3C Trace Context over gRPC metadata */
+        pc->md[pc->nmd].key = grpc_slice_from_static_string("traceparent");
+        pc->md[pc->nmd++].value = grpc_slice_from_static_buffer(pc->tp, MG_TRACEPARENT_LEN);
+    }
     if (budget_ms(t, deadline_ms) <= 0) {
         snprintf(out.reason, sizeof(out.reason), "peer %s: DEADLINE_EXCEEDED: no time left", id);
         goto now;
@@ -498,7 +508,7 @@ static int tg_deliver(mg_transport *base, const mg_route_target *target, const m
     pc->n = 1;
     pc->done = done;
     pc->arg = arg;
-    return call_begin(t, target, pc, mg_grpc_pack(&rq.base), deadline_ms);
+    return call_begin(t, target, pc, mg_grpc_pack(&rq.base), deadline_ms, &msg->trace);
 }
 
 static int tg_deliver_batch(mg_transport *base, const mg_route_target *target, const mg_msg *msg,
@@ -522,7 +532,7 @@ static int tg_deliver_batch(mg_transport *base, const mg_route_target *target, c
     pc->n = n;
     pc->batch_done = done;
     pc->arg = arg;
-    return call_begin(t, target, pc, mg_grpc_pack(&rq.base), deadline_ms);
+    return call_begin(t, target, pc, mg_grpc_pack(&rq.base), deadline_ms, &msg->trace);
 }
 
 static int tg_disconnect(mg_transport *base, const mg_route_target *target, const char *user,

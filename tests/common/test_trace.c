@@ -119,6 +119,10 @@ Test(trace, span_contexts_chain_and_unsampled_propagate)
     cr_assert_neq(memcmp(child.span_id, root.span_id, 8), 0);
     mg_span_start(&child, "b", MG_SPAN_INTERNAL, &grand);
     cr_assert_neq(memcmp(grand.span_id, child.span_id, 8), 0);
+    mg_trace_ctx same = child; /* in place: the new span id replaces the parent's */
+    mg_span_start(&same, "c", MG_SPAN_INTERNAL, &same);
+    cr_assert_eq(memcmp(same.trace_id, child.trace_id, 16), 0);
+    cr_assert_neq(memcmp(same.span_id, child.span_id, 8), 0);
     /* unsampled: propagates unchanged */
     cr_assert_eq(parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00", &root), 0);
     cr_assert_null(mg_span_start(&root, "a", MG_SPAN_SERVER, &child));
