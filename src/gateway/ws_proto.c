@@ -790,11 +790,13 @@ static bool scan_frame(const char *data, size_t len, jval *v)
  * (not a string, not W3C) is ignored, never an error for the sender. */
 static void take_trace(const jval *v, mg_trace_ctx *out)
 {
-    char buf[MG_TRACEPARENT_LEN + 2];
-    if (v->kind != V_STR || v->n > MG_TRACEPARENT_LEN + 1)
+    char buf[64];
+    if (v->kind != V_STR || v->n > 6 * 64) /* room for escapes; longer is never valid */
         return;
     char *s = peek(v, buf, sizeof(buf));
     mg_traceparent_parse(s, strlen(s), out);
+    if (s != buf)
+        free(s);
 }
 
 /* 0 absent or null, 1 a string, -1 another type: how the protocol reads an

@@ -3,6 +3,7 @@
  * OTLP/JSON encoding, and an exporter whose collector is gone. Includes the
  * .c to reach the encoder and the span slots. */
 #include "common/mg_trace.c"
+#include "router/msg.h"
 
 #include <criterion/criterion.h>
 #include <sys/socket.h>
@@ -239,4 +240,26 @@ Test(trace, a_dead_collector_costs_dropped_spans_only)
     cr_assert_eq(dropped + recorded, 1000);
     cr_assert_eq(failed, recorded, "every recorded span failed to export (%lld of %d)",
                  (long long)failed, recorded);
+}
+
+Test(trace, the_envelope_carries_the_context)
+{
+    mg_msg *m = mg_msg_new("m1", "a", "b", (const uint8_t *)"x", 1, NULL, 1, MG_PRIO_HIGH);
+    size_t len;
+    uint8_t *buf = mg_msg_pack(m, &len);
+    mg_msg *back = NULL;
+    cr_assert_eq(mg_msg_unpack(buf, len, &back), 0);
+    cr_assert_not(mg_trace_valid(&back->trace));
+    free(buf);
+    mg_msg_free(back);
+    cr_assert_eq(parse(TP_OK, &m->trace), 0);
+    buf = mg_msg_pack(m, &len);
+    cr_assert_eq(mg_msg_unpack(buf, len, &back), 0);
+    cr_assert_eq(memcmp(&back->trace, &m->trace, sizeof(m->trace)), 0);
+    mg_msg *d = mg_msg_dup_to(back, "c");
+    cr_assert_eq(memcmp(&d->trace, &m->trace, sizeof(m->trace)), 0);
+    mg_msg_free(d);
+    free(buf);
+    mg_msg_free(back);
+    mg_msg_free(m);
 }
