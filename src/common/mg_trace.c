@@ -22,7 +22,6 @@
 
 #include <curl/curl.h>
 #include <errno.h>
-#include <jansson.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -298,61 +297,122 @@ void mg_span_end(mg_span *s, bool error, const char *message)
 
 /* ---- OTLP/JSON ----------------------------------------------------------------- */
 
-static json_t *kv_str(const char *key, const char *val)
+/* Written straight into a growing buffer (the exporter's: reused across
+ * batches): jansson's object per value cost the exporter thread most of its
+ * time at one sampled trace per message. */
+typedef struct jbuf {
+    char *p;
+    size_t n, cap;
+} jbuf;
+
+static void jb_put(jbuf *b, const char *s, size_t n)
 {
-    return json_pack("{s:s, s:{s:s}}", "key", key, "value", "stringValue", val);
+    if (b->n + n + 1 > b->cap) {
+        b->cap = (b->n + n + 1) * 2;
+        b->p = mg_xrealloc(b->p, b->cap);
+    }
+    memcpy(b->p + b->n, s, n);
+    b->n += n;
+    b->p[b->n] = '\0';
 }
 
-static json_t *span_json(const mg_span *s)
+static void jb_lit(jbuf *b, const char *s)
 {
-    char tid[33], sid[17], pid[17], start[24], end[24];
-    hex_encode(s->trace_id, 16, tid);
-    hex_encode(s->span_id, 8, sid);
-    hex_encode(s->parent_id, 8, pid);
-    snprintf(start, sizeof(start), "%lld", (long long)s->start_ns);
-    snprintf(end, sizeof(end), "%lld", (long long)s->end_ns);
-    json_t *attrs = json_array();
+    jb_put(b, s, strlen(s));
+}
+
+/* A JSON string: '"', '\\' and control characters escaped; other bytes as
+ * they are (attribute values are UTF-8 checked where they enter). */
+static void jb_str(jbuf *b, const char *s)
+{
+    jb_put(b, "\"", 1);
+    const char *run = s;
+    for (; *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (c >= 0x20 && c != '"' && c != '\\')
+            continue;
+        jb_put(b, run, (size_t)(s - run));
+        char esc[8];
+        if (c == '"' || c == '\\')
+            snprintf(esc, sizeof(esc), "\\%c", c);
+        else
+            snprintf(esc, sizeof(esc), "\\u%04x", c);
+        jb_lit(b, esc);
+        run = s + 1;
+    }
+    jb_put(b, run, (size_t)(s - run));
+    jb_put(b, "\"", 1);
+}
+
+static void jb_kv(jbuf *b, const char *key, const char *val, bool first)
+{
+    jb_lit(b, first ? "{\"key\":" : ",{\"key\":");
+    jb_str(b, key);
+    jb_lit(b, ",\"value\":{\"stringValue\":");
+    jb_str(b, val);
+    jb_lit(b, "}}");
+}
+
+static void span_json(jbuf *b, const mg_span *s)
+{
+    char hex[33], num[64];
+    jb_lit(b, "{\"traceId\":\"");
+    hex_encode(s->trace_id, 16, hex);
+    jb_lit(b, hex);
+    jb_lit(b, "\",\"spanId\":\"");
+    hex_encode(s->span_id, 8, hex);
+    jb_lit(b, hex);
+    if (!all_zero(s->parent_id, 8)) {
+        jb_lit(b, "\",\"parentSpanId\":\"");
+        hex_encode(s->parent_id, 8, hex);
+        jb_lit(b, hex);
+    }
+    jb_lit(b, "\",\"name\":");
+    jb_str(b, s->name);
+    snprintf(num, sizeof(num), ",\"kind\":%d,\"flags\":%d,\"startTimeUnixNano\":\"%lld\"", s->kind,
+             0x100 | s->flags, (long long)s->start_ns); /* flags bit 8: known */
+    jb_lit(b, num);
+    snprintf(num, sizeof(num), ",\"endTimeUnixNano\":\"%lld\",\"attributes\":[",
+             (long long)s->end_ns);
+    jb_lit(b, num);
     for (unsigned i = 0; i < s->nattr; i++) {
         const span_attr *a = &s->attr[i];
         if (a->is_int) {
-            char v[24];
-            snprintf(v, sizeof(v), "%lld", (long long)a->i);
-            json_array_append_new(
-                attrs, json_pack("{s:s, s:{s:s}}", "key", a->key, "value", "intValue", v));
+            jb_lit(b, i ? ",{\"key\":" : "{\"key\":");
+            jb_str(b, a->key);
+            snprintf(num, sizeof(num), ",\"value\":{\"intValue\":\"%lld\"}}", (long long)a->i);
+            jb_lit(b, num);
         } else {
-            json_array_append_new(attrs, kv_str(a->key, a->s));
+            jb_kv(b, a->key, a->s, i == 0);
         }
     }
-    json_t *j = json_pack("{s:s, s:s, s:s, s:i, s:s, s:s, s:o, s:i}", "traceId", tid, "spanId", sid,
-                          "name", s->name, "kind", (int)s->kind, "startTimeUnixNano", start,
-                          "endTimeUnixNano", end, "attributes", attrs, "flags",
-                          (int)(0x100 | s->flags)); /* bit 8: the flags are known */
-    if (!all_zero(s->parent_id, 8))
-        json_object_set_new(j, "parentSpanId", json_string(pid));
-    if (s->error)
-        json_object_set_new(j, "status", json_pack("{s:i, s:s}", "code", 2, "message", s->message));
-    return j;
+    jb_lit(b, "]");
+    if (s->error) {
+        jb_lit(b, ",\"status\":{\"code\":2,\"message\":");
+        jb_str(b, s->message);
+        jb_lit(b, "}");
+    }
+    jb_lit(b, "}");
 }
 
-/* The OTLP/JSON ExportTraceServiceRequest of n spans; the caller frees it. */
-static char *encode_otlp(mg_span *const *spans, size_t n, const char *service, const char *instance,
-                         const char *region)
+/* The OTLP/JSON ExportTraceServiceRequest of n spans into b (emptied first). */
+static void encode_otlp(jbuf *b, mg_span *const *spans, size_t n, const char *service,
+                        const char *instance, const char *region)
 {
-    json_t *arr = json_array();
-    for (size_t i = 0; i < n; i++)
-        json_array_append_new(arr, span_json(spans[i]));
-    json_t *res_attrs = json_array();
-    json_array_append_new(res_attrs, kv_str("service.name", service ? service : "meshgate"));
+    b->n = 0;
+    jb_lit(b, "{\"resourceSpans\":[{\"resource\":{\"attributes\":[");
+    jb_kv(b, "service.name", service ? service : "meshgate", true);
     if (instance && *instance)
-        json_array_append_new(res_attrs, kv_str("service.instance.id", instance));
+        jb_kv(b, "service.instance.id", instance, false);
     if (region && *region)
-        json_array_append_new(res_attrs, kv_str("meshgate.region", region));
-    json_t *doc =
-        json_pack("{s:[{s:{s:o}, s:[{s:{s:s}, s:o}]}]}", "resourceSpans", "resource", "attributes",
-                  res_attrs, "scopeSpans", "scope", "name", "meshgate", "spans", arr);
-    char *text = json_dumps(doc, JSON_COMPACT);
-    json_decref(doc);
-    return text;
+        jb_kv(b, "meshgate.region", region, false);
+    jb_lit(b, "]},\"scopeSpans\":[{\"scope\":{\"name\":\"meshgate\"},\"spans\":[");
+    for (size_t i = 0; i < n; i++) {
+        if (i)
+            jb_put(b, ",", 1);
+        span_json(b, spans[i]);
+    }
+    jb_lit(b, "]}]}]}");
 }
 
 /* ---- the exporter -------------------------------------------------------------- */
@@ -388,6 +448,7 @@ static void *export_main(void *arg)
     pthread_setname_np(pthread_self(), "otlp-export");
     CURL *curl = curl_easy_init();
     mg_span *batch[BATCH];
+    jbuf body = {0};
     int64_t fail_log_ms = 0;
     pthread_mutex_lock(&T.mu);
     for (;;) {
@@ -419,14 +480,14 @@ static void *export_main(void *arg)
             timeout = (long)(T.stop_deadline_ms - mg_mono_ms());
         pthread_mutex_unlock(&T.mu);
         if (n > 0) {
-            char *body = encode_otlp(batch, n, T.service, T.instance, T.region);
+            encode_otlp(&body, batch, n, T.service, T.instance, T.region);
             pthread_mutex_lock(&T.mu); /* the slots are free again before the POST */
             for (size_t i = 0; i < n; i++) {
                 batch[i]->next = T.free_list;
                 T.free_list = batch[i];
             }
             pthread_mutex_unlock(&T.mu);
-            if (curl && body && post(curl, body, timeout > 0 ? timeout : 1)) {
+            if (curl && post(curl, body.p, timeout > 0 ? timeout : 1)) {
                 mg_metric_add(T.exported, (int64_t)n);
             } else {
                 mg_metric_add(T.failed, (int64_t)n);
@@ -436,7 +497,6 @@ static void *export_main(void *arg)
                     mg_log_warn("trace", "OTLP export failed url=%s spans=%zu", T.url, n);
                 }
             }
-            free(body);
         }
         pthread_mutex_lock(&T.mu);
         if (stop)
@@ -444,6 +504,7 @@ static void *export_main(void *arg)
     }
     pthread_mutex_unlock(&T.mu);
     curl_easy_cleanup(curl);
+    free(body.p);
     return NULL;
 }
 

@@ -6,6 +6,7 @@
 #include "router/msg.h"
 
 #include <criterion/criterion.h>
+#include <jansson.h>
 #include <sys/socket.h>
 #include <netinet/in.h>
 #include <unistd.h>
@@ -151,6 +152,7 @@ Test(trace, encodes_otlp_json)
     s.start_ns = 1700000000000000000;
     s.end_ns = 1700000000000500000;
     mg_span_attr(&s, "rpc.system", "grpc");
+    mg_span_attr(&s, "messaging.message.id", "q\"b\\s\x01\xc3\xa9"); /* escaped, UTF-8 kept */
     mg_span_attr_int(&s, "meshgate.connections", 3);
     s.error = 1;
     snprintf(s.message, sizeof(s.message), "peer gw-b: UNAVAILABLE");
@@ -164,7 +166,9 @@ Test(trace, encodes_otlp_json)
     root.name = "route";
     root.kind = MG_SPAN_INTERNAL;
     mg_span *spans[] = {&s, &root};
-    char *text = encode_otlp(spans, 2, "meshgate", "gw-a", "eu");
+    jbuf out = {0};
+    encode_otlp(&out, spans, 2, "meshgate", "gw-a", "eu");
+    char *text = out.p;
     json_error_t e;
     json_t *doc = json_loads(text, 0, &e);
     cr_assert_not_null(doc, "%s: %s", e.text, text);
@@ -191,7 +195,10 @@ Test(trace, encodes_otlp_json)
     cr_assert_str_eq(json_string_value(json_object_get(json_array_get(attrs, 0), "key")),
                      "rpc.system");
     cr_assert_str_eq(json_string_value(json_object_get(
-                         json_object_get(json_array_get(attrs, 1), "value"), "intValue")),
+                         json_object_get(json_array_get(attrs, 1), "value"), "stringValue")),
+                     "q\"b\\s\x01\xc3\xa9");
+    cr_assert_str_eq(json_string_value(json_object_get(
+                         json_object_get(json_array_get(attrs, 2), "value"), "intValue")),
                      "3");
     json_t *st = json_object_get(a, "status");
     cr_assert_eq(json_integer_value(json_object_get(st, "code")), 2);
