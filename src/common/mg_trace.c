@@ -521,10 +521,10 @@ int mg_trace_start(const mg_trace_config *cfg)
                             "Spans the OTLP collector accepted", NULL);
     T.failed = mg_counter("meshgate_trace_spans_failed_total",
                           "Spans lost because the OTLP export failed", NULL);
-    T.ratio = cfg->sample_ratio;
     T.started = true;
     if (!*ep)
-        return 0;
+        return 0; /* nothing to export to: start no traces, carry the callers' on */
+    T.ratio = cfg->sample_ratio;
     size_t n = strlen(ep);
     while (n > 0 && ep[n - 1] == '/')
         n--;

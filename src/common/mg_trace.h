@@ -72,7 +72,7 @@ void mg_trace_begin(mg_trace_ctx *c);
 
 typedef struct mg_trace_config {
     const char *endpoint;     /* "http://host:4318" ("/v1/traces" is appended); "": no export */
-    double sample_ratio;      /* new traces started at ingress: 0..1 */
+    double sample_ratio;      /* new traces started at ingress: 0..1 (none without an endpoint) */
     const char *service_name; /* resource service.name */
     const char *instance_id;  /* resource service.instance.id (the gateway id) */
     const char *region;       /* resource meshgate.region */

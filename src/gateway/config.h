@@ -247,8 +247,8 @@
       "spans are not recorded; trace context still propagates)")                                   \
     X(RATIO, trace_sample_ratio, "trace-sample-ratio", "MESHGATE_TRACE_SAMPLE_RATIO", "0.01",      \
       "0..1",                                                                                      \
-      "share of sends without a traceparent that start a trace (0: none; a caller's sampled "      \
-      "traceparent is always continued)")                                                          \
+      "share of sends without a traceparent that start a trace, with --otlp-endpoint (0: none; "   \
+      "a caller's traceparent is always continued)")                                               \
     X(INT, trace_max_spans, "trace-max-spans", "MESHGATE_TRACE_MAX_SPANS", "8192", "spans",        \
       "spans recorded and not yet exported; beyond it spans are dropped and counted")
 

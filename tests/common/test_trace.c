@@ -13,6 +13,8 @@
 
 #define TP_OK "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
+static int closed_port(void);
+
 static int parse(const char *s, mg_trace_ctx *c)
 {
     return mg_traceparent_parse(s, strlen(s), c);
@@ -85,8 +87,18 @@ Test(trace, ingress_continues_or_samples_by_ratio)
     cr_assert(mg_trace_sampled(&c));
     mg_trace_ingress(NULL, 0, &c);
     cr_assert_not(mg_trace_valid(&c));
-    /* invalid: a new trace by the ratio, never an error */
+    /* no endpoint: no new traces, whatever the ratio; callers' are continued */
     mg_trace_config cfg = {.endpoint = "", .sample_ratio = 1.0};
+    cr_assert_eq(mg_trace_start(&cfg), 0);
+    mg_trace_ingress(NULL, 0, &c);
+    cr_assert_not(mg_trace_valid(&c));
+    mg_trace_ingress(TP_OK, strlen(TP_OK), &c);
+    cr_assert(mg_trace_sampled(&c));
+    mg_trace_stop(0);
+    /* invalid: a new trace by the ratio, never an error */
+    char dead[64];
+    snprintf(dead, sizeof(dead), "http://127.0.0.1:%d", closed_port());
+    cfg.endpoint = dead;
     cr_assert_eq(mg_trace_start(&cfg), 0);
     mg_trace_ingress("00-zz", 5, &c);
     cr_assert(mg_trace_valid(&c) && mg_trace_sampled(&c));
