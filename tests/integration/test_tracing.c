@@ -7,6 +7,9 @@
  *   route, presence lookup, the transport attempt, the remote gateway's
  *   handling, the write to the device and the device's inbox ack (the
  *   client echoes the message frame's traceparent);
+ * - the buses without a gRPC hop do the same: redis-pubsub to a gateway of
+ *   the region (the context in the payload's envelope), NATS to another
+ *   region (a message header);
  * - a WebSocket send with a traceparent continues the caller's trace, one
  *   with an invalid traceparent starts a new one (and is delivered);
  * - a dead collector (an endpoint on a closed port) leaves sends answered
@@ -26,6 +29,7 @@
 #include <criterion/criterion.h>
 #include <grpc/grpc_security.h>
 #include <jansson.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,7 +43,9 @@ static int url_port(const char *url)
     return c ? atoi(c + 1) : -1;
 }
 
-static mg_gw *spawn(const char *name, const char *region, const char *otlp)
+/* more: further NULL-terminated flags (later ones win), may be NULL. */
+static mg_gw *spawn_with(const char *name, const char *region, const char *otlp,
+                         const char *const *more)
 {
     static char svc[64], topic[64];
     snprintf(svc, sizeof(svc), "meshgate-%s", tag);
@@ -70,10 +76,38 @@ static mg_gw *spawn(const char *name, const char *region, const char *otlp)
                           otlp,
                           "--trace-sample-ratio",
                           "1",
+                          NULL,
+                          NULL,
+                          NULL,
+                          NULL,
+                          NULL,
+                          NULL,
+                          NULL,
+                          NULL,
                           NULL};
+    size_t n = 0;
+    while (args[n])
+        n++;
+    for (size_t i = 0; more && more[i] && n + 1 < sizeof(args) / sizeof(args[0]); i++)
+        args[n++] = more[i];
     mg_gw *gw = mg_gw_spawn(id, args);
     cr_assert_not_null(gw, "gateway %s did not start", id);
     return gw;
+}
+
+static mg_gw *spawn(const char *name, const char *region, const char *otlp)
+{
+    return spawn_with(name, region, otlp, NULL);
+}
+
+/* SIGTERM to all at once (a NATS gateway takes seconds to stop), then each
+ * must exit cleanly (sanitizer builds: leak-free). */
+static void stop_all(mg_gw **gws, int n)
+{
+    for (int i = 0; i < n; i++)
+        mg_gw_kill(gws[i], SIGTERM);
+    for (int i = 0; i < n; i++)
+        cr_expect_eq(mg_gw_stop(gws[i]), 0, "gateway %s did not exit cleanly", gws[i]->name);
 }
 
 static int peers_of(const mg_gw *gw)
@@ -384,9 +418,8 @@ Test(tracing, one_trace_across_gateways_by_grpc_and_kafka, .timeout = 120)
     mg_wsc_free(sender);
     mg_wsc_free(rx_near);
     mg_wsc_free(rx_far);
-    cr_expect_eq(mg_gw_stop(c), 0);
-    cr_expect_eq(mg_gw_stop(b), 0);
-    cr_expect_eq(mg_gw_stop(a), 0);
+    mg_gw *all[] = {a, b, c};
+    stop_all(all, 3);
     mg_gw_free(a);
     mg_gw_free(b);
     mg_gw_free(c);
@@ -425,4 +458,77 @@ Test(tracing, a_dead_collector_does_not_slow_sends, .timeout = 60)
     mg_wsc_free(rx);
     cr_expect_eq(mg_gw_stop(gw), 0);
     mg_gw_free(gw);
+}
+
+/* The buses without a gRPC hop: redis-pubsub to a gateway of the region
+ * (the context in the payload's envelope) and NATS to another region (a
+ * message header): one trace each, parent links across the bus. */
+Test(tracing, redis_pubsub_and_nats_carry_the_context, .timeout = 120)
+{
+    snprintf(tag, sizeof(tag), "tb%d", (int)getpid());
+    srand((unsigned)getpid() + 1);
+    const char *otlp = mg_test_require_env("MESHGATE_TEST_JAEGER_OTLP");
+    char eu[48], us[48];
+    snprintf(eu, sizeof(eu), "%seu", tag);
+    snprintf(us, sizeof(us), "%sus", tag);
+    const char *buses[] = {"--redis-pubsub",
+                           "true",
+                           "--nats-url",
+                           mg_test_require_env("MESHGATE_TEST_NATS"),
+                           "--near-route",
+                           "redis-pubsub,grpc",
+                           "--far-route",
+                           "nats,kafka",
+                           NULL};
+    mg_gw *d = spawn_with("d", eu, otlp, buses), *e = spawn_with("e", eu, otlp, buses),
+          *f = spawn_with("f", us, otlp, buses);
+    for (int i = 0; i < 200 && (peers_of(d) != 2 || peers_of(e) != 2 || peers_of(f) != 2); i++)
+        usleep(50000);
+    cr_assert_eq(peers_of(d), 2, "gateway d sees its two peers");
+    char near[64], far[64];
+    snprintf(near, sizeof(near), "%s-near", tag);
+    snprintf(far, sizeof(far), "%s-far", tag);
+    mg_wsc *rx_near = connect_user(e, near), *rx_far = connect_user(f, far);
+    usleep(300000); /* presence written by the connect job */
+
+    char tp[MG_TRACEPARENT_LEN + 1], tid[33], sid[17];
+    new_traceparent(tp, tid, sid);
+    int path;
+    cr_assert_eq(send_traced(d, near, tp, 10000, &path), GRPC_STATUS_OK);
+    cr_assert_eq(path, MESHGATE__V1__PATH__PATH_REDIS_PUBSUB);
+    json_t *m = recv_message(rx_near);
+    cr_assert_str_eq(mg_json_str(m, "trace_id"), tid);
+    json_decref(m);
+    const char *const redis_rows[][2] = {
+        {KEY("meshgate.v1.Messaging/SendMessage", "server", "d"), NULL},
+        {KEY("route", "internal", "d"), KEY("meshgate.v1.Messaging/SendMessage", "server", "d")},
+        {KEY("publish", "producer", "d"), KEY("route", "internal", "d")},
+        {KEY("process", "consumer", "e"), KEY("publish", "producer", "d")},
+        {KEY("ws write", "internal", "e"), KEY("process", "consumer", "e")},
+        {NULL, NULL}};
+    expect_trace_tagged(tid, sid, redis_rows);
+
+    new_traceparent(tp, tid, sid);
+    cr_assert_eq(send_traced(d, far, tp, 10000, &path), GRPC_STATUS_OK);
+    cr_assert_eq(path, MESHGATE__V1__PATH__PATH_NATS);
+    m = recv_message(rx_far);
+    cr_assert_str_eq(mg_json_str(m, "trace_id"), tid);
+    json_decref(m);
+    const char *const nats_rows[][2] = {
+        {KEY("meshgate.v1.Messaging/SendMessage", "server", "d"), NULL},
+        {KEY("route", "internal", "d"), KEY("meshgate.v1.Messaging/SendMessage", "server", "d")},
+        {KEY("publish", "producer", "d"), KEY("route", "internal", "d")},
+        {KEY("process", "consumer", "f"), KEY("publish", "producer", "d")},
+        {KEY("route", "internal", "f"), KEY("process", "consumer", "f")},
+        {KEY("ws write", "internal", "f"), KEY("route", "internal", "f")},
+        {NULL, NULL}};
+    expect_trace_tagged(tid, sid, nats_rows);
+
+    mg_wsc_free(rx_near);
+    mg_wsc_free(rx_far);
+    mg_gw *all[] = {d, e, f};
+    stop_all(all, 3);
+    mg_gw_free(d);
+    mg_gw_free(e);
+    mg_gw_free(f);
 }
