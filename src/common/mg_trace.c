@@ -207,7 +207,7 @@ mg_span *mg_span_start(const mg_trace_ctx *parent_in, const char *name, mg_span_
 {
     mg_trace_ctx pc; /* child may be parent_in itself */
     const mg_trace_ctx *parent = parent_in ? (pc = *parent_in, &pc) : NULL;
-    if (!parent || !mg_trace_valid(parent) || !mg_trace_sampled(parent)) {
+    if (!parent || !mg_trace_sampled(parent) || !mg_trace_valid(parent)) { /* flags first */
         if (child) {
             if (parent)
                 *child = *parent;
