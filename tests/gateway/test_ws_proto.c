@@ -1197,8 +1197,7 @@ Test(ws_proto, traceparent_is_read_and_never_refuses)
         mg_ws_in in;
         const char *code;
         cr_assert_eq(parse(ok[i], &in, &code), 0, "refused %s", ok[i]);
-        cr_assert(mg_trace_valid(&in.trace) && mg_trace_sampled(&in.trace), "no trace: %s",
-                  ok[i]);
+        cr_assert(mg_trace_valid(&in.trace) && mg_trace_sampled(&in.trace), "no trace: %s", ok[i]);
         cr_assert_eq(in.trace.trace_id[0], 0x4b);
         mg_ws_in_clear(&in);
     }
