@@ -147,6 +147,8 @@ void mg_grpc_rpc_done(struct rpc *c);
  * (state RPC_STREAM_OP) come back through mg_grpc_stream_event, and the
  * stream frees c when its last operation ended. */
 void mg_grpc_stream_begin(struct rpc *c);
+/* The call's `traceparent` metadata in *out (zeroed when absent or invalid). */
+void mg_grpc_trace_metadata(const grpc_metadata_array *md, mg_trace_ctx *out);
 void mg_grpc_stream_event(void *tag, bool ok);
 
 /* Shared by the services (grpc_services.c): a Message checked and turned

@@ -228,19 +228,23 @@ static void handler_job(void *arg)
 /* The server span of a send or a peer delivery: a Messaging call continues
  * its `traceparent` metadata or starts a trace by the sampling ratio; a
  * GatewayPeer call only continues the sender gateway's. */
+void mg_grpc_trace_metadata(const grpc_metadata_array *md, mg_trace_ctx *out)
+{
+    memset(out, 0, sizeof(*out));
+    for (size_t i = 0; i < md->count; i++)
+        if (grpc_slice_str_cmp(md->metadata[i].key, "traceparent") == 0) {
+            grpc_slice v = md->metadata[i].value;
+            mg_traceparent_parse((const char *)GRPC_SLICE_START_PTR(v), GRPC_SLICE_LENGTH(v), out);
+            return;
+        }
+}
+
 static void trace_call(mg_grpc_server *s, struct rpc *c)
 {
-    const grpc_slice *tp = NULL;
-    for (size_t i = 0; i < c->md.count && !tp; i++)
-        if (grpc_slice_str_cmp(c->md.metadata[i].key, "traceparent") == 0)
-            tp = &c->md.metadata[i].value;
-    const char *v = tp ? (const char *)GRPC_SLICE_START_PTR(*tp) : NULL;
-    size_t n = tp ? GRPC_SLICE_LENGTH(*tp) : 0;
     mg_trace_ctx in;
+    mg_grpc_trace_metadata(&c->md, &in);
     if (c->method == M_SEND_MESSAGE || c->method == M_SEND_BATCH)
-        mg_trace_ingress(v, n, &in);
-    else
-        mg_traceparent_parse(v, n, &in);
+        mg_trace_begin(&in); /* else a sampled new trace, by the ratio */
     const char *path = mg_grpc_methods[c->method].path;
     c->span = mg_span_start(&in, path + 1, MG_SPAN_SERVER, &c->trace);
     if (!c->span)

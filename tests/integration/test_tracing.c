@@ -22,6 +22,7 @@
 #include "common/mg_time.h"
 #include "common/mg_trace.h"
 #include "support/grpc_client.h"
+#include "support/grpc_stream_client.h"
 #include "support/mg_test.h"
 #include "support/ws_client.h"
 #include "support/ws_json.h"
@@ -469,6 +470,22 @@ Test(tracing, a_dead_collector_does_not_slow_sends, .timeout = 60)
         json_decref(m);
     }
     cr_assert(mg_wait_until(spans_lost, gw, 10000), "spans counted as failed or dropped");
+
+    /* SendStream without a traceparent: each message is a trace of its own */
+    size_t len[2];
+    uint8_t *rq[2] = {mg_tc_stream_request("s", "dead-rx", NULL, "one", 1, &len[0]),
+                      mg_tc_stream_request("s", "dead-rx", NULL, "two", 1, &len[1])};
+    mg_tc_stream_out out;
+    cr_assert_eq(mg_tc_stream(gw->grpc_addr, NULL, (const uint8_t *const *)rq, len, 2, 10000, &out),
+                 GRPC_STATUS_OK);
+    mg_tc_stream_out_free(&out);
+    free(rq[0]);
+    free(rq[1]);
+    json_t *m1 = recv_message(rx), *m2 = recv_message(rx);
+    cr_assert(mg_json_str(m1, "trace_id") && mg_json_str(m2, "trace_id"));
+    cr_assert_str_neq(mg_json_str(m1, "trace_id"), mg_json_str(m2, "trace_id"));
+    json_decref(m1);
+    json_decref(m2);
     mg_wsc_free(rx);
     cr_expect_eq(mg_gw_stop(gw), 0);
     mg_gw_free(gw);
