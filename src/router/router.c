@@ -31,8 +31,10 @@
  * attempt on a peer path (a->span, started before deliver, ended in
  * attempt_done); the transport is handed a shallow copy of the message
  * whose trace names the attempt span, and carries it to the next gateway.
- * Local writes are spanned by transport_local.c. Operations in flight are bounded by
- * max_inflight recipients (-EAGAIN beyond), never by threads.
+ * Local writes are spanned by transport_local.c.
+ *
+ * Operations in flight are bounded by max_inflight recipients (-EAGAIN
+ * beyond), never by threads.
  */
 #include "router/router.h"
 #include "common/mg_alloc.h"
@@ -351,6 +353,8 @@ static void op_complete(route_op *op)
 {
     mg_router *r = op->r;
     mg_histogram_observe_us(r->latency[op->res.path], mg_mono_us() - op->start_us);
+    if (op->lookup_span) /* its job never ran (the store pool refused it) */
+        mg_span_end(op->lookup_span, true, "not started");
     mg_msg_trace_end(op->span, op->res.status, op->res.path, op->res.connections, op->res.reason);
     if (op->b)
         batch_slot_done(op->b, op->index, &op->res);
