@@ -13,6 +13,8 @@
 #   BENCH_OUT      results dir (default: bench/results)
 #   GW_BIN         the gateway binary (default: $BUILD/meshgate): an older build against the
 #                  same load generator, for before/after pairs in one sitting
+#   GW_ARGS        extra options for every gateway started (split into words), e.g. tracing on:
+#                  GW_ARGS="--otlp-endpoint http://127.0.0.1:18701 --trace-sample-ratio 1"
 #   BENCH_START_SERVICES=1   `all` starts tests/infra/services.sh when Redis/Kafka/Consul are down
 #                  (single grpc/kafka runs always do)
 #   IDLE_CONNS, LOCAL_PAIRS, LOCAL_WINDOW, FANOUT_USERS, GRPC_RATE, KAFKA_RATE, PUBSUB_RATE, NATS_RATE,
@@ -89,8 +91,9 @@ free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0)
 # start_gw VAR WSPORT GRPCPORT [args...]: starts a gateway, waits for /readyz (20 s), VAR=pid
 start_gw() {
   local var=$1 ws=$2 grpc=$3; shift 3
+  # shellcheck disable=SC2086 # GW_ARGS: words on purpose
   "$GW" --ws-listen "127.0.0.1:$ws" --grpc-listen "127.0.0.1:$grpc" --log-level warn \
-    --drain-seconds 1 "$@" >"$OUT/$RUN.gw-$ws.log" 2>&1 &
+    --drain-seconds 1 ${GW_ARGS:-} "$@" >"$OUT/$RUN.gw-$ws.log" 2>&1 &
   local pid=$!
   PIDS+=("$pid")
   for _ in $(seq 200); do

@@ -10,7 +10,7 @@ static __thread uint64_t rng_state;
 
 /* xorshift64* seeded from getrandom() once per thread: ids need uniqueness,
  * not secrecy, and a syscall per id would cost more than the rest of a send. */
-static uint64_t next_random(void)
+uint64_t mg_random64(void)
 {
     if (rng_state == 0) {
         if (getrandom(&rng_state, sizeof(rng_state), 0) != sizeof(rng_state) || rng_state == 0)
@@ -29,7 +29,7 @@ void mg_id_new(char out[MG_ID_LEN + 1])
     uint64_t ms = (uint64_t)mg_now_ms();
     for (int i = 0; i < 6; i++)
         b[i] = (uint8_t)(ms >> (40 - 8 * i));
-    uint64_t r1 = next_random(), r2 = next_random();
+    uint64_t r1 = mg_random64(), r2 = mg_random64();
     for (int i = 0; i < 2; i++)
         b[6 + i] = (uint8_t)(r1 >> (8 * i));
     for (int i = 0; i < 8; i++)

@@ -48,6 +48,18 @@ static int set_value(mg_config *cfg, const struct option_desc *o, const char *v,
         *(int64_t *)slot = n;
         return 0;
     }
+    case MG_CFG_RATIO: {
+        char *end;
+        errno = 0;
+        double d = strtod(v, &end);
+        if (errno || end == v || *end || !(d >= 0 && d <= 1)) {
+            snprintf(err, errlen, "%s: --%s wants a number from 0 to 1, got '%s'", from, o->flag,
+                     v);
+            return -EINVAL;
+        }
+        *(double *)slot = d;
+        return 0;
+    }
     case MG_CFG_BOOL:
         if (!strcasecmp(v, "true") || !strcmp(v, "1") || !strcasecmp(v, "yes"))
             *(bool *)slot = true;
@@ -248,6 +260,11 @@ int mg_config_validate(const mg_config *cfg, char *err, size_t errlen)
         cfg->nats_max_deliver < 1 || cfg->nats_max_pending < 1)
         FAIL("--nats-max-age-seconds, --nats-timeout-ms, --nats-ack-wait-ms, --nats-max-deliver "
              "and --nats-max-pending must be at least 1");
+    if (cfg->otlp_endpoint[0] && strncmp(cfg->otlp_endpoint, "http://", 7) != 0 &&
+        strncmp(cfg->otlp_endpoint, "https://", 8) != 0)
+        FAIL("--otlp-endpoint must be an http:// or https:// URL, e.g. http://127.0.0.1:4318");
+    if (cfg->trace_max_spans < 1 || cfg->trace_max_spans > 1000000)
+        FAIL("--trace-max-spans must be within 1..1000000");
     return 0;
 #undef FAIL
 }

@@ -6,7 +6,7 @@
  * they cannot disagree. Precedence: default < environment < flag.
  *
  * Types: STR (string, "" = unset), INT (integer in the stated unit),
- * BOOL (true/false/1/0/yes/no).
+ * BOOL (true/false/1/0/yes/no), RATIO (a decimal number from 0 to 1).
  */
 #ifndef MG_CONFIG_H
 #define MG_CONFIG_H
@@ -245,14 +245,24 @@
     X(INT, hot_capacity, "hot-capacity", "MESHGATE_HOT_CAPACITY", "4096", "pairs",                 \
       "pairs tracked (bounded memory)")                                                            \
     X(INT, dedupe_window, "dedupe-window", "MESHGATE_DEDUPE_WINDOW", "65536", "ids",               \
-      "recent message ids remembered to drop duplicates")
+      "recent message ids remembered to drop duplicates")                                          \
+    X(STR, otlp_endpoint, "otlp-endpoint", "MESHGATE_OTLP_ENDPOINT", "", "http://host:port",       \
+      "OpenTelemetry collector for traces, OTLP/HTTP JSON to <endpoint>/v1/traces (empty: "        \
+      "spans are not recorded; trace context still propagates)")                                   \
+    X(RATIO, trace_sample_ratio, "trace-sample-ratio", "MESHGATE_TRACE_SAMPLE_RATIO", "0.01",      \
+      "0..1",                                                                                      \
+      "share of sends without a traceparent that start a trace, with --otlp-endpoint (0: none; "   \
+      "a caller's traceparent is always continued)")                                               \
+    X(INT, trace_max_spans, "trace-max-spans", "MESHGATE_TRACE_MAX_SPANS", "8192", "spans",        \
+      "spans recorded and not yet exported; beyond it spans are dropped and counted")
 
-enum mg_config_type { MG_CFG_STR, MG_CFG_INT, MG_CFG_BOOL };
+enum mg_config_type { MG_CFG_STR, MG_CFG_INT, MG_CFG_BOOL, MG_CFG_RATIO };
 
 typedef struct mg_config {
 #define MG_CFG_FIELD_STR(f)                        char *f;
 #define MG_CFG_FIELD_INT(f)                        int64_t f;
 #define MG_CFG_FIELD_BOOL(f)                       bool f;
+#define MG_CFG_FIELD_RATIO(f)                      double f;
 #define X(type, field, flag, env, def, unit, help) MG_CFG_FIELD_##type(field)
     MG_CONFIG_OPTIONS(X)
 #undef X

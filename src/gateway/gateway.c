@@ -9,6 +9,7 @@
 #include "common/mg_metrics.h"
 #include "common/mg_pool.h"
 #include "common/mg_time.h"
+#include "common/mg_trace.h"
 #include "discovery/consul.h"
 #include "discovery/peers.h"
 #include "gateway/grpc_auth.h"
@@ -33,6 +34,7 @@
 
 struct mg_gateway {
     const mg_config *cfg;
+    bool tracing; /* this gateway started the process's tracer (mg_trace.h) */
     mg_pool *pool;
     mg_ws_server *ws;
     mg_router *router;
@@ -340,6 +342,18 @@ int mg_gateway_start(const mg_config *cfg, mg_gateway **out, char *err, size_t e
     int rc;
 
     grpc_init();
+    mg_trace_config tcfg = {
+        .endpoint = cfg->otlp_endpoint,
+        .sample_ratio = cfg->trace_sample_ratio,
+        .service_name = "meshgate",
+        .instance_id = cfg->id,
+        .region = cfg->region,
+        .slots = (size_t)cfg->trace_max_spans,
+    };
+    gw->tracing = mg_trace_start(&tcfg) == 0; /* one tracer per process (tests run several) */
+    if (gw->tracing && cfg->otlp_endpoint[0])
+        mg_log_info("gateway", "tracing otlp_endpoint=%s sample_ratio=%g", cfg->otlp_endpoint,
+                    cfg->trace_sample_ratio);
     gw->pool = mg_pool_create("worker", (int)cfg->workers, (size_t)cfg->work_queue);
     gw->ws = mg_ws_server_create(cfg, gw->pool, err, errlen);
     if (!gw->ws) {
@@ -471,6 +485,9 @@ void mg_gateway_stop(mg_gateway *gw)
         mg_router_drain(gw->router, 35000); /* operations in flight need the pool */
     mg_pool_free(gw->pool);                 /* runs the jobs still queued */
     gw->pool = NULL;
+    if (gw->tracing)
+        mg_trace_stop(2000); /* every span has ended: export what is queued, 2 s at most */
+    gw->tracing = false;
     if (gw->router) {
         mg_presence *p = mg_router_presence(gw->router);
         p->ops->remove_gateway(p);

@@ -13,6 +13,7 @@
 
 #include "common/mg_metrics.h"
 #include "common/mg_pool.h"
+#include "common/mg_trace.h"
 #include "gateway/grpc_auth.h"
 #include "gateway/grpc_server.h"
 #include "router/msg.h"
@@ -118,6 +119,8 @@ struct rpc {
     grpc_status_code code;
     int64_t start_us;
     int64_t deadline_ms; /* monotonic */
+    mg_trace_ctx trace;  /* the call's server span (what its messages carry), or none */
+    mg_span *span;       /* ended by mg_grpc_answer; NULL: not traced */
 };
 
 /* A handler fills c->resp (on OK) and returns the status; err gets details.
@@ -145,6 +148,8 @@ void mg_grpc_rpc_done(struct rpc *c);
  * (state RPC_STREAM_OP) come back through mg_grpc_stream_event, and the
  * stream frees c when its last operation ended. */
 void mg_grpc_stream_begin(struct rpc *c);
+/* The call's `traceparent` metadata in *out (zeroed when absent or invalid). */
+void mg_grpc_trace_metadata(const grpc_metadata_array *md, mg_trace_ctx *out);
 void mg_grpc_stream_event(void *tag, bool ok);
 
 /* Shared by the services (grpc_services.c): a Message checked and turned

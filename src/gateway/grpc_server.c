@@ -39,6 +39,7 @@
 
 #include <grpc/grpc.h>
 #include <grpc/grpc_security.h>
+#include <grpc/support/alloc.h>
 #include <grpc/support/time.h>
 
 #include <arpa/inet.h>
@@ -105,6 +106,11 @@ static void finish(struct rpc *c, grpc_status_code code, const char *details);
 /* Ends the call with code (logged when it is a server-side failure). Any thread. */
 void mg_grpc_answer(struct rpc *c, grpc_status_code code, const char *err)
 {
+    if (c->span) {
+        mg_span_attr_int(c->span, "rpc.grpc.status_code", code);
+        mg_span_end(c->span, code != GRPC_STATUS_OK, err);
+        c->span = NULL;
+    }
     if (code != GRPC_STATUS_OK && code != GRPC_STATUS_NOT_FOUND &&
         code != GRPC_STATUS_INVALID_ARGUMENT && code != GRPC_STATUS_UNIMPLEMENTED)
         mg_log_warn("grpc", "call failed method=%s code=%s details=\"%s\"",
@@ -220,6 +226,43 @@ static void handler_job(void *arg)
     run_handler(arg);
 }
 
+/* The server span of a send or a peer delivery: a Messaging call continues
+ * its `traceparent` metadata or starts a trace by the sampling ratio; a
+ * GatewayPeer call only continues the sender gateway's. */
+void mg_grpc_trace_metadata(const grpc_metadata_array *md, mg_trace_ctx *out)
+{
+    memset(out, 0, sizeof(*out));
+    for (size_t i = 0; i < md->count; i++)
+        if (grpc_slice_str_cmp(md->metadata[i].key, "traceparent") == 0) {
+            grpc_slice v = md->metadata[i].value;
+            mg_traceparent_parse((const char *)GRPC_SLICE_START_PTR(v), GRPC_SLICE_LENGTH(v), out);
+            return;
+        }
+}
+
+static void trace_call(mg_grpc_server *s, struct rpc *c)
+{
+    mg_trace_ctx in;
+    mg_grpc_trace_metadata(&c->md, &in);
+    if (c->method == M_SEND_MESSAGE || c->method == M_SEND_BATCH)
+        mg_trace_begin(&in); /* else a sampled new trace, by the ratio */
+    const char *path = mg_grpc_methods[c->method].path;
+    c->span = mg_span_start(&in, path + 1, MG_SPAN_SERVER, &c->trace);
+    if (!c->span)
+        return;
+    const char *slash = strrchr(path, '/');
+    char service[64];
+    snprintf(service, sizeof(service), "%.*s", (int)(slash - path - 1), path + 1);
+    mg_span_attr(c->span, "rpc.system", "grpc");
+    mg_span_attr(c->span, "rpc.service", service);
+    mg_span_attr(c->span, "rpc.method", slash + 1);
+    char *peer = grpc_call_get_peer(c->call); /* "ipv4:127.0.0.1:5678" */
+    const char *addr = peer && strchr(peer, ':') ? strchr(peer, ':') + 1 : peer;
+    mg_span_attr(c->span, "network.peer.address", addr);
+    gpr_free(peer);
+    mg_span_attr(c->span, "meshgate.gateway", s->gateway_id);
+}
+
 static void handle(struct rpc *c)
 {
     mg_grpc_server *s = c->t->s;
@@ -247,6 +290,9 @@ static void handle(struct rpc *c)
         code = GRPC_STATUS_INVALID_ARGUMENT;
         snprintf(err, sizeof(err), "request message missing");
     } else if (!mg_grpc_handler_blocks(s, c->method)) {
+        if (c->method == M_SEND_MESSAGE || c->method == M_SEND_BATCH ||
+            c->method == M_DELIVER_MESSAGE || c->method == M_DELIVER_BATCH)
+            trace_call(s, c);
         run_handler(c);
         return;
     } else if (mg_pool_submit(s->pool, handler_job, c) == 0) {

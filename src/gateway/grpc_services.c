@@ -242,6 +242,8 @@ static void send_done(void *arg, const mg_send_result *res)
     mg_grpc_result_to_pb(x->to, res, &rr, paths);
     out.id = x->id;
     out.result = &rr;
+    mg_span_attr(x->c->span, "meshgate.status", mg_status_name(res->status));
+    mg_span_attr(x->c->span, "meshgate.path", mg_path_name(res->path));
     x->c->resp = mg_grpc_pack(&out.base);
     mg_grpc_answer(x->c, GRPC_STATUS_OK, NULL);
     free(x->id);
@@ -257,6 +259,7 @@ static grpc_status_code h_send_message(mg_grpc_server *s, struct rpc *c, const u
     protobuf_c_message_free_unpacked(&rq->base, NULL);
     if (!msg)
         return GRPC_STATUS_INVALID_ARGUMENT;
+    msg->trace = c->trace;
     grpc_status_code code = MG_GRPC_PENDING;
     bool low = msg->priority == MG_PRIO_LOW;
     struct send_ctx *x = NULL;
@@ -375,6 +378,7 @@ static grpc_status_code h_send_batch(mg_grpc_server *s, struct rpc *c, const uin
         protobuf_c_message_free_unpacked(&rq->base, NULL);
         return GRPC_STATUS_INVALID_ARGUMENT;
     }
+    msg->trace = c->trace;
     struct batch_ctx *x = mg_new(struct batch_ctx);
     x->c = c;
     x->rq = rq;
@@ -561,6 +565,7 @@ static grpc_status_code h_deliver_message(mg_grpc_server *s, struct rpc *c, cons
         code = GRPC_STATUS_INVALID_ARGUMENT;
         goto out;
     }
+    msg->trace = c->trace;
     int rc = mg_router_deliver_local(s->router, msg, deliver_done, c);
     if (rc < 0) {
         code = status_of_errno(rc);
@@ -656,6 +661,7 @@ static grpc_status_code h_deliver_batch(mg_grpc_server *s, struct rpc *c, const 
         code = GRPC_STATUS_INVALID_ARGUMENT;
         goto out;
     }
+    msg->trace = c->trace;
     struct dbatch *b = dbatch_new(c, rq->n_to);
     char *to0 = msg->to;
     for (size_t i = 0; i < b->n; i++) {
@@ -694,8 +700,11 @@ static grpc_status_code h_deliver_many(mg_grpc_server *s, struct rpc *c, const u
         char why[192];
         if (m && (!m->id || !*m->id))
             snprintf(why, sizeof(why), "message.id is required on the peer path");
-        else if ((msgs[i] = mg_grpc_msg_from_pb(&s->lim, m, true, why, sizeof(why))) != NULL)
+        else if ((msgs[i] = mg_grpc_msg_from_pb(&s->lim, m, true, why, sizeof(why))) != NULL) {
+            if (m->traceparent && m->traceparent[0]) /* each message's own trace */
+                mg_traceparent_parse(m->traceparent, strlen(m->traceparent), &msgs[i]->trace);
             continue;
+        }
         snprintf(err, errlen, "deliveries[%zu]: %s", i, why);
         code = GRPC_STATUS_INVALID_ARGUMENT;
         goto out;

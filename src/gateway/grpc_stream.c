@@ -25,6 +25,10 @@
  * bounds all streams together: a message refused by it gets a FAILED result
  * ("overloaded") and the stream goes on.
  *
+ * Tracing: a `traceparent` in the call's metadata is every message's
+ * parent (the stream is one trace); without one each message starts its
+ * own by --trace-sample-ratio, its "route" span the root.
+ *
  * Lifetime: a reference per outstanding gRPC operation and per HIGH message
  * in the window; the last one frees the stream and its call. LOW messages
  * are answered ACCEPTED at once and routed on without the stream.
@@ -87,6 +91,7 @@ struct stream {
     struct rpc *c;
     mg_grpc_server *s;
     int64_t call_deadline_ms; /* monotonic; each message also gets at most max_deadline_ms */
+    mg_trace_ctx trace;       /* the call's traceparent: every message's parent; zero: none */
 
     pthread_mutex_t mu; /* guards everything below */
     int refs;
@@ -335,6 +340,10 @@ static void take_request(struct stream *st, const uint8_t *data, size_t len)
         snprintf(err, sizeof(err), "request does not decode as meshgate.v1.SendMessageRequest");
     else
         msg = mg_grpc_msg_from_pb(&s->lim, rq->message, true, err, sizeof(err));
+    if (msg) { /* the call's trace, else each message sampled on its own */
+        msg->trace = st->trace;
+        mg_trace_begin(&msg->trace);
+    }
     if (!msg) {
         res.status = MG_STATUS_REJECTED;
         memcpy(res.reason, err, sizeof(res.reason));
@@ -463,6 +472,7 @@ void mg_grpc_stream_begin(struct rpc *c)
     st->c = c;
     st->s = s;
     st->call_deadline_ms = mg_mono_ms() + left;
+    mg_grpc_trace_metadata(&c->md, &st->trace);
     pthread_mutex_init(&st->mu, NULL);
     st->chains = mg_map_create(16);
     struct stream_op *ops[] = {&st->op_recv, &st->op_send, &st->op_close, &st->op_status};

@@ -159,11 +159,12 @@ typedef struct jfield {
     int64_t i; /* J_INT, J_BOOL */
 } jfield;
 
-#define MAX_FIELDS 8
+#define MAX_FIELDS 10
 
 typedef struct jframe {
     jfield f[MAX_FIELDS];
     size_t n;
+    char trace_id[33], traceparent[MG_TRACEPARENT_LEN + 1]; /* a traced message's */
 } jframe;
 
 static void add_field(jframe *fr, const char *key, jkind kind, const char *s, size_t n, int64_t i)
@@ -393,6 +394,12 @@ static void message_frame(jframe *fr, const mg_msg *m, bool from_inbox)
         add_str(fr, "content_type", m->content_type);
     add_field(fr, "sent_at_ms", J_INT, NULL, 0, m->sent_at_ms);
     add_field(fr, "inbox", J_BOOL, NULL, 0, from_inbox);
+    if (mg_trace_valid(&m->trace) && mg_trace_sampled(&m->trace)) {
+        mg_trace_id_hex(&m->trace, fr->trace_id);
+        mg_traceparent_format(&m->trace, fr->traceparent);
+        add_field(fr, "trace_id", J_STR, fr->trace_id, 32, 0);
+        add_field(fr, "traceparent", J_STR, fr->traceparent, MG_TRACEPARENT_LEN, 0);
+    }
 }
 
 char *mg_ws_proto_encode_message(const mg_msg *m, bool from_inbox, size_t *len)
@@ -440,9 +447,9 @@ char *mg_ws_proto_encode_refreshed(int64_t exp, size_t *len)
 #define MAX_ARRAY_DEPTH  32
 #define MAX_UNKNOWN_KEYS 16
 
-enum { F_TYPE, F_ID, F_TO, F_CONTENT, F_CONTENT_TYPE, F_PRIORITY, F_TOKEN, F_COUNT };
-static const char *const field_names[F_COUNT] = {"type",         "id",       "to",   "content",
-                                                 "content_type", "priority", "token"};
+enum { F_TYPE, F_ID, F_TO, F_CONTENT, F_CONTENT_TYPE, F_PRIORITY, F_TOKEN, F_TRACEPARENT, F_COUNT };
+static const char *const field_names[F_COUNT] = {
+    "type", "id", "to", "content", "content_type", "priority", "token", "traceparent"};
 
 typedef enum { V_ABSENT = 0, V_NULL, V_STR, V_OTHER } vkind;
 
@@ -779,6 +786,19 @@ static bool scan_frame(const char *data, size_t len, jval *v)
     }
 }
 
+/* An optional traceparent (send, ack): a valid one is kept, anything else
+ * (not a string, not W3C) is ignored, never an error for the sender. */
+static void take_trace(const jval *v, mg_trace_ctx *out)
+{
+    char buf[64];
+    if (v->kind != V_STR || v->n > 6 * 64) /* room for escapes; longer is never valid */
+        return;
+    char *s = peek(v, buf, sizeof(buf));
+    mg_traceparent_parse(s, strlen(s), out);
+    if (s != buf)
+        free(s);
+}
+
 /* 0 absent or null, 1 a string, -1 another type: how the protocol reads an
  * optional field. */
 static int str_kind(const jval *v)
@@ -817,6 +837,7 @@ static int check_fields(const jval *v, const mg_ws_limits *lim, mg_ws_in *out, c
         if (r < 0 || !valid_id(out->id, n))
             FAIL(MG_WS_ERR_BAD_FIELD, "id must be a string of 1..%d printable bytes",
                  MG_WS_MAX_ID_BYTES);
+        take_trace(&v[F_TRACEPARENT], &out->trace);
         rc = 0;
         goto out;
     }
@@ -884,6 +905,7 @@ static int check_fields(const jval *v, const mg_ws_limits *lim, mg_ws_in *out, c
         else
             FAIL(MG_WS_ERR_BAD_FIELD, "priority must be \"high\" or \"low\"");
     }
+    take_trace(&v[F_TRACEPARENT], &out->trace);
     rc = 0;
 out:
     if (type != tbuf)

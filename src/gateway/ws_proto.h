@@ -1,15 +1,23 @@
 /* ws_proto.h: the WebSocket JSON protocol, parse and encode (pure functions).
  *
  * Client -> server text frames:
- *   {"type":"send","id"?:S,"to":S,"content":S,"priority"?:"high"|"low","content_type"?:S}
- *   {"type":"ack","id":S}                       (removes an inbox message)
+ *   {"type":"send","id"?:S,"to":S,"content":S,"priority"?:"high"|"low","content_type"?:S,
+ *    "traceparent"?:S}
+ *   {"type":"ack","id":S,"traceparent"?:S}      (removes an inbox message)
+ *        traceparent: W3C Trace Context (version 00); a send continues that
+ *        trace, an ack records its span in it (echo the message frame's).
+ *        Not a valid traceparent: ignored (a send may start a new trace).
  *   {"type":"refresh","token":S}                (a new JWT for this connection:
  *        verified as at upgrade, same "sub"; moves the connection's expiry)
  * Server -> client text frames:
  *   {"type":"ack","id":S,"status":"delivered|queued|stored|rejected|failed|accepted",
  *    "path":"local|grpc|kafka|inbox|none","reason"?:S}
  *   {"type":"message","id":S,"from":S,"content":S,"content_type"?:S,"sent_at_ms":N,
- *    "inbox":B}   -- a payload that is not valid UTF-8 (possible from gRPC, where
+ *    "inbox":B,"trace_id"?:S,"traceparent"?:S}
+ *                 -- trace_id and traceparent when the message is traced
+ *                    (sampled): the 32-hex trace id to join client reports to
+ *                    the trace, and the context of the write to this device.
+ *                 -- a payload that is not valid UTF-8 (possible from gRPC, where
  *                    content is bytes) is sent as "content_b64" (standard base64)
  *                    instead of "content".
  *   {"type":"error","code":S,"reason":S,"id"?:S}
@@ -51,7 +59,8 @@ typedef struct mg_ws_in {
     size_t content_len;
     char *content_type; /* NULL when absent */
     mg_priority priority;
-    char *token; /* refresh only: the JWT, 1..MG_WS_MAX_TOKEN_BYTES printable ASCII */
+    char *token;        /* refresh only: the JWT, 1..MG_WS_MAX_TOKEN_BYTES printable ASCII */
+    mg_trace_ctx trace; /* send, ack: a valid "traceparent" field, else zero */
 } mg_ws_in;
 
 typedef struct mg_ws_limits {
@@ -76,9 +85,9 @@ typedef struct mg_ws_limits {
  * reason (reasonlen bytes); *out is then empty. out->priority defaults to HIGH.
  * A frame must be one JSON object without duplicate keys and with nothing but
  * whitespace after it, its strings valid UTF-8 without \u0000 (else bad_json);
- * a null field counts as absent; fields other than the six above are ignored,
- * whatever their value (the six, and "token" of a refresh). data need not be NUL-terminated and is
- * not kept. */
+ * a null field counts as absent; fields other than those above are ignored,
+ * whatever their value (and "token" of a refresh; "traceparent" never refuses a frame). data need
+ * not be NUL-terminated and is not kept. */
 int mg_ws_proto_parse(const char *data, size_t len, const mg_ws_limits *lim, mg_ws_in *out,
                       const char **code, char *reason, size_t reasonlen);
 void mg_ws_in_clear(mg_ws_in *in);

@@ -47,6 +47,7 @@
 #include "common/mg_log.h"
 #include "common/mg_metrics.h"
 #include "common/mg_time.h"
+#include "common/mg_trace.h"
 #include "gateway/hub.h"
 #include "gateway/jwt_auth.h"
 #include "gateway/ws_limits.h"
@@ -229,6 +230,7 @@ struct chain {
     bool starting;  /* chain_run is inside mg_router_send */
     bool sync_done; /* ... and the operation answered meanwhile */
     mg_msg *cur;    /* the operation in flight's message */
+    mg_span *span;  /* its "ws send" span, when traced */
     char conn_id[];
 };
 
@@ -284,8 +286,12 @@ static void chain_run(chain *ch, mg_msg *m)
 {
     mg_ws_server *ws = ch->ws;
     while (m) {
+        mg_span *sp = mg_span_start(&m->trace, "ws send", MG_SPAN_SERVER, &m->trace);
+        mg_span_attr(sp, "messaging.message.id", m->id);
+        mg_span_attr(sp, "meshgate.gateway", ws->gateway_id);
         pthread_mutex_lock(&ch->mu);
         ch->cur = m;
+        ch->span = sp;
         ch->starting = true;
         ch->sync_done = false;
         pthread_mutex_unlock(&ch->mu);
@@ -293,6 +299,7 @@ static void chain_run(chain *ch, mg_msg *m)
         if (rc < 0) {
             if (m->priority != MG_PRIO_LOW)
                 ack_overloaded(ws, ch->conn_id, m->id);
+            mg_span_end(sp, true, MG_WS_ERR_OVERLOADED);
             mg_msg_free(m);
         }
         pthread_mutex_lock(&ch->mu);
@@ -314,6 +321,7 @@ static void chain_done(void *arg, const mg_send_result *res)
 {
     chain *ch = arg;
     mg_msg *m = ch->cur;
+    mg_msg_trace_end(ch->span, res->status, res->path, res->connections, res->reason);
     if (m->priority != MG_PRIO_LOW)
         ack(ch->ws, ch->conn_id, m->id, res);
     else if (res->status == MG_STATUS_FAILED)
@@ -393,17 +401,21 @@ static void chain_release(pss *p)
 typedef struct ack_job {
     mg_ws_server *ws;
     char *user, *conn_id;
+    mg_span *span; /* "inbox ack", when the ack frame named a sampled traceparent */
     char id[];
 } ack_job;
 
 static void job_inbox_ack(void *arg)
 {
     ack_job *j = arg;
+    int rc = -ENOTCONN;
     if (j->ws->router) {
-        int rc = mg_router_inbox_ack(j->ws->router, j->user, j->conn_id, j->id);
+        rc = mg_router_inbox_ack(j->ws->router, j->user, j->conn_id, j->id);
         if (rc < 0 && rc != -ENOENT)
             mg_log_warn("ws", "inbox ack failed user=%s msg_id=%s rc=%d", j->user, j->id, rc);
     }
+    mg_span_attr(j->span, "meshgate.status", rc == 0 ? "acked" : strerror(-rc));
+    mg_span_end(j->span, rc < 0 && rc != -ENOENT, rc < 0 ? strerror(-rc) : NULL);
     free(j->user);
     free(j->conn_id);
     free(j);
@@ -538,9 +550,13 @@ static void handle_text(mg_ws_server *ws, pss *p, const char *data, size_t len, 
         j->user = mg_xstrdup(user);
         j->conn_id = mg_xstrdup(conn_id);
         memcpy(j->id, in.id, n + 1);
+        j->span = mg_span_start(&in.trace, "inbox ack", MG_SPAN_SERVER, NULL);
+        mg_span_attr(j->span, "messaging.message.id", in.id);
+        mg_span_attr(j->span, "meshgate.gateway", ws->gateway_id);
         if (dispatch(ws, conn_id, job_inbox_ack, j) != 0) {
             /* the message stays in the inbox and comes again: no loss */
             count_error(MG_WS_ERR_OVERLOADED);
+            mg_span_end(j->span, true, MG_WS_ERR_OVERLOADED);
             free(j->user);
             free(j->conn_id);
             free(j);
@@ -555,6 +571,8 @@ static void handle_text(mg_ws_server *ws, pss *p, const char *data, size_t len, 
     }
     mg_msg *m = mg_msg_new(in.id, user, in.to, (const uint8_t *)in.content, in.content_len,
                            in.content_type, mg_now_ms(), in.priority);
+    m->trace = in.trace;
+    mg_trace_begin(&m->trace); /* the frame's traceparent, else sampled by the ratio */
     mg_ws_in_clear(&in);
     if (!ws->router) {
         mg_send_result res = {.status = MG_STATUS_FAILED};

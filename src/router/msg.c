@@ -27,8 +27,10 @@ mg_msg *mg_msg_new(const char *id, const char *from, const char *to, const uint8
 
 mg_msg *mg_msg_dup_to(const mg_msg *m, const char *to)
 {
-    return mg_msg_new(m->id, m->from, to, m->content, m->content_len, m->content_type,
-                      m->sent_at_ms, m->priority);
+    mg_msg *d = mg_msg_new(m->id, m->from, to, m->content, m->content_len, m->content_type,
+                           m->sent_at_ms, m->priority);
+    d->trace = m->trace;
+    return d;
 }
 
 mg_msg *mg_msg_dup(const mg_msg *m)
@@ -59,6 +61,9 @@ uint8_t *mg_msg_pack(const mg_msg *m, size_t *len)
     pb.content_type = m->content_type;
     pb.sent_at_ms = m->sent_at_ms;
     pb.priority = (Meshgate__V1__Priority)m->priority;
+    char tp[MG_TRACEPARENT_LEN + 1];
+    mg_traceparent_format(&m->trace, tp);
+    pb.traceparent = tp;
     size_t n = meshgate__v1__message__get_packed_size(&pb);
     uint8_t *buf = mg_xmalloc(n);
     meshgate__v1__message__pack(&pb, buf);
@@ -77,6 +82,8 @@ int mg_msg_unpack(const uint8_t *data, size_t len, mg_msg **out)
                           pb->content_type, pb->sent_at_ms,
                           pb->priority == MESHGATE__V1__PRIORITY__PRIORITY_LOW ? MG_PRIO_LOW
                                                                                : MG_PRIO_HIGH);
+        if (pb->traceparent[0])
+            mg_traceparent_parse(pb->traceparent, strlen(pb->traceparent), &(*out)->trace);
         rc = 0;
     }
     meshgate__v1__message__free_unpacked(pb, NULL);
@@ -92,7 +99,8 @@ const char *mg_status_name(mg_status s)
 
 const char *mg_path_name(mg_path p)
 {
-    static const char *names[] = {"none", "local", "grpc", "kafka", "inbox", "redis-pubsub", "nats"};
+    static const char *names[] = {"none",  "local",        "grpc", "kafka",
+                                  "inbox", "redis-pubsub", "nats"};
     return (unsigned)p < sizeof(names) / sizeof(names[0]) ? names[p] : "unknown";
 }
 
@@ -132,4 +140,29 @@ void mg_result_merge(mg_send_result *r, mg_status status, mg_path path, uint32_t
     } else if (r->status == status && (status == MG_STATUS_FAILED) && reason && !r->reason[0]) {
         snprintf(r->reason, sizeof(r->reason), "%s", reason);
     }
+}
+
+mg_span *mg_msg_trace_process(const mg_msg *msg, mg_msg *out, const char *system,
+                              const char *destination, const char *gateway_id)
+{
+    *out = *msg;
+    mg_span *s = mg_span_start(&msg->trace, "process", MG_SPAN_CONSUMER, &out->trace);
+    mg_span_attr(s, "messaging.system", system);
+    mg_span_attr(s, "messaging.operation", "process");
+    mg_span_attr(s, "messaging.destination.name", destination);
+    mg_span_attr(s, "messaging.message.id", msg->id);
+    mg_span_attr(s, "meshgate.gateway", gateway_id);
+    return s;
+}
+
+void mg_msg_trace_end(mg_span *span, mg_status status, mg_path path, uint32_t connections,
+                      const char *reason)
+{
+    if (!span)
+        return;
+    mg_span_attr(span, "meshgate.status", mg_status_name(status));
+    mg_span_attr(span, "meshgate.path", mg_path_name(path));
+    mg_span_attr_int(span, "meshgate.connections", connections);
+    bool error = status == MG_STATUS_FAILED || status == MG_STATUS_REJECTED;
+    mg_span_end(span, error, error ? reason : NULL);
 }

@@ -8,6 +8,8 @@
 #ifndef MG_MSG_H
 #define MG_MSG_H
 
+#include "common/mg_trace.h"
+
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -44,6 +46,7 @@ typedef struct mg_msg {
     size_t content_len;
     int64_t sent_at_ms;
     mg_priority priority;
+    mg_trace_ctx trace; /* zero: not traced; else the span that handed it on */
 } mg_msg;
 
 typedef struct mg_send_result {
@@ -55,7 +58,8 @@ typedef struct mg_send_result {
 } mg_send_result;
 
 /* Creates a message owning copies of every argument (content_type and from
- * may be NULL, meaning ""). */
+ * may be NULL, meaning ""); not traced. mg_msg_dup and mg_msg_dup_to copy
+ * the trace context too. */
 mg_msg *mg_msg_new(const char *id, const char *from, const char *to, const uint8_t *content,
                    size_t content_len, const char *content_type, int64_t sent_at_ms,
                    mg_priority priority);
@@ -64,18 +68,32 @@ mg_msg *mg_msg_dup(const mg_msg *m);
 mg_msg *mg_msg_dup_to(const mg_msg *m, const char *to);
 void mg_msg_free(mg_msg *m); /* NULL is a no-op */
 
-/* The protobuf envelope (meshgate.v1.Message). The caller frees the result. */
+/* The protobuf envelope (meshgate.v1.Message, the trace as its traceparent).
+ * The caller frees the result. */
 uint8_t *mg_msg_pack(const mg_msg *m, size_t *len);
 /* Returns 0 and a new message in *out, or -EBADMSG when data does not decode
- * or lacks id/to. */
+ * or lacks id/to (an invalid traceparent is ignored: not traced). */
 int mg_msg_unpack(const uint8_t *data, size_t len, mg_msg **out);
 
 const char *mg_status_name(mg_status s); /* "delivered", "queued", ... */
-const char *mg_path_name(mg_path p);     /* "local", "grpc", "kafka", "inbox", "redis-pubsub", "nats", "none" */
+const char *
+mg_path_name(mg_path p); /* "local", "grpc", "kafka", "inbox", "redis-pubsub", "nats", "none" */
 
 /* Records one outcome into a result: the best status wins
  * (DELIVERED > QUEUED > ACCEPTED > STORED > FAILED > REJECTED). */
 void mg_result_merge(mg_send_result *r, mg_status status, mg_path path, uint32_t conns,
                      const char *reason);
+
+/* Tracing a queue consumer's handling of msg (Kafka, NATS, redis-pubsub):
+ * starts a "process" CONSUMER span as a child of msg->trace with the
+ * OpenTelemetry messaging attributes, and sets *out to a shallow copy of
+ * msg whose trace names that span (hand out to the router). Returns the span
+ * (NULL when not traced); end it with mg_msg_trace_end. */
+struct mg_span *mg_msg_trace_process(const mg_msg *msg, mg_msg *out, const char *system,
+                                     const char *destination, const char *gateway_id);
+/* Ends span (NULL: no-op) with meshgate.status, meshgate.path and
+ * meshgate.connections; FAILED and REJECTED are errors with reason. */
+void mg_msg_trace_end(struct mg_span *span, mg_status status, mg_path path, uint32_t connections,
+                      const char *reason);
 
 #endif

@@ -24,8 +24,17 @@
  * each completes; nothing waits for any of them.
  *
  * Every local write goes through the local transport (transport_local.c),
- * which holds the dedupe window. Operations in flight are bounded by
- * max_inflight recipients (-EAGAIN beyond), never by threads.
+ * which holds the dedupe window.
+ *
+ * Tracing (mg_trace.h): a traced operation records a "route" span (op_new
+ * to op_complete), its "presence lookup", and one span per transport
+ * attempt on a peer path (a->span, started before deliver, ended in
+ * attempt_done); the transport is handed a shallow copy of the message
+ * whose trace names the attempt span, and carries it to the next gateway.
+ * Local writes are spanned by transport_local.c.
+ *
+ * Operations in flight are bounded by max_inflight recipients (-EAGAIN
+ * beyond), never by threads.
  */
 #include "router/router.h"
 #include "common/mg_alloc.h"
@@ -33,6 +42,7 @@
 #include "common/mg_map.h"
 #include "common/mg_metrics.h"
 #include "common/mg_time.h"
+#include "common/mg_trace.h"
 #include "router/hot_routes.h"
 #include "router/route_policy.h"
 
@@ -240,6 +250,7 @@ typedef struct route_op {
     void *arg;
     batch *b; /* or part of a batch: its slot */
     size_t index;
+    mg_span *span, *lookup_span; /* "route", "presence lookup"; NULL: not traced */
 } route_op;
 
 struct batch {
@@ -258,6 +269,7 @@ typedef struct attempt {
     mg_route_target target;
     mg_path plan[MG_PLAN_MAX];
     size_t nplan, step;
+    mg_span *span; /* the current step's transport attempt, when traced */
 } attempt;
 
 static void op_route(route_op *op);
@@ -313,6 +325,9 @@ static route_op *op_new(mg_router *r, const mg_msg *msg, const char *to, int64_t
     route_op *op = mg_new(route_op);
     op->r = r;
     op->msg = mg_msg_dup_to(msg, to);
+    op->span = mg_span_start(&msg->trace, "route", MG_SPAN_INTERNAL, &op->msg->trace);
+    mg_span_attr(op->span, "messaging.message.id", msg->id);
+    mg_span_attr(op->span, "meshgate.gateway", r->gateway_id);
     op->deadline = deadline;
     op->start_us = mg_mono_us();
     op->queue_mode = queue_mode;
@@ -338,6 +353,9 @@ static void op_complete(route_op *op)
 {
     mg_router *r = op->r;
     mg_histogram_observe_us(r->latency[op->res.path], mg_mono_us() - op->start_us);
+    if (op->lookup_span) /* its job never ran (the store pool refused it) */
+        mg_span_end(op->lookup_span, true, "not started");
+    mg_msg_trace_end(op->span, op->res.status, op->res.path, op->res.connections, op->res.reason);
     if (op->b)
         batch_slot_done(op->b, op->index, &op->res);
     else
@@ -443,6 +461,7 @@ static void store_step(route_op *op, bool nonblocking, void (*run)(route_op *), 
 static void start_lookup(route_op *op)
 {
     mg_router *r = op->r;
+    op->lookup_span = mg_span_start(&op->msg->trace, "presence lookup", MG_SPAN_INTERNAL, NULL);
     if (r->presence->ops->nonblocking || !r->pool) {
         lookup_run(op);
         return;
@@ -489,6 +508,51 @@ static void attempt_end(attempt *a)
 
 static void attempt_done(void *arg, const mg_deliver_outcome *out);
 static void attempt_next(attempt *a);
+
+/* A traced attempt on a peer path: its span, named for the operation on the
+ * wire, and in *m (a shallow copy of the op's message) the context the
+ * transport carries to the next gateway. many: a DeliverBatch share. */
+static void attempt_trace(attempt *a, mg_path p, mg_msg *m, bool many)
+{
+    static const char *systems[MG_PATH_COUNT] = {
+        [MG_PATH_KAFKA] = "kafka",
+        [MG_PATH_REDIS_PUBSUB] = "redis",
+        [MG_PATH_NATS] = "nats",
+    };
+    *m = *a->op->msg;
+    if (p != MG_PATH_GRPC && !systems[p]) /* local: transport_local.c spans the write */
+        return;
+    const char *method = many ? "DeliverBatch" : "DeliverMessage";
+    if (p == MG_PATH_GRPC) {
+        a->span = mg_span_start(&a->op->msg->trace,
+                                many ? "meshgate.v1.GatewayPeer/DeliverBatch"
+                                     : "meshgate.v1.GatewayPeer/DeliverMessage",
+                                MG_SPAN_CLIENT, &m->trace);
+        mg_span_attr(a->span, "rpc.system", "grpc");
+        mg_span_attr(a->span, "rpc.service", "meshgate.v1.GatewayPeer");
+        mg_span_attr(a->span, "rpc.method", method);
+    } else {
+        a->span = mg_span_start(&a->op->msg->trace, "publish", MG_SPAN_PRODUCER, &m->trace);
+        mg_span_attr(a->span, "messaging.system", systems[p]);
+        mg_span_attr(a->span, "messaging.operation", "publish");
+    }
+    mg_span_attr(a->span, "meshgate.path", mg_path_name(p));
+    mg_span_attr(a->span, "meshgate.gateway", a->target.gateway_id);
+    mg_span_attr(a->span, "meshgate.region", a->target.region);
+}
+
+static void attempt_trace_end(attempt *a, const mg_deliver_outcome *out, const char *why)
+{
+    if (!a->span)
+        return;
+    mg_span_attr(a->span, "meshgate.status",
+                 out ? (out->not_connected ? "not_connected" : mg_status_name(out->status))
+                     : "failed");
+    bool ok = out && (out->status == MG_STATUS_DELIVERED || out->status == MG_STATUS_QUEUED ||
+                      out->status == MG_STATUS_ACCEPTED);
+    mg_span_end(a->span, !ok, ok ? NULL : why);
+    a->span = NULL;
+}
 
 /* ---- a batch's peer attempts, one call per peer ------------------------------- */
 
@@ -561,17 +625,22 @@ static void batch_flush(collector *c)
             gc->a = mg_xmemdup(g->a + off, n * sizeof(*gc->a));
             gc->n = n;
             const char **to = mg_xcalloc(n, sizeof(*to));
-            for (size_t i = 0; i < n; i++)
+            mg_msg m0, m;
+            for (size_t i = 0; i < n; i++) {
                 to[i] = gc->a[i]->op->msg->to;
+                attempt_trace(gc->a[i], g->t->ops->path, i ? &m : &m0,
+                              true); /* the call carries a[0]'s */
+            }
             route_op *op0 = gc->a[0]->op;
             mg_route_target target = {g->gateway_id, g->region};
-            int rc = g->t->ops->deliver_batch(g->t, &target, op0->msg, to, n, op0->deadline,
-                                              group_done, gc);
+            int rc =
+                g->t->ops->deliver_batch(g->t, &target, &m0, to, n, op0->deadline, group_done, gc);
             free(to);
             if (rc != 0) { /* could not even try: each attempt moves on */
                 attempt **as = gc->a;
                 free(gc);
                 for (size_t i = 0; i < n; i++) {
+                    attempt_trace_end(as[i], NULL, "could not start");
                     as[i]->step++;
                     attempt_next(as[i]);
                 }
@@ -601,11 +670,13 @@ static void attempt_next(attempt *a)
         mg_transport *t = r->transports[p];
         if (t && collect(a, t))
             return; /* batch_flush starts it */
-        int rc =
-            t ? t->ops->deliver(t, &a->target, op->msg, op->deadline, attempt_done, a) : -ENOSYS;
+        mg_msg m;
+        attempt_trace(a, p, &m, false);
+        int rc = t ? t->ops->deliver(t, &a->target, &m, op->deadline, attempt_done, a) : -ENOSYS;
         if (rc == 0)
             return;
         snprintf(reason, sizeof(reason), "%s: %s", mg_path_name(p), strerror(-rc));
+        attempt_trace_end(a, NULL, reason);
         if (a->step + 1 == a->nplan)
             op_record(op, MG_STATUS_FAILED, p, 0, reason);
         a->step++;
@@ -624,6 +695,7 @@ static void attempt_done(void *arg, const mg_deliver_outcome *out)
     route_op *op = a->op;
     mg_router *r = op->r;
     mg_path p = a->plan[a->step];
+    attempt_trace_end(a, out, out->reason[0] ? out->reason : "delivery failed");
     if (out->status == MG_STATUS_DELIVERED || out->status == MG_STATUS_QUEUED ||
         out->status == MG_STATUS_ACCEPTED) {
         op_record(op, out->status, p, out->connections, NULL);
@@ -692,6 +764,12 @@ static void attempt_start(route_op *op, const char *gateway_id, const char *regi
 static void op_route(route_op *op)
 {
     mg_router *r = op->r;
+    if (op->lookup_span) {
+        mg_span_attr_int(op->lookup_span, "meshgate.presence.connections", op->conns.n);
+        mg_span_end(op->lookup_span, op->presence_rc != 0,
+                    op->presence_rc ? strerror(-op->presence_rc) : NULL);
+        op->lookup_span = NULL;
+    }
     if (op->round == 0 && mg_mono_ms() > op->deadline) {
         op_record(op, MG_STATUS_FAILED, MG_PATH_NONE, 0, "deadline exceeded");
         op_complete(op);

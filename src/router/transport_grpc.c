@@ -43,6 +43,7 @@
 #include "common/mg_map.h"
 #include "common/mg_metrics.h"
 #include "common/mg_time.h"
+#include "common/mg_trace.h"
 #include "meshgate/v1/messaging.pb-c.h"
 #include "meshgate/v1/peer.pb-c.h"
 
@@ -74,6 +75,7 @@ struct queued {
     int64_t deadline_ms;
     mg_deliver_done done;
     void *arg;
+    mg_trace_ctx trace; /* for the metadata, when it goes alone after all */
 };
 
 struct peer_state {
@@ -126,6 +128,9 @@ struct pcall {
     void *arg;
     struct queued *many; /* DeliverMany: its n deliveries, each answered on its own */
     bool held;           /* started on a slot handed over by slot_release (st set) */
+    grpc_metadata md[2]; /* the peer token, then traceparent (of tp) when traced */
+    size_t nmd;
+    char tp[MG_TRACEPARENT_LEN + 1];
 };
 
 static void call_complete(struct pcall *pc, bool ok);
@@ -339,8 +344,8 @@ static int call_start(struct pcall *pc)
     if (left <= 0)
         return -ETIMEDOUT;
     pc->start_us = mg_mono_us();
-    return mg_grpc_unary_start(&pc->u, pc->peer->channel, pc->t->cq, pc->method, pc->req,
-                               &pc->t->auth, pc->t->nauth, left, pc);
+    return mg_grpc_unary_start(&pc->u, pc->peer->channel, pc->t->cq, pc->method, pc->req, pc->md,
+                               pc->nmd, left, pc);
 }
 
 /* Answers every caller of pc (out holds pc->n outcomes) and frees it. */
@@ -504,7 +509,7 @@ static void call_complete(struct pcall *pc, bool ok)
 /* Takes a call slot on the target and starts method with req (taken).
  * Answers through pc's callbacks, at once when it cannot start. */
 static int call_begin(mg_transport_grpc *t, const mg_route_target *target, struct pcall *pc,
-                      grpc_byte_buffer *req, int64_t deadline_ms)
+                      grpc_byte_buffer *req, int64_t deadline_ms, const mg_trace_ctx *trace)
 {
     const char *id = target && target->gateway_id ? target->gateway_id : "";
     mg_deliver_outcome out;
@@ -513,6 +518,12 @@ static int call_begin(mg_transport_grpc *t, const mg_route_target *target, struc
     pc->t = t;
     pc->req = req;
     pc->deadline_ms = deadline_ms;
+    if (t->nauth)
+        pc->md[pc->nmd++] = t->auth;            /* borrowed: lives as long as the transport */
+    if (mg_traceparent_format(trace, pc->tp)) { /* W3C Trace Context over gRPC metadata */
+        pc->md[pc->nmd].key = grpc_slice_from_static_string("traceparent");
+        pc->md[pc->nmd++].value = grpc_slice_from_static_buffer(pc->tp, MG_TRACEPARENT_LEN);
+    }
     if (budget_ms(t, deadline_ms) <= 0) {
         snprintf(out.reason, sizeof(out.reason), "peer %s: DEADLINE_EXCEEDED: no time left", id);
         goto now;
@@ -577,7 +588,7 @@ static void deliver_one(mg_transport_grpc *t, struct peer_state *st, struct queu
     pc->st = st;
     pc->held = held;
     mg_route_target target = {.gateway_id = st->id};
-    call_begin(t, &target, pc, mg_grpc_buffer_from(q->req, q->len), q->deadline_ms);
+    call_begin(t, &target, pc, mg_grpc_buffer_from(q->req, q->len), q->deadline_ms, &q->trace);
     free(q->req);
     free(q);
 }
@@ -648,7 +659,8 @@ static void flush_queue(mg_transport_grpc *t, struct peer_state *st, struct queu
         pc->held = held;
         held = false;
         mg_route_target target = {.gateway_id = st->id};
-        call_begin(t, &target, pc, mg_grpc_buffer_from(buf, off), deadline);
+        /* each message carries its own context (Message.traceparent): none on the call */
+        call_begin(t, &target, pc, mg_grpc_buffer_from(buf, off), deadline, NULL);
         free(buf);
     }
     if (held)
@@ -659,8 +671,8 @@ static void flush_queue(mg_transport_grpc *t, struct peer_state *st, struct queu
  * coalesce_calls of them already (it goes in the DeliverMany the next one
  * to end sends); false: call now. */
 static bool maybe_queue(mg_transport_grpc *t, const char *id,
-                        const Meshgate__V1__DeliverMessageRequest *rq, int64_t deadline_ms,
-                        mg_deliver_done done, void *arg)
+                        Meshgate__V1__DeliverMessageRequest *rq, const mg_trace_ctx *trace,
+                        int64_t deadline_ms, mg_deliver_done done, void *arg)
 {
     if (t->coalesce_calls <= 0 || !*id)
         return false;
@@ -673,6 +685,10 @@ static bool maybe_queue(mg_transport_grpc *t, const char *id,
     bool queue = !st->no_many && st->inflight >= t->coalesce_calls && st->qn < t->max_inflight;
     if (queue) {
         struct queued *e = mg_new(struct queued);
+        char tp[MG_TRACEPARENT_LEN + 1];
+        if (trace && mg_traceparent_format(trace, tp))
+            rq->message->traceparent = tp; /* one call carries many traces: each in its message */
+        e->trace = trace ? *trace : (mg_trace_ctx){0};
         e->len = meshgate__v1__deliver_message_request__get_packed_size(rq);
         e->req = mg_xmalloc(e->len ? e->len : 1);
         meshgate__v1__deliver_message_request__pack(rq, e->req);
@@ -700,15 +716,15 @@ static int tg_deliver(mg_transport *base, const mg_route_target *target, const m
     rq.message = &pm;
     rq.origin_gateway = t->gateway_id;
     rq.origin_region = t->region;
-    if (maybe_queue(t, target && target->gateway_id ? target->gateway_id : "", &rq, deadline_ms,
-                    done, arg))
+    if (maybe_queue(t, target && target->gateway_id ? target->gateway_id : "", &rq, &msg->trace,
+                    deadline_ms, done, arg))
         return 0;
     struct pcall *pc = mg_new(struct pcall);
     pc->method = MG_PEER_RPC_DELIVER;
     pc->n = 1;
     pc->done = done;
     pc->arg = arg;
-    return call_begin(t, target, pc, mg_grpc_pack(&rq.base), deadline_ms);
+    return call_begin(t, target, pc, mg_grpc_pack(&rq.base), deadline_ms, &msg->trace);
 }
 
 static int tg_deliver_batch(mg_transport *base, const mg_route_target *target, const mg_msg *msg,
@@ -732,7 +748,7 @@ static int tg_deliver_batch(mg_transport *base, const mg_route_target *target, c
     pc->n = n;
     pc->batch_done = done;
     pc->arg = arg;
-    return call_begin(t, target, pc, mg_grpc_pack(&rq.base), deadline_ms);
+    return call_begin(t, target, pc, mg_grpc_pack(&rq.base), deadline_ms, &msg->trace);
 }
 
 static int tg_disconnect(mg_transport *base, const mg_route_target *target, const char *user,

@@ -51,6 +51,7 @@
 #include "common/mg_map.h"
 #include "common/mg_metrics.h"
 #include "common/mg_time.h"
+#include "common/mg_trace.h"
 
 #include <errno.h>
 #include <librdkafka/rdkafka.h>
@@ -331,14 +332,24 @@ static void *poll_main(void *arg)
 /* ---- producer ------------------------------------------------------------ */
 
 /* On success librdkafka owns val (RD_KAFKA_MSG_F_FREE); on failure the caller
- * still does. */
+ * still does. Headers: origin (this gateway) and, for a traced message, its
+ * W3C traceparent. */
 static rd_kafka_resp_err_t produce(tk *k, const char *topic, const mg_msg *msg, uint8_t *val,
                                    size_t len, report *w)
 {
-    return rd_kafka_producev(
+    char tp[MG_TRACEPARENT_LEN + 1];
+    size_t tpl = mg_traceparent_format(&msg->trace, tp);
+    rd_kafka_headers_t *h = rd_kafka_headers_new(2);
+    rd_kafka_header_add(h, "origin", -1, k->gateway_id, -1);
+    if (tpl)
+        rd_kafka_header_add(h, "traceparent", -1, tp, (ssize_t)tpl);
+    rd_kafka_resp_err_t err = rd_kafka_producev(
         k->producer, RD_KAFKA_V_TOPIC(topic), RD_KAFKA_V_KEY(msg->to, strlen(msg->to)),
-        RD_KAFKA_V_VALUE(val, len), RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_FREE),
-        RD_KAFKA_V_HEADER("origin", k->gateway_id, -1), RD_KAFKA_V_OPAQUE(w), RD_KAFKA_V_END);
+        RD_KAFKA_V_VALUE(val, len), RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_FREE), RD_KAFKA_V_HEADERS(h),
+        RD_KAFKA_V_OPAQUE(w), RD_KAFKA_V_END);
+    if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+        rd_kafka_headers_destroy(h); /* librdkafka took them only on success */
+    return err;
 }
 
 static bool tk_available(mg_transport *t, const mg_route_target *target)
@@ -509,6 +520,7 @@ typedef struct record {
     int64_t start_ms, retry_at_ms;
     int attempt, delay_ms;
     mg_send_result res;
+    mg_span *span; /* the attempt's "process" span, when traced */
 } record;
 
 /* Per partition: the record in flight and those fetched behind it. */
@@ -551,6 +563,8 @@ static void record_done(void *arg, const mg_send_result *res)
     record *r = arg;
     tk *k = r->k;
     r->res = *res;
+    mg_msg_trace_end(r->span, res->status, res->path, res->connections, res->reason);
+    r->span = NULL;
     pthread_mutex_lock(&k->rec_mu);
     r->next = k->answered;
     k->answered = r;
@@ -564,8 +578,11 @@ static void record_start(tk *k, record *r)
     r->attempt++;
     r->next = NULL;
     atomic_fetch_add(&k->in_flight, 1);
-    if (mg_router_deliver_from_queue(k->router, r->msg, mg_mono_ms() + k->timeout_ms, record_done,
-                                     r) != 0) {
+    mg_msg m; /* the operation continues the record's process span */
+    r->span =
+        mg_msg_trace_process(r->msg, &m, "kafka", rd_kafka_topic_name(r->m->rkt), k->gateway_id);
+    if (mg_router_deliver_from_queue(k->router, &m, mg_mono_ms() + k->timeout_ms, record_done, r) !=
+        0) {
         memset(&r->res, 0, sizeof(r->res));
         r->res.status = MG_STATUS_FAILED;
         snprintf(r->res.reason, sizeof(r->res.reason), "router overloaded");
@@ -730,6 +747,12 @@ static bool consume_one(tk *k, rd_kafka_message_t *m)
         rd_kafka_message_destroy(m);
         return true;
     }
+    rd_kafka_headers_t *hdrs;
+    const void *tp;
+    size_t tpl;
+    if (rd_kafka_message_headers(m, &hdrs) == RD_KAFKA_RESP_ERR_NO_ERROR &&
+        rd_kafka_header_get_last(hdrs, "traceparent", &tp, &tpl) == RD_KAFKA_RESP_ERR_NO_ERROR)
+        mg_traceparent_parse(tp, tpl, &msg->trace); /* the header, else the envelope's */
     record *r = mg_new(record);
     r->k = k;
     r->m = m;

@@ -48,6 +48,7 @@
 #include "common/mg_map.h"
 #include "common/mg_metrics.h"
 #include "common/mg_time.h"
+#include "common/mg_trace.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -130,6 +131,7 @@ typedef struct rec {
     mg_msg *msg;
     uint64_t delivered; /* this delivery's number (1 = first) */
     mg_send_result res;
+    struct mg_span *span; /* "process", when traced */
 } rec;
 
 static int nats_users; /* nats_Open / nats_Close pairs across transports */
@@ -443,6 +445,9 @@ static int tn_deliver(mg_transport *t, const mg_route_target *target, const mg_m
     natsMsg *m = NULL;
     natsStatus s = natsMsg_Create(&m, subject, NULL, (const char *)val, (int)len);
     free(val);
+    char tp[MG_TRACEPARENT_LEN + 1];
+    if (s == NATS_OK && mg_traceparent_format(&msg->trace, tp))
+        s = natsMsgHeader_Set(m, "traceparent", tp); /* W3C Trace Context as a NATS header */
     report *w = NULL;
     if (s == NATS_OK) { /* registered first: the PubAck may beat the return */
         w = mg_new(report);
@@ -587,6 +592,8 @@ static void rec_done(void *arg, const mg_send_result *res)
 {
     rec *r = arg;
     tn *n = r->n;
+    mg_msg_trace_end(r->span, res->status, res->path, res->connections, res->reason);
+    r->span = NULL;
     if (res->status != MG_STATUS_FAILED) {
         natsStatus s = natsMsg_Ack(r->m, NULL);
         if (s != NATS_OK && error_log_due(n)) /* it is redelivered: the dedupe window drops it */
@@ -685,7 +692,12 @@ static void consume_one(tn *n, natsMsg *m)
     mg_metric_add(n->inflight_gauge, 1);
     /* The operation ends well before the server would redeliver. */
     int64_t deadline = mg_mono_ms() + (int64_t)n->ack_wait_ms * 3 / 4;
-    if (mg_router_deliver_from_queue(n->router, msg, deadline, rec_done, r) != 0) {
+    const char *tp = NULL; /* the header, else the envelope's */
+    if (natsMsgHeader_Get(m, "traceparent", &tp) == NATS_OK && tp)
+        mg_traceparent_parse(tp, strlen(tp), &msg->trace);
+    mg_msg hand;
+    r->span = mg_msg_trace_process(msg, &hand, "nats", natsMsg_GetSubject(m), n->gateway_id);
+    if (mg_router_deliver_from_queue(n->router, &hand, deadline, rec_done, r) != 0) {
         mg_send_result res;
         memset(&res, 0, sizeof(res));
         res.status = MG_STATUS_FAILED;

@@ -694,6 +694,7 @@ typedef struct rx {
     uint64_t seq;
     bool want; /* HIGH: the sender waits for the receipt */
     int64_t start_us;
+    mg_span *span; /* "process", when traced (the context is in the payload's envelope) */
 } rx;
 
 static void rx_free(rx *x)
@@ -710,6 +711,8 @@ static void rx_done(void *arg, const mg_deliver_outcome *out)
 {
     rx *x = arg;
     mg_histogram_observe_us(x->t->local_lat, mg_mono_us() - x->start_us);
+    mg_msg_trace_end(x->span, out->status, MG_PATH_LOCAL, out->connections,
+                     out->not_connected ? "not connected" : out->reason);
     if (!x->want) {
         rx_free(x);
         return;
@@ -748,10 +751,17 @@ static void on_message(trp *t, const uint8_t *data, size_t len)
             return;
         }
         rx *x = mg_new(rx);
-        *x = (rx){
-            t,           origin, mg_xstrdup(msg->id), mg_xstrdup(msg->to), seq, flags & FLAG_WANT,
-            mg_mono_us()};
-        int rc = mg_router_deliver_local(t->router, msg, rx_done, x);
+        *x = (rx){t,
+                  origin,
+                  mg_xstrdup(msg->id),
+                  mg_xstrdup(msg->to),
+                  seq,
+                  flags & FLAG_WANT,
+                  mg_mono_us(),
+                  NULL};
+        mg_msg hand;
+        x->span = mg_msg_trace_process(msg, &hand, "redis", t->channel, t->gateway_id);
+        int rc = mg_router_deliver_local(t->router, &hand, rx_done, x);
         if (rc != 0) {
             mg_deliver_outcome out = {.status = MG_STATUS_FAILED};
             snprintf(out.reason, sizeof(out.reason), "%s", strerror(-rc));

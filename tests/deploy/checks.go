@@ -746,7 +746,7 @@ func GatewayEnvNames() (map[string]bool, error) {
 			envErr = fmt.Errorf("reading the configuration table: %w", err)
 			return
 		}
-		re := regexp.MustCompile(`X\(\s*(?:STR|INT|BOOL),\s*\w+,\s*"[^"]+",\s*"([A-Z0-9_]+)"`)
+		re := regexp.MustCompile(`X\(\s*(?:STR|INT|BOOL|RATIO),\s*\w+,\s*"[^"]+",\s*"([A-Z0-9_]+)"`)
 		envNames = map[string]bool{}
 		for _, m := range re.FindAllSubmatch(src, -1) {
 			envNames[string(m[1])] = true

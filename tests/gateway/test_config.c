@@ -147,3 +147,36 @@ Test(config, readme_table_matches_the_binary)
     free(buf);
     free(readme);
 }
+
+Test(config, tracing_options)
+{
+    mg_config cfg;
+    char err[256];
+    char *a0[] = {"meshgate"};
+    cr_assert_eq(load(&cfg, 1, a0, err), 0);
+    cr_assert_str_eq(cfg.otlp_endpoint, "");
+    cr_assert_float_eq(cfg.trace_sample_ratio, 0.01, 1e-12);
+    mg_config_clear(&cfg);
+    char *a1[] = {"meshgate", "--trace-sample-ratio", "0.25", "--otlp-endpoint",
+                  "http://127.0.0.1:4318"};
+    cr_assert_eq(load(&cfg, 5, a1, err), 0);
+    cr_assert_float_eq(cfg.trace_sample_ratio, 0.25, 1e-12);
+    cr_assert_eq(mg_config_validate(&cfg, err, sizeof(err)), 0, "%s", err);
+    mg_config_clear(&cfg);
+    static char *bad_ratio[] = {"1.5", "-0.1", "half", "0.5x", "nan", ""};
+    for (size_t i = 0; i < sizeof(bad_ratio) / sizeof(bad_ratio[0]); i++) {
+        char *a[] = {"meshgate", "--trace-sample-ratio", bad_ratio[i]};
+        cr_assert_eq(load(&cfg, 3, a, err), -EINVAL, "accepted %s", bad_ratio[i]);
+        cr_assert(strstr(err, "--trace-sample-ratio wants a number from 0 to 1"), "%s", err);
+        mg_config_clear(&cfg);
+    }
+    char *a2[] = {"meshgate", "--otlp-endpoint", "127.0.0.1:4318"};
+    cr_assert_eq(load(&cfg, 3, a2, err), 0);
+    cr_assert_eq(mg_config_validate(&cfg, err, sizeof(err)), -EINVAL);
+    cr_assert(strstr(err, "--otlp-endpoint must be an http://"), "%s", err);
+    mg_config_clear(&cfg);
+    char *a3[] = {"meshgate", "--trace-max-spans", "0"};
+    cr_assert_eq(load(&cfg, 3, a3, err), 0);
+    cr_assert_eq(mg_config_validate(&cfg, err, sizeof(err)), -EINVAL);
+    mg_config_clear(&cfg);
+}

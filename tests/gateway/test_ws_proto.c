@@ -1176,3 +1176,66 @@ Test(ws_proto, differential_generated_frames)
     cr_assert_gt(failed, 300, "only %d of the frames fail", failed);
     cr_assert_gt(scanned, 250, "only %d frames read by the scanner", scanned);
 }
+
+#define TP "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+/* "traceparent" of a send or an ack: read by both readers, and a bad one is
+ * ignored, never an error for the sender. */
+Test(ws_proto, traceparent_is_read_and_never_refuses)
+{
+    static const char *ok[] = {
+        "{\"type\":\"send\",\"to\":\"bob\",\"content\":\"hi\",\"traceparent\":\"" TP "\"}",
+        /* an object value sends the frame to jansson */
+        "{\"type\":\"send\",\"to\":\"bob\",\"content\":\"hi\",\"x\":{\"y\":1},\"traceparent\":\"" TP
+        "\"}",
+        /* an escape in the value (\u0030 is '0') */
+        "{\"type\":\"send\",\"to\":\"bob\",\"content\":\"hi\",\"traceparent\":"
+        "\"\\u00300-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\"}",
+        "{\"type\":\"ack\",\"id\":\"m1\",\"traceparent\":\"" TP "\"}",
+    };
+    for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++) {
+        mg_ws_in in;
+        const char *code;
+        cr_assert_eq(parse(ok[i], &in, &code), 0, "refused %s", ok[i]);
+        cr_assert(mg_trace_valid(&in.trace) && mg_trace_sampled(&in.trace), "no trace: %s", ok[i]);
+        cr_assert_eq(in.trace.trace_id[0], 0x4b);
+        mg_ws_in_clear(&in);
+    }
+    static const char *ignored[] = {
+        "{\"type\":\"send\",\"to\":\"bob\",\"content\":\"hi\",\"traceparent\":\"00-ABC\"}",
+        "{\"type\":\"send\",\"to\":\"bob\",\"content\":\"hi\",\"traceparent\":17}",
+        "{\"type\":\"send\",\"to\":\"bob\",\"content\":\"hi\",\"traceparent\":null}",
+        "{\"type\":\"send\",\"to\":\"bob\",\"content\":\"hi\",\"traceparent\":\"" TP TP "\"}",
+        "{\"type\":\"ack\",\"id\":\"m1\",\"traceparent\":[1]}",
+    };
+    for (size_t i = 0; i < sizeof(ignored) / sizeof(ignored[0]); i++) {
+        mg_ws_in in;
+        const char *code;
+        cr_assert_eq(parse(ignored[i], &in, &code), 0, "refused %s", ignored[i]);
+        cr_assert_not(mg_trace_valid(&in.trace), "kept a trace from %s", ignored[i]);
+        mg_ws_in_clear(&in);
+    }
+}
+
+Test(ws_proto, message_frame_names_a_sampled_trace)
+{
+    mg_msg *m = mg_msg_new("m1", "alice", "bob", (const uint8_t *)"hi", 2, NULL, 7, MG_PRIO_HIGH);
+    size_t len;
+    char *plain = mg_ws_proto_encode_message(m, false, &len);
+    cr_assert_null(strstr(plain, "trace"), "an untraced message names no trace: %s", plain);
+    free(plain);
+    cr_assert_eq(mg_traceparent_parse(TP, strlen(TP), &m->trace), 0);
+    char *t = mg_ws_proto_encode_message(m, false, &len);
+    cr_assert_eq(len, strlen(t));
+    cr_assert_eq(mg_ws_proto_message_len(m, false), len);
+    cr_assert_str_eq(t, "{\"type\":\"message\",\"id\":\"m1\",\"from\":\"alice\",\"content\":\"hi\","
+                        "\"sent_at_ms\":7,\"inbox\":false,"
+                        "\"trace_id\":\"4bf92f3577b34da6a3ce929d0e0e4736\","
+                        "\"traceparent\":\"" TP "\"}");
+    free(t);
+    m->trace.flags = 0; /* continued but not sampled: nothing to join */
+    t = mg_ws_proto_encode_message(m, false, &len);
+    cr_assert_null(strstr(t, "trace"));
+    free(t);
+    mg_msg_free(m);
+}

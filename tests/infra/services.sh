@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Start/stop all real test services (Redis Cluster x2, Redis with Sentinel, Kafka, Consul dev +
-# ACL agents, NATS) in parallel
+# ACL agents, NATS, Jaeger v2) in parallel
 # and write $MESHGATE_RUN/services.env for the tests (source it, or `include` it from make).
 # Usage: tests/infra/services.sh up|down|env|status
 #   MESHGATE_RUN (default /tmp/meshgate-run), MESHGATE_CACHE (default ~/.cache/meshgate)
 #   MESHGATE_SERVICES_ACL=0 skips the ACL-enabled Consul agent.
-#   MESHGATE_SERVICES: which to run (default all): any of redis redis-b sentinel kafka nats consul,
+#   MESHGATE_SERVICES: which to run (default all): any of redis redis-b sentinel kafka nats consul
+#     jaeger,
 #     e.g. tests/chaos starts "redis kafka consul" of its own on other ports.
 #   MESHGATE_REDIS_B_BASE_PORT (17100): the second Redis Cluster (region b of the multi-region tests).
 set -euo pipefail
@@ -16,7 +17,7 @@ RUN=${MESHGATE_RUN:-/tmp/meshgate-run}
 ENVF=$RUN/services.env
 WITH_ACL=${MESHGATE_SERVICES_ACL:-1}
 REDIS_B_BASE=${MESHGATE_REDIS_B_BASE_PORT:-17100}
-SERVICES=" ${MESHGATE_SERVICES:-redis redis-b sentinel kafka nats consul} "
+SERVICES=" ${MESHGATE_SERVICES:-redis redis-b sentinel kafka nats consul jaeger} "
 export MESHGATE_CACHE=$CACHE MESHGATE_RUN=$RUN
 
 die() { echo "services: $*" >&2; exit 1; }
@@ -43,6 +44,7 @@ cmd_up() {
   on sentinel && bg sentinel "$HERE/redis-sentinel.sh" start
   on kafka && bg kafka "$HERE/kafka.sh" start
   on nats && bg nats "$HERE/nats.sh" start
+  on jaeger && bg jaeger "$HERE/jaeger.sh" start
   if on consul && [ "$WITH_ACL" = 1 ]; then
     bg consul bash -c '"$1" start && "$1" start-acl' _ "$HERE/consul.sh"   # one build, two agents
   elif on consul; then
@@ -63,6 +65,8 @@ cmd_up() {
     on consul && echo "export MESHGATE_TEST_CONSUL=127.0.0.1:${MESHGATE_CONSUL_HTTP_PORT:-18500}"
     # Not MESHGATE_NATS_URL: that is the gateway's own --nats-url variable.
     on nats && echo "export MESHGATE_TEST_NATS=$("$HERE/nats.sh" url)"
+    on jaeger && echo "export MESHGATE_TEST_JAEGER_OTLP=$("$HERE/jaeger.sh" otlp)"
+    on jaeger && echo "export MESHGATE_TEST_JAEGER_QUERY=$("$HERE/jaeger.sh" query)"
     if on consul && [ "$WITH_ACL" = 1 ]; then
       echo "export MESHGATE_TEST_CONSUL_ACL=127.0.0.1:${MESHGATE_CONSUL_ACL_HTTP_PORT:-18600}"
       echo "export MESHGATE_TEST_CONSUL_ACL_TOKEN=$("$HERE/consul.sh" token)"
@@ -78,6 +82,7 @@ cmd_down() {
   on sentinel && bg sentinel "$HERE/redis-sentinel.sh" stop
   on kafka && bg kafka "$HERE/kafka.sh" stop
   on nats && bg nats "$HERE/nats.sh" stop
+  on jaeger && bg jaeger "$HERE/jaeger.sh" stop
   on consul && bg consul "$HERE/consul.sh" stop
   on consul && bg consul-acl "$HERE/consul.sh" stop-acl
   wait_all
@@ -91,6 +96,7 @@ cmd_status() {
   if on sentinel; then "$HERE/redis-sentinel.sh" status || rc=1; fi
   if on kafka; then "$HERE/kafka.sh" status || rc=1; fi
   if on nats; then "$HERE/nats.sh" status || rc=1; fi
+  if on jaeger; then "$HERE/jaeger.sh" status || rc=1; fi
   if on consul; then "$HERE/consul.sh" status || rc=1; fi
   if on consul && [ "$WITH_ACL" = 1 ]; then "$HERE/consul.sh" status-acl || rc=1; fi
   return $rc

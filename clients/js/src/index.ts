@@ -57,6 +57,10 @@ export interface Message {
   sentAtMs: number;
   /** An offline-inbox message: acked to the gateway after the handlers succeed. */
   inbox: boolean;
+  /** The message's trace (32 hex digits) when it was traced: quote it in a client report. */
+  traceId?: string;
+  /** W3C traceparent of the write to this device; the SDK echoes it on the inbox ack. */
+  traceparent?: string;
 }
 
 export interface SendOptions {
@@ -65,6 +69,8 @@ export interface SendOptions {
   priority?: 'high' | 'low';
   /** How long to wait for an ack before sending again. Default: options.sendTimeoutMs. */
   timeoutMs?: number;
+  /** W3C traceparent ("00-<trace id>-<span id>-<flags>"): the gateway continues this trace. */
+  traceparent?: string;
 }
 
 export interface ReconnectOptions {
@@ -322,6 +328,7 @@ interface PendingSend {
   to: string;
   content: string;
   priority?: 'high' | 'low';
+  traceparent?: string;
   timeoutMs: number;
   attempts: number;
   written: boolean; // written on the current connection and waiting for its ack
@@ -481,6 +488,7 @@ export class MeshgateClient {
         to,
         content,
         priority: options.priority,
+        traceparent: options.traceparent,
         timeoutMs: options.timeoutMs ?? this.opts.sendTimeoutMs,
         attempts: 0,
         written: false,
@@ -726,6 +734,7 @@ export class MeshgateClient {
     if (!ws || ws.readyState !== OPEN) return;
     const frame: Record<string, unknown> = { type: 'send', id: p.id, to: p.to, content: p.content };
     if (p.priority) frame.priority = p.priority;
+    if (p.traceparent) frame.traceparent = p.traceparent;
     try {
       ws.send(JSON.stringify(frame));
     } catch {
@@ -795,7 +804,7 @@ export class MeshgateClient {
     const inbox = f.inbox === true;
     if (this.seen.has(id)) {
       // Shown before. An inbox copy means our ack was lost: ack it again so it goes away.
-      if (inbox) this.sendAck(ws, id);
+      if (inbox) this.sendAck(ws, id, f.traceparent);
       return;
     }
     this.seen.add(id);
@@ -807,6 +816,8 @@ export class MeshgateClient {
     };
     if (typeof f.content === 'string') msg.content = f.content;
     if (typeof f.content_b64 === 'string') msg.contentB64 = f.content_b64;
+    if (typeof f.trace_id === 'string') msg.traceId = f.trace_id;
+    if (typeof f.traceparent === 'string') msg.traceparent = f.traceparent;
     try {
       await Promise.all(this.emit('message', msg));
     } catch (e: any) {
@@ -815,14 +826,17 @@ export class MeshgateClient {
       this.emitError(new MeshgateError('handler_failed', `message ${id}: ${e?.message ?? e}`));
       return;
     }
-    if (inbox) this.sendAck(ws, id);
+    if (inbox) this.sendAck(ws, id, msg.traceparent);
   }
 
-  private sendAck(ws: WebSocketLike | null, id: string): void {
+  private sendAck(ws: WebSocketLike | null, id: string, traceparent?: unknown): void {
     // Only on the connection that delivered it; otherwise it comes again and is acked then.
     if (!ws || ws !== this.ws || ws.readyState !== OPEN) return;
+    // The message's traceparent makes the ack a span of the message's trace.
+    const frame: Record<string, unknown> = { type: 'ack', id };
+    if (typeof traceparent === 'string') frame.traceparent = traceparent;
     try {
-      ws.send(JSON.stringify({ type: 'ack', id }));
+      ws.send(JSON.stringify(frame));
     } catch {
       /* closing */
     }

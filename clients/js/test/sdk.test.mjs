@@ -85,6 +85,21 @@ test('send/receive: ack delivered via local path, message shown with from and co
   await gw.stop();
 });
 
+test('tracing: a send with a traceparent continues its trace; the message names it', async () => {
+  const gw = await gateway({ name: 'trace', args: ['--trace-sample-ratio', '0'] });
+  const alice = client({ url: gw.url, user: 'alice' });
+  const bob = client({ url: gw.url, user: 'bob' });
+  await Promise.all([alice.ready(), bob.ready()]);
+  const traceId = '4bf92f3577b34da6a3ce929d0e0e4736';
+  await alice.send('bob', 'traced', { traceparent: `00-${traceId}-00f067aa0ba902b7-01` });
+  await alice.send('bob', 'plain');
+  await waitFor(() => bob.got.length === 2, 'bob receives both');
+  assert.equal(bob.got[0].traceId, traceId);
+  assert.match(bob.got[0].traceparent, new RegExp(`^00-${traceId}-[0-9a-f]{16}-01$`));
+  assert.equal(bob.got[1].traceId, undefined); // ratio 0: only callers' traces
+  await gw.stop();
+});
+
 test('ack results: stored in the inbox for an offline user; too large content is a typed rejection', async () => {
   const gw = await gateway({ name: 'acks', args: ['--max-content-bytes', '16'] });
   const alice = client({ url: gw.url, user: 'alice', maxContentBytes: 16 });
