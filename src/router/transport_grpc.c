@@ -519,8 +519,8 @@ static int call_begin(mg_transport_grpc *t, const mg_route_target *target, struc
     pc->req = req;
     pc->deadline_ms = deadline_ms;
     if (t->nauth)
-        pc->md[pc->nmd++] = t->auth;            /* borrowed: lives as long as the transport */
-    if (mg_traceparent_format(trace, pc->tp)) { /* W3C Trace Context over gRPC metadata */
+        pc->md[pc->nmd++] = t->auth; /* borrowed: lives as long as the transport */
+    if (trace && mg_traceparent_format(trace, pc->tp)) { /* W3C Trace Context over gRPC metadata */
         pc->md[pc->nmd].key = grpc_slice_from_static_string("traceparent");
         pc->md[pc->nmd++].value = grpc_slice_from_static_buffer(pc->tp, MG_TRACEPARENT_LEN);
     }
