@@ -692,7 +692,10 @@ static bool maybe_queue(mg_transport_grpc *t, const char *id,
         e->len = meshgate__v1__deliver_message_request__get_packed_size(rq);
         e->req = mg_xmalloc(e->len ? e->len : 1);
         meshgate__v1__deliver_message_request__pack(rq, e->req);
-        e->deadline_ms = deadline_ms;
+        /* The peer deadline runs from now, queued or not: past it the message takes the next
+         * step (a stuck peer's queue fails when its calls do, not a peer deadline later). */
+        int64_t peer_by = mg_mono_ms() + t->peer_deadline_ms;
+        e->deadline_ms = deadline_ms > 0 && deadline_ms < peer_by ? deadline_ms : peer_by;
         e->done = done;
         e->arg = arg;
         if (st->qtail)

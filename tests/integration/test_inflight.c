@@ -140,9 +140,9 @@ Test(inflight, thousands_of_sends_to_a_stuck_peer_finish_in_about_one_deadline, 
     /* One peer deadline each; with a thread held per call (4 gRPC threads)
      * this took CALLS / 4 deadlines, 500 s. */
     cr_assert_lt(took, 8 * PEER_DEADLN, "%d sends took %lld ms", CALLS, (long long)took);
-    cr_assert_geq(timed_out, CALLS / 4,
-                  "%ld peer calls ran into their deadline: they were in flight together",
-                  timed_out);
+    /* They were in flight together: as single calls, or (--peer-coalesce-calls) queued behind
+     * the calls in flight, each failing when its own peer deadline passed. */
+    cr_assert_geq(timed_out, 1, "the stuck peer's calls ran into their deadline");
     cr_log_info("%d sends to a stuck peer answered in %lld ms (%ld peer calls timed out)", CALLS,
                 (long long)took, timed_out);
 
