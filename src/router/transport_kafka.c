@@ -21,20 +21,29 @@
  * Consumer. Group "meshgate-<region>", auto commit and auto offset store off.
  * The "kafka-consume" thread is an ingress that never waits for a record:
  * it polls, decodes and starts each record's operation
- * (mg_router_deliver_from_queue), or queues the record behind its
- * partition's record in flight; the operation's answer (any thread) is
+ * (mg_router_deliver_from_queue); the operation's answer (any thread) is
  * queued back and wakes the poll (rd_kafka_queue_yield), and the consumer
- * thread settles it and starts the partition's next record. So each
- * partition has one record in flight (a partition's order is the order of
- * its records) and every assigned partition progresses at once. A
- * partition with PART_QUEUE_MAX records queued is paused until half of them
- * are done (pausing drops librdkafka's prefetched records and refetches from
- * the one after the last queued: pausing per record would cost a fetch round
- * trip per record). The offset is stored only after the record
- * was handled (delivered, forwarded by gRPC, put in the inbox, or skipped as
- * undecodable) and stored offsets are committed asynchronously at most every
- * COMMIT_INTERVAL_MS, synchronously on partition revocation and on stop.
- * A transient failure retries the same record with exponential backoff; after
+ * thread settles it. Records are pipelined per recipient, not per
+ * partition: a record whose recipient has an earlier record not yet done
+ * waits behind it (chained; it starts when that one is done), every other
+ * record starts at once. So one recipient's records are handled one at a
+ * time in offset order (the order DESIGN.md promises: a recipient's
+ * messages share a partition by key) while a partition has as many
+ * records in flight as it has recipients with work. Each partition keeps
+ * a window of its fetched records in offset order; the offset stored (and
+ * so committed) is the one after the longest done prefix of the window,
+ * i.e. never past the lowest record not yet handled (delivered, forwarded
+ * by gRPC, put in the inbox, or skipped as undecodable): a gateway killed
+ * mid-run loses nothing, the next owner redelivers from there and the
+ * dedupe window drops what was shown already. A partition whose window
+ * holds PART_WINDOW_MAX records is paused until it is down to half
+ * (pausing drops librdkafka's prefetched records and refetches from the one
+ * after the last fetched: pausing per record would cost a fetch round trip
+ * per record), which bounds the records in flight. Stored offsets are
+ * committed asynchronously at most every COMMIT_INTERVAL_MS (at once when
+ * the consumer is idle), synchronously on partition revocation and on stop.
+ * A transient failure retries the same record with exponential backoff (the
+ * recipient's later records wait; others go on); after
  * retry_budget_ms the message is parked in the recipient's inbox (if that
  * fails too, retrying goes on: nothing acknowledged is dropped); the retry
  * waits on a due time checked by the loop, not on a sleeping thread. On stop
@@ -70,7 +79,7 @@
 #define RETRY_DELAY_MIN_MS    50
 #define RETRY_DELAY_MAX_MS    2000
 #define ERROR_LOG_INTERVAL_MS 5000
-#define PART_QUEUE_MAX        1024 /* records fetched behind one in flight, per partition */
+#define PART_WINDOW_MAX       1024 /* records fetched and not yet stored past, per partition */
 
 enum { TOPIC_UNKNOWN = 0, TOPIC_PENDING = 1, TOPIC_READY = 2 };
 
@@ -105,6 +114,7 @@ typedef struct tk {
     mg_router *router;
     atomic_int assigned;
     struct part *parts; /* by partition number: kafka-consume only */
+    mg_map *chains;     /* recipient -> its last record not done: kafka-consume only */
     size_t nparts;
     struct record *retrying; /* kafka-consume only */
     pthread_mutex_t rec_mu;  /* answered */
@@ -509,26 +519,37 @@ static void store_offset(tk *k, const rd_kafka_message_t *m)
 
 /* ---- the consumer's records in flight --------------------------------------- */
 
-/* A record being handled: its operation in flight, or waiting to be tried
- * again. The consumer thread owns every field but `res`, which the
- * operation's callback fills before handing the record back. */
+enum {
+    REC_WAITING, /* behind an earlier record of the same recipient */
+    REC_RUNNING, /* its operation in flight */
+    REC_RETRY,   /* failed; on k->retrying until its due time */
+    REC_DONE,    /* handled: its offset may be stored once every record before it is done */
+};
+
+/* A fetched record, from its fetch until every record before it in its
+ * partition is done too. The consumer thread owns every field but `res`,
+ * which the operation's callback fills before handing the record back. */
 typedef struct record {
-    struct record *next;
+    struct record *next;  /* k->answered or k->retrying */
+    struct record *wnext; /* the partition's window, in offset order */
+    struct record *after; /* the same recipient's next record, waiting for this one */
     tk *k;
-    rd_kafka_message_t *m; /* kept until handled: its offset is stored then */
+    rd_kafka_message_t *m; /* kept until its offset is stored */
     mg_msg *msg;           /* NULL: undecodable, only its offset to store in order */
+    int state;
     int64_t start_ms, retry_at_ms;
     int attempt, delay_ms;
     mg_send_result res;
     mg_span *span; /* the attempt's "process" span, when traced */
 } record;
 
-/* Per partition: the record in flight and those fetched behind it. */
+/* Per partition: the window of records fetched and not yet stored past,
+ * in offset order (head: the lowest one not stored). */
 typedef struct part {
-    record *busy;
     record *head, *tail;
-    size_t queued; /* records waiting behind busy */
+    size_t count;
     bool paused;
+    bool moved; /* a record of it is done since the window last advanced */
 } part;
 
 static part *part_of(tk *k, int32_t p)
@@ -557,7 +578,8 @@ static void set_paused(tk *k, const rd_kafka_message_t *m, bool pause)
 }
 
 /* Any thread: the record's operation answered; the consumer thread takes
- * it from here (record_settle). */
+ * it from here (record_settle). Only the first answer of a batch wakes the
+ * poll: the consumer thread takes the whole list when it wakes. */
 static void record_done(void *arg, const mg_send_result *res)
 {
     record *r = arg;
@@ -566,15 +588,18 @@ static void record_done(void *arg, const mg_send_result *res)
     mg_msg_trace_end(r->span, res->status, res->path, res->connections, res->reason);
     r->span = NULL;
     pthread_mutex_lock(&k->rec_mu);
+    bool wake = k->answered == NULL;
     r->next = k->answered;
     k->answered = r;
     pthread_mutex_unlock(&k->rec_mu);
-    rd_kafka_queue_yield(k->consumer_q); /* the consumer thread settles it now */
+    if (wake)
+        rd_kafka_queue_yield(k->consumer_q);
 }
 
 /* Starts the record's operation. */
 static void record_start(tk *k, record *r)
 {
+    r->state = REC_RUNNING;
     r->attempt++;
     r->next = NULL;
     atomic_fetch_add(&k->in_flight, 1);
@@ -597,55 +622,88 @@ static void record_free(record *r)
     free(r);
 }
 
-/* Queues r behind the partition's record in flight; a partition whose
- * queue reached PART_QUEUE_MAX is paused (fetching stops; it resumes from
- * the record after the last one queued, so nothing is skipped or fetched
- * twice) until the queue is down to half. */
-static void part_queue(tk *k, part *pt, record *r)
+/* A new decodable record: it starts now unless an earlier record of the
+ * same recipient is not done yet, in which case it waits behind the last
+ * of them (a recipient's records are handled one at a time, in offset
+ * order; different recipients' records run at once). */
+static void record_chain(tk *k, record *r)
+{
+    record *last = mg_map_put(k->chains, r->msg->to, r);
+    if (last) {
+        last->after = r;
+        r->state = REC_WAITING;
+        return;
+    }
+    record_start(k, r);
+}
+
+/* The record is handled: the recipient's next record starts (not while
+ * stopping: it stays uncommitted and the partition's next owner redelivers
+ * it), and its partition's window may advance. */
+static void record_finish(tk *k, record *r)
+{
+    r->state = REC_DONE;
+    part_of(k, r->m->partition)->moved = true;
+    if (!r->msg)
+        return;
+    record *n = r->after;
+    r->after = NULL;
+    if (!n) {
+        mg_map_del(k->chains, r->msg->to); /* r was the recipient's last */
+        return;
+    }
+    if (atomic_load(&k->consume_run))
+        record_start(k, n);
+}
+
+/* Appends r to its partition's window; a partition with PART_WINDOW_MAX
+ * records in its window is paused (fetching stops; it resumes from the
+ * record after the last one fetched, so nothing is skipped or fetched
+ * twice) until the window is down to half. */
+static void part_add(tk *k, part *pt, record *r)
 {
     if (pt->tail)
-        pt->tail->next = r;
+        pt->tail->wnext = r;
     else
         pt->head = r;
     pt->tail = r;
-    if (++pt->queued >= PART_QUEUE_MAX && !pt->paused) {
+    if (++pt->count >= PART_WINDOW_MAX && !pt->paused) {
         pt->paused = true;
         set_paused(k, r->m, true);
     }
 }
 
-/* The partition's record is done (handled, or given up while stopping):
- * the next one queued behind it starts. */
-static void part_next(tk *k, part *pt, const rd_kafka_message_t *m)
+/* Drops the done records at the head of the window and stores the offset
+ * after the last of them: the stored (and so committed) offset never
+ * passes a record that is not done. Returns true when an offset was
+ * stored. */
+static bool part_advance(tk *k, part *pt)
 {
-    while ((pt->busy = pt->head)) {
-        record *r = pt->busy;
-        if (!atomic_load(&k->consume_run))
-            return; /* stopping: the rest stays uncommitted, the next owner redelivers */
-        pt->head = r->next;
-        if (!pt->head)
-            pt->tail = NULL;
-        r->next = NULL;
-        pt->queued--;
-        if (pt->paused && pt->queued <= PART_QUEUE_MAX / 2) {
-            pt->paused = false;
-            set_paused(k, r->m, false);
-        }
-        if (r->msg) {
-            record_start(k, r);
-            return;
-        }
-        store_offset(k, r->m); /* undecodable: skipped, in its turn */
-        record_free(r);
+    pt->moved = false;
+    record *last = NULL;
+    while (pt->head && pt->head->state == REC_DONE) {
+        record *r = pt->head;
+        pt->head = r->wnext;
+        pt->count--;
+        if (last)
+            record_free(last);
+        last = r;
     }
-    if (pt->paused) { /* (queued is 0 here) */
+    if (!last)
+        return false;
+    if (!pt->head)
+        pt->tail = NULL;
+    store_offset(k, last->m);
+    if (pt->paused && pt->count <= PART_WINDOW_MAX / 2) {
         pt->paused = false;
-        set_paused(k, m, false);
+        set_paused(k, last->m, false);
     }
+    record_free(last);
+    return true;
 }
 
-/* Consumer thread: an answered record. Returns true when an offset was stored. */
-static bool record_settle(tk *k, record *r)
+/* Consumer thread: an answered record. */
+static void record_settle(tk *k, record *r)
 {
     atomic_fetch_sub(&k->in_flight, 1);
     const rd_kafka_message_t *m = r->m;
@@ -671,33 +729,29 @@ static bool record_settle(tk *k, record *r)
             }
         }
     }
-    if (!handled) { /* try again after a backoff */
+    if (!handled) { /* try again after a backoff; the recipient's next records wait */
+        r->state = REC_RETRY;
         r->retry_at_ms = mg_mono_ms() + r->delay_ms;
         r->delay_ms = r->delay_ms * 2 > RETRY_DELAY_MAX_MS ? RETRY_DELAY_MAX_MS : r->delay_ms * 2;
         r->next = k->retrying;
         k->retrying = r;
-        return false;
+        return;
     }
     mg_metric_add(k->consumed, 1);
-    store_offset(k, m);
-    part *pt = part_of(k, m->partition);
-    if (pt && pt->busy == r)
-        part_next(k, pt, m);
-    record_free(r);
-    return true;
+    record_finish(k, r);
 }
 
-/* Consumer thread: answered records, then retries that are due. */
+/* Consumer thread: answered records, retries that are due, then the
+ * windows that moved. Returns true when an offset was stored. */
 static bool records_progress(tk *k)
 {
     pthread_mutex_lock(&k->rec_mu);
     record *r = k->answered;
     k->answered = NULL;
     pthread_mutex_unlock(&k->rec_mu);
-    bool stored = false;
     while (r) {
         record *n = r->next;
-        stored |= record_settle(k, r);
+        record_settle(k, r);
         r = n;
     }
     int64_t now = mg_mono_ms();
@@ -711,11 +765,15 @@ static bool records_progress(tk *k)
             pp = &q->next;
         }
     }
+    bool stored = false;
+    for (size_t i = 0; i < k->nparts; i++)
+        if (k->parts[i].moved)
+            stored |= part_advance(k, &k->parts[i]);
     return stored;
 }
 
-/* Returns true when an offset was stored. Takes m. */
-static bool consume_one(tk *k, rd_kafka_message_t *m)
+/* Takes m: decodes it and starts it, or queues it behind its recipient. */
+static void consume_one(tk *k, rd_kafka_message_t *m)
 {
     if (m->err) {
         if (m->err != RD_KAFKA_RESP_ERR__PARTITION_EOF && error_log_due(k))
@@ -723,10 +781,15 @@ static bool consume_one(tk *k, rd_kafka_message_t *m)
                         m->rkt ? rd_kafka_topic_name(m->rkt) : k->own_topic,
                         rd_kafka_message_errstr(m));
         rd_kafka_message_destroy(m);
-        return false;
+        return;
     }
-    mg_msg *msg = NULL;
-    if (mg_msg_unpack(m->payload, m->len, &msg) != 0) {
+    part *pt = part_of(k, m->partition);
+    record *r = mg_new(record);
+    r->k = k;
+    r->m = m;
+    part_add(k, pt, r);
+    if (mg_msg_unpack(m->payload, m->len, &r->msg) != 0) {
+        r->msg = NULL;
         mg_metric_add(k->bad_records, 1);
         int64_t n = mg_metric_value(k->bad_records);
         if (n % BAD_RECORD_LOG_EVERY == 1)
@@ -735,38 +798,18 @@ static bool consume_one(tk *k, rd_kafka_message_t *m)
                         "offset=%lld bytes=%zu (logged once per %d, total=%lld)",
                         rd_kafka_topic_name(m->rkt), (int)m->partition, (long long)m->offset,
                         m->len, BAD_RECORD_LOG_EVERY, (long long)n);
-        part *pt = part_of(k, m->partition);
-        if (pt && pt->busy) { /* behind a record in flight: its offset waits its turn */
-            record *r = mg_new(record);
-            r->k = k;
-            r->m = m;
-            part_queue(k, pt, r);
-            return false;
-        }
-        store_offset(k, m);
-        rd_kafka_message_destroy(m);
-        return true;
+        record_finish(k, r); /* its offset is stored in its turn */
+        return;
     }
     rd_kafka_headers_t *hdrs;
     const void *tp;
     size_t tpl;
     if (rd_kafka_message_headers(m, &hdrs) == RD_KAFKA_RESP_ERR_NO_ERROR &&
         rd_kafka_header_get_last(hdrs, "traceparent", &tp, &tpl) == RD_KAFKA_RESP_ERR_NO_ERROR)
-        mg_traceparent_parse(tp, tpl, &msg->trace); /* the header, else the envelope's */
-    record *r = mg_new(record);
-    r->k = k;
-    r->m = m;
-    r->msg = msg;
+        mg_traceparent_parse(tp, tpl, &r->msg->trace); /* the header, else the envelope's */
     r->start_ms = mg_mono_ms();
     r->delay_ms = RETRY_DELAY_MIN_MS;
-    part *pt = part_of(k, m->partition);
-    if (pt->busy) { /* the partition's order: behind the one in flight */
-        part_queue(k, pt, r);
-        return false;
-    }
-    pt->busy = r;
-    record_start(k, r);
-    return false;
+    record_chain(k, r);
 }
 
 /* Waits (bounded) for the operations in flight, then frees every record:
@@ -780,25 +823,26 @@ static void records_drain(tk *k)
         usleep(2000);
     }
     records_progress(k);
-    if (atomic_load(&k->in_flight) > 0) /* their callbacks would find freed records */
+    if (atomic_load(&k->in_flight) > 0) /* their callbacks would find freed records: kept */
         mg_log_error("kafka", "operations still in flight at consumer stop count=%d",
                      atomic_load(&k->in_flight));
-    for (record *r = k->retrying, *n; r; r = n) {
-        n = r->next;
-        record_free(r);
-    }
-    k->retrying = NULL;
+    k->retrying = NULL; /* those records are in their windows */
     for (size_t i = 0; i < k->nparts; i++) {
-        part *pt = &k->parts[i];
-        for (record *r = pt->head, *n; r; r = n) {
-            n = r->next;
-            record_free(r);
+        for (record *r = k->parts[i].head, *n; r; r = n) {
+            n = r->wnext;
+            if (r->state != REC_RUNNING)
+                record_free(r);
         }
     }
     free(k->parts);
     k->parts = NULL;
     k->nparts = 0;
+    mg_map_free(k->chains);
+    k->chains = NULL;
 }
+
+/* Records taken from the consumer per turn before the answers are settled. */
+#define POLL_BATCH 256
 
 static void *consume_main(void *arg)
 {
@@ -807,11 +851,15 @@ static void *consume_main(void *arg)
     bool dirty = false;
     while (atomic_load(&k->consume_run)) {
         rd_kafka_message_t *m = rd_kafka_consumer_poll(k->consumer, 100);
-        if (m)
-            dirty |= consume_one(k, m);
+        bool got = m != NULL;
+        for (int n = 0; m; m = ++n < POLL_BATCH ? rd_kafka_consumer_poll(k->consumer, 0) : NULL)
+            consume_one(k, m);
         dirty |= records_progress(k);
         int64_t now = mg_mono_ms();
-        if (dirty && (!m || now - last_commit >= COMMIT_INTERVAL_MS)) {
+        /* At most every COMMIT_INTERVAL_MS under load (answers wake the poll
+         * all the time); at once when everything fetched is handled. */
+        if (dirty && (now - last_commit >= COMMIT_INTERVAL_MS ||
+                      (!got && atomic_load(&k->in_flight) == 0))) {
             rd_kafka_resp_err_t err = rd_kafka_commit(k->consumer, NULL, 1);
             if (err && err != RD_KAFKA_RESP_ERR__NO_OFFSET && error_log_due(k))
                 mg_log_warn("kafka", "offset commit failed err=%s", rd_kafka_err2str(err));
@@ -995,6 +1043,7 @@ int mg_transport_kafka_start_consumer(mg_transport *t, mg_router *router)
     }
     k->consumer = c;
     k->router = router;
+    k->chains = mg_map_create(256);
     atomic_store(&k->assigned, 0);
     atomic_store(&k->consume_run, true);
     if (pthread_create(&k->consume_thread, NULL, consume_main, k) != 0) {

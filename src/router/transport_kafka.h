@@ -16,12 +16,13 @@
  *
  * Consumer: group "meshgate-<region>" on <prefix><region>, so each message is
  * handled by ONE gateway of the region. Each record is passed to
- * mg_router_deliver_from_queue() (one record in flight per partition, the
- * next ones queued behind it; no thread waits); its offset is stored and
- * committed only after that succeeded (at-least-once; the router's dedupe window drops the
- * duplicates a redelivery brings). Transient failures are retried on the same
+ * mg_router_deliver_from_queue() (one record in flight per recipient, in
+ * offset order: a recipient's later records wait behind it; other
+ * recipients' records run meanwhile; no thread waits); a partition's
+ * committed offset never passes a record not yet handled (at-least-once;
+ * the router's dedupe window drops the duplicates a redelivery brings). Transient failures are retried on the same
  * record with backoff; after retry_budget_ms the message is put in the
- * recipient's offline inbox (never dropped) and the partition moves on.
+ * recipient's offline inbox (never dropped) and its next records go on.
  *
  * Threads: "kafka-poll" serves producer delivery reports and admin results;
  * "kafka-consume" runs the consumer. deliver()/available() are thread-safe

@@ -3,7 +3,9 @@
  * router's deliver_from_queue -> a recording local sink, undecodable records
  * skipped and committed past, one consumer group per region (each message
  * handled once), redelivery after a consumer died without committing
- * (dropped by dedupe), and a broker restart mid-run (HIGH fails clearly or
+ * (dropped by dedupe), records of other recipients passing a slow one
+ * while each recipient's order holds and the committed offset stays below
+ * the record not done, and a broker restart mid-run (HIGH fails clearly or
  * succeeds; nothing answered QUEUED is lost).
  *
  * Every test uses its own region (so its own topic and consumer group):
@@ -236,8 +238,9 @@ Test(kafka, produce_consume_delivers_once)
     mg_recsink_destroy(&r);
 }
 
-/* Committed offsets of group meshgate-<region> on its topic, summed. */
-static int64_t committed_sum(const char *region)
+/* Committed offsets of group meshgate-<region> on its topic, by partition
+ * (< 0: none committed). */
+static void committed_offsets(const char *region, int64_t off[PARTITIONS])
 {
     char e[512], group[128], topic[160];
     snprintf(group, sizeof(group), "meshgate-%s", region);
@@ -251,14 +254,24 @@ static int64_t committed_sum(const char *region)
     for (int p = 0; p < PARTITIONS; p++)
         rd_kafka_topic_partition_list_add(l, topic, p);
     rd_kafka_resp_err_t err = rd_kafka_committed(c, l, 10000);
-    int64_t sum = 0;
-    for (int p = 0; p < l->cnt; p++)
-        if (l->elems[p].offset > 0)
-            sum += l->elems[p].offset;
+    for (int p = 0; p < PARTITIONS; p++)
+        off[p] = -1;
+    for (int i = 0; i < l->cnt; i++)
+        off[l->elems[i].partition] = l->elems[i].offset;
     rd_kafka_topic_partition_list_destroy(l);
     rd_kafka_consumer_close(c);
     rd_kafka_destroy(c);
     cr_assert_eq(err, 0, "committed: %s", rd_kafka_err2str(err));
+}
+
+/* Committed offsets of group meshgate-<region> on its topic, summed. */
+static int64_t committed_sum(const char *region)
+{
+    int64_t off[PARTITIONS], sum = 0;
+    committed_offsets(region, off);
+    for (int p = 0; p < PARTITIONS; p++)
+        if (off[p] > 0)
+            sum += off[p];
     return sum;
 }
 
@@ -431,6 +444,176 @@ Test(kafka, redelivery_after_a_consumer_died_reaches_the_client_once)
     mg_router_free(rt);
     delete_topic(region);
     mg_recsink_destroy(&r);
+}
+
+/* ---- pipelining: each recipient's order, commits below the lowest record not done ---- */
+
+/* A local sink that keeps the write reports of user "u0" while `holding`
+ * (a slow delivery) and reports the others at once; it records each user's
+ * message numbers ("p<n>") in arrival order. */
+enum { HOLD_USERS = 5, HOLD_N = 60 };
+
+typedef struct holdsink {
+    pthread_mutex_t mu;
+    bool holding;
+    int seq[HOLD_USERS][HOLD_N + 1], nseq[HOLD_USERS];
+    int total;
+    mg_written_fn held_fn[HOLD_N];
+    void *held_arg[HOLD_N];
+    int nheld;
+} holdsink;
+
+static int hold_deliver(void *arg, const mg_msg *msg, const char *conn_id, bool from_inbox,
+                        mg_written_fn written, void *written_arg)
+{
+    holdsink *s = arg;
+    int u = atoi(msg->to + 1), n = -1;
+    sscanf(msg->id, "p%d", &n);
+    pthread_mutex_lock(&s->mu);
+    cr_assert(u >= 0 && u < HOLD_USERS && s->nseq[u] <= HOLD_N);
+    s->seq[u][s->nseq[u]++] = n;
+    s->total++;
+    bool hold = written && u == 0 && s->holding && s->nheld < HOLD_N;
+    if (hold) {
+        s->held_fn[s->nheld] = written;
+        s->held_arg[s->nheld++] = written_arg;
+    }
+    pthread_mutex_unlock(&s->mu);
+    if (written && !hold)
+        written(written_arg, 1);
+    return 1;
+}
+
+static int hold_disconnect(void *arg, const char *user, const char *conn_id, int code,
+                           const char *reason)
+{
+    return 0;
+}
+
+static void hold_release(holdsink *s)
+{
+    pthread_mutex_lock(&s->mu);
+    s->holding = false;
+    int n = s->nheld;
+    s->nheld = 0;
+    pthread_mutex_unlock(&s->mu);
+    for (int i = 0; i < n; i++)
+        s->held_fn[i](s->held_arg[i], 1);
+}
+
+typedef struct {
+    holdsink *s;
+    int user, n; /* user < 0: the total */
+} hold_wait;
+
+static bool hold_seen(void *arg)
+{
+    hold_wait *w = arg;
+    pthread_mutex_lock(&w->s->mu);
+    bool ok = (w->user < 0 ? w->s->total : w->s->nseq[w->user]) >= w->n;
+    pthread_mutex_unlock(&w->s->mu);
+    return ok;
+}
+
+static void produce_to_partition(rd_kafka_t *p, const char *topic, int partition, const char *id,
+                                 const char *user)
+{
+    mg_msg *m =
+        mg_msg_new(id, "sender", user, (const uint8_t *)"x", 1, NULL, mg_now_ms(), MG_PRIO_HIGH);
+    size_t len = 0;
+    uint8_t *val = mg_msg_pack(m, &len);
+    mg_msg_free(m);
+    cr_assert_eq(rd_kafka_producev(p, RD_KAFKA_V_TOPIC(topic), RD_KAFKA_V_PARTITION(partition),
+                                   RD_KAFKA_V_KEY(user, strlen(user)), RD_KAFKA_V_VALUE(val, len),
+                                   RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_FREE), RD_KAFKA_V_END),
+                 0);
+}
+
+typedef struct {
+    const char *region;
+    int partition;
+    int64_t at_least;
+} committed_wait;
+
+static bool committed_reached(void *arg)
+{
+    committed_wait *w = arg;
+    int64_t off[PARTITIONS];
+    committed_offsets(w->region, off);
+    return off[w->partition] >= w->at_least;
+}
+
+Test(kafka, records_of_other_recipients_pass_a_slow_one_in_order_and_commits_wait_for_it)
+{
+    char region[64], topic[160], e[512];
+    region_name(region, sizeof(region), "pipeline");
+    snprintf(topic, sizeof(topic), PREFIX "%s", region);
+    holdsink *s = calloc(1, sizeof(*s));
+    pthread_mutex_init(&s->mu, NULL);
+    s->holding = true;
+    mg_local_sink sink = {hold_deliver, hold_disconnect, s};
+    mg_router *rt = mg_sink_router("gw-a", region, &sink, HOLD_USERS);
+    mg_transport *t = make_transport("gw-a", region, 5000);
+    mg_router_set_transport(rt, MG_PATH_KAFKA, t);
+    cr_assert_eq(mg_transport_kafka_start_consumer(t, rt), 0);
+    assign_arg aa = {{t, NULL}, PARTITIONS};
+    cr_assert(mg_wait_until(assigned, &aa, 30000), "no partitions assigned");
+
+    /* HOLD_N records in partition 0, users round robin, u0's first: its
+     * write is held, so every later record of u0 must wait behind it while
+     * the other users' records go through. */
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    cr_assert_eq(rd_kafka_conf_set(conf, "bootstrap.servers", broker(), e, sizeof(e)), 0);
+    rd_kafka_t *p = rd_kafka_new(RD_KAFKA_PRODUCER, conf, e, sizeof(e));
+    cr_assert(p, "%s", e);
+    for (int i = 0; i < HOLD_N; i++) {
+        char id[16], user[16];
+        snprintf(id, sizeof(id), "p%d", i);
+        snprintf(user, sizeof(user), "u%d", i % HOLD_USERS);
+        produce_to_partition(p, topic, 0, id, user);
+    }
+    cr_assert_eq(rd_kafka_flush(p, 10000), 0);
+    for (int u = 1; u < HOLD_USERS; u++) {
+        hold_wait w = {s, u, HOLD_N / HOLD_USERS};
+        cr_assert(mg_wait_until(hold_seen, &w, 30000),
+                  "u%d's records did not pass u0's held one (%d of %d)", u, s->nseq[u], w.n);
+    }
+    pthread_mutex_lock(&s->mu);
+    cr_assert_eq(s->nseq[0], 1, "u0's later records did not wait for its first (%d seen)",
+                 s->nseq[0]);
+    pthread_mutex_unlock(&s->mu);
+
+    /* A record of partition 1, produced now: once its offset is committed,
+     * that commit carried partition 0's stored offset too, which must not
+     * pass u0's first record (offset 0). */
+    produce_to_partition(p, topic, 1, "p-marker", "u1");
+    cr_assert_eq(rd_kafka_flush(p, 10000), 0);
+    rd_kafka_destroy(p);
+    committed_wait cw = {region, 1, 1};
+    cr_assert(mg_wait_until(committed_reached, &cw, 20000), "partition 1 was not committed");
+    int64_t off[PARTITIONS];
+    committed_offsets(region, off);
+    cr_assert_leq(off[0], 0, "partition 0 committed to %lld past a record not done",
+                  (long long)off[0]);
+
+    hold_release(s);
+    hold_wait all = {s, -1, HOLD_N + 1};
+    cr_assert(mg_wait_until(hold_seen, &all, 30000), "%d of %d delivered after the release",
+              s->total, HOLD_N + 1);
+    for (int u = 0; u < HOLD_USERS; u++) {
+        int want = u == 1 ? HOLD_N / HOLD_USERS + 1 : HOLD_N / HOLD_USERS;
+        cr_assert_eq(s->nseq[u], want, "u%d got %d of %d", u, s->nseq[u], want);
+        for (int i = 1; i < HOLD_N / HOLD_USERS; i++)
+            cr_assert_gt(s->seq[u][i], s->seq[u][i - 1], "u%d: p%d arrived after p%d", u,
+                         s->seq[u][i - 1], s->seq[u][i]);
+    }
+    mg_transport_kafka_stop(t, 5000);
+    committed_offsets(region, off);
+    cr_assert_eq(off[0], HOLD_N, "partition 0 committed to %lld", (long long)off[0]);
+    mg_router_free(rt);
+    delete_topic(region);
+    pthread_mutex_destroy(&s->mu);
+    free(s);
 }
 
 /* ---- broker restart mid-run ---- */

@@ -87,9 +87,8 @@ bool mg_recsink_wait_total(mg_recsink *r, int n, int timeout_ms)
     return mg_wait_until(total_reached, &a, timeout_ms);
 }
 
-mg_router *mg_recsink_router(const char *gw, const char *region, mg_recsink *r, int users)
+mg_router *mg_sink_router(const char *gw, const char *region, const mg_local_sink *sink, int users)
 {
-    mg_local_sink sink = mg_recsink_sink(r);
     mg_router_config rc = {.gateway_id = gw,
                            .region = region,
                            .hot_window_seconds = 10,
@@ -97,7 +96,7 @@ mg_router *mg_recsink_router(const char *gw, const char *region, mg_recsink *r, 
                            .hot_capacity = 64,
                            .dedupe_window = 8192};
     mg_router *rt = mg_router_create(&rc, mg_presence_memory_create(gw, region),
-                                     mg_inbox_memory_create(1000, 3600), &sink, NULL);
+                                     mg_inbox_memory_create(1000, 3600), sink, NULL);
     for (int i = 0; i < users; i++) {
         char user[32], conn[32];
         snprintf(user, sizeof(user), "u%d", i);
@@ -105,4 +104,10 @@ mg_router *mg_recsink_router(const char *gw, const char *region, mg_recsink *r, 
         cr_assert_eq(mg_router_user_connected(rt, user, conn, mg_now_ms()), 0);
     }
     return rt;
+}
+
+mg_router *mg_recsink_router(const char *gw, const char *region, mg_recsink *r, int users)
+{
+    mg_local_sink sink = mg_recsink_sink(r);
+    return mg_sink_router(gw, region, &sink, users);
 }

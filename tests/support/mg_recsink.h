@@ -34,5 +34,7 @@ typedef struct mg_router mg_router;
 /* An in-process router (memory presence and inbox, no store pool) writing to
  * r, with users "u0".."u<users-1>" connected as "<gw>-c<i>". */
 mg_router *mg_recsink_router(const char *gw, const char *region, mg_recsink *r, int users);
+/* The same router writing to any sink (copied). */
+mg_router *mg_sink_router(const char *gw, const char *region, const mg_local_sink *sink, int users);
 
 #endif
