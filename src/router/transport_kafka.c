@@ -39,7 +39,9 @@
  * holds PART_WINDOW_MAX records is paused until it is down to half
  * (pausing drops librdkafka's prefetched records and refetches from the one
  * after the last fetched: pausing per record would cost a fetch round trip
- * per record), which bounds the records in flight. Stored offsets are
+ * per record); at most CONSUME_INFLIGHT_MAX operations are in flight from
+ * the consumer (the same bound as a peer's calls by default), the records
+ * free to start beyond it wait in order. Stored offsets are
  * committed asynchronously at most every COMMIT_INTERVAL_MS (at once when
  * the consumer is idle), synchronously on partition revocation and on stop.
  * A transient failure retries the same record with exponential backoff (the
@@ -80,6 +82,7 @@
 #define RETRY_DELAY_MAX_MS    2000
 #define ERROR_LOG_INTERVAL_MS 5000
 #define PART_WINDOW_MAX       1024 /* records fetched and not yet stored past, per partition */
+#define CONSUME_INFLIGHT_MAX  MG_KAFKA_CONSUME_INFLIGHT_MAX /* from the consumer, all partitions */
 
 enum { TOPIC_UNKNOWN = 0, TOPIC_PENDING = 1, TOPIC_READY = 2 };
 
@@ -115,6 +118,7 @@ typedef struct tk {
     atomic_int assigned;
     struct part *parts; /* by partition number: kafka-consume only */
     mg_map *chains;     /* recipient -> its last record not done: kafka-consume only */
+    struct record *ready_head, *ready_tail; /* free to start, over CONSUME_INFLIGHT_MAX */
     size_t nparts;
     struct record *retrying; /* kafka-consume only */
     pthread_mutex_t rec_mu;  /* answered */
@@ -123,6 +127,8 @@ typedef struct tk {
 
     atomic_llong last_error_log_ms;
     mg_metric *dropped, *bad_records, *consumed, *retries, *parked, *produce_errors, *ack_latency;
+    mg_metric *held; /* records fetched and not yet committed past */
+    size_t nheld;    /* kafka-consume only */
 } tk;
 
 /* ---- small helpers ------------------------------------------------------- */
@@ -521,6 +527,7 @@ static void store_offset(tk *k, const rd_kafka_message_t *m)
 
 enum {
     REC_WAITING, /* behind an earlier record of the same recipient */
+    REC_READY,   /* free to start, on k->ready while CONSUME_INFLIGHT_MAX are in flight */
     REC_RUNNING, /* its operation in flight */
     REC_RETRY,   /* failed; on k->retrying until its due time */
     REC_DONE,    /* handled: its offset may be stored once every record before it is done */
@@ -530,7 +537,7 @@ enum {
  * partition is done too. The consumer thread owns every field but `res`,
  * which the operation's callback fills before handing the record back. */
 typedef struct record {
-    struct record *next;  /* k->answered or k->retrying */
+    struct record *next;  /* k->answered, k->retrying or k->ready */
     struct record *wnext; /* the partition's window, in offset order */
     struct record *after; /* the same recipient's next record, waiting for this one */
     tk *k;
@@ -622,6 +629,24 @@ static void record_free(record *r)
     free(r);
 }
 
+/* Starts r, or queues it behind the records already waiting for room while
+ * CONSUME_INFLIGHT_MAX operations are in flight (a recipient has at most
+ * one record here or running, so its order holds). */
+static void record_go(tk *k, record *r)
+{
+    if (!k->ready_head && atomic_load(&k->in_flight) < CONSUME_INFLIGHT_MAX) {
+        record_start(k, r);
+        return;
+    }
+    r->state = REC_READY;
+    r->next = NULL;
+    if (k->ready_tail)
+        k->ready_tail->next = r;
+    else
+        k->ready_head = r;
+    k->ready_tail = r;
+}
+
 /* A new decodable record: it starts now unless an earlier record of the
  * same recipient is not done yet, in which case it waits behind the last
  * of them (a recipient's records are handled one at a time, in offset
@@ -634,7 +659,7 @@ static void record_chain(tk *k, record *r)
         r->state = REC_WAITING;
         return;
     }
-    record_start(k, r);
+    record_go(k, r);
 }
 
 /* The record is handled: the recipient's next record starts (not while
@@ -653,7 +678,7 @@ static void record_finish(tk *k, record *r)
         return;
     }
     if (atomic_load(&k->consume_run))
-        record_start(k, n);
+        record_go(k, n);
 }
 
 /* Appends r to its partition's window; a partition with PART_WINDOW_MAX
@@ -667,6 +692,7 @@ static void part_add(tk *k, part *pt, record *r)
     else
         pt->head = r;
     pt->tail = r;
+    k->nheld++;
     if (++pt->count >= PART_WINDOW_MAX && !pt->paused) {
         pt->paused = true;
         set_paused(k, r->m, true);
@@ -685,6 +711,7 @@ static bool part_advance(tk *k, part *pt)
         record *r = pt->head;
         pt->head = r->wnext;
         pt->count--;
+        k->nheld--;
         if (last)
             record_free(last);
         last = r;
@@ -760,10 +787,18 @@ static bool records_progress(tk *k)
         record *q = *pp;
         if (q->retry_at_ms <= now && atomic_load(&k->consume_run)) {
             *pp = q->next;
-            record_start(k, q);
+            record_go(k, q);
         } else {
             pp = &q->next;
         }
+    }
+    while (k->ready_head && atomic_load(&k->in_flight) < CONSUME_INFLIGHT_MAX &&
+           atomic_load(&k->consume_run)) {
+        record *q = k->ready_head;
+        k->ready_head = q->next;
+        if (!k->ready_head)
+            k->ready_tail = NULL;
+        record_start(k, q);
     }
     bool stored = false;
     for (size_t i = 0; i < k->nparts; i++)
@@ -826,7 +861,8 @@ static void records_drain(tk *k)
     if (atomic_load(&k->in_flight) > 0) /* their callbacks would find freed records: kept */
         mg_log_error("kafka", "operations still in flight at consumer stop count=%d",
                      atomic_load(&k->in_flight));
-    k->retrying = NULL; /* those records are in their windows */
+    k->retrying = NULL; /* those records are in their windows, as the ready ones */
+    k->ready_head = k->ready_tail = NULL;
     for (size_t i = 0; i < k->nparts; i++) {
         for (record *r = k->parts[i].head, *n; r; r = n) {
             n = r->wnext;
@@ -837,6 +873,8 @@ static void records_drain(tk *k)
     free(k->parts);
     k->parts = NULL;
     k->nparts = 0;
+    k->nheld = 0;
+    mg_metric_set(k->held, 0);
     mg_map_free(k->chains);
     k->chains = NULL;
 }
@@ -855,6 +893,7 @@ static void *consume_main(void *arg)
         for (int n = 0; m; m = ++n < POLL_BATCH ? rd_kafka_consumer_poll(k->consumer, 0) : NULL)
             consume_one(k, m);
         dirty |= records_progress(k);
+        mg_metric_set(k->held, (int64_t)k->nheld);
         int64_t now = mg_mono_ms();
         /* At most every COMMIT_INTERVAL_MS under load (answers wake the poll
          * all the time); at once when everything fetched is handled. */
@@ -938,6 +977,10 @@ mg_transport *mg_transport_kafka_create(const mg_transport_kafka_config *cfg, ch
                            "Consumed records put in the inbox after the retry budget", NULL);
     k->produce_errors = mg_counter("meshgate_kafka_produce_errors_total",
                                    "Produced messages the broker did not acknowledge", NULL);
+    k->held = mg_gauge("meshgate_kafka_consumer_records",
+                       "Records fetched by this gateway's consumer and not yet committed past "
+                       "(in flight, or waiting for their recipient's earlier record or for room)",
+                       NULL);
     k->ack_latency = mg_histogram("meshgate_kafka_ack_seconds",
                                   "Time a HIGH send waited for the broker's acks=all", NULL);
     k->base.ops = &kafka_ops;

@@ -20,9 +20,11 @@
  * offset order: a recipient's later records wait behind it; other
  * recipients' records run meanwhile; no thread waits); a partition's
  * committed offset never passes a record not yet handled (at-least-once;
- * the router's dedupe window drops the duplicates a redelivery brings). Transient failures are retried on the same
- * record with backoff; after retry_budget_ms the message is put in the
+ * the router's dedupe window drops the duplicates a redelivery brings). Transient failures are
+ * retried on the same record with backoff; after retry_budget_ms the message is put in the
  * recipient's offline inbox (never dropped) and its next records go on.
+ * At most MG_KAFKA_CONSUME_INFLIGHT_MAX operations are in flight from the
+ * consumer; records free to start beyond it wait, in order.
  *
  * Threads: "kafka-poll" serves producer delivery reports and admin results;
  * "kafka-consume" runs the consumer. deliver()/available() are thread-safe
@@ -36,6 +38,8 @@
 #include "router/transport.h"
 
 #include <stddef.h>
+
+#define MG_KAFKA_CONSUME_INFLIGHT_MAX 1024
 
 typedef struct mg_transport_kafka_config {
     const char *brokers;      /* "host:port,..."; NULL or "": an inert transport (not available) */

@@ -5,8 +5,8 @@
  * handled once), redelivery after a consumer died without committing
  * (dropped by dedupe), records of other recipients passing a slow one
  * while each recipient's order holds and the committed offset stays below
- * the record not done, and a broker restart mid-run (HIGH fails clearly or
- * succeeds; nothing answered QUEUED is lost).
+ * the record not done, the consumer's bound on operations in flight, and a broker restart mid-run
+ * (HIGH fails clearly or succeeds; nothing answered QUEUED is lost).
  *
  * Every test uses its own region (so its own topic and consumer group):
  * "<pid>-<name>". The restart test holds an exclusive flock on
@@ -136,6 +136,22 @@ static bool assigned(void *arg)
 static int64_t counter(const char *name)
 {
     return mg_metric_value(mg_counter(name, "", NULL));
+}
+
+static int64_t gauge(const char *name)
+{
+    return mg_metric_value(mg_gauge(name, "", NULL));
+}
+
+typedef struct {
+    const char *name;
+    int64_t want;
+} gauge_wait;
+
+static bool gauge_reached(void *arg)
+{
+    gauge_wait *w = arg;
+    return gauge(w->name) == w->want;
 }
 
 static int cmp64(const void *a, const void *b)
@@ -448,20 +464,42 @@ Test(kafka, redelivery_after_a_consumer_died_reaches_the_client_once)
 
 /* ---- pipelining: each recipient's order, commits below the lowest record not done ---- */
 
-/* A local sink that keeps the write reports of user "u0" while `holding`
- * (a slow delivery) and reports the others at once; it records each user's
- * message numbers ("p<n>") in arrival order. */
+/* A local sink that keeps the write reports of users u0..u<hold_users - 1>
+ * while `holding` (slow deliveries) and reports the others at once; it
+ * records the message numbers ("p<n>") of u0..u<HOLD_USERS - 1> in arrival
+ * order. */
 enum { HOLD_USERS = 5, HOLD_N = 60 };
 
 typedef struct holdsink {
     pthread_mutex_t mu;
+    int hold_users;
     bool holding;
     int seq[HOLD_USERS][HOLD_N + 1], nseq[HOLD_USERS];
     int total;
-    mg_written_fn held_fn[HOLD_N];
-    void *held_arg[HOLD_N];
-    int nheld;
+    mg_written_fn *held_fn;
+    void **held_arg;
+    int nheld, held_max;
 } holdsink;
+
+static holdsink *holdsink_new(int hold_users, int held_max)
+{
+    holdsink *s = calloc(1, sizeof(*s));
+    pthread_mutex_init(&s->mu, NULL);
+    s->hold_users = hold_users;
+    s->holding = true;
+    s->held_max = held_max;
+    s->held_fn = calloc((size_t)held_max, sizeof(*s->held_fn));
+    s->held_arg = calloc((size_t)held_max, sizeof(*s->held_arg));
+    return s;
+}
+
+static void holdsink_free(holdsink *s)
+{
+    pthread_mutex_destroy(&s->mu);
+    free(s->held_fn);
+    free(s->held_arg);
+    free(s);
+}
 
 static int hold_deliver(void *arg, const mg_msg *msg, const char *conn_id, bool from_inbox,
                         mg_written_fn written, void *written_arg)
@@ -470,10 +508,12 @@ static int hold_deliver(void *arg, const mg_msg *msg, const char *conn_id, bool 
     int u = atoi(msg->to + 1), n = -1;
     sscanf(msg->id, "p%d", &n);
     pthread_mutex_lock(&s->mu);
-    cr_assert(u >= 0 && u < HOLD_USERS && s->nseq[u] <= HOLD_N);
-    s->seq[u][s->nseq[u]++] = n;
+    if (u < HOLD_USERS) {
+        cr_assert(s->nseq[u] <= HOLD_N);
+        s->seq[u][s->nseq[u]++] = n;
+    }
     s->total++;
-    bool hold = written && u == 0 && s->holding && s->nheld < HOLD_N;
+    bool hold = written && u < s->hold_users && s->holding && s->nheld < s->held_max;
     if (hold) {
         s->held_fn[s->nheld] = written;
         s->held_arg[s->nheld++] = written_arg;
@@ -548,9 +588,7 @@ Test(kafka, records_of_other_recipients_pass_a_slow_one_in_order_and_commits_wai
     char region[64], topic[160], e[512];
     region_name(region, sizeof(region), "pipeline");
     snprintf(topic, sizeof(topic), PREFIX "%s", region);
-    holdsink *s = calloc(1, sizeof(*s));
-    pthread_mutex_init(&s->mu, NULL);
-    s->holding = true;
+    holdsink *s = holdsink_new(1, HOLD_N);
     mg_local_sink sink = {hold_deliver, hold_disconnect, s};
     mg_router *rt = mg_sink_router("gw-a", region, &sink, HOLD_USERS);
     mg_transport *t = make_transport("gw-a", region, 5000);
@@ -612,8 +650,58 @@ Test(kafka, records_of_other_recipients_pass_a_slow_one_in_order_and_commits_wai
     cr_assert_eq(off[0], HOLD_N, "partition 0 committed to %lld", (long long)off[0]);
     mg_router_free(rt);
     delete_topic(region);
-    pthread_mutex_destroy(&s->mu);
-    free(s);
+    holdsink_free(s);
+}
+
+Test(kafka, operations_in_flight_from_the_consumer_are_bounded)
+{
+    enum { USERS = MG_KAFKA_CONSUME_INFLIGHT_MAX + 76 };
+    char region[64], topic[160], e[512];
+    region_name(region, sizeof(region), "bound");
+    snprintf(topic, sizeof(topic), PREFIX "%s", region);
+    holdsink *s = holdsink_new(USERS, USERS);
+    mg_local_sink sink = {hold_deliver, hold_disconnect, s};
+    mg_router *rt = mg_sink_router("gw-a", region, &sink, USERS);
+    mg_transport *t = make_transport("gw-a", region, 5000);
+    mg_router_set_transport(rt, MG_PATH_KAFKA, t);
+    cr_assert_eq(mg_transport_kafka_start_consumer(t, rt), 0);
+    assign_arg aa = {{t, NULL}, PARTITIONS};
+    cr_assert(mg_wait_until(assigned, &aa, 30000), "no partitions assigned");
+
+    /* One record per user, every write held: each could start at once, but
+     * only the bound may be in flight; the rest wait until room is made. */
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    cr_assert_eq(rd_kafka_conf_set(conf, "bootstrap.servers", broker(), e, sizeof(e)), 0);
+    rd_kafka_t *p = rd_kafka_new(RD_KAFKA_PRODUCER, conf, e, sizeof(e));
+    cr_assert(p, "%s", e);
+    for (int i = 0; i < USERS; i++) {
+        char id[16], user[16];
+        snprintf(id, sizeof(id), "p%d", i);
+        snprintf(user, sizeof(user), "u%d", i);
+        produce_to_partition(p, topic, i % PARTITIONS, id, user);
+    }
+    cr_assert_eq(rd_kafka_flush(p, 10000), 0);
+    rd_kafka_destroy(p);
+    /* Every record fetched and handed to the consumer's logic (started or
+     * waiting): the gauge is set after each turn of the consumer loop. */
+    gauge_wait gw = {"meshgate_kafka_consumer_records", USERS};
+    cr_assert(mg_wait_until(gauge_reached, &gw, 30000), "the consumer holds %lld of %d records",
+              (long long)gauge("meshgate_kafka_consumer_records"), USERS);
+    pthread_mutex_lock(&s->mu);
+    int started = s->total;
+    pthread_mutex_unlock(&s->mu);
+    cr_assert_eq(started, MG_KAFKA_CONSUME_INFLIGHT_MAX, "%d operations in flight", started);
+
+    hold_release(s);
+    hold_wait all = {s, -1, USERS};
+    cr_assert(mg_wait_until(hold_seen, &all, 30000), "%d of %d delivered after the release",
+              s->total, USERS);
+    mg_transport_kafka_stop(t, 5000);
+    cr_assert_eq(committed_sum(region), USERS);
+    cr_assert_eq(gauge("meshgate_kafka_consumer_records"), 0);
+    mg_router_free(rt);
+    delete_topic(region);
+    holdsink_free(s);
 }
 
 /* ---- broker restart mid-run ---- */
