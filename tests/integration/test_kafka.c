@@ -291,9 +291,19 @@ static int64_t committed_sum(const char *region)
     return sum;
 }
 
+static rd_kafka_t *raw_producer(void)
+{
+    char e[512];
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    cr_assert_eq(rd_kafka_conf_set(conf, "bootstrap.servers", broker(), e, sizeof(e)), 0);
+    rd_kafka_t *p = rd_kafka_new(RD_KAFKA_PRODUCER, conf, e, sizeof(e));
+    cr_assert(p, "%s", e);
+    return p;
+}
+
 Test(kafka, undecodable_record_is_skipped_counted_and_committed)
 {
-    char region[64], topic[160], e[512];
+    char region[64], topic[160];
     region_name(region, sizeof(region), "bad");
     snprintf(topic, sizeof(topic), PREFIX "%s", region);
     mg_recsink r;
@@ -308,10 +318,7 @@ Test(kafka, undecodable_record_is_skipped_counted_and_committed)
 
     /* Garbage bytes straight to the topic, keyed like the good message so
      * both land in one partition, garbage first. */
-    rd_kafka_conf_t *conf = rd_kafka_conf_new();
-    cr_assert_eq(rd_kafka_conf_set(conf, "bootstrap.servers", broker(), e, sizeof(e)), 0);
-    rd_kafka_t *p = rd_kafka_new(RD_KAFKA_PRODUCER, conf, e, sizeof(e));
-    cr_assert(p, "%s", e);
+    rd_kafka_t *p = raw_producer();
     static const char garbage[] = "\xff\xff\xff not a protobuf envelope";
     cr_assert_eq(rd_kafka_producev(p, RD_KAFKA_V_TOPIC(topic), RD_KAFKA_V_KEY("u0", 2),
                                    RD_KAFKA_V_VALUE((void *)garbage, sizeof(garbage) - 1),
@@ -583,27 +590,47 @@ static bool committed_reached(void *arg)
     return off[w->partition] >= w->at_least;
 }
 
+/* Gateway "gw-a" of its own region, consuming, its writes going to a
+ * holdsink; users u0..u<users - 1> connected. */
+typedef struct held_gw {
+    char region[64], topic[160];
+    holdsink *s;
+    mg_router *rt;
+    mg_transport *t;
+} held_gw;
+
+static void held_gw_start(held_gw *g, const char *name, int users, int hold_users, int held_max)
+{
+    region_name(g->region, sizeof(g->region), name);
+    snprintf(g->topic, sizeof(g->topic), PREFIX "%s", g->region);
+    g->s = holdsink_new(hold_users, held_max);
+    mg_local_sink sink = {hold_deliver, hold_disconnect, g->s};
+    g->rt = mg_sink_router("gw-a", g->region, &sink, users);
+    g->t = make_transport("gw-a", g->region, 5000);
+    mg_router_set_transport(g->rt, MG_PATH_KAFKA, g->t);
+    cr_assert_eq(mg_transport_kafka_start_consumer(g->t, g->rt), 0);
+    assign_arg aa = {{g->t, NULL}, PARTITIONS};
+    cr_assert(mg_wait_until(assigned, &aa, 30000), "no partitions assigned");
+}
+
+static void held_gw_free(held_gw *g)
+{
+    mg_router_free(g->rt);
+    delete_topic(g->region);
+    holdsink_free(g->s);
+}
+
 Test(kafka, records_of_other_recipients_pass_a_slow_one_in_order_and_commits_wait_for_it)
 {
-    char region[64], topic[160], e[512];
-    region_name(region, sizeof(region), "pipeline");
-    snprintf(topic, sizeof(topic), PREFIX "%s", region);
-    holdsink *s = holdsink_new(1, HOLD_N);
-    mg_local_sink sink = {hold_deliver, hold_disconnect, s};
-    mg_router *rt = mg_sink_router("gw-a", region, &sink, HOLD_USERS);
-    mg_transport *t = make_transport("gw-a", region, 5000);
-    mg_router_set_transport(rt, MG_PATH_KAFKA, t);
-    cr_assert_eq(mg_transport_kafka_start_consumer(t, rt), 0);
-    assign_arg aa = {{t, NULL}, PARTITIONS};
-    cr_assert(mg_wait_until(assigned, &aa, 30000), "no partitions assigned");
+    held_gw g;
+    held_gw_start(&g, "pipeline", HOLD_USERS, 1, HOLD_N);
+    holdsink *s = g.s;
+    const char *region = g.region, *topic = g.topic;
 
     /* HOLD_N records in partition 0, users round robin, u0's first: its
      * write is held, so every later record of u0 must wait behind it while
      * the other users' records go through. */
-    rd_kafka_conf_t *conf = rd_kafka_conf_new();
-    cr_assert_eq(rd_kafka_conf_set(conf, "bootstrap.servers", broker(), e, sizeof(e)), 0);
-    rd_kafka_t *p = rd_kafka_new(RD_KAFKA_PRODUCER, conf, e, sizeof(e));
-    cr_assert(p, "%s", e);
+    rd_kafka_t *p = raw_producer();
     for (int i = 0; i < HOLD_N; i++) {
         char id[16], user[16];
         snprintf(id, sizeof(id), "p%d", i);
@@ -645,40 +672,27 @@ Test(kafka, records_of_other_recipients_pass_a_slow_one_in_order_and_commits_wai
             cr_assert_gt(s->seq[u][i], s->seq[u][i - 1], "u%d: p%d arrived after p%d", u,
                          s->seq[u][i - 1], s->seq[u][i]);
     }
-    mg_transport_kafka_stop(t, 5000);
+    mg_transport_kafka_stop(g.t, 5000);
     committed_offsets(region, off);
     cr_assert_eq(off[0], HOLD_N, "partition 0 committed to %lld", (long long)off[0]);
-    mg_router_free(rt);
-    delete_topic(region);
-    holdsink_free(s);
+    held_gw_free(&g);
 }
 
 Test(kafka, operations_in_flight_from_the_consumer_are_bounded)
 {
     enum { USERS = MG_KAFKA_CONSUME_INFLIGHT_MAX + 76 };
-    char region[64], topic[160], e[512];
-    region_name(region, sizeof(region), "bound");
-    snprintf(topic, sizeof(topic), PREFIX "%s", region);
-    holdsink *s = holdsink_new(USERS, USERS);
-    mg_local_sink sink = {hold_deliver, hold_disconnect, s};
-    mg_router *rt = mg_sink_router("gw-a", region, &sink, USERS);
-    mg_transport *t = make_transport("gw-a", region, 5000);
-    mg_router_set_transport(rt, MG_PATH_KAFKA, t);
-    cr_assert_eq(mg_transport_kafka_start_consumer(t, rt), 0);
-    assign_arg aa = {{t, NULL}, PARTITIONS};
-    cr_assert(mg_wait_until(assigned, &aa, 30000), "no partitions assigned");
+    held_gw g;
+    held_gw_start(&g, "bound", USERS, USERS, USERS);
+    holdsink *s = g.s;
 
     /* One record per user, every write held: each could start at once, but
      * only the bound may be in flight; the rest wait until room is made. */
-    rd_kafka_conf_t *conf = rd_kafka_conf_new();
-    cr_assert_eq(rd_kafka_conf_set(conf, "bootstrap.servers", broker(), e, sizeof(e)), 0);
-    rd_kafka_t *p = rd_kafka_new(RD_KAFKA_PRODUCER, conf, e, sizeof(e));
-    cr_assert(p, "%s", e);
+    rd_kafka_t *p = raw_producer();
     for (int i = 0; i < USERS; i++) {
         char id[16], user[16];
         snprintf(id, sizeof(id), "p%d", i);
         snprintf(user, sizeof(user), "u%d", i);
-        produce_to_partition(p, topic, i % PARTITIONS, id, user);
+        produce_to_partition(p, g.topic, i % PARTITIONS, id, user);
     }
     cr_assert_eq(rd_kafka_flush(p, 10000), 0);
     rd_kafka_destroy(p);
@@ -696,12 +710,10 @@ Test(kafka, operations_in_flight_from_the_consumer_are_bounded)
     hold_wait all = {s, -1, USERS};
     cr_assert(mg_wait_until(hold_seen, &all, 30000), "%d of %d delivered after the release",
               s->total, USERS);
-    mg_transport_kafka_stop(t, 5000);
-    cr_assert_eq(committed_sum(region), USERS);
+    mg_transport_kafka_stop(g.t, 5000);
+    cr_assert_eq(committed_sum(g.region), USERS);
     cr_assert_eq(gauge("meshgate_kafka_consumer_records"), 0);
-    mg_router_free(rt);
-    delete_topic(region);
-    holdsink_free(s);
+    held_gw_free(&g);
 }
 
 /* ---- broker restart mid-run ---- */
