@@ -611,6 +611,13 @@ static void flush_queue(mg_transport_grpc *t, struct peer_state *st, struct queu
 {
     int64_t now = mg_mono_ms();
     bool held = true; /* the slot slot_release handed over, for the first call */
+    pthread_mutex_lock(&st->mu);
+    bool one_each = st->no_many; /* queued while the peer said UNIMPLEMENTED */
+    pthread_mutex_unlock(&st->mu);
+    for (struct queued *next; one_each && q; q = next, held = false) {
+        next = q->next;
+        deliver_one(t, st, q, held);
+    }
     while (q) {
         struct queued *head = NULL, **tail = &head;
         size_t n = 0, bytes = 0;
