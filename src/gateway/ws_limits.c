@@ -1,8 +1,10 @@
 /* ws_limits.c: the WebSocket listener's abuse limits (see ws_limits.h).
  *
  * Owns the handshake table, the per-address connection counts and each
- * connection's token bucket. Runs on the WebSocket service thread only
- * (ws_server.c calls it from its lws callback), so nothing here locks.
+ * connection's token bucket. A handshake table belongs to one WebSocket
+ * service loop (ws_server.c keeps a limiter per loop for them); the
+ * per-address counts of the server's shared limiter are used by every loop,
+ * under ip_mu. The rest runs on the loop owning the connection.
  *
  * DESIGN
  * - Handshakes are a small array (at most max_handshakes entries, scanned
@@ -28,6 +30,7 @@
 #include "gateway/ws_proto.h"
 
 #include <libwebsockets.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -56,7 +59,8 @@ struct mg_ws_limiter {
     mg_ws_limiter_config cfg;
     hs *hs;
     size_t nhs, cap_hs, ndoomed;
-    mg_map *per_ip; /* ip -> count (as a pointer-sized integer, never 0) */
+    pthread_mutex_t ip_mu; /* per_ip: the loops share it */
+    mg_map *per_ip;        /* ip -> count (as a pointer-sized integer, never 0) */
     struct lws_context *ctx;
     lws_sorted_usec_list_t timer;
     bool timer_armed;
@@ -76,6 +80,7 @@ mg_ws_limiter *mg_ws_limiter_create(const mg_ws_limiter_config *cfg)
     if (l->cfg.send_rate > 0 && l->cfg.send_burst < 1)
         l->cfg.send_burst = l->cfg.send_rate < 1 ? 1 : l->cfg.send_rate;
     l->per_ip = mg_map_create(64);
+    pthread_mutex_init(&l->ip_mu, NULL);
     /* registers the series at 0 so dashboards see them before the first refusal */
     static const char *const names[] = {"handshake_timeout", "handshakes",      "per_ip",
                                         "send_rate",         "send_rate_close", "connections"};
@@ -92,6 +97,7 @@ void mg_ws_limiter_free(mg_ws_limiter *l)
     if (!l)
         return;
     mg_map_free(l->per_ip); /* values are integers, not owned pointers */
+    pthread_mutex_destroy(&l->ip_mu);
     free(l->hs);
     free(l);
 }
@@ -208,7 +214,9 @@ bool mg_ws_limiter_ip_full(mg_ws_limiter *l, const char *ip)
 {
     if (!l->cfg.max_per_ip)
         return false;
+    pthread_mutex_lock(&l->ip_mu);
     uintptr_t n = (uintptr_t)mg_map_get(l->per_ip, ip);
+    pthread_mutex_unlock(&l->ip_mu);
     if (n < l->cfg.max_per_ip)
         return false;
     mg_ws_limit_count("per_ip");
@@ -225,8 +233,10 @@ mg_ws_limiter_conn *mg_ws_limiter_conn_open(mg_ws_limiter *l, const char *ip)
     c->tokens = l->cfg.send_burst;
     c->last_ms = c->window_ms = mg_mono_ms();
     if (l->cfg.max_per_ip) {
+        pthread_mutex_lock(&l->ip_mu);
         uintptr_t k = (uintptr_t)mg_map_get(l->per_ip, ip);
         mg_map_put(l->per_ip, ip, (void *)(k + 1));
+        pthread_mutex_unlock(&l->ip_mu);
     }
     return c;
 }
@@ -236,11 +246,13 @@ void mg_ws_limiter_conn_close(mg_ws_limiter *l, mg_ws_limiter_conn *c)
     if (!c)
         return;
     if (l->cfg.max_per_ip) {
+        pthread_mutex_lock(&l->ip_mu);
         uintptr_t k = (uintptr_t)mg_map_get(l->per_ip, c->ip);
         if (k <= 1)
             mg_map_del(l->per_ip, c->ip);
         else
             mg_map_put(l->per_ip, c->ip, (void *)(k - 1));
+        pthread_mutex_unlock(&l->ip_mu);
     }
     free(c);
 }

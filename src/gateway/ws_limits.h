@@ -14,10 +14,14 @@
  *
  * Every refusal is counted in meshgate_ws_limit_total{limit=...}.
  *
- * Threads: everything here runs on the WebSocket service thread ("ws"),
- * except create/free and mg_ws_fd_budget (control thread, before start /
- * after stop). Handles are lws wsi pointers; the limiter closes one only
- * through lws_set_timeout(LWS_TO_KILL_ASYNC) on the service thread.
+ * Threads: everything here runs on a WebSocket service loop, except
+ * create/free and mg_ws_fd_budget (control thread, before start / after
+ * stop). A limiter's handshakes belong to one loop (the one whose context it
+ * is attached to); its per-address counts (ip_full, conn_open, conn_close)
+ * may be shared by every loop: they lock. A check and the open that follows
+ * are not atomic, so loops racing for one address's last slot may each pass. Handles are lws wsi
+ * pointers; the limiter closes one only through lws_set_timeout(LWS_TO_KILL_ASYNC) on the service
+ * thread.
  */
 #ifndef MG_WS_LIMITS_H
 #define MG_WS_LIMITS_H
