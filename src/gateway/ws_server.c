@@ -54,7 +54,9 @@
  * - Memory per idle connection: the lws wsi and its rx buffer (RX_BUFFER
  *   bytes), a 120-byte pss, the hub entry (id, user, two map slots) and the
  *   presence ticket. Reassembly buffers and outbound queues exist only while
- *   used.
+ *   used. Per loop, whatever its connections: lws's descriptor tables
+ *   (RLIMIT_NOFILE entries, ~16 bytes each), 67 KB of write buffers, the
+ *   wheel's slots.
  */
 #include "gateway/ws_server.h"
 #include "common/mg_alloc.h"
