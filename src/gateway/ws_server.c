@@ -1555,6 +1555,24 @@ static void accept_resume_cb(struct ev_loop *loop, ev_timer *w, int revents)
     ev_io_start(loop, &L->accept_w);
 }
 
+/* With several loops every listener sets SO_REUSEPORT, which would also let
+ * another process of this user (a second gateway given the same port) bind
+ * it unnoticed and take a share of the connections. A listener without
+ * SO_REUSEPORT first finds the port in use, as one loop would; our own bind
+ * follows at once (the other process's probe then fails in turn). Returns 0
+ * or -errno (logged). */
+static int probe_port(mg_ws_server *ws)
+{
+    char err[160];
+    int fd = open_listener(ws->host, ws->port, false, err, sizeof(err));
+    if (fd < 0) {
+        mg_log_error("ws", "cannot listen on %s:%d: %s", ws->host, ws->port, err);
+        return fd;
+    }
+    close(fd);
+    return 0;
+}
+
 /* Frees what loop_create made (no thread running on it). */
 static void loop_destroy(ws_loop *L)
 {
@@ -1716,6 +1734,8 @@ int mg_ws_server_start(mg_ws_server *ws)
     /* the handshake cap is split over the loops (each closes its oldest) */
     size_t hs_loop = hs_cap ? (hs_cap + ws->nloops - 1) / ws->nloops : 0;
     int rc = 0;
+    if (ws->nloops > 1 && ws->port != 0 && (rc = probe_port(ws)) != 0)
+        return rc;
     for (unsigned i = 0; i < ws->nloops && rc == 0; i++)
         rc = loop_create(&ws->loops[i], i == 0 ? ws->port : ws->bound_port, hs_loop);
     for (unsigned i = 0; i < ws->nloops && rc == 0; i++) {
