@@ -50,12 +50,13 @@ typedef struct mg_hub_config {
     size_t headroom;        /* bytes reserved before each frame's data (LWS_PRE) */
     unsigned shards;        /* service loops (0: 1) */
     /* Called when a shard's set of ready connections goes from empty to
-     * non-empty, with that shard's mutex held (so it must be quick and must
-     * not call the hub). May be NULL. */
+     * non-empty, or its list of waiting deliveries (its loop then arms its
+     * timer), with that shard's mutex held (so it must be quick and must not
+     * call the hub). May be NULL. */
     void (*wake)(void *arg, unsigned shard);
     void *wake_arg;
     /* How long a delivery (mg_hub_deliver with a written callback, not from
-     * the inbox, not on the service thread) waits for its frames to be
+     * the inbox, not on a service loop) waits for its frames to be
      * written to the sockets before it is reported; 0: do not wait. */
     int write_wait_ms;
     /* Counted when a connection is marked slow (its close may come later, or
