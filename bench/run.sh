@@ -36,7 +36,7 @@ SCEN=()
 for a in "$@"; do
   case $a in
     --long) LONG=1 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     all|idle|local|api|fanout|grpc|kafka|pubsub|nats|presence|presence-sync) SCEN+=("$a") ;;
     *) echo "run.sh: unknown argument $a" >&2; exit 2 ;;
   esac
