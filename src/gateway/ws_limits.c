@@ -223,22 +223,45 @@ bool mg_ws_limiter_ip_full(mg_ws_limiter *l, const char *ip)
     return true;
 }
 
-mg_ws_limiter_conn *mg_ws_limiter_conn_open(mg_ws_limiter *l, const char *ip)
+/* Counts ip's connection unless cap (0: none) is reached; under ip_mu, so
+ * loops racing for an address's last slot cannot both take it. */
+static mg_ws_limiter_conn *conn_take(mg_ws_limiter *l, const char *ip, size_t cap, bool *full)
 {
+    *full = false;
     if (!l->cfg.max_per_ip && l->cfg.send_rate <= 0)
         return NULL;
+    if (l->cfg.max_per_ip) {
+        pthread_mutex_lock(&l->ip_mu);
+        uintptr_t k = (uintptr_t)mg_map_get(l->per_ip, ip);
+        if (cap && k >= cap) {
+            pthread_mutex_unlock(&l->ip_mu);
+            *full = true;
+            return NULL;
+        }
+        mg_map_put(l->per_ip, ip, (void *)(k + 1));
+        pthread_mutex_unlock(&l->ip_mu);
+    }
     size_t n = strlen(ip);
     mg_ws_limiter_conn *c = mg_xcalloc(1, sizeof(*c) + n + 1);
     memcpy(c->ip, ip, n + 1);
     c->tokens = l->cfg.send_burst;
     c->last_ms = c->window_ms = mg_mono_ms();
-    if (l->cfg.max_per_ip) {
-        pthread_mutex_lock(&l->ip_mu);
-        uintptr_t k = (uintptr_t)mg_map_get(l->per_ip, ip);
-        mg_map_put(l->per_ip, ip, (void *)(k + 1));
-        pthread_mutex_unlock(&l->ip_mu);
-    }
     return c;
+}
+
+mg_ws_limiter_conn *mg_ws_limiter_conn_open(mg_ws_limiter *l, const char *ip)
+{
+    bool full;
+    return conn_take(l, ip, 0, &full);
+}
+
+bool mg_ws_limiter_conn_admit(mg_ws_limiter *l, const char *ip, mg_ws_limiter_conn **out)
+{
+    bool full;
+    *out = conn_take(l, ip, l->cfg.max_per_ip, &full);
+    if (full)
+        mg_ws_limit_count("per_ip");
+    return !full;
 }
 
 void mg_ws_limiter_conn_close(mg_ws_limiter *l, mg_ws_limiter_conn *c)

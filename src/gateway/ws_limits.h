@@ -18,8 +18,8 @@
  * create/free and mg_ws_fd_budget (control thread, before start / after
  * stop). A limiter's handshakes belong to one loop (the one whose context it
  * is attached to); its per-address counts (ip_full, conn_open, conn_close)
- * may be shared by every loop: they lock. A check and the open that follows
- * are not atomic, so loops racing for one address's last slot may each pass. Handles are lws wsi
+ * may be shared by every loop: they lock (mg_ws_limiter_conn_admit checks
+ * and counts in one step). Handles are lws wsi
  * pointers; the limiter closes one only through lws_set_timeout(LWS_TO_KILL_ASYNC) on the service
  * thread.
  */
@@ -73,6 +73,12 @@ bool mg_ws_limiter_ip_full(mg_ws_limiter *l, const char *ip);
  * per-connection state. Close it with mg_ws_limiter_conn_close (NULL ok). */
 mg_ws_limiter_conn *mg_ws_limiter_conn_open(mg_ws_limiter *l, const char *ip);
 void mg_ws_limiter_conn_close(mg_ws_limiter *l, mg_ws_limiter_conn *c);
+/* [ws] conn_open at the per-address cap in one step (the check and the count
+ * under one lock, so loops racing for an address's last slot cannot both
+ * take it): false at the cap (counted as per_ip, *out NULL); else true and
+ * *out as conn_open's. Taken at the upgrade, before the 101 goes out, so a
+ * client's next upgrade, on whatever loop, already counts it. */
+bool mg_ws_limiter_conn_admit(mg_ws_limiter *l, const char *ip, mg_ws_limiter_conn **out);
 /* [ws] One client frame at now_ms (monotonic). c NULL: always OK. */
 mg_ws_rate mg_ws_limiter_frame(mg_ws_limiter *l, mg_ws_limiter_conn *c, int64_t now_ms);
 

@@ -176,6 +176,7 @@ typedef struct ws_loop {
     struct lws *stash_wsi;
     char *stash_user;
     int64_t stash_exp;
+    mg_ws_limiter_conn *stash_lc; /* its per-address slot, taken at the upgrade */
 
     lws_sorted_usec_list_t wait_timer;
     bool wait_timer_armed;
@@ -882,8 +883,6 @@ static void on_established(ws_loop *L, struct lws *wsi, pss *p)
     mg_metric_add(ws->m_conns_total, 1);
     mg_metric_add(ws->m_conns, 1);
     mg_metric_add(L->m_conns, 1);
-    char ip[64];
-    p->lc = mg_ws_limiter_conn_open(ws->lim, lws_get_peer_simple(wsi, ip, sizeof(ip)) ? ip : "?");
     if (dispatch(ws, id, job_connected, t) != 0) {
         mg_log_warn("ws", "worker pool full, refusing conn=%s user=%s", id, t->user);
         count_error(MG_WS_ERR_OVERLOADED);
@@ -929,10 +928,13 @@ static void on_closed(ws_loop *L, pss *p)
     p->rx_len = p->rx_cap = 0;
 }
 
-static void pss_release(pss *p)
+static void pss_release(mg_ws_server *ws, pss *p)
 {
     if (!p)
         return;
+    if (ws) /* a slot taken at the upgrade of a connection never established */
+        mg_ws_limiter_conn_close(ws->lim, p->lc);
+    p->lc = NULL;
     free(p->user);
     p->user = NULL;
     free(p->body);
@@ -990,6 +992,15 @@ static int reject(struct lws *wsi, int status, const char *reason)
     return 1;
 }
 
+static void stash_clear(ws_loop *L)
+{
+    free(L->stash_user);
+    L->stash_user = NULL;
+    mg_ws_limiter_conn_close(L->ws->lim, L->stash_lc);
+    L->stash_lc = NULL;
+    L->stash_wsi = NULL;
+}
+
 static int on_confirm_upgrade(ws_loop *L, struct lws *wsi, const char *upgrade)
 {
     mg_ws_server *ws = L->ws;
@@ -1010,7 +1021,9 @@ static int on_confirm_upgrade(ws_loop *L, struct lws *wsi, const char *upgrade)
         return reject(wsi, HTTP_STATUS_SERVICE_UNAVAILABLE, "too many connections");
     }
     char ip[64];
-    if (mg_ws_limiter_ip_full(ws->lim, lws_get_peer_simple(wsi, ip, sizeof(ip)) ? ip : "?"))
+    if (!lws_get_peer_simple(wsi, ip, sizeof(ip)))
+        snprintf(ip, sizeof(ip), "?");
+    if (mg_ws_limiter_ip_full(ws->lim, ip))
         return reject(wsi, 429, "too many connections from this address");
     char reason[160];
     char *user = NULL;
@@ -1021,9 +1034,18 @@ static int on_confirm_upgrade(ws_loop *L, struct lws *wsi, const char *upgrade)
         mg_log_info("ws", "upgrade refused status=%d reason=\"%s\"", st, reason);
         return reject(wsi, st, reason);
     }
-    free(L->stash_user);
+    /* the slot is taken before the 101 goes out: the client's next upgrade,
+     * whatever loop takes it, counts this one (the check above is only the
+     * cheap refusal before a token is verified) */
+    mg_ws_limiter_conn *lc;
+    if (!mg_ws_limiter_conn_admit(ws->lim, ip, &lc)) {
+        free(user);
+        return reject(wsi, 429, "too many connections from this address");
+    }
+    stash_clear(L);
     L->stash_user = user;
     L->stash_exp = exp;
+    L->stash_lc = lc;
     L->stash_wsi = wsi;
     return 0;
 }
@@ -1034,13 +1056,20 @@ static int on_filter(ws_loop *L, struct lws *wsi, pss *p)
     if (L->stash_wsi == wsi && L->stash_user) {
         p->user = L->stash_user;
         p->exp_s = L->stash_exp;
+        p->lc = L->stash_lc;
         L->stash_user = NULL;
+        L->stash_lc = NULL;
         L->stash_wsi = NULL;
         return 0;
     }
     /* Not seen at CONFIRM_UPGRADE (should not happen): authenticate here. */
-    char reason[160];
-    return authenticate(ws, wsi, &p->user, &p->exp_s, reason, sizeof(reason)) ? -1 : 0;
+    char reason[160], ip[64];
+    if (authenticate(ws, wsi, &p->user, &p->exp_s, reason, sizeof(reason)))
+        return -1;
+    return mg_ws_limiter_conn_admit(ws->lim, lws_get_peer_simple(wsi, ip, sizeof(ip)) ? ip : "?",
+                                    &p->lc)
+               ? 0
+               : -1;
 }
 
 /* ---- HTTP side ------------------------------------------------------------ */
@@ -1210,14 +1239,11 @@ static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *use
     case LWS_CALLBACK_WSI_DESTROY:
         if (p && p->conn) /* closed without LWS_CALLBACK_CLOSED */
             on_closed(L, p);
-        pss_release(p);
+        pss_release(ws, p);
         if (ws)
             mg_ws_limiter_handshake_end(L->hs, wsi);
-        if (ws && L->stash_wsi == wsi) {
-            free(L->stash_user);
-            L->stash_user = NULL;
-            L->stash_wsi = NULL;
-        }
+        if (ws && L->stash_wsi == wsi)
+            stash_clear(L);
         return 0;
     default:
         return 0;
@@ -1605,8 +1631,7 @@ static void loop_destroy(ws_loop *L)
     L->obuf = NULL;
     free(L->hbuf);
     L->hbuf = NULL;
-    free(L->stash_user);
-    L->stash_user = NULL;
+    stash_clear(L);
 }
 
 /* One loop's context on port (0: any; the first loop's port for the

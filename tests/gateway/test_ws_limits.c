@@ -102,3 +102,21 @@ Test(ws_threads, default_follows_the_affinity_mask)
     sched_setaffinity(0, sizeof(saved), &saved);
     cr_assert_eq(pinned, 1, "pinned to one CPU: %u loops", pinned);
 }
+
+Test(ws_limits, admit_checks_and_counts_in_one_step)
+{
+    mg_ws_limiter_config cfg = {.max_per_ip = 2};
+    mg_ws_limiter *l = mg_ws_limiter_create(&cfg);
+    mg_ws_limiter_conn *a, *b, *c;
+    cr_assert(mg_ws_limiter_conn_admit(l, "10.0.0.1", &a));
+    cr_assert(mg_ws_limiter_conn_admit(l, "10.0.0.1", &b));
+    cr_assert_not(mg_ws_limiter_conn_admit(l, "10.0.0.1", &c), "the cap is 2");
+    cr_assert_null(c);
+    cr_assert(mg_ws_limiter_ip_full(l, "10.0.0.1"));
+    mg_ws_limiter_conn_close(l, a);
+    cr_assert(mg_ws_limiter_conn_admit(l, "10.0.0.1", &c), "a closed slot is free again");
+    mg_ws_limiter_conn_close(l, b);
+    mg_ws_limiter_conn_close(l, c);
+    cr_assert_not(mg_ws_limiter_ip_full(l, "10.0.0.1"));
+    mg_ws_limiter_free(l);
+}
