@@ -31,6 +31,7 @@
 
 #include <libwebsockets.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -59,6 +60,9 @@ struct mg_ws_limiter {
     mg_ws_limiter_config cfg;
     hs *hs;
     size_t nhs, cap_hs, ndoomed;
+    /* live handshakes (not doomed) against max_handshakes: this limiter's
+     * own count, or the one it shares with the other loops' limiters */
+    atomic_size_t own_live, *live;
     pthread_mutex_t ip_mu; /* per_ip: the loops share it */
     mg_map *per_ip;        /* ip -> count (as a pointer-sized integer, never 0) */
     struct lws_context *ctx;
@@ -80,6 +84,7 @@ mg_ws_limiter *mg_ws_limiter_create(const mg_ws_limiter_config *cfg)
     if (l->cfg.send_rate > 0 && l->cfg.send_burst < 1)
         l->cfg.send_burst = l->cfg.send_rate < 1 ? 1 : l->cfg.send_rate;
     l->per_ip = mg_map_create(64);
+    l->live = &l->own_live;
     pthread_mutex_init(&l->ip_mu, NULL);
     /* registers the series at 0 so dashboards see them before the first refusal */
     static const char *const names[] = {"handshake_timeout", "handshakes",      "per_ip",
@@ -116,6 +121,8 @@ static void hs_remove_at(mg_ws_limiter *l, size_t i)
 {
     if (l->hs[i].doomed)
         l->ndoomed--;
+    else
+        atomic_fetch_sub(l->live, 1);
     l->hs[i] = l->hs[--l->nhs];
 }
 
@@ -156,6 +163,11 @@ void mg_ws_limiter_set_max_handshakes(mg_ws_limiter *l, size_t max)
     l->cfg.max_handshakes = max;
 }
 
+void mg_ws_limiter_share_handshakes(mg_ws_limiter *l, mg_ws_limiter *with)
+{
+    l->live = &with->own_live;
+}
+
 void mg_ws_limiter_attach(mg_ws_limiter *l, struct lws_context *ctx)
 {
     l->ctx = ctx;
@@ -171,7 +183,10 @@ void mg_ws_limiter_detach(mg_ws_limiter *l)
 
 void mg_ws_limiter_handshake_begin(mg_ws_limiter *l, struct lws *wsi)
 {
-    if (l->cfg.max_handshakes && l->nhs - l->ndoomed >= l->cfg.max_handshakes) {
+    /* at the cap (counted over every loop sharing it), this loop's oldest
+     * goes; a loop with none of its own lets the others close theirs */
+    if (l->cfg.max_handshakes && atomic_load(l->live) >= l->cfg.max_handshakes &&
+        l->nhs > l->ndoomed) {
         size_t oldest = SIZE_MAX;
         for (size_t i = 0; i < l->nhs; i++)
             if (!l->hs[i].doomed &&
@@ -179,6 +194,7 @@ void mg_ws_limiter_handshake_begin(mg_ws_limiter *l, struct lws *wsi)
                 oldest = i;
         l->hs[oldest].doomed = true;
         l->ndoomed++;
+        atomic_fetch_sub(l->live, 1);
         mg_ws_limit_count("handshakes");
         if (l->timer_armed)
             lws_sul_cancel(&l->timer);
@@ -189,6 +205,7 @@ void mg_ws_limiter_handshake_begin(mg_ws_limiter *l, struct lws *wsi)
         l->hs = mg_xrealloc(l->hs, l->cap_hs * sizeof(*l->hs));
     }
     l->hs[l->nhs++] = (hs){wsi, mg_mono_ms(), false};
+    atomic_fetch_add(l->live, 1);
     if (l->cfg.handshake_timeout_ms > 0 && !l->timer_armed)
         arm(l, TIMER_US);
 }

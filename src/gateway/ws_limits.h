@@ -54,6 +54,10 @@ void mg_ws_limiter_free(mg_ws_limiter *l);
 
 /* The handshake cap (from mg_ws_fd_budget), before start. 0: unbounded. */
 void mg_ws_limiter_set_max_handshakes(mg_ws_limiter *l, size_t max);
+/* Counts l's handshakes against max_handshakes together with every limiter
+ * sharing with's count (one per loop: the cap is the process's). with must
+ * outlive l's handshakes. Before start. */
+void mg_ws_limiter_share_handshakes(mg_ws_limiter *l, mg_ws_limiter *with);
 /* Gives the limiter the context for its deadline timer (at start). */
 void mg_ws_limiter_attach(mg_ws_limiter *l, struct lws_context *ctx);
 /* Cancels the timer; call after the service thread ended, before the

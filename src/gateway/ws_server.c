@@ -1647,6 +1647,7 @@ static int loop_create(ws_loop *L, int port, size_t hs_cap)
     L->obuf = mg_xmalloc(LWS_PRE + OBUF_BYTES);
     L->hbuf = mg_xmalloc(LWS_PRE + HTTP_CHUNK);
     L->hs = mg_ws_limiter_create(&ws->lim_cfg);
+    mg_ws_limiter_share_handshakes(L->hs, ws->lim);
     mg_ws_limiter_set_max_handshakes(L->hs, hs_cap);
     char err[160];
     L->lfd = open_listener(ws->host, port, ws->nloops > 1, err, sizeof(err));
@@ -1756,8 +1757,9 @@ int mg_ws_server_start(mg_ws_server *ws)
                     "connection cap lowered to the fd limit max_connections=%zu nofile=%u "
                     "fd_reserve=%zu handshakes=%zu (raise RLIMIT_NOFILE for more)",
                     ws->max_conns, nofile, ws->fd_reserve, hs_cap);
-    /* the handshake cap is split over the loops (each closes its oldest) */
-    size_t hs_loop = hs_cap ? (hs_cap + ws->nloops - 1) / ws->nloops : 0;
+    /* the handshake cap is the process's: the loops' limiters share one
+     * count, and a loop at the cap closes its own oldest */
+    size_t hs_loop = hs_cap;
     int rc = 0;
     if (ws->nloops > 1 && ws->port != 0 && (rc = probe_port(ws)) != 0)
         return rc;
