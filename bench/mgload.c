@@ -6,7 +6,10 @@
  * ephemeral-port limit; in fanout mode one more thread makes the gRPC
  * SendBatch call (src/common/mg_grpc.h).
  * Modes:
- *   idle    hold N connections; gateway RSS per connection and idle CPU
+ *   idle    hold N connections; gateway RSS per connection and idle CPU, the
+ *           connections per WebSocket loop (/metrics); then optionally a
+ *           broadcast to all of them (--broadcast: SendBatch, as fanout) and a
+ *           clean close of all (--close: close frames, the server's echo)
  *   pairs   sender -> recipient pairs, flat out (closed loop, a window of
  *           messages in flight per pair) or at a fixed rate (open loop,
  *           latency stamped with the scheduled time: no coordinated omission)
@@ -203,7 +206,7 @@ static struct {
     int port, send_port, port2, nsrc, parallel;
     long conns, pairs, count, rounds;
     double rate, seconds, warmup, hold, settle, connect_timeout, drain, timeout;
-    int window, size, low, stream;
+    int window, size, low, stream, broadcast, close;
 } opt = {
     .host = "127.0.0.1",
     .label = "",
@@ -249,6 +252,7 @@ static struct {
     long connect_fail, handshake_fail, closed, error_frames, ack_failed, ack_other, backlog_drop;
     long path_local, path_grpc, path_kafka, path_pubsub, path_nats, path_other;
     long open, acks_ok, recv_msgs, recv_other, sent, recv_measured, stale;
+    long closing, closed_clean; /* --close: close frames sent, echoes received */
 } st;
 
 static hist H;
@@ -483,6 +487,11 @@ static size_t parse_frames(conn *c, const uint8_t *buf, size_t len, int64_t now)
             on_text(c, (const char *)payload, (size_t)pl, now);
             break;
         case 8:
+            if (st.closing) { /* the echo of our close (idle --close) */
+                st.closed_clean++;
+                conn_kill(c);
+                return len;
+            }
             st.closed++;
             if (st.closed <= 3)
                 fprintf(stderr, "mgload: server closed a connection code=%d %.*s\n",
@@ -766,34 +775,6 @@ static void j_end(void)
 
 /* ---- modes ---------------------------------------------------------------------- */
 
-static int mode_idle(void)
-{
-    sleep(1);
-    long rss0 = gw_rss_kb();
-    double ct = connect_all();
-    run_for(opt.settle); /* presence jobs, lws buffers settle */
-    long rss1 = gw_rss_kb();
-    long t0 = gw_ticks();
-    int64_t w0 = now_ns();
-    run_for(opt.hold);
-    double wall = (double)(now_ns() - w0) / 1e9;
-    long t1 = gw_ticks();
-    long rss2 = gw_rss_kb();
-    double hz = (double)sysconf(_SC_CLK_TCK);
-    double cpu_pct = t0 >= 0 ? (double)(t1 - t0) / hz / wall * 100.0 : -1;
-    j_begin();
-    jadd(",\"conns\":%ld,\"open\":%ld,\"connect_seconds\":%.2f,\"connects_per_s\":%.0f", nconns,
-         st.open, ct, ct > 0 ? (double)st.open / ct : 0.0);
-    jadd(",\"gw_rss_kb_before\":%ld,\"gw_rss_kb_after\":%ld,\"gw_rss_kb_end\":%ld,"
-         "\"rss_per_conn_bytes\":%.0f",
-         rss0, rss1, rss2, st.open ? (double)(rss1 - rss0) * 1024.0 / (double)st.open : 0.0);
-    jadd(",\"idle_seconds\":%.1f,\"gw_cpu_pct\":%.2f,\"gw_cpu_us_per_conn_per_s\":%.3f", wall,
-         cpu_pct, st.open && cpu_pct >= 0 ? cpu_pct / 100.0 * 1e6 / (double)st.open : -1.0);
-    j_errors();
-    j_end();
-    return st.open == nconns ? 0 : 1;
-}
-
 static void on_delivered(conn *r, int64_t stamp, int64_t now)
 {
     st.recv_msgs++;
@@ -973,16 +954,61 @@ static void *batch_thread(void *arg)
     return NULL;
 }
 
-static int mode_fanout(void)
+/* The users of every connection (prefix + index), for SendBatch. */
+static char **all_users(void)
 {
-    double ct = connect_all();
-    run_for(opt.settle);
     char **to = calloc((size_t)nconns, sizeof(char *));
     for (long i = 0; i < nconns; i++) {
         char u[160];
         snprintf(u, sizeof(u), "%s%ld", opt.prefix, i);
         to[i] = strdup(u);
     }
+    return to;
+}
+
+static void users_free(char **to)
+{
+    for (long i = 0; i < nconns; i++)
+        free(to[i]);
+    free(to);
+}
+
+/* One SendBatch to every user; waits (within --timeout) until every open
+ * connection got it and the call answered. *all_ms: until the last receipt
+ * (-1: none). Returns whether all arrived and the call succeeded. */
+static bool fanout_round(batch_call *b, char **to, double *all_ms)
+{
+    memset(&H, 0, sizeof(H));
+    st.recv_measured = 0;
+    measure_stop = 0;
+    int64_t t0 = now_ns();
+    measure_start = t0;
+    meshgate__v1__send_batch_request__init(&b->rq);
+    meshgate__v1__message__init(&b->msg);
+    snprintf(b->content, sizeof(b->content), "mgb %" PRId64 " %.*s", t0,
+             opt.size < 128 ? opt.size : 128, pad);
+    b->msg.from = "bench-fanout";
+    b->msg.content.data = (uint8_t *)b->content;
+    b->msg.content.len = strlen(b->content);
+    b->rq.message = &b->msg;
+    b->rq.n_to = (size_t)nconns;
+    b->rq.to = to;
+    atomic_store(&b->done, 0);
+    pthread_t th;
+    pthread_create(&th, NULL, batch_thread, b);
+    int64_t deadline = t0 + (int64_t)(opt.timeout * 1e9);
+    while ((st.recv_measured < st.open || !atomic_load(&b->done)) && now_ns() < deadline)
+        poll_once(2000000);
+    pthread_join(th, NULL);
+    *all_ms = measure_stop ? (double)(measure_stop - t0) / 1e6 : -1;
+    return st.recv_measured >= st.open && b->status == 0;
+}
+
+static int mode_fanout(void)
+{
+    double ct = connect_all();
+    run_for(opt.settle);
+    char **to = all_users();
     batch_call *b = calloc(1, sizeof(*b));
     b->cli = mg_grpc_client_create(opt.grpc, NULL);
     int rc = 0;
@@ -991,30 +1017,8 @@ static int mode_fanout(void)
     int rounds_ok = 0;
     long tick0 = gw_ticks();
     for (long r = 0; r < opt.rounds; r++) {
-        memset(&H, 0, sizeof(H));
-        st.recv_measured = 0;
-        measure_stop = 0;
-        int64_t t0 = now_ns();
-        measure_start = t0;
-        meshgate__v1__send_batch_request__init(&b->rq);
-        meshgate__v1__message__init(&b->msg);
-        snprintf(b->content, sizeof(b->content), "mgb %" PRId64 " %.*s", t0,
-                 opt.size < 128 ? opt.size : 128, pad);
-        b->msg.from = "bench-fanout";
-        b->msg.content.data = (uint8_t *)b->content;
-        b->msg.content.len = strlen(b->content);
-        b->rq.message = &b->msg;
-        b->rq.n_to = (size_t)nconns;
-        b->rq.to = to;
-        atomic_store(&b->done, 0);
-        pthread_t th;
-        pthread_create(&th, NULL, batch_thread, b);
-        int64_t deadline = t0 + (int64_t)(opt.timeout * 1e9);
-        while ((st.recv_measured < st.open || !atomic_load(&b->done)) && now_ns() < deadline)
-            poll_once(2000000);
-        pthread_join(th, NULL);
-        double all_ms = measure_stop ? (double)(measure_stop - t0) / 1e6 : -1;
-        bool ok = st.recv_measured >= st.open && b->status == 0;
+        double all_ms;
+        bool ok = fanout_round(b, to, &all_ms);
         if (!ok)
             rc = 1;
         fprintf(stderr,
@@ -1060,10 +1064,156 @@ static int mode_fanout(void)
     j_end();
     mg_grpc_client_free(b->cli);
     free(b);
-    for (long i = 0; i < nconns; i++)
-        free(to[i]);
-    free(to);
+    users_free(to);
     return rc;
+}
+
+/* GET path from the gateway on --port (blocking, 5 s): the malloc'd body,
+ * or NULL. */
+static char *http_get(const char *path)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return NULL;
+    struct timeval tv = {.tv_sec = 5};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+    struct sockaddr_in dst = {.sin_family = AF_INET, .sin_port = htons((uint16_t)opt.port)};
+    inet_pton(AF_INET, opt.host, &dst.sin_addr);
+    char req[256];
+    int n = snprintf(req, sizeof(req), "GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n",
+                     path, hostbuf);
+    if (connect(fd, (struct sockaddr *)&dst, sizeof(dst)) != 0 ||
+        send(fd, req, (size_t)n, 0) != n) {
+        close(fd);
+        return NULL;
+    }
+    size_t len = 0, cap = 1 << 16;
+    char *buf = malloc(cap);
+    for (;;) {
+        if (len + 4096 > cap)
+            buf = realloc(buf, cap *= 2);
+        ssize_t r = recv(fd, buf + len, cap - len - 1, 0);
+        if (r <= 0)
+            break;
+        len += (size_t)r;
+        if (len > (8u << 20))
+            break;
+    }
+    close(fd);
+    buf[len] = 0;
+    char *body = strstr(buf, "\r\n\r\n");
+    if (!body) {
+        free(buf);
+        return NULL;
+    }
+    memmove(buf, body + 4, len - (size_t)(body + 4 - buf) + 1);
+    return buf;
+}
+
+/* A sample's value in a Prometheus text body (-1: absent). */
+static double metric_value(const char *body, const char *name_labels)
+{
+    char key[256];
+    snprintf(key, sizeof(key), "\n%s ", name_labels);
+    const char *p = body ? strstr(body, key) : NULL;
+    return p ? strtod(p + strlen(key), NULL) : -1;
+}
+
+/* Appends "loop_conns":[n0,n1,...] (meshgate_ws_loop_connections) to the
+ * JSON line: how the kernel spread the connections over the loops. */
+static void j_loops(void)
+{
+    char *m = http_get("/metrics");
+    jadd(",\"loop_conns\":[");
+    for (int l = 0; l < 64; l++) {
+        char key[96];
+        snprintf(key, sizeof(key), "meshgate_ws_loop_connections{loop=\"%d\"}", l);
+        double v = metric_value(m, key);
+        if (v < 0)
+            break;
+        jadd("%s%.0f", l ? "," : "", v);
+    }
+    jadd("]");
+    free(m);
+}
+
+/* --close: a close frame (1000) on every open connection, then waits
+ * (within --timeout) for their echoes and for the gateway to count none. */
+static void close_all(double *close_s, double *gw_left)
+{
+    int64_t t0 = now_ns(), deadline = t0 + (int64_t)(opt.timeout * 1e9);
+    static const uint8_t code[2] = {0x03, 0xe8};
+    for (long i = 0; i < nconns; i++) {
+        if (C[i].state == C_OPEN) {
+            send_frame(&C[i], 8, code, 2);
+            st.closing++;
+        }
+    }
+    flush_dirty();
+    while (st.open > 0 && now_ns() < deadline)
+        poll_once(2000000);
+    *close_s = (double)(now_ns() - t0) / 1e9;
+    *gw_left = -1;
+    while (now_ns() < deadline) {
+        char *m = http_get("/metrics");
+        *gw_left = metric_value(m, "meshgate_ws_connections");
+        free(m);
+        if (*gw_left == 0)
+            break;
+        run_for(0.05);
+    }
+}
+
+static int mode_idle(void)
+{
+    sleep(1);
+    long rss0 = gw_rss_kb();
+    double ct = connect_all();
+    run_for(opt.settle); /* presence jobs, lws buffers settle */
+    long rss1 = gw_rss_kb();
+    long t0 = gw_ticks();
+    int64_t w0 = now_ns();
+    run_for(opt.hold);
+    double wall = (double)(now_ns() - w0) / 1e9;
+    long t1 = gw_ticks();
+    long rss2 = gw_rss_kb();
+    double hz = (double)sysconf(_SC_CLK_TCK);
+    double cpu_pct = t0 >= 0 ? (double)(t1 - t0) / hz / wall * 100.0 : -1;
+    long opened = st.open;
+    j_begin();
+    jadd(",\"conns\":%ld,\"open\":%ld,\"connect_seconds\":%.2f,\"connects_per_s\":%.0f", nconns,
+         st.open, ct, ct > 0 ? (double)st.open / ct : 0.0);
+    jadd(",\"gw_rss_kb_before\":%ld,\"gw_rss_kb_after\":%ld,\"gw_rss_kb_end\":%ld,"
+         "\"rss_per_conn_bytes\":%.0f",
+         rss0, rss1, rss2, st.open ? (double)(rss1 - rss0) * 1024.0 / (double)st.open : 0.0);
+    jadd(",\"idle_seconds\":%.1f,\"gw_cpu_pct\":%.2f,\"gw_cpu_us_per_conn_per_s\":%.3f", wall,
+         cpu_pct, st.open && cpu_pct >= 0 ? cpu_pct / 100.0 * 1e6 / (double)st.open : -1.0);
+    j_loops();
+    bool ok = st.open == nconns;
+    if (opt.broadcast) {
+        batch_call *b = calloc(1, sizeof(*b));
+        b->cli = mg_grpc_client_create(opt.grpc, NULL);
+        char **to = all_users();
+        double all_ms;
+        bool got = fanout_round(b, to, &all_ms);
+        jadd(",\"broadcast_received\":%ld,\"broadcast_all_ms\":%.1f,\"broadcast_delivered\":%ld",
+             st.recv_measured, all_ms, b->delivered);
+        ok = ok && got;
+        users_free(to);
+        mg_grpc_client_free(b->cli);
+        free(b);
+    }
+    if (opt.close) {
+        double close_s, left;
+        close_all(&close_s, &left);
+        jadd(",\"closed_clean\":%ld,\"close_seconds\":%.2f,\"gw_conns_after_close\":%.0f",
+             st.closed_clean, close_s, left);
+        ok = ok && st.closed_clean == opened && left == 0;
+    }
+    j_errors();
+    j_end();
+    return ok ? 0 : 1;
 }
 
 /* ---- main ------------------------------------------------------------------------- */
@@ -1373,7 +1523,8 @@ static void usage(FILE *o)
             "  --prefix S         user name prefix (b<pid>-)\n"
             "  --gw-pid P[,P]     gateway pid(s): RSS from /proc/P/status, CPU from /proc/P/stat\n"
             "  --scenario S --path S --label S  tags in the JSON line  --json FILE (append)\n"
-            "  idle:   --conns N --settle S (1) --hold S (10)\n"
+            "  idle:   --conns N --settle S (1) --hold S (10) [--broadcast --grpc HOST:PORT] "
+            "[--close]\n"
             "  pairs:  --pairs N (64) --rate R msg/s (0 = flat out) --window W (16 per pair)\n"
             "          --count N (1000000) --seconds S (10) --warmup S (1) --size B (64) --drain S "
             "(5)\n"
@@ -1446,6 +1597,14 @@ int main(int argc, char **argv)
         }
         if (strcmp(a, "--stream") == 0) {
             opt.stream = 1;
+            continue;
+        }
+        if (strcmp(a, "--broadcast") == 0) {
+            opt.broadcast = 1;
+            continue;
+        }
+        if (strcmp(a, "--close") == 0) {
+            opt.close = 1;
             continue;
         }
         D("--rate", opt.rate)

@@ -15,6 +15,8 @@
 #                  same load generator, for before/after pairs in one sitting
 #   GW_ARGS        extra options for every gateway started (split into words), e.g. tracing on:
 #                  GW_ARGS="--otlp-endpoint http://127.0.0.1:18701 --trace-sample-ratio 1"
+#   WS_THREADS     --ws-threads of every gateway started here (default: the binary's, one
+#                  loop per CPU); the idle scenario takes IDLE_WS_THREADS (default 4)
 #   BENCH_START_SERVICES=1   `all` starts tests/infra/services.sh when Redis/Kafka/Consul are down
 #                  (single grpc/kafka runs always do)
 #   IDLE_CONNS, LOCAL_PAIRS, LOCAL_WINDOW, FANOUT_USERS, GRPC_RATE, KAFKA_RATE, PUBSUB_RATE, NATS_RATE,
@@ -34,7 +36,7 @@ SCEN=()
 for a in "$@"; do
   case $a in
     --long) LONG=1 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     all|idle|local|api|fanout|grpc|kafka|pubsub|nats|presence|presence-sync) SCEN+=("$a") ;;
     *) echo "run.sh: unknown argument $a" >&2; exit 2 ;;
   esac
@@ -91,9 +93,11 @@ free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0)
 # start_gw VAR WSPORT GRPCPORT [args...]: starts a gateway, waits for /readyz (20 s), VAR=pid
 start_gw() {
   local var=$1 ws=$2 grpc=$3; shift 3
+  local loops=()
+  [ -n "${WS_THREADS:-}" ] && loops=(--ws-threads "$WS_THREADS")
   # shellcheck disable=SC2086 # GW_ARGS: words on purpose
   "$GW" --ws-listen "127.0.0.1:$ws" --grpc-listen "127.0.0.1:$grpc" --log-level warn \
-    --drain-seconds 1 ${GW_ARGS:-} "$@" >"$OUT/$RUN.gw-$ws.log" 2>&1 &
+    --drain-seconds 1 "${loops[@]}" ${GW_ARGS:-} "$@" >"$OUT/$RUN.gw-$ws.log" 2>&1 &
   local pid=$!
   PIDS+=("$pid")
   for _ in $(seq 200); do
@@ -150,13 +154,19 @@ sc_idle() {
     log "      cannot be raised here (no CAP_SYS_RESOURCE); measuring $cap instead"
     n=$cap
   fi
-  local port gpid
+  # Across IDLE_WS_THREADS loops (issue 11: 15,000 connections over 4): connect, hold, then one
+  # broadcast every connection must receive, then a clean close of all (close frames echoed,
+  # the gateway back to 0 connections); the JSON line has the connections per loop.
+  local port grpc gpid loops=${IDLE_WS_THREADS:-4}
   port=$(free_port)
-  start_gw gpid "$port" "$(free_port)" --max-connections $((n + 100)) --fd-reserve 64 \
-    --ws-max-handshakes 256 || return 1
+  grpc=$(free_port)
+  WS_THREADS=$loops start_gw gpid "$port" "$grpc" --max-connections $((n + 100)) --fd-reserve 64 \
+    --ws-max-handshakes 256 --max-batch $((n + 100)) || return 1
   local nsrc=$(((n + 19999) / 20000 + 1))
   load $((LOADB + 300)) idle --port "$port" --conns "$n" --src "$nsrc" --parallel 200 --hold 10 --settle 2 \
-    --gw-pid "$gpid" --scenario idle --path local --label "idle $n conns" --prefix idle$$- >/dev/null
+    --broadcast --grpc "127.0.0.1:$grpc" --close --timeout 60 \
+    --gw-pid "$gpid" --scenario idle --path local --label "idle $n conns, $loops loops" \
+    --prefix idle$$- >/dev/null
   stop_gws
 }
 
@@ -394,6 +404,12 @@ for r in rows:
     gw = ""
     if r.get("mode") == "idle":
         gw = f"RSS {f(r.get('rss_per_conn_bytes'))} B/conn, idle CPU {f(r.get('gw_cpu_pct'),2)} %"
+        if r.get("loop_conns"):
+            gw += f", per loop {'/'.join(str(x) for x in r['loop_conns'])}"
+        if "broadcast_received" in r:
+            gw += f", broadcast {f(r.get('broadcast_received'))} in {f(r.get('broadcast_all_ms'),0)} ms"
+        if "closed_clean" in r:
+            gw += f", closed clean {f(r.get('closed_clean'))} (left {f(r.get('gw_conns_after_close'))})"
         conns = f"{f(r.get('open'))}/{f(r.get('conns'))}"
     elif sc == "fanout":
         gw = (f"all {f(r.get('conns'))} received in {f(r.get('all_received_ms_mean'),1)} ms mean "

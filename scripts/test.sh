@@ -36,9 +36,14 @@ phase build
 summary="$MESHGATE_RUN/summary.txt"
 : >"$summary"
 status=0
-bash scripts/run-tests.sh build "$summary" || status=1
+# Every spawned gateway gets --ws-threads from MESHGATE_TEST_WS_THREADS (tests/support/mg_test.c):
+# the sanitizer run takes 4 loops, where a frame or receipt crossing loops would show a
+# use-after-free or a leak at the stop of all loops; the normal run takes 1, the path of a
+# one-core pod. test_ordering.c's loops test asks for 4 in both.
+MESHGATE_TEST_WS_THREADS=1 bash scripts/run-tests.sh build "$summary" || status=1
 phase "normal suite"
-ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+MESHGATE_TEST_WS_THREADS=4 \
+  ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
   LSAN_OPTIONS=suppressions=$root/tests/lsan.supp \
   bash scripts/run-tests.sh build-asan "$summary" || status=1
 phase "ASan+UBSan suite"

@@ -242,6 +242,8 @@ int mg_config_validate(const mg_config *cfg, char *err, size_t errlen)
         FAIL("--id must be at most 128 characters without spaces or '/'");
     if (cfg->ws_max_header_bytes < 1024 || cfg->ws_max_header_bytes > 65535)
         FAIL("--ws-max-header-bytes must be within 1024..65535");
+    if (cfg->ws_threads < 0 || cfg->ws_threads > 64)
+        FAIL("--ws-threads must be within 0..64 (0: one per CPU this process may use)");
     if (cfg->ws_handshake_timeout_ms < 0 || cfg->ws_max_handshakes < 0 || cfg->fd_reserve < 0 ||
         cfg->ws_send_rate < 0 || cfg->ws_send_burst < 0 || cfg->max_connections_per_ip < 0)
         FAIL("--ws-handshake-timeout-ms, --ws-max-handshakes, --fd-reserve, --ws-send-rate, "

@@ -26,6 +26,10 @@
       "gRPC listener (Messaging, GatewayPeer, grpc.health.v1.Health)")                             \
     X(STR, advertise_addr, "advertise-addr", "MESHGATE_ADVERTISE_ADDR", "", "host",                \
       "address peers dial, registered in Consul (default: the gRPC listen host)")                  \
+    X(INT, ws_threads, "ws-threads", "MESHGATE_WS_THREADS", "0", "threads",                        \
+      "WebSocket service loops, each its own SO_REUSEPORT listener and thread owning the "         \
+      "connections it accepted; 0: the CPUs this process may use (affinity mask, capped by "       \
+      "the cgroup v2 cpu.max quota, rounded up)")                                                  \
     X(INT, grpc_threads, "grpc-threads", "MESHGATE_GRPC_THREADS", "4", "threads",                  \
       "gRPC completion-queue polling threads")                                                     \
     X(INT, workers, "workers", "MESHGATE_WORKERS", "4", "threads",                                 \

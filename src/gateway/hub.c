@@ -1,17 +1,30 @@
 /* hub.c: the connection registry and outbound queues (see hub.h).
  *
- * Owns every mg_hub_conn, its id/user strings and its queued frames. The
- * WebSocket service thread creates and destroys connections and drains
- * queues; any thread (router workers, gRPC, Kafka consumer) queues frames
- * and marks connections for close.
+ * Owns every mg_hub_conn, its id/user strings and its queued frames. Each
+ * WebSocket service loop creates and destroys the connections of its shard
+ * and drains their queues; any thread (router workers, gRPC, Kafka consumer,
+ * the other loops) queues frames and marks connections for close.
  *
- * DESIGN: one mutex guards both indexes (id -> conn, user -> list of conns),
- * every queue and the ready list. Deliveries render JSON before taking the
- * lock and only memcpy under it. The ready list is intrusive (conn->ready_next);
- * the wake callback fires only when it goes from empty to non-empty, so a
- * burst of deliveries costs one lws_cancel_service, not one per frame.
- * Queues are allocated lazily (a NULL head costs nothing), so an idle
- * connection is just this struct plus its id and user strings.
+ * DESIGN: the hub is sharded by service loop. A shard's mutex guards its
+ * indexes (id -> conn, user -> list of its conns in this shard), its queues,
+ * its ready list and its list of deliveries waiting for writes; no code path
+ * holds two shard mutexes at once. A connection id names its shard (its
+ * sequence number modulo the shard count), so a post or disconnect by id
+ * locks one shard; a delivery to a user visits every shard (a user's
+ * connections may live on different loops). Deliveries render JSON before
+ * taking a lock and only memcpy under it. The ready list is intrusive
+ * (conn->ready_next); the shard's wake callback fires only when it goes from
+ * empty to non-empty, so a burst of deliveries costs one wake-up of that
+ * loop, not one per frame. Queues are allocated lazily (a NULL head costs
+ * nothing), so an idle connection is just this struct plus its id and user
+ * strings.
+ *
+ * Write receipts: a delivery that waits for its writes holds one receipt
+ * shared by its frames on every shard; its counters are atomic, so a frame
+ * settles without a lock. The receipt sits on one shard's waiting list (its
+ * home: the first shard that took a frame), whose loop reports it when the
+ * wait ends; whichever settles its last frame (or ends its wait) first
+ * reports it, outside every mutex.
  */
 #include "gateway/hub.h"
 #include "common/mg_alloc.h"
@@ -33,74 +46,99 @@
 struct mg_hub_conn {
     void *handle;
     char *user;
-    mg_hub_conn *user_prev, *user_next; /* the user's connections */
+    mg_hub_conn *user_prev, *user_next; /* the user's connections in this shard */
     mg_hub_conn *ready_next;
     mg_hub_frame *qhead, *qtail;
     uint32_t qcount;
     uint32_t close_code; /* 0: open */
     size_t qbytes;
     char *close_reason;
+    uint16_t shard;
     bool ready, slow;
     char id[]; /* "<gateway_id>-<seq>" */
 };
 
 /* A delivery waiting for its frames to be written (see mg_hub_deliver).
- * pending/written/fired and the list links are guarded by the hub mutex;
- * refs (every queued frame that points at it, plus one until its callback
- * has run) is atomic, so the callback can run outside the mutex. */
+ * pending (frames not settled, plus one while the delivery is still
+ * queueing), written and fired are atomic; prev/next/listed are guarded by
+ * the home shard's mutex. refs (every queued frame that points at it, plus
+ * one until its callback has run) is atomic. */
 struct mg_hub_receipt {
     mg_written_fn done;
     void *arg;
     int64_t deadline_ms; /* monotonic: the write wait ends */
-    uint32_t pending, written, result;
-    bool fired, listed;
+    atomic_uint pending, written;
+    atomic_bool fired;
+    uint32_t result;
+    unsigned home;
+    bool listed;
     atomic_int refs;
-    mg_hub_receipt *prev, *next; /* the waiting list, oldest first */
-    mg_hub_receipt *fire_next;   /* the list of callbacks to run */
+    mg_hub_receipt *prev, *next; /* the home shard's waiting list, oldest first */
+    mg_hub_receipt *fire_next;   /* a list of callbacks to run */
 };
 
-struct mg_hub {
-    pthread_mutex_t mu;
-    int write_wait_ms;
-    bool stop_waits;
-    mg_hub_receipt *wait_head, *wait_tail; /* receipts waiting for writes */
-    mg_hub_receipt *fire_head;             /* fired, callbacks not run yet */
-    mg_metric *slow_counter;
-    char *gateway_id;
-    size_t max_frames, max_bytes, headroom;
-    void (*wake)(void *arg);
-    void *wake_arg;
+typedef struct shard {
+    _Alignas(64) pthread_mutex_t mu;
     mg_map *by_id;   /* id -> conn */
     mg_map *by_user; /* user -> first conn */
     mg_hub_conn *ready_head;
-    uint64_t seq;
-    size_t count;
-    uint64_t delivered, slow_closes;
+    mg_hub_receipt *wait_head, *wait_tail; /* receipts waiting for writes */
+    void (*wake)(void *arg, unsigned shard);
+    void *wake_arg;
+    uint64_t seq, delivered, slow_closes;
+} shard;
+
+struct mg_hub {
+    int write_wait_ms;
+    atomic_bool stop_waits;
+    mg_metric *slow_counter;
+    char *gateway_id;
+    size_t max_frames, max_bytes, headroom;
+    atomic_size_t count;
+    unsigned nshards;
+    shard *shards;
 };
 
 mg_hub *mg_hub_create(const mg_hub_config *cfg)
 {
     mg_hub *h = mg_new(mg_hub);
-    pthread_mutex_init(&h->mu, NULL);
     h->gateway_id = mg_xstrdup(cfg->gateway_id ? cfg->gateway_id : "gw");
     h->max_frames = cfg->max_frames ? cfg->max_frames : 1;
     h->max_bytes = cfg->max_bytes ? cfg->max_bytes : 1;
     h->headroom = cfg->headroom;
-    h->wake = cfg->wake;
-    h->wake_arg = cfg->wake_arg;
     h->write_wait_ms = cfg->write_wait_ms;
     h->slow_counter = cfg->slow_counter;
-    h->by_id = mg_map_create(1024);
-    h->by_user = mg_map_create(1024);
+    h->nshards = cfg->shards ? cfg->shards : 1;
+    h->shards = aligned_alloc(64, sizeof(shard) * h->nshards);
+    if (!h->shards)
+        abort();
+    memset(h->shards, 0, sizeof(shard) * h->nshards);
+    size_t cap = h->nshards > 1 ? 256 : 1024;
+    for (unsigned i = 0; i < h->nshards; i++) {
+        shard *s = &h->shards[i];
+        pthread_mutex_init(&s->mu, NULL);
+        s->by_id = mg_map_create(cap);
+        s->by_user = mg_map_create(cap);
+        s->wake = cfg->wake;
+        s->wake_arg = cfg->wake_arg;
+    }
     return h;
 }
 
-void mg_hub_set_wake(mg_hub *h, void (*wake)(void *arg), void *arg)
+unsigned mg_hub_shards(const mg_hub *h)
 {
-    pthread_mutex_lock(&h->mu);
-    h->wake = wake;
-    h->wake_arg = arg;
-    pthread_mutex_unlock(&h->mu);
+    return h->nshards;
+}
+
+void mg_hub_set_wake(mg_hub *h, void (*wake)(void *arg, unsigned shard), void *arg)
+{
+    for (unsigned i = 0; i < h->nshards; i++) {
+        shard *s = &h->shards[i];
+        pthread_mutex_lock(&s->mu);
+        s->wake = wake;
+        s->wake_arg = arg;
+        pthread_mutex_unlock(&s->mu);
+    }
 }
 
 static __thread bool on_service_thread;
@@ -116,113 +154,143 @@ static void receipt_unref(mg_hub_receipt *r)
         free(r);
 }
 
-/* Under the lock: r's wait is over; its callback runs at the next
- * unlock_fire. Frames still queued on live connections count as written. */
-static void fire(mg_hub *h, mg_hub_receipt *r)
+/* Takes the right to report r (exactly one caller gets it). */
+static bool claim(mg_hub_receipt *r)
 {
-    if (r->fired)
-        return;
-    r->fired = true;
-    r->result = r->written + r->pending;
+    return !atomic_exchange(&r->fired, true);
+}
+
+/* Under the home shard's mutex. */
+static void unlink_wait(shard *s, mg_hub_receipt *r)
+{
     if (!r->listed)
-        ;
-    else if (r->prev)
+        return;
+    if (r->prev)
         r->prev->next = r->next;
     else
-        h->wait_head = r->next;
+        s->wait_head = r->next;
     if (r->next)
         r->next->prev = r->prev;
     else
-        h->wait_tail = r->prev;
+        s->wait_tail = r->prev;
     r->prev = r->next = NULL;
-    r->fire_next = h->fire_head;
-    h->fire_head = r;
+    r->listed = false;
 }
 
-/* Unlocks the hub, then runs the callbacks of the receipts fired under it
- * (never under the mutex: they continue operations that call the hub). */
-static void unlock_fire(mg_hub *h)
+/* Reports the claimed receipts of list fl (pushed LIFO: run in the order
+ * they were claimed). Never under a shard mutex: the callbacks continue
+ * operations that call the hub, and the home shard is locked here to take
+ * each off its waiting list. */
+static void run_fired(mg_hub *h, mg_hub_receipt *fl)
 {
-    mg_hub_receipt *r = h->fire_head;
-    h->fire_head = NULL;
-    pthread_mutex_unlock(&h->mu);
-    /* fired LIFO: run them in the order they fired */
     mg_hub_receipt *rev = NULL;
-    while (r) {
-        mg_hub_receipt *n = r->fire_next;
-        r->fire_next = rev;
-        rev = r;
-        r = n;
+    while (fl) {
+        mg_hub_receipt *n = fl->fire_next;
+        fl->fire_next = rev;
+        rev = fl;
+        fl = n;
     }
-    r = rev;
-    while (r) {
+    for (mg_hub_receipt *r = rev; r;) {
         mg_hub_receipt *n = r->fire_next;
+        shard *home = &h->shards[r->home];
+        pthread_mutex_lock(&home->mu);
+        unlink_wait(home, r);
+        pthread_mutex_unlock(&home->mu);
         r->done(r->arg, r->result);
         receipt_unref(r);
         r = n;
     }
 }
 
-/* Under the lock (or with no other thread left): the frame's fate reaches
- * the delivery waiting for it. */
-static void settle(mg_hub *h, mg_hub_frame *f, bool written)
+/* The frame's fate reaches the delivery waiting for it (no lock needed);
+ * when that was its last frame, the receipt goes on *fl to be reported. */
+static void settle(mg_hub_frame *f, bool written, mg_hub_receipt **fl)
 {
     mg_hub_receipt *r = f->receipt;
     if (!r)
         return;
     f->receipt = NULL;
-    if (!r->fired) {
-        r->pending--;
-        r->written += written;
-        if (r->pending == 0)
-            fire(h, r);
+    if (written)
+        atomic_fetch_add(&r->written, 1);
+    if (atomic_fetch_sub(&r->pending, 1) == 1 && claim(r)) {
+        r->result = atomic_load(&r->written);
+        r->fire_next = *fl;
+        *fl = r; /* run_fired drops the reference held for the report */
     }
-    receipt_unref(r);
+    receipt_unref(r); /* the frame's */
+}
+
+/* Under s's mutex: r's wait is over; frames still queued on live
+ * connections count as written. Pushed on *fl when this call claimed it. */
+static void end_wait(shard *s, mg_hub_receipt *r, mg_hub_receipt **fl)
+{
+    unlink_wait(s, r);
+    if (!claim(r))
+        return;
+    r->result = atomic_load(&r->written) + atomic_load(&r->pending);
+    r->fire_next = *fl;
+    *fl = r;
 }
 
 void mg_hub_frame_done(mg_hub *h, mg_hub_frame *f, bool written)
 {
     if (f->receipt) {
-        pthread_mutex_lock(&h->mu);
-        settle(h, f, written);
-        unlock_fire(h);
+        mg_hub_receipt *fl = NULL;
+        settle(f, written, &fl);
+        run_fired(h, fl);
     }
     free(f);
 }
 
-void mg_hub_stop_waits(mg_hub *h)
+/* Ends every wait of every shard now. */
+static void end_all_waits(mg_hub *h)
 {
-    pthread_mutex_lock(&h->mu);
-    h->stop_waits = true;
-    while (h->wait_head)
-        fire(h, h->wait_head);
-    unlock_fire(h);
+    for (unsigned i = 0; i < h->nshards; i++) {
+        shard *s = &h->shards[i];
+        mg_hub_receipt *fl = NULL;
+        pthread_mutex_lock(&s->mu);
+        while (s->wait_head)
+            end_wait(s, s->wait_head, &fl);
+        pthread_mutex_unlock(&s->mu);
+        run_fired(h, fl);
+    }
 }
 
-bool mg_hub_waiting(mg_hub *h)
+void mg_hub_stop_waits(mg_hub *h)
 {
-    pthread_mutex_lock(&h->mu);
-    bool w = h->wait_head != NULL;
-    pthread_mutex_unlock(&h->mu);
+    atomic_store(&h->stop_waits, true);
+    end_all_waits(h);
+}
+
+bool mg_hub_waiting(mg_hub *h, unsigned sh)
+{
+    shard *s = &h->shards[sh % h->nshards];
+    pthread_mutex_lock(&s->mu);
+    bool w = s->wait_head != NULL;
+    pthread_mutex_unlock(&s->mu);
     return w;
 }
 
-bool mg_hub_expire_waits(mg_hub *h, int64_t now_ms)
+bool mg_hub_expire_waits(mg_hub *h, unsigned sh, int64_t now_ms)
 {
-    pthread_mutex_lock(&h->mu);
-    while (h->wait_head && h->wait_head->deadline_ms <= now_ms)
-        fire(h, h->wait_head);
-    bool more = h->wait_head != NULL;
-    unlock_fire(h);
+    shard *s = &h->shards[sh % h->nshards];
+    mg_hub_receipt *fl = NULL;
+    pthread_mutex_lock(&s->mu);
+    while (s->wait_head && s->wait_head->deadline_ms <= now_ms)
+        end_wait(s, s->wait_head, &fl);
+    bool more = s->wait_head != NULL;
+    pthread_mutex_unlock(&s->mu);
+    run_fired(h, fl);
     return more;
 }
 
-static void queue_clear(mg_hub *h, mg_hub_conn *c)
+/* Under the conn's shard mutex (or with no other thread left). */
+static void queue_clear(mg_hub_conn *c, mg_hub_receipt **fl)
 {
     mg_hub_frame *f = c->qhead;
     while (f) {
         mg_hub_frame *n = f->next;
-        settle(h, f, false);
+        settle(f, false, fl);
         free(f);
         f = n;
     }
@@ -231,9 +299,9 @@ static void queue_clear(mg_hub *h, mg_hub_conn *c)
     c->qbytes = 0;
 }
 
-static void conn_free(mg_hub *h, mg_hub_conn *c)
+static void conn_free(mg_hub_conn *c, mg_hub_receipt **fl)
 {
-    queue_clear(h, c);
+    queue_clear(c, fl);
     free(c->user);
     free(c->close_reason);
     free(c);
@@ -245,43 +313,57 @@ void mg_hub_free(mg_hub *h)
         return;
     const char *k;
     void *v;
-    pthread_mutex_lock(&h->mu);
-    for (size_t it = 0; mg_map_next(h->by_id, &it, &k, &v);)
-        conn_free(h, v);
-    while (h->wait_head)
-        fire(h, h->wait_head);
-    unlock_fire(h);
-    mg_map_free(h->by_id);
-    mg_map_free(h->by_user);
-    pthread_mutex_destroy(&h->mu);
+    for (unsigned i = 0; i < h->nshards; i++) {
+        shard *s = &h->shards[i];
+        mg_hub_receipt *fl = NULL;
+        pthread_mutex_lock(&s->mu);
+        for (size_t it = 0; mg_map_next(s->by_id, &it, &k, &v);)
+            conn_free(v, &fl);
+        pthread_mutex_unlock(&s->mu);
+        run_fired(h, fl);
+    }
+    end_all_waits(h);
+    for (unsigned i = 0; i < h->nshards; i++) {
+        shard *s = &h->shards[i];
+        mg_map_free(s->by_id);
+        mg_map_free(s->by_user);
+        pthread_mutex_destroy(&s->mu);
+    }
+    free(h->shards);
     free(h->gateway_id);
     free(h);
 }
 
-/* Under the lock. */
+/* Under s's mutex. */
 static void mark_ready(mg_hub *h, mg_hub_conn *c)
 {
     if (c->ready)
         return;
+    shard *s = &h->shards[c->shard];
     c->ready = true;
-    bool was_empty = h->ready_head == NULL;
-    c->ready_next = h->ready_head;
-    h->ready_head = c;
-    if (was_empty && h->wake)
-        h->wake(h->wake_arg);
+    bool was_empty = s->ready_head == NULL;
+    c->ready_next = s->ready_head;
+    s->ready_head = c;
+    if (was_empty && s->wake)
+        s->wake(s->wake_arg, c->shard);
 }
 
-mg_hub_conn *mg_hub_register(mg_hub *h, const char *user, void *handle)
+mg_hub_conn *mg_hub_register(mg_hub *h, unsigned sh, const char *user, void *handle)
 {
-    pthread_mutex_lock(&h->mu);
+    sh %= h->nshards;
+    shard *s = &h->shards[sh];
+    pthread_mutex_lock(&s->mu);
+    /* the sequence number names the shard: seq % nshards == sh */
+    uint64_t seq = s->seq++ * h->nshards + sh + h->nshards;
     char id[160];
-    int n = snprintf(id, sizeof(id), "%.120s-%llu", h->gateway_id, (unsigned long long)++h->seq);
+    int n = snprintf(id, sizeof(id), "%.120s-%llu", h->gateway_id, (unsigned long long)seq);
     mg_hub_conn *c = mg_xcalloc(1, sizeof(*c) + (size_t)n + 1);
     memcpy(c->id, id, (size_t)n + 1);
     c->user = mg_xstrdup(user);
     c->handle = handle;
-    mg_map_put(h->by_id, c->id, c);
-    mg_hub_conn *head = mg_map_get(h->by_user, user);
+    c->shard = (uint16_t)sh;
+    mg_map_put(s->by_id, c->id, c);
+    mg_hub_conn *head = mg_map_get(s->by_user, user);
     if (head) {
         c->user_next = head->user_next;
         c->user_prev = head;
@@ -289,41 +371,62 @@ mg_hub_conn *mg_hub_register(mg_hub *h, const char *user, void *handle)
             head->user_next->user_prev = c;
         head->user_next = c;
     } else {
-        mg_map_put(h->by_user, user, c);
+        mg_map_put(s->by_user, user, c);
     }
-    h->count++;
-    pthread_mutex_unlock(&h->mu);
+    atomic_fetch_add(&h->count, 1);
+    pthread_mutex_unlock(&s->mu);
     return c;
+}
+
+/* The shard a connection id names, or NULL when it cannot be ours. */
+static shard *shard_of_id(mg_hub *h, const char *conn_id)
+{
+    if (!conn_id)
+        return NULL;
+    if (h->nshards == 1)
+        return &h->shards[0];
+    const char *dash = strrchr(conn_id, '-');
+    if (!dash || !dash[1])
+        return NULL;
+    char *end;
+    unsigned long long seq = strtoull(dash + 1, &end, 10);
+    if (*end)
+        return NULL;
+    return &h->shards[seq % h->nshards];
 }
 
 void mg_hub_unregister(mg_hub *h, mg_hub_conn *c)
 {
     if (!c)
         return;
-    pthread_mutex_lock(&h->mu);
-    mg_map_del(h->by_id, c->id);
+    shard *s = &h->shards[c->shard];
+    mg_hub_receipt *fl = NULL;
+    pthread_mutex_lock(&s->mu);
+    mg_map_del(s->by_id, c->id);
     if (c->user_prev) {
         c->user_prev->user_next = c->user_next;
         if (c->user_next)
             c->user_next->user_prev = c->user_prev;
     } else if (c->user_next) {
         c->user_next->user_prev = NULL;
-        mg_map_put(h->by_user, c->user, c->user_next);
+        mg_map_put(s->by_user, c->user, c->user_next);
     } else {
-        mg_map_del(h->by_user, c->user);
+        mg_map_del(s->by_user, c->user);
     }
     if (c->ready) {
-        for (mg_hub_conn **pp = &h->ready_head; *pp; pp = &(*pp)->ready_next) {
+        for (mg_hub_conn **pp = &s->ready_head; *pp; pp = &(*pp)->ready_next) {
             if (*pp == c) {
                 *pp = c->ready_next;
                 break;
             }
         }
     }
-    h->count--;
-    queue_clear(h, c); /* under the lock: waiting deliveries learn of the drop */
-    unlock_fire(h);
-    conn_free(h, c);
+    atomic_fetch_sub(&h->count, 1);
+    queue_clear(c, &fl); /* under the lock: waiting deliveries learn of the drop */
+    pthread_mutex_unlock(&s->mu);
+    run_fired(h, fl);
+    fl = NULL;
+    conn_free(c, &fl); /* its queue is empty: nothing more to report */
 }
 
 const char *mg_hub_conn_id(const mg_hub_conn *c)
@@ -344,7 +447,8 @@ void *mg_hub_conn_handle(const mg_hub_conn *c)
 mg_hub_frame *mg_hub_pop(mg_hub *h, mg_hub_conn *c, bool *more, int *close_code, char *reason,
                          size_t reasonlen)
 {
-    pthread_mutex_lock(&h->mu);
+    shard *s = &h->shards[c->shard];
+    pthread_mutex_lock(&s->mu);
     mg_hub_frame *f = c->qhead;
     if (f) {
         c->qhead = f->next;
@@ -358,15 +462,17 @@ mg_hub_frame *mg_hub_pop(mg_hub *h, mg_hub_conn *c, bool *more, int *close_code,
     *close_code = (int)c->close_code;
     if (reason && reasonlen)
         snprintf(reason, reasonlen, "%s", c->close_reason ? c->close_reason : "");
-    pthread_mutex_unlock(&h->mu);
+    pthread_mutex_unlock(&s->mu);
     return f;
 }
 
-void mg_hub_take_ready(mg_hub *h, void (*fn)(void *handle, int close_code, void *arg), void *arg)
+void mg_hub_take_ready(mg_hub *h, unsigned sh, void (*fn)(void *handle, int close_code, void *arg),
+                       void *arg)
 {
-    pthread_mutex_lock(&h->mu);
-    mg_hub_conn *c = h->ready_head;
-    h->ready_head = NULL;
+    shard *s = &h->shards[sh % h->nshards];
+    pthread_mutex_lock(&s->mu);
+    mg_hub_conn *c = s->ready_head;
+    s->ready_head = NULL;
     while (c) {
         mg_hub_conn *n = c->ready_next;
         c->ready = false;
@@ -374,7 +480,7 @@ void mg_hub_take_ready(mg_hub *h, void (*fn)(void *handle, int close_code, void 
         fn(c->handle, (int)c->close_code, arg);
         c = n;
     }
-    pthread_mutex_unlock(&h->mu);
+    pthread_mutex_unlock(&s->mu);
 }
 
 static void set_close(mg_hub *h, mg_hub_conn *c, int code, const char *reason)
@@ -398,16 +504,16 @@ static mg_hub_frame *frame_new(mg_hub *h, size_t len, mg_frame_kind kind)
     return f;
 }
 
-/* Under the lock: 0 when c can take a frame of len bytes, else -EPIPE
- * (closing) or -ENOBUFS (now marked slow). */
-static int admit(mg_hub *h, mg_hub_conn *c, size_t len)
+/* Under c's shard mutex: 0 when c can take a frame of len bytes, else
+ * -EPIPE (closing) or -ENOBUFS (now marked slow). */
+static int admit(mg_hub *h, mg_hub_conn *c, size_t len, mg_hub_receipt **fl)
 {
     if (c->close_code)
         return -EPIPE;
     if (c->qcount + 1 > h->max_frames || c->qbytes + len > h->max_bytes) {
-        queue_clear(h, c);
+        queue_clear(c, fl);
         c->slow = true;
-        h->slow_closes++;
+        h->shards[c->shard].slow_closes++;
         if (h->slow_counter)
             mg_metric_add(h->slow_counter, 1);
         set_close(h, c, MG_WS_CLOSE_SLOW_CONSUMER, "slow consumer");
@@ -420,14 +526,14 @@ static int admit(mg_hub *h, mg_hub_conn *c, size_t len)
     return 0;
 }
 
-/* Under the lock: appends f (taken) to c's queue, admitted before. */
+/* Under c's shard mutex: appends f (taken) to c's queue, admitted before. */
 static void push(mg_hub *h, mg_hub_conn *c, mg_hub_frame *f, mg_hub_receipt *r)
 {
     size_t len = f->len;
     f->receipt = r;
     if (r) {
         atomic_fetch_add(&r->refs, 1);
-        r->pending++;
+        atomic_fetch_add(&r->pending, 1);
     }
     if (c->qtail)
         c->qtail->next = f;
@@ -439,29 +545,18 @@ static void push(mg_hub *h, mg_hub_conn *c, mg_hub_frame *f, mg_hub_receipt *r)
     mark_ready(h, c);
 }
 
-/* Under the lock: queues a copy of text to c, or marks it slow. */
-static int enqueue(mg_hub *h, mg_hub_conn *c, const char *text, size_t len, mg_frame_kind kind,
-                   mg_hub_receipt *r)
-{
-    int rc = admit(h, c, len);
-    if (rc)
-        return rc;
-    mg_hub_frame *f = frame_new(h, len, kind);
-    memcpy(f->data + h->headroom, text, len);
-    push(h, c, f, r);
-    return 0;
-}
-
-/* Under the lock: queues the rendered message to c, or marks it slow. The
- * first connection takes *rendered itself; the others a copy of its text,
- * which stays readable while the lock is held (only the service thread
- * frees a queued frame, after mg_hub_pop under this lock). */
+/* Under c's shard mutex: queues the rendered message to c, or marks it
+ * slow. With rendered not NULL, the first connection takes *rendered itself
+ * and the others a copy of its text, which stays readable while the lock is
+ * held (only c's loop frees a queued frame, after mg_hub_pop under this
+ * lock); with rendered NULL every connection takes a copy. */
 static int enqueue_message(mg_hub *h, mg_hub_conn *c, mg_hub_frame **rendered,
-                           const unsigned char *text, size_t len, mg_hub_receipt *r)
+                           const unsigned char *text, size_t len, mg_hub_receipt *r,
+                           mg_hub_receipt **fl)
 {
-    if (admit(h, c, len))
+    if (admit(h, c, len, fl))
         return -1;
-    mg_hub_frame *f = *rendered;
+    mg_hub_frame *f = rendered ? *rendered : NULL;
     if (f) {
         *rendered = NULL;
     } else {
@@ -470,6 +565,27 @@ static int enqueue_message(mg_hub *h, mg_hub_conn *c, mg_hub_frame **rendered,
     }
     push(h, c, f, r);
     return 0;
+}
+
+/* Under s's mutex: queues the message to the user's connections in s (or
+ * to conn_id only); returns how many took it. */
+static int deliver_shard(mg_hub *h, shard *s, const mg_msg *msg, const char *conn_id,
+                         mg_hub_frame **rendered, const unsigned char *text, size_t len,
+                         mg_hub_receipt *r, mg_hub_receipt **fl)
+{
+    int n = 0;
+    if (conn_id) {
+        mg_hub_conn *c = mg_map_get(s->by_id, conn_id);
+        if (c && strcmp(c->user, msg->to) == 0 &&
+            enqueue_message(h, c, rendered, text, len, r, fl) == 0)
+            n++;
+    } else {
+        for (mg_hub_conn *c = mg_map_get(s->by_user, msg->to); c; c = c->user_next)
+            if (enqueue_message(h, c, rendered, text, len, r, fl) == 0)
+                n++;
+    }
+    s->delivered += (uint64_t)n;
+    return n;
 }
 
 int mg_hub_deliver(mg_hub *h, const mg_msg *msg, const char *conn_id, bool from_inbox,
@@ -482,43 +598,68 @@ int mg_hub_deliver(mg_hub *h, const mg_msg *msg, const char *conn_id, bool from_
     mg_hub_frame *rendered = frame_new(h, len, MG_FRAME_MESSAGE);
     mg_ws_proto_render_message((char *)rendered->data + h->headroom, msg, from_inbox);
     const unsigned char *text = rendered->data + h->headroom;
-    int n = 0;
     mg_hub_receipt *r = NULL;
-    pthread_mutex_lock(&h->mu);
-    if (written && !from_inbox && !on_service_thread && h->write_wait_ms > 0 && !h->stop_waits) {
+    if (written && !from_inbox && !on_service_thread && h->write_wait_ms > 0 &&
+        !atomic_load(&h->stop_waits)) {
         r = mg_new(mg_hub_receipt);
         r->done = written;
         r->arg = arg;
         atomic_init(&r->refs, 1);
+        atomic_init(&r->pending, 1); /* held until every shard was visited */
     }
-    if (conn_id) {
-        mg_hub_conn *c = mg_map_get(h->by_id, conn_id);
-        if (c && strcmp(c->user, msg->to) == 0 &&
-            enqueue_message(h, c, &rendered, text, len, r) == 0)
-            n++;
-    } else {
-        for (mg_hub_conn *c = mg_map_get(h->by_user, msg->to); c; c = c->user_next)
-            if (enqueue_message(h, c, &rendered, text, len, r) == 0)
-                n++;
+    int n = 0;
+    int home = -1;
+    shard *only = conn_id ? shard_of_id(h, conn_id) : NULL;
+    for (unsigned i = 0; i < h->nshards; i++) {
+        shard *s = &h->shards[i];
+        if (conn_id && s != only)
+            continue;
+        /* the frame itself goes to the last shard visited: once this
+         * shard's lock is released its loop may write and free it */
+        bool last = conn_id || i + 1 == h->nshards;
+        mg_hub_receipt *fl = NULL;
+        pthread_mutex_lock(&s->mu);
+        int k = deliver_shard(h, s, msg, conn_id, last ? &rendered : NULL, text, len, r, &fl);
+        pthread_mutex_unlock(&s->mu);
+        run_fired(h, fl);
+        if (k > 0 && home < 0)
+            home = (int)i;
+        n += k;
     }
-    h->delivered += (uint64_t)n;
-    bool wait = r && r->pending > 0;
-    if (wait) {
+    free(rendered); /* no connection took it (NULL when one did) */
+    bool wait = false;
+    if (r && n > 0) {
+        /* listed on its home shard, then the hold is dropped: frames
+         * settled meanwhile could not report it early */
+        mg_hub_receipt *fl = NULL;
+        shard *s = &h->shards[home];
+        r->home = (unsigned)home;
         r->deadline_ms = mg_mono_ms() + h->write_wait_ms;
+        pthread_mutex_lock(&s->mu);
         r->listed = true;
-        r->prev = h->wait_tail;
-        if (h->wait_tail)
-            h->wait_tail->next = r;
-        else
-            h->wait_head = r;
-        h->wait_tail = r;
+        r->prev = s->wait_tail;
+        if (s->wait_tail) {
+            s->wait_tail->next = r;
+        } else {
+            /* its loop may have looked for waits before this one was listed:
+             * wake it to arm its timer */
+            s->wait_head = r;
+            if (s->wake)
+                s->wake(s->wake_arg, r->home);
+        }
+        s->wait_tail = r;
+        pthread_mutex_unlock(&s->mu);
+        wait = true;
+        if (atomic_fetch_sub(&r->pending, 1) == 1 && claim(r)) { /* all written already */
+            r->result = atomic_load(&r->written);
+            fl = r;
+            run_fired(h, fl);
+        }
     } else if (r) {
         /* nothing queued (or a slow consumer dropped it at once): no report */
-        r->fired = true;
+        atomic_store(&r->fired, true);
         receipt_unref(r);
     }
-    unlock_fire(h);
-    free(rendered); /* no connection took it (NULL when one did) */
     if (!wait && written && n > 0)
         written(arg, (uint32_t)n);
     return n;
@@ -526,10 +667,20 @@ int mg_hub_deliver(mg_hub *h, const mg_msg *msg, const char *conn_id, bool from_
 
 int mg_hub_post(mg_hub *h, const char *conn_id, const char *text, size_t len)
 {
-    pthread_mutex_lock(&h->mu);
-    mg_hub_conn *c = mg_map_get(h->by_id, conn_id);
-    int rc = c ? enqueue(h, c, text, len, MG_FRAME_CONTROL, NULL) : -ENOENT;
-    pthread_mutex_unlock(&h->mu);
+    shard *s = shard_of_id(h, conn_id);
+    if (!s)
+        return -ENOENT;
+    mg_hub_receipt *fl = NULL;
+    pthread_mutex_lock(&s->mu);
+    mg_hub_conn *c = mg_map_get(s->by_id, conn_id);
+    int rc = -ENOENT;
+    if (c && (rc = admit(h, c, len, &fl)) == 0) {
+        mg_hub_frame *f = frame_new(h, len, MG_FRAME_CONTROL);
+        memcpy(f->data + h->headroom, text, len);
+        push(h, c, f, NULL);
+    }
+    pthread_mutex_unlock(&s->mu);
+    run_fired(h, fl);
     return rc == -EPIPE ? -ENOENT : rc;
 }
 
@@ -537,43 +688,58 @@ int mg_hub_disconnect(mg_hub *h, const char *user, const char *conn_id, int code
                       const char *reason)
 {
     int n = 0;
-    pthread_mutex_lock(&h->mu);
     if (conn_id && conn_id[0]) {
-        mg_hub_conn *c = mg_map_get(h->by_id, conn_id);
+        shard *s = shard_of_id(h, conn_id);
+        if (!s)
+            return 0;
+        pthread_mutex_lock(&s->mu);
+        mg_hub_conn *c = mg_map_get(s->by_id, conn_id);
         if (c && (!user || !user[0] || strcmp(user, c->user) == 0) && !c->close_code) {
             set_close(h, c, code, reason);
             n++;
         }
-    } else if (user) {
-        for (mg_hub_conn *c = mg_map_get(h->by_user, user); c; c = c->user_next) {
+        pthread_mutex_unlock(&s->mu);
+        return n;
+    }
+    if (!user)
+        return 0;
+    for (unsigned i = 0; i < h->nshards; i++) {
+        shard *s = &h->shards[i];
+        pthread_mutex_lock(&s->mu);
+        for (mg_hub_conn *c = mg_map_get(s->by_user, user); c; c = c->user_next) {
             if (!c->close_code) {
                 set_close(h, c, code, reason);
                 n++;
             }
         }
+        pthread_mutex_unlock(&s->mu);
     }
-    pthread_mutex_unlock(&h->mu);
     return n;
 }
 
 size_t mg_hub_count(mg_hub *h)
 {
-    pthread_mutex_lock(&h->mu);
-    size_t n = h->count;
-    pthread_mutex_unlock(&h->mu);
-    return n;
+    return atomic_load(&h->count);
 }
 
 size_t mg_hub_conn_ids(mg_hub *h, char ***ids)
 {
-    pthread_mutex_lock(&h->mu);
-    size_t n = 0;
-    char **out = mg_xcalloc(h->count + 1, sizeof(char *));
+    size_t n = 0, cap = atomic_load(&h->count) + 16;
+    char **out = mg_xcalloc(cap, sizeof(char *));
     const char *k;
     void *v;
-    for (size_t it = 0; mg_map_next(h->by_id, &it, &k, &v);)
-        out[n++] = mg_xstrdup(k);
-    pthread_mutex_unlock(&h->mu);
+    for (unsigned i = 0; i < h->nshards; i++) {
+        shard *s = &h->shards[i];
+        pthread_mutex_lock(&s->mu);
+        for (size_t it = 0; mg_map_next(s->by_id, &it, &k, &v);) {
+            if (n == cap) {
+                cap *= 2;
+                out = mg_xrealloc(out, cap * sizeof(char *));
+            }
+            out[n++] = mg_xstrdup(k);
+        }
+        pthread_mutex_unlock(&s->mu);
+    }
     *ids = out;
     return n;
 }
@@ -589,19 +755,26 @@ void mg_hub_ids_free(char **ids, size_t n)
 
 void mg_hub_get_stats(mg_hub *h, mg_hub_stats *st)
 {
-    pthread_mutex_lock(&h->mu);
-    st->delivered = h->delivered;
-    st->slow_closes = h->slow_closes;
-    pthread_mutex_unlock(&h->mu);
+    memset(st, 0, sizeof(*st));
+    for (unsigned i = 0; i < h->nshards; i++) {
+        shard *s = &h->shards[i];
+        pthread_mutex_lock(&s->mu);
+        st->delivered += s->delivered;
+        st->slow_closes += s->slow_closes;
+        pthread_mutex_unlock(&s->mu);
+    }
 }
 
 bool mg_hub_is_slow(mg_hub *h, const char *conn_id)
 {
-    pthread_mutex_lock(&h->mu);
-    mg_hub_conn *c = mg_map_get(h->by_id, conn_id);
-    bool s = c && c->slow;
-    pthread_mutex_unlock(&h->mu);
-    return s;
+    shard *s = shard_of_id(h, conn_id);
+    if (!s)
+        return false;
+    pthread_mutex_lock(&s->mu);
+    mg_hub_conn *c = mg_map_get(s->by_id, conn_id);
+    bool slow = c && c->slow;
+    pthread_mutex_unlock(&s->mu);
+    return slow;
 }
 
 static int sink_deliver(void *arg, const mg_msg *msg, const char *conn_id, bool from_inbox,

@@ -2,23 +2,30 @@
  *
  * Maps connection id ("<gateway_id>-<seq>") -> connection and user -> its
  * connections, and holds each connection's bounded outbound queue. It is the
- * one way into the WebSocket service thread: other threads (router workers,
- * gRPC, Kafka) render a frame on their own thread, append it to a queue here,
- * and the hub wakes the service thread (cfg.wake, i.e. lws_cancel_service),
- * which takes the ready connections and writes their frames.
+ * one way into the WebSocket service loops: other threads (router workers,
+ * gRPC, Kafka, the other loops) render a frame on their own thread, append
+ * it to a queue here, and the hub wakes the loop that owns the connection
+ * (cfg.wake with its shard, i.e. lws_cancel_service of that loop's
+ * context), which takes its ready connections and writes their frames.
+ *
+ * Shards: one per service loop (cfg.shards). A connection lives in the shard
+ * of the loop that accepted it, from register to unregister; its id names
+ * the shard. A user's connections may live in several shards; a delivery to
+ * the user visits each.
  *
  * Bounds: a connection whose queue would exceed max_frames or max_bytes is a
  * slow consumer: its queue is dropped, it is marked for close with 4008
  * "slow consumer", and the frame is not counted as delivered to it.
  *
  * Lifetimes: connections are created (register) and destroyed (unregister)
- * only on the service thread; unregister removes the connection from every
- * index under the hub mutex before freeing it, and other threads only touch
- * connections under that mutex, found by id or user. So a handle returned by
- * register is valid on the service thread until its unregister.
+ * only on the loop that owns them; unregister removes the connection from
+ * every index under its shard's mutex before freeing it, and other threads
+ * only touch connections under that mutex, found by id or user. So a handle
+ * returned by register is valid on its loop until its unregister.
  *
- * Thread-safety: functions marked [ws] are for the service thread only
- * (tests: the owning thread); the rest may be called from any thread.
+ * Thread-safety: functions marked [ws] are for the loop owning the shard or
+ * connection only (tests: the owning thread); the rest may be called from
+ * any thread.
  */
 #ifndef MG_HUB_H
 #define MG_HUB_H
@@ -41,13 +48,15 @@ typedef struct mg_hub_config {
     size_t max_frames;      /* per connection outbound queue, frames (>= 1) */
     size_t max_bytes;       /* per connection outbound queue, bytes (>= 1) */
     size_t headroom;        /* bytes reserved before each frame's data (LWS_PRE) */
-    /* Called when the set of ready connections goes from empty to non-empty,
-     * with the hub mutex held (so it must be quick and must not call the hub).
-     * May be NULL. */
-    void (*wake)(void *arg);
+    unsigned shards;        /* service loops (0: 1) */
+    /* Called when a shard's set of ready connections goes from empty to
+     * non-empty, or its list of waiting deliveries (its loop then arms its
+     * timer), with that shard's mutex held (so it must be quick and must not
+     * call the hub). May be NULL. */
+    void (*wake)(void *arg, unsigned shard);
     void *wake_arg;
     /* How long a delivery (mg_hub_deliver with a written callback, not from
-     * the inbox, not on the service thread) waits for its frames to be
+     * the inbox, not on a service loop) waits for its frames to be
      * written to the sockets before it is reported; 0: do not wait. */
     int write_wait_ms;
     /* Counted when a connection is marked slow (its close may come later, or
@@ -70,8 +79,9 @@ typedef struct mg_hub_frame {
 
 mg_hub *mg_hub_create(const mg_hub_config *cfg);
 /* Replaces the wake callback (NULL disables it: used while the service
- * thread stops). */
-void mg_hub_set_wake(mg_hub *h, void (*wake)(void *arg), void *arg);
+ * loops stop). */
+void mg_hub_set_wake(mg_hub *h, void (*wake)(void *arg, unsigned shard), void *arg);
+unsigned mg_hub_shards(const mg_hub *h);
 /* Frees every remaining connection and frame. NULL is a no-op. */
 void mg_hub_free(mg_hub *h);
 
@@ -80,8 +90,9 @@ void mg_hub_free(mg_hub *h);
 mg_local_sink mg_hub_sink(mg_hub *h);
 
 /* [ws] Registers a connection of user (copied) with an opaque handle (the
- * lws wsi). Returns the connection; its id is mg_hub_conn_id(). */
-mg_hub_conn *mg_hub_register(mg_hub *h, const char *user, void *handle);
+ * lws wsi) in shard (the calling loop's). Returns the connection; its id is
+ * mg_hub_conn_id(). */
+mg_hub_conn *mg_hub_register(mg_hub *h, unsigned shard, const char *user, void *handle);
 /* [ws] Removes and frees c with its queue. */
 void mg_hub_unregister(mg_hub *h, mg_hub_conn *c);
 const char *mg_hub_conn_id(const mg_hub_conn *c);   /* [ws] valid until unregister */
@@ -101,37 +112,40 @@ mg_hub_frame *mg_hub_pop(mg_hub *h, mg_hub_conn *c, bool *more, int *close_code,
  * here). Frees f. */
 void mg_hub_frame_done(mg_hub *h, mg_hub_frame *f, bool written);
 
-/* [ws] Marks the calling thread as the service thread: deliveries made on it
+/* [ws] Marks the calling thread as a service loop: deliveries made on it
  * report their writes at once (the thread that writes cannot wait for itself). */
 void mg_hub_mark_service_thread(void);
-/* [ws] The service thread stops: every delivery waiting for writes is
- * reported now (queued frames count), and later ones do not wait. */
+/* The service loops stop: every delivery waiting for writes is reported
+ * now (queued frames count), and later ones do not wait. */
 void mg_hub_stop_waits(mg_hub *h);
-/* Whether a delivery is waiting for its writes (the service thread then
- * keeps a timer for mg_hub_expire_waits). */
-bool mg_hub_waiting(mg_hub *h);
-/* [ws] Reports the deliveries whose write wait ended by now_ms (monotonic).
- * Returns whether others still wait. */
-bool mg_hub_expire_waits(mg_hub *h, int64_t now_ms);
-/* [ws] Calls fn(handle, close_code, arg) for every connection with queued
- * frames or a pending close (close_code != 0), and clears the ready set. fn
- * runs under the hub mutex: it must not call the hub (lws_callback_on_writable
- * is fine). */
-void mg_hub_take_ready(mg_hub *h, void (*fn)(void *handle, int close_code, void *arg), void *arg);
+/* Whether a delivery homed in shard is waiting for its writes (its loop
+ * then keeps a timer for mg_hub_expire_waits). */
+bool mg_hub_waiting(mg_hub *h, unsigned shard);
+/* [ws] Reports the deliveries homed in shard whose write wait ended by now_ms
+ * (monotonic). Returns whether others still wait there. */
+bool mg_hub_expire_waits(mg_hub *h, unsigned shard, int64_t now_ms);
+/* [ws] Calls fn(handle, close_code, arg) for every connection of shard with
+ * queued frames or a pending close (close_code != 0), and clears its ready
+ * set. fn runs under the shard's mutex: it must not call the hub
+ * (lws_callback_on_writable is fine). */
+void mg_hub_take_ready(mg_hub *h, unsigned shard,
+                       void (*fn)(void *handle, int close_code, void *arg), void *arg);
 
 /* Renders msg once and queues it to every connection of msg->to (or only
  * conn_id, when not NULL, if it belongs to msg->to). Returns how many
  * connections took it (0: none here). Never blocks.
  * When written is not NULL and the return is > 0, written(arg, n) runs
- * exactly once, so that "delivered" means written: when the service thread
- * has written the frames to the sockets (or dropped them with their
+ * exactly once, so that "delivered" means written: when the service loops
+ * have written the frames to the sockets (or dropped them with their
  * connections), or write_wait_ms after the call, whichever comes first; n
  * counts the connections written or still queued on a live connection (a
  * slow reader) then. A gateway killed before the write answers nothing, so
  * the caller's caller fails and falls back instead of trusting a DELIVERED
- * it did not keep. It runs on the service thread, or before mg_hub_deliver
- * returns when nothing waits (from_inbox, called on the service thread,
- * write_wait_ms 0, or after mg_hub_stop_waits). Never under the hub mutex. */
+ * it did not keep. It runs on the loop that settled the last frame (or
+ * ended the wait), or before mg_hub_deliver returns when nothing waits
+ * (from_inbox, called on a service loop, write_wait_ms 0, after
+ * mg_hub_stop_waits, or every frame written before the call returned).
+ * Never under a hub mutex. */
 int mg_hub_deliver(mg_hub *h, const mg_msg *msg, const char *conn_id, bool from_inbox,
                    mg_written_fn written, void *arg);
 /* Queues a control frame (ack, error) to one connection. Returns 0, -ENOENT

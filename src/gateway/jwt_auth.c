@@ -1,7 +1,8 @@
 /* jwt_auth.c: JWT verification for WebSocket clients (see jwt_auth.h).
  *
- * Owns the key bytes (secret or PEM). Runs on the WebSocket service thread
- * during the upgrade (verification is CPU only, no I/O). Guarantees: a token
+ * Owns the key bytes (secret or PEM). Runs on the WebSocket service loops
+ * during the upgrade, several at once (read-only after setup; verification
+ * is CPU only, no I/O). Guarantees: a token
  * is accepted only with the configured algorithm, a valid signature, a future
  * exp and a valid sub; libjwt 1.10 does the signature check (jwt_decode).
  */

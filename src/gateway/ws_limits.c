@@ -1,8 +1,10 @@
 /* ws_limits.c: the WebSocket listener's abuse limits (see ws_limits.h).
  *
  * Owns the handshake table, the per-address connection counts and each
- * connection's token bucket. Runs on the WebSocket service thread only
- * (ws_server.c calls it from its lws callback), so nothing here locks.
+ * connection's token bucket. A handshake table belongs to one WebSocket
+ * service loop (ws_server.c keeps a limiter per loop for them); the
+ * per-address counts of the server's shared limiter are used by every loop,
+ * under ip_mu. The rest runs on the loop owning the connection.
  *
  * DESIGN
  * - Handshakes are a small array (at most max_handshakes entries, scanned
@@ -28,6 +30,8 @@
 #include "gateway/ws_proto.h"
 
 #include <libwebsockets.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -56,7 +60,11 @@ struct mg_ws_limiter {
     mg_ws_limiter_config cfg;
     hs *hs;
     size_t nhs, cap_hs, ndoomed;
-    mg_map *per_ip; /* ip -> count (as a pointer-sized integer, never 0) */
+    /* live handshakes (not doomed) against max_handshakes: this limiter's
+     * own count, or the one it shares with the other loops' limiters */
+    atomic_size_t own_live, *live;
+    pthread_mutex_t ip_mu; /* per_ip: the loops share it */
+    mg_map *per_ip;        /* ip -> count (as a pointer-sized integer, never 0) */
     struct lws_context *ctx;
     lws_sorted_usec_list_t timer;
     bool timer_armed;
@@ -76,6 +84,8 @@ mg_ws_limiter *mg_ws_limiter_create(const mg_ws_limiter_config *cfg)
     if (l->cfg.send_rate > 0 && l->cfg.send_burst < 1)
         l->cfg.send_burst = l->cfg.send_rate < 1 ? 1 : l->cfg.send_rate;
     l->per_ip = mg_map_create(64);
+    l->live = &l->own_live;
+    pthread_mutex_init(&l->ip_mu, NULL);
     /* registers the series at 0 so dashboards see them before the first refusal */
     static const char *const names[] = {"handshake_timeout", "handshakes",      "per_ip",
                                         "send_rate",         "send_rate_close", "connections"};
@@ -92,6 +102,7 @@ void mg_ws_limiter_free(mg_ws_limiter *l)
     if (!l)
         return;
     mg_map_free(l->per_ip); /* values are integers, not owned pointers */
+    pthread_mutex_destroy(&l->ip_mu);
     free(l->hs);
     free(l);
 }
@@ -110,6 +121,8 @@ static void hs_remove_at(mg_ws_limiter *l, size_t i)
 {
     if (l->hs[i].doomed)
         l->ndoomed--;
+    else
+        atomic_fetch_sub(l->live, 1);
     l->hs[i] = l->hs[--l->nhs];
 }
 
@@ -150,6 +163,11 @@ void mg_ws_limiter_set_max_handshakes(mg_ws_limiter *l, size_t max)
     l->cfg.max_handshakes = max;
 }
 
+void mg_ws_limiter_share_handshakes(mg_ws_limiter *l, mg_ws_limiter *with)
+{
+    l->live = &with->own_live;
+}
+
 void mg_ws_limiter_attach(mg_ws_limiter *l, struct lws_context *ctx)
 {
     l->ctx = ctx;
@@ -165,7 +183,10 @@ void mg_ws_limiter_detach(mg_ws_limiter *l)
 
 void mg_ws_limiter_handshake_begin(mg_ws_limiter *l, struct lws *wsi)
 {
-    if (l->cfg.max_handshakes && l->nhs - l->ndoomed >= l->cfg.max_handshakes) {
+    /* at the cap (counted over every loop sharing it), this loop's oldest
+     * goes; a loop with none of its own lets the others close theirs */
+    if (l->cfg.max_handshakes && atomic_load(l->live) >= l->cfg.max_handshakes &&
+        l->nhs > l->ndoomed) {
         size_t oldest = SIZE_MAX;
         for (size_t i = 0; i < l->nhs; i++)
             if (!l->hs[i].doomed &&
@@ -173,6 +194,7 @@ void mg_ws_limiter_handshake_begin(mg_ws_limiter *l, struct lws *wsi)
                 oldest = i;
         l->hs[oldest].doomed = true;
         l->ndoomed++;
+        atomic_fetch_sub(l->live, 1);
         mg_ws_limit_count("handshakes");
         if (l->timer_armed)
             lws_sul_cancel(&l->timer);
@@ -183,6 +205,7 @@ void mg_ws_limiter_handshake_begin(mg_ws_limiter *l, struct lws *wsi)
         l->hs = mg_xrealloc(l->hs, l->cap_hs * sizeof(*l->hs));
     }
     l->hs[l->nhs++] = (hs){wsi, mg_mono_ms(), false};
+    atomic_fetch_add(l->live, 1);
     if (l->cfg.handshake_timeout_ms > 0 && !l->timer_armed)
         arm(l, TIMER_US);
 }
@@ -208,27 +231,54 @@ bool mg_ws_limiter_ip_full(mg_ws_limiter *l, const char *ip)
 {
     if (!l->cfg.max_per_ip)
         return false;
+    pthread_mutex_lock(&l->ip_mu);
     uintptr_t n = (uintptr_t)mg_map_get(l->per_ip, ip);
+    pthread_mutex_unlock(&l->ip_mu);
     if (n < l->cfg.max_per_ip)
         return false;
     mg_ws_limit_count("per_ip");
     return true;
 }
 
-mg_ws_limiter_conn *mg_ws_limiter_conn_open(mg_ws_limiter *l, const char *ip)
+/* Counts ip's connection unless cap (0: none) is reached; under ip_mu, so
+ * loops racing for an address's last slot cannot both take it. */
+static mg_ws_limiter_conn *conn_take(mg_ws_limiter *l, const char *ip, size_t cap, bool *full)
 {
+    *full = false;
     if (!l->cfg.max_per_ip && l->cfg.send_rate <= 0)
         return NULL;
+    if (l->cfg.max_per_ip) {
+        pthread_mutex_lock(&l->ip_mu);
+        uintptr_t k = (uintptr_t)mg_map_get(l->per_ip, ip);
+        if (cap && k >= cap) {
+            pthread_mutex_unlock(&l->ip_mu);
+            *full = true;
+            return NULL;
+        }
+        mg_map_put(l->per_ip, ip, (void *)(k + 1));
+        pthread_mutex_unlock(&l->ip_mu);
+    }
     size_t n = strlen(ip);
     mg_ws_limiter_conn *c = mg_xcalloc(1, sizeof(*c) + n + 1);
     memcpy(c->ip, ip, n + 1);
     c->tokens = l->cfg.send_burst;
     c->last_ms = c->window_ms = mg_mono_ms();
-    if (l->cfg.max_per_ip) {
-        uintptr_t k = (uintptr_t)mg_map_get(l->per_ip, ip);
-        mg_map_put(l->per_ip, ip, (void *)(k + 1));
-    }
     return c;
+}
+
+mg_ws_limiter_conn *mg_ws_limiter_conn_open(mg_ws_limiter *l, const char *ip)
+{
+    bool full;
+    return conn_take(l, ip, 0, &full);
+}
+
+bool mg_ws_limiter_conn_admit(mg_ws_limiter *l, const char *ip, mg_ws_limiter_conn **out)
+{
+    bool full;
+    *out = conn_take(l, ip, l->cfg.max_per_ip, &full);
+    if (full)
+        mg_ws_limit_count("per_ip");
+    return !full;
 }
 
 void mg_ws_limiter_conn_close(mg_ws_limiter *l, mg_ws_limiter_conn *c)
@@ -236,11 +286,13 @@ void mg_ws_limiter_conn_close(mg_ws_limiter *l, mg_ws_limiter_conn *c)
     if (!c)
         return;
     if (l->cfg.max_per_ip) {
+        pthread_mutex_lock(&l->ip_mu);
         uintptr_t k = (uintptr_t)mg_map_get(l->per_ip, c->ip);
         if (k <= 1)
             mg_map_del(l->per_ip, c->ip);
         else
             mg_map_put(l->per_ip, c->ip, (void *)(k - 1));
+        pthread_mutex_unlock(&l->ip_mu);
     }
     free(c);
 }

@@ -14,10 +14,14 @@
  *
  * Every refusal is counted in meshgate_ws_limit_total{limit=...}.
  *
- * Threads: everything here runs on the WebSocket service thread ("ws"),
- * except create/free and mg_ws_fd_budget (control thread, before start /
- * after stop). Handles are lws wsi pointers; the limiter closes one only
- * through lws_set_timeout(LWS_TO_KILL_ASYNC) on the service thread.
+ * Threads: everything here runs on a WebSocket service loop, except
+ * create/free and mg_ws_fd_budget (control thread, before start / after
+ * stop). A limiter's handshakes belong to one loop (the one whose context it
+ * is attached to); its per-address counts (ip_full, conn_open, conn_close)
+ * may be shared by every loop: they lock (mg_ws_limiter_conn_admit checks
+ * and counts in one step). Handles are lws wsi
+ * pointers; the limiter closes one only through lws_set_timeout(LWS_TO_KILL_ASYNC) on the service
+ * thread.
  */
 #ifndef MG_WS_LIMITS_H
 #define MG_WS_LIMITS_H
@@ -50,6 +54,10 @@ void mg_ws_limiter_free(mg_ws_limiter *l);
 
 /* The handshake cap (from mg_ws_fd_budget), before start. 0: unbounded. */
 void mg_ws_limiter_set_max_handshakes(mg_ws_limiter *l, size_t max);
+/* Counts l's handshakes against max_handshakes together with every limiter
+ * sharing with's count (one per loop: the cap is the process's). with must
+ * outlive l's handshakes. Before start. */
+void mg_ws_limiter_share_handshakes(mg_ws_limiter *l, mg_ws_limiter *with);
 /* Gives the limiter the context for its deadline timer (at start). */
 void mg_ws_limiter_attach(mg_ws_limiter *l, struct lws_context *ctx);
 /* Cancels the timer; call after the service thread ended, before the
@@ -69,6 +77,12 @@ bool mg_ws_limiter_ip_full(mg_ws_limiter *l, const char *ip);
  * per-connection state. Close it with mg_ws_limiter_conn_close (NULL ok). */
 mg_ws_limiter_conn *mg_ws_limiter_conn_open(mg_ws_limiter *l, const char *ip);
 void mg_ws_limiter_conn_close(mg_ws_limiter *l, mg_ws_limiter_conn *c);
+/* [ws] conn_open at the per-address cap in one step (the check and the count
+ * under one lock, so loops racing for an address's last slot cannot both
+ * take it): false at the cap (counted as per_ip, *out NULL); else true and
+ * *out as conn_open's. Taken at the upgrade, before the 101 goes out, so a
+ * client's next upgrade, on whatever loop, already counts it. */
+bool mg_ws_limiter_conn_admit(mg_ws_limiter *l, const char *ip, mg_ws_limiter_conn **out);
 /* [ws] One client frame at now_ms (monotonic). c NULL: always OK. */
 mg_ws_rate mg_ws_limiter_frame(mg_ws_limiter *l, mg_ws_limiter_conn *c, int64_t now_ms);
 

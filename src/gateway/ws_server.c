@@ -1,11 +1,27 @@
 /* ws_server.c: the WebSocket front end and the HTTP endpoints (see ws_server.h).
  *
- * Owns the lws context, the hub (hub.h), the JWT verifier and the service
- * thread "ws", which runs every lws callback: upgrades and auth, frame
- * parsing, writes, closes and the small HTTP endpoints.
+ * Owns the service loops (--ws-threads; each its listener, lws context,
+ * libev loop and thread "ws-<i>"), the hub (hub.h, a shard per loop), the
+ * JWT verifier and the limits. A loop runs every lws callback of the
+ * connections it accepted: upgrades and auth, frame parsing, writes, closes
+ * and the small HTTP endpoints; nothing of one connection ever runs on
+ * another loop. "This thread" below is the connection's loop.
  *
  * DESIGN
- * - Nothing blocks the service thread: a client "send" is parsed here and
+ * - Loops: N SO_REUSEPORT listeners (open_listener), one per loop; the
+ *   kernel spreads connections over them and lws adopts each accepted
+ *   socket into that loop's context. Shared between loops: the hub (its
+ *   shards lock, see hub.c), the connection count (the global cap), the
+ *   per-address counts (ws_limits.c, locked), metrics (atomic: summed), the
+ *   ticket mutex and the options. Per loop: the ping wheel, the upgrade
+ *   stash, the handshake table, the write-wait timer, the write buffers.
+ *   Any loop answers the HTTP endpoints; a drain's 1012 closes go through
+ *   the hub to every loop; the stop ends every loop, then destroys each
+ *   context on the control thread.
+ * - Order across loops: a connection's sends are chained (below) and each
+ *   delivery is queued to every recipient connection, on whatever loop,
+ *   before it answers; so each of them sees one sender's messages in order.
+ * - Nothing blocks a loop: a client "send" is parsed here and
  *   started as a router operation (mg_router_send returns at once). One
  *   connection's sends are chained: operation k+1 starts when k answered
  *   (from whichever thread completed it), so the order guarantees hold
@@ -38,7 +54,9 @@
  * - Memory per idle connection: the lws wsi and its rx buffer (RX_BUFFER
  *   bytes), a 120-byte pss, the hub entry (id, user, two map slots) and the
  *   presence ticket. Reassembly buffers and outbound queues exist only while
- *   used.
+ *   used. Per loop, whatever its connections: lws's descriptor tables
+ *   (RLIMIT_NOFILE entries, ~16 bytes each), 67 KB of write buffers, the
+ *   wheel's slots.
  */
 #include "gateway/ws_server.h"
 #include "common/mg_alloc.h"
@@ -62,7 +80,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
 #include <sys/resource.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #define RX_BUFFER           1024 /* lws per-connection rx chunk; frames are reassembled */
@@ -76,6 +99,11 @@
 #define WAIT_CHECK_US       (50 * 1000) /* the write-wait timer's period */
 #define SUL_TICK_SECONDS    0.1         /* lws timers run at most this late */
 #define PING_SLOT_MS        100         /* the ping wheel's step */
+#define OBUF_BYTES          (COALESCE_BYTES + 10 * WRITE_BURST)
+#define MAX_WS_THREADS      64
+#define ACCEPT_BURST        64    /* connections accepted per readable listener */
+#define ACCEPT_PAUSE_S      0.1   /* accept(2) out of descriptors: retry after */
+#define LISTEN_BACKLOG      65535 /* the kernel caps it at net.core.somaxconn */
 
 typedef struct hook {
     char *path;
@@ -83,7 +111,7 @@ typedef struct hook {
     void *arg;
 } hook;
 
-/* Shared by the connection (service thread) and its presence jobs; the
+/* Shared by the connection (its loop) and its presence jobs; the
  * fields below `mu` in mg_ws_server guard connect_done/closed. */
 typedef struct ticket {
     mg_ws_server *ws;
@@ -125,6 +153,47 @@ static uint64_t conn_key(const char *conn_id)
     return mg_hash(conn_id, strlen(conn_id));
 }
 
+/* One service loop: its own lws context on its own SO_REUSEPORT listener,
+ * libev loop and thread; it owns the connections it accepted from accept to
+ * close (hub shard idx). Fields below are its thread's only, except where
+ * noted. */
+typedef struct ws_loop {
+    mg_ws_server *ws;
+    unsigned idx;
+    struct lws_context *ctx; /* set before the thread starts, cleared after it ends */
+    struct ev_loop *loop;    /* epoll, lent to lws as its foreign loop */
+    ev_timer sul_tick;       /* see sul_tick_cb */
+    int lfd;                 /* its listener (SO_REUSEPORT with several loops) */
+    ev_io accept_w;          /* lfd readable: accept and hand to lws */
+    ev_timer accept_pause;   /* out of descriptors: accept again later */
+    struct lws_vhost *vh;
+    pthread_t thread;
+    bool thread_started;
+    mg_ws_limiter *hs; /* this loop's handshakes (ws_limits.h) */
+
+    /* upgrade stash: auth result carried from CONFIRM_UPGRADE to FILTER
+     * (both run on this thread for the same wsi, back to back) */
+    struct lws *stash_wsi;
+    char *stash_user;
+    int64_t stash_exp;
+    mg_ws_limiter_conn *stash_lc; /* its per-address slot, taken at the upgrade */
+
+    lws_sorted_usec_list_t wait_timer;
+    bool wait_timer_armed;
+
+    /* The ping wheel: each connection sits in one of nslots slots (round
+     * robin at establish, so pings are spread evenly over the interval
+     * whatever the connect pattern); the wheel turns once per half ping
+     * interval, one slot per PING_SLOT_MS. */
+    pss **wheel;
+    uint32_t nslots, next_slot, seq;
+    int64_t next_slot_ms;
+
+    mg_metric *m_conns;  /* meshgate_ws_loop_connections{loop="idx"} */
+    unsigned char *obuf; /* LWS_PRE + OBUF_BYTES: one connection's coalesced write */
+    unsigned char *hbuf; /* LWS_PRE + HTTP_CHUNK: one HTTP body chunk */
+} ws_loop;
+
 struct mg_ws_server {
     /* options */
     char *gateway_id, *host;
@@ -133,7 +202,8 @@ struct mg_ws_server {
     bool inline_jobs; /* routing never blocks: run connection jobs on this thread */
     size_t max_frame, max_conns;
     mg_ws_limits limits;
-    mg_ws_limiter *lim; /* handshakes, per address, send rate (ws_limits.h) */
+    mg_ws_limiter *lim; /* per address, send rate (ws_limits.h); handshakes: per loop */
+    mg_ws_limiter_config lim_cfg;
     size_t fd_reserve, max_handshakes, max_header_bytes;
     int64_t send_deadline_ms;
     int ping_seconds;
@@ -143,35 +213,17 @@ struct mg_ws_server {
     mg_hub *hub;
     mg_jwt_auth *auth;
 
-    struct lws_context *ctx;
-    struct ev_loop *loop; /* epoll, lent to lws as its foreign loop */
-    ev_timer sul_tick;    /* see sul_tick_cb */
+    unsigned nloops; /* --ws-threads */
+    ws_loop *loops;
     struct lws_protocols protocols[2];
     lws_retry_bo_t retry;
-    pthread_t thread;
     bool started;
     atomic_bool stopping, ready, draining;
 
     hook hooks[MAX_HOOKS];
     int nhooks;
 
-    /* upgrade stash: auth result carried from CONFIRM_UPGRADE to FILTER
-     * (both run on this thread for the same wsi, back to back) */
-    struct lws *stash_wsi;
-    char *stash_user;
-    int64_t stash_exp;
-
     pthread_mutex_t mu; /* tickets */
-    lws_sorted_usec_list_t wait_timer;
-    bool wait_timer_armed; /* this thread only */
-
-    /* The ping wheel (this thread only): each connection sits in one of
-     * nslots slots (round robin at establish, so pings are spread evenly
-     * over the interval whatever the connect pattern); the wheel turns once
-     * per half ping interval, one slot per PING_SLOT_MS. */
-    pss **wheel;
-    uint32_t nslots, next_slot, seq;
-    int64_t next_slot_ms;
 
     mg_metric *m_in, *m_out, *m_slow, *m_conns_total, *m_conns, *m_expired, *m_refreshed;
 };
@@ -671,10 +723,10 @@ static void settle(mg_ws_server *ws, mg_hub_frame **fr, int n, bool written)
  * calling us again, so frames are whole and in order; a frame counts as
  * written (mg_hub_frame_done) once lws took all of its bytes. Queued frames
  * are written before a pending close. */
-static int on_writeable(mg_ws_server *ws, struct lws *wsi, pss *p)
+static int on_writeable(ws_loop *L, struct lws *wsi, pss *p)
 {
-    /* service thread only: one connection's write at a time */
-    static unsigned char obuf[LWS_PRE + COALESCE_BYTES + 10 * WRITE_BURST];
+    mg_ws_server *ws = L->ws;
+    unsigned char *obuf = L->obuf; /* this loop's: one connection's write at a time */
     if (!p->conn)
         return 0;
     if (p->ping_due) {
@@ -750,27 +802,27 @@ static int on_writeable(mg_ws_server *ws, struct lws *wsi, pss *p)
  * pinged once; silent for two, it is hung up (so after 2 to 2.5 intervals).
  * A visit costs a few loads; a busy connection is never pinged. */
 
-static void wheel_add(mg_ws_server *ws, pss *p)
+static void wheel_add(ws_loop *L, pss *p)
 {
-    uint32_t k = ws->seq++ % ws->nslots;
+    uint32_t k = L->seq++ % L->nslots;
     p->slot = (uint16_t)k;
     p->wprev = NULL;
-    p->wnext = ws->wheel[k];
+    p->wnext = L->wheel[k];
     if (p->wnext)
         p->wnext->wprev = p;
-    ws->wheel[k] = p;
+    L->wheel[k] = p;
     p->in_wheel = true;
     p->valid_ds = now_ds();
 }
 
-static void wheel_remove(mg_ws_server *ws, pss *p)
+static void wheel_remove(ws_loop *L, pss *p)
 {
     if (!p->in_wheel)
         return;
     if (p->wprev)
         p->wprev->wnext = p->wnext;
     else
-        ws->wheel[p->slot] = p->wnext;
+        L->wheel[p->slot] = p->wnext;
     if (p->wnext)
         p->wnext->wprev = p->wprev;
     p->wprev = p->wnext = NULL;
@@ -778,17 +830,18 @@ static void wheel_remove(mg_ws_server *ws, pss *p)
 }
 
 /* [ws] Visits the slots that came due (from an lws callback). */
-static void wheel_turn(mg_ws_server *ws)
+static void wheel_turn(ws_loop *L)
 {
+    mg_ws_server *ws = L->ws;
     int64_t now = mg_mono_ms();
-    if (now < ws->next_slot_ms)
+    if (now < L->next_slot_ms)
         return;
     uint32_t nds = (uint32_t)(now / 100);
     uint32_t ping_ds = (uint32_t)ws->ping_seconds * 10, hup_ds = ping_ds * 2;
-    uint32_t turn_ds = ws->nslots * PING_SLOT_MS / 100; /* between two visits */
+    uint32_t turn_ds = L->nslots * PING_SLOT_MS / 100; /* between two visits */
     int64_t wall_s = mg_now_ms() / 1000;
-    for (int steps = 0; now >= ws->next_slot_ms && steps < (int)ws->nslots; steps++) {
-        for (pss *p = ws->wheel[ws->next_slot]; p; p = p->wnext) {
+    for (int steps = 0; now >= L->next_slot_ms && steps < (int)L->nslots; steps++) {
+        for (pss *p = L->wheel[L->next_slot]; p; p = p->wnext) {
             uint32_t age = nds - p->valid_ds;
             if (p->exp_s && wall_s >= p->exp_s) {
                 /* queued frames go first, then the close (hub.h) */
@@ -807,18 +860,19 @@ static void wheel_turn(mg_ws_server *ws)
                 lws_callback_on_writable(mg_hub_conn_handle(p->conn));
             }
         }
-        ws->next_slot = (ws->next_slot + 1) % ws->nslots;
-        ws->next_slot_ms += PING_SLOT_MS;
+        L->next_slot = (L->next_slot + 1) % L->nslots;
+        L->next_slot_ms += PING_SLOT_MS;
     }
-    if (now >= ws->next_slot_ms) /* behind by a whole turn: catch up */
-        ws->next_slot_ms = now + PING_SLOT_MS;
+    if (now >= L->next_slot_ms) /* behind by a whole turn: catch up */
+        L->next_slot_ms = now + PING_SLOT_MS;
 }
 
-static void on_established(mg_ws_server *ws, struct lws *wsi, pss *p)
+static void on_established(ws_loop *L, struct lws *wsi, pss *p)
 {
+    mg_ws_server *ws = L->ws;
     const char *user = p->user ? p->user : "";
-    p->conn = mg_hub_register(ws->hub, user, wsi);
-    wheel_add(ws, p);
+    p->conn = mg_hub_register(ws->hub, L->idx, user, wsi);
+    wheel_add(L, p);
     const char *id = mg_hub_conn_id(p->conn);
     size_t n = strlen(id);
     ticket *t = mg_xcalloc(1, sizeof(*t) + n + 1);
@@ -828,8 +882,7 @@ static void on_established(mg_ws_server *ws, struct lws *wsi, pss *p)
     memcpy(t->conn_id, id, n + 1);
     mg_metric_add(ws->m_conns_total, 1);
     mg_metric_add(ws->m_conns, 1);
-    char ip[64];
-    p->lc = mg_ws_limiter_conn_open(ws->lim, lws_get_peer_simple(wsi, ip, sizeof(ip)) ? ip : "?");
+    mg_metric_add(L->m_conns, 1);
     if (dispatch(ws, id, job_connected, t) != 0) {
         mg_log_warn("ws", "worker pool full, refusing conn=%s user=%s", id, t->user);
         count_error(MG_WS_ERR_OVERLOADED);
@@ -841,14 +894,16 @@ static void on_established(mg_ws_server *ws, struct lws *wsi, pss *p)
     mg_log_debug("ws", "connection open conn=%s user=%s", id, t->user);
 }
 
-static void on_closed(mg_ws_server *ws, pss *p)
+static void on_closed(ws_loop *L, pss *p)
 {
-    wheel_remove(ws, p);
+    mg_ws_server *ws = L->ws;
+    wheel_remove(L, p);
     if (p->conn) {
         mg_log_debug("ws", "connection closed conn=%s user=%s", mg_hub_conn_id(p->conn),
                      mg_hub_conn_user(p->conn));
         mg_hub_unregister(ws->hub, p->conn);
         mg_metric_add(ws->m_conns, -1);
+        mg_metric_add(L->m_conns, -1);
         p->conn = NULL;
     }
     if (p->tk) {
@@ -873,10 +928,13 @@ static void on_closed(mg_ws_server *ws, pss *p)
     p->rx_len = p->rx_cap = 0;
 }
 
-static void pss_release(pss *p)
+static void pss_release(mg_ws_server *ws, pss *p)
 {
     if (!p)
         return;
+    if (ws) /* a slot taken at the upgrade of a connection never established */
+        mg_ws_limiter_conn_close(ws->lim, p->lc);
+    p->lc = NULL;
     free(p->user);
     p->user = NULL;
     free(p->body);
@@ -934,8 +992,18 @@ static int reject(struct lws *wsi, int status, const char *reason)
     return 1;
 }
 
-static int on_confirm_upgrade(mg_ws_server *ws, struct lws *wsi, const char *upgrade)
+static void stash_clear(ws_loop *L)
 {
+    free(L->stash_user);
+    L->stash_user = NULL;
+    mg_ws_limiter_conn_close(L->ws->lim, L->stash_lc);
+    L->stash_lc = NULL;
+    L->stash_wsi = NULL;
+}
+
+static int on_confirm_upgrade(ws_loop *L, struct lws *wsi, const char *upgrade)
+{
+    mg_ws_server *ws = L->ws;
     char uri[256];
     if (!upgrade || strcasecmp(upgrade, "websocket") != 0)
         return reject(wsi, HTTP_STATUS_BAD_REQUEST, "only websocket upgrades");
@@ -953,7 +1021,9 @@ static int on_confirm_upgrade(mg_ws_server *ws, struct lws *wsi, const char *upg
         return reject(wsi, HTTP_STATUS_SERVICE_UNAVAILABLE, "too many connections");
     }
     char ip[64];
-    if (mg_ws_limiter_ip_full(ws->lim, lws_get_peer_simple(wsi, ip, sizeof(ip)) ? ip : "?"))
+    if (!lws_get_peer_simple(wsi, ip, sizeof(ip)))
+        snprintf(ip, sizeof(ip), "?");
+    if (mg_ws_limiter_ip_full(ws->lim, ip))
         return reject(wsi, 429, "too many connections from this address");
     char reason[160];
     char *user = NULL;
@@ -964,25 +1034,42 @@ static int on_confirm_upgrade(mg_ws_server *ws, struct lws *wsi, const char *upg
         mg_log_info("ws", "upgrade refused status=%d reason=\"%s\"", st, reason);
         return reject(wsi, st, reason);
     }
-    free(ws->stash_user);
-    ws->stash_user = user;
-    ws->stash_exp = exp;
-    ws->stash_wsi = wsi;
+    /* the slot is taken before the 101 goes out: the client's next upgrade,
+     * whatever loop takes it, counts this one (the check above is only the
+     * cheap refusal before a token is verified) */
+    mg_ws_limiter_conn *lc;
+    if (!mg_ws_limiter_conn_admit(ws->lim, ip, &lc)) {
+        free(user);
+        return reject(wsi, 429, "too many connections from this address");
+    }
+    stash_clear(L);
+    L->stash_user = user;
+    L->stash_exp = exp;
+    L->stash_lc = lc;
+    L->stash_wsi = wsi;
     return 0;
 }
 
-static int on_filter(mg_ws_server *ws, struct lws *wsi, pss *p)
+static int on_filter(ws_loop *L, struct lws *wsi, pss *p)
 {
-    if (ws->stash_wsi == wsi && ws->stash_user) {
-        p->user = ws->stash_user;
-        p->exp_s = ws->stash_exp;
-        ws->stash_user = NULL;
-        ws->stash_wsi = NULL;
+    mg_ws_server *ws = L->ws;
+    if (L->stash_wsi == wsi && L->stash_user) {
+        p->user = L->stash_user;
+        p->exp_s = L->stash_exp;
+        p->lc = L->stash_lc;
+        L->stash_user = NULL;
+        L->stash_lc = NULL;
+        L->stash_wsi = NULL;
         return 0;
     }
     /* Not seen at CONFIRM_UPGRADE (should not happen): authenticate here. */
-    char reason[160];
-    return authenticate(ws, wsi, &p->user, &p->exp_s, reason, sizeof(reason)) ? -1 : 0;
+    char reason[160], ip[64];
+    if (authenticate(ws, wsi, &p->user, &p->exp_s, reason, sizeof(reason)))
+        return -1;
+    return mg_ws_limiter_conn_admit(ws->lim, lws_get_peer_simple(wsi, ip, sizeof(ip)) ? ip : "?",
+                                    &p->lc)
+               ? 0
+               : -1;
 }
 
 /* ---- HTTP side ------------------------------------------------------------ */
@@ -1038,11 +1125,11 @@ static int on_http(mg_ws_server *ws, struct lws *wsi, pss *p, const char *path)
     return http_respond(wsi, p, 404, "text/plain", mg_xstrdup("not found\n"));
 }
 
-static int on_http_writeable(struct lws *wsi, pss *p)
+static int on_http_writeable(ws_loop *L, struct lws *wsi, pss *p)
 {
     if (!p->body)
         return 0;
-    static unsigned char buf[LWS_PRE + HTTP_CHUNK]; /* service thread only */
+    unsigned char *buf = L->hbuf; /* this loop's */
     size_t n = p->body_len - p->body_off;
     if (n > HTTP_CHUNK)
         n = HTTP_CHUNK;
@@ -1066,21 +1153,22 @@ static int on_http_writeable(struct lws *wsi, pss *p)
 
 static void wait_timer_cb(lws_sorted_usec_list_t *sul)
 {
-    mg_ws_server *ws = lws_container_of(sul, mg_ws_server, wait_timer);
-    ws->wait_timer_armed = false;
-    if (mg_hub_expire_waits(ws->hub, mg_mono_ms())) {
-        ws->wait_timer_armed = true;
-        lws_sul_schedule(ws->ctx, 0, &ws->wait_timer, wait_timer_cb, WAIT_CHECK_US);
+    ws_loop *L = lws_container_of(sul, ws_loop, wait_timer);
+    L->wait_timer_armed = false;
+    if (mg_hub_expire_waits(L->ws->hub, L->idx, mg_mono_ms())) {
+        L->wait_timer_armed = true;
+        lws_sul_schedule(L->ctx, 0, &L->wait_timer, wait_timer_cb, WAIT_CHECK_US);
     }
 }
 
-/* [ws] Keeps the write-wait timer running while deliveries wait. */
-static void arm_wait_timer(mg_ws_server *ws)
+/* [ws] Keeps the write-wait timer running while deliveries homed in this
+ * loop's shard wait. */
+static void arm_wait_timer(ws_loop *L)
 {
-    if (ws->wait_timer_armed || !mg_hub_waiting(ws->hub))
+    if (L->wait_timer_armed || !mg_hub_waiting(L->ws->hub, L->idx))
         return;
-    ws->wait_timer_armed = true;
-    lws_sul_schedule(ws->ctx, 0, &ws->wait_timer, wait_timer_cb, WAIT_CHECK_US);
+    L->wait_timer_armed = true;
+    lws_sul_schedule(L->ctx, 0, &L->wait_timer, wait_timer_cb, WAIT_CHECK_US);
 }
 
 static void want_writable(void *handle, int close_code, void *arg)
@@ -1096,41 +1184,42 @@ static void want_writable(void *handle, int close_code, void *arg)
 static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *user, void *in,
                     size_t len)
 {
-    mg_ws_server *ws = lws_context_user(lws_get_context(wsi));
+    ws_loop *L = lws_context_user(lws_get_context(wsi));
+    mg_ws_server *ws = L ? L->ws : NULL;
     pss *p = user;
     switch (reason) {
     case LWS_CALLBACK_EVENT_WAIT_CANCELLED:
         if (ws && atomic_load(&ws->stopping)) {
-            ev_break(ws->loop, EVBREAK_ALL); /* service_main returns */
+            ev_break(L->loop, EVBREAK_ALL); /* service_main returns */
             return 0;
         }
         if (ws) {
-            wheel_turn(ws);
-            mg_hub_take_ready(ws->hub, want_writable, NULL);
-            arm_wait_timer(ws);
+            wheel_turn(L);
+            mg_hub_take_ready(ws->hub, L->idx, want_writable, NULL);
+            arm_wait_timer(L);
         }
         return 0;
     case LWS_CALLBACK_SERVER_NEW_CLIENT_INSTANTIATED:
         if (ws)
-            mg_ws_limiter_handshake_begin(ws->lim, wsi);
+            mg_ws_limiter_handshake_begin(L->hs, wsi);
         return 0;
     case LWS_CALLBACK_HTTP:
-        mg_ws_limiter_handshake_end(ws->lim, wsi);
+        mg_ws_limiter_handshake_end(L->hs, wsi);
         return on_http(ws, wsi, p, in ? (const char *)in : "");
     case LWS_CALLBACK_HTTP_WRITEABLE:
-        return on_http_writeable(wsi, p);
+        return on_http_writeable(L, wsi, p);
     case LWS_CALLBACK_HTTP_CONFIRM_UPGRADE:
-        return on_confirm_upgrade(ws, wsi, in);
+        return on_confirm_upgrade(L, wsi, in);
     case LWS_CALLBACK_FILTER_PROTOCOL_CONNECTION:
-        return on_filter(ws, wsi, p);
+        return on_filter(L, wsi, p);
     case LWS_CALLBACK_ESTABLISHED:
-        mg_ws_limiter_handshake_end(ws->lim, wsi);
-        on_established(ws, wsi, p);
+        mg_ws_limiter_handshake_end(L->hs, wsi);
+        on_established(L, wsi, p);
         return 0;
     case LWS_CALLBACK_RECEIVE:
         return on_receive(ws, wsi, p, in, len);
     case LWS_CALLBACK_SERVER_WRITEABLE:
-        return on_writeable(ws, wsi, p);
+        return on_writeable(L, wsi, p);
     case LWS_CALLBACK_WS_PEER_INITIATED_CLOSE:
         return mg_ws_peer_close_check(wsi, in, len);
     case LWS_CALLBACK_RECEIVE_PONG:
@@ -1138,7 +1227,7 @@ static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *use
             p->valid_ds = now_ds();
         return 0;
     case LWS_CALLBACK_CLOSED:
-        on_closed(ws, p);
+        on_closed(L, p);
         return 0;
     case LWS_CALLBACK_HTTP_DROP_PROTOCOL:
     case LWS_CALLBACK_CLOSED_HTTP:
@@ -1149,15 +1238,12 @@ static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *use
         return 0;
     case LWS_CALLBACK_WSI_DESTROY:
         if (p && p->conn) /* closed without LWS_CALLBACK_CLOSED */
-            on_closed(ws, p);
-        pss_release(p);
+            on_closed(L, p);
+        pss_release(ws, p);
         if (ws)
-            mg_ws_limiter_handshake_end(ws->lim, wsi);
-        if (ws && ws->stash_wsi == wsi) {
-            free(ws->stash_user);
-            ws->stash_user = NULL;
-            ws->stash_wsi = NULL;
-        }
+            mg_ws_limiter_handshake_end(L->hs, wsi);
+        if (ws && L->stash_wsi == wsi)
+            stash_clear(L);
         return 0;
     default:
         return 0;
@@ -1185,15 +1271,18 @@ static void sul_tick_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
     (void)loop;
     (void)revents;
-    mg_ws_server *ws = lws_container_of(w, mg_ws_server, sul_tick);
-    lws_cancel_service(ws->ctx);
+    ws_loop *L = lws_container_of(w, ws_loop, sul_tick);
+    lws_cancel_service(L->ctx);
 }
 
-static void wake(void *arg)
+/* The hub's wake-up of the loop owning shard (under that shard's mutex):
+ * lws_cancel_service writes to that context's pipe. */
+static void wake(void *arg, unsigned shard)
 {
     mg_ws_server *ws = arg;
-    if (ws->ctx)
-        lws_cancel_service(ws->ctx);
+    ws_loop *L = &ws->loops[shard];
+    if (L->ctx)
+        lws_cancel_service(L->ctx);
 }
 
 mg_ws_server *mg_ws_server_create(const mg_config *cfg, mg_pool *pool, char *err, size_t errlen)
@@ -1255,7 +1344,14 @@ mg_ws_server *mg_ws_server_create(const mg_config *cfg, mg_pool *pool, char *err
         .send_burst = (double)cfg->ws_send_burst,
         .max_per_ip = (size_t)cfg->max_connections_per_ip,
     };
-    ws->lim = mg_ws_limiter_create(&lc); /* max_handshakes: at start, from the fd budget */
+    /* ws->lim: the per-address counts (shared by the loops, under its lock)
+     * and the send rate; each loop has its own for its handshakes (at start,
+     * with the cap from the fd budget) */
+    ws->lim = mg_ws_limiter_create(&lc);
+    ws->lim_cfg = lc;
+    ws->nloops = cfg->ws_threads > 0 ? (unsigned)cfg->ws_threads : mg_ws_default_threads();
+    if (ws->nloops > MAX_WS_THREADS)
+        ws->nloops = MAX_WS_THREADS;
     ws->m_slow = mg_counter("meshgate_ws_slow_consumer_closes_total",
                             "connections closed as slow consumers (4008)", NULL);
     mg_hub_config hc = {
@@ -1263,6 +1359,7 @@ mg_ws_server *mg_ws_server_create(const mg_config *cfg, mg_pool *pool, char *err
         .max_frames = cfg->outbound_queue > 0 ? (size_t)cfg->outbound_queue : 256,
         .max_bytes = cfg->outbound_queue_bytes > 0 ? (size_t)cfg->outbound_queue_bytes : 1 << 20,
         .headroom = LWS_PRE,
+        .shards = ws->nloops,
         .wake = wake,
         .wake_arg = ws,
         .write_wait_ms = (int)cfg->delivery_write_wait_ms,
@@ -1278,6 +1375,17 @@ mg_ws_server *mg_ws_server_create(const mg_config *cfg, mg_pool *pool, char *err
                                    "WebSocket connections established", NULL);
     ws->m_conns =
         mg_gauge("meshgate_ws_connections", "open WebSocket connections on this gateway", NULL);
+    ws->loops = mg_xcalloc(ws->nloops, sizeof(ws_loop));
+    for (unsigned i = 0; i < ws->nloops; i++) {
+        char labels[32];
+        snprintf(labels, sizeof(labels), "loop=\"%u\"", i);
+        ws->loops[i].ws = ws;
+        ws->loops[i].idx = i;
+        ws->loops[i].lfd = -1;
+        ws->loops[i].m_conns =
+            mg_gauge("meshgate_ws_loop_connections",
+                     "open WebSocket connections by service loop (--ws-threads)", labels);
+    }
     ws->m_expired = mg_counter("meshgate_ws_token_expired_total",
                                "connections closed with 4401 because their token expired", NULL);
     ws->m_refreshed = mg_counter("meshgate_ws_token_refreshed_total",
@@ -1313,14 +1421,14 @@ void mg_ws_server_set_http_hook(mg_ws_server *ws, const char *path,
 
 static void *service_main(void *arg)
 {
-    mg_ws_server *ws = arg;
+    ws_loop *L = arg;
     mg_hub_mark_service_thread();
     /* lws's libev glue dispatches each ready descriptor and runs its timers
-     * (pings, timeouts, the write-wait timer) from this loop; it returns when
-     * the stop's cancel reaches the callback (ev_break). A stop that came
-     * before the loop ran is seen here. */
-    if (!atomic_load(&ws->stopping))
-        ev_run(ws->loop, 0);
+     * (timeouts, the write-wait timer) from this loop; it returns when the
+     * stop's cancel reaches the callback (ev_break). A stop that came before
+     * the loop ran is seen here. */
+    if (!atomic_load(&L->ws->stopping))
+        ev_run(L->loop, 0);
     return NULL;
 }
 
@@ -1338,6 +1446,289 @@ static unsigned raise_nofile(void)
     return rl.rlim_cur > 4000000 ? 4000000u : (unsigned)rl.rlim_cur;
 }
 
+/* The cgroup v2 CPU quota of this process, rounded up (0: none found). */
+static unsigned cgroup_cpus(void)
+{
+    char path[512] = "/sys/fs/cgroup/cpu.max", line[512];
+    FILE *f = fopen("/proc/self/cgroup", "r");
+    if (f) {
+        while (fgets(line, sizeof(line), f)) {
+            if (strncmp(line, "0::", 3) == 0) {
+                line[strcspn(line, "\n")] = 0;
+                if (strcmp(line + 3, "/") != 0)
+                    snprintf(path, sizeof(path), "/sys/fs/cgroup%.400s/cpu.max", line + 3);
+                break;
+            }
+        }
+        fclose(f);
+    }
+    f = fopen(path, "r");
+    if (!f && strcmp(path, "/sys/fs/cgroup/cpu.max") != 0) /* a namespaced view */
+        f = fopen("/sys/fs/cgroup/cpu.max", "r");
+    if (!f)
+        return 0;
+    char quota[32] = "";
+    unsigned long long period = 0;
+    int n = fscanf(f, "%31s %llu", quota, &period);
+    fclose(f);
+    if (n != 2 || strcmp(quota, "max") == 0 || period == 0)
+        return 0;
+    unsigned long long q = strtoull(quota, NULL, 10);
+    return q ? (unsigned)((q + period - 1) / period) : 0;
+}
+
+unsigned mg_ws_default_threads(void)
+{
+    unsigned n = 1;
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0)
+        n = (unsigned)CPU_COUNT(&set);
+    unsigned q = cgroup_cpus();
+    if (q && q < n)
+        n = q;
+    return n < 1 ? 1 : n > MAX_WS_THREADS ? MAX_WS_THREADS : n;
+}
+
+/* A listening socket on host:port (port 0: any; the first loop's port for
+ * the others). Several loops: one listener each on the same port
+ * (SO_REUSEPORT); the kernel spreads new connections over them, and a
+ * connection stays on the loop that accepted it. lws's SMP service threads
+ * would share one listener, but Debian's lws is built with LWS_MAX_SMP 1,
+ * and lws 4.1 sets no SO_REUSEPORT (its ALLOW_LISTEN_SHARE is a Windows
+ * option), so the listeners are ours and lws adopts each accepted socket.
+ * The host as before: "", "::" and "*" are every address (IPv6 and IPv4),
+ * "0.0.0.0" every IPv4 address, "localhost" 127.0.0.1, else the address it
+ * resolves to. Returns the fd or -errno (reason in err). */
+static int open_listener(const char *host, int port, bool reuseport, char *err, size_t errlen)
+{
+    struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE}, *res = NULL;
+    char ports[16];
+    snprintf(ports, sizeof(ports), "%d", port);
+    bool dual = !host[0] || strcmp(host, "::") == 0 || strcmp(host, "*") == 0;
+    const char *node = dual ? "::" : strcmp(host, "localhost") == 0 ? "127.0.0.1" : host;
+    int rc = getaddrinfo(node, ports, &hints, &res);
+    if (rc != 0 || !res) {
+        snprintf(err, errlen, "cannot resolve %s: %s", host, gai_strerror(rc));
+        return -EADDRNOTAVAIL;
+    }
+    int fd = socket(res->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        rc = -errno;
+        snprintf(err, errlen, "socket: %s", strerror(errno));
+        freeaddrinfo(res);
+        return rc;
+    }
+    int one = 1, zero = 0;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (reuseport)
+        setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
+    if (res->ai_family == AF_INET6 && dual)
+        setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof(zero));
+    if (bind(fd, res->ai_addr, res->ai_addrlen) != 0 || listen(fd, LISTEN_BACKLOG) != 0) {
+        rc = -errno;
+        snprintf(err, errlen, "%s", strerror(errno)); /* "Address already in use" */
+        close(fd);
+        freeaddrinfo(res);
+        return rc;
+    }
+    freeaddrinfo(res);
+    return fd;
+}
+
+static int listener_port(int fd)
+{
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof(ss);
+    if (getsockname(fd, (struct sockaddr *)&ss, &len) != 0)
+        return -1;
+    if (ss.ss_family == AF_INET)
+        return ntohs(((struct sockaddr_in *)&ss)->sin_port);
+    return ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
+}
+
+/* The listener is readable: accept up to ACCEPT_BURST and give each to this
+ * loop's lws context, which serves it as if its own listener had accepted
+ * it (NEW_CLIENT_INSTANTIATED, HTTP, upgrade). Out of descriptors (EMFILE),
+ * accepting pauses for ACCEPT_PAUSE_S instead of spinning on the ready
+ * listener; the connection caps (ws_limits.h) keep that rare. */
+static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+    (void)revents;
+    ws_loop *L = lws_container_of(w, ws_loop, accept_w);
+    for (int i = 0; i < ACCEPT_BURST; i++) {
+        int fd = accept4(L->lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED)
+                continue;
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+                mg_log_warn("ws", "accept paused loop=%u: %s", L->idx, strerror(errno));
+                ev_io_stop(loop, &L->accept_w);
+                ev_timer_start(loop, &L->accept_pause);
+            }
+            return;
+        }
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+        lws_adopt_socket_vhost(L->vh, fd); /* closes fd when it fails */
+    }
+}
+
+static void accept_resume_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)revents;
+    ws_loop *L = lws_container_of(w, ws_loop, accept_pause);
+    ev_timer_stop(loop, w);
+    ev_io_start(loop, &L->accept_w);
+}
+
+/* With several loops every listener sets SO_REUSEPORT, which would also let
+ * another process of this user (a second gateway given the same port) bind
+ * it unnoticed and take a share of the connections. A listener without
+ * SO_REUSEPORT first finds the port in use, as one loop would; our own bind
+ * follows at once (the other process's probe then fails in turn). Returns 0
+ * or -errno (logged). */
+static int probe_port(mg_ws_server *ws)
+{
+    char err[160];
+    int fd = open_listener(ws->host, ws->port, false, err, sizeof(err));
+    if (fd < 0) {
+        mg_log_error("ws", "cannot listen on %s:%d: %s", ws->host, ws->port, err);
+        return fd;
+    }
+    close(fd);
+    return 0;
+}
+
+/* Frees what loop_create made (no thread running on it). */
+static void loop_destroy(ws_loop *L)
+{
+    if (L->wait_timer_armed) /* its thread is gone: safe from here */
+        lws_sul_cancel(&L->wait_timer);
+    L->wait_timer_armed = false;
+    mg_ws_limiter_detach(L->hs);
+    /* The loop has stopped and its thread is gone: lws closes the rest here
+     * (CLOSED callbacks run on this thread) and stops its libev watchers,
+     * which needs no loop turn; then the loop itself goes. */
+    if (L->loop) {
+        ev_timer_stop(L->loop, &L->sul_tick);
+        ev_io_stop(L->loop, &L->accept_w);
+        ev_timer_stop(L->loop, &L->accept_pause);
+    }
+    if (L->lfd >= 0)
+        close(L->lfd);
+    L->lfd = -1;
+    if (L->ctx)
+        lws_context_destroy(L->ctx);
+    L->ctx = NULL;
+    if (L->loop)
+        ev_loop_destroy(L->loop);
+    L->loop = NULL;
+    mg_ws_limiter_free(L->hs);
+    L->hs = NULL;
+    free(L->wheel);
+    L->wheel = NULL;
+    free(L->obuf);
+    L->obuf = NULL;
+    free(L->hbuf);
+    L->hbuf = NULL;
+    stash_clear(L);
+}
+
+/* One loop's context on port (0: any; the first loop's port for the
+ * others). Returns 0 or a negative errno (the reason is logged). */
+static int loop_create(ws_loop *L, int port, size_t hs_cap)
+{
+    mg_ws_server *ws = L->ws;
+    L->nslots = (uint32_t)ws->ping_seconds * 1000 / 2 / PING_SLOT_MS;
+    if (L->nslots < 1)
+        L->nslots = 1;
+    L->wheel = mg_xcalloc(L->nslots, sizeof(*L->wheel));
+    L->next_slot_ms = mg_mono_ms() + PING_SLOT_MS;
+    L->obuf = mg_xmalloc(LWS_PRE + OBUF_BYTES);
+    L->hbuf = mg_xmalloc(LWS_PRE + HTTP_CHUNK);
+    L->hs = mg_ws_limiter_create(&ws->lim_cfg);
+    mg_ws_limiter_share_handshakes(L->hs, ws->lim);
+    mg_ws_limiter_set_max_handshakes(L->hs, hs_cap);
+    char err[160];
+    L->lfd = open_listener(ws->host, port, ws->nloops > 1, err, sizeof(err));
+    if (L->lfd < 0) {
+        int rc = L->lfd;
+        mg_log_error("ws", "cannot listen on %s:%d: %s", ws->host, port, err);
+        L->lfd = -1;
+        return rc;
+    }
+    if (L->idx == 0)
+        ws->bound_port = listener_port(L->lfd);
+    struct lws_context_creation_info info;
+    memset(&info, 0, sizeof(info));
+    info.port = CONTEXT_PORT_NO_LISTEN_SERVER; /* the listener is ours (open_listener) */
+    info.protocols = ws->protocols;
+    info.user = L;
+    info.count_threads = 1;
+    /* An epoll loop instead of lws's poll(): poll() passes every descriptor
+     * on every turn, so a turn cost grew with the idle connections. The loop
+     * is ours (foreign to lws): no signal watchers (main takes signals with
+     * sigtimedwait, EVFLAG_NOSIGMASK leaves the mask alone), and the stop is
+     * ours too (ev_break on its thread, lws_context_destroy after the join,
+     * ev_loop_destroy last). */
+    L->loop = ev_loop_new(EVBACKEND_EPOLL | EVFLAG_NOSIGMASK | EVFLAG_NOENV);
+    if (!L->loop) {
+        mg_log_error("ws", "cannot create the epoll loop (libev)");
+        return -ENOMEM;
+    }
+    void *loops[1] = {L->loop};
+    info.options |= LWS_SERVER_OPTION_LIBEV;
+    info.foreign_loops = loops;
+    /* lws's own table stays the process limit: given fd_limit_per_thread, lws
+     * 4.1 finds a connection by a linear scan of its table on every event
+     * (wsi_from_fd, "max_fds_unrelated_to_ulimit"): 40 % of a 10,000-user
+     * fan-out. The global caps keep connections + handshakes within the
+     * budget, so the reserve is never taken and accept never meets EMFILE. */
+    info.retry_and_idle_policy = &ws->retry;
+    /* a header table for every handshake allowed, and some for HTTP probes */
+    size_t pool = (hs_cap ? hs_cap : 256) + 32;
+    info.max_http_header_pool = pool > 65535 ? 65535 : (unsigned short)pool;
+    info.max_http_header_data = (unsigned short)ws->max_header_bytes;
+    info.timeout_secs = 10;
+    info.pt_serv_buf_size = 16384;
+    info.vhost_name = "default";
+    L->ctx = lws_create_context(&info);
+    if (!L->ctx) {
+        mg_log_error("ws",
+                     "cannot listen on %s (lws_create_context failed; is lws's libev plugin "
+                     "libwebsockets-evlib-ev installed?)",
+                     ws->host);
+        return -EADDRNOTAVAIL;
+    }
+    mg_ws_limiter_attach(L->hs, L->ctx);
+    L->vh = lws_get_vhost_by_name(L->ctx, "default");
+    if (!L->vh) {
+        mg_log_error("ws", "lws made no vhost (loop %u)", L->idx);
+        return -ENOMEM;
+    }
+    ev_timer_init(&L->sul_tick, sul_tick_cb, SUL_TICK_SECONDS, SUL_TICK_SECONDS);
+    ev_timer_start(L->loop, &L->sul_tick);
+    ev_io_init(&L->accept_w, accept_cb, L->lfd, EV_READ);
+    ev_io_start(L->loop, &L->accept_w);
+    ev_timer_init(&L->accept_pause, accept_resume_cb, ACCEPT_PAUSE_S, 0.);
+    return 0;
+}
+
+static void stop_loops(mg_ws_server *ws)
+{
+    for (unsigned i = 0; i < ws->nloops; i++)
+        if (ws->loops[i].ctx)
+            lws_cancel_service(ws->loops[i].ctx);
+    for (unsigned i = 0; i < ws->nloops; i++) {
+        if (ws->loops[i].thread_started)
+            pthread_join(ws->loops[i].thread, NULL);
+        ws->loops[i].thread_started = false;
+    }
+    mg_hub_set_wake(ws->hub, NULL, NULL);
+    for (unsigned i = 0; i < ws->nloops; i++)
+        loop_destroy(&ws->loops[i]);
+}
+
 int mg_ws_server_start(mg_ws_server *ws)
 {
     if (ws->started)
@@ -1351,112 +1742,53 @@ int mg_ws_server_start(mg_ws_server *ws)
         .rx_buffer_size = RX_BUFFER,
         /* lws sends at most this per write (else rx_buffer_size, 1 KB) and
          * buffers the rest: a coalesced write goes out in one send() */
-        .tx_packet_size = COALESCE_BYTES + 10 * WRITE_BURST,
+        .tx_packet_size = OBUF_BYTES,
     };
     /* no lws pings (see "pings" above): the wheel pings */
     ws->retry = (lws_retry_bo_t){0};
-    ws->nslots = (uint32_t)ws->ping_seconds * 1000 / 2 / PING_SLOT_MS;
-    if (ws->nslots < 1)
-        ws->nslots = 1;
-    ws->wheel = mg_xcalloc(ws->nslots, sizeof(*ws->wheel));
-    ws->next_slot_ms = mg_mono_ms() + PING_SLOT_MS;
     unsigned nofile = raise_nofile();
-    struct lws_context_creation_info info;
-    memset(&info, 0, sizeof(info));
-    info.port = ws->port;
-    bool any = !ws->host[0] || strcmp(ws->host, "0.0.0.0") == 0 || strcmp(ws->host, "::") == 0 ||
-               strcmp(ws->host, "*") == 0;
-    info.iface = any ? NULL : (strcmp(ws->host, "localhost") == 0 ? "127.0.0.1" : ws->host);
-    /* lws 4.1 binds an IPv6 socket unless told otherwise, and turns an IPv4
-     * literal in iface into that socket's address by writing it through a
-     * sockaddr_in view of the sockaddr_in6 (lws_interface_to_sa): it lands in
-     * sin6_flowinfo and the socket binds [::], every address. An IPv4 host
-     * therefore takes lws's IPv4 path, which binds exactly that address. */
-    struct in_addr v4;
-    if (strcmp(ws->host, "0.0.0.0") == 0 ||
-        (info.iface && inet_pton(AF_INET, info.iface, &v4) == 1))
-        info.options |= LWS_SERVER_OPTION_DISABLE_IPV6;
-    info.protocols = ws->protocols;
-    info.user = ws;
-    info.count_threads = 1;
-    /* An epoll loop instead of lws's poll(): poll() passes every descriptor
-     * on every turn, so a turn cost grew with the idle connections. The loop
-     * is ours (foreign to lws): no signal watchers (main takes signals with
-     * sigtimedwait, EVFLAG_NOSIGMASK leaves the mask alone), and the stop is
-     * ours too (ev_break on this thread, lws_context_destroy after the join,
-     * ev_loop_destroy last). */
-    ws->loop = ev_loop_new(EVBACKEND_EPOLL | EVFLAG_NOSIGMASK | EVFLAG_NOENV);
-    if (!ws->loop) {
-        mg_log_error("ws", "cannot create the epoll loop (libev)");
-        return -ENOMEM;
-    }
-    void *loops[1] = {ws->loop};
-    info.options |= LWS_SERVER_OPTION_LIBEV;
-    info.foreign_loops = loops;
     size_t hs_cap;
     unsigned lws_fds;
     size_t asked = ws->max_conns;
     mg_ws_fd_budget(nofile, ws->fd_reserve, asked, ws->max_handshakes, &ws->max_conns, &hs_cap,
                     &lws_fds);
-    mg_ws_limiter_set_max_handshakes(ws->lim, hs_cap);
     if (ws->max_conns < asked)
         mg_log_warn("ws",
                     "connection cap lowered to the fd limit max_connections=%zu nofile=%u "
                     "fd_reserve=%zu handshakes=%zu (raise RLIMIT_NOFILE for more)",
                     ws->max_conns, nofile, ws->fd_reserve, hs_cap);
-    /* lws's own table stays the process limit: given fd_limit_per_thread, lws
-     * 4.1 finds a connection by a linear scan of its table on every event
-     * (wsi_from_fd, "max_fds_unrelated_to_ulimit"): 40 % of a 10,000-user
-     * fan-out. The caps above keep connections + handshakes within lws_fds,
-     * so the reserve is never taken and accept never meets EMFILE. */
-    (void)lws_fds;
-    info.retry_and_idle_policy = &ws->retry;
-    /* a header table for every handshake allowed, and some for HTTP probes */
-    size_t pool = (hs_cap ? hs_cap : 256) + 32;
-    info.max_http_header_pool = pool > 65535 ? 65535 : (unsigned short)pool;
-    info.max_http_header_data = (unsigned short)ws->max_header_bytes;
-    info.timeout_secs = 10;
-    info.pt_serv_buf_size = 16384;
-    info.vhost_name = "default";
-    ws->ctx = lws_create_context(&info);
-    if (!ws->ctx) {
-        mg_log_error("ws",
-                     "cannot listen on %s (lws_create_context failed; is lws's libev plugin "
-                     "libwebsockets-evlib-ev installed?)",
-                     ws->host);
-        ev_loop_destroy(ws->loop);
-        ws->loop = NULL;
-        return -EADDRNOTAVAIL;
+    /* the handshake cap is the process's: the loops' limiters share one
+     * count, and a loop at the cap closes its own oldest */
+    size_t hs_loop = hs_cap;
+    int rc = 0;
+    if (ws->nloops > 1 && ws->port != 0 && (rc = probe_port(ws)) != 0)
+        return rc;
+    for (unsigned i = 0; i < ws->nloops && rc == 0; i++)
+        rc = loop_create(&ws->loops[i], i == 0 ? ws->port : ws->bound_port, hs_loop);
+    for (unsigned i = 0; i < ws->nloops && rc == 0; i++) {
+        ws_loop *L = &ws->loops[i];
+        if (pthread_create(&L->thread, NULL, service_main, L) != 0) {
+            rc = -EAGAIN;
+            break;
+        }
+        L->thread_started = true;
+        char name[16];
+        snprintf(name, sizeof(name), "ws-%u", i);
+        pthread_setname_np(L->thread, name);
     }
-    mg_ws_limiter_attach(ws->lim, ws->ctx);
-    struct lws_vhost *vh = lws_get_vhost_by_name(ws->ctx, "default");
-    ws->bound_port = vh ? lws_get_vhost_listen_port(vh) : ws->port;
-    if (ws->bound_port <= 0) {
-        mg_log_error("ws", "cannot listen on %s:%d", ws->host, ws->port);
-        lws_context_destroy(ws->ctx);
-        ws->ctx = NULL;
-        ev_loop_destroy(ws->loop);
-        ws->loop = NULL;
-        return -EADDRINUSE;
+    if (rc != 0) {
+        atomic_store(&ws->stopping, true);
+        stop_loops(ws);
+        atomic_store(&ws->stopping, false);
+        return rc;
     }
-    ev_timer_init(&ws->sul_tick, sul_tick_cb, SUL_TICK_SECONDS, SUL_TICK_SECONDS);
-    ev_timer_start(ws->loop, &ws->sul_tick);
-    if (pthread_create(&ws->thread, NULL, service_main, ws) != 0) {
-        ev_timer_stop(ws->loop, &ws->sul_tick);
-        lws_context_destroy(ws->ctx);
-        ws->ctx = NULL;
-        ev_loop_destroy(ws->loop);
-        ws->loop = NULL;
-        return -EAGAIN;
-    }
-    pthread_setname_np(ws->thread, "ws");
     ws->started = true;
     mg_log_info("ws",
                 "listening host=%s port=%d auth=%s fd_limit=%u ping_seconds=%d "
-                "max_connections=%zu max_handshakes=%zu loop=%s",
+                "max_connections=%zu max_handshakes=%zu loops=%u loop=%s",
                 ws->host, ws->bound_port, ws->auth ? "jwt" : "none(loopback ?user=)", lws_fds,
-                ws->ping_seconds, ws->max_conns, hs_cap,
-                ev_backend(ws->loop) == EVBACKEND_EPOLL ? "epoll" : "other");
+                ws->ping_seconds, ws->max_conns, hs_cap, ws->nloops,
+                ev_backend(ws->loops[0].loop) == EVBACKEND_EPOLL ? "epoll" : "other");
     return 0;
 }
 
@@ -1510,21 +1842,7 @@ void mg_ws_server_stop(mg_ws_server *ws)
         return;
     atomic_store(&ws->stopping, true);
     mg_hub_stop_waits(ws->hub); /* nothing will be written any more */
-    lws_cancel_service(ws->ctx);
-    pthread_join(ws->thread, NULL);
-    mg_hub_set_wake(ws->hub, NULL, NULL);
-    if (ws->wait_timer_armed) /* the service thread is gone: safe from here */
-        lws_sul_cancel(&ws->wait_timer);
-    ws->wait_timer_armed = false;
-    mg_ws_limiter_detach(ws->lim);
-    /* The loop has stopped and its thread is gone: lws closes the rest here
-     * (CLOSED callbacks run on this thread) and stops its libev watchers,
-     * which needs no loop turn; then the loop itself goes. */
-    ev_timer_stop(ws->loop, &ws->sul_tick);
-    lws_context_destroy(ws->ctx);
-    ws->ctx = NULL;
-    ev_loop_destroy(ws->loop);
-    ws->loop = NULL;
+    stop_loops(ws);
     ws->started = false;
 }
 
@@ -1538,8 +1856,7 @@ void mg_ws_server_free(mg_ws_server *ws)
     mg_ws_limiter_free(ws->lim);
     for (int i = 0; i < ws->nhooks; i++)
         free(ws->hooks[i].path);
-    free(ws->stash_user);
-    free(ws->wheel);
+    free(ws->loops);
     free(ws->gateway_id);
     free(ws->host);
     pthread_mutex_destroy(&ws->mu);

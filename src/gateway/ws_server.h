@@ -18,9 +18,13 @@
  * --max-frame-bytes, 1012 drain (service restart), 1013 overloaded at
  * connect, 4008 slow consumer; 1000/other from Disconnect.
  *
- * Threads: one lws service thread ("ws") owns every connection. Client sends
- * are parsed there and handed to the worker pool (mg_router_send); acks and
- * deliveries come back through the hub (hub.h). Presence changes
+ * Threads: --ws-threads service loops ("ws-<i>"), each an lws context on its
+ * own libev loop, thread and SO_REUSEPORT listener (Debian's lws is built
+ * with LWS_MAX_SMP 1: no lws service threads). A loop owns the connections
+ * it accepted, from accept to close (hub shard i), and answers any HTTP
+ * request it accepted. Client sends are parsed there and started as router
+ * operations (mg_router_send); acks and deliveries come back through the
+ * hub (hub.h), which wakes the owning loop. Presence changes
  * (mg_router_user_connected/disconnected) and inbox acks run on the pool.
  *
  * Lifecycle (main.c): create -> sink (for the local transport) -> router
@@ -61,7 +65,7 @@ void mg_ws_server_set_router(mg_ws_server *ws, mg_router *r);
 void mg_ws_server_set_http_hook(mg_ws_server *ws, const char *path,
                                 char *(*render)(void *arg, const char **content_type), void *arg);
 
-/* Binds cfg->ws_listen and starts the service thread. Returns 0 or a
+/* Binds cfg->ws_listen (once per loop) and starts the service loops. Returns 0 or a
  * negative errno (the reason is logged). */
 int mg_ws_server_start(mg_ws_server *ws);
 /* The bound port (after start; useful with port 0). */
@@ -73,11 +77,15 @@ void mg_ws_server_set_ready(mg_ws_server *ws, bool ready);
  * spread over `seconds`; returns when all are closed or the window ended. */
 void mg_ws_server_drain(mg_ws_server *ws, int seconds);
 
-/* Stops the service thread and closes remaining connections (their
+/* Stops the service loops and closes remaining connections (their
  * user_disconnected jobs go to the pool). Idempotent. */
 void mg_ws_server_stop(mg_ws_server *ws);
 /* Stops if needed and frees. NULL is a no-op. */
 void mg_ws_server_free(mg_ws_server *ws);
+
+/* --ws-threads 0: the CPUs this process may use (sched_getaffinity), capped
+ * by the cgroup v2 cpu.max quota rounded up; within 1..64. */
+unsigned mg_ws_default_threads(void);
 
 /* Connections currently registered. Any thread. */
 size_t mg_ws_server_connections(mg_ws_server *ws);

@@ -7,13 +7,15 @@
 #include <errno.h>
 #include <jansson.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 static int wakes;
-static void on_wake(void *arg)
+static void on_wake(void *arg, unsigned shard)
 {
+    (void)shard;
     (*(int *)arg)++;
 }
 
@@ -58,8 +60,8 @@ Test(hub, register_ids_and_unregister)
 {
     mg_hub *h = make(8, 1 << 20);
     int dummy;
-    mg_hub_conn *a = mg_hub_register(h, "bob", &dummy);
-    mg_hub_conn *b = mg_hub_register(h, "bob", &dummy);
+    mg_hub_conn *a = mg_hub_register(h, 0, "bob", &dummy);
+    mg_hub_conn *b = mg_hub_register(h, 0, "bob", &dummy);
     cr_assert_str_eq(mg_hub_conn_id(a), "gw1-1");
     cr_assert_str_eq(mg_hub_conn_id(b), "gw1-2");
     cr_assert_str_eq(mg_hub_conn_user(a), "bob");
@@ -86,13 +88,13 @@ Test(hub, deliver_to_all_connections_of_a_user)
     int dummy;
     mg_hub_conn *c[3];
     for (int i = 0; i < 3; i++)
-        c[i] = mg_hub_register(h, "bob", &dummy);
-    mg_hub_conn *other = mg_hub_register(h, "carol", &dummy);
+        c[i] = mg_hub_register(h, 0, "bob", &dummy);
+    mg_hub_conn *other = mg_hub_register(h, 0, "carol", &dummy);
     mg_msg *m = msg("m1", "bob");
     cr_assert_eq(mg_hub_deliver(h, m, NULL, false, NULL, NULL), 3);
     cr_assert_eq(wakes, 1, "one wake per burst, got %d", wakes);
     int ready = 0;
-    mg_hub_take_ready(h, collect, &ready);
+    mg_hub_take_ready(h, 0, collect, &ready);
     cr_assert_eq(ready, 3);
     for (int i = 0; i < 3; i++) {
         int code;
@@ -132,8 +134,8 @@ Test(hub, bounded_queue_slow_consumer)
 {
     mg_hub *h = make(3, 1 << 20);
     int dummy;
-    mg_hub_conn *slow = mg_hub_register(h, "bob", &dummy);
-    mg_hub_conn *fast = mg_hub_register(h, "bob", &dummy);
+    mg_hub_conn *slow = mg_hub_register(h, 0, "bob", &dummy);
+    mg_hub_conn *fast = mg_hub_register(h, 0, "bob", &dummy);
     mg_msg *m = msg("m", "bob");
     for (int i = 0; i < 3; i++) {
         cr_assert_eq(mg_hub_deliver(h, m, NULL, false, NULL, NULL), 2);
@@ -162,7 +164,7 @@ Test(hub, byte_bound)
 {
     mg_hub *h = make(1000, 10);
     int dummy;
-    mg_hub_conn *c = mg_hub_register(h, "bob", &dummy);
+    mg_hub_conn *c = mg_hub_register(h, 0, "bob", &dummy);
     cr_assert_eq(mg_hub_post(h, mg_hub_conn_id(c), "12345", 5), 0);
     cr_assert_eq(mg_hub_post(h, mg_hub_conn_id(c), "12345", 5), 0);
     cr_assert_eq(mg_hub_post(h, mg_hub_conn_id(c), "1", 1), -ENOBUFS);
@@ -175,9 +177,9 @@ Test(hub, disconnect_flushes_then_closes)
 {
     mg_hub *h = make(8, 1 << 20);
     int dummy;
-    mg_hub_conn *a = mg_hub_register(h, "bob", &dummy);
-    mg_hub_conn *b = mg_hub_register(h, "bob", &dummy);
-    mg_hub_conn *c = mg_hub_register(h, "carol", &dummy);
+    mg_hub_conn *a = mg_hub_register(h, 0, "bob", &dummy);
+    mg_hub_conn *b = mg_hub_register(h, 0, "bob", &dummy);
+    mg_hub_conn *c = mg_hub_register(h, 0, "carol", &dummy);
     cr_assert_eq(mg_hub_post(h, mg_hub_conn_id(a), "ack", 3), 0);
     cr_assert_eq(mg_hub_disconnect(h, "bob", NULL, 4000, "kicked"), 2);
     cr_assert_eq(mg_hub_disconnect(h, "bob", NULL, 4000, "kicked"), 0, "already closing");
@@ -196,7 +198,7 @@ Test(hub, disconnect_flushes_then_closes)
     cr_assert_eq(code, 1012);
     mg_hub_sink(h).disconnect(h, "nobody", NULL, 1000, "");
     int ready = 0;
-    mg_hub_take_ready(h, collect, &ready);
+    mg_hub_take_ready(h, 0, collect, &ready);
     cr_assert_eq(ready, 3);
     mg_hub_unregister(h, b); /* unregister while ready: removed from the ready list */
     mg_hub_unregister(h, a);
@@ -209,13 +211,13 @@ Test(hub, unregister_removes_from_ready_list)
 {
     mg_hub *h = make(8, 1 << 20);
     int dummy;
-    mg_hub_conn *a = mg_hub_register(h, "bob", &dummy);
-    mg_hub_conn *b = mg_hub_register(h, "carol", &dummy);
+    mg_hub_conn *a = mg_hub_register(h, 0, "bob", &dummy);
+    mg_hub_conn *b = mg_hub_register(h, 0, "carol", &dummy);
     mg_hub_post(h, mg_hub_conn_id(a), "x", 1);
     mg_hub_post(h, mg_hub_conn_id(b), "x", 1);
     mg_hub_unregister(h, a);
     int ready = 0;
-    mg_hub_take_ready(h, collect, &ready);
+    mg_hub_take_ready(h, 0, collect, &ready);
     cr_assert_eq(ready, 1);
     mg_hub_free(h);
 }
@@ -235,7 +237,7 @@ Test(hub, concurrent_deliveries)
 {
     mg_hub *h = make(100000, 1 << 30);
     int dummy;
-    mg_hub_conn *c = mg_hub_register(h, "bob", &dummy);
+    mg_hub_conn *c = mg_hub_register(h, 0, "bob", &dummy);
     pthread_t t[4];
     for (int i = 0; i < 4; i++)
         pthread_create(&t[i], NULL, producer, h);
@@ -298,16 +300,16 @@ Test(hub, delivery_reported_after_the_write)
 {
     mg_hub *h = make_waiting(5000);
     int dummy, result;
-    mg_hub_conn *c = mg_hub_register(h, "bob", &dummy);
+    mg_hub_conn *c = mg_hub_register(h, 0, "bob", &dummy);
     cr_assert_eq(deliver_reported(h, &result), 1, "queued to the one connection");
     cr_assert_eq(result, -1, "not reported before the write");
-    cr_assert(mg_hub_waiting(h));
+    cr_assert(mg_hub_waiting(h, 0));
     mg_hub_frame *f = pop_one(h, c);
     cr_assert_not_null(f);
     cr_assert_eq(result, -1, "taken is not written");
     mg_hub_frame_done(h, f, true);
     cr_assert_eq(result, 1, "written to the one connection");
-    cr_assert_not(mg_hub_waiting(h));
+    cr_assert_not(mg_hub_waiting(h, 0));
     mg_hub_unregister(h, c);
     mg_hub_free(h);
 }
@@ -316,8 +318,8 @@ Test(hub, delivery_dropped_with_its_connection_counts_nothing)
 {
     mg_hub *h = make_waiting(5000);
     int dummy, result;
-    mg_hub_conn *c1 = mg_hub_register(h, "bob", &dummy);
-    mg_hub_conn *c2 = mg_hub_register(h, "bob", &dummy);
+    mg_hub_conn *c1 = mg_hub_register(h, 0, "bob", &dummy);
+    mg_hub_conn *c2 = mg_hub_register(h, 0, "bob", &dummy);
     cr_assert_eq(deliver_reported(h, &result), 2);
     mg_hub_frame_done(h, pop_one(h, c1), true);
     cr_assert_eq(result, -1, "still waiting for the second connection");
@@ -331,11 +333,11 @@ Test(hub, slow_write_still_counts_a_live_connection)
 {
     mg_hub *h = make_waiting(100);
     int dummy, result;
-    mg_hub_conn *c = mg_hub_register(h, "bob", &dummy);
+    mg_hub_conn *c = mg_hub_register(h, 0, "bob", &dummy);
     cr_assert_eq(deliver_reported(h, &result), 1);
-    cr_assert(mg_hub_expire_waits(h, mg_mono_ms()), "the wait is not over yet");
+    cr_assert(mg_hub_expire_waits(h, 0, mg_mono_ms()), "the wait is not over yet");
     cr_assert_eq(result, -1);
-    cr_assert_not(mg_hub_expire_waits(h, mg_mono_ms() + 150), "nobody wrote: the wait ended");
+    cr_assert_not(mg_hub_expire_waits(h, 0, mg_mono_ms() + 150), "nobody wrote: the wait ended");
     cr_assert_eq(result, 1, "still queued on a live connection");
     mg_hub_frame *f = pop_one(h, c);
     mg_hub_frame_done(h, f, true); /* written later: reported once only */
@@ -347,7 +349,7 @@ Test(hub, stopping_reports_every_wait_and_later_ones_at_once)
 {
     mg_hub *h = make_waiting(5000);
     int dummy, r1, r2;
-    mg_hub_conn *c = mg_hub_register(h, "bob", &dummy);
+    mg_hub_conn *c = mg_hub_register(h, 0, "bob", &dummy);
     cr_assert_eq(deliver_reported(h, &r1), 1);
     mg_hub_stop_waits(h);
     cr_assert_eq(r1, 1, "reported by the stop");
@@ -363,6 +365,157 @@ Test(hub, nobody_connected_is_never_reported)
     int result;
     cr_assert_eq(deliver_reported(h, &result), 0);
     cr_assert_eq(result, -1);
-    cr_assert_not(mg_hub_waiting(h));
+    cr_assert_not(mg_hub_waiting(h, 0));
+    mg_hub_free(h);
+}
+
+/* ---- shards: one per WebSocket service loop ---- */
+
+static unsigned woken[4];
+static void on_wake_shard(void *arg, unsigned shard)
+{
+    (void)arg;
+    woken[shard]++;
+}
+
+static mg_hub *make_sharded(unsigned shards, int wait_ms)
+{
+    memset(woken, 0, sizeof(woken));
+    mg_hub_config c = {.gateway_id = "gw-a",
+                       .max_frames = 8,
+                       .max_bytes = 1 << 20,
+                       .headroom = 16,
+                       .shards = shards,
+                       .wake = on_wake_shard,
+                       .write_wait_ms = wait_ms};
+    return mg_hub_create(&c);
+}
+
+Test(hub, a_users_connections_on_several_shards_all_receive)
+{
+    mg_hub *h = make_sharded(4, 5000);
+    int dummy, result;
+    mg_hub_conn *a = mg_hub_register(h, 1, "bob", &dummy);
+    mg_hub_conn *b = mg_hub_register(h, 3, "bob", &dummy);
+    mg_hub_conn *c = mg_hub_register(h, 3, "carol", &dummy);
+    cr_assert_eq(mg_hub_count(h), 3);
+    /* the id names the shard (post and disconnect by id find it) */
+    cr_assert_eq(mg_hub_post(h, mg_hub_conn_id(a), "x", 1), 0);
+    cr_assert_eq(mg_hub_post(h, mg_hub_conn_id(b), "y", 1), 0);
+    cr_assert_eq(mg_hub_post(h, "gw-a-15", "z", 1), -ENOENT, "nobody has that id");
+    cr_assert_eq(woken[1], 1);
+    cr_assert_eq(woken[3], 1);
+    cr_assert_eq(woken[0] + woken[2], 0, "only the owning loops are woken");
+    free(pop_text(h, a, &(int){0}));
+    free(pop_text(h, b, &(int){0}));
+    /* one delivery: one report, after both shards' writes */
+    cr_assert_eq(deliver_reported(h, &result), 2);
+    mg_hub_frame *fa = pop_one(h, a), *fb = pop_one(h, b);
+    cr_assert(fa && fb);
+    cr_assert_eq(fa->len, fb->len);
+    cr_assert_eq(memcmp(fa->data + 16, fb->data + 16, fa->len), 0, "the same frame on both");
+    mg_hub_frame_done(h, fb, true);
+    cr_assert_eq(result, -1, "shard 1 has not written yet");
+    mg_hub_frame_done(h, fa, true);
+    cr_assert_eq(result, 2, "written on both shards");
+    cr_assert_not(mg_hub_waiting(h, 1));
+    cr_assert_not(mg_hub_waiting(h, 3));
+    /* a disconnect by user reaches every shard */
+    cr_assert_eq(mg_hub_disconnect(h, "bob", NULL, 1012, "restart"), 2);
+    char **ids;
+    size_t n = mg_hub_conn_ids(h, &ids);
+    cr_assert_eq(n, 3);
+    mg_hub_ids_free(ids, n);
+    mg_hub_unregister(h, a);
+    mg_hub_unregister(h, b);
+    mg_hub_unregister(h, c);
+    cr_assert_eq(mg_hub_count(h), 0);
+    mg_hub_free(h);
+}
+
+Test(hub, a_wait_ends_on_its_home_shard_and_drops_count_nothing)
+{
+    mg_hub *h = make_sharded(2, 100);
+    int dummy, result;
+    mg_hub_conn *a = mg_hub_register(h, 0, "bob", &dummy);
+    mg_hub_conn *b = mg_hub_register(h, 1, "bob", &dummy);
+    cr_assert_eq(deliver_reported(h, &result), 2);
+    cr_assert(mg_hub_waiting(h, 0), "homed on the first shard that took it");
+    cr_assert_not(mg_hub_waiting(h, 1));
+    mg_hub_unregister(h, b); /* dropped on shard 1 */
+    cr_assert_eq(result, -1);
+    cr_assert_not(mg_hub_expire_waits(h, 0, mg_mono_ms() + 150));
+    cr_assert_eq(result, 1, "the live connection's queued frame counts, the dropped one not");
+    mg_hub_unregister(h, a);
+    mg_hub_free(h);
+}
+
+typedef struct shard_writer {
+    mg_hub *h;
+    mg_hub_conn *c;
+    atomic_int *stop;
+    int got;
+} shard_writer;
+
+/* A loop's thread: writes whatever its connection gets until told to stop. */
+static void *shard_writer_main(void *arg)
+{
+    shard_writer *w = arg;
+    while (!atomic_load(w->stop)) {
+        mg_hub_frame *f = pop_one(w->h, w->c);
+        if (f) {
+            w->got++;
+            mg_hub_frame_done(w->h, f, true);
+        }
+    }
+    mg_hub_frame *f;
+    while ((f = pop_one(w->h, w->c))) {
+        w->got++;
+        mg_hub_frame_done(w->h, f, true);
+    }
+    return NULL;
+}
+
+static atomic_int reports, reported_frames;
+static void count_report(void *arg, uint32_t n)
+{
+    (void)arg;
+    atomic_fetch_add(&reports, 1);
+    atomic_fetch_add(&reported_frames, (int)n);
+}
+
+Test(hub, concurrent_writers_on_two_shards_report_each_delivery_once)
+{
+    mg_hub_config cfg = {.gateway_id = "gw",
+                         .max_frames = 100000,
+                         .max_bytes = 1 << 30,
+                         .headroom = 16,
+                         .shards = 2,
+                         .write_wait_ms = 60000};
+    mg_hub *h = mg_hub_create(&cfg);
+    int dummy;
+    atomic_int stop = 0;
+    atomic_store(&reports, 0);
+    atomic_store(&reported_frames, 0);
+    shard_writer w[2] = {{h, mg_hub_register(h, 0, "bob", &dummy), &stop, 0},
+                         {h, mg_hub_register(h, 1, "bob", &dummy), &stop, 0}};
+    pthread_t t[2];
+    for (int i = 0; i < 2; i++)
+        pthread_create(&t[i], NULL, shard_writer_main, &w[i]);
+    mg_msg *m = msg("m", "bob");
+    for (int i = 0; i < 5000; i++)
+        cr_assert_eq(mg_hub_deliver(h, m, NULL, false, count_report, NULL), 2);
+    mg_msg_free(m);
+    for (int spin = 0; spin < 1000 && atomic_load(&reports) < 5000; spin++)
+        usleep(2000);
+    atomic_store(&stop, 1);
+    for (int i = 0; i < 2; i++)
+        pthread_join(t[i], NULL);
+    cr_assert_eq(w[0].got, 5000);
+    cr_assert_eq(w[1].got, 5000);
+    cr_assert_eq(atomic_load(&reports), 5000, "each delivery reported once");
+    cr_assert_eq(atomic_load(&reported_frames), 10000, "two written frames each");
+    mg_hub_unregister(h, w[0].c);
+    mg_hub_unregister(h, w[1].c);
     mg_hub_free(h);
 }

@@ -1,10 +1,12 @@
 /* Unit tests of ws_limits.c's pure parts: the token bucket, the fd budget and
  * the close payload check (the lws-facing parts are tested by
- * tests/integration/test_ws_limits.c). */
+ * tests/integration/test_ws_limits.c); and ws_server.c's --ws-threads default. */
 #include "gateway/ws_limits.h"
+#include "gateway/ws_server.h"
 #include "common/mg_time.h"
 
 #include <criterion/criterion.h>
+#include <sched.h>
 
 Test(ws_limits, token_bucket_burst_refill_and_close)
 {
@@ -79,4 +81,42 @@ Test(ws_limits, close_payloads)
     cr_assert_not(mg_ws_close_payload_valid((const unsigned char *)"\x03\xed", 2)); /* 1005 */
     cr_assert_not(mg_ws_close_payload_valid((const unsigned char *)"\x00\x01", 2));
     cr_assert(mg_ws_close_payload_valid((const unsigned char *)"\x0f\xa0", 2)); /* 4000 */
+}
+
+/* --ws-threads 0: one loop per CPU this thread may run on (its affinity mask,
+ * capped by the cgroup quota, which is never below one CPU). */
+Test(ws_threads, default_follows_the_affinity_mask)
+{
+    cpu_set_t saved, one;
+    cr_assert_eq(sched_getaffinity(0, sizeof(saved), &saved), 0);
+    unsigned all = mg_ws_default_threads();
+    cr_assert(all >= 1 && all <= (unsigned)CPU_COUNT(&saved), "%u loops for %d CPUs", all,
+              CPU_COUNT(&saved));
+    int first = 0;
+    while (!CPU_ISSET(first, &saved))
+        first++;
+    CPU_ZERO(&one);
+    CPU_SET(first, &one);
+    cr_assert_eq(sched_setaffinity(0, sizeof(one), &one), 0);
+    unsigned pinned = mg_ws_default_threads();
+    sched_setaffinity(0, sizeof(saved), &saved);
+    cr_assert_eq(pinned, 1, "pinned to one CPU: %u loops", pinned);
+}
+
+Test(ws_limits, admit_checks_and_counts_in_one_step)
+{
+    mg_ws_limiter_config cfg = {.max_per_ip = 2};
+    mg_ws_limiter *l = mg_ws_limiter_create(&cfg);
+    mg_ws_limiter_conn *a, *b, *c;
+    cr_assert(mg_ws_limiter_conn_admit(l, "10.0.0.1", &a));
+    cr_assert(mg_ws_limiter_conn_admit(l, "10.0.0.1", &b));
+    cr_assert_not(mg_ws_limiter_conn_admit(l, "10.0.0.1", &c), "the cap is 2");
+    cr_assert_null(c);
+    cr_assert(mg_ws_limiter_ip_full(l, "10.0.0.1"));
+    mg_ws_limiter_conn_close(l, a);
+    cr_assert(mg_ws_limiter_conn_admit(l, "10.0.0.1", &c), "a closed slot is free again");
+    mg_ws_limiter_conn_close(l, b);
+    mg_ws_limiter_conn_close(l, c);
+    cr_assert_not(mg_ws_limiter_ip_full(l, "10.0.0.1"));
+    mg_ws_limiter_free(l);
 }

@@ -1,16 +1,20 @@
 /* What order a recipient sees a sender's messages in, tested as DESIGN.md
  * states it for the local path: one connection's sends arrive in the order
  * they were sent, even flat out with several router workers; so do the
- * inbox's, on the next connection. (The cross-gateway paths are covered in
- * test_routing.c.) Real gateway binary, embedded default. */
+ * inbox's, on the next connection; and a user whose connections sit on
+ * different WebSocket loops (--ws-threads) gets every sender's messages in
+ * order on each. (The cross-gateway paths are covered in test_routing.c.)
+ * Real gateway binary, embedded default. */
 #include "support/mg_test.h"
 #include "support/ws_client.h"
 
 #include <criterion/criterion.h>
 #include <jansson.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define N_MSGS 2000
 
@@ -104,5 +108,130 @@ Test(ordering, inbox_arrives_in_send_order_on_connect, .timeout = 60)
     mg_wsc_free(tx);
     mg_wsc_free(rx);
     cr_expect_eq(mg_gw_stop(gw), 0);
+    mg_gw_free(gw);
+}
+
+/* ---- a user whose connections live on different service loops ---- */
+
+#define LOOPS        4
+#define SENDERS      3
+#define PER_SENDER   300
+#define MAX_RX_CONNS 12
+
+/* The loop each open connection sits on, from meshgate_ws_loop_connections:
+ * waits until the gauges add up to want, then returns the loop whose count
+ * grew since before[] (or -1). */
+static int landed_on(const mg_gw *gw, double before[LOOPS], double want)
+{
+    char key[64];
+    double now[LOOPS];
+    for (int tries = 0; tries < 500; tries++) { /* 500 x 10 ms */
+        double sum = 0;
+        for (int l = 0; l < LOOPS; l++) {
+            snprintf(key, sizeof(key), "meshgate_ws_loop_connections{loop=\"%d\"}", l);
+            now[l] = mg_gw_metric(gw, key);
+            sum += now[l];
+        }
+        if (sum == want) {
+            int grew = -1;
+            for (int l = 0; l < LOOPS; l++) {
+                if (now[l] > before[l])
+                    grew = l;
+                before[l] = now[l];
+            }
+            return grew;
+        }
+        usleep(10000);
+    }
+    return -1;
+}
+
+/* Reads one "message" frame's content ("<sender>:<seq>") from c. */
+static bool next_content(mg_wsc *c, int *sender, long *seq)
+{
+    for (int frames = 0; frames < 10; frames++) {
+        char *text = mg_wsc_recv_text(c, 10000);
+        if (!text)
+            return false;
+        json_t *j = json_loads(text, 0, NULL);
+        free(text);
+        const char *type = json_string_value(json_object_get(j, "type"));
+        if (type && !strcmp(type, "message")) {
+            const char *content = json_string_value(json_object_get(j, "content"));
+            bool ok = content && sscanf(content, "%d:%ld", sender, seq) == 2;
+            json_decref(j);
+            return ok;
+        }
+        json_decref(j);
+    }
+    return false;
+}
+
+Test(ordering, user_on_several_loops_gets_every_message_in_order_per_sender, .timeout = 120)
+{
+    /* 4 loops whatever MESHGATE_TEST_WS_THREADS says; queues deep enough for
+     * the reader below, which drains one connection after the other */
+    const char *args[] = {
+        "--ws-threads", "4", "--outbound-queue", "100000", "--outbound-queue-bytes",
+        "100000000",    NULL};
+    mg_gw *gw = mg_gw_spawn("order-loops", args);
+    cr_assert_not_null(gw);
+    /* connect the recipient until two of its connections sit on different
+     * loops (SO_REUSEPORT spreads them by address and port) */
+    double before[LOOPS] = {0};
+    mg_wsc *rx[MAX_RX_CONNS];
+    int nrx = 0, first_loop = -1;
+    bool spread = false;
+    while (!spread && nrx < MAX_RX_CONNS) {
+        rx[nrx] = connect_user(gw, "ord-multi");
+        nrx++;
+        int loop = landed_on(gw, before, nrx);
+        cr_assert_geq(loop, 0, "connection %d: no loop's gauge grew", nrx);
+        if (first_loop < 0)
+            first_loop = loop;
+        else if (loop != first_loop)
+            spread = true;
+    }
+    cr_assert(spread, "%d connections all landed on loop %d", nrx, first_loop);
+    /* several senders, flat out, each on a connection of its own */
+    mg_wsc *tx[SENDERS];
+    for (int s = 0; s < SENDERS; s++) {
+        char user[32];
+        snprintf(user, sizeof(user), "ord-sender-%d", s);
+        tx[s] = connect_user(gw, user);
+    }
+    char frame[128];
+    for (long i = 0; i < PER_SENDER; i++) {
+        for (int s = 0; s < SENDERS; s++) {
+            snprintf(frame, sizeof(frame),
+                     "{\"type\":\"send\",\"to\":\"ord-multi\",\"content\":\"%d:%ld\"}", s, i);
+            cr_assert_eq(mg_wsc_send_text(tx[s], frame), 0);
+        }
+    }
+    /* every connection of the recipient gets every message, each sender's
+     * in the order it sent them */
+    for (int c = 0; c < nrx; c++) {
+        long next[SENDERS] = {0};
+        for (int k = 0; k < SENDERS * PER_SENDER; k++) {
+            int s = -1;
+            long seq = -1;
+            cr_assert(next_content(rx[c], &s, &seq), "connection %d: message %d of %d missing", c,
+                      k, SENDERS * PER_SENDER);
+            cr_assert(s >= 0 && s < SENDERS, "connection %d: sender %d", c, s);
+            cr_assert_eq(seq, next[s], "connection %d: sender %d's message %ld came after %ld", c,
+                         s, seq, next[s] - 1);
+            next[s]++;
+        }
+    }
+    for (int s = 0; s < SENDERS; s++)
+        mg_wsc_free(tx[s]);
+    /* SIGTERM: the drain closes every connection with 1012, whatever its loop */
+    mg_gw_kill(gw, SIGTERM);
+    for (int c = 0; c < nrx; c++) {
+        cr_expect_eq(mg_wsc_wait_close(rx[c], 10000), 1012, "connection %d", c);
+        mg_wsc_free(rx[c]);
+    }
+    cr_assert(mg_gw_wait(gw, 30000));
+    cr_expect_eq(gw->exit_status, 0, "clean stop of every loop");
     mg_gw_free(gw);
 }

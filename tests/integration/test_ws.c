@@ -390,8 +390,16 @@ static int tcp_connect_errno(const char *ip, int port)
  * /metrics although the rule says loopback only. */
 Test(ws, binds_only_the_address_given, .timeout = 30)
 {
-    mg_gw *gw = mg_gw_spawn("ws-bind", NULL); /* --ws-listen 127.0.0.1:P */
+    const char *loops[] = {"--ws-threads", "2", NULL};
+    mg_gw *gw = mg_gw_spawn("ws-bind", loops); /* --ws-listen 127.0.0.1:P */
     cr_assert_not_null(gw);
+    /* SO_REUSEPORT listeners: a second gateway on the port still fails */
+    const char *dup[] = {"--ws-listen", gw->ws_addr, "--ws-threads", "2", NULL};
+    mg_gw *gw2 = mg_gw_spawn_nowait("ws-bind-dup", dup);
+    cr_assert(mg_gw_wait(gw2, 20000), "a second gateway on the same WebSocket port kept running");
+    cr_assert_neq(gw2->exit_status, 0);
+    cr_assert(mg_gw_log_contains(gw2, "Address already in use"), "see %s", gw2->log_path);
+    mg_gw_free(gw2);
     cr_assert_eq(tcp_connect_errno("127.0.0.1", gw->ws_port), 0);
     cr_assert_eq(tcp_connect_errno("127.0.0.2", gw->ws_port), ECONNREFUSED,
                  "127.0.0.2:%d accepted a connection: the listener is not bound to 127.0.0.1",

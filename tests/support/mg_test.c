@@ -216,6 +216,12 @@ mg_gw *mg_gw_spawn_nowait(const char *name, const char *const *extra)
         argv[n++] = "--drain-seconds";
         argv[n++] = "1";
     }
+    /* the suite runs once per build with a loop count of its own (scripts/test.sh) */
+    const char *loops = getenv("MESHGATE_TEST_WS_THREADS");
+    if (loops && loops[0] && !has_flag(extra, "--ws-threads")) {
+        argv[n++] = "--ws-threads";
+        argv[n++] = loops;
+    }
     for (size_t i = 0; extra && extra[i] && n < 126; i++)
         argv[n++] = extra[i];
     argv[n] = NULL;
