@@ -157,7 +157,7 @@ sc_idle() {
   # Across IDLE_WS_THREADS loops (issue 11: 15,000 connections over 4): connect, hold, then one
   # broadcast every connection must receive, then a clean close of all (close frames echoed,
   # the gateway back to 0 connections); the JSON line has the connections per loop.
-  local port grpc gpid loops=${IDLE_WS_THREADS:-4}
+  local port grpc gpid loops=${IDLE_WS_THREADS-4} # set empty: the binary's default (older builds)
   port=$(free_port)
   grpc=$(free_port)
   WS_THREADS=$loops start_gw gpid "$port" "$grpc" --max-connections $((n + 100)) --fd-reserve 64 \
@@ -165,7 +165,7 @@ sc_idle() {
   local nsrc=$(((n + 19999) / 20000 + 1))
   load $((LOADB + 300)) idle --port "$port" --conns "$n" --src "$nsrc" --parallel 200 --hold 10 --settle 2 \
     --broadcast --grpc "127.0.0.1:$grpc" --close --timeout 60 \
-    --gw-pid "$gpid" --scenario idle --path local --label "idle $n conns, $loops loops" \
+    --gw-pid "$gpid" --scenario idle --path local --label "idle $n conns, ${loops:-default} loops" \
     --prefix idle$$- >/dev/null
   stop_gws
 }
