@@ -461,6 +461,10 @@ static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
         } else {
             rd_kafka_assign(rk, parts);
         }
+        /* The series exists from the assignment on: 0 until the consumer's position is known
+         * (update_lag, every LAG_INTERVAL_MS, needs a fetched position). */
+        for (int i = 0; i < parts->cnt; i++)
+            set_lag(parts->elems[i].topic, parts->elems[i].partition, 0);
         mg_log_info("kafka", "partitions assigned topic=%s count=%d group=meshgate-%s",
                     k->own_topic, parts->cnt, k->region);
     } else {
