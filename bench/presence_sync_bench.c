@@ -85,9 +85,10 @@ int main(int argc, char **argv)
     mg_presence_sync_config cb = {argv[3], topic, rb, "bench-b1", 2};
     mg_presence *pa = mg_presence_sync_create(mg_presence_redis_create(rca, "bench-a1", ra, 60),
                                               rca, &ca, err, sizeof(err));
-    mg_presence *pb = pa ? mg_presence_sync_create(mg_presence_redis_create(rcb, "bench-b1", rb, 60),
-                                                   rcb, &cb, err, sizeof(err))
-                         : NULL;
+    mg_presence *pb =
+        pa ? mg_presence_sync_create(mg_presence_redis_create(rcb, "bench-b1", rb, 60), rcb, &cb,
+                                     err, sizeof(err))
+           : NULL;
     if (!pa || !pb || mg_presence_sync_start(pa, NULL, NULL) != 0) {
         fprintf(stderr, "presence sync: %s\n", err);
         return 1;

@@ -136,12 +136,11 @@ char *mg_consul__registration_json(const mg_consul_config *cfg)
         json_object_set_new(check, "GRPC", json_string(target));
         json_object_set_new(check, "GRPCUseTLS", json_false());
     }
-    json_t *root =
-        json_pack("{s:s, s:s, s:s, s:i, s:o, s:{s:s, s:s, s:s, s:s}, s:o}", "ID", cfg->gateway_id,
-                  "Name", cfg->service, "Address", host, "Port", cfg->grpc_port, "Tags", tags,
-                  "Meta", "region", cfg->region ? cfg->region : "", "ws_port", ws, "version",
-                  cfg->version ? cfg->version : "", "buses", cfg->buses ? cfg->buses : "grpc", "Check",
-                  check);
+    json_t *root = json_pack(
+        "{s:s, s:s, s:s, s:i, s:o, s:{s:s, s:s, s:s, s:s}, s:o}", "ID", cfg->gateway_id, "Name",
+        cfg->service, "Address", host, "Port", cfg->grpc_port, "Tags", tags, "Meta", "region",
+        cfg->region ? cfg->region : "", "ws_port", ws, "version", cfg->version ? cfg->version : "",
+        "buses", cfg->buses ? cfg->buses : "grpc", "Check", check);
     free(check_name);
     free(target);
     if (!root)
