@@ -2,11 +2,13 @@
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import WebSocket from 'ws';
+import { execFileSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import {
   connect, LruSet, backoffDelay, tokenExpiryMs,
   SendTimeoutError, SendRejectedError, QueueFullError, ClosedError, AuthError,
 } from '../dist/index.js';
-import { startGateway, freePort, waitFor, sleep, jwt, fastReconnect } from './gateway.mjs';
+import { startGateway, freePort, waitFor, sleep, jwt, fastReconnect, binary } from './gateway.mjs';
 
 const gateways = [];
 const clients = [];
@@ -41,6 +43,12 @@ async function raw(url, user) {
 }
 const withTimeout = (p, ms, what) =>
   Promise.race([p, sleep(ms).then(() => { throw new Error(`timed out: ${what}`); })]);
+
+test('the package is versioned with the gateway: package.json matches `meshgate --version`', () => {
+  const pkg = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8'));
+  const out = execFileSync(binary, ['--version'], { encoding: 'utf8' }).trim();
+  assert.equal(out, `meshgate ${pkg.version}`);
+});
 
 test('unit: full-jitter backoff stays within [0, min(max, initial*factor^n)]', () => {
   for (let n = 0; n < 12; n++) {
