@@ -17,7 +17,8 @@
  *   a message stored for an offline user gets its `ws write` when the inbox
  *   page is sent on connect;
  * - a SendStream call with a traceparent: every message of the stream is in
- *   that trace, each `route` a child of the caller's span;
+ *   that trace, each `route` a child of the caller's span; a SendBatch's
+ *   server span sums its recipients up (worst status, recipients, delivered);
  * - the attempt spans name where they went: the peer's network.peer.* for
  *   gRPC, messaging.destination.name (topic, subject, channel) for the buses;
  * - a dead collector (an endpoint on a closed port) leaves sends answered
@@ -140,15 +141,37 @@ static mg_wsc *connect_user(const mg_gw *gw, const char *user)
     return c;
 }
 
-/* SendMessage with `traceparent` metadata (NULL: none); returns the status
- * and the result's path. */
-static grpc_status_code send_traced(const mg_gw *gw, const char *to, const char *traceparent,
-                                    int timeout_ms, int *path)
+/* A unary call of method on gw with `traceparent` metadata (NULL: none);
+ * returns the status, *resp the answer's bytes (malloc'd, NULL: none). */
+static grpc_status_code call_traced(const mg_gw *gw, const char *method, const ProtobufCMessage *rq,
+                                    const char *traceparent, int timeout_ms, uint8_t **resp,
+                                    size_t *resp_len)
 {
     grpc_init();
     grpc_channel_credentials *cr = grpc_insecure_credentials_create();
     grpc_channel *ch = grpc_channel_create(gw->grpc_addr, cr, NULL);
     grpc_channel_credentials_release(cr);
+    grpc_metadata md = {0};
+    md.key = grpc_slice_from_static_string("traceparent");
+    md.value = grpc_slice_from_copied_string(traceparent ? traceparent : "");
+    grpc_byte_buffer *req = mg_grpc_pack(rq), *rb = NULL;
+    char details[256] = "";
+    grpc_status_code st = mg_grpc_unary_call(ch, method, req, &md, traceparent ? 1 : 0, timeout_ms,
+                                             &rb, details, sizeof(details));
+    grpc_slice_unref(md.value);
+    grpc_byte_buffer_destroy(req);
+    *resp = rb ? mg_grpc_buffer_read(rb, resp_len) : NULL;
+    grpc_byte_buffer_destroy(rb);
+    grpc_channel_destroy(ch);
+    grpc_shutdown();
+    return st;
+}
+
+/* SendMessage with `traceparent` metadata (NULL: none); returns the status
+ * and the result's path. */
+static grpc_status_code send_traced(const mg_gw *gw, const char *to, const char *traceparent,
+                                    int timeout_ms, int *path)
+{
     Meshgate__V1__Message m = MESHGATE__V1__MESSAGE__INIT;
     m.from = "trace-sender";
     m.to = (char *)to;
@@ -156,19 +179,12 @@ static grpc_status_code send_traced(const mg_gw *gw, const char *to, const char 
     m.content.len = 6;
     Meshgate__V1__SendMessageRequest rq = MESHGATE__V1__SEND_MESSAGE_REQUEST__INIT;
     rq.message = &m;
-    grpc_metadata md = {0};
-    md.key = grpc_slice_from_static_string("traceparent");
-    md.value = grpc_slice_from_copied_string(traceparent ? traceparent : "");
-    grpc_byte_buffer *req = mg_grpc_pack(&rq.base), *resp = NULL;
-    char details[256] = "";
-    grpc_status_code st = mg_grpc_unary_call(ch, MG_RPC_SEND_MESSAGE, req, &md, traceparent ? 1 : 0,
-                                             timeout_ms, &resp, details, sizeof(details));
-    grpc_slice_unref(md.value);
-    grpc_byte_buffer_destroy(req);
+    size_t len = 0;
+    uint8_t *data = NULL;
+    grpc_status_code st =
+        call_traced(gw, MG_RPC_SEND_MESSAGE, &rq.base, traceparent, timeout_ms, &data, &len);
     *path = -1;
-    if (resp) {
-        size_t len;
-        uint8_t *data = mg_grpc_buffer_read(resp, &len);
+    if (data) {
         Meshgate__V1__SendMessageResponse *r =
             meshgate__v1__send_message_response__unpack(NULL, len, data);
         if (r && r->result)
@@ -176,10 +192,27 @@ static grpc_status_code send_traced(const mg_gw *gw, const char *to, const char 
         if (r)
             protobuf_c_message_free_unpacked(&r->base, NULL);
         free(data);
-        grpc_byte_buffer_destroy(resp);
     }
-    grpc_channel_destroy(ch);
-    grpc_shutdown();
+    return st;
+}
+
+/* SendBatch of one message to to[n] with `traceparent` metadata. */
+static grpc_status_code send_batch_traced(const mg_gw *gw, char **to, size_t n,
+                                          const char *traceparent)
+{
+    Meshgate__V1__Message m = MESHGATE__V1__MESSAGE__INIT;
+    m.from = "trace-sender";
+    m.content.data = (uint8_t *)"batch";
+    m.content.len = 5;
+    Meshgate__V1__SendBatchRequest rq = MESHGATE__V1__SEND_BATCH_REQUEST__INIT;
+    rq.message = &m;
+    rq.to = to;
+    rq.n_to = n;
+    size_t len = 0;
+    uint8_t *data = NULL;
+    grpc_status_code st =
+        call_traced(gw, MG_RPC_SEND_BATCH, &rq.base, traceparent, 10000, &data, &len);
+    free(data);
     return st;
 }
 
@@ -652,6 +685,25 @@ Test(tracing, one_trace_across_gateways_by_grpc_and_kafka, .timeout = 120)
         json_decref(recv_traced(rx_near2, tid));
     }
     json_decref(wait_trace(tid, stream_ready, sid, "two routes under the caller, four writes"));
+
+    /* SendBatch: its server span sums up the recipients (worst status:
+     * the empty recipient's rejected; one of two delivered) */
+    new_traceparent(tp, tid, sid);
+    char *batch_to[] = {near, ""};
+    cr_assert_eq(send_batch_traced(a, batch_to, 2, tp), GRPC_STATUS_OK);
+    json_decref(recv_traced(rx_near, tid));
+    json_decref(recv_traced(rx_near2, tid));
+    const char *const batch_rows[][2] = {
+        {KEY("meshgate.v1.Messaging/SendBatch", "server", "a"), NULL}, {NULL, NULL}};
+    expect_trace_tagged(tid, sid, batch_rows);
+    tr = jaeger_trace(tid);
+    expect_tag(tr, KEY("meshgate.v1.Messaging/SendBatch", "server", "a"), "meshgate.status",
+               "rejected");
+    expect_tag(tr, KEY("meshgate.v1.Messaging/SendBatch", "server", "a"), "meshgate.recipients",
+               "2");
+    expect_tag(tr, KEY("meshgate.v1.Messaging/SendBatch", "server", "a"), "meshgate.delivered",
+               "1");
+    json_decref(tr);
 
     /* An offline user's message is stored with its context; sent on connect,
      * it gets its ws write (meshgate.inbox) in the trace */
