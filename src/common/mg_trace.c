@@ -275,6 +275,26 @@ void mg_span_attr_int(mg_span *s, const char *key, int64_t val)
     a->i = val;
 }
 
+void mg_span_attr_peer(mg_span *s, const char *hostport)
+{
+    if (!s || !hostport)
+        return;
+    const char *colon = strrchr(hostport, ':');
+    if (colon && hostport[0] != '[' && strchr(hostport, ':') != colon)
+        colon = NULL; /* a bare IPv6 address */
+    size_t hl = colon ? (size_t)(colon - hostport) : strlen(hostport);
+    const char *host = hostport;
+    if (hl >= 2 && host[0] == '[' && host[hl - 1] == ']') {
+        host++;
+        hl -= 2;
+    }
+    char addr[64];
+    snprintf(addr, sizeof(addr), "%.*s", (int)hl, host);
+    mg_span_attr(s, "network.peer.address", addr);
+    if (colon && colon[1])
+        mg_span_attr_int(s, "network.peer.port", strtol(colon + 1, NULL, 10));
+}
+
 void mg_span_end(mg_span *s, bool error, const char *message)
 {
     if (!s)

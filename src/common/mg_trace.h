@@ -110,6 +110,9 @@ mg_span *mg_span_start(const mg_trace_ctx *parent, const char *name, mg_span_kin
  * is copied (up to 63 bytes). s NULL: no-op. */
 void mg_span_attr(mg_span *s, const char *key, const char *val);
 void mg_span_attr_int(mg_span *s, const char *key, int64_t val);
+/* network.peer.address and network.peer.port from "host:port" or
+ * "[v6]:port" (a value without a port: the address alone). */
+void mg_span_attr_peer(mg_span *s, const char *hostport);
 /* Ends the span and queues it for export; error sets the OTLP status to
  * ERROR with message (may be NULL). s NULL: no-op. s is gone after this. */
 void mg_span_end(mg_span *s, bool error, const char *message);

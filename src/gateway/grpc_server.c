@@ -258,7 +258,7 @@ static void trace_call(mg_grpc_server *s, struct rpc *c)
     mg_span_attr(c->span, "rpc.method", slash + 1);
     char *peer = grpc_call_get_peer(c->call); /* "ipv4:127.0.0.1:5678" */
     const char *addr = peer && strchr(peer, ':') ? strchr(peer, ':') + 1 : peer;
-    mg_span_attr(c->span, "network.peer.address", addr);
+    mg_span_attr_peer(c->span, addr);
     gpr_free(peer);
     mg_span_attr(c->span, "meshgate.gateway", s->gateway_id);
 }

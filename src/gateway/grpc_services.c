@@ -316,8 +316,28 @@ static void batch_ctx_free(struct batch_ctx *x)
     free(x);
 }
 
+/* The call's span: the worst status (of the recipient that did least well,
+ * ranked as a recipient's attempts are), the recipients and how many were
+ * delivered (written to a device). */
+static void batch_trace(struct batch_ctx *x)
+{
+    if (!x->c->span)
+        return;
+    size_t n = x->rq->n_to, delivered = 0;
+    mg_status worst = MG_STATUS_DELIVERED;
+    for (size_t i = 0; i < n; i++) {
+        delivered += x->res[i].status == MG_STATUS_DELIVERED;
+        if (mg_status_rank(x->res[i].status) < mg_status_rank(worst))
+            worst = x->res[i].status;
+    }
+    mg_span_attr(x->c->span, "meshgate.status", mg_status_name(worst));
+    mg_span_attr_int(x->c->span, "meshgate.recipients", (int64_t)n);
+    mg_span_attr_int(x->c->span, "meshgate.delivered", (int64_t)delivered);
+}
+
 static void batch_respond(struct batch_ctx *x)
 {
+    batch_trace(x);
     size_t n = x->rq->n_to;
     Meshgate__V1__SendBatchResponse out = MESHGATE__V1__SEND_BATCH_RESPONSE__INIT;
     Meshgate__V1__RecipientResult *rr = mg_xcalloc(n, sizeof(*rr));

@@ -19,6 +19,14 @@
  * nothing), so an idle connection is just this struct plus its id and user
  * strings.
  *
+ * Write spans: a traced message's frame to each connection holds its own
+ * "ws write" span (started under the shard's mutex as the frame is queued,
+ * its span id written over the traceparent of that connection's copy of
+ * the rendered text); the span ends where the frame is settled: written or
+ * failed on its loop (mg_hub_frame_done), dropped with its connection
+ * (unregister) or as a slow consumer's queue. An untraced delivery never
+ * looks at spans beyond one test of the message's flags.
+ *
  * Write receipts: a delivery that waits for its writes holds one receipt
  * shared by its frames on every shard; its counters are atomic, so a frame
  * settles without a lock. The receipt sits on one shard's waiting list (its
@@ -31,6 +39,7 @@
 #include "common/mg_log.h"
 #include "common/mg_map.h"
 #include "common/mg_metrics.h"
+#include "common/mg_trace.h"
 #include "gateway/ws_proto.h"
 
 #include "common/mg_time.h"
@@ -54,9 +63,15 @@ struct mg_hub_conn {
     size_t qbytes;
     char *close_reason;
     uint16_t shard;
+    uint16_t peer_port; /* the device's, 0: unknown */
     bool ready, slow;
-    char id[]; /* "<gateway_id>-<seq>" */
+    char id[]; /* "<gateway_id>-<seq>", a NUL, then the device's address ("" unknown) */
 };
+
+static const char *conn_peer(const mg_hub_conn *c)
+{
+    return c->id + strlen(c->id) + 1;
+}
 
 /* A delivery waiting for its frames to be written (see mg_hub_deliver).
  * pending (frames not settled, plus one while the delivery is still
@@ -202,6 +217,16 @@ static void run_fired(mg_hub *h, mg_hub_receipt *fl)
     }
 }
 
+/* Ends f's write span, if any: written, or dropped (why). */
+static void span_settle(mg_hub_frame *f, bool written, const char *why)
+{
+    if (!f->span)
+        return;
+    mg_span_attr(f->span, "meshgate.status", written ? "written" : "dropped");
+    mg_span_end(f->span, !written, written ? NULL : why);
+    f->span = NULL;
+}
+
 /* The frame's fate reaches the delivery waiting for it (no lock needed);
  * when that was its last frame, the receipt goes on *fl to be reported. */
 static void settle(mg_hub_frame *f, bool written, mg_hub_receipt **fl)
@@ -234,6 +259,7 @@ static void end_wait(shard *s, mg_hub_receipt *r, mg_hub_receipt **fl)
 
 void mg_hub_frame_done(mg_hub *h, mg_hub_frame *f, bool written)
 {
+    span_settle(f, written, "write failed");
     if (f->receipt) {
         mg_hub_receipt *fl = NULL;
         settle(f, written, &fl);
@@ -284,12 +310,16 @@ bool mg_hub_expire_waits(mg_hub *h, unsigned sh, int64_t now_ms)
     return more;
 }
 
-/* Under the conn's shard mutex (or with no other thread left). */
-static void queue_clear(mg_hub_conn *c, mg_hub_receipt **fl)
+/* Under the conn's shard mutex (or with no other thread left): drops c's
+ * frames; their spans end as dropped (why), or are abandoned when why is
+ * NULL (the hub is freed: tracing may have stopped). */
+static void queue_clear(mg_hub_conn *c, mg_hub_receipt **fl, const char *why)
 {
     mg_hub_frame *f = c->qhead;
     while (f) {
         mg_hub_frame *n = f->next;
+        if (why)
+            span_settle(f, false, why);
         settle(f, false, fl);
         free(f);
         f = n;
@@ -301,7 +331,7 @@ static void queue_clear(mg_hub_conn *c, mg_hub_receipt **fl)
 
 static void conn_free(mg_hub_conn *c, mg_hub_receipt **fl)
 {
-    queue_clear(c, fl);
+    queue_clear(c, fl, NULL);
     free(c->user);
     free(c->close_reason);
     free(c);
@@ -350,6 +380,12 @@ static void mark_ready(mg_hub *h, mg_hub_conn *c)
 
 mg_hub_conn *mg_hub_register(mg_hub *h, unsigned sh, const char *user, void *handle)
 {
+    return mg_hub_register_peer(h, sh, user, handle, NULL, 0);
+}
+
+mg_hub_conn *mg_hub_register_peer(mg_hub *h, unsigned sh, const char *user, void *handle,
+                                  const char *peer_addr, int peer_port)
+{
     sh %= h->nshards;
     shard *s = &h->shards[sh];
     pthread_mutex_lock(&s->mu);
@@ -357,8 +393,11 @@ mg_hub_conn *mg_hub_register(mg_hub *h, unsigned sh, const char *user, void *han
     uint64_t seq = s->seq++ * h->nshards + sh + h->nshards;
     char id[160];
     int n = snprintf(id, sizeof(id), "%.120s-%llu", h->gateway_id, (unsigned long long)seq);
-    mg_hub_conn *c = mg_xcalloc(1, sizeof(*c) + (size_t)n + 1);
+    size_t pl = peer_addr ? strnlen(peer_addr, 63) : 0;
+    mg_hub_conn *c = mg_xcalloc(1, sizeof(*c) + (size_t)n + 1 + pl + 1);
     memcpy(c->id, id, (size_t)n + 1);
+    memcpy(c->id + n + 1, peer_addr ? peer_addr : "", pl);
+    c->peer_port = peer_port > 0 && peer_port <= 65535 ? (uint16_t)peer_port : 0;
     c->user = mg_xstrdup(user);
     c->handle = handle;
     c->shard = (uint16_t)sh;
@@ -422,7 +461,7 @@ void mg_hub_unregister(mg_hub *h, mg_hub_conn *c)
         }
     }
     atomic_fetch_sub(&h->count, 1);
-    queue_clear(c, &fl); /* under the lock: waiting deliveries learn of the drop */
+    queue_clear(c, &fl, "connection closed"); /* under the lock: waiting deliveries learn */
     pthread_mutex_unlock(&s->mu);
     run_fired(h, fl);
     fl = NULL;
@@ -498,6 +537,7 @@ static mg_hub_frame *frame_new(mg_hub *h, size_t len, mg_frame_kind kind)
     mg_hub_frame *f = mg_xmalloc(sizeof(*f) + h->headroom + len + 1);
     f->next = NULL;
     f->receipt = NULL;
+    f->span = NULL;
     f->len = len;
     f->kind = kind;
     f->data[h->headroom + len] = 0;
@@ -511,7 +551,7 @@ static int admit(mg_hub *h, mg_hub_conn *c, size_t len, mg_hub_receipt **fl)
     if (c->close_code)
         return -EPIPE;
     if (c->qcount + 1 > h->max_frames || c->qbytes + len > h->max_bytes) {
-        queue_clear(c, fl);
+        queue_clear(c, fl, "slow consumer");
         c->slow = true;
         h->shards[c->shard].slow_closes++;
         if (h->slow_counter)
@@ -545,15 +585,49 @@ static void push(mg_hub *h, mg_hub_conn *c, mg_hub_frame *f, mg_hub_receipt *r)
     mark_ready(h, c);
 }
 
+/* What a delivery queues: the rendered text and, for a traced message,
+ * where its traceparent sits (tp_at > 0). */
+typedef struct delivery {
+    const mg_msg *msg;
+    const unsigned char *text;
+    size_t len, tp_at;
+    bool from_inbox;
+    mg_hub_receipt *r;
+} delivery;
+
+/* Under c's shard mutex: f (queued to c next) gets c's write span, and its
+ * text the span's traceparent. */
+static void write_span(mg_hub *h, mg_hub_conn *c, mg_hub_frame *f, const delivery *d)
+{
+    mg_trace_ctx child;
+    f->span = mg_span_start(&d->msg->trace, "ws write", MG_SPAN_INTERNAL, &child);
+    char tp[MG_TRACEPARENT_LEN + 1];
+    if (mg_traceparent_format(&child, tp) == MG_TRACEPARENT_LEN)
+        memcpy(f->data + h->headroom + d->tp_at, tp, MG_TRACEPARENT_LEN);
+    if (!f->span)
+        return;
+    mg_span_attr(f->span, "messaging.message.id", d->msg->id);
+    mg_span_attr(f->span, "meshgate.path", "local");
+    mg_span_attr(f->span, "meshgate.connection.id", c->id);
+    mg_span_attr(f->span, "meshgate.gateway", h->gateway_id);
+    mg_span_attr_int(f->span, "meshgate.inbox", d->from_inbox);
+    if (conn_peer(c)[0])
+        mg_span_attr(f->span, "network.peer.address", conn_peer(c));
+    if (c->peer_port)
+        mg_span_attr_int(f->span, "network.peer.port", c->peer_port);
+}
+
 /* Under c's shard mutex: queues the rendered message to c, or marks it
  * slow. With rendered not NULL, the first connection takes *rendered itself
  * and the others a copy of its text, which stays readable while the lock is
  * held (only c's loop frees a queued frame, after mg_hub_pop under this
- * lock); with rendered NULL every connection takes a copy. */
-static int enqueue_message(mg_hub *h, mg_hub_conn *c, mg_hub_frame **rendered,
-                           const unsigned char *text, size_t len, mg_hub_receipt *r,
+ * lock); with rendered NULL every connection takes a copy. A traced
+ * message's copy then gets the connection's span id (write_span). */
+static int enqueue_message(mg_hub *h, mg_hub_conn *c, mg_hub_frame **rendered, const delivery *d,
                            mg_hub_receipt **fl)
 {
+    const unsigned char *text = d->text;
+    size_t len = d->len;
     if (admit(h, c, len, fl))
         return -1;
     mg_hub_frame *f = rendered ? *rendered : NULL;
@@ -563,25 +637,25 @@ static int enqueue_message(mg_hub *h, mg_hub_conn *c, mg_hub_frame **rendered,
         f = frame_new(h, len, MG_FRAME_MESSAGE);
         memcpy(f->data + h->headroom, text, len);
     }
-    push(h, c, f, r);
+    if (d->tp_at)
+        write_span(h, c, f, d);
+    push(h, c, f, d->r);
     return 0;
 }
 
 /* Under s's mutex: queues the message to the user's connections in s (or
  * to conn_id only); returns how many took it. */
-static int deliver_shard(mg_hub *h, shard *s, const mg_msg *msg, const char *conn_id,
-                         mg_hub_frame **rendered, const unsigned char *text, size_t len,
-                         mg_hub_receipt *r, mg_hub_receipt **fl)
+static int deliver_shard(mg_hub *h, shard *s, const char *conn_id, mg_hub_frame **rendered,
+                         const delivery *d, mg_hub_receipt **fl)
 {
     int n = 0;
     if (conn_id) {
         mg_hub_conn *c = mg_map_get(s->by_id, conn_id);
-        if (c && strcmp(c->user, msg->to) == 0 &&
-            enqueue_message(h, c, rendered, text, len, r, fl) == 0)
+        if (c && strcmp(c->user, d->msg->to) == 0 && enqueue_message(h, c, rendered, d, fl) == 0)
             n++;
     } else {
-        for (mg_hub_conn *c = mg_map_get(s->by_user, msg->to); c; c = c->user_next)
-            if (enqueue_message(h, c, rendered, text, len, r, fl) == 0)
+        for (mg_hub_conn *c = mg_map_get(s->by_user, d->msg->to); c; c = c->user_next)
+            if (enqueue_message(h, c, rendered, d, fl) == 0)
                 n++;
     }
     s->delivered += (uint64_t)n;
@@ -597,7 +671,10 @@ int mg_hub_deliver(mg_hub *h, const mg_msg *msg, const char *conn_id, bool from_
     size_t len = mg_ws_proto_message_len(msg, from_inbox);
     mg_hub_frame *rendered = frame_new(h, len, MG_FRAME_MESSAGE);
     mg_ws_proto_render_message((char *)rendered->data + h->headroom, msg, from_inbox);
-    const unsigned char *text = rendered->data + h->headroom;
+    delivery d = {
+        .msg = msg, .text = rendered->data + h->headroom, .len = len, .from_inbox = from_inbox};
+    if (mg_trace_sampled(&msg->trace) && !atomic_load(&h->stop_waits)) /* untraced: this branch */
+        d.tp_at = mg_ws_proto_traceparent_at((const char *)d.text, len);
     mg_hub_receipt *r = NULL;
     if (written && !from_inbox && !on_service_thread && h->write_wait_ms > 0 &&
         !atomic_load(&h->stop_waits)) {
@@ -607,6 +684,7 @@ int mg_hub_deliver(mg_hub *h, const mg_msg *msg, const char *conn_id, bool from_
         atomic_init(&r->refs, 1);
         atomic_init(&r->pending, 1); /* held until every shard was visited */
     }
+    d.r = r;
     int n = 0;
     int home = -1;
     shard *only = conn_id ? shard_of_id(h, conn_id) : NULL;
@@ -619,7 +697,7 @@ int mg_hub_deliver(mg_hub *h, const mg_msg *msg, const char *conn_id, bool from_
         bool last = conn_id || i + 1 == h->nshards;
         mg_hub_receipt *fl = NULL;
         pthread_mutex_lock(&s->mu);
-        int k = deliver_shard(h, s, msg, conn_id, last ? &rendered : NULL, text, len, r, &fl);
+        int k = deliver_shard(h, s, conn_id, last ? &rendered : NULL, &d, &fl);
         pthread_mutex_unlock(&s->mu);
         run_fired(h, fl);
         if (k > 0 && home < 0)

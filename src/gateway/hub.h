@@ -72,6 +72,7 @@ typedef struct mg_hub_receipt mg_hub_receipt;
 typedef struct mg_hub_frame {
     struct mg_hub_frame *next;
     mg_hub_receipt *receipt; /* a delivery waiting for this write, or NULL */
+    mg_span *span;           /* "ws write" of a traced message to this connection, or NULL */
     size_t len;
     mg_frame_kind kind;
     unsigned char data[];
@@ -93,6 +94,10 @@ mg_local_sink mg_hub_sink(mg_hub *h);
  * lws wsi) in shard (the calling loop's). Returns the connection; its id is
  * mg_hub_conn_id(). */
 mg_hub_conn *mg_hub_register(mg_hub *h, unsigned shard, const char *user, void *handle);
+/* [ws] The same, with the device's address (copied; NULL: unknown) and port
+ * (0: unknown), which name it on its write spans. */
+mg_hub_conn *mg_hub_register_peer(mg_hub *h, unsigned shard, const char *user, void *handle,
+                                  const char *peer_addr, int peer_port);
 /* [ws] Removes and frees c with its queue. */
 void mg_hub_unregister(mg_hub *h, mg_hub_conn *c);
 const char *mg_hub_conn_id(const mg_hub_conn *c);   /* [ws] valid until unregister */
@@ -109,7 +114,7 @@ mg_hub_frame *mg_hub_pop(mg_hub *h, mg_hub_conn *c, bool *more, int *close_code,
 
 /* [ws] Settles a popped frame: written tells whether lws_write took all of
  * it; a delivery waiting on it learns the outcome (its callback may run
- * here). Frees f. */
+ * here), and its write span ends. Frees f. */
 void mg_hub_frame_done(mg_hub *h, mg_hub_frame *f, bool written);
 
 /* [ws] Marks the calling thread as a service loop: deliveries made on it
@@ -134,6 +139,13 @@ void mg_hub_take_ready(mg_hub *h, unsigned shard,
 /* Renders msg once and queues it to every connection of msg->to (or only
  * conn_id, when not NULL, if it belongs to msg->to). Returns how many
  * connections took it (0: none here). Never blocks.
+ * A traced message (msg->trace sampled) gets a "ws write" span per
+ * connection, a child of msg->trace, from the queueing to the write (or the
+ * drop, with its connection or as a slow consumer); each connection's frame
+ * carries its own span's traceparent, so the device's ack is that span's
+ * child. An untraced one costs a branch more. After mg_hub_stop_waits no
+ * span is started, and mg_hub_free abandons the spans of frames never
+ * settled (tracing may have stopped by then).
  * When written is not NULL and the return is > 0, written(arg, n) runs
  * exactly once, so that "delivered" means written: when the service loops
  * have written the frames to the sockets (or dropped them with their

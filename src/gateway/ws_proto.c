@@ -394,7 +394,7 @@ static void message_frame(jframe *fr, const mg_msg *m, bool from_inbox)
         add_str(fr, "content_type", m->content_type);
     add_field(fr, "sent_at_ms", J_INT, NULL, 0, m->sent_at_ms);
     add_field(fr, "inbox", J_BOOL, NULL, 0, from_inbox);
-    if (mg_trace_valid(&m->trace) && mg_trace_sampled(&m->trace)) {
+    if (mg_trace_valid(&m->trace) && mg_trace_sampled(&m->trace)) { /* last: see below */
         mg_trace_id_hex(&m->trace, fr->trace_id);
         mg_traceparent_format(&m->trace, fr->traceparent);
         add_field(fr, "trace_id", J_STR, fr->trace_id, 32, 0);
@@ -421,6 +421,16 @@ size_t mg_ws_proto_render_message(char *dst, const mg_msg *m, bool from_inbox)
     jframe fr;
     message_frame(&fr, m, from_inbox);
     return (size_t)(frame_put(dst, &fr) - dst);
+}
+
+size_t mg_ws_proto_traceparent_at(const char *text, size_t len)
+{
+    static const char key[] = "\"traceparent\":\"";
+    size_t kn = sizeof(key) - 1, tail = MG_TRACEPARENT_LEN + 2; /* the value, then "} */
+    if (len < kn + tail || memcmp(text + len - tail - kn, key, kn) != 0 ||
+        memcmp(text + len - 2, "\"}", 2) != 0)
+        return 0;
+    return len - tail;
 }
 
 char *mg_ws_proto_encode_error(const char *code, const char *reason, const char *id, size_t *len)

@@ -121,5 +121,10 @@ char *mg_ws_proto_encode_refreshed(int64_t exp, size_t *len);
  * length. Neither keeps a pointer to m or dst. */
 size_t mg_ws_proto_message_len(const mg_msg *m, bool from_inbox);
 size_t mg_ws_proto_render_message(char *dst, const mg_msg *m, bool from_inbox);
+/* Where the traceparent's value starts in a rendered message frame (text,
+ * len), or 0 when it has none: the hub writes each connection's own span
+ * id over it (the same length), so a frame rendered once names the write
+ * span of every device it reaches. */
+size_t mg_ws_proto_traceparent_at(const char *text, size_t len);
 
 #endif

@@ -867,11 +867,35 @@ static void wheel_turn(ws_loop *L)
         L->next_slot_ms = now + PING_SLOT_MS;
 }
 
+/* The device's address and port (names it on its write spans). */
+static int peer_of(struct lws *wsi, char *addr, size_t len)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof(ss);
+    int fd = lws_get_socket_fd(wsi);
+    addr[0] = '\0';
+    if (fd < 0 || getpeername(fd, (struct sockaddr *)&ss, &sl) != 0)
+        return 0;
+    if (ss.ss_family == AF_INET) {
+        struct sockaddr_in *in = (struct sockaddr_in *)&ss;
+        inet_ntop(AF_INET, &in->sin_addr, addr, (socklen_t)len);
+        return ntohs(in->sin_port);
+    }
+    if (ss.ss_family == AF_INET6) {
+        struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&ss;
+        inet_ntop(AF_INET6, &in6->sin6_addr, addr, (socklen_t)len);
+        return ntohs(in6->sin6_port);
+    }
+    return 0;
+}
+
 static void on_established(ws_loop *L, struct lws *wsi, pss *p)
 {
     mg_ws_server *ws = L->ws;
     const char *user = p->user ? p->user : "";
-    p->conn = mg_hub_register(ws->hub, L->idx, user, wsi);
+    char addr[INET6_ADDRSTRLEN];
+    int port = peer_of(wsi, addr, sizeof(addr));
+    p->conn = mg_hub_register_peer(ws->hub, L->idx, user, wsi, addr, port);
     wheel_add(L, p);
     const char *id = mg_hub_conn_id(p->conn);
     size_t n = strlen(id);

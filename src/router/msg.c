@@ -104,7 +104,7 @@ const char *mg_path_name(mg_path p)
     return (unsigned)p < sizeof(names) / sizeof(names[0]) ? names[p] : "unknown";
 }
 
-static int rank(mg_status s)
+int mg_status_rank(mg_status s)
 {
     switch (s) {
     case MG_STATUS_DELIVERED:
@@ -130,7 +130,7 @@ void mg_result_merge(mg_send_result *r, mg_status status, mg_path path, uint32_t
     if (path != MG_PATH_NONE)
         r->paths |= 1u << path;
     r->connections += conns;
-    if (rank(status) > rank(r->status)) {
+    if (mg_status_rank(status) > mg_status_rank(r->status)) {
         r->status = status;
         r->path = path;
         if (status == MG_STATUS_FAILED || status == MG_STATUS_REJECTED)

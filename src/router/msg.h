@@ -79,6 +79,8 @@ const char *mg_status_name(mg_status s); /* "delivered", "queued", ... */
 const char *
 mg_path_name(mg_path p); /* "local", "grpc", "kafka", "inbox", "redis-pubsub", "nats", "none" */
 
+/* How good a status is, in the order below (higher is better; NONE: 0). */
+int mg_status_rank(mg_status s);
 /* Records one outcome into a result: the best status wins
  * (DELIVERED > QUEUED > ACCEPTED > STORED > FAILED > REJECTED). */
 void mg_result_merge(mg_send_result *r, mg_status status, mg_path path, uint32_t conns,

@@ -512,7 +512,7 @@ static void attempt_next(attempt *a);
 /* A traced attempt on a peer path: its span, named for the operation on the
  * wire, and in *m (a shallow copy of the op's message) the context the
  * transport carries to the next gateway. many: a DeliverBatch share. */
-static void attempt_trace(attempt *a, mg_path p, mg_msg *m, bool many)
+static void attempt_trace(attempt *a, mg_transport *t, mg_msg *m, bool many)
 {
     static const char *systems[MG_PATH_COUNT] = {
         [MG_PATH_KAFKA] = "kafka",
@@ -520,7 +520,8 @@ static void attempt_trace(attempt *a, mg_path p, mg_msg *m, bool many)
         [MG_PATH_NATS] = "nats",
     };
     *m = *a->op->msg;
-    if (p != MG_PATH_GRPC && !systems[p]) /* local: transport_local.c spans the write */
+    mg_path p = t ? t->ops->path : MG_PATH_NONE;
+    if (p != MG_PATH_GRPC && !systems[p]) /* local: the hub spans each write */
         return;
     const char *method = many ? "DeliverBatch" : "DeliverMessage";
     if (p == MG_PATH_GRPC) {
@@ -539,6 +540,8 @@ static void attempt_trace(attempt *a, mg_path p, mg_msg *m, bool many)
     mg_span_attr(a->span, "meshgate.path", mg_path_name(p));
     mg_span_attr(a->span, "meshgate.gateway", a->target.gateway_id);
     mg_span_attr(a->span, "meshgate.region", a->target.region);
+    if (a->span && t->ops->trace_attrs)
+        t->ops->trace_attrs(t, &a->target, a->span);
 }
 
 static void attempt_trace_end(attempt *a, const mg_deliver_outcome *out, const char *why)
@@ -628,8 +631,7 @@ static void batch_flush(collector *c)
             mg_msg m0, m;
             for (size_t i = 0; i < n; i++) {
                 to[i] = gc->a[i]->op->msg->to;
-                attempt_trace(gc->a[i], g->t->ops->path, i ? &m : &m0,
-                              true); /* the call carries a[0]'s */
+                attempt_trace(gc->a[i], g->t, i ? &m : &m0, true); /* the call carries a[0]'s */
             }
             route_op *op0 = gc->a[0]->op;
             mg_route_target target = {g->gateway_id, g->region};
@@ -671,7 +673,7 @@ static void attempt_next(attempt *a)
         if (t && collect(a, t))
             return; /* batch_flush starts it */
         mg_msg m;
-        attempt_trace(a, p, &m, false);
+        attempt_trace(a, t, &m, false);
         int rc = t ? t->ops->deliver(t, &a->target, &m, op->deadline, attempt_done, a) : -ENOSYS;
         if (rc == 0)
             return;

@@ -13,6 +13,7 @@
 #ifndef MG_TRANSPORT_H
 #define MG_TRANSPORT_H
 
+#include "common/mg_trace.h"
 #include "router/msg.h"
 
 #include <stdbool.h>
@@ -68,6 +69,12 @@ struct mg_transport_ops {
                          const char *const *to, size_t n, int64_t deadline_ms,
                          void (*done)(void *arg, const mg_deliver_outcome *out, size_t n),
                          void *arg);
+    /* Adds what this transport knows of target to a traced attempt's span
+     * (not NULL), by OpenTelemetry's conventions: a bus's
+     * messaging.destination.name (topic, subject, channel), a peer's
+     * network.peer.address and network.peer.port. Must not block. May be
+     * NULL: nothing to add. */
+    void (*trace_attrs)(mg_transport *t, const mg_route_target *target, mg_span *span);
 };
 
 struct mg_transport {

@@ -328,6 +328,18 @@ static bool tg_available(mg_transport *base, const mg_route_target *target)
     return ok;
 }
 
+/* The peer's gRPC listener as network.peer.*. */
+static void tg_trace_attrs(mg_transport *base, const mg_route_target *target, mg_span *span)
+{
+    mg_transport_grpc *t = (mg_transport_grpc *)base;
+    mg_peer_set *set = mg_peers_acquire(t->peers);
+    const mg_peer *p =
+        target && target->gateway_id ? mg_peer_set_find(set, target->gateway_id) : NULL;
+    if (p)
+        mg_span_attr_peer(span, p->address);
+    mg_peer_set_release(set);
+}
+
 /* Milliseconds this call may take: min(deadline, now + peer deadline). */
 static int64_t budget_ms(mg_transport_grpc *t, int64_t deadline_ms)
 {
@@ -862,6 +874,7 @@ static const struct mg_transport_ops grpc_ops = {
     .disconnect = tg_disconnect,
     .free = tg_free,
     .deliver_batch = tg_deliver_batch,
+    .trace_attrs = tg_trace_attrs,
 };
 
 mg_transport *mg_transport_grpc_create(mg_peers *peers, const mg_transport_grpc_config *cfg)

@@ -375,6 +375,19 @@ static bool tk_available(mg_transport *t, const mg_route_target *target)
            (!k->peers || !target || mg_peers_region_consumes(k->peers, target->region, "kafka"));
 }
 
+/* The topic of region's records: -ENAMETOOLONG when it does not fit. */
+static int topic_of(const tk *k, const char *region, char *buf, size_t len)
+{
+    return (size_t)snprintf(buf, len, "%s%s", k->prefix, region) >= len ? -ENAMETOOLONG : 0;
+}
+
+static void tk_trace_attrs(mg_transport *t, const mg_route_target *target, mg_span *span)
+{
+    char topic[256];
+    if (target && target->region && topic_of((tk *)t, target->region, topic, sizeof(topic)) == 0)
+        mg_span_attr(span, "messaging.destination.name", topic);
+}
+
 static int tk_deliver(mg_transport *t, const mg_route_target *target, const mg_msg *msg,
                       int64_t deadline_ms, mg_deliver_done done, void *arg)
 {
@@ -388,8 +401,7 @@ static int tk_deliver(mg_transport *t, const mg_route_target *target, const mg_m
         set_reason(&out, MG_STATUS_FAILED, "kafka: %s", "recipient's region unknown");
         goto now;
     }
-    if ((size_t)snprintf(topic, sizeof(topic), "%s%s", k->prefix, target->region) >=
-        sizeof(topic)) {
+    if (topic_of(k, target->region, topic, sizeof(topic)) != 0) {
         set_reason(&out, MG_STATUS_FAILED, "kafka: %s", "topic name too long");
         goto now;
     }
@@ -945,6 +957,7 @@ static const struct mg_transport_ops kafka_ops = {
     .deliver = tk_deliver,
     .disconnect = NULL,
     .free = tk_free,
+    .trace_attrs = tk_trace_attrs,
 };
 
 mg_transport *mg_transport_kafka_create(const mg_transport_kafka_config *cfg, char *err,

@@ -7,14 +7,12 @@
  * twice. The sink (the WebSocket hub) only queues frames and reports their
  * writes later, so nothing here blocks; the attempt completes from the
  * sink's write report (on the WebSocket thread) or, when nothing waits for
- * a write, on the caller's thread. A traced message gets a "ws write"
- * span from here to the write report: the write to the recipient's
- * devices (meshgate.connections of them).
+ * a write, on the caller's thread. A traced message's writes are spanned
+ * by the sink (the hub: one "ws write" span per connection).
  */
 #include "router/transport.h"
 #include "common/mg_alloc.h"
 #include "common/mg_metrics.h"
-#include "common/mg_trace.h"
 #include "router/dedupe.h"
 
 #include <errno.h>
@@ -33,8 +31,7 @@ typedef struct local_attempt {
     transport_local *tl;
     mg_deliver_done done;
     void *arg;
-    mg_span *span; /* "ws write", NULL when not traced */
-    char key[];    /* "<id>\n<recipient>", the dedupe pair */
+    char key[]; /* "<id>\n<recipient>", the dedupe pair */
 } local_attempt;
 
 static void finish(transport_local *tl, const char *key, uint32_t written, mg_deliver_done done,
@@ -56,8 +53,6 @@ static void finish(transport_local *tl, const char *key, uint32_t written, mg_de
 static void on_written(void *arg, uint32_t written)
 {
     local_attempt *a = arg;
-    mg_span_attr_int(a->span, "meshgate.connections", written);
-    mg_span_end(a->span, written == 0, written == 0 ? "not connected" : NULL);
     finish(a->tl, a->key, written, a->done, a->arg);
     free(a);
 }
@@ -88,12 +83,8 @@ static int tl_deliver(mg_transport *t, const mg_route_target *target, const mg_m
         done(arg, &out);
         return 0;
     }
-    mg_msg m = *msg; /* the frame names the write span: the device's ack is its child */
-    a->span = mg_span_start(&msg->trace, "ws write", MG_SPAN_INTERNAL, &m.trace);
-    mg_span_attr(a->span, "meshgate.path", "local");
-    int n = tl->sink.deliver(tl->sink.arg, &m, NULL, false, on_written, a);
+    int n = tl->sink.deliver(tl->sink.arg, msg, NULL, false, on_written, a);
     if (n <= 0) { /* the report never comes when nothing was queued */
-        mg_span_end(a->span, true, "not connected");
         finish(tl, a->key, 0, done, arg);
         free(a);
     }

@@ -408,6 +408,19 @@ static bool tn_available(mg_transport *t, const mg_route_target *target)
            (!n->peers || !target || mg_peers_region_consumes(n->peers, target->region, "nats"));
 }
 
+/* The subject of region's messages. */
+static void subject_of(const tn *n, const char *region, char *buf, size_t len)
+{
+    snprintf(buf, len, "%s%s", n->prefix, region ? region : "");
+}
+
+static void tn_trace_attrs(mg_transport *t, const mg_route_target *target, mg_span *span)
+{
+    char subject[256];
+    subject_of((tn *)t, target ? target->region : NULL, subject, sizeof(subject));
+    mg_span_attr(span, "messaging.destination.name", subject);
+}
+
 static int tn_deliver(mg_transport *t, const mg_route_target *target, const mg_msg *msg,
                       int64_t deadline_ms, mg_deliver_done done, void *arg)
 {
@@ -438,7 +451,7 @@ static int tn_deliver(mg_transport *t, const mg_route_target *target, const mg_m
         goto now;
     }
     char subject[256], msg_id[512];
-    snprintf(subject, sizeof(subject), "%s%s", n->prefix, target->region);
+    subject_of(n, target->region, subject, sizeof(subject));
     snprintf(msg_id, sizeof(msg_id), "%s/%s", msg->id, msg->to);
     size_t len = 0;
     uint8_t *val = mg_msg_pack(msg, &len);
@@ -813,6 +826,7 @@ static const struct mg_transport_ops nats_ops = {
     .deliver = tn_deliver,
     .disconnect = NULL,
     .free = tn_free,
+    .trace_attrs = tn_trace_attrs,
 };
 
 static double pending_now(void *arg)

@@ -150,6 +150,16 @@ void mg_pubsub_channel(const char *gateway_id, char *buf, size_t len)
     snprintf(buf, len, MG_PUBSUB_CHANNEL_PREFIX "{%s}", gateway_id);
 }
 
+static void trp_trace_attrs(mg_transport *t, const mg_route_target *target, mg_span *span)
+{
+    (void)t;
+    char channel[160];
+    if (target && target->gateway_id) {
+        mg_pubsub_channel(target->gateway_id, channel, sizeof(channel));
+        mg_span_attr(span, "messaging.destination.name", channel);
+    }
+}
+
 static char *channel_of(const char *gateway_id)
 {
     size_t n = strlen(gateway_id) + sizeof(MG_PUBSUB_CHANNEL_PREFIX) + 3;
@@ -1137,6 +1147,7 @@ static const struct mg_transport_ops trp_ops = {
     .disconnect = NULL,
     .free = trp_free,
     .deliver_batch = NULL,
+    .trace_attrs = trp_trace_attrs,
 };
 
 mg_transport *mg_transport_redis_pubsub_create(const mg_transport_redis_pubsub_config *cfg)

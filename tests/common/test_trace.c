@@ -149,6 +149,33 @@ Test(trace, span_contexts_chain_and_unsampled_propagate)
     mg_span_end(NULL, false, NULL);
 }
 
+/* network.peer.* from the forms gRPC and Consul give a peer in. */
+Test(trace, peer_address_and_port_are_split)
+{
+    static const char *const rows[][3] = {
+        {"127.0.0.1:5678", "127.0.0.1", "5678"},
+        {"[::1]:443", "::1", "443"},
+        {"::1", "::1", NULL},
+        {"gw-b.internal:7000", "gw-b.internal", "7000"},
+        {"10.0.0.1", "10.0.0.1", NULL},
+    };
+    for (size_t i = 0; i < sizeof(rows) / sizeof(rows[0]); i++) {
+        mg_span s;
+        memset(&s, 0, sizeof(s));
+        mg_span_attr_peer(&s, rows[i][0]);
+        cr_assert_str_eq(s.attr[0].key, "network.peer.address");
+        cr_assert_str_eq(s.attr[0].s, rows[i][1], "%s: address %s", rows[i][0], s.attr[0].s);
+        if (rows[i][2]) {
+            cr_assert_eq(s.nattr, 2, "%s: a port", rows[i][0]);
+            cr_assert_str_eq(s.attr[1].key, "network.peer.port");
+            cr_assert_eq(s.attr[1].i, atoi(rows[i][2]));
+        } else {
+            cr_assert_eq(s.nattr, 1, "%s: no port", rows[i][0]);
+        }
+    }
+    mg_span_attr_peer(NULL, "127.0.0.1:1"); /* no-ops */
+}
+
 Test(trace, encodes_otlp_json)
 {
     mg_span s;

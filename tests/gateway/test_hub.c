@@ -1,6 +1,9 @@
 /* Unit tests of the connection hub (gateway/hub.c): registry, fan-out,
- * bounded queues and slow consumers, disconnects, the wake signal. */
+ * bounded queues and slow consumers, disconnects, the wake signal, and the
+ * write span of each connection (exported to a loopback OTLP endpoint). */
 #include "common/mg_time.h"
+#include "common/mg_trace.h"
+#include "discovery/fake_http.h"
 #include "gateway/hub.h"
 
 #include <criterion/criterion.h>
@@ -518,4 +521,163 @@ Test(hub, concurrent_writers_on_two_shards_report_each_delivery_once)
     mg_hub_unregister(h, w[0].c);
     mg_hub_unregister(h, w[1].c);
     mg_hub_free(h);
+}
+
+/* ---- write spans -------------------------------------------------------------- */
+
+static pthread_mutex_t otlp_mu = PTHREAD_MUTEX_INITIALIZER;
+static json_t *otlp_spans; /* every span the collector was sent */
+
+/* The OTLP endpoint: keeps the spans of each POST to /v1/traces. */
+static char *otlp_collect(fake_http *f, const char *method, const char *path, const char *headers,
+                          const char *body)
+{
+    (void)f;
+    (void)headers;
+    if (strcmp(method, "POST") || strcmp(path, "/v1/traces"))
+        return fake_answer(404, NULL, "{}");
+    json_t *doc = json_loads(body, 0, NULL);
+    json_t *rs, *ss, *sp;
+    size_t i, j, k;
+    pthread_mutex_lock(&otlp_mu);
+    json_array_foreach(json_object_get(doc, "resourceSpans"), i, rs)
+        json_array_foreach(json_object_get(rs, "scopeSpans"), j, ss)
+            json_array_foreach(json_object_get(ss, "spans"), k, sp)
+                json_array_append(otlp_spans, sp);
+    pthread_mutex_unlock(&otlp_mu);
+    json_decref(doc);
+    return fake_answer(200, NULL, "{}");
+}
+
+/* A span attribute's value as text ("" when absent). */
+static const char *span_attr(json_t *span, const char *key, char *buf, size_t len)
+{
+    size_t i;
+    json_t *a;
+    json_array_foreach(json_object_get(span, "attributes"), i, a)
+    {
+        if (strcmp(json_string_value(json_object_get(a, "key")), key))
+            continue;
+        json_t *v = json_object_get(a, "value");
+        json_t *sv = json_object_get(v, "stringValue"), *iv = json_object_get(v, "intValue");
+        snprintf(buf, len, "%s", sv ? json_string_value(sv) : json_string_value(iv));
+        return buf;
+    }
+    return "";
+}
+
+/* The exported span whose meshgate.connection.id is conn_id and whose
+ * messaging.message.id is id, or NULL. */
+static json_t *write_span_of(const char *conn_id, const char *id)
+{
+    size_t i;
+    json_t *sp;
+    char a[64], b[64];
+    json_array_foreach(otlp_spans, i, sp)
+    {
+        if (!strcmp(span_attr(sp, "meshgate.connection.id", a, sizeof(a)), conn_id) &&
+            !strcmp(span_attr(sp, "messaging.message.id", b, sizeof(b)), id))
+            return sp;
+    }
+    return NULL;
+}
+
+/* The span id in a message frame's traceparent. */
+static void frame_span_id(const char *frame, char out[17])
+{
+    json_t *j = json_loads(frame, 0, NULL);
+    const char *tp = json_string_value(json_object_get(j, "traceparent"));
+    cr_assert(tp && strlen(tp) == MG_TRACEPARENT_LEN, "a traced frame has a traceparent: %s",
+              frame);
+    memcpy(out, tp + 36, 16);
+    out[16] = '\0';
+    json_decref(j);
+}
+
+Test(hub, a_traced_message_gets_a_write_span_per_connection)
+{
+    otlp_spans = json_array();
+    fake_http *col = fake_http_start(otlp_collect, NULL);
+    char ep[64];
+    snprintf(ep, sizeof(ep), "http://127.0.0.1:%d", col->port);
+    mg_trace_config tc = {.endpoint = ep,
+                          .sample_ratio = 1,
+                          .service_name = "meshgate",
+                          .instance_id = "gw1",
+                          .region = "eu",
+                          .slots = 64};
+    cr_assert_eq(mg_trace_start(&tc), 0);
+    mg_hub_config cfg = {
+        .gateway_id = "gw1", .max_frames = 1, .max_bytes = 1 << 20, .headroom = 16, .shards = 2};
+    mg_hub *h = mg_hub_create(&cfg);
+    int dummy;
+    /* bob's devices on both shards; carol's takes one frame at most */
+    mg_hub_conn *w = mg_hub_register_peer(h, 0, "bob", &dummy, "127.0.0.9", 40001);
+    mg_hub_conn *d = mg_hub_register_peer(h, 1, "bob", &dummy, "::1", 40002);
+    mg_hub_conn *s = mg_hub_register_peer(h, 0, "carol", &dummy, "127.0.0.8", 40003);
+    char wid[64], did[64], sid[64];
+    snprintf(wid, sizeof(wid), "%s", mg_hub_conn_id(w));
+    snprintf(did, sizeof(did), "%s", mg_hub_conn_id(d));
+    snprintf(sid, sizeof(sid), "%s", mg_hub_conn_id(s));
+
+    mg_msg *m = msg("t1", "bob");
+    cr_assert_eq(mg_traceparent_parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                                      MG_TRACEPARENT_LEN, &m->trace),
+                 0);
+    cr_assert_eq(mg_hub_deliver(h, m, NULL, false, NULL, NULL), 2);
+    int code;
+    char *fw = pop_text(h, w, &code); /* written */
+    mg_hub_unregister(h, d);          /* its frame dropped with the connection */
+    /* carol: the first frame waits, the second overflows her queue: both dropped */
+    mg_msg *m2 = msg("t2", "carol");
+    m2->trace = m->trace;
+    cr_assert_eq(mg_hub_deliver(h, m2, NULL, false, NULL, NULL), 1);
+    cr_assert_eq(mg_hub_deliver(h, m2, NULL, false, NULL, NULL), 0);
+    cr_assert(mg_hub_is_slow(h, sid));
+    /* an untraced message: no span, no traceparent */
+    mg_msg *m3 = msg("t3", "bob");
+    cr_assert_eq(mg_hub_deliver(h, m3, NULL, false, NULL, NULL), 1);
+    char *fu = pop_text(h, w, &code);
+    cr_assert_null(strstr(fu, "traceparent"), "%s", fu);
+    mg_trace_stop(2000); /* exports what ended */
+
+    json_t *sw = write_span_of(wid, "t1"), *sd = write_span_of(did, "t1"),
+           *ss = write_span_of(sid, "t2");
+    cr_assert(sw && sd && ss, "a write span per connection: %zu spans",
+              json_array_size(otlp_spans));
+    cr_assert_eq(json_array_size(otlp_spans), 3, "one span per traced frame, none for untraced");
+    char buf[64], fid[17];
+    frame_span_id(fw, fid);
+    cr_assert_str_eq(json_string_value(json_object_get(sw, "spanId")), fid,
+                     "the frame names its own connection's span (the ack's parent)");
+    cr_assert_str_neq(json_string_value(json_object_get(sd, "spanId")), fid);
+    json_t *all[] = {sw, sd, ss};
+    for (int i = 0; i < 3; i++) {
+        cr_assert_str_eq(json_string_value(json_object_get(all[i], "name")), "ws write");
+        cr_assert_str_eq(json_string_value(json_object_get(all[i], "traceId")),
+                         "4bf92f3577b34da6a3ce929d0e0e4736");
+        cr_assert_str_eq(json_string_value(json_object_get(all[i], "parentSpanId")),
+                         "00f067aa0ba902b7", "a child of the delivery");
+    }
+    cr_assert_str_eq(span_attr(sw, "meshgate.status", buf, sizeof(buf)), "written");
+    cr_assert_str_eq(span_attr(sw, "network.peer.address", buf, sizeof(buf)), "127.0.0.9");
+    cr_assert_str_eq(span_attr(sw, "network.peer.port", buf, sizeof(buf)), "40001");
+    cr_assert_null(json_object_get(sw, "status"), "a written frame is no error");
+    cr_assert_str_eq(span_attr(sd, "meshgate.status", buf, sizeof(buf)), "dropped");
+    cr_assert_str_eq(span_attr(sd, "network.peer.address", buf, sizeof(buf)), "::1");
+    cr_assert_str_eq(json_string_value(json_object_get(json_object_get(sd, "status"), "message")),
+                     "connection closed");
+    cr_assert_str_eq(span_attr(ss, "meshgate.status", buf, sizeof(buf)), "dropped");
+    cr_assert_str_eq(json_string_value(json_object_get(json_object_get(ss, "status"), "message")),
+                     "slow consumer");
+    free(fw);
+    free(fu);
+    mg_msg_free(m);
+    mg_msg_free(m2);
+    mg_msg_free(m3);
+    mg_hub_unregister(h, w);
+    mg_hub_unregister(h, s);
+    mg_hub_free(h);
+    fake_http_stop(col);
+    json_decref(otlp_spans);
 }

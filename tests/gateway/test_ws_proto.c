@@ -1232,10 +1232,17 @@ Test(ws_proto, message_frame_names_a_sampled_trace)
                         "\"sent_at_ms\":7,\"inbox\":false,"
                         "\"trace_id\":\"4bf92f3577b34da6a3ce929d0e0e4736\","
                         "\"traceparent\":\"" TP "\"}");
+    /* where the hub writes each connection's span id */
+    size_t at = mg_ws_proto_traceparent_at(t, len);
+    cr_assert(at > 0 && !memcmp(t + at, TP, MG_TRACEPARENT_LEN), "traceparent at %zu", at);
     free(t);
     m->trace.flags = 0; /* continued but not sampled: nothing to join */
     t = mg_ws_proto_encode_message(m, false, &len);
     cr_assert_null(strstr(t, "trace"));
+    cr_assert_eq(mg_ws_proto_traceparent_at(t, len), 0, "no traceparent: nothing to write over");
     free(t);
+    /* content that looks like the field is not taken for it */
+    static const char fake[] = "{\"content\":\"\\\"traceparent\\\":\\\"" TP "\"}";
+    cr_assert_eq(mg_ws_proto_traceparent_at(fake, strlen(fake)), 0, "%s", fake);
     mg_msg_free(m);
 }

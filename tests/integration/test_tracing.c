@@ -12,6 +12,15 @@
  *   region (a message header);
  * - a WebSocket send with a traceparent continues the caller's trace, one
  *   with an invalid traceparent starts a new one (and is delivered);
+ * - each device of the recipient gets its own `ws write` span (its connection
+ *   and address, written), and each device's ack is a child of its own write;
+ *   a message stored for an offline user gets its `ws write` when the inbox
+ *   page is sent on connect;
+ * - a SendStream call with a traceparent: every message of the stream is in
+ *   that trace, each `route` a child of the caller's span; a SendBatch's
+ *   server span sums its recipients up (worst status, recipients, delivered);
+ * - the attempt spans name where they went: the peer's network.peer.* for
+ *   gRPC, messaging.destination.name (topic, subject, channel) for the buses;
  * - a dead collector (an endpoint on a closed port) leaves sends answered
  *   within their deadline, and the spans are counted failed or dropped.
  *
@@ -132,15 +141,37 @@ static mg_wsc *connect_user(const mg_gw *gw, const char *user)
     return c;
 }
 
-/* SendMessage with `traceparent` metadata (NULL: none); returns the status
- * and the result's path. */
-static grpc_status_code send_traced(const mg_gw *gw, const char *to, const char *traceparent,
-                                    int timeout_ms, int *path)
+/* A unary call of method on gw with `traceparent` metadata (NULL: none);
+ * returns the status, *resp the answer's bytes (malloc'd, NULL: none). */
+static grpc_status_code call_traced(const mg_gw *gw, const char *method, const ProtobufCMessage *rq,
+                                    const char *traceparent, int timeout_ms, uint8_t **resp,
+                                    size_t *resp_len)
 {
     grpc_init();
     grpc_channel_credentials *cr = grpc_insecure_credentials_create();
     grpc_channel *ch = grpc_channel_create(gw->grpc_addr, cr, NULL);
     grpc_channel_credentials_release(cr);
+    grpc_metadata md = {0};
+    md.key = grpc_slice_from_static_string("traceparent");
+    md.value = grpc_slice_from_copied_string(traceparent ? traceparent : "");
+    grpc_byte_buffer *req = mg_grpc_pack(rq), *rb = NULL;
+    char details[256] = "";
+    grpc_status_code st = mg_grpc_unary_call(ch, method, req, &md, traceparent ? 1 : 0, timeout_ms,
+                                             &rb, details, sizeof(details));
+    grpc_slice_unref(md.value);
+    grpc_byte_buffer_destroy(req);
+    *resp = rb ? mg_grpc_buffer_read(rb, resp_len) : NULL;
+    grpc_byte_buffer_destroy(rb);
+    grpc_channel_destroy(ch);
+    grpc_shutdown();
+    return st;
+}
+
+/* SendMessage with `traceparent` metadata (NULL: none); returns the status
+ * and the result's path. */
+static grpc_status_code send_traced(const mg_gw *gw, const char *to, const char *traceparent,
+                                    int timeout_ms, int *path)
+{
     Meshgate__V1__Message m = MESHGATE__V1__MESSAGE__INIT;
     m.from = "trace-sender";
     m.to = (char *)to;
@@ -148,19 +179,12 @@ static grpc_status_code send_traced(const mg_gw *gw, const char *to, const char 
     m.content.len = 6;
     Meshgate__V1__SendMessageRequest rq = MESHGATE__V1__SEND_MESSAGE_REQUEST__INIT;
     rq.message = &m;
-    grpc_metadata md = {0};
-    md.key = grpc_slice_from_static_string("traceparent");
-    md.value = grpc_slice_from_copied_string(traceparent ? traceparent : "");
-    grpc_byte_buffer *req = mg_grpc_pack(&rq.base), *resp = NULL;
-    char details[256] = "";
-    grpc_status_code st = mg_grpc_unary_call(ch, MG_RPC_SEND_MESSAGE, req, &md, traceparent ? 1 : 0,
-                                             timeout_ms, &resp, details, sizeof(details));
-    grpc_slice_unref(md.value);
-    grpc_byte_buffer_destroy(req);
+    size_t len = 0;
+    uint8_t *data = NULL;
+    grpc_status_code st =
+        call_traced(gw, MG_RPC_SEND_MESSAGE, &rq.base, traceparent, timeout_ms, &data, &len);
     *path = -1;
-    if (resp) {
-        size_t len;
-        uint8_t *data = mg_grpc_buffer_read(resp, &len);
+    if (data) {
         Meshgate__V1__SendMessageResponse *r =
             meshgate__v1__send_message_response__unpack(NULL, len, data);
         if (r && r->result)
@@ -168,10 +192,27 @@ static grpc_status_code send_traced(const mg_gw *gw, const char *to, const char 
         if (r)
             protobuf_c_message_free_unpacked(&r->base, NULL);
         free(data);
-        grpc_byte_buffer_destroy(resp);
     }
-    grpc_channel_destroy(ch);
-    grpc_shutdown();
+    return st;
+}
+
+/* SendBatch of one message to to[n] with `traceparent` metadata. */
+static grpc_status_code send_batch_traced(const mg_gw *gw, char **to, size_t n,
+                                          const char *traceparent)
+{
+    Meshgate__V1__Message m = MESHGATE__V1__MESSAGE__INIT;
+    m.from = "trace-sender";
+    m.content.data = (uint8_t *)"batch";
+    m.content.len = 5;
+    Meshgate__V1__SendBatchRequest rq = MESHGATE__V1__SEND_BATCH_REQUEST__INIT;
+    rq.message = &m;
+    rq.to = to;
+    rq.n_to = n;
+    size_t len = 0;
+    uint8_t *data = NULL;
+    grpc_status_code st =
+        call_traced(gw, MG_RPC_SEND_BATCH, &rq.base, traceparent, 10000, &data, &len);
+    free(data);
     return st;
 }
 
@@ -210,6 +251,25 @@ static const char *tag_of(json_t *tags, const char *key)
             return mg_json_str(t, "value");
     }
     return "";
+}
+
+/* A tag's value as text (Jaeger gives int64 tags as numbers), "" when absent. */
+static const char *tag_text(json_t *span, const char *key, char *buf, size_t len)
+{
+    size_t i;
+    json_t *t;
+    buf[0] = '\0';
+    json_array_foreach(json_object_get(span, "tags"), i, t)
+    {
+        if (strcmp(mg_json_str(t, "key"), key))
+            continue;
+        json_t *v = json_object_get(t, "value");
+        if (json_is_string(v))
+            snprintf(buf, len, "%s", json_string_value(v));
+        else if (json_is_integer(v))
+            snprintf(buf, len, "%lld", (long long)json_integer_value(v));
+    }
+    return buf;
 }
 
 /* A span of a trace as Jaeger's /api/traces gives it: "<operation>|<span.kind>|<gateway id>". */
@@ -287,6 +347,117 @@ static void expect_trace(const char *trace_id, const char *caller_span, const ch
 
 #define KEY(op, kind, gw) op "|" kind "|%s-" gw
 
+/* The span of the trace whose id is span_id, or NULL. */
+static json_t *span_by_id(json_t *trace, const char *span_id)
+{
+    size_t i;
+    json_t *s;
+    json_array_foreach(json_object_get(trace, "spans"), i, s)
+    {
+        if (!strcmp(mg_json_str(s, "spanID"), span_id))
+            return s;
+    }
+    return NULL;
+}
+
+/* How many spans of the trace have key (tagged) and the parent parent_id. */
+static int count_children(json_t *trace, const char *key_fmt, const char *parent_id)
+{
+    char want[256], k[256];
+    snprintf(want, sizeof(want), key_fmt, tag);
+    size_t i;
+    json_t *s;
+    int n = 0;
+    json_array_foreach(json_object_get(trace, "spans"), i, s)
+    {
+        span_key(trace, s, k, sizeof(k));
+        n += !strcmp(k, want) && !strcmp(parent_of(s), parent_id);
+    }
+    return n;
+}
+
+/* Polls Jaeger (15 s at most) until ready(trace, arg) holds; returns the
+ * trace (caller decrefs) or fails. */
+static json_t *wait_trace(const char *trace_id, bool (*ready)(json_t *tr, void *arg), void *arg,
+                          const char *what)
+{
+    json_t *tr = NULL;
+    for (int64_t end = mg_mono_ms() + 15000; mg_mono_ms() < end; usleep(200000)) {
+        json_decref(tr);
+        tr = jaeger_trace(trace_id);
+        if (tr && ready(tr, arg))
+            return tr;
+    }
+    json_decref(tr);
+    cr_assert_fail("trace %s: %s", trace_id, what);
+    return NULL;
+}
+
+/* The tag of the span keyed key_fmt (tagged) is want. */
+static void expect_tag(json_t *trace, const char *key_fmt, const char *name, const char *want)
+{
+    char key[256], buf[128];
+    snprintf(key, sizeof(key), key_fmt, tag);
+    json_t *s = find_span(trace, key);
+    cr_assert_not_null(s, "no span %s", key);
+    cr_expect_str_eq(tag_text(s, name, buf, sizeof(buf)), want, "%s: %s is \"%s\", not %s", key,
+                     name, buf, want);
+}
+
+/* Devices whose frames (traceparents) name their write spans. */
+typedef struct devices {
+    const char *span[4]; /* each frame's traceparent span id */
+    size_t n;
+    bool acked;
+} devices;
+
+static bool devices_ready(json_t *tr, void *arg)
+{
+    devices *d = arg;
+    for (size_t i = 0; i < d->n; i++) {
+        if (!span_by_id(tr, d->span[i]))
+            return false;
+        if (d->acked && count_children(tr, KEY("inbox ack", "server", "b"), d->span[i]) != 1)
+            return false;
+    }
+    return true;
+}
+
+/* Each device's frame (frames[i], on gateway b) names its own `ws write`
+ * span: a child of parent_key, written, with the device's connection and
+ * address; with acked, each device's `inbox ack` is its own write's child. */
+static void expect_device_writes(const char *trace_id, json_t *const *frames, size_t n,
+                                 const char *parent_key, bool acked)
+{
+    devices d = {.n = n, .acked = acked};
+    char ids[4][17];
+    for (size_t i = 0; i < n; i++) {
+        const char *tp = mg_json_str(frames[i], "traceparent");
+        cr_assert(tp && strlen(tp) == MG_TRACEPARENT_LEN, "frame %zu has a traceparent", i);
+        snprintf(ids[i], sizeof(ids[i]), "%.16s", tp + 36);
+        d.span[i] = ids[i];
+    }
+    json_t *tr = wait_trace(trace_id, devices_ready, &d, "a write span per device");
+    char pkey[256], conn0[128] = "", buf[128], k[256];
+    snprintf(pkey, sizeof(pkey), parent_key, tag);
+    json_t *parent = find_span(tr, pkey);
+    cr_assert_not_null(parent, "no span %s", pkey);
+    for (size_t i = 0; i < n; i++) {
+        json_t *s = span_by_id(tr, ids[i]);
+        span_key(tr, s, k, sizeof(k));
+        cr_expect(strstr(k, "ws write|internal|") == k, "device %zu's frame names %s", i, k);
+        cr_expect_str_eq(parent_of(s), mg_json_str(parent, "spanID"), "a child of %s", pkey);
+        cr_expect_str_eq(tag_text(s, "meshgate.status", buf, sizeof(buf)), "written");
+        cr_expect_str_eq(tag_text(s, "network.peer.address", buf, sizeof(buf)), "127.0.0.1");
+        cr_expect_gt(atoi(tag_text(s, "network.peer.port", buf, sizeof(buf))), 0);
+        tag_text(s, "meshgate.connection.id", buf, sizeof(buf));
+        cr_expect(buf[0] && strcmp(buf, conn0), "device %zu: its own connection (%s)", i, buf);
+        if (i == 0)
+            snprintf(conn0, sizeof(conn0), "%s", buf);
+    }
+    json_decref(tr);
+}
+
 /* Expands the "%s-" of each key with the test's tag. */
 static void expect_trace_tagged(const char *trace_id, const char *caller_span,
                                 const char *const rows[][2])
@@ -320,6 +491,20 @@ static void new_traceparent(char tp[MG_TRACEPARENT_LEN + 1], char trace_id[33], 
     span_id[16] = '\0';
 }
 
+/* Reads frames until the message frame of trace tid (others are skipped). */
+static json_t *recv_traced(mg_wsc *c, const char *tid)
+{
+    for (int i = 0; i < 20; i++) {
+        json_t *m = recv_message(c);
+        const char *t = mg_json_str(m, "trace_id");
+        if (t && !strcmp(t, tid))
+            return m;
+        json_decref(m);
+    }
+    cr_assert_fail("no message of trace %s among 20", tid);
+    return NULL;
+}
+
 /* Sends traced messages from gw to `to` until one goes by want_path (a bus
  * is usable once the peer table lists the target's buses: shortly after the
  * peers are known), at most 10 s; returns its trace's ids in tp/tid/sid.
@@ -339,6 +524,30 @@ static void send_by_path(const mg_gw *gw, const char *to, mg_wsc *rx, int want_p
     cr_assert_eq(path, want_path, "no send went by path %d within 10 s", want_path);
 }
 
+/* The stream's trace: two routes under the caller's span, and the write
+ * of each message to each of near's two devices. */
+static bool stream_ready(json_t *tr, void *caller)
+{
+    char k[256];
+    int writes = 0;
+    size_t i;
+    json_t *s;
+    json_array_foreach(json_object_get(tr, "spans"), i, s)
+    {
+        span_key(tr, s, k, sizeof(k));
+        writes += strstr(k, "ws write|internal|") == k;
+    }
+    return count_children(tr, KEY("route", "internal", "a"), caller) == 2 && writes == 4;
+}
+
+/* The span span_id and its parent are in (spans reach Jaeger from each
+ * gateway on its own schedule). */
+static bool has_span_and_parent(json_t *tr, void *span_id)
+{
+    json_t *s = span_by_id(tr, span_id);
+    return s && span_by_id(tr, parent_of(s)) != NULL;
+}
+
 Test(tracing, one_trace_across_gateways_by_grpc_and_kafka, .timeout = 120)
 {
     snprintf(tag, sizeof(tag), "tr%d", (int)getpid());
@@ -352,7 +561,9 @@ Test(tracing, one_trace_across_gateways_by_grpc_and_kafka, .timeout = 120)
     snprintf(near, sizeof(near), "%s-near", tag);
     snprintf(far, sizeof(far), "%s-far", tag);
     snprintf(tx, sizeof(tx), "%s-tx", tag);
-    mg_wsc *rx_near = connect_user(b, near), *rx_far = connect_user(c, far);
+    /* near has two devices on b */
+    mg_wsc *rx_near = connect_user(b, near), *rx_far = connect_user(c, far),
+           *rx_near2 = connect_user(b, near);
     usleep(300000); /* presence written by the connect job */
 
     /* gRPC direct: a -> b */
@@ -360,8 +571,11 @@ Test(tracing, one_trace_across_gateways_by_grpc_and_kafka, .timeout = 120)
     send_by_path(a, near, rx_near, MESHGATE__V1__PATH__PATH_GRPC, tp, tid, sid);
     json_t *m = recv_message(rx_near);
     cr_assert_str_eq(mg_json_str(m, "trace_id"), tid, "the frame names the trace");
+    json_t *m2 = recv_traced(rx_near2, tid);
+    cr_assert_str_neq(mg_json_str(m, "traceparent"), mg_json_str(m2, "traceparent"),
+                      "each device's frame names its own write");
     ack_traced(rx_near, m);
-    json_decref(m);
+    ack_traced(rx_near2, m2);
     const char *const grpc_rows[][2] = {
         {KEY("meshgate.v1.Messaging/SendMessage", "server", "a"), NULL},
         {KEY("route", "internal", "a"), KEY("meshgate.v1.Messaging/SendMessage", "server", "a")},
@@ -372,9 +586,21 @@ Test(tracing, one_trace_across_gateways_by_grpc_and_kafka, .timeout = 120)
          KEY("meshgate.v1.GatewayPeer/DeliverMessage", "client", "a")},
         {KEY("ws write", "internal", "b"),
          KEY("meshgate.v1.GatewayPeer/DeliverMessage", "server", "b")},
-        {KEY("inbox ack", "server", "b"), KEY("ws write", "internal", "b")},
         {NULL, NULL}};
     expect_trace_tagged(tid, sid, grpc_rows);
+    json_t *near_frames[] = {m, m2};
+    expect_device_writes(tid, near_frames, 2,
+                         KEY("meshgate.v1.GatewayPeer/DeliverMessage", "server", "b"), true);
+    json_decref(m);
+    json_decref(m2);
+    json_t *tr = jaeger_trace(tid);
+    char port[16];
+    snprintf(port, sizeof(port), "%d", url_port(b->grpc_addr));
+    expect_tag(tr, KEY("meshgate.v1.GatewayPeer/DeliverMessage", "client", "a"),
+               "network.peer.address", "127.0.0.1");
+    expect_tag(tr, KEY("meshgate.v1.GatewayPeer/DeliverMessage", "client", "a"),
+               "network.peer.port", port);
+    json_decref(tr);
 
     /* Kafka: a (eu) -> c (us) */
     send_by_path(a, far, rx_far, MESHGATE__V1__PATH__PATH_KAFKA, tp, tid, sid);
@@ -394,6 +620,11 @@ Test(tracing, one_trace_across_gateways_by_grpc_and_kafka, .timeout = 120)
         {KEY("inbox ack", "server", "c"), KEY("ws write", "internal", "c")},
         {NULL, NULL}};
     expect_trace_tagged(tid, sid, kafka_rows);
+    char topic[96];
+    snprintf(topic, sizeof(topic), "meshgate.%s.us", tag);
+    tr = jaeger_trace(tid);
+    expect_tag(tr, KEY("publish", "producer", "a"), "messaging.destination.name", topic);
+    json_decref(tr);
 
     /* WebSocket: a caller's traceparent is continued; an invalid one starts a new trace */
     mg_wsc *sender = connect_user(a, tx);
@@ -430,8 +661,80 @@ Test(tracing, one_trace_across_gateways_by_grpc_and_kafka, .timeout = 120)
     const char *const new_rows[][2] = {{KEY("ws send", "server", "a"), NULL}, {NULL, NULL}};
     expect_trace_tagged(newtid, "", new_rows); /* a root: no parent */
 
+    /* SendStream with a traceparent: every message of the stream is in the
+     * trace, each route a child of the caller's span */
+    new_traceparent(tp, tid, sid);
+    grpc_init();
+    grpc_metadata md = {.key = grpc_slice_from_static_string("traceparent"),
+                        .value = grpc_slice_from_copied_string(tp)};
+    size_t len[2];
+    uint8_t *rq[2] = {mg_tc_stream_request("s", near, NULL, "one", 1, &len[0]),
+                      mg_tc_stream_request("s", near, NULL, "two", 1, &len[1])};
+    mg_tc_stream_out out;
+    cr_assert_eq(
+        mg_tc_stream_md(a->grpc_addr, &md, 1, (const uint8_t *const *)rq, len, 2, 10000, &out),
+        GRPC_STATUS_OK);
+    cr_assert_eq(out.n, 2);
+    mg_tc_stream_out_free(&out);
+    grpc_slice_unref(md.value);
+    grpc_shutdown();
+    free(rq[0]);
+    free(rq[1]);
+    for (int i = 0; i < 2; i++) { /* both messages reach both devices, in the trace */
+        json_decref(recv_traced(rx_near, tid));
+        json_decref(recv_traced(rx_near2, tid));
+    }
+    json_decref(wait_trace(tid, stream_ready, sid, "two routes under the caller, four writes"));
+
+    /* SendBatch: its server span sums up the recipients (worst status:
+     * the empty recipient's rejected; one of two delivered) */
+    new_traceparent(tp, tid, sid);
+    char *batch_to[] = {near, ""};
+    cr_assert_eq(send_batch_traced(a, batch_to, 2, tp), GRPC_STATUS_OK);
+    json_decref(recv_traced(rx_near, tid));
+    json_decref(recv_traced(rx_near2, tid));
+    const char *const batch_rows[][2] = {
+        {KEY("meshgate.v1.Messaging/SendBatch", "server", "a"), NULL}, {NULL, NULL}};
+    expect_trace_tagged(tid, sid, batch_rows);
+    tr = jaeger_trace(tid);
+    expect_tag(tr, KEY("meshgate.v1.Messaging/SendBatch", "server", "a"), "meshgate.status",
+               "rejected");
+    expect_tag(tr, KEY("meshgate.v1.Messaging/SendBatch", "server", "a"), "meshgate.recipients",
+               "2");
+    expect_tag(tr, KEY("meshgate.v1.Messaging/SendBatch", "server", "a"), "meshgate.delivered",
+               "1");
+    json_decref(tr);
+
+    /* An offline user's message is stored with its context; sent on connect,
+     * it gets its ws write (meshgate.inbox) in the trace */
+    char off[64];
+    snprintf(off, sizeof(off), "%s-off", tag);
+    new_traceparent(tp, tid, sid);
+    int path;
+    cr_assert_eq(send_traced(a, off, tp, 10000, &path), GRPC_STATUS_OK);
+    cr_assert_eq(path, MESHGATE__V1__PATH__PATH_INBOX, "stored for the offline user");
+    mg_wsc *rx_off = connect_user(b, off);
+    m = recv_traced(rx_off, tid);
+    cr_assert(json_is_true(json_object_get(m, "inbox")), "sent from the inbox");
+    char wid[17];
+    snprintf(wid, sizeof(wid), "%.16s", mg_json_str(m, "traceparent") + 36);
+    json_decref(m);
+    tr = wait_trace(tid, has_span_and_parent, wid, "the inbox page's ws write and its parent");
+    json_t *w = span_by_id(tr, wid);
+    char key[256], want[256], buf[32];
+    span_key(tr, w, key, sizeof(key));
+    snprintf(want, sizeof(want), KEY("ws write", "internal", "b"), tag);
+    cr_expect_str_eq(key, want);
+    cr_expect_str_eq(tag_text(w, "meshgate.inbox", buf, sizeof(buf)), "1");
+    span_key(tr, span_by_id(tr, parent_of(w)), key, sizeof(key));
+    snprintf(want, sizeof(want), KEY("route", "internal", "a"), tag);
+    cr_expect_str_eq(key, want, "a child of the route that stored it, not %s", key);
+    json_decref(tr);
+
+    mg_wsc_free(rx_off);
     mg_wsc_free(sender);
     mg_wsc_free(rx_near);
+    mg_wsc_free(rx_near2);
     mg_wsc_free(rx_far);
     mg_gw *all[] = {a, b, c};
     stop_all(all, 3);
@@ -535,6 +838,11 @@ Test(tracing, redis_pubsub_and_nats_carry_the_context, .timeout = 120)
         {KEY("ws write", "internal", "e"), KEY("process", "consumer", "e")},
         {NULL, NULL}};
     expect_trace_tagged(tid, sid, redis_rows);
+    char dest[96];
+    snprintf(dest, sizeof(dest), "meshgate:gw:{%s-e}", tag);
+    json_t *tr = jaeger_trace(tid);
+    expect_tag(tr, KEY("publish", "producer", "d"), "messaging.destination.name", dest);
+    json_decref(tr);
 
     send_by_path(d, far, rx_far, MESHGATE__V1__PATH__PATH_NATS, tp, tid, sid);
     m = recv_message(rx_far);
@@ -549,6 +857,10 @@ Test(tracing, redis_pubsub_and_nats_carry_the_context, .timeout = 120)
         {KEY("ws write", "internal", "f"), KEY("route", "internal", "f")},
         {NULL, NULL}};
     expect_trace_tagged(tid, sid, nats_rows);
+    snprintf(dest, sizeof(dest), "meshgate.deliver.%s", us);
+    tr = jaeger_trace(tid);
+    expect_tag(tr, KEY("publish", "producer", "d"), "messaging.destination.name", dest);
+    json_decref(tr);
 
     mg_wsc_free(rx_near);
     mg_wsc_free(rx_far);

@@ -247,9 +247,9 @@ static bool sc_available(mg_transport *t, const mg_route_target *target)
 static void sc_free(mg_transport *t) {}
 
 static const struct mg_transport_ops grpc_ops = {
-    "grpc-script", MG_PATH_GRPC, sc_available, sc_deliver, NULL, sc_free, sc_deliver_batch};
+    "grpc-script", MG_PATH_GRPC, sc_available, sc_deliver, NULL, sc_free, sc_deliver_batch, NULL};
 static const struct mg_transport_ops kafka_ops = {
-    "kafka-script", MG_PATH_KAFKA, sc_available, sc_deliver, NULL, sc_free, NULL};
+    "kafka-script", MG_PATH_KAFKA, sc_available, sc_deliver, NULL, sc_free, NULL, NULL};
 
 static script grpc_t, kafka_t;
 static mg_router *router;

@@ -39,15 +39,25 @@ static void take_response(mg_tc_stream_out *out, grpc_byte_buffer *bb)
 grpc_status_code mg_tc_stream(const char *target, const char *token, const uint8_t *const *reqs,
                               const size_t *lens, size_t n, int timeout_ms, mg_tc_stream_out *out)
 {
+    grpc_metadata auth;
+    size_t nauth = mg_grpc_bearer_metadata(&auth, token);
+    grpc_status_code st = mg_tc_stream_md(target, &auth, nauth, reqs, lens, n, timeout_ms, out);
+    if (nauth)
+        grpc_slice_unref(auth.value);
+    return st;
+}
+
+grpc_status_code mg_tc_stream_md(const char *target, const grpc_metadata *md, size_t nmd,
+                                 const uint8_t *const *reqs, const size_t *lens, size_t n,
+                                 int timeout_ms, mg_tc_stream_out *out)
+{
     memset(out, 0, sizeof(*out));
     grpc_channel_credentials *creds = grpc_insecure_credentials_create();
     grpc_channel *ch = grpc_channel_create(target, creds, NULL);
     grpc_channel_credentials_release(creds);
     grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
-    grpc_metadata auth;
-    size_t nauth = mg_grpc_bearer_metadata(&auth, token);
     mg_grpc_stream s;
-    int outstanding = mg_grpc_stream_open(&s, ch, cq, MG_RPC_SEND_STREAM, &auth, nauth, timeout_ms,
+    int outstanding = mg_grpc_stream_open(&s, ch, cq, MG_RPC_SEND_STREAM, md, nmd, timeout_ms,
                                           (void *)(intptr_t)TAG_STATUS, (void *)(intptr_t)TAG_RECV,
                                           (void *)(intptr_t)TAG_SEND);
     gpr_timespec stop = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
@@ -92,8 +102,6 @@ grpc_status_code mg_tc_stream(const char *target, const char *token, const uint8
     memcpy(out->details, GRPC_SLICE_START_PTR(s.details), dl);
     out->details[dl] = '\0';
     mg_grpc_stream_release(&s, closed);
-    if (nauth)
-        grpc_slice_unref(auth.value);
     mg_grpc_cq_destroy(cq);
     grpc_channel_destroy(ch);
     return status;

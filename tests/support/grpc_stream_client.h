@@ -24,6 +24,10 @@ typedef struct mg_tc_stream_out {
  * (free it with mg_tc_stream_out_free). */
 grpc_status_code mg_tc_stream(const char *target, const char *token, const uint8_t *const *reqs,
                               const size_t *lens, size_t n, int timeout_ms, mg_tc_stream_out *out);
+/* The same with the call's metadata md[nmd] (e.g. a traceparent), kept by the caller. */
+grpc_status_code mg_tc_stream_md(const char *target, const grpc_metadata *md, size_t nmd,
+                                 const uint8_t *const *reqs, const size_t *lens, size_t n,
+                                 int timeout_ms, mg_tc_stream_out *out);
 void mg_tc_stream_out_free(mg_tc_stream_out *out);
 
 /* A packed SendMessageRequest of a text from -> to with id (malloc'd; *len its size). */
