@@ -912,20 +912,23 @@ int mg_router_deliver_from_queue(mg_router *r, const mg_msg *msg, int64_t deadli
     return send_one(r, msg, deadline_ms, true, done, arg);
 }
 
-int mg_router_deliver_from_queue_many(mg_router *r, mg_msg *const *msgs, size_t n,
-                                      int64_t deadline_ms, mg_send_done done, void *const *args)
+void mg_router_deliver_from_queue_many(mg_router *r, mg_msg *const *msgs, size_t n,
+                                       int64_t deadline_ms, mg_send_done done, void *const *args)
 {
-    size_t valid = 0;
-    for (size_t i = 0; i < n; i++)
-        valid += !rejected(r, msgs[i], NULL, NULL);
-    if (valid > 0 && !admit(r, valid))
-        return -EAGAIN;
     bool queue = !r->presence->ops->nonblocking && r->pool;
     route_op *first = NULL, *last = NULL;
     for (size_t i = 0; i < n; i++) {
         const mg_msg *msg = msgs[i];
         if (rejected(r, msg, done, args[i]))
             continue;
+        if (!admit(r, 1)) {
+            mg_send_result res;
+            memset(&res, 0, sizeof(res));
+            res.status = MG_STATUS_FAILED;
+            snprintf(res.reason, sizeof(res.reason), "router overloaded");
+            done(args[i], &res);
+            continue;
+        }
         route_op *op = op_new(r, msg, msg->to, deadline_ms, true);
         op->done = done;
         op->arg = args[i];
@@ -943,7 +946,6 @@ int mg_router_deliver_from_queue_many(mg_router *r, mg_msg *const *msgs, size_t 
     }
     if (first)
         lookup_enqueue(r, first, last);
-    return 0;
 }
 
 /* The batch's shared presence lookup (one pipelined round trip per node). */

@@ -120,10 +120,10 @@ int mg_router_deliver_from_queue(mg_router *r, const mg_msg *msg, int64_t deadli
  * mg_router_deliver_from_queue (done(args[i], res) answers msgs[i], copied),
  * but their presence lookups join the store pool's queue together, so the
  * lot goes out in one pipelined round trip and one hand-off instead of one
- * per message. Returns 0, or -EAGAIN when max_inflight cannot take them all
- * (then no done runs). */
-int mg_router_deliver_from_queue_many(mg_router *r, mg_msg *const *msgs, size_t n,
-                                      int64_t deadline_ms, mg_send_done done, void *const *args);
+ * per message. A message beyond max_inflight is answered FAILED ("router
+ * overloaded": transient, the consumer retries it) and the others go on. */
+void mg_router_deliver_from_queue_many(mg_router *r, mg_msg *const *msgs, size_t n,
+                                       int64_t deadline_ms, mg_send_done done, void *const *args);
 
 /* Closes a user's connections (or one) on every gateway they are on.
  * Returns the number closed (>= 0) or a negative errno. Blocks on presence
