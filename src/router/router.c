@@ -458,6 +458,8 @@ static void store_step(route_op *op, bool nonblocking, void (*run)(route_op *), 
  * that pipeline jobs drain: lookups arriving while a round trip is in
  * flight go together in the next one, so concurrent sends share round trips
  * instead of each holding a worker for its own. */
+static void lookup_enqueue(mg_router *r, route_op *first, route_op *last);
+
 static void start_lookup(route_op *op)
 {
     mg_router *r = op->r;
@@ -466,13 +468,21 @@ static void start_lookup(route_op *op)
         lookup_run(op);
         return;
     }
-    pthread_mutex_lock(&r->lk_mu);
     op->lk_next = NULL;
+    lookup_enqueue(r, op, op);
+}
+
+/* Appends the chain first..last (linked by lk_next) to the lookup queue and
+ * starts a pipeline job when fewer than LOOKUP_PIPELINES run: a chain queued
+ * at once goes out in one round trip (up to LOOKUP_BATCH_MAX). */
+static void lookup_enqueue(mg_router *r, route_op *first, route_op *last)
+{
+    pthread_mutex_lock(&r->lk_mu);
     if (r->lk_tail)
-        r->lk_tail->lk_next = op;
+        r->lk_tail->lk_next = first;
     else
-        r->lk_head = op;
-    r->lk_tail = op;
+        r->lk_head = first;
+    r->lk_tail = last;
     bool start = r->lk_jobs < LOOKUP_PIPELINES;
     if (start)
         r->lk_jobs++;
@@ -863,17 +873,26 @@ static void op_settle(route_op *op)
 
 /* ---- entry points ---------------------------------------------------------------- */
 
-static int send_one(mg_router *r, const mg_msg *msg, int64_t deadline_ms, bool queue_mode,
-                    mg_send_done done, void *arg)
+/* A message the router cannot take (no recipient or id): answered REJECTED. */
+static bool rejected(mg_router *r, const mg_msg *msg, mg_send_done done, void *arg)
 {
-    if (!msg->to[0] || !msg->id[0]) {
+    if (msg->to[0] && msg->id[0])
+        return false;
+    if (done) {
         mg_send_result res;
         memset(&res, 0, sizeof(res));
         record(r, &res, MG_STATUS_REJECTED, MG_PATH_NONE, 0,
                !msg->to[0] ? "empty recipient" : "empty message id");
         done(arg, &res);
-        return 0;
     }
+    return true;
+}
+
+static int send_one(mg_router *r, const mg_msg *msg, int64_t deadline_ms, bool queue_mode,
+                    mg_send_done done, void *arg)
+{
+    if (rejected(r, msg, done, arg))
+        return 0;
     if (!admit(r, 1))
         return -EAGAIN;
     route_op *op = op_new(r, msg, msg->to, deadline_ms, queue_mode);
@@ -893,6 +912,42 @@ int mg_router_deliver_from_queue(mg_router *r, const mg_msg *msg, int64_t deadli
                                  mg_send_done done, void *arg)
 {
     return send_one(r, msg, deadline_ms, true, done, arg);
+}
+
+void mg_router_deliver_from_queue_many(mg_router *r, mg_msg *const *msgs, size_t n,
+                                       int64_t deadline_ms, mg_send_done done, void *const *args)
+{
+    bool queue = !r->presence->ops->nonblocking && r->pool;
+    route_op *first = NULL, *last = NULL;
+    for (size_t i = 0; i < n; i++) {
+        const mg_msg *msg = msgs[i];
+        if (rejected(r, msg, done, args[i]))
+            continue;
+        if (!admit(r, 1)) {
+            mg_send_result res;
+            memset(&res, 0, sizeof(res));
+            res.status = MG_STATUS_FAILED;
+            snprintf(res.reason, sizeof(res.reason), "router overloaded");
+            done(args[i], &res);
+            continue;
+        }
+        route_op *op = op_new(r, msg, msg->to, deadline_ms, true);
+        op->done = done;
+        op->arg = args[i];
+        if (!queue) {
+            start_lookup(op);
+            continue;
+        }
+        op->lookup_span = mg_span_start(&op->msg->trace, "presence lookup", MG_SPAN_INTERNAL, NULL);
+        op->lk_next = NULL;
+        if (last)
+            last->lk_next = op;
+        else
+            first = op;
+        last = op;
+    }
+    if (first)
+        lookup_enqueue(r, first, last);
 }
 
 /* The batch's shared presence lookup (one pipelined round trip per node). */

@@ -116,6 +116,15 @@ int mg_router_disconnect_local(mg_router *r, const char *user, const char *conn_
 int mg_router_deliver_from_queue(mg_router *r, const mg_msg *msg, int64_t deadline_ms,
                                  mg_send_done done, void *arg);
 
+/* A queue consumer's fetched messages at once: as n calls of
+ * mg_router_deliver_from_queue (done(args[i], res) answers msgs[i], copied),
+ * but their presence lookups join the store pool's queue together, so the
+ * lot goes out in one pipelined round trip and one hand-off instead of one
+ * per message. A message beyond max_inflight is answered FAILED ("router
+ * overloaded": transient, the consumer retries it) and the others go on. */
+void mg_router_deliver_from_queue_many(mg_router *r, mg_msg *const *msgs, size_t n,
+                                       int64_t deadline_ms, mg_send_done done, void *const *args);
+
 /* Closes a user's connections (or one) on every gateway they are on.
  * Returns the number closed (>= 0) or a negative errno. Blocks on presence
  * and peers: call from a worker job. */

@@ -20,8 +20,9 @@
  *
  * Consumer. Group "meshgate-<region>", auto commit and auto offset store off.
  * The "kafka-consume" thread is an ingress that never waits for a record:
- * it polls, decodes and starts each record's operation
- * (mg_router_deliver_from_queue); the operation's answer (any thread) is
+ * it polls, decodes and starts each record's operation, the turn's starts
+ * handed to the router together (mg_router_deliver_from_queue_many: one
+ * pipelined presence lookup for them); the operation's answer (any thread) is
  * queued back and wakes the poll (rd_kafka_queue_yield), and the consumer
  * thread settles it. Records are pipelined per recipient, not per
  * partition: a record whose recipient has an earlier record not yet done
@@ -118,7 +119,8 @@ typedef struct tk {
     atomic_int assigned;
     struct part *parts; /* by partition number: kafka-consume only */
     mg_map *chains;     /* recipient -> its last record not done: kafka-consume only */
-    struct record *ready_head, *ready_tail; /* free to start, over CONSUME_INFLIGHT_MAX */
+    struct record *ready_head, *ready_tail;   /* free to start, over CONSUME_INFLIGHT_MAX */
+    struct record *launch_head, *launch_tail; /* started this turn: records_launch */
     size_t nparts;
     struct record *retrying; /* kafka-consume only */
     pthread_mutex_t rec_mu;  /* answered */
@@ -564,6 +566,7 @@ typedef struct record {
     int attempt, delay_ms;
     mg_send_result res;
     mg_span *span; /* the attempt's "process" span, when traced */
+    mg_msg hand;   /* msg as handed to the router (the span's context) */
 } record;
 
 /* Per partition: the window of records fetched and not yet stored past,
@@ -619,22 +622,45 @@ static void record_done(void *arg, const mg_send_result *res)
         rd_kafka_queue_yield(k->consumer_q);
 }
 
-/* Starts the record's operation. */
+/* Starts the record's operation: running from now on; the router gets it
+ * with the turn's other starts (records_launch). */
 static void record_start(tk *k, record *r)
 {
     r->state = REC_RUNNING;
     r->attempt++;
     r->next = NULL;
     atomic_fetch_add(&k->in_flight, 1);
-    mg_msg m; /* the operation continues the record's process span */
-    r->span =
-        mg_msg_trace_process(r->msg, &m, "kafka", rd_kafka_topic_name(r->m->rkt), k->gateway_id);
-    if (mg_router_deliver_from_queue(k->router, &m, mg_mono_ms() + k->timeout_ms, record_done, r) !=
-        0) {
-        memset(&r->res, 0, sizeof(r->res));
-        r->res.status = MG_STATUS_FAILED;
-        snprintf(r->res.reason, sizeof(r->res.reason), "router overloaded");
-        record_done(r, &r->res);
+    /* the operation continues the record's process span */
+    r->span = mg_msg_trace_process(r->msg, &r->hand, "kafka", rd_kafka_topic_name(r->m->rkt),
+                                   k->gateway_id);
+    if (k->launch_tail)
+        k->launch_tail->next = r;
+    else
+        k->launch_head = r;
+    k->launch_tail = r;
+}
+
+#define LAUNCH_MAX 256 /* operations handed to the router in one call */
+
+/* Consumer thread, once a turn: hands the records started this turn to the
+ * router together, so their recipients are resolved in one pipelined
+ * presence lookup instead of one hand-off each. Taken off the list first:
+ * an answer may come (and reuse r->next) before the call returns. */
+static void records_launch(tk *k)
+{
+    while (k->launch_head) {
+        record *recs[LAUNCH_MAX];
+        mg_msg *hands[LAUNCH_MAX];
+        size_t n = 0;
+        for (; k->launch_head && n < LAUNCH_MAX; n++) {
+            recs[n] = k->launch_head;
+            hands[n] = &recs[n]->hand;
+            k->launch_head = recs[n]->next;
+        }
+        if (!k->launch_head)
+            k->launch_tail = NULL;
+        mg_router_deliver_from_queue_many(k->router, hands, n, mg_mono_ms() + k->timeout_ms,
+                                          record_done, (void *const *)recs);
     }
 }
 
@@ -816,6 +842,7 @@ static bool records_progress(tk *k)
             k->ready_tail = NULL;
         record_start(k, q);
     }
+    records_launch(k);
     bool stored = false;
     for (size_t i = 0; i < k->nparts; i++)
         if (k->parts[i].moved)

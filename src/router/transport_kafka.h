@@ -16,7 +16,8 @@
  *
  * Consumer: group "meshgate-<region>" on <prefix><region>, so each message is
  * handled by ONE gateway of the region. Each record is passed to
- * mg_router_deliver_from_queue() (one record in flight per recipient, in
+ * mg_router_deliver_from_queue_many() with the others a consumer turn starts
+ * (one record in flight per recipient, in
  * offset order: a recipient's later records wait behind it; other
  * recipients' records run meanwhile; no thread waits); a partition's
  * committed offset never passes a record not yet handled (at-least-once;

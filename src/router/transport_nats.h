@@ -25,8 +25,9 @@
  *
  * Consumer: durable pull consumer "meshgate-<R>" on the region's stream,
  * shared by the region's gateways (each message is handled by one of them).
- * Each message starts mg_router_deliver_from_queue() and is acknowledged from
- * that operation's completion (at-least-once: a gateway that dies before
+ * A fetched batch starts its messages' operations together
+ * (mg_router_deliver_from_queue_many: one presence lookup for the batch);
+ * each message is acknowledged from its operation's completion (at-least-once: a gateway that dies before
  * acknowledging leaves its messages to be redelivered to another gateway after
  * ack_wait_ms; the local transport's dedupe window drops what was already
  * shown). A failed operation is NAKed with a backoff, up to max_deliver

@@ -319,14 +319,15 @@ static int lookup_many(presence_redis *p, const char *const *users, size_t n,
     if (n == 0)
         return 0;
     mg_redis_batch *b = mg_redis_batch_new();
+    mg_redis_batch_reserve(b, n);
     for (size_t i = 0; i < n; i++) {
         char *key = user_key(users[i]);
         mg_redis_batch_add(b, key, "HGETALL %s", key);
         free(key);
     }
     int rv = mg_redis_cluster_exec(p->rc, b);
-    entry *es = NULL;
-    size_t nes = 0, capes = 0;
+    size_t nes = 0, capes = n; /* most users online hold one connection */
+    entry *es = mg_xcalloc(capes, sizeof(*es));
     for (size_t i = 0; rv == 0 && i < n; i++) {
         redisReply *r = mg_redis_batch_reply(b, i);
         if (r->type != REDIS_REPLY_ARRAY) {

@@ -1149,12 +1149,18 @@ void mg_redis_batch_free(mg_redis_batch *b)
     free(b);
 }
 
+void mg_redis_batch_reserve(mg_redis_batch *b, size_t n)
+{
+    if (b->n + n <= b->cap)
+        return;
+    b->cap = b->n + n;
+    b->cmds = mg_xrealloc(b->cmds, b->cap * sizeof(*b->cmds));
+}
+
 static size_t batch_push(mg_redis_batch *b, const char *key, char *buf, int len)
 {
-    if (b->n == b->cap) {
-        b->cap = b->cap ? b->cap * 2 : 16;
-        b->cmds = mg_xrealloc(b->cmds, b->cap * sizeof(*b->cmds));
-    }
+    if (b->n == b->cap)
+        mg_redis_batch_reserve(b, b->cap ? b->cap : 16);
     cmd_init(&b->cmds[b->n], key, len > 0 ? buf : NULL, len);
     return b->n++;
 }

@@ -108,6 +108,9 @@ size_t mg_redis_batch_add(mg_redis_batch *b, const char *key, const char *fmt, .
 size_t mg_redis_batch_add_argv(mg_redis_batch *b, const char *key, int argc, const char **argv,
                                const size_t *argvlen);
 size_t mg_redis_batch_count(const mg_redis_batch *b);
+/* Room for n more commands in one allocation (a caller that knows how many
+ * it adds: no growth, no copies). */
+void mg_redis_batch_reserve(mg_redis_batch *b, size_t n);
 /* Runs every command not run yet. Returns 0 when every command got a reply
  * (possibly an error reply), else the first command's error (-EIO,
  * -ETIMEDOUT); the other commands' replies are still available. */

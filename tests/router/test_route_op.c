@@ -457,22 +457,30 @@ Test(route_op, a_failed_batch_call_falls_back_per_recipient)
     mg_msg_free(m);
 }
 
-/* A store that blocks: lookups go through the pool and share round trips. */
-Test(route_op, concurrent_lookups_share_pipelined_round_trips)
+/* Replaces the router by one whose presence store blocks (slow_ops) and
+ * whose lookups run on pool. */
+static void slow_router(mg_pool *pool, size_t max_inflight)
 {
     mg_router_free(router);
     mg_presence *p = mg_xcalloc(1, sizeof(mg_presence));
     p->ops = &slow_ops;
-    mg_pool *pool = mg_pool_create("store", 2, 10000);
     mg_router_config cfg = {.gateway_id = "gw-a",
                             .region = "eu",
                             .hot_window_seconds = 10,
                             .hot_threshold = 1000,
                             .hot_capacity = 64,
-                            .dedupe_window = 10000};
+                            .dedupe_window = 10000,
+                            .max_inflight = max_inflight};
     mg_local_sink sink = {sink_deliver, sink_disconnect, NULL};
     router = mg_router_create(&cfg, p, mg_inbox_memory_create(100, 3600), &sink, pool);
     atomic_store(&round_trips, 0);
+}
+
+/* A store that blocks: lookups go through the pool and share round trips. */
+Test(route_op, concurrent_lookups_share_pipelined_round_trips)
+{
+    mg_pool *pool = mg_pool_create("store", 2, 10000);
+    slow_router(pool, 0);
     atomic_store(&answered, 0);
     for (int i = 0; i < 2000; i++) {
         char id[32];
@@ -508,4 +516,73 @@ Test(route_op, refused_beyond_the_bound_and_free_again_after)
     mg_send_result res;
     cr_assert_eq(mg_wait_send(router, m, later(), &res), 0, "room again");
     mg_msg_free(m);
+}
+
+/* A queue consumer's fetched batch: one answer per message, and one
+ * pipelined presence round trip for the lot. */
+typedef struct slot {
+    atomic_int calls;
+    mg_status status;
+} slot;
+
+static void slot_answer(void *arg, const mg_send_result *res)
+{
+    slot *s = arg;
+    s->status = res->status;
+    atomic_fetch_add(&s->calls, 1);
+}
+
+#define NMANY 256
+
+Test(route_op, a_fetched_batch_shares_one_lookup_and_answers_each)
+{
+    mg_pool *pool = mg_pool_create("store", 2, 10000);
+    slow_router(pool, NMANY * 3 / 4); /* the valid ones, exactly */
+    mg_router_set_transport(router, MG_PATH_GRPC, &grpc_t.base);
+    mg_router_set_transport(router, MG_PATH_KAFKA, &kafka_t.base);
+    static const char *const kinds[] = {"local-", "peer-", "nobody-", ""};
+    mg_msg *msgs[NMANY + 1];
+    slot *slots = mg_xcalloc(NMANY + 1, sizeof(*slots));
+    void *args[NMANY + 1];
+    for (int i = 0; i < NMANY; i++) {
+        char id[32], to[32];
+        snprintf(id, sizeof(id), "fb-%d", i);
+        snprintf(to, sizeof(to), "%s%d", kinds[i % 4], i);
+        msgs[i] = msg(id, i % 4 == 3 ? "" : to); /* every fourth: no recipient */
+        args[i] = &slots[i];
+    }
+    mg_router_deliver_from_queue_many(router, msgs, NMANY, later(), slot_answer, args);
+    cr_assert_eq(mg_router_drain(router, 20000), 0);
+    for (int i = 0; i < NMANY; i++) {
+        static const mg_status want[] = {MG_STATUS_DELIVERED, MG_STATUS_DELIVERED, MG_STATUS_STORED,
+                                         MG_STATUS_REJECTED};
+        cr_assert_eq(atomic_load(&slots[i].calls), 1, "message %d answered once", i);
+        cr_assert_eq(slots[i].status, want[i % 4], "message %d: %s", i,
+                     mg_status_name(slots[i].status));
+    }
+    cr_assert_eq(atomic_load(&kafka_t.calls), 0, "a queue delivery never takes a queue path");
+    cr_assert_eq(atomic_load(&round_trips), 1, "%d messages, one lookup round trip (%d)",
+                 NMANY * 3 / 4, atomic_load(&round_trips));
+
+    /* Beyond the bound: the ones over it answer FAILED (transient, the
+     * consumer retries them), the others go on. */
+    for (int i = 0; i < NMANY; i++)
+        atomic_store(&slots[i].calls, 0);
+    msgs[NMANY] = msg("fb-extra", "peer-x");
+    args[NMANY] = &slots[NMANY];
+    mg_router_deliver_from_queue_many(router, msgs, NMANY + 1, later(), slot_answer, args);
+    cr_assert_eq(mg_router_drain(router, 20000), 0);
+    for (int i = 0; i <= NMANY; i++) {
+        cr_assert_eq(atomic_load(&slots[i].calls), 1, "message %d answered once", i);
+        if (i == NMANY)
+            cr_assert_eq(slots[i].status, MG_STATUS_FAILED, "the one over the bound");
+        else
+            cr_assert_neq(slots[i].status, MG_STATUS_FAILED, "message %d", i);
+    }
+    for (int i = 0; i <= NMANY; i++)
+        mg_msg_free(msgs[i]);
+    free(slots);
+    mg_router_free(router);
+    mg_pool_free(pool);
+    router = make_router(0);
 }

@@ -49,12 +49,14 @@ Test(redis_cluster, pipelined_batch_over_nodes)
     int lk = tr_lock(0);
     mg_redis_cluster *rc = tr_cluster(2000);
     mg_redis_batch *b = mg_redis_batch_new();
+    mg_redis_batch_reserve(b, 300); /* less than it takes: grows past it */
     char key[64];
     for (int i = 0; i < 500; i++) {
         snprintf(key, sizeof(key), "mgt:batch:{%d-%d}", (int)getpid(), i);
         mg_redis_batch_add(b, key, "SET %s v%d EX 60", key, i);
     }
     cr_assert_eq(mg_redis_cluster_exec(rc, b), 0);
+    mg_redis_batch_reserve(b, 500); /* exactly what follows */
     for (int i = 0; i < 500; i++) {
         snprintf(key, sizeof(key), "mgt:batch:{%d-%d}", (int)getpid(), i);
         mg_redis_batch_add(b, key, "GET %s", key);
