@@ -9,7 +9,7 @@
 # Usage: tests/infra/cold-build-times.sh [ROOT] [PHASE...]   (ROOT default /tmp/meshgate-cold,
 #   emptied first; PHASE any of services deploy npm, default all three, run one after another)
 #   MESHGATE_COLD_SERVICES: the services phase's steps (default "kafka nats jaeger consul").
-# Prints one "cold: STEP took N s" line per step and phase; logs in ROOT/logs.
+# Prints one "cold: STEP took N s, CPU M s" line per step, one per phase; logs in ROOT/logs.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -19,6 +19,7 @@ shift || true
 PHASES=" ${*:-services deploy npm} "
 STEPS=${MESHGATE_COLD_SERVICES:-kafka nats jaeger consul}
 
+[ -x /usr/bin/time ] || { echo "cold: needs /usr/bin/time (Debian package time)" >&2; exit 2; }
 case "$ROOT" in /tmp/*) ;; *) echo "cold: ROOT must be under /tmp (it is emptied)" >&2; exit 2 ;; esac
 # Go's module cache is read-only on disk: make it writable before removing it.
 [ -d "$ROOT" ] && chmod -R u+w "$ROOT" 2>/dev/null
@@ -27,13 +28,15 @@ mkdir -p "$ROOT/logs"
 export MESHGATE_CACHE=$ROOT/meshgate GOCACHE=$ROOT/go-build GOMODCACHE=$ROOT/mod GOPATH=$ROOT/go
 export MAVEN_OPTS="${MAVEN_OPTS:-} -Dmaven.repo.local=$ROOT/m2" NPM_CACHE=$ROOT/npm
 
-# step NAME CMD...: run and time one step, output to ROOT/logs/NAME.log
+# step NAME CMD...: run and time one step (wall, and CPU of the step and all it ran: on a shared
+# machine the CPU seconds compare across runs, the wall seconds do not), output to ROOT/logs/NAME.log
 step() {
-  local n=$1 t0 rc=0
+  local n=$1 rc=0 t
   shift
-  t0=$(date +%s)
-  "$@" >"$ROOT/logs/$n.log" 2>&1 || rc=$?
-  echo "cold: $n took $(($(date +%s) - t0)) s$([ $rc = 0 ] || echo " (FAILED rc=$rc, log $ROOT/logs/$n.log)")"
+  /usr/bin/time -f '%e %U %S' -o "$ROOT/logs/$n.time" "$@" >"$ROOT/logs/$n.log" 2>&1 || rc=$?
+  t=$(tail -n 1 "$ROOT/logs/$n.time")
+  echo "cold: $n took $(echo "$t" | awk '{printf "%.0f s, CPU %.0f s", $1, $2 + $3}')$([ $rc = 0 ] ||
+    echo " (FAILED rc=$rc, log $ROOT/logs/$n.log)")"
   return $rc
 }
 
