@@ -19,6 +19,14 @@
 # (tests/infra/jaeger/jaegerstorage), and cmd/query/app's one import of the v1 storage factory
 # (for a type only the v1 binaries use) is pointed at tests/infra/jaeger/archive. A new VERSION
 # whose files moved makes the build stop with a message, not build something else.
+# Build time measured 2026-11-30 on the 2-vCPU VM (Go 1.26.8, empty GOMODCACHE and GOCACHE,
+# tests/infra/cold-build-times.sh; the machine shared with other helpers' builds and benchmarks,
+# load average 15-24, so the wall times are pessimistic and the CPU seconds are what compares):
+#   this build:          122-137 CPU s (module download included), 458-590 s wall;
+#   upstream cmd/jaeger: 428 CPU s for the go build alone (1597 s wall at that load; 1118 s
+#                        wall beside the cold Consul build; 705 s measured before at a lighter load).
+# Binary 32 MB instead of 85 MB. Binary present: 0 s (skipped). A cached upstream binary runs
+# this config as well.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
