@@ -280,7 +280,8 @@ static grpc_status_code h_send_message(mg_grpc_server *s, struct rpc *c, const u
         x->c = c;
         x->id = memcpy(x->buf, msg->id, il);
         x->to = memcpy(x->buf + il, msg->to, tl);
-        rc = mg_router_send(s->router, msg, c->deadline_ms, send_done, x);
+        rc = mg_router_send_msg(s->router, msg, c->deadline_ms, send_done, x);
+        msg = NULL; /* the router's now */
     }
     if (rc < 0) {
         code = overloaded(s, err, errlen, low);

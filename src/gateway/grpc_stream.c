@@ -328,7 +328,7 @@ static void pump(struct stream *st)
         int64_t deadline = mg_mono_ms() + st->s->max_deadline_ms;
         if (deadline > st->call_deadline_ms)
             deadline = st->call_deadline_ms;
-        if (mg_router_send(st->s->router, msg, deadline, routed_done, x) < 0) {
+        if (mg_router_send_msg(st->s->router, msg, deadline, routed_done, x) < 0) {
             mg_send_result res;
             memset(&res, 0, sizeof(res));
             res.status = MG_STATUS_FAILED;
@@ -336,7 +336,6 @@ static void pump(struct stream *st)
                      "gateway overloaded: too many sends in flight");
             routed_done(x, &res);
         }
-        mg_msg_free(msg);
         pthread_mutex_lock(&st->mu);
     }
     st->pumping = false;
