@@ -14,6 +14,7 @@
  */
 #include "gateway/grpc_call.h"
 #include "common/mg_alloc.h"
+#include "common/mg_pbarena.h"
 #include "common/mg_grpc.h"
 #include "common/mg_id.h"
 #include "common/mg_log.h"
@@ -230,7 +231,8 @@ static void low_batch_done(void *arg, const mg_send_result *res, size_t n)
 /* A HIGH SendMessage waiting for its operation. */
 struct send_ctx {
     struct rpc *c;
-    char *id, *to;
+    char *id, *to; /* in buf */
+    char buf[];
 };
 
 static void send_done(void *arg, const mg_send_result *res)
@@ -246,17 +248,23 @@ static void send_done(void *arg, const mg_send_result *res)
     mg_span_attr(x->c->span, "meshgate.path", mg_path_name(res->path));
     x->c->resp = mg_grpc_pack(&out.base);
     mg_grpc_answer(x->c, GRPC_STATUS_OK, NULL);
-    free(x->id);
-    free(x->to);
     free(x);
 }
 
 static grpc_status_code h_send_message(mg_grpc_server *s, struct rpc *c, const uint8_t *req,
                                        size_t len, char *err, size_t errlen)
 {
-    UNPACK(Meshgate__V1__SendMessageRequest, rq, meshgate__v1__send_message_request__descriptor);
+    mg_pb_arena ar; /* decoded on the stack: the message copies what it keeps */
+    ProtobufCAllocator *pa = mg_pb_arena_init(&ar);
+    Meshgate__V1__SendMessageRequest *rq =
+        meshgate__v1__send_message_request__unpack(pa, len, req ? req : (const uint8_t *)"");
+    if (!rq) {
+        snprintf(err, errlen, "request does not decode as %s",
+                 meshgate__v1__send_message_request__descriptor.name);
+        return GRPC_STATUS_INVALID_ARGUMENT;
+    }
     mg_msg *msg = mg_grpc_msg_from_pb(&s->lim, rq->message, true, err, errlen);
-    protobuf_c_message_free_unpacked(&rq->base, NULL);
+    protobuf_c_message_free_unpacked(&rq->base, pa);
     if (!msg)
         return GRPC_STATUS_INVALID_ARGUMENT;
     msg->trace = c->trace;
@@ -267,19 +275,17 @@ static grpc_status_code h_send_message(mg_grpc_server *s, struct rpc *c, const u
     if (low) {
         rc = mg_router_send(s->router, msg, mg_mono_ms() + s->low_deadline_ms, low_done, NULL);
     } else {
-        x = mg_new(struct send_ctx);
+        size_t il = strlen(msg->id) + 1, tl = strlen(msg->to) + 1;
+        x = mg_xmalloc(sizeof(*x) + il + tl);
         x->c = c;
-        x->id = mg_xstrdup(msg->id);
-        x->to = mg_xstrdup(msg->to);
-        rc = mg_router_send(s->router, msg, c->deadline_ms, send_done, x);
+        x->id = memcpy(x->buf, msg->id, il);
+        x->to = memcpy(x->buf + il, msg->to, tl);
+        rc = mg_router_send_msg(s->router, msg, c->deadline_ms, send_done, x);
+        msg = NULL; /* the router's now */
     }
     if (rc < 0) {
         code = overloaded(s, err, errlen, low);
-        if (x) {
-            free(x->id);
-            free(x->to);
-            free(x);
-        }
+        free(x);
     } else if (low) {
         mg_send_result res;
         accepted(&res);

@@ -40,6 +40,7 @@
 #include "common/mg_grpc.h"
 #include "common/mg_log.h"
 #include "common/mg_map.h"
+#include "common/mg_pbarena.h"
 #include "common/mg_time.h"
 #include "gateway/grpc_call.h"
 
@@ -77,15 +78,32 @@ struct chain {
 /* A result waiting to be sent. */
 struct result {
     struct result *next;
-    char *id, *to;
+    char *id, *to; /* in buf */
     mg_send_result res;
+    char buf[];
 };
 
 /* One HIGH message being routed. */
 struct routed {
     struct stream *st;
-    char *id, *to;
+    char *id, *to; /* in buf */
+    char buf[];
 };
+
+/* A block of size bytes whose tail (from offset) holds the strings id and
+ * to (NULL: ""), pointed at by *pid and *pto: one allocation per routed
+ * message and per result. */
+static void *with_strings(size_t size, const char *id, const char *to, char **pid, char **pto)
+{
+    id = id ? id : "";
+    to = to ? to : "";
+    size_t il = strlen(id) + 1, tl = strlen(to) + 1;
+    char *b = mg_xmalloc(size + il + tl);
+    memset(b, 0, size);
+    *pid = memcpy(b + size, id, il);
+    *pto = memcpy(b + size + il, to, tl);
+    return b;
+}
 
 struct stream {
     struct rpc *c;
@@ -101,6 +119,8 @@ struct stream {
     struct waiting *ready_head, *ready_tail; /* messages whose turn came, to start */
     struct result *res_head, *res_tail;
     size_t nres;
+    void *scratch; /* a response's protobuf structs, kept for the next (under mu) */
+    size_t scratch_cap;
 
     grpc_byte_buffer *recv_buf, *send_buf;
     int cancelled;
@@ -115,11 +135,10 @@ static void stream_free(struct stream *st)
     c->code = st->cancelled || st->dead ? GRPC_STATUS_CANCELLED : GRPC_STATUS_OK;
     for (struct result *r = st->res_head, *n; r; r = n) {
         n = r->next;
-        free(r->id);
-        free(r->to);
         free(r);
     }
     mg_map_free(st->chains); /* empty: every chain ended with its last message */
+    free(st->scratch);
     if (st->recv_buf)
         grpc_byte_buffer_destroy(st->recv_buf);
     pthread_mutex_destroy(&st->mu);
@@ -168,10 +187,22 @@ static void maybe_send(struct stream *st)
     if (st->nres > 0) {
         Meshgate__V1__SendStreamResponse out = MESHGATE__V1__SEND_STREAM_RESPONSE__INIT;
         size_t n = st->nres;
-        Meshgate__V1__SendMessageResponse *rs = mg_xcalloc(n, sizeof(*rs));
-        Meshgate__V1__SendMessageResponse **rp = mg_xcalloc(n, sizeof(*rp));
-        Meshgate__V1__RecipientResult *rr = mg_xcalloc(n, sizeof(*rr));
-        Meshgate__V1__Path *paths = mg_xcalloc(n * MG_PATH_COUNT, sizeof(*paths));
+        /* one block, grown as needed and kept: a response of many results
+         * was four large callocs, each a consolidation of malloc's bins */
+        size_t need =
+            n * (sizeof(Meshgate__V1__SendMessageResponse) + sizeof(Meshgate__V1__RecipientResult) +
+                 sizeof(Meshgate__V1__SendMessageResponse *) +
+                 MG_PATH_COUNT * sizeof(Meshgate__V1__Path));
+        if (need > st->scratch_cap) {
+            free(st->scratch);
+            st->scratch_cap = need * 2;
+            st->scratch = mg_xmalloc(st->scratch_cap);
+        }
+        Meshgate__V1__SendMessageResponse *rs = st->scratch;
+        Meshgate__V1__RecipientResult *rr = (Meshgate__V1__RecipientResult *)(rs + n);
+        Meshgate__V1__SendMessageResponse **rp = (Meshgate__V1__SendMessageResponse **)(rr + n);
+        Meshgate__V1__Path *paths = (Meshgate__V1__Path *)(rp + n);
+        memset(paths, 0, n * MG_PATH_COUNT * sizeof(*paths));
         size_t i = 0;
         for (struct result *r = st->res_head; r; r = r->next, i++) {
             meshgate__v1__send_message_response__init(&rs[i]);
@@ -183,14 +214,8 @@ static void maybe_send(struct stream *st)
         out.n_results = n;
         out.results = rp;
         st->send_buf = mg_grpc_pack(&out.base);
-        free(rs);
-        free(rp);
-        free(rr);
-        free(paths);
         for (struct result *r = st->res_head, *next; r; r = next) {
             next = r->next;
-            free(r->id);
-            free(r->to);
             free(r);
         }
         st->res_head = st->res_tail = NULL;
@@ -223,9 +248,10 @@ static void push_result(struct stream *st, const char *id, const char *to,
 {
     if (st->dead)
         return;
-    struct result *r = mg_new(struct result);
-    r->id = mg_xstrdup(id ? id : "");
-    r->to = mg_xstrdup(to ? to : "");
+    char *rid, *rto;
+    struct result *r = with_strings(sizeof(*r), id, to, &rid, &rto);
+    r->id = rid;
+    r->to = rto;
     r->res = *res;
     if (st->res_tail)
         st->res_tail->next = r;
@@ -266,8 +292,6 @@ static void routed_done(void *arg, const mg_send_result *res)
     }
     maybe_send(st);
     pthread_mutex_unlock(&st->mu);
-    free(x->id);
-    free(x->to);
     free(x);
     if (next)
         pump(st);
@@ -296,14 +320,15 @@ static void pump(struct stream *st)
 
         mg_msg *msg = w->msg;
         free(w);
-        struct routed *x = mg_new(struct routed);
+        char *xid, *xto;
+        struct routed *x = with_strings(sizeof(*x), msg->id, msg->to, &xid, &xto);
         x->st = st;
-        x->id = mg_xstrdup(msg->id);
-        x->to = mg_xstrdup(msg->to);
+        x->id = xid;
+        x->to = xto;
         int64_t deadline = mg_mono_ms() + st->s->max_deadline_ms;
         if (deadline > st->call_deadline_ms)
             deadline = st->call_deadline_ms;
-        if (mg_router_send(st->s->router, msg, deadline, routed_done, x) < 0) {
+        if (mg_router_send_msg(st->s->router, msg, deadline, routed_done, x) < 0) {
             mg_send_result res;
             memset(&res, 0, sizeof(res));
             res.status = MG_STATUS_FAILED;
@@ -311,7 +336,6 @@ static void pump(struct stream *st)
                      "gateway overloaded: too many sends in flight");
             routed_done(x, &res);
         }
-        mg_msg_free(msg);
         pthread_mutex_lock(&st->mu);
     }
     st->pumping = false;
@@ -332,8 +356,10 @@ static void take_request(struct stream *st, const uint8_t *data, size_t len)
     mg_grpc_server *s = st->s;
     mg_send_result res;
     memset(&res, 0, sizeof(res));
+    mg_pb_arena ar; /* decoded on the stack: the message copies what it keeps */
+    ProtobufCAllocator *pa = mg_pb_arena_init(&ar);
     Meshgate__V1__SendMessageRequest *rq =
-        meshgate__v1__send_message_request__unpack(NULL, len, data ? data : (const uint8_t *)"");
+        meshgate__v1__send_message_request__unpack(pa, len, data ? data : (const uint8_t *)"");
     char err[sizeof(res.reason)] = "";
     mg_msg *msg = NULL;
     if (!rq)
@@ -389,7 +415,7 @@ static void take_request(struct stream *st, const uint8_t *data, size_t len)
         pthread_mutex_unlock(&st->mu);
     }
     if (rq)
-        protobuf_c_message_free_unpacked(&rq->base, NULL);
+        protobuf_c_message_free_unpacked(&rq->base, pa);
 }
 
 /* ---- completions ------------------------------------------------------------------- */

@@ -38,10 +38,12 @@
  *   this thread when their write wait ends; it runs only while some wait.
  * - Other threads never touch an lws object: they queue frames or closes in
  *   the hub, which wakes this thread with lws_cancel_service; on
- *   LWS_CALLBACK_EVENT_WAIT_CANCELLED we ask for writable on every ready
- *   connection, and on LWS_CALLBACK_SERVER_WRITEABLE frame its queued frames
- *   (up to WRITE_BURST, COALESCE_BYTES) into one buffer and write them with
- *   one lws_write: one send() per connection per writable event.
+ *   LWS_CALLBACK_EVENT_WAIT_CANCELLED we write every ready connection at
+ *   once (write_ready): its queued frames (up to WRITE_BURST,
+ *   COALESCE_BYTES) framed into one buffer and written with one lws_write,
+ *   one send() per connection per wake-up. A connection whose socket holds
+ *   unsent bytes, or that is closing, is written from its
+ *   LWS_CALLBACK_SERVER_WRITEABLE instead, as are frames left over.
  * - Presence: each connection has a ticket shared with its "connected" pool
  *   job, so "disconnected" always runs after "connected" even when the client
  *   leaves before the connect job ran.
@@ -133,7 +135,8 @@ typedef struct pss {
     uint32_t rx_len, rx_cap;
     uint16_t errors_in_row;
     bool rx_overflow;
-    char *body; /* HTTP: response body */
+    bool peer_closed; /* WS: the client's close came: only lws writes (its echo) */
+    char *body;       /* HTTP: response body */
     size_t body_len, body_off;
     /* WS: rate and per-address state (ws_limits.h) */
     mg_ws_limiter_conn *lc;
@@ -192,6 +195,12 @@ typedef struct ws_loop {
     mg_metric *m_conns;  /* meshgate_ws_loop_connections{loop="idx"} */
     unsigned char *obuf; /* LWS_PRE + OBUF_BYTES: one connection's coalesced write */
     unsigned char *hbuf; /* LWS_PRE + HTTP_CHUNK: one HTTP body chunk */
+
+    /* the ready connections taken from the hub at a wake-up (see
+     * write_ready): handles and their close codes */
+    struct lws **ready;
+    int *ready_code;
+    size_t nready, ready_cap;
 } ws_loop;
 
 struct mg_ws_server {
@@ -714,6 +723,16 @@ static void settle(mg_ws_server *ws, mg_hub_frame **fr, int n, bool written)
     }
 }
 
+/* Whether lws took all len bytes of a write that returned n: sent, or kept
+ * to send later. A write made while lws still holds unsent bytes (the big
+ * frame after a coalesced write the socket only took part of) is appended
+ * whole to what it holds, and lws returns what the socket took of the
+ * oldest part instead of len. */
+static bool taken(struct lws *wsi, int n, size_t len)
+{
+    return n >= 0 && ((size_t)n >= len || lws_partial_buffered(wsi));
+}
+
 /* One write per connection per writable event: the queued frames (at most
  * WRITE_BURST of them and COALESCE_BYTES of payload, so one busy connection
  * cannot starve the others) are framed into one buffer and written with one
@@ -723,7 +742,7 @@ static void settle(mg_ws_server *ws, mg_hub_frame **fr, int n, bool written)
  * calling us again, so frames are whole and in order; a frame counts as
  * written (mg_hub_frame_done) once lws took all of its bytes. Queued frames
  * are written before a pending close. */
-static int on_writeable(ws_loop *L, struct lws *wsi, pss *p)
+static int on_writeable(ws_loop *L, struct lws *wsi, pss *p, bool direct)
 {
     mg_ws_server *ws = L->ws;
     unsigned char *obuf = L->obuf; /* this loop's: one connection's write at a time */
@@ -764,7 +783,7 @@ static int on_writeable(ws_loop *L, struct lws *wsi, pss *p)
     }
     if (nf > 0) {
         int n = lws_write(wsi, out, used, LWS_WRITE_RAW);
-        bool ok = n >= 0 && (size_t)n >= used;
+        bool ok = taken(wsi, n, used);
         settle(ws, fr, nf, ok);
         if (!ok) {
             if (big)
@@ -774,7 +793,7 @@ static int on_writeable(ws_loop *L, struct lws *wsi, pss *p)
     }
     if (big) { /* lws frames it in the frame's own headroom */
         int n = lws_write(wsi, big->data + LWS_PRE, big->len, LWS_WRITE_TEXT);
-        bool ok = n >= 0 && (size_t)n >= big->len;
+        bool ok = taken(wsi, n, big->len);
         settle(ws, &big, 1, ok);
         if (!ok)
             return -1;
@@ -786,6 +805,10 @@ static int on_writeable(ws_loop *L, struct lws *wsi, pss *p)
         return 0;
     }
     if (code) {
+        if (direct) { /* a close is sent from the writable callback */
+            lws_callback_on_writable(wsi);
+            return 0;
+        }
         close_with(wsi, code, reason);
         return -1;
     }
@@ -1195,6 +1218,43 @@ static void arm_wait_timer(ws_loop *L)
     lws_sul_schedule(L->ctx, 0, &L->wait_timer, wait_timer_cb, WAIT_CHECK_US);
 }
 
+/* Under the hub shard's mutex: notes a ready connection (written after
+ * the mutex is released, by write_ready). */
+static void note_ready(void *handle, int close_code, void *arg)
+{
+    ws_loop *L = arg;
+    if (L->nready == L->ready_cap) {
+        L->ready_cap = L->ready_cap ? L->ready_cap * 2 : 256;
+        L->ready = mg_xrealloc(L->ready, L->ready_cap * sizeof(*L->ready));
+        L->ready_code = mg_xrealloc(L->ready_code, L->ready_cap * sizeof(*L->ready_code));
+    }
+    L->ready[L->nready] = handle;
+    L->ready_code[L->nready++] = close_code;
+}
+
+static void want_writable(void *handle, int close_code, void *arg);
+
+/* The wake-up's ready connections are written here and now, not from a
+ * writable event each: lws_callback_on_writable costs two epoll_ctl calls
+ * and a pass of the event loop per connection, as much as the send itself
+ * in a fan-out. A connection whose socket holds unsent bytes, or that is
+ * closing, waits for its writable event as before (its order and its close
+ * frame stay lws's); a failed write kills it as the callback's -1 would. */
+static void write_ready(ws_loop *L)
+{
+    for (size_t i = 0; i < L->nready; i++) {
+        struct lws *wsi = L->ready[i];
+        pss *p = lws_wsi_user(wsi);
+        if (L->ready_code[i] || !p || !p->conn || p->peer_closed || lws_partial_buffered(wsi)) {
+            want_writable(wsi, L->ready_code[i], NULL);
+            continue;
+        }
+        if (on_writeable(L, wsi, p, true) < 0)
+            lws_set_timeout(wsi, PENDING_TIMEOUT_USER_OK, LWS_TO_KILL_ASYNC);
+    }
+    L->nready = 0;
+}
+
 static void want_writable(void *handle, int close_code, void *arg)
 {
     struct lws *wsi = handle;
@@ -1219,7 +1279,8 @@ static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *use
         }
         if (ws) {
             wheel_turn(L);
-            mg_hub_take_ready(ws->hub, L->idx, want_writable, NULL);
+            mg_hub_take_ready(ws->hub, L->idx, note_ready, L);
+            write_ready(L);
             arm_wait_timer(L);
         }
         return 0;
@@ -1243,8 +1304,10 @@ static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *use
     case LWS_CALLBACK_RECEIVE:
         return on_receive(ws, wsi, p, in, len);
     case LWS_CALLBACK_SERVER_WRITEABLE:
-        return on_writeable(L, wsi, p);
+        return on_writeable(L, wsi, p, false);
     case LWS_CALLBACK_WS_PEER_INITIATED_CLOSE:
+        if (p)
+            p->peer_closed = true;
         return mg_ws_peer_close_check(wsi, in, len);
     case LWS_CALLBACK_RECEIVE_PONG:
         if (p)
@@ -1653,6 +1716,11 @@ static void loop_destroy(ws_loop *L)
     L->wheel = NULL;
     free(L->obuf);
     L->obuf = NULL;
+    free(L->ready);
+    free(L->ready_code);
+    L->ready = NULL;
+    L->ready_code = NULL;
+    L->nready = L->ready_cap = 0;
     free(L->hbuf);
     L->hbuf = NULL;
     stash_clear(L);

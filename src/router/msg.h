@@ -59,7 +59,8 @@ typedef struct mg_send_result {
 
 /* Creates a message owning copies of every argument (content_type and from
  * may be NULL, meaning ""); not traced. mg_msg_dup and mg_msg_dup_to copy
- * the trace context too. */
+ * the trace context too. The copies live in the message's own block: its
+ * fields are never freed or replaced one by one. */
 mg_msg *mg_msg_new(const char *id, const char *from, const char *to, const uint8_t *content,
                    size_t content_len, const char *content_type, int64_t sent_at_ms,
                    mg_priority priority);

@@ -319,12 +319,13 @@ static void op_record(route_op *op, mg_status st, mg_path path, uint32_t conns, 
     pthread_mutex_unlock(&op->mu);
 }
 
+/* owned: msg itself becomes the op's (its recipient is to), else a copy. */
 static route_op *op_new(mg_router *r, const mg_msg *msg, const char *to, int64_t deadline,
-                        bool queue_mode)
+                        bool queue_mode, mg_msg *owned)
 {
     route_op *op = mg_new(route_op);
     op->r = r;
-    op->msg = mg_msg_dup_to(msg, to);
+    op->msg = owned ? owned : mg_msg_dup_to(msg, to);
     op->span = mg_span_start(&msg->trace, "route", MG_SPAN_INTERNAL, &op->msg->trace);
     mg_span_attr(op->span, "messaging.message.id", msg->id);
     mg_span_attr(op->span, "meshgate.gateway", r->gateway_id);
@@ -888,14 +889,20 @@ static bool rejected(mg_router *r, const mg_msg *msg, mg_send_done done, void *a
     return true;
 }
 
+/* owned: msg itself when the operation takes it (mg_router_send_msg), else
+ * NULL (the operation copies msg). */
 static int send_one(mg_router *r, const mg_msg *msg, int64_t deadline_ms, bool queue_mode,
-                    mg_send_done done, void *arg)
+                    mg_send_done done, void *arg, mg_msg *owned)
 {
-    if (rejected(r, msg, done, arg))
+    if (rejected(r, msg, done, arg)) {
+        mg_msg_free(owned);
         return 0;
-    if (!admit(r, 1))
+    }
+    if (!admit(r, 1)) {
+        mg_msg_free(owned);
         return -EAGAIN;
-    route_op *op = op_new(r, msg, msg->to, deadline_ms, queue_mode);
+    }
+    route_op *op = op_new(r, msg, msg->to, deadline_ms, queue_mode, owned);
     op->done = done;
     op->arg = arg;
     start_lookup(op);
@@ -905,13 +912,18 @@ static int send_one(mg_router *r, const mg_msg *msg, int64_t deadline_ms, bool q
 int mg_router_send(mg_router *r, const mg_msg *msg, int64_t deadline_ms, mg_send_done done,
                    void *arg)
 {
-    return send_one(r, msg, deadline_ms, false, done, arg);
+    return send_one(r, msg, deadline_ms, false, done, arg, NULL);
+}
+
+int mg_router_send_msg(mg_router *r, mg_msg *msg, int64_t deadline_ms, mg_send_done done, void *arg)
+{
+    return send_one(r, msg, deadline_ms, false, done, arg, msg);
 }
 
 int mg_router_deliver_from_queue(mg_router *r, const mg_msg *msg, int64_t deadline_ms,
                                  mg_send_done done, void *arg)
 {
-    return send_one(r, msg, deadline_ms, true, done, arg);
+    return send_one(r, msg, deadline_ms, true, done, arg, NULL);
 }
 
 void mg_router_deliver_from_queue_many(mg_router *r, mg_msg *const *msgs, size_t n,
@@ -931,7 +943,7 @@ void mg_router_deliver_from_queue_many(mg_router *r, mg_msg *const *msgs, size_t
             done(args[i], &res);
             continue;
         }
-        route_op *op = op_new(r, msg, msg->to, deadline_ms, true);
+        route_op *op = op_new(r, msg, msg->to, deadline_ms, true, NULL);
         op->done = done;
         op->arg = args[i];
         if (!queue) {
@@ -1000,7 +1012,7 @@ int mg_router_send_batch(mg_router *r, const mg_msg *msg, const char *const *to,
             batch_slot_done(b, i, NULL);
             continue;
         }
-        route_op *op = op_new(r, msg, to[i], deadline_ms, false);
+        route_op *op = op_new(r, msg, to[i], deadline_ms, false, NULL);
         op->b = b;
         op->index = i;
         b->ops[b->nops++] = op;
@@ -1253,8 +1265,8 @@ static void handover_step(handover *h)
         handover_end(h, "shutting down");
         return;
     }
-    if (send_one(h->r, h->items[h->i], mg_mono_ms() + HANDOVER_DEADLINE_MS, false, handover_sent,
-                 h) != 0)
+    if (send_one(h->r, h->items[h->i], mg_mono_ms() + HANDOVER_DEADLINE_MS, false, handover_sent, h,
+                 NULL) != 0)
         handover_end(h, "overloaded");
 }
 

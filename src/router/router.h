@@ -89,6 +89,11 @@ typedef void (*mg_batch_done)(void *arg, const mg_send_result *res, size_t n);
  * done never runs. */
 int mg_router_send(mg_router *r, const mg_msg *msg, int64_t deadline_ms, mg_send_done done,
                    void *arg);
+/* As mg_router_send, but msg (from mg_msg_new or a dup, recipient msg->to)
+ * is taken instead of copied: the router frees it, whatever the return. For
+ * a front end that made the message for this send only. */
+int mg_router_send_msg(mg_router *r, mg_msg *msg, int64_t deadline_ms, mg_send_done done,
+                       void *arg);
 
 /* One payload to n recipients (to[] copied); presence is looked up in one
  * batch and every recipient is routed in parallel; done(arg, res, n) runs
