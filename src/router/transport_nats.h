@@ -27,12 +27,11 @@
  * shared by the region's gateways (each message is handled by one of them).
  * A fetched batch starts its messages' operations together
  * (mg_router_deliver_from_queue_many: one presence lookup for the batch);
- * each message is acknowledged from its operation's completion (at-least-once: a gateway that dies before
- * acknowledging leaves its messages to be redelivered to another gateway after
- * ack_wait_ms; the local transport's dedupe window drops what was already
- * shown). A failed operation is NAKed with a backoff, up to max_deliver
- * deliveries; the last one puts the message in the recipient's inbox (if that
- * fails too it is counted in meshgate_bus_undeliverable_total and left
+ * each message is acknowledged from its operation's completion (at-least-once: a gateway that dies
+ * before acknowledging leaves its messages to be redelivered to another gateway after ack_wait_ms;
+ * the local transport's dedupe window drops what was already shown). A failed operation is NAKed
+ * with a backoff, up to max_deliver deliveries; the last one puts the message in the recipient's
+ * inbox (if that fails too it is counted in meshgate_bus_undeliverable_total and left
  * unacknowledged in the stream until max age). Undecodable or oversized
  * payloads are counted, terminated (never redelivered) and skipped.
  *
