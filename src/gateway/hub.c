@@ -63,15 +63,9 @@ struct mg_hub_conn {
     size_t qbytes;
     char *close_reason;
     uint16_t shard;
-    uint16_t peer_port; /* the device's, 0: unknown */
     bool ready, slow;
-    char id[]; /* "<gateway_id>-<seq>", a NUL, then the device's address ("" unknown) */
+    char id[]; /* "<gateway_id>-<seq>" */
 };
-
-static const char *conn_peer(const mg_hub_conn *c)
-{
-    return c->id + strlen(c->id) + 1;
-}
 
 /* A delivery waiting for its frames to be written (see mg_hub_deliver).
  * pending (frames not settled, plus one while the delivery is still
@@ -380,12 +374,6 @@ static void mark_ready(mg_hub *h, mg_hub_conn *c)
 
 mg_hub_conn *mg_hub_register(mg_hub *h, unsigned sh, const char *user, void *handle)
 {
-    return mg_hub_register_peer(h, sh, user, handle, NULL, 0);
-}
-
-mg_hub_conn *mg_hub_register_peer(mg_hub *h, unsigned sh, const char *user, void *handle,
-                                  const char *peer_addr, int peer_port)
-{
     sh %= h->nshards;
     shard *s = &h->shards[sh];
     pthread_mutex_lock(&s->mu);
@@ -393,11 +381,8 @@ mg_hub_conn *mg_hub_register_peer(mg_hub *h, unsigned sh, const char *user, void
     uint64_t seq = s->seq++ * h->nshards + sh + h->nshards;
     char id[160];
     int n = snprintf(id, sizeof(id), "%.120s-%llu", h->gateway_id, (unsigned long long)seq);
-    size_t pl = peer_addr ? strnlen(peer_addr, 63) : 0;
-    mg_hub_conn *c = mg_xcalloc(1, sizeof(*c) + (size_t)n + 1 + pl + 1);
+    mg_hub_conn *c = mg_xcalloc(1, sizeof(*c) + (size_t)n + 1);
     memcpy(c->id, id, (size_t)n + 1);
-    memcpy(c->id + n + 1, peer_addr ? peer_addr : "", pl);
-    c->peer_port = peer_port > 0 && peer_port <= 65535 ? (uint16_t)peer_port : 0;
     c->user = mg_xstrdup(user);
     c->handle = handle;
     c->shard = (uint16_t)sh;
@@ -505,21 +490,22 @@ mg_hub_frame *mg_hub_pop(mg_hub *h, mg_hub_conn *c, bool *more, int *close_code,
     return f;
 }
 
-void mg_hub_take_ready(mg_hub *h, unsigned sh, void (*fn)(void *handle, int close_code, void *arg),
-                       void *arg)
+bool mg_hub_take_ready(mg_hub *h, unsigned sh, size_t max,
+                       void (*fn)(void *handle, int close_code, void *arg), void *arg)
 {
     shard *s = &h->shards[sh % h->nshards];
     pthread_mutex_lock(&s->mu);
     mg_hub_conn *c = s->ready_head;
-    s->ready_head = NULL;
-    while (c) {
+    for (size_t i = 0; c && i < max; i++) {
         mg_hub_conn *n = c->ready_next;
         c->ready = false;
         c->ready_next = NULL;
         fn(c->handle, (int)c->close_code, arg);
         c = n;
     }
+    s->ready_head = c;
     pthread_mutex_unlock(&s->mu);
+    return c != NULL;
 }
 
 static void set_close(mg_hub *h, mg_hub_conn *c, int code, const char *reason)
@@ -611,10 +597,6 @@ static void write_span(mg_hub *h, mg_hub_conn *c, mg_hub_frame *f, const deliver
     mg_span_attr(f->span, "meshgate.connection.id", c->id);
     mg_span_attr(f->span, "meshgate.gateway", h->gateway_id);
     mg_span_attr_int(f->span, "meshgate.inbox", d->from_inbox);
-    if (conn_peer(c)[0])
-        mg_span_attr(f->span, "network.peer.address", conn_peer(c));
-    if (c->peer_port)
-        mg_span_attr_int(f->span, "network.peer.port", c->peer_port);
 }
 
 /* Under c's shard mutex: queues the rendered message to c, or marks it

@@ -94,10 +94,6 @@ mg_local_sink mg_hub_sink(mg_hub *h);
  * lws wsi) in shard (the calling loop's). Returns the connection; its id is
  * mg_hub_conn_id(). */
 mg_hub_conn *mg_hub_register(mg_hub *h, unsigned shard, const char *user, void *handle);
-/* [ws] The same, with the device's address (copied; NULL: unknown) and port
- * (0: unknown), which name it on its write spans. */
-mg_hub_conn *mg_hub_register_peer(mg_hub *h, unsigned shard, const char *user, void *handle,
-                                  const char *peer_addr, int peer_port);
 /* [ws] Removes and frees c with its queue. */
 void mg_hub_unregister(mg_hub *h, mg_hub_conn *c);
 const char *mg_hub_conn_id(const mg_hub_conn *c);   /* [ws] valid until unregister */
@@ -129,11 +125,13 @@ bool mg_hub_waiting(mg_hub *h, unsigned shard);
 /* [ws] Reports the deliveries homed in shard whose write wait ended by now_ms
  * (monotonic). Returns whether others still wait there. */
 bool mg_hub_expire_waits(mg_hub *h, unsigned shard, int64_t now_ms);
-/* [ws] Calls fn(handle, close_code, arg) for every connection of shard with
- * queued frames or a pending close (close_code != 0), and clears its ready
- * set. fn runs under the shard's mutex: it must not call the hub
+/* [ws] Calls fn(handle, close_code, arg) for at most max connections of
+ * shard with queued frames or a pending close (close_code != 0), taking
+ * them out of its ready set. Returns whether others are still ready (take
+ * them with another call: the wake callback fires only when the set was
+ * empty). fn runs under the shard's mutex: it must not call the hub
  * (lws_callback_on_writable is fine). */
-void mg_hub_take_ready(mg_hub *h, unsigned shard,
+bool mg_hub_take_ready(mg_hub *h, unsigned shard, size_t max,
                        void (*fn)(void *handle, int close_code, void *arg), void *arg);
 
 /* Renders msg once and queues it to every connection of msg->to (or only

@@ -96,6 +96,7 @@
 #define HTTP_CHUNK          16384
 #define CLOSE_GRACE_SECONDS 5
 #define WRITE_BURST         64          /* frames written per writable callback */
+#define READY_BATCH         512         /* ready connections taken from the hub at once */
 #define COALESCE_BYTES      65536       /* payload bytes framed into one write */
 #define MAX_CHAINED         1024        /* sends waiting behind a connection's operation */
 #define WAIT_CHECK_US       (50 * 1000) /* the write-wait timer's period */
@@ -196,11 +197,13 @@ typedef struct ws_loop {
     unsigned char *obuf; /* LWS_PRE + OBUF_BYTES: one connection's coalesced write */
     unsigned char *hbuf; /* LWS_PRE + HTTP_CHUNK: one HTTP body chunk */
 
-    /* the ready connections taken from the hub at a wake-up (see
-     * write_ready): handles and their close codes */
-    struct lws **ready;
-    int *ready_code;
-    size_t nready, ready_cap;
+    /* the ready connections taken from the hub at a wake-up, READY_BATCH
+     * at a time (see write_ready): handles and their close codes. Fixed:
+     * a broadcast to every connection must not leave an array as long as
+     * the connection count behind. */
+    struct lws *ready[READY_BATCH];
+    int ready_code[READY_BATCH];
+    size_t nready;
 } ws_loop;
 
 struct mg_ws_server {
@@ -713,12 +716,51 @@ static size_t frame_header(unsigned char *h, size_t len)
     return 10;
 }
 
-/* Settles the n frames of one write: written when lws took all its bytes. */
-static void settle(mg_ws_server *ws, mg_hub_frame **fr, int n, bool written)
+/* The device's address and port: asked of the socket only for a traced
+ * frame's write span, on the loop that owns wsi (the hub keeps no address:
+ * an idle connection pays nothing for it). */
+static int peer_of(struct lws *wsi, char *addr, size_t len)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof(ss);
+    int fd = lws_get_socket_fd(wsi);
+    addr[0] = '\0';
+    if (fd < 0 || getpeername(fd, (struct sockaddr *)&ss, &sl) != 0)
+        return 0;
+    if (ss.ss_family == AF_INET) {
+        struct sockaddr_in *in = (struct sockaddr_in *)&ss;
+        inet_ntop(AF_INET, &in->sin_addr, addr, (socklen_t)len);
+        return ntohs(in->sin_port);
+    }
+    if (ss.ss_family == AF_INET6) {
+        struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&ss;
+        inet_ntop(AF_INET6, &in6->sin6_addr, addr, (socklen_t)len);
+        return ntohs(in6->sin6_port);
+    }
+    return 0;
+}
+
+/* [ws] A traced frame's write span names the device it went to. */
+static void span_peer(struct lws *wsi, mg_hub_frame *f)
+{
+    if (!f->span)
+        return;
+    char addr[INET6_ADDRSTRLEN];
+    int port = peer_of(wsi, addr, sizeof(addr));
+    if (addr[0])
+        mg_span_attr(f->span, "network.peer.address", addr);
+    if (port > 0)
+        mg_span_attr_int(f->span, "network.peer.port", port);
+}
+
+/* Settles the n frames of one write to wsi: written when lws took all its
+ * bytes. */
+static void settle(mg_ws_server *ws, struct lws *wsi, mg_hub_frame **fr, int n, bool written)
 {
     for (int i = 0; i < n; i++) {
         if (written && fr[i]->kind == MG_FRAME_MESSAGE)
             mg_metric_add(ws->m_out, 1);
+        span_peer(wsi, fr[i]);
         mg_hub_frame_done(ws->hub, fr[i], written);
     }
 }
@@ -784,17 +826,17 @@ static int on_writeable(ws_loop *L, struct lws *wsi, pss *p, bool direct)
     if (nf > 0) {
         int n = lws_write(wsi, out, used, LWS_WRITE_RAW);
         bool ok = taken(wsi, n, used);
-        settle(ws, fr, nf, ok);
+        settle(ws, wsi, fr, nf, ok);
         if (!ok) {
             if (big)
-                mg_hub_frame_done(ws->hub, big, false);
+                settle(ws, wsi, &big, 1, false);
             return -1;
         }
     }
     if (big) { /* lws frames it in the frame's own headroom */
         int n = lws_write(wsi, big->data + LWS_PRE, big->len, LWS_WRITE_TEXT);
         bool ok = taken(wsi, n, big->len);
-        settle(ws, &big, 1, ok);
+        settle(ws, wsi, &big, 1, ok);
         if (!ok)
             return -1;
     }
@@ -890,35 +932,11 @@ static void wheel_turn(ws_loop *L)
         L->next_slot_ms = now + PING_SLOT_MS;
 }
 
-/* The device's address and port (names it on its write spans). */
-static int peer_of(struct lws *wsi, char *addr, size_t len)
-{
-    struct sockaddr_storage ss;
-    socklen_t sl = sizeof(ss);
-    int fd = lws_get_socket_fd(wsi);
-    addr[0] = '\0';
-    if (fd < 0 || getpeername(fd, (struct sockaddr *)&ss, &sl) != 0)
-        return 0;
-    if (ss.ss_family == AF_INET) {
-        struct sockaddr_in *in = (struct sockaddr_in *)&ss;
-        inet_ntop(AF_INET, &in->sin_addr, addr, (socklen_t)len);
-        return ntohs(in->sin_port);
-    }
-    if (ss.ss_family == AF_INET6) {
-        struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&ss;
-        inet_ntop(AF_INET6, &in6->sin6_addr, addr, (socklen_t)len);
-        return ntohs(in6->sin6_port);
-    }
-    return 0;
-}
-
 static void on_established(ws_loop *L, struct lws *wsi, pss *p)
 {
     mg_ws_server *ws = L->ws;
     const char *user = p->user ? p->user : "";
-    char addr[INET6_ADDRSTRLEN];
-    int port = peer_of(wsi, addr, sizeof(addr));
-    p->conn = mg_hub_register_peer(ws->hub, L->idx, user, wsi, addr, port);
+    p->conn = mg_hub_register(ws->hub, L->idx, user, wsi);
     wheel_add(L, p);
     const char *id = mg_hub_conn_id(p->conn);
     size_t n = strlen(id);
@@ -1222,12 +1240,7 @@ static void arm_wait_timer(ws_loop *L)
  * the mutex is released, by write_ready). */
 static void note_ready(void *handle, int close_code, void *arg)
 {
-    ws_loop *L = arg;
-    if (L->nready == L->ready_cap) {
-        L->ready_cap = L->ready_cap ? L->ready_cap * 2 : 256;
-        L->ready = mg_xrealloc(L->ready, L->ready_cap * sizeof(*L->ready));
-        L->ready_code = mg_xrealloc(L->ready_code, L->ready_cap * sizeof(*L->ready_code));
-    }
+    ws_loop *L = arg; /* the hub hands over READY_BATCH at most */
     L->ready[L->nready] = handle;
     L->ready_code[L->nready++] = close_code;
 }
@@ -1279,8 +1292,11 @@ static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *use
         }
         if (ws) {
             wheel_turn(L);
-            mg_hub_take_ready(ws->hub, L->idx, note_ready, L);
-            write_ready(L);
+            bool more;
+            do {
+                more = mg_hub_take_ready(ws->hub, L->idx, READY_BATCH, note_ready, L);
+                write_ready(L);
+            } while (more);
             arm_wait_timer(L);
         }
         return 0;
@@ -1716,11 +1732,7 @@ static void loop_destroy(ws_loop *L)
     L->wheel = NULL;
     free(L->obuf);
     L->obuf = NULL;
-    free(L->ready);
-    free(L->ready_code);
-    L->ready = NULL;
-    L->ready_code = NULL;
-    L->nready = L->ready_cap = 0;
+    L->nready = 0;
     free(L->hbuf);
     L->hbuf = NULL;
     stash_clear(L);
