@@ -1004,6 +1004,46 @@ static bool fanout_round(batch_call *b, char **to, double *all_ms)
     return st.recv_measured >= st.open && b->status == 0;
 }
 
+/* How many of users[0..n) presence lists with a connection (GetPresence,
+ * in calls of 1,000); -1 when a call failed. */
+static long registered(mg_grpc_client *cli, char **users, long n)
+{
+    long got = 0;
+    for (long off = 0; off < n; off += 1000) {
+        Meshgate__V1__GetPresenceRequest rq = MESHGATE__V1__GET_PRESENCE_REQUEST__INIT;
+        rq.users = users + off;
+        rq.n_users = (size_t)(n - off < 1000 ? n - off : 1000);
+        ProtobufCMessage *out = NULL;
+        char *details = NULL;
+        grpc_status_code code =
+            mg_grpc_call(cli, "/meshgate.v1.Messaging/GetPresence", &rq.base,
+                         &meshgate__v1__get_presence_response__descriptor, 10000, &out, &details);
+        free(details);
+        if (code != GRPC_STATUS_OK)
+            return -1;
+        Meshgate__V1__GetPresenceResponse *r = (Meshgate__V1__GetPresenceResponse *)out;
+        for (size_t i = 0; i < r->n_users; i++)
+            got += r->users[i]->n_connections > 0;
+        protobuf_c_message_free_unpacked(out, NULL);
+    }
+    return got;
+}
+
+/* A user is reachable once the gateway registered its connection in
+ * presence, which follows the handshake (a worker job; seconds behind it
+ * on a loaded machine): a message sent before that is stored for the next
+ * connection instead. Waits (within --timeout, serving the sockets) until
+ * every open connection's user is registered. */
+static void wait_registered(mg_grpc_client *cli, char **users)
+{
+    int64_t deadline = now_ns() + (int64_t)(opt.timeout * 1e9);
+    long got = 0;
+    while (now_ns() < deadline && (got = registered(cli, users, nconns)) >= 0 && got < st.open)
+        run_for(0.1);
+    if (got < st.open)
+        fprintf(stderr, "mgload: %ld of %ld open users registered in presence\n", got, st.open);
+}
+
 static int mode_fanout(void)
 {
     double ct = connect_all();
@@ -1011,6 +1051,7 @@ static int mode_fanout(void)
     char **to = all_users();
     batch_call *b = calloc(1, sizeof(*b));
     b->cli = mg_grpc_client_create(opt.grpc, NULL);
+    wait_registered(b->cli, to);
     int rc = 0;
     hist all = {0};
     double best = 1e18, worst = 0, sum = 0;
