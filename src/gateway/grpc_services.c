@@ -592,6 +592,7 @@ static grpc_status_code h_deliver_message(mg_grpc_server *s, struct rpc *c, cons
         goto out;
     }
     msg->trace = c->trace;
+    msg->inbox = rq->inbox;
     int rc = mg_router_deliver_local(s->router, msg, deliver_done, c);
     if (rc < 0) {
         code = status_of_errno(rc);
@@ -729,6 +730,7 @@ static grpc_status_code h_deliver_many(mg_grpc_server *s, struct rpc *c, const u
         else if ((msgs[i] = mg_grpc_msg_from_pb(&s->lim, m, true, why, sizeof(why))) != NULL) {
             if (m->traceparent && m->traceparent[0]) /* each message's own trace */
                 mg_traceparent_parse(m->traceparent, strlen(m->traceparent), &msgs[i]->trace);
+            msgs[i]->inbox = rq->deliveries[i]->inbox;
             continue;
         }
         snprintf(err, errlen, "deliveries[%zu]: %s", i, why);

@@ -48,6 +48,7 @@ mg_msg *mg_msg_dup_to(const mg_msg *m, const char *to)
     mg_msg *d = mg_msg_new(m->id, m->from, to, m->content, m->content_len, m->content_type,
                            m->sent_at_ms, m->priority);
     d->trace = m->trace;
+    d->inbox = m->inbox;
     return d;
 }
 

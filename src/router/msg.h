@@ -47,6 +47,8 @@ typedef struct mg_msg {
     int64_t sent_at_ms;
     mg_priority priority;
     mg_trace_ctx trace; /* zero: not traced; else the span that handed it on */
+    bool inbox;         /* a copy of a message held in the recipient's inbox: written as an
+                           inbox message, which the client acks to remove it there */
 } mg_msg;
 
 typedef struct mg_send_result {

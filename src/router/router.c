@@ -74,6 +74,7 @@ struct mg_router {
     mg_metric *outcomes[MG_PATH_COUNT][MG_STATUS_ACCEPTED + 1];
     mg_metric *latency[MG_PATH_COUNT];
     mg_metric *fallbacks, *presence_errors, *reresolves, *refused, *inflight_gauge;
+    mg_metric *inbox_copies;
     mg_metric *lookup_batches, *handed_over;
     atomic_bool draining; /* mg_router_drain started: no new hand-over step */
     size_t inbox_page;    /* inbox messages outstanding on a connection at once */
@@ -136,6 +137,9 @@ mg_router *mg_router_create(const mg_router_config *cfg, mg_presence *presence, 
                               "gRPC peer deliveries that failed over to Kafka", NULL);
     r->presence_errors =
         mg_counter("meshgate_presence_errors_total", "Presence store calls that failed", NULL);
+    r->inbox_copies = mg_counter(
+        "meshgate_inbox_live_copies_total",
+        "Stored messages also sent to a connection of the user found right after the store", NULL);
     r->handed_over = mg_counter("meshgate_inbox_handed_over_total",
                                 "Inbox messages handed to the region the user connected in", NULL);
     r->reresolves = mg_counter("meshgate_presence_reresolves_total",
@@ -370,13 +374,68 @@ static void op_complete(route_op *op)
 
 /* ---- the store steps (lookups and inbox writes may block) ----------------- */
 
+#define LIVE_COPY_DEADLINE_MS 2000
+
+static void live_copy_done(void *arg, const mg_deliver_outcome *out)
+{
+    (void)arg;
+    (void)out; /* not delivered: the message waits in the inbox, as it would have */
+}
+
+/* The lookup that sent a message to the inbox may have run just before its
+ * user connected, and the new connection's inbox fetch just before the
+ * store: then nothing would carry the message until the next connection.
+ * So after the store, presence is read again (a connection reads the inbox
+ * after registering in presence; each side writes before it reads, so one
+ * of the two sees the other), and every gateway holding a connection of
+ * the user gets the inbox's copy: an inbox frame the client acks. Not the
+ * connections the operation's last lookup listed when a gateway answered
+ * it NOT_CONNECTED (stale entries). A peer that timed out but wrote the
+ * message answers the copy from its dedupe window, without a second write.
+ * Runs on the store pool (the lookup may block). */
+static bool has_conn(const mg_presence_list *l, const char *conn_id)
+{
+    for (size_t k = 0; k < l->n; k++)
+        if (!strcmp(l->items[k].conn_id, conn_id))
+            return true;
+    return false;
+}
+
+static void live_copy(route_op *op)
+{
+    mg_router *r = op->r;
+    mg_presence_list now = {0};
+    pthread_mutex_lock(&op->mu);
+    bool stale = op->stale > 0;
+    pthread_mutex_unlock(&op->mu);
+    if (r->presence->ops->lookup(r->presence, op->msg->to, &now) == 0) {
+        mg_msg m = *op->msg;
+        m.inbox = true;
+        for (size_t i = 0; i < now.n; i++) {
+            mg_route_target target = {now.items[i].gateway_id, now.items[i].region};
+            bool seen = stale && has_conn(&op->conns, now.items[i].conn_id);
+            for (size_t k = 0; k < i && !seen; k++) /* one copy per gateway (it writes to */
+                seen = !strcmp(now.items[k].gateway_id, target.gateway_id) && /* all there) */
+                       !(stale && has_conn(&op->conns, now.items[k].conn_id));
+            mg_path p = strcmp(target.gateway_id, r->gateway_id) ? MG_PATH_GRPC : MG_PATH_LOCAL;
+            mg_transport *t = r->transports[p];
+            if (!seen && usable(r, p, &target) &&
+                t->ops->deliver(t, &target, &m, mg_mono_ms() + LIVE_COPY_DEADLINE_MS,
+                                live_copy_done, NULL) == 0)
+                mg_metric_add(r->inbox_copies, 1);
+        }
+    }
+    mg_presence_list_clear(&now);
+}
+
 static void store_run(route_op *op)
 {
     mg_router *r = op->r;
     int rc = r->inbox->ops->store(r->inbox, op->msg);
-    if (rc == 0)
+    if (rc == 0) {
         op_record(op, MG_STATUS_STORED, MG_PATH_INBOX, 0, NULL);
-    else
+        live_copy(op);
+    } else
         op_record(op, MG_STATUS_FAILED, MG_PATH_INBOX, 0,
                   rc == -ENOSPC      ? "offline inbox full"
                   : rc == -EREMOTEIO ? "offline inbox not replicated"
@@ -1143,7 +1202,8 @@ int mg_router_user_connected(mg_router *r, const char *user, const char *conn_id
                     strerror(-rc));
     }
     /* Presence first, inbox second: a message stored before this point is in
-     * the fetch; one sent after it finds the connection. A page at a time, so
+     * the fetch; one stored after it is sent here by its live copy (live_copy
+     * reads presence after the store). A page at a time, so
      * a long inbox never overflows the connection's queue: the next page goes
      * out as the client acks (mg_router_inbox_ack). */
     inbox_page *pg = mg_new(inbox_page);

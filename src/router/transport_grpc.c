@@ -738,6 +738,7 @@ static int tg_deliver(mg_transport *base, const mg_route_target *target, const m
     rq.message = &pm;
     rq.origin_gateway = t->gateway_id;
     rq.origin_region = t->region;
+    rq.inbox = msg->inbox;
     if (maybe_queue(t, target && target->gateway_id ? target->gateway_id : "", &rq, &msg->trace,
                     deadline_ms, done, arg))
         return 0;

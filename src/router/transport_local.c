@@ -83,7 +83,7 @@ static int tl_deliver(mg_transport *t, const mg_route_target *target, const mg_m
         done(arg, &out);
         return 0;
     }
-    int n = tl->sink.deliver(tl->sink.arg, msg, NULL, false, on_written, a);
+    int n = tl->sink.deliver(tl->sink.arg, msg, NULL, msg->inbox, on_written, a);
     if (n <= 0) { /* the report never comes when nothing was queued */
         finish(tl, a->key, 0, done, arg);
         free(a);

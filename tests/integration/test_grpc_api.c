@@ -84,25 +84,8 @@ Test(grpc_api, online_user_gets_it_over_websocket)
     cr_assert_not_null(ws, "WebSocket connect: HTTP %d", http);
 
     /* Presence is written by a worker after the upgrade: wait until GetPresence says so. */
-    bool online = false;
-    for (int i = 0; i < 100 && !online; i++) {
-        Meshgate__V1__GetPresenceRequest rq = MESHGATE__V1__GET_PRESENCE_REQUEST__INIT;
-        char *users[] = {"wendy"};
-        rq.n_users = 1;
-        rq.users = users;
-        ProtobufCMessage *out = NULL;
-        cr_assert_eq(mg_grpc_call(client, MG_RPC_GET_PRESENCE, &rq.base,
-                                  &meshgate__v1__get_presence_response__descriptor, 5000, &out,
-                                  NULL),
-                     GRPC_STATUS_OK);
-        online = ((Meshgate__V1__GetPresenceResponse *)out)->users[0]->online;
-        protobuf_c_message_free_unpacked(out, NULL);
-        if (!online) {
-            struct timespec ts = {0, 20 * 1000 * 1000};
-            nanosleep(&ts, NULL);
-        }
-    }
-    cr_assert(online, "wendy never showed up in presence");
+    cr_assert(mg_tc_wait_presence(client, "wendy", true, 2000),
+              "wendy never showed up in presence");
 
     Meshgate__V1__SendMessageResponse *r = NULL;
     cr_assert_eq(

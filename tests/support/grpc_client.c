@@ -7,6 +7,7 @@
 #include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 Meshgate__V1__Message mg_tc_text_message(const char *from, const char *to, const char *id,
@@ -55,6 +56,29 @@ grpc_status_code mg_tc_health(mg_grpc_client *c, const char *service, int timeou
     if (out)
         protobuf_c_message_free_unpacked(out, NULL);
     return st;
+}
+
+bool mg_tc_wait_presence(mg_grpc_client *c, const char *user, bool want, int timeout_ms)
+{
+    for (int waited = 0;; waited += 20) {
+        Meshgate__V1__GetPresenceRequest rq = MESHGATE__V1__GET_PRESENCE_REQUEST__INIT;
+        char *users[] = {(char *)user};
+        rq.n_users = 1;
+        rq.users = users;
+        ProtobufCMessage *out = NULL;
+        bool online = false;
+        if (mg_grpc_call(c, MG_RPC_GET_PRESENCE, &rq.base,
+                         &meshgate__v1__get_presence_response__descriptor, 5000, &out,
+                         NULL) == GRPC_STATUS_OK)
+            online = ((Meshgate__V1__GetPresenceResponse *)out)->users[0]->online;
+        if (out)
+            protobuf_c_message_free_unpacked(out, NULL);
+        if (online == want)
+            return true;
+        if (waited >= timeout_ms)
+            return false;
+        nanosleep(&(struct timespec){0, 20 * 1000 * 1000}, NULL);
+    }
 }
 
 grpc_status_code mg_tc_deliver(mg_grpc_client *c, const char *from, const char *to, const char *id,

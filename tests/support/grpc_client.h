@@ -44,6 +44,10 @@ grpc_status_code mg_tc_deliver(mg_grpc_client *c, const char *from, const char *
 mg_grpc_client *mg_tc_client(const char *target, const char *token, const char *ca_file,
                              const char *cert_file, const char *key_file);
 
+/* Waits up to timeout_ms, asking GetPresence every 20 ms, until it says user is
+ * online (want true) or offline; returns whether it did. */
+bool mg_tc_wait_presence(mg_grpc_client *c, const char *user, bool want, int timeout_ms);
+
 /* Health/Check of service; *status gets the ServingStatus on OK. */
 grpc_status_code mg_tc_health(mg_grpc_client *c, const char *service, int timeout_ms, int *status,
                               char **details);
