@@ -52,6 +52,15 @@ mg_msg *mg_msg_dup_to(const mg_msg *m, const char *to)
     return d;
 }
 
+mg_msg *mg_msg_view_to(const mg_msg *m, const char *to)
+{
+    size_t n = strlen(to) + 1;
+    mg_msg *v = mg_xmalloc(sizeof(*v) + n);
+    *v = *m;
+    v->to = memcpy(v + 1, to, n);
+    return v;
+}
+
 mg_msg *mg_msg_dup(const mg_msg *m)
 {
     return mg_msg_dup_to(m, m->to);

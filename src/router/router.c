@@ -258,6 +258,7 @@ typedef struct route_op {
 } route_op;
 
 struct batch {
+    mg_msg *msg; /* the message every op's msg is a view of */
     mg_send_result *res;
     size_t n;
     atomic_size_t left;
@@ -347,6 +348,7 @@ static void batch_slot_done(batch *b, size_t i, const mg_send_result *res)
         b->res[i] = *res;
     if (atomic_fetch_sub(&b->left, 1) == 1) {
         b->done(b->arg, b->res, b->n);
+        mg_msg_free(b->msg);
         free(b->res);
         free(b->ops);
         free(b);
@@ -1058,6 +1060,7 @@ int mg_router_send_batch(mg_router *r, const mg_msg *msg, const char *const *to,
     if (!admit(r, n))
         return -EAGAIN;
     batch *b = mg_new(batch);
+    b->msg = mg_msg_dup(msg);
     b->res = mg_xcalloc(n ? n : 1, sizeof(*b->res));
     b->n = n;
     b->done = done;
@@ -1071,7 +1074,7 @@ int mg_router_send_batch(mg_router *r, const mg_msg *msg, const char *const *to,
             batch_slot_done(b, i, NULL);
             continue;
         }
-        route_op *op = op_new(r, msg, to[i], deadline_ms, false, NULL);
+        route_op *op = op_new(r, msg, to[i], deadline_ms, false, mg_msg_view_to(b->msg, to[i]));
         op->b = b;
         op->index = i;
         b->ops[b->nops++] = op;

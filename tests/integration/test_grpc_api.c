@@ -169,6 +169,7 @@ Test(grpc_api, bad_inputs_get_the_right_codes)
     cr_assert_eq(mg_grpc_call(client, many, &mr.base,
                               &meshgate__v1__deliver_batch_response__descriptor, 5000, &mout, &d),
                  GRPC_STATUS_OK, "%s", d);
+    free(d);
     Meshgate__V1__DeliverBatchResponse *br = (Meshgate__V1__DeliverBatchResponse *)mout;
     cr_assert_eq(br->n_results, 1);
     cr_expect_eq(br->results[0]->status,
