@@ -2,10 +2,13 @@
  * Redis Cluster, Consul and Kafka: a sender that waits for each answer
  * (HIGH) sees its messages arrive in order on the gRPC path (same region)
  * and on the Kafka path (a cold cross-region pair: keyed by recipient, one
- * partition, one consumer). */
+ * partition, one consumer); so does a WebSocket sender that does not wait,
+ * whose sends overlap on Kafka (the chain goes on at the produce) and not on
+ * gRPC direct. */
 #include "support/grpc_client.h"
 #include "support/mg_test.h"
 #include "support/ws_client.h"
+#include "support/ws_json.h"
 
 #include <criterion/criterion.h>
 #include <jansson.h>
@@ -43,6 +46,8 @@ static mg_gw *spawn(const char *tag, const char *name, const char *region)
                           region,
                           "--hot-threshold",
                           "1000000", /* every pair stays cold */
+                          "--peer-coalesce-calls",
+                          "0", /* a call per delivery: calls in flight could overtake */
                           NULL};
     mg_gw *gw = mg_gw_spawn(id, args);
     cr_assert_not_null(gw, "gateway %s did not start", id);
@@ -131,6 +136,18 @@ Test(ordering_paths, grpc_and_kafka_keep_a_waiting_senders_order, .timeout = 240
     cr_expect_eq(out_of_order(rx_near), 0, "gRPC path: messages out of order");
     send_numbered(cli, far, MESHGATE__V1__PATH__PATH_KAFKA);
     cr_expect_eq(out_of_order(rx_far), 0, "Kafka path: messages out of order");
+
+    /* A WebSocket sender that does not wait for its acks: its sends
+     * overlap on the Kafka path and still arrive in order; on gRPC direct
+     * (separate calls could overtake each other) they do not overlap. */
+    char ws_sender[64];
+    snprintf(ws_sender, sizeof(ws_sender), "%s-ws", tag);
+    mg_wsc *tx = connect_user(a, ws_sender);
+    mg_wsc_send_acked(tx, near, near, N_MSGS, "delivered");
+    cr_expect_eq(out_of_order(rx_near), 0, "gRPC path, pipelined: messages out of order");
+    mg_wsc_send_acked(tx, far, far, N_MSGS, "queued");
+    cr_expect_eq(out_of_order(rx_far), 0, "Kafka path, pipelined: messages out of order");
+    mg_wsc_free(tx);
 
     mg_grpc_client_free(cli);
     mg_wsc_free(rx_near);
