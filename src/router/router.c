@@ -850,7 +850,7 @@ static void attempt_start(route_op *op, const char *gateway_id, const char *regi
     mg_router *r = op->r;
     attempt *a = mg_new(attempt);
     a->op = op;
-    if (op->hs)
+    if (op->hs && op->round == 0) /* a second lookup's attempts are never early */
         a->hs = &op->hs[op->nhs++];
     a->target = (mg_route_target){gateway_id, region};
     if (op->presence_rc != 0) {
@@ -917,7 +917,7 @@ static void op_route(route_op *op)
                 attempt_start(op, op->conns.items[i].gateway_id, op->conns.items[i].region);
         }
     }
-    if (op->hs) {
+    if (op->hs && op->round == 0) {
         /* every attempt's order fixed (or reached): the sender may go on */
         bool fixed = op->nhs > 0;
         for (size_t i = 0; i < op->nhs && fixed; i++) {

@@ -655,6 +655,10 @@ Test(route_op, handed_at_an_ordering_hand_off_else_at_the_answer)
     probe_send(&p, "h-grpc", "peer-bob");
     cr_assert_eq(p.status, MG_STATUS_DELIVERED);
     cr_assert_geq(p.completions_at_handed, 1, "gRPC: handed only after the peer answered");
+    /* NOT_CONNECTED, a second lookup, the inbox: handed with the answer */
+    probe_send(&p, "h-stale", "stale-bob");
+    cr_assert_eq(p.status, MG_STATUS_STORED);
+    cr_assert_eq(p.completions_at_handed, 2, "second lookup: handed after both attempts");
     /* gRPC failed, then Kafka: a fallback is not a hand-off; nor is the inbox */
     grpc_t.answer = MG_STATUS_FAILED;
     probe_send(&p, "h-fallback", "peer-bob");
