@@ -1044,6 +1044,12 @@ int mg_router_send_handed(mg_router *r, const mg_msg *msg, int64_t deadline_ms, 
     return send_one(r, msg, deadline_ms, false, done, handed, arg, NULL);
 }
 
+int mg_router_send_msg_handed(mg_router *r, mg_msg *msg, int64_t deadline_ms, mg_send_done done,
+                              mg_send_handed handed, void *arg)
+{
+    return send_one(r, msg, deadline_ms, false, done, handed, arg, msg);
+}
+
 int mg_router_send_msg(mg_router *r, mg_msg *msg, int64_t deadline_ms, mg_send_done done, void *arg)
 {
     return send_one(r, msg, deadline_ms, false, done, NULL, arg, msg);

@@ -103,6 +103,9 @@ typedef void (*mg_send_handed)(void *arg);
  * mg_router_send; on -EAGAIN neither callback runs. */
 int mg_router_send_handed(mg_router *r, const mg_msg *msg, int64_t deadline_ms, mg_send_done done,
                           mg_send_handed handed, void *arg);
+/* As mg_router_send_handed, but msg is taken as by mg_router_send_msg. */
+int mg_router_send_msg_handed(mg_router *r, mg_msg *msg, int64_t deadline_ms, mg_send_done done,
+                              mg_send_handed handed, void *arg);
 /* As mg_router_send, but msg (from mg_msg_new or a dup, recipient msg->to)
  * is taken instead of copied: the router frees it, whatever the return. For
  * a front end that made the message for this send only. */

@@ -2,10 +2,11 @@
  * Redis Cluster, Consul and Kafka: a sender that waits for each answer
  * (HIGH) sees its messages arrive in order on the gRPC path (same region)
  * and on the Kafka path (a cold cross-region pair: keyed by recipient, one
- * partition, one consumer); so does a WebSocket sender that does not wait,
- * whose sends overlap on Kafka (the chain goes on at the produce) and not on
- * gRPC direct. */
+ * partition, one consumer); so do a WebSocket sender that does not wait
+ * and a SendStream, whose sends overlap on Kafka (the chain goes on at the
+ * produce) and not on gRPC direct. */
 #include "support/grpc_client.h"
+#include "support/grpc_stream_client.h"
 #include "support/mg_test.h"
 #include "support/ws_client.h"
 #include "support/ws_json.h"
@@ -148,6 +149,34 @@ Test(ordering_paths, grpc_and_kafka_keep_a_waiting_senders_order, .timeout = 240
     mg_wsc_send_acked(tx, far, far, N_MSGS, "queued");
     cr_expect_eq(out_of_order(rx_far), 0, "Kafka path, pipelined: messages out of order");
     mg_wsc_free(tx);
+
+    /* SendStream: its chain per recipient works the same way */
+    uint8_t *reqs[2 * N_MSGS];
+    size_t lens[2 * N_MSGS];
+    for (int i = 0; i < 2 * N_MSGS; i++) {
+        char id[96], text[16];
+        const char *to = i % 2 ? far : near;
+        snprintf(id, sizeof(id), "%s-s%d", to, i / 2);
+        snprintf(text, sizeof(text), "%d", i / 2);
+        reqs[i] = mg_tc_stream_request("ord-sender", to, id, text, 1, &lens[i]);
+    }
+    mg_tc_stream_out out;
+    grpc_status_code st = mg_tc_stream(a->grpc_addr, NULL, (const uint8_t *const *)reqs, lens,
+                                       2 * N_MSGS, 60000, &out);
+    cr_assert_eq(st, GRPC_STATUS_OK, "stream status %d: %s", st, out.details);
+    cr_assert_eq(out.n, 2 * N_MSGS, "one result per message (%zu)", out.n);
+    for (size_t i = 0; i < out.n; i++)
+        cr_assert(out.results[i]->result->status ==
+                          MESHGATE__V1__DELIVERY_STATUS__DELIVERY_STATUS_DELIVERED ||
+                      out.results[i]->result->status ==
+                          MESHGATE__V1__DELIVERY_STATUS__DELIVERY_STATUS_QUEUED,
+                  "%s: status %d (%s)", out.results[i]->id, out.results[i]->result->status,
+                  out.results[i]->result->reason);
+    mg_tc_stream_out_free(&out);
+    for (int i = 0; i < 2 * N_MSGS; i++)
+        free(reqs[i]);
+    cr_expect_eq(out_of_order(rx_near), 0, "gRPC path, SendStream: messages out of order");
+    cr_expect_eq(out_of_order(rx_far), 0, "Kafka path, SendStream: messages out of order");
 
     mg_grpc_client_free(cli);
     mg_wsc_free(rx_near);
