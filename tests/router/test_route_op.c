@@ -645,7 +645,7 @@ static bool probe_send(probe *p, const char *id, const char *to)
 Test(route_op, handed_at_an_ordering_hand_off_else_at_the_answer)
 {
     probe p;
-    kafka_t.delay_ms = 200;
+    kafka_t.delay_ms = 50;
     /* local (queued to the connections) and Kafka (produced): before the answer */
     cr_assert(probe_send(&p, "h-local", "local-bob"), "local: handed at the hub's queue");
     cr_assert_eq(p.status, MG_STATUS_DELIVERED);
