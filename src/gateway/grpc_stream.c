@@ -16,8 +16,12 @@
  * result and starts a send when none is outstanding; a send's completion
  * starts the next.
  *
- * Order: messages to one recipient are routed one after another in stream
- * order (a chain per recipient with a message in flight); different
+ * Order: messages to one recipient are started one after another in stream
+ * order (a chain per recipient with a message whose order is not yet
+ * fixed): the next starts once the router says the one before reached a
+ * path that fixes its order (mg_router_send_msg_handed: queued to the local
+ * connections, produced to Kafka, published to NATS or queued for SPUBLISH),
+ * or else once it answered (gRPC direct, a fallback, the inbox); different
  * recipients in parallel. The window bounds a stream: when
  * MG_STREAM_WINDOW messages are being routed, waiting for their turn or
  * waiting for their result to be sent, no receive is started, so HTTP/2
@@ -70,7 +74,8 @@ struct waiting {
     mg_msg *msg;
 };
 
-/* A recipient with a message in flight: the ones queued behind it. */
+/* A recipient with a message whose order is not yet fixed: the ones queued
+ * behind it. */
 struct chain {
     struct waiting *head, *tail;
 };
@@ -266,14 +271,13 @@ static void push_result(struct stream *st, const char *id, const char *to,
 
 static void pump(struct stream *st);
 
-/* A HIGH message's result: queue it, start the recipient's next message. */
-static void routed_done(void *arg, const mg_send_result *res)
+/* A HIGH message's order is fixed (before its result): start the
+ * recipient's next message. */
+static void routed_handed(void *arg)
 {
     struct routed *x = arg;
     struct stream *st = x->st;
     pthread_mutex_lock(&st->mu);
-    st->held--; /* the message leaves the window, its result (if kept) enters it */
-    push_result(st, x->id, x->to, res);
     struct chain *ch = mg_map_get(st->chains, x->to);
     struct waiting *next = ch ? ch->head : NULL;
     if (next) {
@@ -290,17 +294,28 @@ static void routed_done(void *arg, const mg_send_result *res)
         mg_map_del(st->chains, x->to);
         free(ch);
     }
+    pthread_mutex_unlock(&st->mu);
+    if (next)
+        pump(st);
+}
+
+/* A HIGH message's result (after routed_handed): queue it. */
+static void routed_done(void *arg, const mg_send_result *res)
+{
+    struct routed *x = arg;
+    struct stream *st = x->st;
+    pthread_mutex_lock(&st->mu);
+    st->held--; /* the message leaves the window, its result (if kept) enters it */
+    push_result(st, x->id, x->to, res);
     maybe_send(st);
     pthread_mutex_unlock(&st->mu);
     free(x);
-    if (next)
-        pump(st);
     unref(st);
 }
 
-/* Starts the messages whose turn came, one thread at a time (a result that
- * completes inside mg_router_send queues its successor here instead of
- * recursing). */
+/* Starts the messages whose turn came, one thread at a time (a message
+ * handed inside mg_router_send_msg_handed queues its successor here instead
+ * of recursing). */
 static void pump(struct stream *st)
 {
     pthread_mutex_lock(&st->mu);
@@ -328,7 +343,9 @@ static void pump(struct stream *st)
         int64_t deadline = mg_mono_ms() + st->s->max_deadline_ms;
         if (deadline > st->call_deadline_ms)
             deadline = st->call_deadline_ms;
-        if (mg_router_send_msg(st->s->router, msg, deadline, routed_done, x) < 0) {
+        if (mg_router_send_msg_handed(st->s->router, msg, deadline, routed_done, routed_handed, x) <
+            0) {
+            routed_handed(x);
             mg_send_result res;
             memset(&res, 0, sizeof(res));
             res.status = MG_STATUS_FAILED;

@@ -20,15 +20,20 @@
  *   context on the control thread.
  * - Order across loops: a connection's sends are chained (below) and each
  *   delivery is queued to every recipient connection, on whatever loop,
- *   before it answers; so each of them sees one sender's messages in order.
- * - Nothing blocks a loop: a client "send" is parsed here and
- *   started as a router operation (mg_router_send returns at once). One
- *   connection's sends are chained: operation k+1 starts when k answered
- *   (from whichever thread completed it), so the order guarantees hold
- *   without a thread per connection. The answer posts the ack back through
- *   the hub by connection id (the connection may be gone by then; the hub
- *   then drops it). A LOW send is acked "accepted" at once and chained like
- *   the others. Beyond MAX_CHAINED sends waiting on one connection, or when
+ *   before its order counts as fixed; so each of them sees one sender's
+ *   messages in order.
+ * - Nothing blocks a loop: a client "send" is parsed here and started as a
+ *   router operation (mg_router_send_handed returns at once). One
+ *   connection's sends are chained: operation k+1 starts when k's order is
+ *   fixed (the router's handed callback: k was queued to the local
+ *   connections, produced to Kafka, published to NATS or queued for
+ *   SPUBLISH; for gRPC direct, a fallback or the inbox, when k answered),
+ *   from whichever thread said so, so the order guarantees hold without a
+ *   thread per connection while sends on the buses overlap. Each answer
+ *   posts its own ack back through the hub by connection id (acks may come
+ *   in any order; the connection may be gone by then, and the hub then drops
+ *   it). A LOW send is acked "accepted" at once and chained like the others.
+ *   Beyond MAX_CHAINED sends waiting or in flight on one connection, or when
  *   the router is at its bound, the ack is {status:failed,
  *   reason:overloaded}.
  * - Presence changes and inbox acks block on the stores: they are worker
@@ -98,7 +103,7 @@
 #define WRITE_BURST         64          /* frames written per writable callback */
 #define READY_BATCH         512         /* ready connections taken from the hub at once */
 #define COALESCE_BYTES      65536       /* payload bytes framed into one write */
-#define MAX_CHAINED         1024        /* sends waiting behind a connection's operation */
+#define MAX_CHAINED         1024        /* a connection's sends waiting or in flight */
 #define WAIT_CHECK_US       (50 * 1000) /* the write-wait timer's period */
 #define SUL_TICK_SECONDS    0.1         /* lws timers run at most this late */
 #define PING_SLOT_MS        100         /* the ping wheel's step */
@@ -281,27 +286,42 @@ typedef struct pend {
     mg_msg *msg;
 } pend;
 
-/* A connection's sends in order: at most one operation in flight. Shared
- * by the connection (until it closes) and the operation in flight; freed
- * by whichever lets go last. Fields under mu. */
+/* A connection's sends in order: each starts once the one before was
+ * handed to a path that fixes its order (mg_router_send_handed), so at most
+ * one operation is not yet handed (it holds the gate) while the handed ones
+ * wait for their answers. Shared by the connection (until it closes) and
+ * the operations in flight; freed by whichever lets go last. Fields under
+ * mu. */
 struct chain {
     mg_ws_server *ws;
     pthread_mutex_t mu;
     pend *head, *tail;
-    uint32_t queued;
-    bool busy;      /* an operation is in flight */
-    bool closed;    /* the connection is gone */
-    bool starting;  /* chain_run is inside mg_router_send */
-    bool sync_done; /* ... and the operation answered meanwhile */
-    mg_msg *cur;    /* the operation in flight's message */
-    mg_span *span;  /* its "ws send" span, when traced */
+    uint32_t queued;   /* sends waiting for the gate */
+    uint32_t inflight; /* operations started and not answered */
+    bool gate;         /* held by the operation not yet handed, or by chain_run */
+    bool closed;       /* the connection is gone */
+    bool starting;     /* chain_run is inside mg_router_send_handed ... */
+    bool sync_handed;  /* ... and that operation was handed meanwhile */
     char conn_id[];
 };
+
+/* One operation of the chain: what its answer needs. */
+typedef struct chain_op {
+    chain *ch;
+    mg_msg *msg;
+    mg_span *span; /* its "ws send" span, when traced */
+} chain_op;
 
 static void chain_free(chain *ch)
 {
     pthread_mutex_destroy(&ch->mu);
     free(ch);
+}
+
+/* Under ch->mu: whether nobody holds the chain any more. */
+static bool chain_unused(const chain *ch)
+{
+    return ch->closed && !ch->gate && ch->inflight == 0;
 }
 
 static void ack(mg_ws_server *ws, const char *conn_id, const char *id, const mg_send_result *res)
@@ -323,14 +343,15 @@ static void ack_overloaded(mg_ws_server *ws, const char *conn_id, const char *id
     post_text(ws, conn_id, t, len);
 }
 
-/* Under ch->mu: the next message, or NULL after marking the chain idle. */
+/* Under ch->mu, gate held: the next message, or NULL after opening the gate
+ * (*free_it: and nobody holds the chain any more). */
 static mg_msg *chain_next(chain *ch, bool *free_it)
 {
     pend *p = ch->head;
     *free_it = false;
     if (!p) {
-        ch->busy = false;
-        *free_it = ch->closed;
+        ch->gate = false;
+        *free_it = chain_unused(ch);
         return NULL;
     }
     ch->head = p->next;
@@ -343,36 +364,44 @@ static mg_msg *chain_next(chain *ch, bool *free_it)
 }
 
 static void chain_done(void *arg, const mg_send_result *res);
+static void chain_handed(void *arg);
 
-/* Runs m and then the chain's next messages until one answers later. The
- * caller owns the chain's busy flag. */
+/* Runs m and then the chain's next messages until one is handed later. The
+ * caller holds the gate. */
 static void chain_run(chain *ch, mg_msg *m)
 {
     mg_ws_server *ws = ch->ws;
     while (m) {
-        mg_span *sp = mg_span_start(&m->trace, "ws send", MG_SPAN_SERVER, &m->trace);
-        mg_span_attr(sp, "messaging.message.id", m->id);
-        mg_span_attr(sp, "meshgate.gateway", ws->gateway_id);
+        chain_op *l = mg_new(chain_op);
+        l->ch = ch;
+        l->msg = m;
+        l->span = mg_span_start(&m->trace, "ws send", MG_SPAN_SERVER, &m->trace);
+        mg_span_attr(l->span, "messaging.message.id", m->id);
+        mg_span_attr(l->span, "meshgate.gateway", ws->gateway_id);
         pthread_mutex_lock(&ch->mu);
-        ch->cur = m;
-        ch->span = sp;
+        ch->inflight++;
         ch->starting = true;
-        ch->sync_done = false;
+        ch->sync_handed = false;
         pthread_mutex_unlock(&ch->mu);
-        int rc = mg_router_send(ws->router, m, mg_mono_ms() + ws->send_deadline_ms, chain_done, ch);
+        int rc = mg_router_send_handed(ws->router, m, mg_mono_ms() + ws->send_deadline_ms,
+                                       chain_done, chain_handed, l);
+        pthread_mutex_lock(&ch->mu);
+        ch->starting = false;
+        if (rc < 0)
+            ch->inflight--;
+        bool later = rc == 0 && !ch->sync_handed; /* chain_handed continues the chain */
+        pthread_mutex_unlock(&ch->mu);
         if (rc < 0) {
             if (m->priority != MG_PRIO_LOW)
                 ack_overloaded(ws, ch->conn_id, m->id);
-            mg_span_end(sp, true, MG_WS_ERR_OVERLOADED);
+            mg_span_end(l->span, true, MG_WS_ERR_OVERLOADED);
             mg_msg_free(m);
+            free(l);
         }
-        pthread_mutex_lock(&ch->mu);
-        ch->starting = false;
-        if (rc == 0 && !ch->sync_done) { /* chain_done continues the chain */
-            pthread_mutex_unlock(&ch->mu);
+        if (later)
             return;
-        }
         bool free_it;
+        pthread_mutex_lock(&ch->mu);
         m = chain_next(ch, &free_it);
         pthread_mutex_unlock(&ch->mu);
         if (free_it)
@@ -380,35 +409,50 @@ static void chain_run(chain *ch, mg_msg *m)
     }
 }
 
-/* The answer of the chain's operation in flight (any thread). */
+/* The order of the operation holding the gate is fixed (any thread; before
+ * its answer): the next send may start. */
+static void chain_handed(void *arg)
+{
+    chain *ch = ((chain_op *)arg)->ch;
+    pthread_mutex_lock(&ch->mu);
+    if (ch->starting) { /* handed inside mg_router_send_handed: chain_run goes on */
+        ch->sync_handed = true;
+        pthread_mutex_unlock(&ch->mu);
+        return;
+    }
+    bool free_it; /* never: this operation is still in flight */
+    mg_msg *next = chain_next(ch, &free_it);
+    pthread_mutex_unlock(&ch->mu);
+    if (next)
+        chain_run(ch, next);
+}
+
+/* The answer of one of the chain's operations (any thread, after its
+ * chain_handed): its own ack, whatever the order of the others'. */
 static void chain_done(void *arg, const mg_send_result *res)
 {
-    chain *ch = arg;
-    mg_msg *m = ch->cur;
-    mg_msg_trace_end(ch->span, res->status, res->path, res->connections, res->reason);
+    chain_op *l = arg;
+    chain *ch = l->ch;
+    mg_msg *m = l->msg;
+    mg_msg_trace_end(l->span, res->status, res->path, res->connections, res->reason);
     if (m->priority != MG_PRIO_LOW)
         ack(ch->ws, ch->conn_id, m->id, res);
     else if (res->status == MG_STATUS_FAILED)
         mg_log_debug("ws", "low priority send failed conn=%s msg_id=%s reason=%s", ch->conn_id,
                      m->id, res->reason);
     mg_msg_free(m);
+    free(l);
     pthread_mutex_lock(&ch->mu);
-    ch->cur = NULL;
-    if (ch->starting) { /* answered inside mg_router_send: chain_run goes on */
-        ch->sync_done = true;
-        pthread_mutex_unlock(&ch->mu);
-        return;
-    }
-    bool free_it;
-    mg_msg *next = chain_next(ch, &free_it);
+    ch->inflight--;
+    bool free_it = chain_unused(ch);
     pthread_mutex_unlock(&ch->mu);
     if (free_it)
         chain_free(ch);
-    else if (next)
-        chain_run(ch, next);
 }
 
-/* [ws] Queues m (taken) behind the connection's sends, or starts it. */
+/* [ws] Queues m (taken) behind the connection's sends, or starts it. Sends
+ * waiting plus operations in flight stay within MAX_CHAINED; beyond it the
+ * send is refused (overloaded). */
 static void chain_send(mg_ws_server *ws, pss *p, const char *conn_id, mg_msg *m)
 {
     chain *ch = p->ch;
@@ -421,17 +465,17 @@ static void chain_send(mg_ws_server *ws, pss *p, const char *conn_id, mg_msg *m)
         p->ch = ch;
     }
     pthread_mutex_lock(&ch->mu);
-    if (!ch->busy) {
-        ch->busy = true;
-        pthread_mutex_unlock(&ch->mu);
-        chain_run(ch, m);
-        return;
-    }
-    if (ch->queued >= MAX_CHAINED) {
+    if (ch->queued + ch->inflight >= MAX_CHAINED) {
         pthread_mutex_unlock(&ch->mu);
         if (m->priority != MG_PRIO_LOW)
             ack_overloaded(ws, conn_id, m->id);
         mg_msg_free(m);
+        return;
+    }
+    if (!ch->gate) {
+        ch->gate = true;
+        pthread_mutex_unlock(&ch->mu);
+        chain_run(ch, m);
         return;
     }
     pend *e = mg_new(pend);
@@ -454,7 +498,7 @@ static void chain_release(pss *p)
     p->ch = NULL;
     pthread_mutex_lock(&ch->mu);
     ch->closed = true;
-    bool free_now = !ch->busy;
+    bool free_now = chain_unused(ch);
     pthread_mutex_unlock(&ch->mu);
     if (free_now)
         chain_free(ch);

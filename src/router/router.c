@@ -23,6 +23,14 @@
  * route_ops sharing one presence lookup and one answer, counted down as
  * each completes; nothing waits for any of them.
  *
+ * A send with a handed callback (mg_router_send_handed) learns when its
+ * order is fixed: each first-round attempt has a slot (op->hs) set once,
+ * by whichever comes first of the return of the deliver that started it
+ * (HANDED on a transport with orders_on_return, else UNORDERED) and its
+ * first completion (REACHED or FAILED); op_route, still holding the round,
+ * reads the slots once every attempt started and calls handed when all are
+ * HANDED or REACHED; otherwise op_complete calls it just before done.
+ *
  * Every local write goes through the local transport (transport_local.c),
  * which holds the dedupe window.
  *
@@ -251,6 +259,10 @@ typedef struct route_op {
     mg_send_result res;
     size_t stale; /* gateways that answered NOT_CONNECTED this round */
     mg_send_done done;
+    mg_send_handed handed; /* or NULL (mg_router_send_handed) */
+    bool handed_fired;
+    _Atomic unsigned char *hs; /* round 0's attempts' hand state (hand_state), when handed */
+    size_t nhs;
     void *arg;
     batch *b; /* or part of a batch: its slot */
     size_t index;
@@ -268,13 +280,19 @@ struct batch {
     size_t nops;
 };
 
+/* Where a first-round attempt of an operation with a handed callback is:
+ * set once from RUNNING, by whichever comes first of its first completion
+ * (attempt_done) and the return of the deliver that started it. */
+enum hand_state { HS_RUNNING, HS_HANDED, HS_UNORDERED, HS_REACHED, HS_FAILED };
+
 /* One recipient gateway: the plan being walked. */
 typedef struct attempt {
     route_op *op;
     mg_route_target target;
     mg_path plan[MG_PLAN_MAX];
     size_t nplan, step;
-    mg_span *span; /* the current step's transport attempt, when traced */
+    mg_span *span;             /* the current step's transport attempt, when traced */
+    _Atomic unsigned char *hs; /* its slot in op->hs until its first completion, or NULL */
 } attempt;
 
 static void op_route(route_op *op);
@@ -355,10 +373,22 @@ static void batch_slot_done(batch *b, size_t i, const mg_send_result *res)
     }
 }
 
+/* The operation's order is fixed: tells the sender, once. Runs from
+ * op_route (round 0, before its op_settle) or op_complete, never both at
+ * once: the round's guard keeps op_complete out until op_route is over. */
+static void op_handed(route_op *op)
+{
+    if (op->handed && !op->handed_fired) {
+        op->handed_fired = true;
+        op->handed(op->arg);
+    }
+}
+
 /* The operation's end: its answer, then it is freed. */
 static void op_complete(route_op *op)
 {
     mg_router *r = op->r;
+    op_handed(op);
     mg_histogram_observe_us(r->latency[op->res.path], mg_mono_us() - op->start_us);
     if (op->lookup_span) /* its job never ran (the store pool refused it) */
         mg_span_end(op->lookup_span, true, "not started");
@@ -370,6 +400,7 @@ static void op_complete(route_op *op)
     mg_presence_list_clear(&op->conns);
     mg_msg_free(op->msg);
     pthread_mutex_destroy(&op->mu);
+    free(op->hs);
     free(op);
     release(r, 1);
 }
@@ -746,9 +777,15 @@ static void attempt_next(attempt *a)
             return; /* batch_flush starts it */
         mg_msg m;
         attempt_trace(a, t, &m, false);
+        _Atomic unsigned char *hs = a->hs; /* op_route's guard keeps it alive past deliver */
         int rc = t ? t->ops->deliver(t, &a->target, &m, op->deadline, attempt_done, a) : -ENOSYS;
-        if (rc == 0)
+        if (rc == 0) {
+            unsigned char running = HS_RUNNING;
+            if (hs)
+                atomic_compare_exchange_strong(hs, &running,
+                                               t->ops->orders_on_return ? HS_HANDED : HS_UNORDERED);
             return;
+        }
         snprintf(reason, sizeof(reason), "%s: %s", mg_path_name(p), strerror(-rc));
         attempt_trace_end(a, NULL, reason);
         if (a->step + 1 == a->nplan)
@@ -770,8 +807,14 @@ static void attempt_done(void *arg, const mg_deliver_outcome *out)
     mg_router *r = op->r;
     mg_path p = a->plan[a->step];
     attempt_trace_end(a, out, out->reason[0] ? out->reason : "delivery failed");
-    if (out->status == MG_STATUS_DELIVERED || out->status == MG_STATUS_QUEUED ||
-        out->status == MG_STATUS_ACCEPTED) {
+    bool ok = out->status == MG_STATUS_DELIVERED || out->status == MG_STATUS_QUEUED ||
+              out->status == MG_STATUS_ACCEPTED;
+    if (a->hs) { /* its first completion: it moves on (or ends) unless deliver said otherwise */
+        unsigned char running = HS_RUNNING;
+        atomic_compare_exchange_strong(a->hs, &running, ok ? HS_REACHED : HS_FAILED);
+        a->hs = NULL;
+    }
+    if (ok) {
         op_record(op, out->status, p, out->connections, NULL);
         attempt_end(a);
         return;
@@ -807,6 +850,8 @@ static void attempt_start(route_op *op, const char *gateway_id, const char *regi
     mg_router *r = op->r;
     attempt *a = mg_new(attempt);
     a->op = op;
+    if (op->hs && op->round == 0) /* a second lookup's attempts are never early */
+        a->hs = &op->hs[op->nhs++];
     a->target = (mg_route_target){gateway_id, region};
     if (op->presence_rc != 0) {
         a->plan[0] = MG_PATH_LOCAL; /* presence is down: our own connections still work */
@@ -856,6 +901,8 @@ static void op_route(route_op *op)
         mg_presence_list_clear(&op->conns);
     }
     atomic_store(&op->pending, 1);
+    if (op->handed && op->round == 0) /* a slot per attempt: at most one per connection */
+        op->hs = mg_xcalloc(op->conns.n ? op->conns.n : 1, sizeof(*op->hs));
     if (op->presence_rc != 0) {
         if (!op->queue_mode)
             attempt_start(op, r->gateway_id, r->region);
@@ -869,6 +916,16 @@ static void op_route(route_op *op)
             if (!seen)
                 attempt_start(op, op->conns.items[i].gateway_id, op->conns.items[i].region);
         }
+    }
+    if (op->hs && op->round == 0) {
+        /* every attempt's order fixed (or reached): the sender may go on */
+        bool fixed = op->nhs > 0;
+        for (size_t i = 0; i < op->nhs && fixed; i++) {
+            unsigned char st = atomic_load(&op->hs[i]);
+            fixed = st == HS_HANDED || st == HS_REACHED;
+        }
+        if (fixed)
+            op_handed(op);
     }
     op_settle(op);
 }
@@ -935,11 +992,15 @@ static void op_settle(route_op *op)
 
 /* ---- entry points ---------------------------------------------------------------- */
 
-/* A message the router cannot take (no recipient or id): answered REJECTED. */
-static bool rejected(mg_router *r, const mg_msg *msg, mg_send_done done, void *arg)
+/* A message the router cannot take (no recipient or id): answered REJECTED
+ * (handed first, when given). */
+static bool rejected(mg_router *r, const mg_msg *msg, mg_send_done done, mg_send_handed handed,
+                     void *arg)
 {
     if (msg->to[0] && msg->id[0])
         return false;
+    if (handed)
+        handed(arg);
     if (done) {
         mg_send_result res;
         memset(&res, 0, sizeof(res));
@@ -953,9 +1014,9 @@ static bool rejected(mg_router *r, const mg_msg *msg, mg_send_done done, void *a
 /* owned: msg itself when the operation takes it (mg_router_send_msg), else
  * NULL (the operation copies msg). */
 static int send_one(mg_router *r, const mg_msg *msg, int64_t deadline_ms, bool queue_mode,
-                    mg_send_done done, void *arg, mg_msg *owned)
+                    mg_send_done done, mg_send_handed handed, void *arg, mg_msg *owned)
 {
-    if (rejected(r, msg, done, arg)) {
+    if (rejected(r, msg, done, handed, arg)) {
         mg_msg_free(owned);
         return 0;
     }
@@ -965,6 +1026,7 @@ static int send_one(mg_router *r, const mg_msg *msg, int64_t deadline_ms, bool q
     }
     route_op *op = op_new(r, msg, msg->to, deadline_ms, queue_mode, owned);
     op->done = done;
+    op->handed = handed;
     op->arg = arg;
     start_lookup(op);
     return 0;
@@ -973,18 +1035,30 @@ static int send_one(mg_router *r, const mg_msg *msg, int64_t deadline_ms, bool q
 int mg_router_send(mg_router *r, const mg_msg *msg, int64_t deadline_ms, mg_send_done done,
                    void *arg)
 {
-    return send_one(r, msg, deadline_ms, false, done, arg, NULL);
+    return send_one(r, msg, deadline_ms, false, done, NULL, arg, NULL);
+}
+
+int mg_router_send_handed(mg_router *r, const mg_msg *msg, int64_t deadline_ms, mg_send_done done,
+                          mg_send_handed handed, void *arg)
+{
+    return send_one(r, msg, deadline_ms, false, done, handed, arg, NULL);
+}
+
+int mg_router_send_msg_handed(mg_router *r, mg_msg *msg, int64_t deadline_ms, mg_send_done done,
+                              mg_send_handed handed, void *arg)
+{
+    return send_one(r, msg, deadline_ms, false, done, handed, arg, msg);
 }
 
 int mg_router_send_msg(mg_router *r, mg_msg *msg, int64_t deadline_ms, mg_send_done done, void *arg)
 {
-    return send_one(r, msg, deadline_ms, false, done, arg, msg);
+    return send_one(r, msg, deadline_ms, false, done, NULL, arg, msg);
 }
 
 int mg_router_deliver_from_queue(mg_router *r, const mg_msg *msg, int64_t deadline_ms,
                                  mg_send_done done, void *arg)
 {
-    return send_one(r, msg, deadline_ms, true, done, arg, NULL);
+    return send_one(r, msg, deadline_ms, true, done, NULL, arg, NULL);
 }
 
 void mg_router_deliver_from_queue_many(mg_router *r, mg_msg *const *msgs, size_t n,
@@ -994,7 +1068,7 @@ void mg_router_deliver_from_queue_many(mg_router *r, mg_msg *const *msgs, size_t
     route_op *first = NULL, *last = NULL;
     for (size_t i = 0; i < n; i++) {
         const mg_msg *msg = msgs[i];
-        if (rejected(r, msg, done, args[i]))
+        if (rejected(r, msg, done, NULL, args[i]))
             continue;
         if (!admit(r, 1)) {
             mg_send_result res;
@@ -1328,8 +1402,8 @@ static void handover_step(handover *h)
         handover_end(h, "shutting down");
         return;
     }
-    if (send_one(h->r, h->items[h->i], mg_mono_ms() + HANDOVER_DEADLINE_MS, false, handover_sent, h,
-                 NULL) != 0)
+    if (send_one(h->r, h->items[h->i], mg_mono_ms() + HANDOVER_DEADLINE_MS, false, handover_sent,
+                 NULL, h, NULL) != 0)
         handover_end(h, "overloaded");
 }
 

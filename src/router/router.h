@@ -89,6 +89,23 @@ typedef void (*mg_batch_done)(void *arg, const mg_send_result *res, size_t n);
  * done never runs. */
 int mg_router_send(mg_router *r, const mg_msg *msg, int64_t deadline_ms, mg_send_done done,
                    void *arg);
+/* The moment a send's order is fixed (see mg_router_send_handed). */
+typedef void (*mg_send_handed)(void *arg);
+
+/* As mg_router_send, plus handed(arg), which runs exactly once and before
+ * done(arg, res), on any thread, possibly before this returns: as soon as
+ * the message's order is fixed, i.e. every recipient gateway of the first
+ * resolution was handed to a transport that fixes order on return
+ * (transport.h, orders_on_return) or already answered DELIVERED, QUEUED or
+ * ACCEPTED; otherwise (a gRPC attempt, a fallback, the inbox, a re-resolve)
+ * just before done. A sender that starts its next send from handed keeps
+ * its order on every path that fixes it (DESIGN.md, "Order"). Returns as
+ * mg_router_send; on -EAGAIN neither callback runs. */
+int mg_router_send_handed(mg_router *r, const mg_msg *msg, int64_t deadline_ms, mg_send_done done,
+                          mg_send_handed handed, void *arg);
+/* As mg_router_send_handed, but msg is taken as by mg_router_send_msg. */
+int mg_router_send_msg_handed(mg_router *r, mg_msg *msg, int64_t deadline_ms, mg_send_done done,
+                              mg_send_handed handed, void *arg);
 /* As mg_router_send, but msg (from mg_msg_new or a dup, recipient msg->to)
  * is taken instead of copied: the router frees it, whatever the return. For
  * a front end that made the message for this send only. */

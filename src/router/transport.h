@@ -75,6 +75,17 @@ struct mg_transport_ops {
      * network.peer.address and network.peer.port. Must not block. May be
      * NULL: nothing to add. */
     void (*trace_attrs)(mg_transport *t, const mg_route_target *target, mg_span *span);
+    /* Whether deliver() returning 0 fixes the message's order: a later
+     * deliver of the same sender's message to the same target and recipient
+     * on this transport cannot overtake it, whenever their completions run
+     * (local: queued to every connection; kafka: produced into the
+     * recipient's partition by the idempotent producer; nats: published on
+     * the transport's one connection; redis-pubsub: queued for SPUBLISH on
+     * the one connection to the channel's master). The router then tells a
+     * sender that asked (mg_router_send_handed) that it may start the next
+     * send before this one answered. False for a transport whose separate
+     * calls can reorder (grpc). */
+    bool orders_on_return;
 };
 
 struct mg_transport {

@@ -980,6 +980,7 @@ static void tk_free(mg_transport *t);
 static const struct mg_transport_ops kafka_ops = {
     .name = "kafka",
     .path = MG_PATH_KAFKA,
+    .orders_on_return = true,
     .available = tk_available,
     .deliver = tk_deliver,
     .disconnect = NULL,

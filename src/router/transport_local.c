@@ -110,6 +110,7 @@ static void tl_free(mg_transport *t)
 static const struct mg_transport_ops local_ops = {
     .name = "local",
     .path = MG_PATH_LOCAL,
+    .orders_on_return = true,
     .deliver = tl_deliver,
     .disconnect = tl_disconnect,
     .free = tl_free,

@@ -872,6 +872,7 @@ static void tn_free(mg_transport *t);
 static const struct mg_transport_ops nats_ops = {
     .name = "nats",
     .path = MG_PATH_NATS,
+    .orders_on_return = true,
     .available = tn_available,
     .deliver = tn_deliver,
     .disconnect = NULL,

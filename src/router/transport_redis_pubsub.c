@@ -1142,6 +1142,7 @@ static void trp_free(mg_transport *base)
 static const struct mg_transport_ops trp_ops = {
     .name = "redis-pubsub",
     .path = MG_PATH_REDIS_PUBSUB,
+    .orders_on_return = true,
     .available = trp_available,
     .deliver = trp_deliver,
     .disconnect = NULL,

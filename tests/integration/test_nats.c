@@ -37,6 +37,7 @@
 #include "support/mg_recsink.h"
 #include "support/mg_wait.h"
 #include "support/ws_client.h"
+#include "support/ws_json.h"
 
 #include <criterion/criterion.h>
 #include <errno.h>
@@ -595,6 +596,25 @@ Test(nats_gw, two_gateways_of_a_region_deliver_over_nats)
     cr_assert_eq(mg_gw_metric(g1, "meshgate_bus_received_total{bus=\"nats\"} ") +
                      mg_gw_metric(g2, "meshgate_bus_received_total{bus=\"nats\"} "),
                  N, "each message handled by one gateway of the region");
+
+    /* A WebSocket sender that does not wait for its acks: its sends overlap
+     * (the next starts once the one before was published); each is acked
+     * QUEUED on its own and shown once. */
+    enum { NW = 300 };
+    char tx_user[64], prefix[80];
+    snprintf(tx_user, sizeof(tx_user), "nats%d-ws", (int)getpid());
+    snprintf(prefix, sizeof(prefix), "%s-p", user);
+    mg_wsc *tx = mg_wsc_connect_user(g1->ws_port, tx_user, 3000, NULL);
+    cr_assert_not_null(tx);
+    mg_wsc_send_acked(tx, user, prefix, NW, "queued");
+    mg_wsc_free(tx);
+    for (int i = 0; i < NW; i++) {
+        char id[112];
+        snprintf(id, sizeof(id), "%s-%d", prefix, i);
+        for (int w = 0; w < 400 && wsuser_count(&u, id) == 0; w++) /* 400 x 50 ms */
+            usleep(50 * 1000);
+        cr_assert_eq(wsuser_count(&u, id), 1, "%s shown %d times", id, wsuser_count(&u, id));
+    }
     wsuser_stop(&u);
     mg_grpc_client_free(cli);
     cr_expect_eq(mg_gw_stop(g1), 0);

@@ -42,6 +42,8 @@ static struct {
     pthread_t thread;
 } cq = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
 
+static atomic_int completions; /* transport completions run so far */
+
 static void *completer(void *arg)
 {
     pthread_mutex_lock(&cq.mu);
@@ -64,9 +66,10 @@ static void *completer(void *arg)
                 later_cb *n = due->next;
                 if (due->batch_done)
                     due->batch_done(due->arg, due->outs, due->n);
-                else if (due->done)
+                else if (due->done) {
+                    atomic_fetch_add(&completions, 1);
                     due->done(due->arg, &due->out);
-                else
+                } else
                     due->written(due->arg, due->n);
                 free(due->outs);
                 free(due);
@@ -246,10 +249,18 @@ static bool sc_available(mg_transport *t, const mg_route_target *target)
 
 static void sc_free(mg_transport *t) {}
 
-static const struct mg_transport_ops grpc_ops = {
-    "grpc-script", MG_PATH_GRPC, sc_available, sc_deliver, NULL, sc_free, sc_deliver_batch, NULL};
-static const struct mg_transport_ops kafka_ops = {
-    "kafka-script", MG_PATH_KAFKA, sc_available, sc_deliver, NULL, sc_free, NULL, NULL};
+static const struct mg_transport_ops grpc_ops = {.name = "grpc-script",
+                                                 .path = MG_PATH_GRPC,
+                                                 .available = sc_available,
+                                                 .deliver = sc_deliver,
+                                                 .free = sc_free,
+                                                 .deliver_batch = sc_deliver_batch};
+static const struct mg_transport_ops kafka_ops = {.name = "kafka-script",
+                                                  .path = MG_PATH_KAFKA,
+                                                  .available = sc_available,
+                                                  .deliver = sc_deliver,
+                                                  .free = sc_free,
+                                                  .orders_on_return = true};
 
 static script grpc_t, kafka_t;
 static mg_router *router;
@@ -588,4 +599,74 @@ Test(route_op, a_fetched_batch_shares_one_lookup_and_answers_each)
     mg_router_free(router);
     mg_pool_free(pool);
     router = make_router(0);
+}
+
+/* ---- handed: when a sender may start its next send ---- */
+
+typedef struct probe {
+    atomic_int handed, done;
+    int completions_at_handed;
+    bool handed_before_done;
+    mg_status status;
+} probe;
+
+static void probe_handed(void *arg)
+{
+    probe *p = arg;
+    p->completions_at_handed = atomic_load(&completions);
+    atomic_fetch_add(&p->handed, 1);
+}
+
+static void probe_done(void *arg, const mg_send_result *res)
+{
+    probe *p = arg;
+    p->handed_before_done = atomic_load(&p->handed) == 1;
+    p->status = res->status;
+    atomic_fetch_add(&p->done, 1);
+}
+
+/* Sends m with a probe; returns whether handed ran before the send returned. */
+static bool probe_send(probe *p, const char *id, const char *to)
+{
+    memset(p, 0, sizeof(*p));
+    atomic_store(&completions, 0);
+    mg_msg *m = msg(id, to);
+    cr_assert_eq(mg_router_send_handed(router, m, later(), probe_done, probe_handed, p), 0);
+    mg_msg_free(m);
+    bool early = atomic_load(&p->handed) == 1;
+    for (int i = 0; i < 500 && atomic_load(&p->done) == 0; i++) /* 500 x 10 ms */
+        usleep(10000);
+    cr_assert_eq(atomic_load(&p->done), 1, "%s answered once", id);
+    cr_assert_eq(atomic_load(&p->handed), 1, "%s handed once", id);
+    cr_assert(p->handed_before_done, "%s: handed before its answer", id);
+    return early;
+}
+
+Test(route_op, handed_at_an_ordering_hand_off_else_at_the_answer)
+{
+    probe p;
+    kafka_t.delay_ms = 50;
+    /* local (queued to the connections) and Kafka (produced): before the answer */
+    cr_assert(probe_send(&p, "h-local", "local-bob"), "local: handed at the hub's queue");
+    cr_assert_eq(p.status, MG_STATUS_DELIVERED);
+    cr_assert(probe_send(&p, "h-kafka", "far-bob"), "kafka: handed at the produce");
+    cr_assert_eq(p.status, MG_STATUS_QUEUED);
+    /* gRPC direct: separate calls may reorder, so only its answer frees the sender */
+    probe_send(&p, "h-grpc", "peer-bob");
+    cr_assert_eq(p.status, MG_STATUS_DELIVERED);
+    cr_assert_geq(p.completions_at_handed, 1, "gRPC: handed only after the peer answered");
+    /* NOT_CONNECTED, a second lookup, the inbox: handed with the answer */
+    probe_send(&p, "h-stale", "stale-bob");
+    cr_assert_eq(p.status, MG_STATUS_STORED);
+    cr_assert_eq(p.completions_at_handed, 2, "second lookup: handed after both attempts");
+    /* gRPC failed, then Kafka: a fallback is not a hand-off; nor is the inbox */
+    grpc_t.answer = MG_STATUS_FAILED;
+    probe_send(&p, "h-fallback", "peer-bob");
+    cr_assert_eq(p.status, MG_STATUS_QUEUED);
+    cr_assert_eq(p.completions_at_handed, 2, "fallback: handed at the Kafka answer");
+    probe_send(&p, "h-inbox", "off-bob"); /* the memory inbox answers at once */
+    cr_assert_eq(p.status, MG_STATUS_STORED);
+    /* rejected: handed, then the answer */
+    probe_send(&p, "h-empty", "");
+    cr_assert_eq(p.status, MG_STATUS_REJECTED);
 }

@@ -81,9 +81,9 @@ static int sc_deliver(mg_transport *t, const mg_route_target *target, const mg_m
 static void sc_free(mg_transport *t) {}
 
 static const struct mg_transport_ops grpc_ops = {
-    "grpc-script", MG_PATH_GRPC, sc_available, sc_deliver, NULL, sc_free, NULL, NULL};
+    "grpc-script", MG_PATH_GRPC, sc_available, sc_deliver, NULL, sc_free, NULL, NULL, false};
 static const struct mg_transport_ops kafka_ops = {
-    "kafka-script", MG_PATH_KAFKA, sc_available, sc_deliver, NULL, sc_free, NULL, NULL};
+    "kafka-script", MG_PATH_KAFKA, sc_available, sc_deliver, NULL, sc_free, NULL, NULL, true};
 
 static mg_router *router;
 static mg_presence *presence;
@@ -320,7 +320,7 @@ Test(router, queue_delivery_never_uses_kafka_again)
 }
 
 static const struct mg_transport_ops bus_ops = {
-    "bus-script", MG_PATH_REDIS_PUBSUB, sc_available, sc_deliver, NULL, sc_free, NULL, NULL};
+    "bus-script", MG_PATH_REDIS_PUBSUB, sc_available, sc_deliver, NULL, sc_free, NULL, NULL, true};
 
 Test(router, route_lists_pick_a_new_bus_and_end_in_the_inbox)
 {

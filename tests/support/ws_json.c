@@ -1,6 +1,7 @@
 /* ws_json.c: JSON frames and JWTs for WebSocket integration tests (see
  * ws_json.h). */
 #include "support/ws_json.h"
+#include "common/mg_alloc.h"
 
 #include <criterion/criterion.h>
 #include <jwt.h>
@@ -50,4 +51,32 @@ char *mg_test_jwt_hs256(const char *secret, const char *sub, long exp)
     jwt_free(j);
     cr_assert_not_null(t);
     return t;
+}
+
+void mg_wsc_send_acked(mg_wsc *tx, const char *user, const char *prefix, int n,
+                       const char *want_status)
+{
+    for (int i = 0; i < n; i++) {
+        char *frame =
+            mg_xasprintf("{\"type\":\"send\",\"to\":\"%s\",\"content\":\"%d\",\"id\":\"%s-%d\"}",
+                         user, i, prefix, i);
+        cr_assert_eq(mg_wsc_send_text(tx, frame), 0, "send %d of %d", i, n);
+        free(frame);
+    }
+    char *acked = mg_xcalloc((size_t)n, 1);
+    size_t plen = strlen(prefix);
+    for (int got = 0; got < n;) {
+        json_t *j = mg_wsc_recv_json(tx, 15000);
+        if (!strcmp(mg_json_str(j, "type"), "ack")) {
+            const char *id = mg_json_str(j, "id");
+            cr_assert(!strcmp(mg_json_str(j, "status"), want_status), "ack of %s: %s (%s)", id,
+                      mg_json_str(j, "status"), mg_json_str(j, "reason"));
+            int i = !strncmp(id, prefix, plen) && id[plen] == '-' ? atoi(id + plen + 1) : -1;
+            cr_assert(i >= 0 && i < n && !acked[i], "ack of %s: not sent, or acked twice", id);
+            acked[i] = 1;
+            got++;
+        }
+        json_decref(j);
+    }
+    free(acked);
 }

@@ -19,6 +19,12 @@ const char *mg_json_str(json_t *j, const char *k);
  * c when it came from the inbox ("inbox":true), as a client does. The id
  * lives as long as j. */
 const char *mg_wsc_take_message(mg_wsc *c, json_t *j);
+/* Sends n messages to user on tx back to back, not waiting (content "<i>",
+ * id "<prefix>-<i>"), then reads tx's frames until each was acked, in any
+ * order; fails the test unless every id is acked once with want_status
+ * ("delivered", "queued", ...) within 15 s of the ack before. */
+void mg_wsc_send_acked(mg_wsc *tx, const char *user, const char *prefix, int n,
+                       const char *want_status);
 /* An HS256 token with "sub" and "exp" (malloc'd, the caller frees). */
 char *mg_test_jwt_hs256(const char *secret, const char *sub, long exp);
 
