@@ -44,6 +44,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
@@ -56,6 +57,32 @@ static int64_t now_ns(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* CLOCK_REALTIME - CLOCK_MONOTONIC (the kernel stamps arrivals in real
+ * time): the closest of a few bracketed readings. */
+static int64_t realtime_offset(void)
+{
+    int64_t best = INT64_MAX, off = 0;
+    for (int i = 0; i < 16; i++) {
+        struct timespec rt;
+        int64_t m0 = now_ns();
+        clock_gettime(CLOCK_REALTIME, &rt);
+        int64_t m1 = now_ns();
+        if (m1 - m0 < best) {
+            best = m1 - m0;
+            off = (int64_t)rt.tv_sec * 1000000000 + rt.tv_nsec - (m0 + (m1 - m0) / 2);
+        }
+    }
+    return off;
+}
+
+static double cpu_seconds_self(void)
+{
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+           (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
 }
 
 /* ---- log-linear histogram (ns) ----------------------------------------- */
@@ -256,6 +283,14 @@ static struct {
 } st;
 
 static hist H;
+/* pairs: where the end-to-end latency (H) goes, per message: HS scheduled
+ * send time -> frame built here (this process late: pacing, its own CPU);
+ * HG built -> the kernel's arrival stamp on the recipient's socket
+ * (SO_TIMESTAMPNS: the gateway's part, loopback included); HR arrival ->
+ * read here (this process late on the receiving side). HG alone is what
+ * the gateway costs; H stays the figure of record. */
+static hist HS, HG, HR;
+static int64_t rt_minus_mono; /* CLOCK_REALTIME - CLOCK_MONOTONIC, ns */
 static int64_t measure_start = INT64_MAX, measure_stop,
                send_end_ns = INT64_MAX; /* ns; receipts in this window count */
 static uint64_t rng = 88172645463325252ull;
@@ -393,8 +428,9 @@ static void send_msg(conn *s, int64_t stamp)
     snprintf(user, sizeof(user), "%sr%u", opt.prefix, (unsigned)(s - C) / 2);
     (void)r;
     int n = snprintf(body, sizeof(body),
-                     "{\"type\":\"send\",\"to\":\"%s\",\"content\":\"mgb %" PRId64 " %.*s\"%s}",
-                     user, stamp, opt.size, pad, opt.low ? ",\"priority\":\"low\"" : "");
+                     "{\"type\":\"send\",\"to\":\"%s\",\"content\":\"mgb %" PRId64 " %" PRId64
+                     " %.*s\"%s}",
+                     user, stamp, now_ns(), opt.size, pad, opt.low ? ",\"priority\":\"low\"" : "");
     send_frame(s, 1, body, (size_t)n);
     s->inflight++;
     st.sent++;
@@ -402,15 +438,17 @@ static void send_msg(conn *s, int64_t stamp)
 
 /* ---- frame handling ------------------------------------------------------- */
 
-static void on_delivered(conn *r, int64_t stamp, int64_t now);
+static void on_delivered(conn *r, int64_t stamp, int64_t built, int64_t now);
 
 static void on_text(conn *c, const char *p, size_t len, int64_t now)
 {
     const char *e = p + len;
     const char *mk = memmem(p, len, "\"mgb ", 5);
     if (mk) {
-        int64_t stamp = strtoll(mk + 5, NULL, 10);
-        on_delivered(c, stamp, now);
+        char *end;
+        int64_t stamp = strtoll(mk + 5, &end, 10);
+        int64_t built = *end == ' ' ? strtoll(end + 1, NULL, 10) : 0; /* pairs: "mgb DUE BUILT" */
+        on_delivered(c, stamp, built, now);
         return;
     }
     if (memmem(p, len, "\"type\":\"ack\"", 12)) {
@@ -516,11 +554,39 @@ static const char *memfind(const uint8_t *b, size_t n, const char *s)
 }
 
 static uint8_t rdbuf[1 << 18];
+static int64_t rx_arrival; /* the last read's kernel arrival stamp (monotonic ns), 0: none */
 
+/* recv, and the kernel's stamp of the read's last segment when the socket
+ * asked for one (SO_TIMESTAMPNS: pairs recipients). */
+static ssize_t read_stamped(int fd)
+{
+    struct iovec iov = {.iov_base = rdbuf, .iov_len = sizeof(rdbuf)};
+    union {
+        char b[CMSG_SPACE(sizeof(struct timespec))];
+        struct cmsghdr align;
+    } cb;
+    struct msghdr mh = {
+        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cb.b, .msg_controllen = sizeof(cb.b)};
+    ssize_t n = recvmsg(fd, &mh, 0);
+    rx_arrival = 0;
+    for (struct cmsghdr *cm = n > 0 ? CMSG_FIRSTHDR(&mh) : NULL; cm; cm = CMSG_NXTHDR(&mh, cm)) {
+        if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_TIMESTAMPNS) {
+            struct timespec ts;
+            memcpy(&ts, CMSG_DATA(cm), sizeof(ts));
+            rx_arrival = (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec - rt_minus_mono;
+        }
+    }
+    return n;
+}
+
+/* now: when the events were reported; each read takes its own time (data
+ * may arrive while earlier connections are served: stamping it with the
+ * batch's start would make it look earlier than it was read). */
 static void on_readable(conn *c, int64_t now)
 {
     for (int loops = 0; loops < 8 && c->state != C_DEAD; loops++) {
-        ssize_t n = recv(c->fd, rdbuf, sizeof(rdbuf), 0);
+        ssize_t n = read_stamped(c->fd);
+        now = now_ns();
         if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
             if (c->state == C_HANDSHAKE)
                 st.handshake_fail++;
@@ -628,6 +694,8 @@ static int conn_start(conn *c, long i)
     int one = 1;
     setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one));
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    if (!c->sender && strcmp(opt.mode, "pairs") == 0) /* arrival stamps: see HG */
+        setsockopt(fd, SOL_SOCKET, SO_TIMESTAMPNS, &one, sizeof(one));
     struct sockaddr_in src = {.sin_family = AF_INET};
     src.sin_addr.s_addr = htonl(0x7f000002u + (uint32_t)(i % opt.nsrc));
     if (bind(fd, (struct sockaddr *)&src, sizeof(src)) != 0) {
@@ -752,6 +820,16 @@ static void j_lat(const hist *h)
          h->max / 1e3, h->n ? h->sum / (double)h->n / 1e3 : 0.0);
 }
 
+/* A stage of the pairs breakdown: "<name>_p50_us" ... */
+static void j_stage(const char *name, const hist *h)
+{
+    if (!h->n)
+        return;
+    jadd(",\"%s_p50_us\":%.1f,\"%s_p90_us\":%.1f,\"%s_p99_us\":%.1f,\"%s_p999_us\":%.1f", name,
+         h_pct(h, 50) / 1e3, name, h_pct(h, 90) / 1e3, name, h_pct(h, 99) / 1e3, name,
+         h_pct(h, 99.9) / 1e3);
+}
+
 static void j_errors(void)
 {
     jadd(",\"errors\":%ld,\"connect_fail\":%ld,\"handshake_fail\":%ld,\"closed\":%ld,"
@@ -775,7 +853,7 @@ static void j_end(void)
 
 /* ---- modes ---------------------------------------------------------------------- */
 
-static void on_delivered(conn *r, int64_t stamp, int64_t now)
+static void on_delivered(conn *r, int64_t stamp, int64_t built, int64_t now)
 {
     st.recv_msgs++;
     if (strcmp(opt.mode, "pairs") == 0) {
@@ -786,6 +864,13 @@ static void on_delivered(conn *r, int64_t stamp, int64_t now)
          * (within --drain); rate: receipts inside the window */
         if (stamp >= measure_start && stamp <= send_end_ns) {
             h_add(&H, now - stamp);
+            if (built) {
+                h_add(&HS, built - stamp);
+                if (rx_arrival) {
+                    h_add(&HG, rx_arrival - built);
+                    h_add(&HR, now - rx_arrival);
+                }
+            }
             if (measure_stop == 0 || now <= measure_stop)
                 st.recv_measured++;
         } else {
@@ -828,6 +913,8 @@ static int mode_pairs(void)
     run_for(opt.settle);
     long npairs = nconns / 2;
     bool flat = opt.rate <= 0;
+    rt_minus_mono = realtime_offset();
+    double cpu0 = -1;
     int64_t t0 = now_ns();
     measure_start = t0 + (int64_t)(opt.warmup * 1e9);
     int64_t send_end = t0 + (int64_t)((opt.warmup + opt.seconds) * 1e9);
@@ -841,6 +928,7 @@ static int mode_pairs(void)
     while (st.sent < opt.count && (now = now_ns()) < send_end) {
         if (ticks0 < 0 && now >= measure_start) {
             ticks0 = gw_ticks();
+            cpu0 = cpu_seconds_self();
             tick_t0 = now;
             sent_at_measure = st.sent;
         }
@@ -873,6 +961,7 @@ static int mode_pairs(void)
     }
     measure_stop = now_ns();
     long ticks1 = gw_ticks();
+    double cpu1 = cpu_seconds_self();
     long sent_measured = sent_at_measure >= 0 ? st.sent - sent_at_measure : 0;
     /* drain: what is in flight may still arrive (not counted in the rate) */
     int64_t drain_end = now_ns() + (int64_t)(opt.drain * 1e9);
@@ -903,6 +992,11 @@ static int mode_pairs(void)
          cpu_s >= 0 && mwin > 0 ? cpu_s / mwin * 100 : -1.0,
          cpu_s >= 0 && st.recv_measured ? cpu_s * 1e6 / (double)st.recv_measured : -1.0,
          gw_rss_kb());
+    /* the breakdown of the latency above, and this process's own CPU */
+    j_stage("send_lag", &HS);
+    j_stage("gw", &HG);
+    j_stage("recv_lag", &HR);
+    jadd(",\"load_cpu_pct\":%.1f", cpu0 >= 0 && mwin > 0 ? (cpu1 - cpu0) / mwin * 100 : -1.0);
     j_errors();
     jadd(",\"acks_ok\":%ld,\"ack_path_local\":%ld,\"ack_path_grpc\":%ld,\"ack_path_kafka\":%ld,"
          "\"ack_path_redis_pubsub\":%ld,\"ack_path_nats\":%ld,\"ack_path_other\":%ld",
@@ -1702,6 +1796,10 @@ int main(int argc, char **argv)
     }
     hostlen = (size_t)snprintf(hostbuf, sizeof(hostbuf), "%s:%d", opt.host, opt.port);
     signal(SIGPIPE, SIG_IGN);
+    /* The --rate schedule waits in epoll_pwait2 for the next send: with the
+     * default 50 us timer slack every such wait ended up to 50 us late, and
+     * the stamp (the scheduled time) counted that as gateway latency. */
+    prctl(PR_SET_TIMERSLACK, 1000UL);
     if (opt.json) {
         jf = fopen(opt.json, "a");
         if (!jf) {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/run.sh: meshgate benchmark scenarios (see BENCHMARKS.md).
 #
-#   bench/run.sh [all|idle|local|api|fanout|grpc|kafka|pubsub|nats|presence|presence-sync]... [--long]
+#   bench/run.sh [all|idle|local|floor|api|fanout|grpc|kafka|pubsub|nats|presence|presence-sync]... [--long]
 #
 # `make bench` = `bench/run.sh all` (short: under 3 minutes). --long gives the
 # real figures (100,000 idle connections, 30 s load phases, more rounds).
@@ -19,6 +19,8 @@
 #                  loop per CPU); the idle scenario takes IDLE_WS_THREADS (default 4)
 #   BENCH_START_SERVICES=1   `all` starts tests/infra/services.sh when Redis/Kafka/Consul are down
 #                  (single grpc/kafka runs always do)
+#   FLOOR_RATE     the rate of the floor scenario's second phase (default: the local scenario's
+#                  half rate in this run, else half of mgrelay's flat out)
 #   IDLE_CONNS, LOCAL_PAIRS, LOCAL_WINDOW, FANOUT_USERS, GRPC_RATE, KAFKA_RATE, PUBSUB_RATE, NATS_RATE,
 #                  API_USERS, API_WINDOW, API_RATE, API_STREAM_WINDOW,
 #                  PHASE_SECONDS
@@ -36,13 +38,13 @@ SCEN=()
 for a in "$@"; do
   case $a in
     --long) LONG=1 ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
-    all|idle|local|api|fanout|grpc|kafka|pubsub|nats|presence|presence-sync) SCEN+=("$a") ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    all|idle|local|floor|api|fanout|grpc|kafka|pubsub|nats|presence|presence-sync) SCEN+=("$a") ;;
     *) echo "run.sh: unknown argument $a" >&2; exit 2 ;;
   esac
 done
 [ ${#SCEN[@]} -eq 0 ] && SCEN=(all)
-[ "${SCEN[0]}" = all ] && { ALL=1; SCEN=(idle local api fanout grpc kafka pubsub nats presence presence-sync); } || ALL=0
+[ "${SCEN[0]}" = all ] && { ALL=1; SCEN=(idle local floor api fanout grpc kafka pubsub nats presence presence-sync); } || ALL=0
 
 log() { echo "[bench $(date +%T)] $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -52,7 +54,7 @@ if [ ! -f "$BUILD/CMakeCache.txt" ]; then
   cmake -S "$ROOT" -B "$BUILD" $(command -v ninja >/dev/null && echo -G Ninja) \
     -DCMAKE_BUILD_TYPE=Release >/dev/null || die "cmake configure failed"
 fi
-cmake --build "$BUILD" --target meshgate meshgate-cli mgload >/dev/null || die "build failed"
+cmake --build "$BUILD" --target meshgate meshgate-cli mgload mgrelay >/dev/null || die "build failed"
 GW=${GW_BIN:-$BUILD/meshgate}
 LOAD=$BUILD/bench/mgload
 [ -x "$GW" ] && [ -x "$LOAD" ] || die "missing $GW or $LOAD"
@@ -181,9 +183,34 @@ sc_local() {
   rate=$(sed -n 's/.*"msgs_per_s":\([0-9]*\).*/\1/p' "$OUT/.flat" | tail -1)
   [ -n "$rate" ] && [ "$rate" -gt 0 ] || { log "local: no flat-out rate"; stop_gws; return 1; }
   local half=$((rate / 2))
+  LOCAL_HALF=$half # the floor scenario measures the yardstick at this rate
   load $LOADB pairs --port "$port" --pairs "$pairs" --rate "$half" --seconds "$SECS" --warmup 1 \
     --count $((half * (SECS + 2))) --gw-pid "$gpid" --scenario local --path local \
     --label "local at half rate ($half/s)" --prefix lh$$- >/dev/null
+  stop_gws
+}
+
+# The floor: mgload against mgrelay (bench/mgrelay.c), the least a relay of the gateway's shape
+# can do (its loops, one write per connection per turn, cross-loop wake-ups), on the same cores:
+# flat out, and at the gateway's half rate from the local scenario of this run (FLOOR_RATE, else
+# half of the relay's own flat out). No gateway on these cores can beat these figures.
+sc_floor() {
+  local port rpid rate loops=${WS_THREADS:-$(nproc)}
+  port=$(free_port)
+  "$BUILD/bench/mgrelay" --port "$port" --threads "$loops" --seconds $((SECS * 2 + 60)) \
+    >"$OUT/$RUN.relay-$port.log" 2>&1 &
+  rpid=$!
+  PIDS+=("$rpid")
+  sleep 0.5
+  load $LOADB pairs --port "$port" --pairs "${LOCAL_PAIRS:-64}" --window "${LOCAL_WINDOW:-16}" \
+    --seconds "$SECS" --warmup 1 --count 100000000 --gw-pid "$rpid" --scenario floor --path local \
+    --label "floor: mgrelay ($loops loops) flat out" --prefix ff$$- >"$OUT/.flat"
+  rate=$(sed -n 's/.*"msgs_per_s":\([0-9]*\).*/\1/p' "$OUT/.flat" | tail -1)
+  rate=${FLOOR_RATE:-${LOCAL_HALF:-$((${rate:-0} / 2))}}
+  [ "$rate" -gt 0 ] || { log "floor: no rate"; stop_gws; return 1; }
+  load $LOADB pairs --port "$port" --pairs "${LOCAL_PAIRS:-64}" --rate "$rate" --seconds "$SECS" \
+    --warmup 1 --count $((rate * (SECS + 2))) --gw-pid "$rpid" --scenario floor --path local \
+    --label "floor: mgrelay at $rate/s" --prefix fh$$- >/dev/null
   stop_gws
 }
 
@@ -418,6 +445,11 @@ for r in rows:
         conns = f(r.get("conns"))
     else:
         gw = f"CPU {f(r.get('gw_cpu_pct'),0)} %, {f(r.get('gw_cpu_us_per_msg'),1)} µs/msg"
+        if r.get("gw_p50_us") is not None: # pairs: where the latency went (bench/README.md)
+            gw += (f"; p50/p99 µs: mgload late {f(r.get('send_lag_p50_us'))}/{f(r.get('send_lag_p99_us'))}, "
+                   f"send -> socket {f(r.get('gw_p50_us'))}/{f(r.get('gw_p99_us'))}, "
+                   f"read late {f(r.get('recv_lag_p50_us'))}/{f(r.get('recv_lag_p99_us'))}; "
+                   f"mgload CPU {f(r.get('load_cpu_pct'))} %")
         conns = f(r.get("conns")) if r.get("mode") == "api" else f(2 * r.get("pairs", 0))
     o.write(f"| {sc} | {r.get('label')} | {conns} | {f(r.get('msgs_per_s'))} | {f(r.get('p50_us'),0)} | "
             f"{f(r.get('p99_us'),0)} | {f(r.get('p999_us'),0)} | {f(r.get('max_us'),0)} | {f(r.get('errors'))} | {gw} | {f(r.get('load1'),1)} |\n")

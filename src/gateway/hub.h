@@ -51,8 +51,11 @@ typedef struct mg_hub_config {
     unsigned shards;        /* service loops (0: 1) */
     /* Called when a shard's set of ready connections goes from empty to
      * non-empty, or its list of waiting deliveries (its loop then arms its
-     * timer), with that shard's mutex held (so it must be quick and must not
-     * call the hub). May be NULL. */
+     * timer), by the thread that made the change, just after it released
+     * that shard's mutex (never under it: the woken loop would wait for the
+     * mutex first thing). Must be quick; holds no hub mutex, so it may call
+     * the hub. It may come after the loop already took what it was called
+     * for. May be NULL. */
     void (*wake)(void *arg, unsigned shard);
     void *wake_arg;
     /* How long a delivery (mg_hub_deliver with a written callback, not from
@@ -80,7 +83,7 @@ typedef struct mg_hub_frame {
 
 mg_hub *mg_hub_create(const mg_hub_config *cfg);
 /* Replaces the wake callback (NULL disables it: used while the service
- * loops stop). */
+ * loops stop); returns once no call of the old one is running. */
 void mg_hub_set_wake(mg_hub *h, void (*wake)(void *arg, unsigned shard), void *arg);
 unsigned mg_hub_shards(const mg_hub *h);
 /* Frees every remaining connection and frame. NULL is a no-op. */

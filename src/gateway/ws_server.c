@@ -1422,8 +1422,8 @@ static void sul_tick_cb(struct ev_loop *loop, ev_timer *w, int revents)
     lws_cancel_service(L->ctx);
 }
 
-/* The hub's wake-up of the loop owning shard (under that shard's mutex):
- * lws_cancel_service writes to that context's pipe. */
+/* The hub's wake-up of the loop owning shard (just after that shard's
+ * mutex was released): lws_cancel_service writes to that context's pipe. */
 static void wake(void *arg, unsigned shard)
 {
     mg_ws_server *ws = arg;

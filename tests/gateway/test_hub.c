@@ -86,6 +86,36 @@ Test(hub, register_ids_and_unregister)
     mg_hub_free(NULL);
 }
 
+/* A wake that takes the ready set at once, as a woken loop does: it could
+ * not under the shard's mutex (the mutex is not recursive: a hang). */
+static void on_wake_take(void *arg, unsigned shard)
+{
+    void **a = arg;
+    mg_hub_take_ready(a[0], shard, SIZE_MAX, collect, a[1]);
+}
+
+Test(hub, wake_comes_after_the_shard_mutex_is_released, .timeout = 10)
+{
+    int ready = 0, dummy;
+    void *arg[2] = {NULL, &ready};
+    mg_hub_config cfg = {.gateway_id = "gw1",
+                         .max_frames = 8,
+                         .max_bytes = 1 << 20,
+                         .headroom = 16,
+                         .wake = on_wake_take,
+                         .wake_arg = arg};
+    mg_hub *h = mg_hub_create(&cfg);
+    arg[0] = h;
+    mg_hub_conn *c = mg_hub_register(h, 0, "bob", &dummy);
+    mg_msg *m = msg("m1", "bob");
+    cr_assert_eq(mg_hub_deliver(h, m, NULL, false, NULL, NULL), 1);
+    cr_assert_eq(ready, 1, "the wake took the ready connection");
+    cr_assert_eq(mg_hub_post(h, mg_hub_conn_id(c), "{}", 2), 0);
+    cr_assert_eq(ready, 2, "taken, the set was empty again: the post woke it");
+    mg_msg_free(m);
+    mg_hub_free(h);
+}
+
 Test(hub, deliver_to_all_connections_of_a_user)
 {
     mg_hub *h = make(8, 1 << 20);
