@@ -159,4 +159,21 @@ Test(dedupe, window_drops_repeats_and_forgets_oldest)
     mg_dedupe_forget(d, "d");
     cr_assert_not(mg_dedupe_check_and_add(d, "d"));
     mg_dedupe_free(d);
+
+    /* A window split into stripes (the default 65,536): the most recent ids
+     * are all still in it, the oldest left. */
+    d = mg_dedupe_create(65536);
+    char id[32];
+    for (int i = 0; i < 200000; i++) {
+        snprintf(id, sizeof(id), "m-%d", i);
+        cr_assert_not(mg_dedupe_check_and_add(d, id), "%s is new", id);
+    }
+    for (int i = 200000 - 20000; i < 200000; i++) {
+        snprintf(id, sizeof(id), "m-%d", i);
+        cr_assert(mg_dedupe_check_and_add(d, id), "%s is recent", id);
+    }
+    cr_assert_not(mg_dedupe_check_and_add(d, "m-0"), "the oldest left");
+    mg_dedupe_forget(d, "m-199999");
+    cr_assert_not(mg_dedupe_check_and_add(d, "m-199999"), "forgotten");
+    mg_dedupe_free(d);
 }
