@@ -90,31 +90,13 @@ Test(fanout, send_batch_to_10000_users_on_one_gateway, .timeout = 180)
 Test(fanout, send_batch_to_10000_users_over_two_gateways, .timeout = 240)
 {
     raise_nofile();
-    const char *redis = mg_test_require_env("MESHGATE_TEST_REDIS_NODES");
-    const char *consul = mg_test_require_env("MESHGATE_TEST_CONSUL");
-    char svc[64];
+    char svc[64], ida[32], idb[32];
     snprintf(svc, sizeof(svc), "meshgate-fo%d", (int)getpid());
-    const char *args[] = {"--presence",
-                          "redis-cluster",
-                          "--redis-nodes",
-                          redis,
-                          "--discovery",
-                          "consul",
-                          "--consul-addr",
-                          consul,
-                          "--consul-service",
-                          svc,
-                          "--consul-check-interval-seconds",
-                          "1",
-                          "--region",
-                          "r1",
-                          NULL};
-    char ida[32], idb[32];
     snprintf(ida, sizeof(ida), "fo%d-a", (int)getpid());
     snprintf(idb, sizeof(idb), "fo%d-b", (int)getpid());
-    mg_gw *a = mg_gw_spawn(ida, args);
+    mg_gw *a = mg_gw_spawn_fleet(ida, svc, "r1", NULL);
     cr_assert_not_null(a);
-    mg_gw *b = mg_gw_spawn(idb, args);
+    mg_gw *b = mg_gw_spawn_fleet(idb, svc, "r1", NULL);
     cr_assert_not_null(b);
     /* Each must see the other in Consul before the peer path exists. */
     cr_assert(mg_gw_wait_peer(a, idb, 15000), "gateway a never listed b as a peer");

@@ -57,33 +57,15 @@ static char *next_message(mg_wsc *ws, bool *inbox)
 
 Test(inbox_live, a_message_stored_while_its_user_is_connected_reaches_them_at_once, .timeout = 90)
 {
-    const char *redis = mg_test_require_env("MESHGATE_TEST_REDIS_NODES");
-    const char *consul = mg_test_require_env("MESHGATE_TEST_CONSUL");
     char svc[64], ida[32], idb[32], user[32];
     snprintf(svc, sizeof(svc), "meshgate-il%d", (int)getpid());
     snprintf(ida, sizeof(ida), "il%d-a", (int)getpid());
     snprintf(idb, sizeof(idb), "il%d-b", (int)getpid());
     snprintf(user, sizeof(user), "il%d-u", (int)getpid());
-    const char *common[] = {"--presence",
-                            "redis-cluster",
-                            "--redis-nodes",
-                            redis,
-                            "--discovery",
-                            "consul",
-                            "--consul-addr",
-                            consul,
-                            "--consul-service",
-                            svc,
-                            "--consul-check-interval-seconds",
-                            "1",
-                            "--region",
-                            "r1",
-                            "--near-route",
-                            "inbox",
-                            NULL};
-    mg_gw *a = mg_gw_spawn(ida, common);
+    const char *inbox_only[] = {"--near-route", "inbox", NULL};
+    mg_gw *a = mg_gw_spawn_fleet(ida, svc, "r1", inbox_only);
     cr_assert_not_null(a);
-    mg_gw *b = mg_gw_spawn(idb, common);
+    mg_gw *b = mg_gw_spawn_fleet(idb, svc, "r1", inbox_only);
     cr_assert_not_null(b);
     cr_assert(mg_gw_wait_peer(a, idb, 15000), "gateway a never listed b as a peer");
     mg_grpc_client *cli = mg_tc_client(a->grpc_addr, NULL, NULL, NULL, NULL);

@@ -274,6 +274,32 @@ mg_gw *mg_gw_spawn(const char *name, const char *const *extra)
     }
 }
 
+mg_gw *mg_gw_spawn_fleet(const char *name, const char *svc, const char *region,
+                         const char *const *extra)
+{
+    const char *args[64] = {"--presence",
+                            "redis-cluster",
+                            "--redis-nodes",
+                            mg_test_require_env("MESHGATE_TEST_REDIS_NODES"),
+                            "--discovery",
+                            "consul",
+                            "--consul-addr",
+                            mg_test_require_env("MESHGATE_TEST_CONSUL"),
+                            "--consul-service",
+                            svc,
+                            "--consul-check-interval-seconds",
+                            "1",
+                            "--region",
+                            region};
+    size_t n = 14;
+    for (size_t i = 0; extra && extra[i]; i++) {
+        cr_assert_lt(n, sizeof(args) / sizeof(args[0]) - 1, "too many arguments");
+        args[n++] = extra[i];
+    }
+    args[n] = NULL;
+    return mg_gw_spawn(name, args);
+}
+
 void mg_gw_kill(mg_gw *gw, int sig)
 {
     if (gw && !gw->exited)

@@ -38,6 +38,12 @@ typedef struct mg_gw {
  * any of these), and waits up to 20 s for GET /readyz to answer 200.
  * Returns NULL (after logging the gateway's log tail) when it does not. */
 mg_gw *mg_gw_spawn(const char *name, const char *const *extra_args);
+/* As mg_gw_spawn, as one gateway of a fleet on the shared services: Redis
+ * Cluster presence (MESHGATE_TEST_REDIS_NODES), Consul discovery
+ * (MESHGATE_TEST_CONSUL) under service svc, a 1 s check interval, region,
+ * then extra_args (NULL-terminated, may be NULL). */
+mg_gw *mg_gw_spawn_fleet(const char *name, const char *svc, const char *region,
+                         const char *const *extra_args);
 /* Like mg_gw_spawn but does not wait for readiness (for start-up failures). */
 mg_gw *mg_gw_spawn_nowait(const char *name, const char *const *extra_args);
 void mg_gw_kill(mg_gw *gw, int sig);
