@@ -168,15 +168,23 @@ void mg_hub_set_wake(mg_hub *h, void (*wake)(void *arg, unsigned shard), void *a
  * CPU meanwhile. A wake after the loop already took the set is harmless. */
 static void shard_unlock(mg_hub *h, shard *s)
 {
+    /* The callback and its argument are taken, and counted as running,
+     * under the mutex mg_hub_set_wake writes them under: a wake never pairs
+     * an old callback with a new argument, and set_wake waits for it. */
+    wake_fn fn = NULL;
+    void *arg = NULL;
+    if (atomic_load_explicit(&s->wake_due, memory_order_relaxed) &&
+        atomic_exchange(&s->wake_due, false)) {
+        fn = atomic_load(&s->wake);
+        arg = s->wake_arg;
+        if (fn)
+            atomic_fetch_add(&s->waking, 1);
+    }
     pthread_mutex_unlock(&s->mu);
-    if (!atomic_load_explicit(&s->wake_due, memory_order_relaxed) ||
-        !atomic_exchange(&s->wake_due, false))
-        return;
-    atomic_fetch_add(&s->waking, 1);
-    wake_fn fn = atomic_load(&s->wake);
-    if (fn)
-        fn(s->wake_arg, (unsigned)(s - h->shards));
-    atomic_fetch_sub(&s->waking, 1);
+    if (fn) {
+        fn(arg, (unsigned)(s - h->shards));
+        atomic_fetch_sub(&s->waking, 1);
+    }
 }
 
 static __thread bool on_service_thread;
