@@ -225,6 +225,11 @@ size_t mg_ws_limiter_handshakes(const mg_ws_limiter *l)
     return l->nhs - l->ndoomed;
 }
 
+size_t mg_ws_limiter_live(const mg_ws_limiter *l)
+{
+    return atomic_load(l->live);
+}
+
 /* ---- per address and per connection ------------------------------------------ */
 
 bool mg_ws_limiter_ip_full(mg_ws_limiter *l, const char *ip)

@@ -70,6 +70,9 @@ void mg_ws_limiter_handshake_begin(mg_ws_limiter *l, struct lws *wsi);
 /* [ws] Its request arrived (HTTP or upgrade) or it is gone. Unknown wsi: no-op. */
 void mg_ws_limiter_handshake_end(mg_ws_limiter *l, struct lws *wsi);
 size_t mg_ws_limiter_handshakes(const mg_ws_limiter *l);
+/* Handshakes in progress over every limiter sharing l's count (the
+ * server's: all loops). Any thread. */
+size_t mg_ws_limiter_live(const mg_ws_limiter *l);
 
 /* [ws] Whether an upgrade from ip must be refused (per-address cap reached). */
 bool mg_ws_limiter_ip_full(mg_ws_limiter *l, const char *ip);

@@ -1001,6 +1001,8 @@ static void on_established(ws_loop *L, struct lws *wsi, pss *p)
     }
     p->tk = t;
     mg_log_debug("ws", "connection open conn=%s user=%s", id, t->user);
+    if (atomic_load(&ws->draining)) /* its upgrade passed the filter before the drain began */
+        mg_hub_disconnect(ws->hub, NULL, id, 1012, "service restart");
 }
 
 static void on_closed(ws_loop *L, pss *p)
@@ -1358,8 +1360,8 @@ static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *use
     case LWS_CALLBACK_FILTER_PROTOCOL_CONNECTION:
         return on_filter(L, wsi, p);
     case LWS_CALLBACK_ESTABLISHED:
-        mg_ws_limiter_handshake_end(L->hs, wsi);
-        on_established(L, wsi, p);
+        on_established(L, wsi, p); /* in the hub before it stops counting as a handshake: */
+        mg_ws_limiter_handshake_end(L->hs, wsi); /* a drain sees it as one or the other */
         return 0;
     case LWS_CALLBACK_RECEIVE:
         return on_receive(ws, wsi, p, in, len);
@@ -1974,7 +1976,10 @@ void mg_ws_server_drain(mg_ws_server *ws, int seconds)
             target = n;
         for (; done < target; done++)
             mg_hub_disconnect(ws->hub, NULL, ids[done], 1012, "service restart");
-        if (done == n && mg_hub_count(ws->hub) == 0)
+        /* every connection closed, and none still in its handshake: one whose
+         * upgrade passed the filter before the drain is closed with 1012 as it
+         * opens (on_established) */
+        if (done == n && mg_hub_count(ws->hub) == 0 && mg_ws_limiter_live(ws->lim) == 0)
             break;
         if (el >= window)
             break;
