@@ -1434,6 +1434,14 @@ static void wake(void *arg, unsigned shard)
         lws_cancel_service(L->ctx);
 }
 
+#define HANDSHAKES_GAUGE "meshgate_ws_handshakes"
+#define HANDSHAKES_HELP  "connections accepted and not yet through their HTTP request or upgrade"
+
+static double handshakes_gauge(void *arg)
+{
+    return (double)mg_ws_limiter_live(arg);
+}
+
 mg_ws_server *mg_ws_server_create(const mg_config *cfg, mg_pool *pool, char *err, size_t errlen)
 {
     char *host = NULL;
@@ -1498,6 +1506,7 @@ mg_ws_server *mg_ws_server_create(const mg_config *cfg, mg_pool *pool, char *err
      * with the cap from the fd budget) */
     ws->lim = mg_ws_limiter_create(&lc);
     ws->lim_cfg = lc;
+    mg_gauge_fn_register(HANDSHAKES_GAUGE, HANDSHAKES_HELP, NULL, handshakes_gauge, ws->lim);
     ws->nloops = cfg->ws_threads > 0 ? (unsigned)cfg->ws_threads : mg_ws_default_threads();
     if (ws->nloops > MAX_WS_THREADS)
         ws->nloops = MAX_WS_THREADS;
@@ -2006,6 +2015,7 @@ void mg_ws_server_free(mg_ws_server *ws)
     mg_ws_server_stop(ws);
     mg_hub_free(ws->hub);
     mg_jwt_auth_free(ws->auth);
+    mg_gauge_fn_register(HANDSHAKES_GAUGE, HANDSHAKES_HELP, NULL, NULL, NULL);
     mg_ws_limiter_free(ws->lim);
     for (int i = 0; i < ws->nhooks; i++)
         free(ws->hooks[i].path);
