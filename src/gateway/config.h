@@ -179,10 +179,11 @@
       "deadline of a DeliverMessage call; past it the message goes by Kafka")                      \
     X(INT, peer_max_inflight, "peer-max-inflight", "MESHGATE_PEER_MAX_INFLIGHT", "1024", "calls",  \
       "DeliverMessage calls in flight per peer; beyond it messages go by Kafka")                   \
-    X(INT, peer_coalesce_calls, "peer-coalesce-calls", "MESHGATE_PEER_COALESCE_CALLS", "4",        \
+    X(INT, peer_coalesce_calls, "peer-coalesce-calls", "MESHGATE_PEER_COALESCE_CALLS", "1",        \
       "calls",                                                                                     \
       "DeliverMessage calls in flight to one peer before the next deliveries wait and go "         \
-      "together in one DeliverMany (0: never)")                                                    \
+      "together in one DeliverMany (1: one call at a time, which keeps a sender's order and "      \
+      "lets its next send start at once; 0: never)")                                               \
     X(INT, peer_cq_threads, "peer-cq-threads", "MESHGATE_PEER_CQ_THREADS", "1", "threads",         \
       "threads draining the peer completion queue")                                                \
     X(INT, peer_degrade_error_pct, "peer-degrade-error-pct", "MESHGATE_PEER_DEGRADE_ERROR_PCT",    \

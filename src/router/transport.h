@@ -81,10 +81,11 @@ struct mg_transport_ops {
      * (local: queued to every connection; kafka: produced into the
      * recipient's partition by the idempotent producer; nats: published on
      * the transport's one connection; redis-pubsub: queued for SPUBLISH on
-     * the one connection to the channel's master). The router then tells a
+     * the one connection to the channel's master; grpc: on the peer's lane or
+     * queued behind it, transport_grpc.c). The router then tells a
      * sender that asked (mg_router_send_handed) that it may start the next
-     * send before this one answered. False for a transport whose separate
-     * calls can reorder (grpc). */
+     * send before this one answered. grpc: with one call at a time per peer
+     * (its lane); false with several calls in flight, which can reorder. */
     bool orders_on_return;
 };
 

@@ -24,6 +24,18 @@
  * from the peer (a gateway of before DeliverMany) sends the queue one call
  * each and turns coalescing off for that peer.
  *
+ * Ordered (coalesce_calls 1): a peer's deliveries go by one call at a time,
+ * its "lane". deliver() takes the lane when it is free (the queue is then
+ * empty), else queues behind it; the lane's call, when it ends, sends the
+ * queue's first DeliverMany's worth (one delivery each to a peer that took
+ * no DeliverMany) on the same slot, and frees the lane once the queue is
+ * empty. The receiver hands a call's deliveries to its hub in order and
+ * answers when they are written, so a delivery queued behind another cannot
+ * overtake it: deliver() returning 0 fixes the order (orders_on_return),
+ * and a WebSocket sender's next message to the peer starts at once. Past
+ * max_inflight queued deliveries deliver() fails -EBUSY (the plan's next
+ * step). DeliverBatch and DisconnectLocal calls do not take the lane.
+ *
  * Per peer: `inflight` is bounded by peer_max_inflight (beyond: available()
  * false, deliver() FAILED "busy"); `link` is the circuit breaker of
  * link_quality.h, updated with every attempt's result under the state's
@@ -86,15 +98,18 @@ struct peer_state {
     struct queued *qhead, *qtail; /* deliveries waiting for a call to end */
     int qn;
     bool no_many; /* the peer answered UNIMPLEMENTED to DeliverMany (an older gateway) */
+    bool lane;    /* ordered: a delivery call is in flight; the next ones queue behind it */
     mg_metric *latency, *degraded;
     mg_metric *calls[R_COUNT]; /* created on first use, under mu */
 };
 
 typedef struct mg_transport_grpc {
     mg_transport base;
+    struct mg_transport_ops ops; /* grpc_ops; orders_on_return when ordered */
     mg_peers *peers;
     char *gateway_id, *region;
     int peer_deadline_ms, max_inflight, coalesce_calls;
+    bool ordered; /* coalesce_calls == 1: one delivery call per peer at a time (see DESIGN) */
     mg_link_config link_cfg;
     grpc_metadata auth; /* the peer token (cfg->peer_token), sent when nauth is 1 */
     size_t nauth;
@@ -128,6 +143,7 @@ struct pcall {
     void *arg;
     struct queued *many; /* DeliverMany: its n deliveries, each answered on its own */
     bool held;           /* started on a slot handed over by slot_release (st set) */
+    bool lane;           /* ordered: this call holds its peer's lane */
     grpc_metadata md[2]; /* the peer token, then traceparent (of tp) when traced */
     size_t nmd;
     char tp[MG_TRACEPARENT_LEN + 1];
@@ -230,17 +246,32 @@ static void count_result(struct peer_state *st, int r)
     mg_metric_add(st->calls[r], 1);
 }
 
+/* Counts a call (or a lane reserved for one) that free() waits for; false
+ * while closing. */
+static bool active_take(mg_transport_grpc *t)
+{
+    pthread_mutex_lock(&t->mu);
+    bool ok = !t->closing;
+    if (ok)
+        t->active++;
+    pthread_mutex_unlock(&t->mu);
+    return ok;
+}
+
+static void active_drop(mg_transport_grpc *t)
+{
+    pthread_mutex_lock(&t->mu);
+    if (--t->active == 0)
+        pthread_cond_broadcast(&t->idle);
+    pthread_mutex_unlock(&t->mu);
+}
+
 /* Takes a call slot on the peer; false when the bound is reached (counted
  * as "busy") or the transport is closing. *probe: the link is degraded and
  * this call is its probe. */
 static bool slot_take(mg_transport_grpc *t, struct peer_state *st, bool *probe)
 {
-    pthread_mutex_lock(&t->mu);
-    bool closing = t->closing;
-    if (!closing)
-        t->active++;
-    pthread_mutex_unlock(&t->mu);
-    if (closing)
+    if (!active_take(t))
         return false;
     pthread_mutex_lock(&st->mu);
     bool ok = st->inflight < t->max_inflight;
@@ -250,13 +281,36 @@ static bool slot_take(mg_transport_grpc *t, struct peer_state *st, bool *probe)
         count_result(st, R_BUSY);
     *probe = st->link.degraded;
     pthread_mutex_unlock(&st->mu);
-    if (!ok) {
-        pthread_mutex_lock(&t->mu);
-        if (--t->active == 0)
-            pthread_cond_broadcast(&t->idle);
-        pthread_mutex_unlock(&t->mu);
-    }
+    if (!ok)
+        active_drop(t);
     return ok;
+}
+
+/* Detaches what goes out next from the peer's queue (caller holds st->mu):
+ * all of it; ordered, only the first call's worth (one DeliverMany, or one
+ * delivery to a peer that takes no DeliverMany), the rest waiting for that
+ * call to end. */
+static struct queued *queue_take(mg_transport_grpc *t, struct peer_state *st)
+{
+    struct queued *q = st->qhead;
+    if (!q || !t->ordered) {
+        st->qhead = st->qtail = NULL;
+        st->qn = 0;
+        return q;
+    }
+    struct queued *last = q, *e = q->next;
+    size_t bytes = q->len + 11; /* the tag and at most 10 bytes of length */
+    int n = 1;
+    for (; e && !st->no_many && bytes + e->len + 11 <= MANY_MAX_BYTES; e = e->next, n++) {
+        bytes += e->len + 11;
+        last = e;
+    }
+    last->next = NULL;
+    st->qhead = e;
+    if (!e)
+        st->qtail = NULL;
+    st->qn -= n;
+    return q;
 }
 
 static void flush_queue(mg_transport_grpc *t, struct peer_state *st, struct queued *q);
@@ -264,24 +318,23 @@ static void flush_queue(mg_transport_grpc *t, struct peer_state *st, struct queu
 /* Gives a call's slot back, or, when deliveries queued behind the peer's
  * calls, hands it to the first call that sends them (so they go before any
  * delivery that comes after them, and free(), which waits for the slots,
- * cannot pass them). */
-static void slot_release(mg_transport_grpc *t, struct peer_state *st)
+ * cannot pass them). Ordered, only the lane's call (lane) sends the queue,
+ * and the lane is free again once the queue is empty. */
+static void slot_release(mg_transport_grpc *t, struct peer_state *st, bool lane)
 {
     pthread_mutex_lock(&st->mu);
-    struct queued *q = st->qhead;
-    st->qhead = st->qtail = NULL;
-    st->qn = 0;
-    if (!q)
+    struct queued *q = !t->ordered || lane ? queue_take(t, st) : NULL;
+    if (!q) {
         st->inflight--;
+        if (lane)
+            st->lane = false;
+    }
     pthread_mutex_unlock(&st->mu);
     if (q) { /* the slot passes to the queue's first call: the queue stays ahead of new calls */
         flush_queue(t, st, q);
         return;
     }
-    pthread_mutex_lock(&t->mu);
-    if (--t->active == 0)
-        pthread_cond_broadcast(&t->idle);
-    pthread_mutex_unlock(&t->mu);
+    active_drop(t);
 }
 
 /* Records one attempt: r is R_DELIVERED, R_NOT_CONNECTED or a gRPC code. */
@@ -390,7 +443,7 @@ static void call_end(struct pcall *pc, const mg_deliver_outcome *out)
     /* The slot is free before the caller hears the outcome (its next call may
      * take it at once); free() still cannot pass this callback: it joins the
      * peer-cq threads, and the callback touches nothing of the transport. */
-    slot_release(t, st);
+    slot_release(t, st, pc->lane);
     if (out)
         call_answer(pc, out);
     else
@@ -467,6 +520,20 @@ static void call_complete(struct pcall *pc, bool ok)
         struct queued *q = pc->many;
         pc->many = NULL;
         struct peer_state *st = pc->st;
+        if (t->ordered) { /* back to the queue's head: the lane sends them one by one */
+            struct queued *last = q;
+            int n = 1;
+            for (; last->next; last = last->next)
+                n++;
+            pthread_mutex_lock(&st->mu);
+            last->next = st->qhead;
+            st->qhead = q;
+            if (!st->qtail)
+                st->qtail = last;
+            st->qn += n;
+            pthread_mutex_unlock(&st->mu);
+            q = NULL;
+        }
         call_end(pc, NULL);
         for (struct queued *next; q; q = next) {
             next = q->next;
@@ -566,7 +633,7 @@ now:
     mg_peer_set_release(pc->set);
     grpc_byte_buffer_destroy(req);
     if (pc->held)
-        slot_release(t, pc->st); /* the handed-over slot, unused */
+        slot_release(t, pc->st, pc->lane); /* the handed-over slot, unused */
     mg_deliver_outcome *outs = pc->n > 1 ? mg_xcalloc(pc->n, sizeof(*outs)) : &out;
     for (size_t k = 0; outs != &out && k < pc->n; k++)
         outs[k] = out; /* one outcome per recipient */
@@ -599,6 +666,7 @@ static void deliver_one(mg_transport_grpc *t, struct peer_state *st, struct queu
     pc->arg = q->arg;
     pc->st = st;
     pc->held = held;
+    pc->lane = held && t->ordered;
     mg_route_target target = {.gateway_id = st->id};
     call_begin(t, &target, pc, mg_grpc_buffer_from(q->req, q->len), q->deadline_ms, &q->trace);
     free(q->req);
@@ -676,6 +744,7 @@ static void flush_queue(mg_transport_grpc *t, struct peer_state *st, struct queu
         pc->many = head;
         pc->st = st;
         pc->held = held;
+        pc->lane = held && t->ordered;
         held = false;
         mg_route_target target = {.gateway_id = st->id};
         /* each message carries its own context (Message.traceparent): none on the call */
@@ -683,26 +752,54 @@ static void flush_queue(mg_transport_grpc *t, struct peer_state *st, struct queu
         free(buf);
     }
     if (held)
-        slot_release(t, st); /* every delivery had expired: no call took the slot */
+        slot_release(t, st, t->ordered); /* every delivery had expired: no call took the slot */
 }
 
-/* Queues the delivery behind the peer's calls in flight when there are
- * coalesce_calls of them already (it goes in the DeliverMany the next one
- * to end sends); false: call now. */
-static bool maybe_queue(mg_transport_grpc *t, const char *id,
-                        Meshgate__V1__DeliverMessageRequest *rq, const mg_trace_ctx *trace,
-                        int64_t deadline_ms, mg_deliver_done done, void *arg)
+/* How tg_deliver sends a delivery (see DESIGN). */
+enum how { H_CALL, H_LANE, H_QUEUED, H_BUSY };
+
+/* Decides how a delivery to peer id goes: a call of its own (H_CALL; call_begin takes
+ * the slot); ordered, a call on the peer's lane, slot taken (H_LANE, *stp set); queued
+ * behind the peer's calls in flight, to go in the DeliverMany the next one to end sends
+ * (H_QUEUED; unordered: when there are coalesce_calls of them already; ordered: while
+ * the lane is taken); H_BUSY: ordered, max_inflight deliveries wait already. */
+static enum how route_delivery(mg_transport_grpc *t, const char *id,
+                               Meshgate__V1__DeliverMessageRequest *rq, const mg_trace_ctx *trace,
+                               int64_t deadline_ms, mg_deliver_done done, void *arg,
+                               struct peer_state **stp)
 {
     if (t->coalesce_calls <= 0 || !*id)
-        return false;
-    pthread_mutex_lock(&t->mu);
-    struct peer_state *st = mg_map_get(t->states, id); /* none yet: nothing in flight */
-    pthread_mutex_unlock(&t->mu);
-    if (!st)
-        return false;
+        return H_CALL;
+    struct peer_state *st;
+    if (t->ordered) {
+        st = state_get(t, id);
+    } else {
+        pthread_mutex_lock(&t->mu);
+        st = mg_map_get(t->states, id); /* none yet: nothing in flight */
+        pthread_mutex_unlock(&t->mu);
+        if (!st)
+            return H_CALL;
+    }
+    bool active = t->ordered && active_take(t); /* for the lane's call, if it takes it */
+    enum how how = H_CALL;
     pthread_mutex_lock(&st->mu);
-    bool queue = !st->no_many && st->inflight >= t->coalesce_calls && st->qn < t->max_inflight;
-    if (queue) {
+    if (!t->ordered) {
+        if (!st->no_many && st->inflight >= t->coalesce_calls && st->qn < t->max_inflight)
+            how = H_QUEUED;
+    } else if (!active) {
+        how = H_CALL;       /* closing: call_begin refuses it */
+    } else if (!st->lane) { /* a free lane has an empty queue: slot_release keeps it so */
+        how = st->inflight < t->max_inflight ? H_LANE : H_BUSY;
+        if (how == H_LANE) {
+            st->lane = true;
+            st->inflight++;
+        }
+    } else {
+        how = st->qn < t->max_inflight ? H_QUEUED : H_BUSY;
+    }
+    if (how == H_BUSY)
+        count_result(st, R_BUSY);
+    if (how == H_QUEUED) {
         struct queued *e = mg_new(struct queued);
         char tp[MG_TRACEPARENT_LEN + 1];
         if (trace && mg_traceparent_format(trace, tp))
@@ -711,6 +808,7 @@ static bool maybe_queue(mg_transport_grpc *t, const char *id,
         e->len = meshgate__v1__deliver_message_request__get_packed_size(rq);
         e->req = mg_xmalloc(e->len ? e->len : 1);
         meshgate__v1__deliver_message_request__pack(rq, e->req);
+        rq->message->traceparent = NULL;
         /* The peer deadline runs from now, queued or not: past it the message takes the next
          * step (a stuck peer's queue fails when its calls do, not a peer deadline later). */
         int64_t peer_by = mg_mono_ms() + t->peer_deadline_ms;
@@ -725,7 +823,10 @@ static bool maybe_queue(mg_transport_grpc *t, const char *id,
         st->qn++;
     }
     pthread_mutex_unlock(&st->mu);
-    return queue;
+    if (active && how != H_LANE)
+        active_drop(t);
+    *stp = st;
+    return how;
 }
 
 static int tg_deliver(mg_transport *base, const mg_route_target *target, const mg_msg *msg,
@@ -739,14 +840,22 @@ static int tg_deliver(mg_transport *base, const mg_route_target *target, const m
     rq.origin_gateway = t->gateway_id;
     rq.origin_region = t->region;
     rq.inbox = msg->inbox;
-    if (maybe_queue(t, target && target->gateway_id ? target->gateway_id : "", &rq, &msg->trace,
-                    deadline_ms, done, arg))
+    struct peer_state *st = NULL;
+    enum how how = route_delivery(t, target && target->gateway_id ? target->gateway_id : "", &rq,
+                                  &msg->trace, deadline_ms, done, arg, &st);
+    if (how == H_QUEUED)
         return 0;
+    if (how == H_BUSY)
+        return -EBUSY; /* the plan's next step, at once */
     struct pcall *pc = mg_new(struct pcall);
     pc->method = MG_PEER_RPC_DELIVER;
     pc->n = 1;
     pc->done = done;
     pc->arg = arg;
+    if (how == H_LANE) {
+        pc->st = st;
+        pc->held = pc->lane = true;
+    }
     return call_begin(t, target, pc, mg_grpc_pack(&rq.base), deadline_ms, &msg->trace);
 }
 
@@ -830,7 +939,7 @@ static int tg_disconnect(mg_transport *base, const mg_route_target *target, cons
     if (resp)
         grpc_byte_buffer_destroy(resp);
     grpc_byte_buffer_destroy(req);
-    slot_release(t, st);
+    slot_release(t, st, false);
     mg_peer_set_release(set);
     return rc;
 }
@@ -882,13 +991,16 @@ mg_transport *mg_transport_grpc_create(mg_peers *peers, const mg_transport_grpc_
 {
     grpc_init();
     mg_transport_grpc *t = mg_new(mg_transport_grpc);
-    t->base.ops = &grpc_ops;
+    t->ops = grpc_ops;
+    t->base.ops = &t->ops;
     t->peers = peers;
     t->gateway_id = mg_xstrdup(cfg->gateway_id ? cfg->gateway_id : "");
     t->region = mg_xstrdup(cfg->region ? cfg->region : "");
     t->peer_deadline_ms = cfg->peer_deadline_ms > 0 ? cfg->peer_deadline_ms : 500;
     t->max_inflight = cfg->peer_max_inflight > 0 ? cfg->peer_max_inflight : 1024;
     t->coalesce_calls = cfg->coalesce_calls > 0 ? cfg->coalesce_calls : 0;
+    t->ordered = t->coalesce_calls == 1;
+    t->ops.orders_on_return = t->ordered;
     t->link_cfg = cfg->link;
     mg_link_config_defaults(&t->link_cfg);
     t->nauth = mg_grpc_bearer_metadata(&t->auth, cfg->peer_token);

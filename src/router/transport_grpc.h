@@ -17,6 +17,8 @@
  *       "peer <id>: <CODE_NAME>: <details>"
  *   peer unknown                                    -> FAILED "peer <id>: unknown peer"
  *   in-flight bound reached                         -> FAILED "peer <id>: busy"
+ *   one call at a time (coalesce_calls 1), peer_max_inflight deliveries
+ *   queued behind it                                -> deliver() returns -EBUSY
  * DeliverMessage is idempotent on the receiver (dedupe by message id), so
  * one retry after a fast UNAVAILABLE is safe and is made when time allows.
  *
@@ -49,7 +51,8 @@ typedef struct mg_transport_grpc_config {
     int peer_deadline_ms;   /* per call, capped by the router's deadline; <= 0: 500 */
     int peer_max_inflight;  /* calls in flight per peer, and deliveries queued; <= 0: 1024 */
     int coalesce_calls;     /* calls in flight to a peer before the next deliveries queue for
-                               one DeliverMany; <= 0: never */
+                               one DeliverMany; <= 0: never; 1: one call at a time, which keeps
+                               the order deliver() returned in (orders_on_return) */
     int cq_threads;         /* "peer-cq" threads draining the queue; <= 0: 1 */
     mg_link_config link;    /* zero fields take link_quality.h defaults */
     const char *peer_token; /* sent as "authorization: Bearer" on peer calls; NULL: none (copied) */

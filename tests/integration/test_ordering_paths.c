@@ -47,8 +47,6 @@ static mg_gw *spawn(const char *tag, const char *name, const char *region)
                           region,
                           "--hot-threshold",
                           "1000000", /* every pair stays cold */
-                          "--peer-coalesce-calls",
-                          "0", /* a call per delivery: calls in flight could overtake */
                           NULL};
     mg_gw *gw = mg_gw_spawn(id, args);
     cr_assert_not_null(gw, "gateway %s did not start", id);
@@ -139,13 +137,18 @@ Test(ordering_paths, grpc_and_kafka_keep_a_waiting_senders_order, .timeout = 240
     cr_expect_eq(out_of_order(rx_far), 0, "Kafka path: messages out of order");
 
     /* A WebSocket sender that does not wait for its acks: its sends
-     * overlap on the Kafka path and still arrive in order; on gRPC direct
-     * (separate calls could overtake each other) they do not overlap. */
+     * overlap on both paths (gRPC: queued behind the call in flight on the
+     * peer's lane, so they reach b in DeliverMany calls) and still arrive in
+     * order. */
     char ws_sender[64];
     snprintf(ws_sender, sizeof(ws_sender), "%s-ws", tag);
     mg_wsc *tx = connect_user(a, ws_sender);
+    const char *many = "meshgate_grpc_requests_total{method=\"DeliverMany\",code=\"OK\"}";
+    double many_before = mg_gw_metric(b, many);
     mg_wsc_send_acked(tx, near, near, N_MSGS, "delivered");
     cr_expect_eq(out_of_order(rx_near), 0, "gRPC path, pipelined: messages out of order");
+    cr_expect_gt(mg_gw_metric(b, many), many_before,
+                 "the sends overlapped: some went together behind a call in flight");
     mg_wsc_send_acked(tx, far, far, N_MSGS, "queued");
     cr_expect_eq(out_of_order(rx_far), 0, "Kafka path, pipelined: messages out of order");
     mg_wsc_free(tx);

@@ -10,6 +10,7 @@
 #include "support/ws_client.h"
 
 #include <arpa/inet.h>
+#include <errno.h>
 #include "support/mg_wait.h"
 
 #include <criterion/criterion.h>
@@ -742,6 +743,55 @@ Test(transport_grpc, deliveries_behind_calls_in_flight_go_together_in_one_delive
     mg_wsc_free(bob);
     cr_expect_eq(mg_gw_stop(gw), 0);
     mg_gw_free(gw);
+}
+
+/* Ordered (coalesce_calls 1): one call in flight to a peer, the rest queued
+ * behind it; past the bound the next delivery fails at once (the plan's next
+ * step), never a second call that could overtake the first. */
+Test(transport_grpc, ordered_deliveries_wait_behind_one_call_and_fail_busy_past_the_bound,
+     .timeout = 30)
+{
+    struct fake_grpc *f = fake_start(true, false); /* holds every call until its deadline */
+    char addr[64];
+    snprintf(addr, sizeof(addr), "127.0.0.1:%d", f->port);
+    mg_peers *peers = mg_peers_create("self-test", NULL, 0);
+    set_peer(peers, "lane", addr);
+    mg_transport_grpc_config cfg = {.gateway_id = "self-test",
+                                    .region = "r1",
+                                    .peer_deadline_ms = 300,
+                                    .peer_max_inflight = 4,
+                                    .cq_threads = 1,
+                                    .coalesce_calls = 1};
+    mg_transport *t = mg_transport_grpc_create(peers, &cfg);
+    cr_expect(t->ops->orders_on_return, "one call at a time keeps the order");
+    mg_route_target tg = {"lane", "r1"};
+    struct many_out m = {0};
+    for (int i = 0; i < 6; i++) {
+        char id[32];
+        snprintf(id, sizeof(id), "lane-%d", i + 1);
+        mg_msg *msg = text_msg(id, "bob");
+        int rc = t->ops->deliver(t, &tg, msg, mg_mono_ms() + 5000, many_done, &m);
+        mg_msg_free(msg);
+        if (i < 5)
+            cr_expect_eq(rc, 0, "delivery %d: on the lane or queued behind it", i + 1);
+        else
+            cr_expect_eq(rc, -EBUSY, "past 4 queued: busy at once, not a second call");
+    }
+    for (int i = 0; i < 300 && atomic_load(&m.done) < 5; i++)
+        usleep(10 * 1000);
+    cr_expect_eq(atomic_load(&m.done), 5, "every delivery answered once");
+    cr_expect_eq(atomic_load(&m.failed), 5, "the peer never answered");
+    /* the lane's call, then the queue's DeliverMany unless it expired behind it */
+    cr_expect_leq(atomic_load(&f->calls), 2, "calls: %d", atomic_load(&f->calls));
+    mg_transport_free(t);
+
+    mg_transport_grpc_config unordered = cfg;
+    unordered.coalesce_calls = 4;
+    t = mg_transport_grpc_create(peers, &unordered);
+    cr_expect_not(t->ops->orders_on_return, "calls in flight together can overtake");
+    mg_transport_free(t);
+    mg_peers_free(peers);
+    fake_stop(f);
 }
 
 Test(transport_grpc, a_peer_without_deliver_many_gets_one_call_each, .timeout = 30)
