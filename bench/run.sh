@@ -301,9 +301,27 @@ sc_grpc() {
   load $LOADB pairs --port "$PB" --send-port "$PA" --pairs 64 --window 16 --low --seconds "$SECS" \
     --warmup 1 --count 100000000 --gw-pid "$PIDA,$PIDB" --scenario grpc --path grpc \
     --label "grpc flat out, priority low" --prefix gl$$- >/dev/null
-  load $LOADB pairs --port "$PB" --send-port "$PA" --pairs 64 --rate "$rate" --seconds "$SECS" \
-    --warmup 1 --count $((rate * (SECS + 2))) --gw-pid "$PIDA,$PIDB" --scenario grpc --path grpc \
-    --label "grpc at $rate/s" --prefix gr$$- >/dev/null
+  local r
+  for r in $rate 10000; do
+    load $LOADB pairs --port "$PB" --send-port "$PA" --pairs 64 --rate "$r" --seconds "$SECS" \
+      --warmup 1 --count $((r * (SECS + 2))) --gw-pid "$PIDA,$PIDB" --scenario grpc --path grpc \
+      --label "grpc at $r/s" --prefix gr$r-$$- >/dev/null
+    [ "$rate" = 10000 ] && break
+  done
+  # the API on gateway A, its users on gateway B (1,000; issue 10's cross-gateway API goal)
+  load $LOADB api --port "$PB" --grpc "127.0.0.1:$GA" --conns "${API_USERS:-1000}" \
+    --window "${API_WINDOW:-64}" --seconds "$SECS" --warmup 1 --count 100000000 \
+    --gw-pid "$PIDA,$PIDB" --scenario grpc --path grpc \
+    --label "grpc API -> user on B flat out (${API_WINDOW:-64} calls in flight)" \
+    --prefix ga$$- >/dev/null
+  load $LOADB api --stream --port "$PB" --grpc "127.0.0.1:$GA" --conns "${API_USERS:-1000}" \
+    --window "${API_STREAM_WINDOW:-256}" --seconds "$SECS" --warmup 1 --count 100000000 \
+    --gw-pid "$PIDA,$PIDB" --scenario grpc --path grpc \
+    --label "grpc API -> user on B flat out, SendStream" --prefix gs$$- >/dev/null || true
+  load $LOADB api --stream --port "$PB" --grpc "127.0.0.1:$GA" --conns "${API_USERS:-1000}" \
+    --rate 10000 --seconds "$SECS" --warmup 1 --count $((10000 * (SECS + 2))) \
+    --gw-pid "$PIDA,$PIDB" --scenario grpc --path grpc \
+    --label "grpc API -> user on B at 10000/s, SendStream" --prefix gt$$- >/dev/null || true
   stop_gws
 }
 
