@@ -454,7 +454,7 @@ static void live_copy(route_op *op)
             mg_transport *t = r->transports[p];
             if (!seen && usable(r, p, &target) &&
                 t->ops->deliver(t, &target, &m, mg_mono_ms() + LIVE_COPY_DEADLINE_MS,
-                                live_copy_done, NULL) == 0)
+                                live_copy_done, NULL) >= 0)
                 mg_metric_add(r->inbox_copies, 1);
         }
     }
@@ -779,11 +779,11 @@ static void attempt_next(attempt *a)
         attempt_trace(a, t, &m, false);
         _Atomic unsigned char *hs = a->hs; /* op_route's guard keeps it alive past deliver */
         int rc = t ? t->ops->deliver(t, &a->target, &m, op->deadline, attempt_done, a) : -ENOSYS;
-        if (rc == 0) {
+        if (rc >= 0) {
             unsigned char running = HS_RUNNING;
+            bool ordered = rc == 0 && t->ops->orders_on_return;
             if (hs)
-                atomic_compare_exchange_strong(hs, &running,
-                                               t->ops->orders_on_return ? HS_HANDED : HS_UNORDERED);
+                atomic_compare_exchange_strong(hs, &running, ordered ? HS_HANDED : HS_UNORDERED);
             return;
         }
         snprintf(reason, sizeof(reason), "%s: %s", mg_path_name(p), strerror(-rc));

@@ -51,7 +51,9 @@ struct mg_transport_ops {
      * thread before deliver returns), at the latest shortly after
      * deadline_ms (monotonic, mg_mono_ms) or the transport's own bound; or a
      * negative errno when the transport could not even try, and then done
-     * never runs. Must not block. */
+     * never runs. MG_DELIVER_UNORDERED is 0 but for the order: this one
+     * delivery does not fix it, whatever orders_on_return says (a probe of a
+     * degraded link). Must not block. */
     int (*deliver)(mg_transport *t, const mg_route_target *target, const mg_msg *msg,
                    int64_t deadline_ms, mg_deliver_done done, void *arg);
     /* Closes the user's connections (or one) on the target gateway; returns
@@ -88,6 +90,8 @@ struct mg_transport_ops {
      * (its lane); false with several calls in flight, which can reorder. */
     bool orders_on_return;
 };
+
+#define MG_DELIVER_UNORDERED 1 /* see deliver() */
 
 struct mg_transport {
     const struct mg_transport_ops *ops;

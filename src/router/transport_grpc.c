@@ -35,6 +35,17 @@
  * and a WebSocket sender's next message to the peer starts at once. Past
  * max_inflight queued deliveries deliver() fails -EBUSY (the plan's next
  * step). DeliverBatch and DisconnectLocal calls do not take the lane.
+ * When the lane's call fails (after its retry), or a delivery expires in the
+ * queue, everything queued fails with it, in order, before the failure is
+ * recorded (lane_drain): so the deliveries behind it take the plan's next
+ * step in the order they came, ahead of any that the link's turning
+ * degraded sends there directly. A degraded link's probe goes on the lane
+ * but does not fix order (deliver returns MG_DELIVER_UNORDERED): the
+ * sender's next message, which goes by the next step at once, waits for it;
+ * nor does a delivery to another region's gateway (a hot pair's: when the
+ * pair cools, its next message goes by Kafka). A peer that left the table
+ * stays available while its lane holds deliveries, so the next one queues
+ * behind them and fails after them.
  *
  * Per peer: `inflight` is bounded by peer_max_inflight (beyond: available()
  * false, deliver() FAILED "busy"); `link` is the circuit breaker of
@@ -338,19 +349,33 @@ static void slot_release(mg_transport_grpc *t, struct peer_state *st, bool lane)
 }
 
 /* Records one attempt: r is R_DELIVERED, R_NOT_CONNECTED or a gRPC code. */
-static void record(mg_transport_grpc *t, struct peer_state *st, int r, int64_t latency_us,
-                   bool probe)
+struct link_change {
+    int change; /* mg_link_record's */
+    double err, lat;
+    int64_t latency_us;
+};
+
+/* record() with st->mu held; the change is logged (link_log) once it is released. */
+static struct link_change record_locked(mg_transport_grpc *t, struct peer_state *st, int r,
+                                        int64_t latency_us, bool probe)
 {
     bool ok = r == R_DELIVERED || r == R_NOT_CONNECTED;
-    pthread_mutex_lock(&st->mu);
     count_result(st, r);
     if (ok)
         mg_histogram_observe_us(st->latency, latency_us);
-    int change = mg_link_record(&st->link, &t->link_cfg, ok, latency_us, probe, mg_mono_ms());
-    double err = st->link.err_ewma, lat = st->link.lat_ewma_us;
-    if (change)
-        mg_metric_set(st->degraded, change > 0 ? 1 : 0);
-    pthread_mutex_unlock(&st->mu);
+    struct link_change c = {
+        mg_link_record(&st->link, &t->link_cfg, ok, latency_us, probe, mg_mono_ms()),
+        st->link.err_ewma, st->link.lat_ewma_us, latency_us};
+    if (c.change)
+        mg_metric_set(st->degraded, c.change > 0 ? 1 : 0);
+    return c;
+}
+
+static void link_log(const struct peer_state *st, struct link_change c)
+{
+    double err = c.err, lat = c.lat;
+    int change = c.change;
+    int64_t latency_us = c.latency_us;
     if (change > 0)
         mg_log_warn("peer",
                     "link degraded, routing around it by kafka peer=%s err_ewma=%.2f "
@@ -359,6 +384,62 @@ static void record(mg_transport_grpc *t, struct peer_state *st, int r, int64_t l
     else if (change < 0)
         mg_log_info("peer", "link recovered peer=%s latency_ms=%.1f", st->id,
                     (double)latency_us / 1000.0);
+}
+
+static void record(mg_transport_grpc *t, struct peer_state *st, int r, int64_t latency_us,
+                   bool probe)
+{
+    pthread_mutex_lock(&st->mu);
+    struct link_change c = record_locked(t, st, r, latency_us, probe);
+    pthread_mutex_unlock(&st->mu);
+    link_log(st, c);
+}
+
+/* Answers every delivery of list q FAILED with reason (one %s: the peer). */
+static void fail_list(struct peer_state *st, struct queued *q, const char *reason)
+{
+    mg_deliver_outcome out;
+    memset(&out, 0, sizeof(out));
+    out.status = MG_STATUS_FAILED;
+    snprintf(out.reason, sizeof(out.reason), reason, st->id);
+    for (struct queued *next; q; q = next) {
+        next = q->next;
+        q->done(q->arg, &out);
+        free(q->req);
+        free(q);
+    }
+}
+
+/* Ordered: the lane's call failed, or a delivery waiting for it expired
+ * (see DESIGN). Everything still queued fails now, in order, until the
+ * queue is empty; then the call's attempt is recorded (when rec: it may
+ * turn the link degraded, which sends the next deliveries by the next step
+ * at once) and the lane is freed. So the deliveries behind a failed one take
+ * the plan's next step after it, in the order they came, and none that
+ * comes later gets there first by the link's turning degraded meanwhile. */
+static void lane_drain(mg_transport_grpc *t, struct peer_state *st, const int *rec,
+                       int64_t latency_us, bool probe)
+{
+    for (;;) {
+        struct link_change c = {0};
+        pthread_mutex_lock(&st->mu);
+        struct queued *q = st->qhead;
+        st->qhead = st->qtail = NULL;
+        st->qn = 0;
+        if (!q) {
+            if (rec)
+                c = record_locked(t, st, *rec, latency_us, probe);
+            st->lane = false;
+            st->inflight--;
+        }
+        pthread_mutex_unlock(&st->mu);
+        if (!q) {
+            link_log(st, c);
+            break;
+        }
+        fail_list(st, q, "peer %s: queued behind a failed call");
+    }
+    active_drop(t);
 }
 
 /* ---- the transport ops -------------------------------------------------- */
@@ -371,12 +452,23 @@ static bool tg_available(mg_transport *base, const mg_route_target *target)
     mg_peer_set *set = mg_peers_acquire(t->peers);
     bool known = mg_peer_set_find(set, target->gateway_id) != NULL;
     mg_peer_set_release(set);
-    if (!known)
+    struct peer_state *st = NULL;
+    if (!known && t->ordered) { /* a peer that left with deliveries on its lane */
+        pthread_mutex_lock(&t->mu);
+        st = mg_map_get(t->states, target->gateway_id);
+        pthread_mutex_unlock(&t->mu);
+    }
+    if (!known && !st)
         return false;
-    struct peer_state *st = state_get(t, target->gateway_id);
+    if (!st)
+        st = state_get(t, target->gateway_id);
     pthread_mutex_lock(&st->mu);
-    bool ok = st->inflight < t->max_inflight &&
-              mg_link_admit(&st->link, &t->link_cfg, mg_mono_ms(), NULL);
+    bool ok;
+    if (!known) /* they fail when they come out; this one waits behind them, to fail after them */
+        ok = st->lane;
+    else
+        ok = st->inflight < t->max_inflight &&
+             mg_link_admit(&st->link, &t->link_cfg, mg_mono_ms(), NULL);
     pthread_mutex_unlock(&st->mu);
     return ok;
 }
@@ -562,7 +654,10 @@ static void call_complete(struct pcall *pc, bool ok)
     }
     if (resp)
         grpc_byte_buffer_destroy(resp);
-    record(t, pc->st, r, took, pc->probe && pc->attempt == 0);
+    bool probe = pc->probe && pc->attempt == 0;
+    bool lane_failed = pc->lane && code != GRPC_STATUS_OK; /* recorded by lane_drain */
+    if (!lane_failed)
+        record(t, pc->st, r, took, probe);
     if (code != GRPC_STATUS_OK) {
         snprintf(out.reason, sizeof(out.reason), "peer %s: %s: %s", id, mg_grpc_code_name(code),
                  details[0] ? details : "no details");
@@ -580,7 +675,15 @@ static void call_complete(struct pcall *pc, bool ok)
         for (size_t i = 0; outs != &out && i < pc->n; i++)
             outs[i] = out; /* the call failed: every recipient's attempt did */
     }
-    call_end(pc, outs);
+    if (lane_failed) {
+        struct peer_state *st = pc->st;
+        grpc_byte_buffer_destroy(pc->req);
+        mg_peer_set_release(pc->set);
+        call_answer(pc, outs); /* frees pc */
+        lane_drain(t, st, &r, took, probe);
+    } else {
+        call_end(pc, outs);
+    }
     if (outs != &out)
         free(outs);
 }
@@ -694,6 +797,14 @@ static void flush_queue(mg_transport_grpc *t, struct peer_state *st, struct queu
     pthread_mutex_lock(&st->mu);
     bool one_each = st->no_many; /* queued while the peer said UNIMPLEMENTED */
     pthread_mutex_unlock(&st->mu);
+    bool expired = false;
+    for (struct queued *e = q; t->ordered && e; e = e->next)
+        expired = expired || (e->deadline_ms > 0 && e->deadline_ms <= now);
+    if (expired) { /* the lane is late: all of it takes the next step, in order */
+        fail_list(st, q, "peer %s: DEADLINE_EXCEEDED: expired while queued");
+        lane_drain(t, st, NULL, 0, false);
+        return;
+    }
     for (struct queued *next; one_each && q; q = next, held = false) {
         next = q->next;
         deliver_one(t, st, q, held);
@@ -756,7 +867,7 @@ static void flush_queue(mg_transport_grpc *t, struct peer_state *st, struct queu
 }
 
 /* How tg_deliver sends a delivery (see DESIGN). */
-enum how { H_CALL, H_LANE, H_QUEUED, H_BUSY };
+enum how { H_CALL, H_LANE, H_PROBE, H_QUEUED, H_BUSY };
 
 /* Decides how a delivery to peer id goes: a call of its own (H_CALL; call_begin takes
  * the slot); ordered, a call on the peer's lane, slot taken (H_LANE, *stp set); queued
@@ -790,7 +901,9 @@ static enum how route_delivery(mg_transport_grpc *t, const char *id,
         how = H_CALL;       /* closing: call_begin refuses it */
     } else if (!st->lane) { /* a free lane has an empty queue: slot_release keeps it so */
         how = st->inflight < t->max_inflight ? H_LANE : H_BUSY;
-        if (how == H_LANE) {
+        if (how == H_LANE && st->link.degraded)
+            how = H_PROBE; /* it may fail after later deliveries went by the next step */
+        if (how != H_BUSY) {
             st->lane = true;
             st->inflight++;
         }
@@ -823,7 +936,7 @@ static enum how route_delivery(mg_transport_grpc *t, const char *id,
         st->qn++;
     }
     pthread_mutex_unlock(&st->mu);
-    if (active && how != H_LANE)
+    if (active && how != H_LANE && how != H_PROBE)
         active_drop(t);
     *stp = st;
     return how;
@@ -843,8 +956,11 @@ static int tg_deliver(mg_transport *base, const mg_route_target *target, const m
     struct peer_state *st = NULL;
     enum how how = route_delivery(t, target && target->gateway_id ? target->gateway_id : "", &rq,
                                   &msg->trace, deadline_ms, done, arg, &st);
+    /* Another region's gateway is a hot pair's (or a fallback's) target: the
+     * pair's next message may go by Kafka when it cools, past this one. */
+    bool far = target && target->region && target->region[0] && strcmp(target->region, t->region);
     if (how == H_QUEUED)
-        return 0;
+        return far ? MG_DELIVER_UNORDERED : 0;
     if (how == H_BUSY)
         return -EBUSY; /* the plan's next step, at once */
     struct pcall *pc = mg_new(struct pcall);
@@ -852,11 +968,12 @@ static int tg_deliver(mg_transport *base, const mg_route_target *target, const m
     pc->n = 1;
     pc->done = done;
     pc->arg = arg;
-    if (how == H_LANE) {
+    if (how == H_LANE || how == H_PROBE) {
         pc->st = st;
         pc->held = pc->lane = true;
     }
-    return call_begin(t, target, pc, mg_grpc_pack(&rq.base), deadline_ms, &msg->trace);
+    int rc = call_begin(t, target, pc, mg_grpc_pack(&rq.base), deadline_ms, &msg->trace);
+    return rc == 0 && (how == H_PROBE || (far && how == H_LANE)) ? MG_DELIVER_UNORDERED : rc;
 }
 
 static int tg_deliver_batch(mg_transport *base, const mg_route_target *target, const mg_msg *msg,

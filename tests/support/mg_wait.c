@@ -119,7 +119,7 @@ int mg_wait_deliver(mg_transport *t, const mg_route_target *target, const mg_msg
     w.out = out;
     memset(out, 0, sizeof(*out));
     int rc = t->ops->deliver(t, target, msg, deadline_ms, on_deliver, &w);
-    if (rc == 0)
+    if (rc >= 0) /* MG_DELIVER_UNORDERED too: done runs */
         w_wait(&w);
     return rc;
 }
