@@ -14,6 +14,7 @@
 
 #include <protobuf-c/protobuf-c.h>
 
+#include <stdbool.h>
 #include <stddef.h>
 
 #define MG_PB_ARENA_BYTES 2048
@@ -26,5 +27,20 @@ typedef struct mg_pb_arena {
 
 /* Readies ar (no allocation); returns &ar->a. */
 ProtobufCAllocator *mg_pb_arena_init(mg_pb_arena *ar);
+
+/* The same for a request of any size (a DeliverMany of hundreds of
+ * messages): one block of 2 * len + 4 KB, the thread's own kept between its
+ * decodes (grown when too small; a decode nested in another gets a block of
+ * its own), instead of a malloc per string and sub-message. Beyond the block,
+ * malloc as above. mg_pb_block_done after free_unpacked gives it back. */
+typedef struct mg_pb_block {
+    ProtobufCAllocator a; /* pass &blk->a to unpack and free_unpacked */
+    unsigned char *buf;
+    size_t cap, used;
+    bool own; /* buf is this decode's own (nested), freed by done */
+} mg_pb_block;
+
+ProtobufCAllocator *mg_pb_block_init(mg_pb_block *blk, size_t len);
+void mg_pb_block_done(mg_pb_block *blk);
 
 #endif

@@ -712,7 +712,17 @@ out:
 static grpc_status_code h_deliver_many(mg_grpc_server *s, struct rpc *c, const uint8_t *req,
                                        size_t len, char *err, size_t errlen)
 {
-    UNPACK(Meshgate__V1__DeliverManyRequest, rq, meshgate__v1__deliver_many_request__descriptor);
+    mg_pb_block blk; /* hundreds of messages: one block, not a malloc per field */
+    ProtobufCAllocator *pa = mg_pb_block_init(&blk, len);
+    Meshgate__V1__DeliverManyRequest *rq =
+        (Meshgate__V1__DeliverManyRequest *)protobuf_c_message_unpack(
+            &meshgate__v1__deliver_many_request__descriptor, pa, len, req ? req : (uint8_t *)"");
+    if (!rq) {
+        mg_pb_block_done(&blk);
+        snprintf(err, errlen, "request does not decode as %s",
+                 meshgate__v1__deliver_many_request__descriptor.name);
+        return GRPC_STATUS_INVALID_ARGUMENT;
+    }
     grpc_status_code code = MG_GRPC_PENDING;
     size_t n = rq->n_deliveries;
     mg_msg **msgs = NULL;
@@ -748,7 +758,8 @@ out:
     for (size_t i = 0; msgs && i < n; i++)
         mg_msg_free(msgs[i]);
     free(msgs);
-    protobuf_c_message_free_unpacked(&rq->base, NULL);
+    protobuf_c_message_free_unpacked(&rq->base, pa);
+    mg_pb_block_done(&blk);
     return code;
 }
 
