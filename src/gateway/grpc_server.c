@@ -213,10 +213,10 @@ static void run_handler(struct rpc *c)
 {
     mg_grpc_server *s = c->t->s;
     char err[256] = "";
-    size_t len;
-    uint8_t *data = mg_grpc_buffer_read(c->req, &len);
-    grpc_status_code code = mg_grpc_handlers[c->method](s, c, data, len, err, sizeof(err));
-    free(data);
+    mg_grpc_view req; /* the request's bytes where they arrived: no copy */
+    mg_grpc_view_init(&req, c->req);
+    grpc_status_code code = mg_grpc_handlers[c->method](s, c, req.data, req.len, err, sizeof(err));
+    mg_grpc_view_release(&req);
     if (code != MG_GRPC_PENDING)
         mg_grpc_answer(c, code, err);
 }
