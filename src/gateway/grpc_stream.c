@@ -41,8 +41,9 @@
  * receive side (chains, ready list, receive and status flags), so a loop
  * completing a delivery never waits for the thread that receives.
  * Allocation: one block per message (its chain link, the routing context,
- * then its result), a chain table sized for the window, one response
- * buffer kept for the next; a request is decoded from the received slice.
+ * then its result), a chain table sized for the window, a response's
+ * structs and its bytes kept for the next; a request is decoded from the
+ * received slice.
  *
  * Lifetime: a reference per outstanding gRPC operation and per HIGH message
  * in the window; the last one frees the stream and its call. LOW messages
@@ -110,6 +111,7 @@ struct stream {
     atomic_bool send_out;           /* the send token (see DESIGN) */
     void *scratch;                  /* a response's protobuf structs (the token holder's) */
     size_t scratch_cap;
+    struct packbuf *pack;       /* the last response's bytes (the token holder's) */
     grpc_byte_buffer *send_buf; /* the token holder's */
 
     pthread_mutex_t mu; /* guards the receive side below */
@@ -121,6 +123,22 @@ struct stream {
     int cancelled;
     struct stream_op op_recv, op_send, op_close, op_status;
 };
+
+/* A response's bytes, lent to gRPC as a slice and packed into again once
+ * gRPC let go of them: a response of many results is kilobytes, and a
+ * malloc that large consolidated malloc's bins every time. */
+struct packbuf {
+    atomic_int refs; /* the stream's, plus one while a slice holds it */
+    size_t cap;
+    uint8_t data[];
+};
+
+static void packbuf_unref(void *p)
+{
+    struct packbuf *b = p;
+    if (b && atomic_fetch_sub(&b->refs, 1) == 1)
+        free(b);
+}
 
 /* A message's block, with copies of id and to (NULL: ""). */
 static struct item *item_new(struct stream *st, const char *id, const char *to)
@@ -191,6 +209,7 @@ static void stream_free(struct stream *st)
     free_list(atomic_load(&st->results));
     free(st->chains); /* empty: every chain ended with its last message */
     free(st->scratch);
+    packbuf_unref(st->pack);
     if (st->recv_buf)
         grpc_byte_buffer_destroy(st->recv_buf);
     if (st->send_buf)
@@ -247,6 +266,31 @@ static void push_result(struct stream *st, struct item *x)
     while (!atomic_compare_exchange_weak(&st->results, &head, x));
 }
 
+/* m packed into a byte buffer on the stream's packbuf, or on a new one when
+ * gRPC still holds it or it is too small. The token holder's. */
+static grpc_byte_buffer *pack(struct stream *st, const ProtobufCMessage *m)
+{
+    size_t len = protobuf_c_message_get_packed_size(m);
+    struct packbuf *b = st->pack;
+    if (b && (atomic_load(&b->refs) > 1 || b->cap < len)) {
+        packbuf_unref(b); /* the slice holding it frees it */
+        b = NULL;
+    }
+    if (!b) {
+        size_t cap = len < 2048 ? 4096 : len * 2;
+        b = mg_xmalloc(sizeof(*b) + cap);
+        atomic_init(&b->refs, 1);
+        b->cap = cap;
+        st->pack = b;
+    }
+    protobuf_c_message_pack(m, b->data);
+    atomic_fetch_add(&b->refs, 1);
+    grpc_slice sl = grpc_slice_new_with_user_data(b->data, len, packbuf_unref, b);
+    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&sl, 1);
+    grpc_slice_unref(sl);
+    return bb;
+}
+
 /* Sends the results in list (newest first) in one response. The token
  * holder's; true when the send started (the token stays held until its
  * completion). A dead stream's results are dropped. */
@@ -287,7 +331,7 @@ static bool send_results(struct stream *st, struct item *list)
         }
         out.n_results = n;
         out.results = rp;
-        st->send_buf = mg_grpc_pack(&out.base);
+        st->send_buf = pack(st, &out.base);
     }
     free_list(fifo);
     /* held drops before the send starts: its completion may come at once, on
