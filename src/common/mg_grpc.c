@@ -63,6 +63,31 @@ uint8_t *mg_grpc_buffer_read(grpc_byte_buffer *bb, size_t *len)
     return out;
 }
 
+void mg_grpc_view_init(mg_grpc_view *v, grpc_byte_buffer *bb)
+{
+    v->slice = grpc_empty_slice();
+    if (bb && bb->type == GRPC_BB_RAW && bb->data.raw.compression == GRPC_COMPRESS_NONE &&
+        bb->data.raw.slice_buffer.count == 1) {
+        v->slice = grpc_slice_ref(bb->data.raw.slice_buffer.slices[0]);
+    } else if (bb) {
+        grpc_byte_buffer_reader rd;
+        if (grpc_byte_buffer_reader_init(&rd, bb)) {
+            v->slice = grpc_byte_buffer_reader_readall(&rd);
+            grpc_byte_buffer_reader_destroy(&rd);
+        }
+    }
+    v->len = GRPC_SLICE_LENGTH(v->slice);
+    v->data = bb ? GRPC_SLICE_START_PTR(v->slice) : NULL;
+}
+
+void mg_grpc_view_release(mg_grpc_view *v)
+{
+    grpc_slice_unref(v->slice);
+    v->slice = grpc_empty_slice();
+    v->data = NULL;
+    v->len = 0;
+}
+
 ProtobufCMessage *mg_grpc_unpack(const ProtobufCMessageDescriptor *d, grpc_byte_buffer *bb)
 {
     if (!bb)

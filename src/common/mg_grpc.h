@@ -29,6 +29,16 @@ grpc_byte_buffer *mg_grpc_buffer_from(const void *data, size_t len);
 /* Copies the whole buffer into a fresh allocation (*len bytes; the caller
  * frees it with free()). bb NULL gives NULL and *len 0. */
 uint8_t *mg_grpc_buffer_read(grpc_byte_buffer *bb, size_t *len);
+/* The whole buffer as one contiguous run of bytes, without a copy when it
+ * is one uncompressed slice (a received request usually is): data and len
+ * stay valid until mg_grpc_view_release. bb NULL gives data NULL, len 0. */
+typedef struct mg_grpc_view {
+    const uint8_t *data;
+    size_t len;
+    grpc_slice slice; /* a reference held by the view */
+} mg_grpc_view;
+void mg_grpc_view_init(mg_grpc_view *v, grpc_byte_buffer *bb);
+void mg_grpc_view_release(mg_grpc_view *v);
 /* Decodes bb as message type d. Returns NULL when bb is NULL or does not
  * decode; the caller frees the result with protobuf_c_message_free_unpacked. */
 ProtobufCMessage *mg_grpc_unpack(const ProtobufCMessageDescriptor *d, grpc_byte_buffer *bb);

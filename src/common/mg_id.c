@@ -3,7 +3,6 @@
 #include "common/mg_time.h"
 
 #include <stdint.h>
-#include <stdio.h>
 #include <sys/random.h>
 
 static __thread uint64_t rng_state;
@@ -36,8 +35,14 @@ void mg_id_new(char out[MG_ID_LEN + 1])
         b[8 + i] = (uint8_t)(r2 >> (8 * i));
     b[6] = (uint8_t)(0x70 | (b[6] & 0x0f)); /* version 7 */
     b[8] = (uint8_t)(0x80 | (b[8] & 0x3f)); /* variant 10 */
-    snprintf(out, MG_ID_LEN + 1,
-             "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0], b[1],
-             b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14],
-             b[15]);
+    /* by hand: snprintf's format parsing was 2% of a SendStream message's CPU */
+    static const char hex[] = "0123456789abcdef";
+    char *p = out;
+    for (int i = 0; i < 16; i++) {
+        if (i == 4 || i == 6 || i == 8 || i == 10)
+            *p++ = '-';
+        *p++ = hex[b[i] >> 4];
+        *p++ = hex[b[i] & 0x0f];
+    }
+    *p = '\0';
 }

@@ -79,6 +79,7 @@ struct mg_grpc_server {
     int max_deadline_ms, low_deadline_ms;
 
     grpc_server *server;
+    void *registered[M_COUNT]; /* methods whose request comes with the call (NULL: generic) */
     grpc_completion_queue *cq; /* shared by every thread */
     struct cq_thread *threads;
     int port;
@@ -116,6 +117,7 @@ struct rpc {
     grpc_slice status_details;
     int cancelled;
     enum method method;
+    bool registered; /* a registered method's slot: method known, request in req */
     grpc_status_code code;
     int64_t start_us;
     int64_t deadline_ms; /* monotonic */

@@ -6,10 +6,13 @@
  * Threads: cfg->threads threads "grpc-<i>" all poll one completion queue
  * (gRPC core binds every call of a connection to one queue, so a queue per
  * thread would serialize a client's calls on one thread). Each thread
- * arms MG_GRPC_REQUESTS_PER_CQ generic request_call slots, so new calls are
- * matched while others run, and a slot is re-armed as soon as it is matched.
- * A call is a small state machine driven by its completion-queue events,
- * each state one batch: REQUESTED -> (RECV_MESSAGE) -> RECEIVED -> auth
+ * arms MG_GRPC_REQUESTS_PER_CQ generic request_call slots, and as many for
+ * each registered method (SendMessage and the GatewayPeer deliveries: the
+ * calls made per message, whose request arrives with the call), so new
+ * calls are matched while others run; a slot is re-armed as soon as it is
+ * matched. A call is a small state machine driven by its completion-queue
+ * events, each state one batch: REQUESTED -> (RECV_MESSAGE, generic calls
+ * only) -> RECEIVED -> auth
  * check, handler -> (SEND_INITIAL_METADATA + SEND_MESSAGE + SEND_STATUS +
  * RECV_CLOSE, started by mg_grpc_answer from whichever thread completed the
  * call's work: grpc_call_start_batch may be called from any thread) ->
@@ -148,8 +151,18 @@ void mg_grpc_rpc_done(struct rpc *c)
     mg_grpc_rpc_free(c);
 }
 
-/* Puts one request_call slot on t's queue (unless shutting down). */
-static void arm(struct cq_thread *t)
+/* The unary methods a service calls per message: registered, so a call
+ * arrives with its request (one completion-queue event and one batch per
+ * call fewer than a generic call's separate RECV_MESSAGE). */
+static bool registers(enum method m)
+{
+    return m == M_SEND_MESSAGE || m == M_DELIVER_MESSAGE || m == M_DELIVER_BATCH ||
+           m == M_DELIVER_MANY;
+}
+
+/* Puts one request slot on t's queue (unless shutting down): for method m
+ * when it is registered, else (m == M_UNKNOWN) for any other method. */
+static void arm(struct cq_thread *t, enum method m)
 {
     mg_grpc_server *s = t->s;
     struct rpc *c = mg_new(struct rpc);
@@ -158,14 +171,32 @@ static void arm(struct cq_thread *t)
     c->status_details = grpc_empty_slice();
     grpc_call_details_init(&c->details);
     grpc_metadata_array_init(&c->md);
+    if (m != M_UNKNOWN) {
+        c->method = m;
+        c->registered = true;
+        c->details.method = grpc_slice_from_static_string(mg_grpc_methods[m].path);
+    }
     pthread_mutex_lock(&s->mu);
     s->live++;
     grpc_call_error e = GRPC_CALL_ERROR;
-    if (!s->stopping)
+    if (!s->stopping && c->registered)
+        e = grpc_server_request_registered_call(s->server, s->registered[m], &c->call,
+                                                &c->details.deadline, &c->md, &c->req, s->cq, s->cq,
+                                                c);
+    else if (!s->stopping)
         e = grpc_server_request_call(s->server, &c->call, &c->details, &c->md, s->cq, s->cq, c);
     pthread_mutex_unlock(&s->mu);
     if (e != GRPC_CALL_OK)
         mg_grpc_rpc_free(c);
+}
+
+/* Every slot kind of a thread, n of each. */
+static void arm_all(struct cq_thread *t, int n)
+{
+    for (int m = 0; m < M_COUNT; m++)
+        if (m == M_UNKNOWN || t->s->registered[m])
+            for (int i = 0; i < n; i++)
+                arm(t, (enum method)m);
 }
 
 static void start_recv(struct rpc *c)
@@ -213,10 +244,10 @@ static void run_handler(struct rpc *c)
 {
     mg_grpc_server *s = c->t->s;
     char err[256] = "";
-    size_t len;
-    uint8_t *data = mg_grpc_buffer_read(c->req, &len);
-    grpc_status_code code = mg_grpc_handlers[c->method](s, c, data, len, err, sizeof(err));
-    free(data);
+    mg_grpc_view req; /* the request's bytes where they arrived: no copy */
+    mg_grpc_view_init(&req, c->req);
+    grpc_status_code code = mg_grpc_handlers[c->method](s, c, req.data, req.len, err, sizeof(err));
+    mg_grpc_view_release(&req);
     if (code != MG_GRPC_PENDING)
         mg_grpc_answer(c, code, err);
 }
@@ -314,11 +345,14 @@ static void on_event(struct cq_thread *t, void *tag, bool ok)
             mg_grpc_rpc_free(c);
             return;
         }
-        arm(t); /* keep the slot count */
-        c->method = method_of(c->details.method);
+        arm(t, c->registered ? c->method : M_UNKNOWN); /* keep the slot count */
+        if (!c->registered)
+            c->method = method_of(c->details.method);
         c->start_us = mg_mono_us();
         mg_metric_add(s->inflight, 1);
-        if (c->method == M_SEND_STREAM)
+        if (c->registered)
+            handle(c); /* the request came with the call */
+        else if (c->method == M_SEND_STREAM)
             mg_grpc_stream_begin(c); /* many messages: the stream receives them */
         else
             start_recv(c);
@@ -342,8 +376,7 @@ static void *cq_main(void *arg)
     char name[16];
     snprintf(name, sizeof(name), "grpc-%d", t->index);
     pthread_setname_np(pthread_self(), name);
-    for (int i = 0; i < MG_GRPC_REQUESTS_PER_CQ; i++)
-        arm(t);
+    arm_all(t, MG_GRPC_REQUESTS_PER_CQ);
     for (;;) {
         grpc_event ev =
             grpc_completion_queue_next(s->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
@@ -470,6 +503,11 @@ int mg_grpc_server_start(mg_grpc_server *s, char *err, size_t errlen)
     grpc_channel_args ca = {.num_args = 2, .args = args};
 
     s->server = grpc_server_create(&ca, NULL);
+    for (int m = 0; m < M_COUNT; m++)
+        if (registers((enum method)m))
+            s->registered[m] =
+                grpc_server_register_method(s->server, mg_grpc_methods[m].path, NULL,
+                                            GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
     s->threads = mg_xcalloc((size_t)s->nthreads, sizeof(*s->threads));
     for (int i = 0; i < s->nthreads; i++) {
         s->threads[i].s = s;
