@@ -109,9 +109,19 @@ typedef struct rc_cmd {
     long long acked;   /* WAIT's answer; -1 when not asked or it failed */
 } rc_cmd;
 
+typedef struct rc_group rc_group;
+
+/* run()'s per-node groups, kept by a batch across resets (no allocation on
+ * the next run of a reused batch). */
+typedef struct rc_groups {
+    rc_group *g;
+    size_t cap;
+} rc_groups;
+
 struct mg_redis_batch {
     rc_cmd *cmds;
     size_t n, cap;
+    rc_groups groups;
 };
 
 static const char ASKING_CMD[] = "*1\r\n$6\r\nASKING\r\n";
@@ -813,13 +823,20 @@ void mg_redis_cluster_stats_get(mg_redis_cluster *rc, mg_redis_cluster_stats *ou
 
 /* ---- the engine ---------------------------------------------------------- */
 
-typedef struct rc_group {
+struct rc_group {
     rc_node *node;
     redisContext *c;
     size_t *idx; /* indices into the command array, in order */
     size_t n, cap;
     int err;
-} rc_group;
+};
+
+static void groups_free(rc_groups *gs)
+{
+    for (size_t g = 0; g < gs->cap; g++)
+        free(gs->g[g].idx);
+    free(gs->g);
+}
 
 static rc_node *route(mg_redis_cluster *rc, rc_cmd *cmd)
 {
@@ -884,15 +901,15 @@ static void wait_replicas(rc_group *gr, rc_cmd *cmds, int64_t deadline)
 }
 
 /* Runs cmds[0..n) (status 1 = pending) until each has a reply or the
- * deadline passes. */
-static int run(mg_redis_cluster *rc, rc_cmd *cmds, size_t n)
+ * deadline passes. gs: the groups' room, kept by the caller (grown here). */
+static int run(mg_redis_cluster *rc, rc_cmd *cmds, size_t n, rc_groups *gs)
 {
     int64_t deadline = mg_mono_us() + (int64_t)rc->timeout_ms * 1000;
     char msg[256];
     int last_err = -ETIMEDOUT;
     int backoff_ms = 10;
-    rc_group *groups = NULL;
-    size_t ngroups = 0, capgroups = 0;
+    rc_group *groups = gs->g;
+    size_t ngroups = 0, capgroups = gs->cap;
 
     for (int round = 0; round < MG_RC_MAX_ROUNDS; round++) {
         size_t pending = 0;
@@ -927,6 +944,8 @@ static int run(mg_redis_cluster *rc, rc_cmd *cmds, size_t n)
                     capgroups = capgroups ? capgroups * 2 : 4;
                     groups = mg_xrealloc(groups, capgroups * sizeof(*groups));
                     memset(groups + ngroups, 0, (capgroups - ngroups) * sizeof(*groups));
+                    gs->g = groups;
+                    gs->cap = capgroups;
                 }
                 groups[g].node = node;
                 groups[g].c = NULL;
@@ -935,8 +954,8 @@ static int run(mg_redis_cluster *rc, rc_cmd *cmds, size_t n)
                 ngroups++;
             }
             rc_group *gr = &groups[g];
-            if (gr->n == gr->cap) {
-                gr->cap = gr->cap ? gr->cap * 2 : 8;
+            if (gr->n == gr->cap) { /* room for every command at once: no growth */
+                gr->cap = gr->cap * 2 > n ? gr->cap * 2 : n;
                 gr->idx = mg_xrealloc(gr->idx, gr->cap * sizeof(*gr->idx));
             }
             gr->idx[gr->n++] = i;
@@ -1057,9 +1076,6 @@ static int run(mg_redis_cluster *rc, rc_cmd *cmds, size_t n)
     if (rv)
         mg_log_warn("redis", "command failed err=%s last=\"%s\"",
                     rv == -ETIMEDOUT ? "timeout" : "io", msg);
-    for (size_t g = 0; g < capgroups; g++)
-        free(groups[g].idx);
-    free(groups);
     return rv;
 }
 
@@ -1094,7 +1110,9 @@ static int run_one(mg_redis_cluster *rc, redisReply **out, const char *key, char
     cmd_init(&cmd, key, buf, len);
     cmd.wait_replicas = wait;
     *out = NULL;
-    int rv = cmd.status < 0 ? cmd.status : run(rc, &cmd, 1);
+    rc_groups gs = {0};
+    int rv = cmd.status < 0 ? cmd.status : run(rc, &cmd, 1, &gs);
+    groups_free(&gs);
     if (rv == 0) {
         *out = cmd.reply;
         cmd.reply = NULL;
@@ -1139,12 +1157,24 @@ mg_redis_batch *mg_redis_batch_new(void)
     return mg_new(mg_redis_batch);
 }
 
+void mg_redis_batch_reset(mg_redis_batch *b)
+{
+    for (size_t i = 0; i < b->n; i++)
+        cmd_clear(&b->cmds[i]);
+    b->n = 0;
+}
+
+size_t mg_redis_batch_room(const mg_redis_batch *b)
+{
+    return b->cap;
+}
+
 void mg_redis_batch_free(mg_redis_batch *b)
 {
     if (!b)
         return;
-    for (size_t i = 0; i < b->n; i++)
-        cmd_clear(&b->cmds[i]);
+    mg_redis_batch_reset(b);
+    groups_free(&b->groups);
     free(b->cmds);
     free(b);
 }
@@ -1197,7 +1227,7 @@ int mg_redis_cluster_exec(mg_redis_cluster *rc, mg_redis_batch *b)
         return 0;
     for (size_t i = first; i < b->n; i++)
         b->cmds[i].run = true;
-    int rv = run(rc, b->cmds + first, b->n - first);
+    int rv = run(rc, b->cmds + first, b->n - first, &b->groups);
     return rv;
 }
 
