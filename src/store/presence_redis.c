@@ -375,7 +375,8 @@ static int lookup_many(presence_redis *p, const char *const *users, size_t n,
     mg_redis_batch_reserve(b, n);
     for (size_t i = 0; i < n; i++) {
         char *key = user_key(users[i]);
-        mg_redis_batch_add(b, key, "HGETALL %s", key);
+        const char *argv[] = {"HGETALL", key}; /* no format string to parse */
+        mg_redis_batch_add_argv(b, key, 2, argv, NULL);
         free(key);
     }
     int rv = mg_redis_cluster_exec(p->rc, b);
