@@ -96,6 +96,7 @@ typedef struct tn {
     jsCtx *js;
     natsSubscription *ack_sub; /* "<inbox>.*": the PubAcks */
     char *reply_prefix;        /* "<inbox>." */
+    size_t reply_prefix_len;
     atomic_ullong next_token;
     pthread_mutex_t done_mu; /* ack_sub_done; signals done_cond */
     pthread_cond_t done_cond;
@@ -423,11 +424,10 @@ static void puback_cb(natsConnection *nc, natsSubscription *sub, natsMsg *msg, v
     (void)sub;
     tn *n = closure;
     const char *subject = natsMsg_GetSubject(msg);
-    size_t plen = strlen(n->reply_prefix);
     report *w = NULL;
-    if (subject && strncmp(subject, n->reply_prefix, plen) == 0) {
+    if (subject && strncmp(subject, n->reply_prefix, n->reply_prefix_len) == 0) {
         pthread_mutex_lock(&n->rep_mu);
-        w = take_report(n, subject + plen);
+        w = take_report(n, subject + n->reply_prefix_len);
         pthread_mutex_unlock(&n->rep_mu);
     }
     if (!w) {
@@ -989,6 +989,7 @@ static int connect_servers(tn *n, char *err, size_t errlen)
     s = natsInbox_Create(&inbox);
     if (s == NATS_OK) {
         n->reply_prefix = mg_xasprintf("%s.", inbox);
+        n->reply_prefix_len = strlen(n->reply_prefix);
         char *all = mg_xasprintf("%s*", n->reply_prefix);
         s = natsConnection_Subscribe(&n->ack_sub, n->nc, all, puback_cb, n);
         free(all);
