@@ -215,29 +215,40 @@ static int pr_disconnect(mg_presence *base, const char *user, const char *conn_i
     return rv;
 }
 
-/* One parsed entry of a user hash. */
+/* One parsed entry of a user hash: "gw|region|at", cut in place in the
+ * reply (ours until the batch is reset), so gw and region need no copies;
+ * entry_restore puts the separators back when val is needed whole. */
 typedef struct entry {
     const char *conn, *val; /* point into the reply */
-    char *gw, *region;
+    char *gw, *region;      /* ... into val, cut */
+    char *cut[2];           /* the separators cut */
     int64_t at;
     size_t user; /* index of the user it belongs to */
 } entry;
 
-static bool parse_entry(const char *val, entry *e)
+static bool parse_entry(char *val, entry *e)
 {
-    const char *last = strrchr(val, '|');
+    char *last = strrchr(val, '|');
     if (!last || last == val)
         return false;
-    const char *mid = last - 1;
+    char *mid = last - 1;
     while (mid > val && *mid != '|')
         mid--;
     if (*mid != '|' || mid == val)
         return false;
-    e->gw = mg_xstrndup(val, (size_t)(mid - val));
-    e->region = mg_xstrndup(mid + 1, (size_t)(last - mid - 1));
     e->at = strtoll(last + 1, NULL, 10);
+    *mid = *last = '\0';
+    e->cut[0] = mid;
+    e->cut[1] = last;
+    e->gw = val;
+    e->region = mid + 1;
     e->val = val;
     return true;
+}
+
+static void entry_restore(entry *e)
+{
+    *e->cut[0] = *e->cut[1] = '|';
 }
 
 /* Fills alive[i] for each entry: cached leases first, the rest by PTTL. */
@@ -422,6 +433,7 @@ static int lookup_many(presence_redis *p, const char *const *users, size_t n,
             }
             if (!del)
                 del = mg_redis_batch_new();
+            entry_restore(&es[i]); /* compare-and-delete the value as stored */
             char *key = user_key(users[es[i].user]);
             const char *argv[] = {"EVAL", DEL_IF_LUA, "1", key, es[i].conn, es[i].val};
             mg_redis_batch_add_argv(del, key, 6, argv, NULL);
@@ -431,10 +443,6 @@ static int lookup_many(presence_redis *p, const char *const *users, size_t n,
             mg_redis_cluster_exec(p->rc, del);
             mg_redis_batch_free(del);
         }
-    }
-    for (size_t i = 0; i < nes; i++) {
-        free(es[i].gw);
-        free(es[i].region);
     }
     free(alive);
     scratch_give(p, sc);
