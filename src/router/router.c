@@ -79,6 +79,7 @@ struct mg_router {
     pthread_mutex_t lk_mu; /* the lookup queue (start_lookup) */
     struct route_op *lk_head, *lk_tail;
     int lk_jobs;
+    size_t lk_queued; /* lookups in the queue */
     mg_metric *outcomes[MG_PATH_COUNT][MG_STATUS_ACCEPTED + 1];
     mg_metric *latency[MG_PATH_COUNT];
     mg_metric *fallbacks, *presence_errors, *reresolves, *refused, *inflight_gauge;
@@ -508,6 +509,7 @@ static void lookup_job(void *arg)
             r->lk_head = op->lk_next;
             got[n++] = op;
         }
+        r->lk_queued -= n;
         if (!r->lk_head)
             r->lk_tail = NULL;
         if (n == 0)
@@ -551,7 +553,7 @@ static void store_step(route_op *op, bool nonblocking, void (*run)(route_op *), 
  * that pipeline jobs drain: lookups arriving while a round trip is in
  * flight go together in the next one, so concurrent sends share round trips
  * instead of each holding a worker for its own. */
-static void lookup_enqueue(mg_router *r, route_op *first, route_op *last);
+static void lookup_enqueue(mg_router *r, route_op *first, route_op *last, size_t n);
 
 static void start_lookup(route_op *op)
 {
@@ -562,13 +564,18 @@ static void start_lookup(route_op *op)
         return;
     }
     op->lk_next = NULL;
-    lookup_enqueue(r, op, op);
+    lookup_enqueue(r, op, op, 1);
 }
 
-/* Appends the chain first..last (linked by lk_next) to the lookup queue and
- * starts a pipeline job when fewer than LOOKUP_PIPELINES run: a chain queued
+/* Appends the n lookups first..last (linked by lk_next) to the lookup queue
+ * and starts a pipeline job when none runs, or when the queue holds more
+ * than one round trip takes (LOOKUP_BATCH_MAX) and fewer than
+ * LOOKUP_PIPELINES run. While one runs, what queues up meanwhile goes out
+ * together in its next round trip: a pipeline per lookup arriving while
+ * another is in flight made round trips of a few users each (Redis and the
+ * store workers then spent most of their time in syscalls). A chain queued
  * at once goes out in one round trip (up to LOOKUP_BATCH_MAX). */
-static void lookup_enqueue(mg_router *r, route_op *first, route_op *last)
+static void lookup_enqueue(mg_router *r, route_op *first, route_op *last, size_t n)
 {
     pthread_mutex_lock(&r->lk_mu);
     if (r->lk_tail)
@@ -576,7 +583,9 @@ static void lookup_enqueue(mg_router *r, route_op *first, route_op *last)
     else
         r->lk_head = first;
     r->lk_tail = last;
-    bool start = r->lk_jobs < LOOKUP_PIPELINES;
+    r->lk_queued += n;
+    bool start =
+        r->lk_jobs == 0 || (r->lk_jobs < LOOKUP_PIPELINES && r->lk_queued > LOOKUP_BATCH_MAX);
     if (start)
         r->lk_jobs++;
     pthread_mutex_unlock(&r->lk_mu);
@@ -585,8 +594,10 @@ static void lookup_enqueue(mg_router *r, route_op *first, route_op *last)
         r->lk_jobs--;
         bool none = r->lk_jobs == 0;
         route_op *q = none ? r->lk_head : NULL;
-        if (none)
+        if (none) {
             r->lk_head = r->lk_tail = NULL;
+            r->lk_queued = 0;
+        }
         pthread_mutex_unlock(&r->lk_mu);
         while (q) { /* nobody will drain them: each fails now */
             route_op *next = q->lk_next;
@@ -1066,6 +1077,7 @@ void mg_router_deliver_from_queue_many(mg_router *r, mg_msg *const *msgs, size_t
 {
     bool queue = !r->presence->ops->nonblocking && r->pool;
     route_op *first = NULL, *last = NULL;
+    size_t queued = 0;
     for (size_t i = 0; i < n; i++) {
         const mg_msg *msg = msgs[i];
         if (rejected(r, msg, done, NULL, args[i]))
@@ -1092,9 +1104,10 @@ void mg_router_deliver_from_queue_many(mg_router *r, mg_msg *const *msgs, size_t
         else
             first = op;
         last = op;
+        queued++;
     }
     if (first)
-        lookup_enqueue(r, first, last);
+        lookup_enqueue(r, first, last, queued);
 }
 
 /* The batch's shared presence lookup (one pipelined round trip per node). */

@@ -3,25 +3,25 @@
  * the contract).
  *
  * DESIGN
- * Publisher. One nats.c connection per gateway and one JetStream context
- * whose PublishAsync.AckHandler receives every PubAck (or its error) on
- * nats.c's delivery thread. Every publish puts a small report (for HIGH the
- * caller's done callback) in `reports`, keyed by the natsMsg it publishes,
- * before js_PublishMsgAsync (the PubAck may come back before that call
- * returns), and in the deadline heap, due at min(deadline, timeout_ms); the
- * handler takes it out of both and answers: QUEUED, or FAILED. The PubAck
- * deadlines are ours, not nats.c's (a publish with MaxWait makes nats.c keep
- * a timeout entry that the PubAck does not remove and, at expiry, queue a
- * timeout message per publish to the delivery thread: about a fifth of the
- * gateway's CPU per message flat out). "nats-timeout" sleeps until the
- * earliest deadline (woken only when a publish becomes the earliest) and
- * answers FAILED for what is due; such a report stays in `reports` as an
- * orphan, since nats.c keeps its message until a PubAck comes: a late PubAck
- * frees it, and when nothing but orphans is pending the thread takes them
- * back from nats.c (js_PublishAsyncGetPendingList), so what nats.c holds for
- * lost PubAcks stays bounded. `pending` counts publishes awaiting a PubAck
- * and refuses beyond max_pending (the library's own bound is set higher, so
- * js_PublishMsgAsync never stalls a router thread).
+ * Publisher. One nats.c connection per gateway. A publish is a plain NATS
+ * publish to the region's subject with a Nats-Msg-Id header and a reply
+ * subject of our own, "<inbox>.<token>"; the stream answers it there with
+ * its PubAck, which the transport's reply subscription ("<inbox>.*") takes
+ * on nats.c's delivery thread. (nats.c's JetStream async publish does the
+ * same with more per message: it keeps the message until the PubAck, in a
+ * map of its own, and parses each PubAck into JSON objects; its MaxWait
+ * keeps a timeout entry the PubAck does not remove.) Every publish puts a
+ * small report (for HIGH the caller's done callback) in `reports`, keyed by
+ * its token, before the publish (the PubAck may come back before the
+ * publish returns), and in the deadline heap, due at min(deadline,
+ * timeout_ms); the PubAck handler takes it out of both and answers: QUEUED,
+ * or FAILED with the stream's error. "nats-timeout" sleeps until the
+ * earliest deadline (woken only when a publish becomes the earliest),
+ * takes what is due out of both and answers FAILED; a PubAck that comes
+ * later finds no report and is dropped. Nothing is kept for a PubAck that
+ * never comes. `pending` counts publishes awaiting a PubAck and refuses
+ * beyond max_pending. Published and handled messages are destroyed in
+ * bursts (dead_flush).
  *
  * Consumer. The "nats-consume" thread fetches up to the free room of
  * max_inflight messages (a no-wait pull of what the stream has or, when it
@@ -69,20 +69,20 @@
 #define DUPLICATE_WINDOW_NS   (120LL * 1000000000LL)
 #define ERROR_LOG_INTERVAL_MS 5000
 #define BAD_MSG_LOG_EVERY     100
-#define LAG_INTERVAL_MS       2000 /* the consumer's pending count, read this often */
+#define LAG_INTERVAL_MS       2000      /* the consumer's pending count, read this often */
+#define DESTROY_BURST         64        /* handled messages destroyed together, at most */
+#define DESTROY_BURST_BYTES   (1 << 20) /* ... or once they hold this much */
 
-/* A publish awaiting its PubAck (done is NULL for LOW). In `reports` until
- * its PubAck or reclaim; in the deadline heap until its PubAck or deadline. */
+/* A publish awaiting its PubAck (done is NULL for LOW): in `reports` and
+ * in the deadline heap until its PubAck or its deadline. */
 typedef struct report {
     mg_deliver_done done;
     void *arg;
     int64_t start_us;
     int64_t due_ms;
-    size_t heap_i; /* index in heap; NOT_IN_HEAP once due (an orphan) */
-    char key[32];  /* msg_key of its natsMsg */
+    size_t heap_i; /* index in heap */
+    char key[24];  /* its token: the last part of its reply subject */
 } report;
-
-#define NOT_IN_HEAP ((size_t)-1)
 
 typedef struct tn {
     mg_transport base;
@@ -94,10 +94,17 @@ typedef struct tn {
     natsOptions *opts;
     natsConnection *nc;
     jsCtx *js;
-    pthread_mutex_t rep_mu; /* reports, heap, orphans; signals t_cond */
-    mg_map *reports;        /* msg_key of the natsMsg -> report */
+    natsSubscription *ack_sub; /* "<inbox>.*": the PubAcks */
+    char *reply_prefix;        /* "<inbox>." */
+    size_t reply_prefix_len;
+    atomic_ullong next_token;
+    pthread_mutex_t done_mu; /* ack_sub_done; signals done_cond */
+    pthread_cond_t done_cond;
+    bool ack_sub_done;      /* its delivery thread is over: no handler runs any more */
+    pthread_mutex_t rep_mu; /* reports, heap; signals t_cond */
+    mg_map *reports;        /* token -> report */
     report **heap;          /* min-heap on due_ms */
-    size_t heap_n, heap_cap, orphans;
+    size_t heap_n, heap_cap;
     int64_t timer_until;   /* when nats-timeout wakes next (mono ms; 0: running) */
     pthread_cond_t t_cond; /* CLOCK_MONOTONIC: a new earliest deadline, or stop */
     pthread_t timeout_thread;
@@ -114,7 +121,10 @@ typedef struct tn {
     atomic_int in_flight;
     pthread_mutex_t c_mu; /* room, parked */
     pthread_cond_t c_cond;
-    struct rec *parked; /* last deliveries that failed: for the inbox */
+    struct rec *parked;      /* last deliveries that failed: for the inbox */
+    pthread_mutex_t dead_mu; /* dead, ndead, dead_bytes */
+    natsMsg *dead[DESTROY_BURST];
+    size_t ndead, dead_bytes;
 
     atomic_llong last_error_log_ms;
     /* meshgate_bus_*{bus="nats"} (bus_metrics.h) */
@@ -168,18 +178,27 @@ static char *name_part(const char *region, bool upper)
     return s;
 }
 
-/* The reports key of a published natsMsg: its address in hex (by hand:
- * snprintf's "%p" was 1 % of the sender's CPU, twice per publish). */
-static void msg_key(const natsMsg *m, char key[32])
+/* A publish's token in hex (by hand: snprintf was 1 % of the sender's CPU). */
+static void token_key(unsigned long long v, char key[24])
 {
     static const char hex[] = "0123456789abcdef";
-    uintptr_t v = (uintptr_t)m;
     int i = 0;
     do {
         key[i++] = hex[v & 15];
         v >>= 4;
     } while (v);
     key[i] = '\0';
+}
+
+/* CLOCK_REALTIME ms from now, for pthread_cond_timedwait. */
+static struct timespec realtime_in_ms(long ms)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_nsec += ms * 1000000L;
+    ts.tv_sec += ts.tv_nsec / 1000000000L;
+    ts.tv_nsec %= 1000000000L;
+    return ts;
 }
 
 static const char *status_text(natsStatus s, const char *fallback)
@@ -212,6 +231,33 @@ static void conn_error(natsConnection *nc, natsSubscription *sub, natsStatus err
     if (error_log_due(n))
         mg_log_warn("nats", "async error gateway=%s err=%s", n->gateway_id,
                     natsStatus_GetText(err));
+}
+
+/* Messages are destroyed in bursts: natsMsg_Destroy hands a message to
+ * nats.c's collector thread and wakes it when it sleeps, so messages
+ * destroyed one at a time (published ones, PubAcks, consumed ones as their
+ * operations end) cost a wake-up each (7 % of the consuming gateway's CPU
+ * flat out); a burst costs one. At most DESTROY_BURST messages
+ * (DESTROY_BURST_BYTES) wait; nats-consume and nats-timeout destroy what
+ * waits at each turn. last: one more to destroy; NULL: destroy what waits
+ * now. Any thread. */
+static void dead_flush(tn *n, natsMsg *last)
+{
+    natsMsg *burst[DESTROY_BURST];
+    size_t k = 0;
+    pthread_mutex_lock(&n->dead_mu);
+    if (last) {
+        n->dead[n->ndead++] = last;
+        n->dead_bytes += (size_t)natsMsg_GetDataLength(last);
+    }
+    if (!last || n->ndead == DESTROY_BURST || n->dead_bytes >= DESTROY_BURST_BYTES) {
+        k = n->ndead;
+        memcpy(burst, n->dead, k * sizeof(*burst));
+        n->ndead = n->dead_bytes = 0;
+    }
+    pthread_mutex_unlock(&n->dead_mu);
+    for (size_t i = 0; i < k; i++)
+        natsMsg_Destroy(burst[i]);
 }
 
 /* ---- publisher ----------------------------------------------------------- */
@@ -270,7 +316,6 @@ static void heap_push(tn *n, report *w)
 static void heap_remove(tn *n, report *w)
 {
     size_t i = w->heap_i;
-    w->heap_i = NOT_IN_HEAP;
     report *last = n->heap[--n->heap_n];
     if (i == n->heap_n)
         return;
@@ -279,16 +324,11 @@ static void heap_remove(tn *n, report *w)
     heap_down(n, last->heap_i);
 }
 
-/* Takes report key out of reports and the heap: NULL when there is none, or
- * when it was already answered as due (an orphan, then freed here). */
+/* Takes report key out of reports and the heap: NULL when there is none
+ * (answered as due already). */
 static report *take_report(tn *n, const char *key)
 {
     report *w = mg_map_del(n->reports, key);
-    if (w && w->heap_i == NOT_IN_HEAP) {
-        n->orphans--;
-        free(w);
-        return NULL;
-    }
     if (w)
         heap_remove(n, w);
     return w;
@@ -305,30 +345,6 @@ static void fail_no_puback(tn *n, mg_deliver_done done, void *arg)
     done(arg, &out);
 }
 
-/* When everything pending is an orphan (a PubAck lost with a connection or a
- * stream leader), takes the orphans' messages back from nats.c. A publish
- * enters `reports` before nats.c, so none can be pending there unseen. */
-static void reclaim_orphans(tn *n)
-{
-    natsMsgList list = {0};
-    if (js_PublishAsyncGetPendingList(&list, n->js) != NATS_OK)
-        return;
-    int back = 0;
-    for (int i = 0; i < list.Count; i++) {
-        char key[32];
-        msg_key(list.Msgs[i], key);
-        report *w = mg_map_del(n->reports, key);
-        if (w) {
-            n->orphans--;
-            free(w);
-            back++;
-        }
-    }
-    natsMsgList_Destroy(&list);
-    if (back)
-        mg_log_warn("nats", "publishes whose PubAck never came, taken back count=%d", back);
-}
-
 /* "nats-timeout": answers FAILED for publishes whose PubAck is due. */
 static void *timeout_main(void *arg)
 {
@@ -343,11 +359,11 @@ static void *timeout_main(void *arg)
         int nd = 0;
         while (n->heap_n > 0 && n->heap[0]->due_ms <= now && nd < 64) {
             report *w = n->heap[0];
-            heap_remove(n, w); /* stays in reports: nats.c still holds its message */
-            n->orphans++;
+            heap_remove(n, w);
+            mg_map_del(n->reports, w->key); /* a late PubAck finds nothing */
             due[nd].done = w->done;
             due[nd++].arg = w->arg;
-            w->done = NULL;
+            free(w);
         }
         if (nd > 0) {
             pthread_mutex_unlock(&n->rep_mu);
@@ -357,11 +373,10 @@ static void *timeout_main(void *arg)
             pthread_mutex_lock(&n->rep_mu);
             continue;
         }
-        if (n->orphans > 0 && mg_map_size(n->reports) == n->orphans)
-            reclaim_orphans(n);
+        pthread_mutex_unlock(&n->rep_mu);
+        dead_flush(n, NULL); /* at most a second late when traffic stops */
+        pthread_mutex_lock(&n->rep_mu);
         int64_t until = n->heap_n > 0 ? n->heap[0]->due_ms : now + 1000;
-        if (n->orphans > 0 && until > now + 1000)
-            until = now + 1000; /* look at the orphans again */
         n->timer_until = until;
         struct timespec ts;
         clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -375,41 +390,80 @@ static void *timeout_main(void *arg)
     return NULL;
 }
 
-/* nats.c's delivery thread: one PubAck or error. Takes msg. */
-static void puback_cb(jsCtx *js, natsMsg *msg, jsPubAck *pa, jsPubAckErr *pae, void *closure)
+/* Why the stream did not store a publish, from its PubAck msg: NULL when
+ * it did. A PubAck is {"stream":..,"seq":..[,"duplicate":true]} or
+ * {"error":{"code":..,"err_code":..,"description":".."}}; a subject no
+ * stream listens on answers "no responders" (a 503 status, no data). */
+static const char *puback_error(natsMsg *msg, char *why, size_t len)
 {
+    const char *d = natsMsg_GetData(msg);
+    int dl = natsMsg_GetDataLength(msg);
+    if (dl <= 0 || !d)
+        return natsMsg_IsNoResponders(msg) ? natsStatus_GetText(NATS_NO_RESPONDERS)
+                                           : "empty PubAck";
+    if (!memmem(d, (size_t)dl, "\"error\"", 7))
+        return NULL;
+    static const char key[] = "\"description\":\"";
+    const char *p = memmem(d, (size_t)dl, key, sizeof(key) - 1);
+    if (!p) {
+        snprintf(why, len, "%.*s", dl, d);
+        return why;
+    }
+    p += sizeof(key) - 1;
+    size_t k = 0;
+    for (; p < d + dl && *p != '"' && k + 1 < len; p++)
+        why[k++] = *p == '\\' && p + 1 < d + dl ? *++p : *p;
+    why[k] = '\0';
+    return why;
+}
+
+/* nats.c's delivery thread of ack_sub: one PubAck. Takes msg. */
+static void puback_cb(natsConnection *nc, natsSubscription *sub, natsMsg *msg, void *closure)
+{
+    (void)nc;
+    (void)sub;
     tn *n = closure;
-    char key[32];
-    msg_key(msg, key);
-    pthread_mutex_lock(&n->rep_mu);
-    report *w = take_report(n, key);
-    pthread_mutex_unlock(&n->rep_mu);
+    const char *subject = natsMsg_GetSubject(msg);
+    report *w = NULL;
+    if (subject && strncmp(subject, n->reply_prefix, n->reply_prefix_len) == 0) {
+        pthread_mutex_lock(&n->rep_mu);
+        w = take_report(n, subject + n->reply_prefix_len);
+        pthread_mutex_unlock(&n->rep_mu);
+    }
     if (!w) {
-        natsMsg_Destroy(msg);
+        dead_flush(n, msg);
         return; /* answered as due already */
     }
     atomic_fetch_sub(&n->pending, 1);
     mg_deliver_outcome out;
     memset(&out, 0, sizeof(out));
-    if (pa) {
+    char buf[sizeof(out.reason) - 8]; /* after "nats: " */
+    const char *why = puback_error(msg, buf, sizeof(buf));
+    if (!why) {
         mg_metric_add(n->sent, 1);
         out.status = MG_STATUS_QUEUED;
     } else {
         mg_metric_add(n->failed_error, 1);
-        natsStatus st = pae ? pae->Err : NATS_ERR;
-        const char *why =
-            pae && pae->ErrText && pae->ErrText[0] ? pae->ErrText : natsStatus_GetText(st);
         set_reason(&out, MG_STATUS_FAILED, "nats: %s", why);
         if (!w->done && error_log_due(n))
-            mg_log_warn("nats", "LOW message not stored subject=%s err=%s", natsMsg_GetSubject(msg),
-                        why);
+            mg_log_warn("nats", "LOW message not stored gateway=%s err=%s", n->gateway_id, why);
     }
-    natsMsg_Destroy(msg);
+    dead_flush(n, msg);
     if (w->done) {
         mg_histogram_observe_us(n->puback_latency, mg_mono_us() - w->start_us);
         w->done(w->arg, &out);
     }
     free(w);
+}
+
+/* nats.c's delivery thread of ack_sub is over: no puback_cb runs any more. */
+static void ack_sub_complete(void *closure)
+{
+    tn *n = closure;
+    pthread_mutex_lock(&n->done_mu);
+    n->ack_sub_done = true;
+    pthread_cond_signal(&n->done_cond);
+    pthread_mutex_unlock(&n->done_mu);
 }
 
 static bool tn_available(mg_transport *t, const mg_route_target *target)
@@ -466,29 +520,34 @@ static int tn_deliver(mg_transport *t, const mg_route_target *target, const mg_m
     snprintf(msg_id, sizeof(msg_id), "%s/%s", msg->id, msg->to);
     size_t len = 0;
     uint8_t *val = mg_msg_pack(msg, &len);
+    char key[24], reply[256];
+    token_key(atomic_fetch_add(&n->next_token, 1), key);
+    snprintf(reply, sizeof(reply), "%s%s", n->reply_prefix, key);
     natsMsg *m = NULL;
-    natsStatus s = natsMsg_Create(&m, subject, NULL, (const char *)val, (int)len);
+    natsStatus s = natsMsg_Create(&m, subject, reply, (const char *)val, (int)len);
     free(val);
+    if (s == NATS_OK)
+        s = natsMsgHeader_Set(m, "Nats-Msg-Id", msg_id); /* the stream's duplicate window */
     char tp[MG_TRACEPARENT_LEN + 1];
     if (s == NATS_OK && mg_traceparent_format(&msg->trace, tp))
         s = natsMsgHeader_Set(m, "traceparent", tp); /* W3C Trace Context as a NATS header */
-    report *w = NULL;
+    bool registered = false;
     if (s == NATS_OK) { /* registered first: the PubAck may beat the return */
-        w = mg_new(report);
+        report *w = mg_new(report);
         w->done = high ? done : NULL;
         w->arg = arg;
         w->start_us = mg_mono_us();
         w->due_ms = mg_mono_ms() + wait;
-        msg_key(m, w->key);
+        memcpy(w->key, key, sizeof(key));
         pthread_mutex_lock(&n->rep_mu);
         mg_map_put(n->reports, w->key, w);
         heap_push(n, w);
         pthread_mutex_unlock(&n->rep_mu);
-        jsPubOptions po;
-        jsPubOptions_Init(&po);
-        po.MsgId = msg_id; /* no MaxWait: the deadline is ours (see the top) */
-        s = js_PublishMsgAsync(n->js, &m, &po);
+        registered = true; /* w is puback_cb's or nats-timeout's from here */
+        s = natsConnection_PublishMsg(n->nc, m);
     }
+    if (m)
+        dead_flush(n, m); /* the connection's buffer holds the bytes */
     if (s == NATS_OK) {
         if (high)
             return 0; /* puback_cb or nats-timeout answers */
@@ -496,14 +555,13 @@ static int tn_deliver(mg_transport *t, const mg_route_target *target, const mg_m
         goto now;
     }
     bool answered = false; /* by nats-timeout, when the wait was over already */
-    if (w) {
+    if (registered) {
         pthread_mutex_lock(&n->rep_mu);
-        report *still = take_report(n, w->key);
+        report *still = take_report(n, key);
         pthread_mutex_unlock(&n->rep_mu);
         answered = !still;
         free(still);
     }
-    natsMsg_Destroy(m); /* still ours when the publish failed (NULL-safe) */
     if (answered && high)
         return 0;
     if (!answered) {
@@ -593,7 +651,7 @@ static int ensure_consumer(tn *n, char *err, size_t errlen)
 
 static void rec_free(rec *r)
 {
-    natsMsg_Destroy(r->m);
+    dead_flush(r->n, r->m);
     mg_msg_free(r->msg);
     free(r);
 }
@@ -819,6 +877,7 @@ static void *consume_main(void *arg)
     tn *n = arg;
     while (atomic_load(&n->consume_run)) {
         park_failed(n);
+        dead_flush(n, NULL);
         read_lag(n);
         int room = n->max_inflight - atomic_load(&n->in_flight);
         if (room <= 0) {
@@ -827,13 +886,7 @@ static void *consume_main(void *arg)
              * 100 ms bound only re-checks. No message is waited for. */
             pthread_mutex_lock(&n->c_mu);
             if (n->max_inflight - atomic_load(&n->in_flight) <= 0 && !n->parked) {
-                struct timespec ts;
-                clock_gettime(CLOCK_REALTIME, &ts);
-                ts.tv_nsec += 100 * 1000000L;
-                if (ts.tv_nsec >= 1000000000L) {
-                    ts.tv_sec++;
-                    ts.tv_nsec -= 1000000000L;
-                }
+                struct timespec ts = realtime_in_ms(100);
                 pthread_cond_timedwait(&n->c_cond, &n->c_mu, &ts);
             }
             pthread_mutex_unlock(&n->c_mu);
@@ -859,6 +912,7 @@ static void *consume_main(void *arg)
         usleep(2000);
     }
     park_failed(n);
+    dead_flush(n, NULL);
     if (atomic_load(&n->in_flight) > 0)
         mg_log_error("nats", "operations still in flight at consumer stop count=%d",
                      atomic_load(&n->in_flight));
@@ -926,13 +980,27 @@ static int connect_servers(tn *n, char *err, size_t errlen)
     jsOptions jo;
     jsOptions_Init(&jo);
     jo.Wait = n->timeout_ms;
-    jo.PublishAsync.MaxPending = (int64_t)n->max_pending * 2; /* ours refuses first: no stall */
-    jo.PublishAsync.AckHandler = puback_cb;
-    jo.PublishAsync.AckHandlerClosure = n;
-    jo.PublishAsync.StallWait = 1;
     s = natsConnection_JetStream(&n->js, n->nc, &jo);
     if (s != NATS_OK) {
         snprintf(err, errlen, "nats: JetStream context: %s", status_text(s, "failed"));
+        return -EIO;
+    }
+    natsInbox *inbox = NULL;
+    s = natsInbox_Create(&inbox);
+    if (s == NATS_OK) {
+        n->reply_prefix = mg_xasprintf("%s.", inbox);
+        n->reply_prefix_len = strlen(n->reply_prefix);
+        char *all = mg_xasprintf("%s*", n->reply_prefix);
+        s = natsConnection_Subscribe(&n->ack_sub, n->nc, all, puback_cb, n);
+        free(all);
+    }
+    natsInbox_Destroy(inbox);
+    if (s == NATS_OK)
+        s = natsSubscription_SetPendingLimits(n->ack_sub, -1, -1); /* max_pending bounds it */
+    if (s == NATS_OK)
+        s = natsSubscription_SetOnCompleteCB(n->ack_sub, ack_sub_complete, n);
+    if (s != NATS_OK) {
+        snprintf(err, errlen, "nats: PubAck subscription: %s", status_text(s, "failed"));
         return -EIO;
     }
     return 0;
@@ -970,6 +1038,9 @@ mg_transport *mg_transport_nats_create(const mg_transport_nats_config *cfg, char
     pthread_cond_init(&n->t_cond, &ca);
     pthread_condattr_destroy(&ca);
     pthread_mutex_init(&n->c_mu, NULL);
+    pthread_mutex_init(&n->dead_mu, NULL);
+    pthread_mutex_init(&n->done_mu, NULL);
+    pthread_cond_init(&n->done_cond, NULL);
     pthread_cond_init(&n->c_cond, NULL);
     n->sent = mg_bus_metric(MG_BUS_SENT, "nats", NULL);
     n->failed_timeout = mg_bus_metric(MG_BUS_FAILED, "nats", "timeout");
@@ -1060,11 +1131,11 @@ void mg_transport_nats_stop(mg_transport *t, int flush_ms)
         n->sub = NULL;
         mg_log_info("nats", "consumer stopped stream=%s", n->stream);
     }
-    if (n->js && flush_ms > 0) {
-        jsPubOptions po;
-        jsPubOptions_Init(&po);
-        po.MaxWait = flush_ms;
-        if (js_PublishAsyncComplete(n->js, &po) != NATS_OK)
+    if (n->ack_sub && flush_ms > 0 && atomic_load(&n->pending) > 0) {
+        int64_t end = mg_mono_ms() + flush_ms; /* the control thread: a bounded poll */
+        while (atomic_load(&n->pending) > 0 && mg_mono_ms() < end)
+            usleep(2000);
+        if (atomic_load(&n->pending) > 0)
             mg_log_warn("nats", "publishes still awaiting PubAcks after %d ms count=%d", flush_ms,
                         atomic_load(&n->pending));
     }
@@ -1079,7 +1150,17 @@ static void tn_free(mg_transport *t)
     atomic_store(&n->closing, true);
     if (n->nc)
         natsConnection_Close(n->nc);
-    if (n->timeout_started) { /* before jsCtx_Destroy: it may reclaim from the context */
+    if (n->ack_sub) { /* its handler may still run until its delivery thread ends */
+        int64_t end = mg_mono_ms() + 2000;
+        pthread_mutex_lock(&n->done_mu);
+        while (!n->ack_sub_done && mg_mono_ms() < end) {
+            struct timespec ts = realtime_in_ms(10);
+            pthread_cond_timedwait(&n->done_cond, &n->done_mu, &ts);
+        }
+        pthread_mutex_unlock(&n->done_mu);
+    }
+    dead_flush(n, NULL); /* before nats.c closes: its collector frees them */
+    if (n->timeout_started) {
         pthread_mutex_lock(&n->rep_mu);
         n->timeout_stop = true;
         pthread_cond_signal(&n->t_cond);
@@ -1087,6 +1168,7 @@ static void tn_free(mg_transport *t)
         pthread_join(n->timeout_thread, NULL);
     }
     jsCtx_Destroy(n->js);
+    natsSubscription_Destroy(n->ack_sub);
     natsConnection_Destroy(n->nc);
     natsOptions_Destroy(n->opts);
     if (n->pending_registered)
@@ -1097,13 +1179,12 @@ static void tn_free(mg_transport *t)
             nats_CloseAndWait(2000);
         pthread_mutex_unlock(&nats_users_mu);
     }
-    /* Reports nats.c never answered (closed before their PubAck) fail now;
-     * orphans were answered already. */
+    /* Reports never answered (closed before their PubAck) fail now. */
     const char *key;
     void *v;
     for (size_t it = 0; mg_map_next(n->reports, &it, &key, &v);) {
         report *w = v;
-        if (w->done && w->heap_i != NOT_IN_HEAP) {
+        if (w->done) {
             mg_metric_add(n->failed_stopping, 1);
             mg_deliver_outcome out;
             memset(&out, 0, sizeof(out));
@@ -1117,6 +1198,10 @@ static void tn_free(mg_transport *t)
     pthread_mutex_destroy(&n->rep_mu);
     pthread_cond_destroy(&n->t_cond);
     pthread_mutex_destroy(&n->c_mu);
+    pthread_mutex_destroy(&n->dead_mu);
+    pthread_mutex_destroy(&n->done_mu);
+    pthread_cond_destroy(&n->done_cond);
+    free(n->reply_prefix);
     pthread_cond_destroy(&n->c_cond);
     free(n->urls);
     free(n->prefix);

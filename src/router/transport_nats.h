@@ -10,7 +10,8 @@
  *
  * Publisher: the mg_msg_pack envelope, with Nats-Msg-Id = "<id>/<recipient>",
  * so the stream drops a producer retry of the same (message, recipient).
- * Asynchronous JetStream publish (no thread waits for the PubAck):
+ * Asynchronous JetStream publish (no thread waits for the PubAck; the
+ * PubAck comes back on the transport's own reply subject):
  *   HIGH: QUEUED when the stream's PubAck arrives, FAILED "nats: <error>" on
  *         an error or no PubAck within min(deadline, timeout_ms) (the
  *         transport's own deadline, not nats.c's), so the plan's next step
@@ -36,7 +37,7 @@
  * payloads are counted, terminated (never redelivered) and skipped.
  *
  * Threads: deliver()/available() from any thread; PubAck handlers run on
- * nats.c's delivery thread of the JetStream reply subscription, missed
+ * nats.c's delivery thread of the transport's reply subscription, missed
  * deadlines on "nats-timeout" (both start the next step); "nats-consume"
  * fetches (a blocking fetch waits for the server, never for an operation)
  * and starts operations; their completions acknowledge on whatever thread

@@ -97,7 +97,7 @@ struct mg_redis_cluster {
 };
 
 typedef struct rc_cmd {
-    char *key; /* NULL: any master */
+    bool keyed; /* false: any master */
     unsigned slot;
     char *buf; /* the formatted RESP command */
     int len;
@@ -109,9 +109,21 @@ typedef struct rc_cmd {
     long long acked;   /* WAIT's answer; -1 when not asked or it failed */
 } rc_cmd;
 
+typedef struct rc_group rc_group;
+
+/* run()'s per-node groups, kept by a batch across resets (no allocation on
+ * the next run of a reused batch). */
+typedef struct rc_groups {
+    rc_group *g;
+    size_t cap;
+    char *wbuf; /* a group's commands, written in one go */
+    size_t wcap;
+} rc_groups;
+
 struct mg_redis_batch {
     rc_cmd *cmds;
     size_t n, cap;
+    rc_groups groups;
 };
 
 static const char ASKING_CMD[] = "*1\r\n$6\r\nASKING\r\n";
@@ -813,13 +825,67 @@ void mg_redis_cluster_stats_get(mg_redis_cluster *rc, mg_redis_cluster_stats *ou
 
 /* ---- the engine ---------------------------------------------------------- */
 
-typedef struct rc_group {
+struct rc_group {
     rc_node *node;
     redisContext *c;
     size_t *idx; /* indices into the command array, in order */
     size_t n, cap;
     int err;
-} rc_group;
+};
+
+static void groups_free(rc_groups *gs)
+{
+    for (size_t g = 0; g < gs->cap; g++)
+        free(gs->g[g].idx);
+    free(gs->g);
+    free(gs->wbuf);
+}
+
+/* Appends len bytes to the groups' write buffer at *at, growing it. */
+static void wbuf_put(rc_groups *gs, size_t *at, const char *buf, size_t len)
+{
+    if (*at + len > gs->wcap) {
+        gs->wcap = (*at + len) * 2;
+        gs->wbuf = mg_xrealloc(gs->wbuf, gs->wcap);
+    }
+    memcpy(gs->wbuf + *at, buf, len);
+    *at += len;
+}
+
+/* Writes a group's commands to its connection in one go (blocking, bounded
+ * by the connection's timeouts), from the caller's kept buffer rather than
+ * hiredis's output buffer, which is freed after every write and grown again
+ * by doubling and copying for the next batch (10 % of a store worker's
+ * samples for batches of hundreds of lookups). 0, or -ETIMEDOUT / -EIO with
+ * why in msg. */
+static int group_write(rc_groups *gs, rc_group *gr, rc_cmd *cmds, char *msg, size_t msglen)
+{
+    const char *buf = cmds[gr->idx[0]].buf;
+    size_t len = (size_t)cmds[gr->idx[0]].len;
+    if (gr->n > 1 || cmds[gr->idx[0]].ask) {
+        len = 0;
+        for (size_t k = 0; k < gr->n; k++) {
+            rc_cmd *cmd = &cmds[gr->idx[k]];
+            if (cmd->ask)
+                wbuf_put(gs, &len, ASKING_CMD, sizeof(ASKING_CMD) - 1);
+            wbuf_put(gs, &len, cmd->buf, (size_t)cmd->len);
+        }
+        buf = gs->wbuf;
+    }
+    while (len > 0) {
+        ssize_t w = write(gr->c->fd, buf, len);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0) {
+            int e = w < 0 ? errno : EIO;
+            snprintf(msg, msglen, "%s: %s", gr->node->name, strerror(e));
+            return e == EAGAIN || e == EWOULDBLOCK || e == ETIMEDOUT ? -ETIMEDOUT : -EIO;
+        }
+        buf += w;
+        len -= (size_t)w;
+    }
+    return 0;
+}
 
 static rc_node *route(mg_redis_cluster *rc, rc_cmd *cmd)
 {
@@ -828,7 +894,7 @@ static rc_node *route(mg_redis_cluster *rc, rc_cmd *cmd)
     rc_node *n = NULL;
     pthread_rwlock_rdlock(&rc->lock);
     int idx = -1;
-    if (cmd->key)
+    if (cmd->keyed)
         idx = rc->slots[cmd->slot];
     else /* any master: the owner of some slot, rotating */
         for (unsigned k = 0; k < MG_REDIS_SLOTS && idx < 0; k += 1024)
@@ -884,15 +950,15 @@ static void wait_replicas(rc_group *gr, rc_cmd *cmds, int64_t deadline)
 }
 
 /* Runs cmds[0..n) (status 1 = pending) until each has a reply or the
- * deadline passes. */
-static int run(mg_redis_cluster *rc, rc_cmd *cmds, size_t n)
+ * deadline passes. gs: the groups' room, kept by the caller (grown here). */
+static int run(mg_redis_cluster *rc, rc_cmd *cmds, size_t n, rc_groups *gs)
 {
     int64_t deadline = mg_mono_us() + (int64_t)rc->timeout_ms * 1000;
     char msg[256];
     int last_err = -ETIMEDOUT;
     int backoff_ms = 10;
-    rc_group *groups = NULL;
-    size_t ngroups = 0, capgroups = 0;
+    rc_group *groups = gs->g;
+    size_t ngroups = 0, capgroups = gs->cap;
 
     for (int round = 0; round < MG_RC_MAX_ROUNDS; round++) {
         size_t pending = 0;
@@ -927,6 +993,8 @@ static int run(mg_redis_cluster *rc, rc_cmd *cmds, size_t n)
                     capgroups = capgroups ? capgroups * 2 : 4;
                     groups = mg_xrealloc(groups, capgroups * sizeof(*groups));
                     memset(groups + ngroups, 0, (capgroups - ngroups) * sizeof(*groups));
+                    gs->g = groups;
+                    gs->cap = capgroups;
                 }
                 groups[g].node = node;
                 groups[g].c = NULL;
@@ -935,8 +1003,8 @@ static int run(mg_redis_cluster *rc, rc_cmd *cmds, size_t n)
                 ngroups++;
             }
             rc_group *gr = &groups[g];
-            if (gr->n == gr->cap) {
-                gr->cap = gr->cap ? gr->cap * 2 : 8;
+            if (gr->n == gr->cap) { /* room for every command at once: no growth */
+                gr->cap = gr->cap * 2 > n ? gr->cap * 2 : n;
                 gr->idx = mg_xrealloc(gr->idx, gr->cap * sizeof(*gr->idx));
             }
             gr->idx[gr->n++] = i;
@@ -948,22 +1016,12 @@ static int run(mg_redis_cluster *rc, rc_cmd *cmds, size_t n)
             gr->c = conn_take(rc, gr->node, deadline, &gr->err, msg, sizeof(msg));
             if (!gr->c)
                 continue;
-            for (size_t k = 0; k < gr->n; k++) {
-                rc_cmd *cmd = &cmds[gr->idx[k]];
-                if (cmd->ask)
-                    redisAppendFormattedCommand(gr->c, ASKING_CMD, sizeof(ASKING_CMD) - 1);
-                redisAppendFormattedCommand(gr->c, cmd->buf, (size_t)cmd->len);
-                atomic_fetch_add(&rc->st_commands, 1);
-            }
-            int done = 0;
-            while (!done) {
-                if (redisBufferWrite(gr->c, &done) != REDIS_OK) {
-                    gr->err = ctx_errno(gr->c, errno);
-                    snprintf(msg, sizeof(msg), "%s: %s", gr->node->name, gr->c->errstr);
-                    redisFree(gr->c);
-                    gr->c = NULL;
-                    break;
-                }
+            atomic_fetch_add(&rc->st_commands, gr->n);
+            int err = group_write(gs, gr, cmds, msg, sizeof(msg));
+            if (err) {
+                gr->err = err;
+                redisFree(gr->c);
+                gr->c = NULL;
             }
         }
 
@@ -1057,9 +1115,6 @@ static int run(mg_redis_cluster *rc, rc_cmd *cmds, size_t n)
     if (rv)
         mg_log_warn("redis", "command failed err=%s last=\"%s\"",
                     rv == -ETIMEDOUT ? "timeout" : "io", msg);
-    for (size_t g = 0; g < capgroups; g++)
-        free(groups[g].idx);
-    free(groups);
     return rv;
 }
 
@@ -1069,7 +1124,7 @@ static void cmd_init(rc_cmd *cmd, const char *key, char *buf, int len)
 {
     memset(cmd, 0, sizeof(*cmd));
     if (key) {
-        cmd->key = mg_xstrdup(key);
+        cmd->keyed = true;
         cmd->slot = mg_redis_key_slot(key, strlen(key));
     }
     cmd->buf = buf;
@@ -1080,7 +1135,6 @@ static void cmd_init(rc_cmd *cmd, const char *key, char *buf, int len)
 
 static void cmd_clear(rc_cmd *cmd)
 {
-    free(cmd->key);
     if (cmd->buf)
         redisFreeCommand(cmd->buf);
     if (cmd->reply)
@@ -1094,7 +1148,9 @@ static int run_one(mg_redis_cluster *rc, redisReply **out, const char *key, char
     cmd_init(&cmd, key, buf, len);
     cmd.wait_replicas = wait;
     *out = NULL;
-    int rv = cmd.status < 0 ? cmd.status : run(rc, &cmd, 1);
+    rc_groups gs = {0};
+    int rv = cmd.status < 0 ? cmd.status : run(rc, &cmd, 1, &gs);
+    groups_free(&gs);
     if (rv == 0) {
         *out = cmd.reply;
         cmd.reply = NULL;
@@ -1139,12 +1195,24 @@ mg_redis_batch *mg_redis_batch_new(void)
     return mg_new(mg_redis_batch);
 }
 
+void mg_redis_batch_reset(mg_redis_batch *b)
+{
+    for (size_t i = 0; i < b->n; i++)
+        cmd_clear(&b->cmds[i]);
+    b->n = 0;
+}
+
+size_t mg_redis_batch_room(const mg_redis_batch *b)
+{
+    return b->cap;
+}
+
 void mg_redis_batch_free(mg_redis_batch *b)
 {
     if (!b)
         return;
-    for (size_t i = 0; i < b->n; i++)
-        cmd_clear(&b->cmds[i]);
+    mg_redis_batch_reset(b);
+    groups_free(&b->groups);
     free(b->cmds);
     free(b);
 }
@@ -1197,7 +1265,7 @@ int mg_redis_cluster_exec(mg_redis_cluster *rc, mg_redis_batch *b)
         return 0;
     for (size_t i = first; i < b->n; i++)
         b->cmds[i].run = true;
-    int rv = run(rc, b->cmds + first, b->n - first);
+    int rv = run(rc, b->cmds + first, b->n - first, &b->groups);
     return rv;
 }
 

@@ -103,6 +103,12 @@ typedef struct mg_redis_batch mg_redis_batch;
 
 mg_redis_batch *mg_redis_batch_new(void);
 void mg_redis_batch_free(mg_redis_batch *b); /* frees the replies too; NULL no-op */
+/* Empties b for reuse (its commands and replies are freed): what it has
+ * room for stays allocated, so a caller running batches in a loop does not
+ * allocate their arrays again. */
+void mg_redis_batch_reset(mg_redis_batch *b);
+/* How many commands b has room for without growing. */
+size_t mg_redis_batch_room(const mg_redis_batch *b);
 /* Adds one command; returns its index. key as in mg_redis_cluster_command. */
 size_t mg_redis_batch_add(mg_redis_batch *b, const char *key, const char *fmt, ...);
 size_t mg_redis_batch_add_argv(mg_redis_batch *b, const char *key, int argc, const char **argv,
