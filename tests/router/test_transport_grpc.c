@@ -745,6 +745,22 @@ Test(transport_grpc, deliveries_behind_calls_in_flight_go_together_in_one_delive
     mg_gw_free(gw);
 }
 
+/* A transport sending a peer one call at a time (its lane), peer deadline 300 ms. */
+static mg_transport *lane_transport(mg_peers *peers, int max_inflight, int min_samples,
+                                    int probe_ms)
+{
+    mg_transport_grpc_config cfg = {
+        .gateway_id = "self-test",
+        .region = "r1",
+        .peer_deadline_ms = 300,
+        .peer_max_inflight = max_inflight,
+        .cq_threads = 1,
+        .coalesce_calls = 1,
+        .link = {.min_samples = min_samples, .probe_interval_ms = probe_ms},
+    };
+    return mg_transport_grpc_create(peers, &cfg);
+}
+
 /* Ordered (coalesce_calls 1): one call in flight to a peer, the rest queued
  * behind it; past the bound the next delivery fails at once (the plan's next
  * step), never a second call that could overtake the first. */
@@ -756,13 +772,7 @@ Test(transport_grpc, ordered_deliveries_wait_behind_one_call_and_fail_busy_past_
     snprintf(addr, sizeof(addr), "127.0.0.1:%d", f->port);
     mg_peers *peers = mg_peers_create("self-test", NULL, 0);
     set_peer(peers, "lane", addr);
-    mg_transport_grpc_config cfg = {.gateway_id = "self-test",
-                                    .region = "r1",
-                                    .peer_deadline_ms = 300,
-                                    .peer_max_inflight = 4,
-                                    .cq_threads = 1,
-                                    .coalesce_calls = 1};
-    mg_transport *t = mg_transport_grpc_create(peers, &cfg);
+    mg_transport *t = lane_transport(peers, 4, 0, 0);
     cr_expect(t->ops->orders_on_return, "one call at a time keeps the order");
     mg_route_target tg = {"lane", "r1"};
     struct many_out m = {0};
@@ -784,9 +794,7 @@ Test(transport_grpc, ordered_deliveries_wait_behind_one_call_and_fail_busy_past_
     cr_expect_eq(atomic_load(&f->calls), 1, "the queued ones failed with the lane's call");
     mg_transport_free(t);
 
-    mg_transport_grpc_config unordered = cfg;
-    unordered.coalesce_calls = 4;
-    t = mg_transport_grpc_create(peers, &unordered);
+    t = make_transport(peers, 300, 4, 0, 0); /* a call per delivery */
     cr_expect_not(t->ops->orders_on_return, "calls in flight together can overtake");
     mg_transport_free(t);
     mg_peers_free(peers);
@@ -802,13 +810,7 @@ Test(transport_grpc, an_ordered_probe_of_a_degraded_link_does_not_fix_the_order,
     snprintf(dead_addr, sizeof(dead_addr), "127.0.0.1:%d", dead);
     mg_peers *peers = mg_peers_create("self-test", NULL, 0);
     set_peer(peers, "gone", dead_addr);
-    mg_transport_grpc_config cfg = {.gateway_id = "self-test",
-                                    .region = "r1",
-                                    .peer_deadline_ms = 300,
-                                    .cq_threads = 1,
-                                    .coalesce_calls = 1,
-                                    .link = {.min_samples = 2, .probe_interval_ms = 200}};
-    mg_transport *t = mg_transport_grpc_create(peers, &cfg);
+    mg_transport *t = lane_transport(peers, 0, 2, 200);
     mg_deliver_outcome out;
     int calls = 0;
     for (; avail(t, "gone") && calls < 20; calls++)
