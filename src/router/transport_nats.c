@@ -190,7 +190,7 @@ static void token_key(unsigned long long v, char key[24])
     key[i] = '\0';
 }
 
-/* CLOCK_REALTIME ms from now, for pthread_cond_timedwait. */
+/* CLOCK_REALTIME ms from now: a deadline for the timed waits below. */
 static struct timespec realtime_in_ms(long ms)
 {
     struct timespec ts;
@@ -1150,13 +1150,12 @@ static void tn_free(mg_transport *t)
     atomic_store(&n->closing, true);
     if (n->nc)
         natsConnection_Close(n->nc);
-    if (n->ack_sub) { /* its handler may still run until its delivery thread ends */
-        int64_t end = mg_mono_ms() + 2000;
+    if (n->ack_sub) { /* shutdown: its handler may run until its delivery thread ends */
+        struct timespec until = realtime_in_ms(2000); /* signalled by ack_sub_complete */
         pthread_mutex_lock(&n->done_mu);
-        while (!n->ack_sub_done && mg_mono_ms() < end) {
-            struct timespec ts = realtime_in_ms(10);
-            pthread_cond_timedwait(&n->done_cond, &n->done_mu, &ts);
-        }
+        int rc = 0;
+        while (!n->ack_sub_done && rc != ETIMEDOUT)
+            rc = pthread_cond_timedwait(&n->done_cond, &n->done_mu, &until);
         pthread_mutex_unlock(&n->done_mu);
     }
     dead_flush(n, NULL); /* before nats.c closes: its collector frees them */
