@@ -69,23 +69,33 @@ struct mg_hub_conn {
     char id[]; /* "<gateway_id>-<seq>" */
 };
 
-/* A delivery waiting for its frames to be written (see mg_hub_deliver).
- * pending (frames not settled, plus one while the delivery is still
- * queueing), written and fired are atomic; prev/next/listed are guarded by
- * the home shard's mutex. refs (every queued frame that points at it, plus
- * one until its callback has run) is atomic. */
+/* A delivery waiting for its frames to be written (see mg_hub_deliver and
+ * mg_hub_deliver_many): one slot per recipient, each frame naming its slot
+ * (frame->slot). pending (frames not settled, plus one while the delivery
+ * is still queueing), the slots' counters and fired are atomic; prev/next/
+ * listed are guarded by the home shard's mutex. refs (every queued frame
+ * that points at it, plus one until its callback has run) is atomic. The
+ * slots' results are written once, by whoever claims the report. */
+typedef struct receipt_slot {
+    atomic_uint queued, written, settled;
+    uint32_t result;
+} receipt_slot;
+
 struct mg_hub_receipt {
-    mg_written_fn done;
+    mg_written_fn done;           /* one recipient, or */
+    mg_written_many_fn done_many; /* a deliver_many's */
     void *arg;
     int64_t deadline_ms; /* monotonic: the write wait ends */
-    atomic_uint pending, written;
+    atomic_uint pending;
     atomic_bool fired;
-    uint32_t result;
     unsigned home;
     bool listed;
     atomic_int refs;
     mg_hub_receipt *prev, *next; /* the home shard's waiting list, oldest first */
     mg_hub_receipt *fire_next;   /* a list of callbacks to run */
+    size_t n;
+    uint32_t *results; /* n of them, for done_many */
+    receipt_slot slot[];
 };
 
 typedef void (*wake_fn)(void *arg, unsigned shard);
@@ -196,8 +206,10 @@ void mg_hub_mark_service_thread(void)
 
 static void receipt_unref(mg_hub_receipt *r)
 {
-    if (atomic_fetch_sub(&r->refs, 1) == 1)
+    if (atomic_fetch_sub(&r->refs, 1) == 1) {
+        free(r->results);
         free(r);
+    }
 }
 
 /* Takes the right to report r (exactly one caller gets it). */
@@ -242,7 +254,13 @@ static void run_fired(mg_hub *h, mg_hub_receipt *fl)
         pthread_mutex_lock(&home->mu);
         unlink_wait(home, r);
         pthread_mutex_unlock(&home->mu);
-        r->done(r->arg, r->result);
+        if (r->done_many) {
+            for (size_t i = 0; i < r->n; i++)
+                r->results[i] = r->slot[i].result;
+            r->done_many(r->arg, r->results, r->n);
+        } else {
+            r->done(r->arg, r->slot[0].result);
+        }
         receipt_unref(r);
         r = n;
     }
@@ -258,6 +276,19 @@ static void span_settle(mg_hub_frame *f, bool written, const char *why)
     f->span = NULL;
 }
 
+/* Claimed: fixes each slot's result, written plus (when the wait ended
+ * first) what is still queued on a live connection. */
+static void fix_results(mg_hub_receipt *r, bool count_queued)
+{
+    for (size_t i = 0; i < r->n; i++) {
+        receipt_slot *sl = &r->slot[i];
+        uint32_t w = atomic_load(&sl->written);
+        if (count_queued)
+            w += atomic_load(&sl->queued) - atomic_load(&sl->settled);
+        sl->result = w;
+    }
+}
+
 /* The frame's fate reaches the delivery waiting for it (no lock needed);
  * when that was its last frame, the receipt goes on *fl to be reported. */
 static void settle(mg_hub_frame *f, bool written, mg_hub_receipt **fl)
@@ -266,10 +297,12 @@ static void settle(mg_hub_frame *f, bool written, mg_hub_receipt **fl)
     if (!r)
         return;
     f->receipt = NULL;
+    receipt_slot *sl = &r->slot[f->slot];
     if (written)
-        atomic_fetch_add(&r->written, 1);
+        atomic_fetch_add(&sl->written, 1);
+    atomic_fetch_add(&sl->settled, 1);
     if (atomic_fetch_sub(&r->pending, 1) == 1 && claim(r)) {
-        r->result = atomic_load(&r->written);
+        fix_results(r, false);
         r->fire_next = *fl;
         *fl = r; /* run_fired drops the reference held for the report */
     }
@@ -283,7 +316,7 @@ static void end_wait(shard *s, mg_hub_receipt *r, mg_hub_receipt **fl)
     unlink_wait(s, r);
     if (!claim(r))
         return;
-    r->result = atomic_load(&r->written) + atomic_load(&r->pending);
+    fix_results(r, true);
     r->fire_next = *fl;
     *fl = r;
 }
@@ -589,14 +622,17 @@ static int admit(mg_hub *h, mg_hub_conn *c, size_t len, mg_hub_receipt **fl)
     return 0;
 }
 
-/* Under c's shard mutex: appends f (taken) to c's queue, admitted before. */
-static void push(mg_hub *h, mg_hub_conn *c, mg_hub_frame *f, mg_hub_receipt *r)
+/* Under c's shard mutex: appends f (taken) to c's queue, admitted before;
+ * a delivery waiting for the write counts it in its slot. */
+static void push(mg_hub *h, mg_hub_conn *c, mg_hub_frame *f, mg_hub_receipt *r, uint32_t slot)
 {
     size_t len = f->len;
     f->receipt = r;
+    f->slot = slot;
     if (r) {
         atomic_fetch_add(&r->refs, 1);
         atomic_fetch_add(&r->pending, 1);
+        atomic_fetch_add(&r->slot[slot].queued, 1);
     }
     if (c->qtail)
         c->qtail->next = f;
@@ -615,7 +651,9 @@ typedef struct delivery {
     const unsigned char *text;
     size_t len, tp_at;
     bool from_inbox;
+    const char *to; /* the recipient */
     mg_hub_receipt *r;
+    uint32_t slot; /* the recipient's, in r */
 } delivery;
 
 /* Under c's shard mutex: f (queued to c next) gets c's write span, and its
@@ -658,22 +696,22 @@ static int enqueue_message(mg_hub *h, mg_hub_conn *c, mg_hub_frame **rendered, c
     }
     if (d->tp_at)
         write_span(h, c, f, d);
-    push(h, c, f, d->r);
+    push(h, c, f, d->r, d->slot);
     return 0;
 }
 
-/* Under s's mutex: queues the message to the user's connections in s (or
- * to conn_id only); returns how many took it. */
+/* Under s's mutex: queues the message to d->to's connections in s (or to
+ * conn_id only); returns how many took it. */
 static int deliver_shard(mg_hub *h, shard *s, const char *conn_id, mg_hub_frame **rendered,
                          const delivery *d, mg_hub_receipt **fl)
 {
     int n = 0;
     if (conn_id) {
         mg_hub_conn *c = mg_map_get(s->by_id, conn_id);
-        if (c && strcmp(c->user, d->msg->to) == 0 && enqueue_message(h, c, rendered, d, fl) == 0)
+        if (c && strcmp(c->user, d->to) == 0 && enqueue_message(h, c, rendered, d, fl) == 0)
             n++;
     } else {
-        for (mg_hub_conn *c = mg_map_get(s->by_user, d->msg->to); c; c = c->user_next)
+        for (mg_hub_conn *c = mg_map_get(s->by_user, d->to); c; c = c->user_next)
             if (enqueue_message(h, c, rendered, d, fl) == 0)
                 n++;
     }
@@ -681,27 +719,81 @@ static int deliver_shard(mg_hub *h, shard *s, const char *conn_id, mg_hub_frame 
     return n;
 }
 
+/* msg rendered once, straight after the headroom of a frame of its own,
+ * outside every lock; d describes it (its recipient and receipt unset). */
+static mg_hub_frame *render(mg_hub *h, const mg_msg *msg, bool from_inbox, delivery *d)
+{
+    size_t len = mg_ws_proto_message_len(msg, from_inbox);
+    mg_hub_frame *f = frame_new(h, len, MG_FRAME_MESSAGE);
+    mg_ws_proto_render_message((char *)f->data + h->headroom, msg, from_inbox);
+    *d =
+        (delivery){.msg = msg, .text = f->data + h->headroom, .len = len, .from_inbox = from_inbox};
+    if (mg_trace_sampled(&msg->trace) && !atomic_load(&h->stop_waits)) /* untraced: this branch */
+        d->tp_at = mg_ws_proto_traceparent_at((const char *)d->text, len);
+    return f;
+}
+
+/* A receipt of n slots, held (pending 1) until every shard was visited; or
+ * NULL when the delivery does not wait for its writes. */
+static mg_hub_receipt *receipt_new(mg_hub *h, size_t n, bool from_inbox)
+{
+    if (from_inbox || on_service_thread || h->write_wait_ms <= 0 || atomic_load(&h->stop_waits))
+        return NULL;
+    mg_hub_receipt *r = mg_xcalloc(1, sizeof(*r) + n * sizeof(r->slot[0]));
+    r->n = n;
+    atomic_init(&r->refs, 1);
+    atomic_init(&r->pending, 1);
+    return r;
+}
+
+/* After the delivery visited every shard: a receipt that took frames is
+ * listed on its home shard, then its hold is dropped (frames settled
+ * meanwhile could not report it early); one that took none is dropped
+ * unreported. Returns whether a report will come. */
+static bool receipt_start(mg_hub *h, mg_hub_receipt *r, int home)
+{
+    if (home < 0) {
+        /* nothing queued (or a slow consumer dropped it at once): no report */
+        atomic_store(&r->fired, true);
+        receipt_unref(r);
+        return false;
+    }
+    shard *s = &h->shards[home];
+    r->home = (unsigned)home;
+    r->deadline_ms = mg_mono_ms() + h->write_wait_ms;
+    pthread_mutex_lock(&s->mu);
+    r->listed = true;
+    r->prev = s->wait_tail;
+    if (s->wait_tail) {
+        s->wait_tail->next = r;
+    } else {
+        /* its loop may have looked for waits before this one was listed:
+         * wake it to arm its timer */
+        s->wait_head = r;
+        atomic_store_explicit(&s->wake_due, true, memory_order_relaxed);
+    }
+    s->wait_tail = r;
+    shard_unlock(h, s);
+    if (atomic_fetch_sub(&r->pending, 1) == 1 && claim(r)) { /* all written already */
+        fix_results(r, false);
+        r->fire_next = NULL;
+        run_fired(h, r);
+    }
+    return true;
+}
+
 int mg_hub_deliver(mg_hub *h, const mg_msg *msg, const char *conn_id, bool from_inbox,
                    mg_written_fn written, void *arg)
 {
     if (!msg || !msg->to)
         return 0;
-    /* rendered once, straight after the headroom, outside the lock */
-    size_t len = mg_ws_proto_message_len(msg, from_inbox);
-    mg_hub_frame *rendered = frame_new(h, len, MG_FRAME_MESSAGE);
-    mg_ws_proto_render_message((char *)rendered->data + h->headroom, msg, from_inbox);
-    delivery d = {
-        .msg = msg, .text = rendered->data + h->headroom, .len = len, .from_inbox = from_inbox};
-    if (mg_trace_sampled(&msg->trace) && !atomic_load(&h->stop_waits)) /* untraced: this branch */
-        d.tp_at = mg_ws_proto_traceparent_at((const char *)d.text, len);
-    mg_hub_receipt *r = NULL;
-    if (written && !from_inbox && !on_service_thread && h->write_wait_ms > 0 &&
-        !atomic_load(&h->stop_waits)) {
-        r = mg_new(mg_hub_receipt);
+    delivery d;
+    mg_hub_frame *rendered = render(h, msg, from_inbox, &d);
+    d.to = msg->to;
+    mg_hub_receipt *r = written ? receipt_new(h, 1, from_inbox) : NULL;
+    if (r) {
         r->done = written;
         r->arg = arg;
-        atomic_init(&r->refs, 1);
-        atomic_init(&r->pending, 1); /* held until every shard was visited */
     }
     d.r = r;
     int n = 0;
@@ -724,41 +816,60 @@ int mg_hub_deliver(mg_hub *h, const mg_msg *msg, const char *conn_id, bool from_
         n += k;
     }
     free(rendered); /* no connection took it (NULL when one did) */
-    bool wait = false;
-    if (r && n > 0) {
-        /* listed on its home shard, then the hold is dropped: frames
-         * settled meanwhile could not report it early */
-        mg_hub_receipt *fl = NULL;
-        shard *s = &h->shards[home];
-        r->home = (unsigned)home;
-        r->deadline_ms = mg_mono_ms() + h->write_wait_ms;
-        pthread_mutex_lock(&s->mu);
-        r->listed = true;
-        r->prev = s->wait_tail;
-        if (s->wait_tail) {
-            s->wait_tail->next = r;
-        } else {
-            /* its loop may have looked for waits before this one was listed:
-             * wake it to arm its timer */
-            s->wait_head = r;
-            atomic_store_explicit(&s->wake_due, true, memory_order_relaxed);
-        }
-        s->wait_tail = r;
-        shard_unlock(h, s);
-        wait = true;
-        if (atomic_fetch_sub(&r->pending, 1) == 1 && claim(r)) { /* all written already */
-            r->result = atomic_load(&r->written);
-            fl = r;
-            run_fired(h, fl);
-        }
-    } else if (r) {
-        /* nothing queued (or a slow consumer dropped it at once): no report */
-        atomic_store(&r->fired, true);
-        receipt_unref(r);
-    }
+    bool wait = r && receipt_start(h, r, home);
     if (!wait && written && n > 0)
         written(arg, (uint32_t)n);
     return n;
+}
+
+/* Recipients queued per lock hold: the shard's loop starts writing the
+ * first of a large batch while the rest are queued. */
+#define MANY_CHUNK 256
+
+int mg_hub_deliver_many(mg_hub *h, const mg_msg *msg, const char *const *to, size_t n,
+                        uint32_t *queued, mg_written_many_fn written, void *arg)
+{
+    memset(queued, 0, n * sizeof(*queued));
+    if (!msg || n == 0)
+        return 0;
+    delivery d;
+    mg_hub_frame *tmpl = render(h, msg, false, &d);
+    mg_hub_receipt *r = written ? receipt_new(h, n, false) : NULL;
+    if (r) {
+        r->done_many = written;
+        r->arg = arg;
+        r->results = mg_xcalloc(n, sizeof(*r->results));
+    }
+    d.r = r;
+    int total = 0, home = -1;
+    for (unsigned i = 0; i < h->nshards; i++) {
+        shard *s = &h->shards[i];
+        for (size_t off = 0; off < n; off += MANY_CHUNK) {
+            size_t end = n - off < MANY_CHUNK ? n : off + MANY_CHUNK;
+            mg_hub_receipt *fl = NULL;
+            int k = 0;
+            pthread_mutex_lock(&s->mu);
+            for (size_t j = off; j < end; j++) {
+                if (!to[j] || !to[j][0])
+                    continue;
+                d.to = to[j];
+                d.slot = (uint32_t)j;
+                int got = deliver_shard(h, s, NULL, NULL, &d, &fl);
+                queued[j] += (uint32_t)got;
+                k += got;
+            }
+            shard_unlock(h, s);
+            run_fired(h, fl);
+            if (k > 0 && home < 0)
+                home = (int)i;
+            total += k;
+        }
+    }
+    free(tmpl);
+    bool wait = r && receipt_start(h, r, home);
+    if (!wait && written && total > 0)
+        written(arg, queued, n);
+    return total;
 }
 
 int mg_hub_post(mg_hub *h, const char *conn_id, const char *text, size_t len)
@@ -773,7 +884,7 @@ int mg_hub_post(mg_hub *h, const char *conn_id, const char *text, size_t len)
     if (c && (rc = admit(h, c, len, &fl)) == 0) {
         mg_hub_frame *f = frame_new(h, len, MG_FRAME_CONTROL);
         memcpy(f->data + h->headroom, text, len);
-        push(h, c, f, NULL);
+        push(h, c, f, NULL, 0);
     }
     shard_unlock(h, s);
     run_fired(h, fl);
@@ -879,6 +990,12 @@ static int sink_deliver(void *arg, const mg_msg *msg, const char *conn_id, bool 
     return mg_hub_deliver(arg, msg, conn_id, from_inbox, written, written_arg);
 }
 
+static int sink_deliver_many(void *arg, const mg_msg *msg, const char *const *to, size_t n,
+                             uint32_t *queued, mg_written_many_fn written, void *written_arg)
+{
+    return mg_hub_deliver_many(arg, msg, to, n, queued, written, written_arg);
+}
+
 static int sink_disconnect(void *arg, const char *user, const char *conn_id, int code,
                            const char *reason)
 {
@@ -887,5 +1004,8 @@ static int sink_disconnect(void *arg, const char *user, const char *conn_id, int
 
 mg_local_sink mg_hub_sink(mg_hub *h)
 {
-    return (mg_local_sink){.deliver = sink_deliver, .disconnect = sink_disconnect, .arg = h};
+    return (mg_local_sink){.deliver = sink_deliver,
+                           .disconnect = sink_disconnect,
+                           .arg = h,
+                           .deliver_many = sink_deliver_many};
 }

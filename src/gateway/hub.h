@@ -78,6 +78,7 @@ typedef struct mg_hub_frame {
     mg_span *span;           /* "ws write" of a traced message to this connection, or NULL */
     size_t len;
     mg_frame_kind kind;
+    uint32_t slot; /* the recipient's slot in receipt */
     unsigned char data[];
 } mg_hub_frame;
 
@@ -161,6 +162,17 @@ bool mg_hub_take_ready(mg_hub *h, unsigned shard, size_t max,
  * Never under a hub mutex. */
 int mg_hub_deliver(mg_hub *h, const mg_msg *msg, const char *conn_id, bool from_inbox,
                    mg_written_fn written, void *arg);
+/* One message to n users (a fan-out's local share; msg->to is ignored, an
+ * empty or NULL to[i] is skipped), as n mg_hub_deliver calls would, but
+ * rendered once and queued under one lock hold per shard for a chunk of
+ * recipients: one wake-up of each loop per chunk, not one per recipient.
+ * queued[i] (n of them, the caller's) gets how many connections of to[i]
+ * took it; returns their sum. With written not NULL and a return > 0,
+ * written(arg, counts, n) runs exactly once, as mg_hub_deliver's written
+ * would, with counts[i] for to[i] (0: none of its connections was here or
+ * got it); counts lives only for the call. Not for inbox messages. */
+int mg_hub_deliver_many(mg_hub *h, const mg_msg *msg, const char *const *to, size_t n,
+                        uint32_t *queued, mg_written_many_fn written, void *arg);
 /* Queues a control frame (ack, error) to one connection. Returns 0, -ENOENT
  * when the connection is gone, or -ENOBUFS when it overflowed (then it is
  * being closed as a slow consumer). */

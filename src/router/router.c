@@ -681,7 +681,7 @@ static void attempt_trace_end(attempt *a, const mg_deliver_outcome *out, const c
  * gateway (per PEER_BATCH_MAX recipients). */
 typedef struct peer_group {
     mg_transport *t;
-    const char *gateway_id, *region;
+    char *gateway_id, *region; /* copies: a flushed call's ops may end before the next */
     attempt **a;
     size_t n, cap;
 } peer_group;
@@ -692,6 +692,8 @@ typedef struct collector {
 } collector;
 
 static __thread collector *collecting;
+
+static void group_flush(peer_group *g);
 
 static bool collect(attempt *a, mg_transport *t)
 {
@@ -708,13 +710,16 @@ static bool collect(attempt *a, mg_transport *t)
             c->g = mg_xrealloc(c->g, c->cap * sizeof(*c->g));
         }
         g = &c->g[c->n++];
-        *g = (peer_group){t, a->target.gateway_id, a->target.region, NULL, 0, 0};
+        *g = (peer_group){
+            t, mg_xstrdup(a->target.gateway_id), mg_xstrdup(a->target.region), NULL, 0, 0};
     }
     if (g->n == g->cap) {
         g->cap = g->cap ? g->cap * 2 : 64;
         g->a = mg_xrealloc(g->a, g->cap * sizeof(*g->a));
     }
     g->a[g->n++] = a;
+    if (g->n == PEER_BATCH_MAX) /* a full call: started now, while the rest is routed */
+        group_flush(g);
     return true;
 }
 
@@ -732,38 +737,46 @@ static void group_done(void *arg, const mg_deliver_outcome *out, size_t n)
     free(gc);
 }
 
+/* Starts one call for the group's collected attempts (at most
+ * PEER_BATCH_MAX) and empties it. */
+static void group_flush(peer_group *g)
+{
+    size_t n = g->n;
+    if (n == 0)
+        return;
+    g->n = 0;
+    group_call *gc = mg_new(group_call);
+    gc->a = mg_xmemdup(g->a, n * sizeof(*gc->a));
+    gc->n = n;
+    const char **to = mg_xcalloc(n, sizeof(*to));
+    mg_msg m0, m;
+    for (size_t i = 0; i < n; i++) {
+        to[i] = gc->a[i]->op->msg->to;
+        attempt_trace(gc->a[i], g->t, i ? &m : &m0, true); /* the call carries a[0]'s */
+    }
+    route_op *op0 = gc->a[0]->op;
+    mg_route_target target = {g->gateway_id, g->region};
+    int rc = g->t->ops->deliver_batch(g->t, &target, &m0, to, n, op0->deadline, group_done, gc);
+    free(to);
+    if (rc != 0) { /* could not even try: each attempt moves on */
+        attempt **as = gc->a;
+        free(gc);
+        for (size_t i = 0; i < n; i++) {
+            attempt_trace_end(as[i], NULL, "could not start");
+            as[i]->step++;
+            attempt_next(as[i]);
+        }
+        free(as);
+    }
+}
+
 static void batch_flush(collector *c)
 {
     for (size_t gi = 0; gi < c->n; gi++) {
-        peer_group *g = &c->g[gi];
-        for (size_t off = 0; off < g->n; off += PEER_BATCH_MAX) {
-            size_t n = g->n - off < PEER_BATCH_MAX ? g->n - off : PEER_BATCH_MAX;
-            group_call *gc = mg_new(group_call);
-            gc->a = mg_xmemdup(g->a + off, n * sizeof(*gc->a));
-            gc->n = n;
-            const char **to = mg_xcalloc(n, sizeof(*to));
-            mg_msg m0, m;
-            for (size_t i = 0; i < n; i++) {
-                to[i] = gc->a[i]->op->msg->to;
-                attempt_trace(gc->a[i], g->t, i ? &m : &m0, true); /* the call carries a[0]'s */
-            }
-            route_op *op0 = gc->a[0]->op;
-            mg_route_target target = {g->gateway_id, g->region};
-            int rc =
-                g->t->ops->deliver_batch(g->t, &target, &m0, to, n, op0->deadline, group_done, gc);
-            free(to);
-            if (rc != 0) { /* could not even try: each attempt moves on */
-                attempt **as = gc->a;
-                free(gc);
-                for (size_t i = 0; i < n; i++) {
-                    attempt_trace_end(as[i], NULL, "could not start");
-                    as[i]->step++;
-                    attempt_next(as[i]);
-                }
-                free(as);
-            }
-        }
-        free(g->a);
+        group_flush(&c->g[gi]);
+        free(c->g[gi].a);
+        free(c->g[gi].gateway_id);
+        free(c->g[gi].region);
     }
     free(c->g);
 }

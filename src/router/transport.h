@@ -105,6 +105,8 @@ static inline void mg_transport_free(mg_transport *t)
 
 /* How many of a delivery's connections got its frames (see mg_local_sink). */
 typedef void (*mg_written_fn)(void *arg, uint32_t written);
+/* The same for n recipients at once: written[i] for the i-th. */
+typedef void (*mg_written_many_fn)(void *arg, const uint32_t *written, size_t n);
 
 /* What the local transport writes to: the gateway's connection hub.
  * deliver() queues msg to every local connection of msg->to (or only to
@@ -125,6 +127,14 @@ typedef struct mg_local_sink {
     int (*disconnect)(void *arg, const char *user, const char *conn_id, int code,
                       const char *reason);
     void *arg;
+    /* May be NULL. One message to n users (msg->to ignored), as n
+     * deliver(..., conn_id NULL, from_inbox false, ...) calls would:
+     * queued[i] (the caller's, n of them) gets how many connections of to[i]
+     * took it, and the return is their sum. When written is not NULL and the
+     * return is > 0, written(written_arg, counts, n) runs exactly once, as
+     * deliver's written would for each, with counts[i] for to[i]. */
+    int (*deliver_many)(void *arg, const mg_msg *msg, const char *const *to, size_t n,
+                        uint32_t *queued, mg_written_many_fn written, void *written_arg);
 } mg_local_sink;
 
 /* The local transport: this gateway's own connections, through sink, past

@@ -91,6 +91,97 @@ static int tl_deliver(mg_transport *t, const mg_route_target *target, const mg_m
     return 0;
 }
 
+/* A batch's share waiting for the sink's write report: recipient map[j]
+ * went to the sink as its j-th. */
+typedef struct local_batch {
+    transport_local *tl;
+    void (*done)(void *arg, const mg_deliver_outcome *out, size_t n);
+    void *arg;
+    size_t n, m;
+    mg_deliver_outcome *out; /* n; the duplicates' filled in */
+    char **keys;             /* n dedupe pairs */
+    size_t *map;             /* m */
+    const char **sub;        /* m recipients for the sink */
+    uint32_t *queued;        /* m */
+} local_batch;
+
+static void batch_free(local_batch *b)
+{
+    free(b->out);
+    free(b->keys); /* one block with the pairs */
+    free(b->map);
+    free(b->sub);
+    free(b->queued);
+    free(b);
+}
+
+static void batch_written(void *arg, const uint32_t *written, size_t m)
+{
+    local_batch *b = arg;
+    for (size_t j = 0; j < m && j < b->m; j++) {
+        mg_deliver_outcome *o = &b->out[b->map[j]];
+        if (written && written[j] > 0) {
+            o->status = MG_STATUS_DELIVERED;
+            o->connections = written[j];
+        } else {
+            mg_dedupe_forget(b->tl->dedupe, b->keys[b->map[j]]);
+            o->status = MG_STATUS_FAILED;
+            o->not_connected = true;
+        }
+    }
+    b->done(b->arg, b->out, b->n);
+    batch_free(b);
+}
+
+/* A batch's local share: the dedupe window per recipient, then one
+ * deliver_many to the sink (one rendering, one lock hold per shard and
+ * chunk) and one report when its writes are done. */
+static int tl_deliver_batch(mg_transport *t, const mg_route_target *target, const mg_msg *msg,
+                            const char *const *to, size_t n, int64_t deadline_ms,
+                            void (*done)(void *arg, const mg_deliver_outcome *out, size_t n),
+                            void *arg)
+{
+    (void)target;
+    (void)deadline_ms;
+    transport_local *tl = (transport_local *)t;
+    if (!msg->id[0] || n == 0)
+        return -EINVAL;
+    size_t il = strlen(msg->id), bytes = n * sizeof(char *);
+    for (size_t i = 0; i < n; i++)
+        bytes += il + strlen(to[i]) + 2;
+    local_batch *b = mg_new(local_batch);
+    b->tl = tl;
+    b->done = done;
+    b->arg = arg;
+    b->n = n;
+    b->out = mg_xcalloc(n, sizeof(*b->out));
+    b->keys = mg_xmalloc(bytes);
+    b->map = mg_xmalloc(n * sizeof(*b->map));
+    b->sub = mg_xmalloc(n * sizeof(*b->sub));
+    b->queued = mg_xmalloc(n * sizeof(*b->queued));
+    char *k = (char *)(b->keys + n);
+    for (size_t i = 0; i < n; i++) {
+        size_t ul = strlen(to[i]);
+        b->keys[i] = k;
+        memcpy(k, msg->id, il);
+        k[il] = '\n';
+        memcpy(k + il + 1, to[i], ul + 1);
+        k += il + ul + 2;
+        if (to[i][0] && mg_dedupe_check_and_add(tl->dedupe, b->keys[i])) {
+            mg_metric_add(tl->duplicates, 1);
+            b->out[i].status = MG_STATUS_DELIVERED;
+            b->out[i].duplicate = true;
+            continue;
+        }
+        b->map[b->m] = i;
+        b->sub[b->m++] = to[i];
+    }
+    if (b->m == 0 ||
+        tl->sink.deliver_many(tl->sink.arg, msg, b->sub, b->m, b->queued, batch_written, b) <= 0)
+        batch_written(b, NULL, b->m); /* the report never comes when nothing was queued */
+    return 0;
+}
+
 static int tl_disconnect(mg_transport *t, const mg_route_target *target, const char *user,
                          const char *conn_id, int code, const char *reason, int64_t deadline_ms)
 {
@@ -116,10 +207,21 @@ static const struct mg_transport_ops local_ops = {
     .free = tl_free,
 };
 
+/* The same, over a sink that takes many recipients at once */
+static const struct mg_transport_ops local_many_ops = {
+    .name = "local",
+    .path = MG_PATH_LOCAL,
+    .orders_on_return = true,
+    .deliver = tl_deliver,
+    .deliver_batch = tl_deliver_batch,
+    .disconnect = tl_disconnect,
+    .free = tl_free,
+};
+
 mg_transport *mg_transport_local_create(const mg_local_sink *sink, size_t dedupe_window)
 {
     transport_local *tl = mg_new(transport_local);
-    tl->base.ops = &local_ops;
+    tl->base.ops = sink->deliver_many ? &local_many_ops : &local_ops;
     tl->sink = *sink;
     tl->dedupe = mg_dedupe_create(dedupe_window);
     tl->duplicates = mg_counter("meshgate_duplicates_dropped_total",

@@ -490,6 +490,106 @@ Test(hub, a_wait_ends_on_its_home_shard_and_drops_count_nothing)
     mg_hub_free(h);
 }
 
+/* ---- one message to many users (a fan-out's local share) ---- */
+
+typedef struct many_report {
+    int calls;
+    uint32_t counts[8];
+    size_t n;
+} many_report;
+
+static void on_written_many(void *arg, const uint32_t *written, size_t n)
+{
+    many_report *r = arg;
+    r->calls++;
+    r->n = n;
+    for (size_t i = 0; i < n && i < 8; i++)
+        r->counts[i] = written[i];
+}
+
+Test(hub, many_users_one_report_with_a_count_per_user)
+{
+    mg_hub *h = make_sharded(2, 5000);
+    int dummy;
+    mg_hub_conn *b0 = mg_hub_register(h, 0, "bob", &dummy);
+    mg_hub_conn *b1 = mg_hub_register(h, 1, "bob", &dummy);
+    mg_hub_conn *c1 = mg_hub_register(h, 1, "carol", &dummy);
+    mg_hub_conn *d0 = mg_hub_register(h, 0, "dave", &dummy);
+    mg_msg *m = msg("many-1", "ignored");
+    const char *to[] = {"bob", "nobody", "carol", "", "dave"};
+    uint32_t queued[5];
+    many_report rep = {0};
+    cr_assert_eq(mg_hub_deliver_many(h, m, to, 5, queued, on_written_many, &rep), 4);
+    cr_assert_eq(queued[0], 2, "both of bob's connections, on two shards");
+    cr_assert_eq(queued[1] + queued[3], 0, "an unknown user and an empty name take nothing");
+    cr_assert_eq(queued[2], 1);
+    cr_assert_eq(queued[4], 1);
+    cr_assert_eq(woken[1], 1, "one wake-up per shard, not one per user");
+    cr_assert_eq(woken[0], 2, "its frames, and the wait homed there (to arm its timer)");
+    /* every connection gets the same text, which does not name the recipient */
+    mg_hub_frame *f[4] = {pop_one(h, b0), pop_one(h, b1), pop_one(h, c1), pop_one(h, d0)};
+    for (int i = 0; i < 4; i++) {
+        cr_assert_not_null(f[i]);
+        cr_assert_eq(f[i]->len, f[0]->len);
+        cr_assert_eq(memcmp(f[i]->data + 16, f[0]->data + 16, f[0]->len), 0);
+    }
+    cr_assert_null(strstr((const char *)f[0]->data + 16, "ignored"));
+    mg_hub_frame_done(h, f[0], true);
+    mg_hub_frame_done(h, f[2], true);
+    mg_hub_frame_done(h, f[3], false); /* dave's write failed */
+    cr_assert_eq(rep.calls, 0, "bob's second connection has not written yet");
+    mg_hub_frame_done(h, f[1], true);
+    cr_assert_eq(rep.calls, 1, "one report for the whole delivery");
+    cr_assert_eq(rep.n, 5);
+    uint32_t want[5] = {2, 0, 1, 0, 0};
+    for (int i = 0; i < 5; i++)
+        cr_assert_eq(rep.counts[i], want[i], "user %d: %u written, not %u", i, want[i],
+                     rep.counts[i]);
+    cr_assert_not(mg_hub_waiting(h, 0));
+    mg_msg_free(m);
+    mg_hub_unregister(h, b0);
+    mg_hub_unregister(h, b1);
+    mg_hub_unregister(h, c1);
+    mg_hub_unregister(h, d0);
+    mg_hub_free(h);
+}
+
+Test(hub, many_users_wait_ends_counting_what_is_queued_on_live_connections)
+{
+    mg_hub *h = make_sharded(2, 100);
+    int dummy;
+    mg_hub_conn *a = mg_hub_register(h, 0, "bob", &dummy);
+    mg_hub_conn *b = mg_hub_register(h, 1, "carol", &dummy);
+    mg_hub_conn *c = mg_hub_register(h, 1, "dave", &dummy);
+    mg_msg *m = msg("many-2", "");
+    const char *to[] = {"bob", "carol", "dave"};
+    uint32_t queued[3];
+    many_report rep = {0};
+    cr_assert_eq(mg_hub_deliver_many(h, m, to, 3, queued, on_written_many, &rep), 3);
+    mg_hub_frame_done(h, pop_one(h, a), true);
+    mg_hub_unregister(h, c); /* dave leaves before his write */
+    cr_assert_eq(rep.calls, 0);
+    cr_assert_not(mg_hub_expire_waits(h, 0, mg_mono_ms() + 150), "the wait ended");
+    cr_assert_eq(rep.calls, 1);
+    cr_assert_eq(rep.counts[0], 1, "written");
+    cr_assert_eq(rep.counts[1], 1, "still queued on a live connection");
+    cr_assert_eq(rep.counts[2], 0, "dropped with its connection");
+    mg_hub_frame_done(h, pop_one(h, b), true); /* written later: reported once only */
+    cr_assert_eq(rep.calls, 1);
+    /* nobody here: no report at all; not waiting: reported before the return */
+    const char *none[] = {"nobody"};
+    cr_assert_eq(mg_hub_deliver_many(h, m, none, 1, queued, on_written_many, &rep), 0);
+    mg_hub_stop_waits(h);
+    cr_assert_eq(mg_hub_deliver_many(h, m, to, 2, queued, on_written_many, &rep), 2);
+    cr_assert_eq(rep.calls, 2, "reported at once after the stop");
+    cr_assert_eq(rep.counts[0] + rep.counts[1], 2);
+    cr_assert_eq(rep.calls, 2);
+    mg_msg_free(m);
+    mg_hub_unregister(h, a);
+    mg_hub_unregister(h, b);
+    mg_hub_free(h);
+}
+
 typedef struct shard_writer {
     mg_hub *h;
     mg_hub_conn *c;

@@ -604,7 +604,7 @@ static void held_gw_start(held_gw *g, const char *name, int users, int hold_user
     region_name(g->region, sizeof(g->region), name);
     snprintf(g->topic, sizeof(g->topic), PREFIX "%s", g->region);
     g->s = holdsink_new(hold_users, held_max);
-    mg_local_sink sink = {hold_deliver, hold_disconnect, g->s};
+    mg_local_sink sink = {.deliver = hold_deliver, .disconnect = hold_disconnect, .arg = g->s};
     g->rt = mg_sink_router("gw-a", g->region, &sink, users);
     g->t = make_transport("gw-a", g->region, 5000);
     mg_router_set_transport(g->rt, MG_PATH_KAFKA, g->t);

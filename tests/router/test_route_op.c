@@ -31,6 +31,8 @@ typedef struct later_cb {
     uint32_t n;
     void (*batch_done)(void *arg, const mg_deliver_outcome *out, size_t n);
     mg_deliver_outcome *outs;
+    mg_written_many_fn written_many;
+    uint32_t *counts;
 } later_cb;
 
 static struct {
@@ -66,12 +68,15 @@ static void *completer(void *arg)
                 later_cb *n = due->next;
                 if (due->batch_done)
                     due->batch_done(due->arg, due->outs, due->n);
+                else if (due->written_many)
+                    due->written_many(due->arg, due->counts, due->n);
                 else if (due->done) {
                     atomic_fetch_add(&completions, 1);
                     due->done(due->arg, &due->out);
                 } else
                     due->written(due->arg, due->n);
                 free(due->outs);
+                free(due->counts);
                 free(due);
                 pthread_mutex_lock(&cq.mu);
                 cq.pending--;
@@ -128,6 +133,30 @@ static int sink_disconnect(void *arg, const char *user, const char *conn_id, int
                            const char *reason)
 {
     return 0;
+}
+
+static atomic_int many_calls; /* deliver_many calls to the sink */
+
+/* local-* users are here, with one connection each; the rest are not */
+static int sink_deliver_many(void *arg, const mg_msg *msg, const char *const *to, size_t n,
+                             uint32_t *queued, mg_written_many_fn written, void *written_arg)
+{
+    atomic_fetch_add(&many_calls, 1);
+    int total = 0;
+    for (size_t i = 0; i < n; i++) {
+        queued[i] = strncmp(to[i], "local-", 6) == 0;
+        total += (int)queued[i];
+    }
+    atomic_fetch_add(&local_writes, total);
+    if (written && total > 0) {
+        later_cb *c = mg_new(later_cb);
+        c->written_many = written;
+        c->arg = written_arg;
+        c->n = (uint32_t)n;
+        c->counts = mg_xmemdup(queued, n * sizeof(*queued));
+        schedule(c, 1);
+    }
+    return total;
 }
 
 /* ---- presence by name: local-* here, peer-* on gw-b (same region), far-*
@@ -276,7 +305,10 @@ static mg_router *make_router(size_t max_inflight)
                             .hot_capacity = 64,
                             .dedupe_window = 100000,
                             .max_inflight = max_inflight};
-    mg_local_sink sink = {sink_deliver, sink_disconnect, NULL};
+    mg_local_sink sink = {.deliver = sink_deliver,
+                          .disconnect = sink_disconnect,
+                          .arg = NULL,
+                          .deliver_many = sink_deliver_many};
     mg_router *r = mg_router_create(&cfg, p, mg_inbox_memory_create(100, 3600), &sink, NULL);
     mg_router_set_transport(r, MG_PATH_GRPC, &grpc_t.base);
     mg_router_set_transport(r, MG_PATH_KAFKA, &kafka_t.base);
@@ -286,6 +318,7 @@ static mg_router *make_router(size_t max_inflight)
 static void setup(void)
 {
     atomic_store(&local_writes, 0);
+    atomic_store(&many_calls, 0);
     grpc_t = (script){.base = {&grpc_ops}, .answer = MG_STATUS_DELIVERED, .delay_ms = 5};
     kafka_t = (script){.base = {&kafka_ops}, .answer = MG_STATUS_QUEUED, .delay_ms = 5};
     cq.stop = false;
@@ -444,12 +477,32 @@ Test(route_op, batch_answers_once_with_every_recipient)
     cr_assert_eq(st[MG_STATUS_STORED], n / 4);
     cr_assert_eq(res[0].path, MG_PATH_LOCAL);
     cr_assert_eq(res[1].path, MG_PATH_GRPC);
-    cr_assert_eq(atomic_load(&grpc_t.batch_calls), 3, "2,500 peer recipients in calls of 1,000");
+    cr_assert_eq(atomic_load(&grpc_t.batch_calls), 3,
+                 "2,500 peer recipients in calls of 1,000 (%d)", atomic_load(&grpc_t.batch_calls));
     cr_assert_eq(atomic_load(&grpc_t.calls), 0, "none one by one");
+    cr_assert_eq(atomic_load(&many_calls), 3, "2,500 local recipients in hub calls of 1,000");
+    cr_assert_eq(atomic_load(&local_writes), 2500);
     for (size_t i = 0; i < n; i++)
         free(to[i]);
     free(to);
     free(res);
+    mg_msg_free(m);
+}
+
+Test(route_op, a_batch_repeated_is_answered_but_written_once)
+{
+    const char *to[] = {"local-1", "local-2", "local-1"};
+    mg_msg *m = msg("bd", "");
+    mg_send_result res[3];
+    cr_assert_eq(mg_wait_send_batch(router, m, to, 3, later(), res), 0);
+    for (int i = 0; i < 3; i++)
+        cr_assert_eq(res[i].status, MG_STATUS_DELIVERED, "recipient %d", i);
+    cr_assert_eq(atomic_load(&local_writes), 2, "local-1 named twice is written once");
+    cr_assert_eq(mg_wait_send_batch(router, m, to, 3, later(), res), 0); /* a retry */
+    for (int i = 0; i < 3; i++)
+        cr_assert_eq(res[i].status, MG_STATUS_DELIVERED, "recipient %d, again", i);
+    cr_assert_eq(atomic_load(&local_writes), 2, "nothing written twice");
+    cr_assert_eq(atomic_load(&many_calls), 1, "the retry's recipients were all duplicates");
     mg_msg_free(m);
 }
 
@@ -482,7 +535,7 @@ static void slow_router(mg_pool *pool, size_t max_inflight)
                             .hot_capacity = 64,
                             .dedupe_window = 10000,
                             .max_inflight = max_inflight};
-    mg_local_sink sink = {sink_deliver, sink_disconnect, NULL};
+    mg_local_sink sink = {.deliver = sink_deliver, .disconnect = sink_disconnect, .arg = NULL};
     router = mg_router_create(&cfg, p, mg_inbox_memory_create(100, 3600), &sink, pool);
     atomic_store(&round_trips, 0);
 }

@@ -94,7 +94,7 @@ static void setup(void)
     memset(&hub, 0, sizeof(hub));
     presence = mg_presence_memory_create("gw-a", "eu");
     mg_router_config cfg = {"gw-a", "eu", 10, 3, 128, 1024, 0, NULL, 0};
-    mg_local_sink sink = {sink_deliver, sink_disconnect, NULL};
+    mg_local_sink sink = {.deliver = sink_deliver, .disconnect = sink_disconnect, .arg = NULL};
     router = mg_router_create(&cfg, presence, mg_inbox_memory_create(3, 3600), &sink, NULL);
     grpc_t = (script){{&grpc_ops}, MG_PATH_GRPC, 0, MG_STATUS_DELIVERED, false, true};
     kafka_t = (script){{&kafka_ops}, MG_PATH_KAFKA, 0, MG_STATUS_QUEUED, false, true};
@@ -242,7 +242,7 @@ static mg_router *routed_router(const char *gw, const char *region, const mg_rou
     rp->gw = gw;
     rp->region = region;
     mg_router_config cfg = {"gw-a", "eu", 10, 3, 128, 1024, 0, routes, 0};
-    mg_local_sink sink = {sink_deliver, sink_disconnect, NULL};
+    mg_local_sink sink = {.deliver = sink_deliver, .disconnect = sink_disconnect, .arg = NULL};
     mg_router *r = mg_router_create(&cfg, &rp->base, mg_inbox_memory_create(10, 3600), &sink, NULL);
     mg_router_set_transport(r, MG_PATH_GRPC, &grpc_t.base);
     mg_router_set_transport(r, MG_PATH_KAFKA, &kafka_t.base);
@@ -393,7 +393,7 @@ Test(router, a_long_inbox_is_sent_a_page_at_a_time)
     mg_metrics_shutdown();
     presence = mg_presence_memory_create("gw-a", "eu");
     mg_router_config cfg = {"gw-a", "eu", 10, 3, 128, 1024, 0, NULL, 10};
-    mg_local_sink sink = {sink_deliver, sink_disconnect, NULL};
+    mg_local_sink sink = {.deliver = sink_deliver, .disconnect = sink_disconnect, .arg = NULL};
     router = mg_router_create(&cfg, presence, mg_inbox_memory_create(100, 3600), &sink, NULL);
     mg_inbox *ib = mg_router_inbox(router);
     for (int i = 0; i < 25; i++) {

@@ -230,7 +230,7 @@ static int sink_disconnect(void *arg, const char *user, const char *conn_id, int
 
 Test(transport_kafka, consumer_hands_records_to_the_router)
 {
-    mg_local_sink sink = {sink_deliver, sink_disconnect, NULL};
+    mg_local_sink sink = {.deliver = sink_deliver, .disconnect = sink_disconnect, .arg = NULL};
     mg_router_config rc = {.gateway_id = "gw-a",
                            .region = "r1",
                            .hot_window_seconds = 10,

@@ -55,7 +55,7 @@ static void side_start(side *s, const char *who, size_t max_bytes)
 {
     snprintf(s->id, sizeof(s->id), "ut-%s-%d", who, (int)getpid());
     mg_router_config cfg = {s->id, "eu", 10, 1000, 128, 1024, 0, NULL, 0};
-    mg_local_sink sink = {sink_deliver, sink_disconnect, NULL};
+    mg_local_sink sink = {.deliver = sink_deliver, .disconnect = sink_disconnect, .arg = NULL};
     s->router = mg_router_create(&cfg, mg_presence_memory_create(s->id, "eu"),
                                  mg_inbox_memory_create(10, 3600), &sink, NULL);
     mg_transport_redis_pubsub_config pcfg = {

@@ -125,7 +125,7 @@ static int sink_disconnect(void *arg, const char *user, const char *conn_id, int
 Test(inbox_memory, the_router_answers_failed_offline_inbox_full)
 {
     mg_router_config cfg = {"gw-a", "eu", 10, 3, 128, 1024, 0, NULL, 0};
-    mg_local_sink sink = {sink_deliver, sink_disconnect, NULL};
+    mg_local_sink sink = {.deliver = sink_deliver, .disconnect = sink_disconnect, .arg = NULL};
     mg_router *r = mg_router_create(&cfg, mg_presence_memory_create("gw-a", "eu"),
                                     mg_inbox_memory_create_bounded(100, 3600, 0, 1), &sink, NULL);
     mg_send_result res;

@@ -51,7 +51,7 @@ static int sink_disconnect(void *arg, const char *user, const char *conn_id, int
 
 mg_local_sink mg_recsink_sink(mg_recsink *r)
 {
-    return (mg_local_sink){sink_deliver, sink_disconnect, r};
+    return (mg_local_sink){.deliver = sink_deliver, .disconnect = sink_disconnect, .arg = r};
 }
 
 int mg_recsink_count(mg_recsink *r, const char *id)
