@@ -634,16 +634,29 @@ static void dbatch_settle(struct dbatch *b)
     free(b);
 }
 
-static void dbatch_done(void *arg, const mg_deliver_outcome *o)
+static void dbatch_fill(struct dbatch *b, size_t i, const mg_deliver_outcome *o)
 {
-    struct dbatch_slot *sl = arg;
-    Meshgate__V1__DeliverMessageResponse *r = &sl->b->res[sl->i];
+    Meshgate__V1__DeliverMessageResponse *r = &b->res[i];
     r->status = o->status == MG_STATUS_DELIVERED
                     ? MESHGATE__V1__DELIVER_STATUS__DELIVER_STATUS_DELIVERED
                     : MESHGATE__V1__DELIVER_STATUS__DELIVER_STATUS_NOT_CONNECTED;
     r->connections = o->connections;
     r->duplicate = o->duplicate;
+}
+
+static void dbatch_done(void *arg, const mg_deliver_outcome *o)
+{
+    struct dbatch_slot *sl = arg;
+    dbatch_fill(sl->b, sl->i, o);
     dbatch_settle(sl->b);
+}
+
+static void dbatch_many_done(void *arg, const mg_deliver_outcome *out, size_t n)
+{
+    struct dbatch *b = arg;
+    for (size_t i = 0; i < n && i < b->n; i++)
+        dbatch_fill(b, i, &out[i]);
+    dbatch_settle(b);
 }
 
 /* n results, each NOT_CONNECTED until its delivery reports; settled n + 1
@@ -689,16 +702,15 @@ static grpc_status_code h_deliver_batch(mg_grpc_server *s, struct rpc *c, const 
         goto out;
     }
     msg->trace = c->trace;
+    /* one hub call for the lot: settled by its report and the handler */
     struct dbatch *b = dbatch_new(c, rq->n_to);
-    char *to0 = msg->to;
-    for (size_t i = 0; i < b->n; i++) {
-        msg->to = rq->to[i];
-        if (mg_router_deliver_local(s->router, msg, dbatch_done, &b->slots[i]) != 0) {
+    atomic_store(&b->left, 2);
+    if (mg_router_deliver_local_many(s->router, msg, (const char *const *)rq->to, b->n,
+                                     dbatch_many_done, b) != 0) {
+        for (size_t i = 0; i < b->n; i++)
             b->res[i].status = MESHGATE__V1__DELIVER_STATUS__DELIVER_STATUS_NOT_CONNECTED;
-            dbatch_settle(b);
-        }
+        dbatch_settle(b);
     }
-    msg->to = to0;
     dbatch_settle(b);
 out:
     mg_msg_free(msg);

@@ -233,6 +233,15 @@ int mg_router_deliver_local(mg_router *r, const mg_msg *msg, mg_deliver_done don
     return t->ops->deliver(t, &self, msg, 0, done, arg);
 }
 
+int mg_router_deliver_local_many(mg_router *r, const mg_msg *msg, const char *const *to, size_t n,
+                                 void (*done)(void *arg, const mg_deliver_outcome *out, size_t n),
+                                 void *arg)
+{
+    mg_transport *t = r->transports[MG_PATH_LOCAL];
+    mg_route_target self = {r->gateway_id, r->region};
+    return t->ops->deliver_batch(t, &self, msg, to, n, 0, done, arg);
+}
+
 int mg_router_disconnect_local(mg_router *r, const char *user, const char *conn_id, int code,
                                const char *reason)
 {

@@ -125,6 +125,12 @@ int mg_router_send_batch(mg_router *r, const mg_msg *msg, const char *const *to,
  * DELIVERED (duplicate set for one), or not_connected. Returns 0 or a
  * negative errno (then done never runs). */
 int mg_router_deliver_local(mg_router *r, const mg_msg *msg, mg_deliver_done done, void *arg);
+/* The same for one message to n users (msg->to ignored): done(arg, out, n)
+ * runs once, out[i] answering to[i] (the local transport's deliver_batch:
+ * one hub call). Returns 0 or a negative errno (then done never runs). */
+int mg_router_deliver_local_many(mg_router *r, const mg_msg *msg, const char *const *to, size_t n,
+                                 void (*done)(void *arg, const mg_deliver_outcome *out, size_t n),
+                                 void *arg);
 
 /* Closes this gateway's connections of user (or one); returns how many. */
 int mg_router_disconnect_local(mg_router *r, const char *user, const char *conn_id, int code,

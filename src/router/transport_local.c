@@ -16,6 +16,7 @@
 #include "router/dedupe.h"
 
 #include <errno.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -103,6 +104,12 @@ typedef struct local_batch {
     size_t *map;             /* m */
     const char **sub;        /* m recipients for the sink */
     uint32_t *queued;        /* m */
+    /* a sink without deliver_many: one deliver per recipient, counted */
+    atomic_size_t left;
+    struct one_slot {
+        struct local_batch *b;
+        size_t j;
+    } * slots; /* m */
 } local_batch;
 
 static void batch_free(local_batch *b)
@@ -112,6 +119,7 @@ static void batch_free(local_batch *b)
     free(b->map);
     free(b->sub);
     free(b->queued);
+    free(b->slots);
     free(b);
 }
 
@@ -131,6 +139,37 @@ static void batch_written(void *arg, const uint32_t *written, size_t m)
     }
     b->done(b->arg, b->out, b->n);
     batch_free(b);
+}
+
+static void one_settle(local_batch *b)
+{
+    if (atomic_fetch_sub(&b->left, 1) == 1)
+        batch_written(b, b->queued, b->m);
+}
+
+static void one_written(void *arg, uint32_t written)
+{
+    struct one_slot *sl = arg;
+    sl->b->queued[sl->j] = written;
+    one_settle(sl->b);
+}
+
+/* Over a sink without deliver_many (a test's): a deliver per recipient,
+ * answered together once every report came. */
+static void deliver_each(local_batch *b, const mg_msg *msg)
+{
+    transport_local *tl = b->tl;
+    b->slots = mg_xcalloc(b->m, sizeof(*b->slots));
+    atomic_init(&b->left, b->m + 1); /* + this call's guard */
+    mg_msg one = *msg;
+    for (size_t j = 0; j < b->m; j++) {
+        b->slots[j] = (struct one_slot){b, j};
+        one.to = (char *)b->sub[j];
+        b->queued[j] = 0;
+        if (tl->sink.deliver(tl->sink.arg, &one, NULL, false, one_written, &b->slots[j]) <= 0)
+            one_settle(b); /* the report never comes when nothing was queued */
+    }
+    one_settle(b);
 }
 
 /* A batch's local share: the dedupe window per recipient, then one
@@ -176,8 +215,10 @@ static int tl_deliver_batch(mg_transport *t, const mg_route_target *target, cons
         b->map[b->m] = i;
         b->sub[b->m++] = to[i];
     }
-    if (b->m == 0 ||
-        tl->sink.deliver_many(tl->sink.arg, msg, b->sub, b->m, b->queued, batch_written, b) <= 0)
+    if (b->m > 0 && !tl->sink.deliver_many)
+        deliver_each(b, msg);
+    else if (b->m == 0 || tl->sink.deliver_many(tl->sink.arg, msg, b->sub, b->m, b->queued,
+                                                batch_written, b) <= 0)
         batch_written(b, NULL, b->m); /* the report never comes when nothing was queued */
     return 0;
 }
@@ -203,16 +244,6 @@ static const struct mg_transport_ops local_ops = {
     .path = MG_PATH_LOCAL,
     .orders_on_return = true,
     .deliver = tl_deliver,
-    .disconnect = tl_disconnect,
-    .free = tl_free,
-};
-
-/* The same, over a sink that takes many recipients at once */
-static const struct mg_transport_ops local_many_ops = {
-    .name = "local",
-    .path = MG_PATH_LOCAL,
-    .orders_on_return = true,
-    .deliver = tl_deliver,
     .deliver_batch = tl_deliver_batch,
     .disconnect = tl_disconnect,
     .free = tl_free,
@@ -221,7 +252,7 @@ static const struct mg_transport_ops local_many_ops = {
 mg_transport *mg_transport_local_create(const mg_local_sink *sink, size_t dedupe_window)
 {
     transport_local *tl = mg_new(transport_local);
-    tl->base.ops = sink->deliver_many ? &local_many_ops : &local_ops;
+    tl->base.ops = &local_ops;
     tl->sink = *sink;
     tl->dedupe = mg_dedupe_create(dedupe_window);
     tl->duplicates = mg_counter("meshgate_duplicates_dropped_total",

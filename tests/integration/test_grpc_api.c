@@ -75,17 +75,23 @@ Test(grpc_api, offline_user_is_stored)
     protobuf_c_message_free_unpacked(&r->base, NULL);
 }
 
-Test(grpc_api, online_user_gets_it_over_websocket)
+/* user's WebSocket, once presence has it (a worker writes it after the
+ * upgrade: GetPresence says when). */
+static mg_wsc *online(const char *user)
 {
     char url[128];
-    snprintf(url, sizeof(url), "ws://127.0.0.1:%d/ws?user=wendy", gw->ws_port);
+    snprintf(url, sizeof(url), "ws://127.0.0.1:%d/ws?user=%s", gw->ws_port, user);
     int http = 0;
     mg_wsc *ws = mg_wsc_connect(url, NULL, 5000, &http);
     cr_assert_not_null(ws, "WebSocket connect: HTTP %d", http);
+    cr_assert(mg_tc_wait_presence(client, user, true, 2000), "%s never showed up in presence",
+              user);
+    return ws;
+}
 
-    /* Presence is written by a worker after the upgrade: wait until GetPresence says so. */
-    cr_assert(mg_tc_wait_presence(client, "wendy", true, 2000),
-              "wendy never showed up in presence");
+Test(grpc_api, online_user_gets_it_over_websocket)
+{
+    mg_wsc *ws = online("wendy");
 
     Meshgate__V1__SendMessageResponse *r = NULL;
     cr_assert_eq(
@@ -105,6 +111,45 @@ Test(grpc_api, online_user_gets_it_over_websocket)
     cr_assert(strstr(frame, "\"hello wendy\""), "%s", frame);
     cr_assert(strstr(frame, "\"from\":\"alice\""), "%s", frame);
     free(frame);
+    mg_wsc_free(ws);
+}
+
+/* A peer's DeliverBatch: one result per recipient, in order; a name given
+ * twice, or the whole call again (a retry), is written once. */
+Test(grpc_api, peer_deliver_batch_answers_each_recipient_and_writes_once)
+{
+    mg_wsc *ws = online("vera");
+    Meshgate__V1__Message m = mg_tc_text_message("alice", "", "db-1", "to many", 1);
+    char *to[] = {"vera", "nobody-here", "vera"};
+    Meshgate__V1__DeliverBatchRequest rq = MESHGATE__V1__DELIVER_BATCH_REQUEST__INIT;
+    rq.message = &m;
+    rq.n_to = 3;
+    rq.to = to;
+    for (int call = 0; call < 2; call++) {
+        ProtobufCMessage *out = NULL;
+        char *d = NULL;
+        cr_assert_eq(mg_grpc_call(client, "/meshgate.v1.GatewayPeer/DeliverBatch", &rq.base,
+                                  &meshgate__v1__deliver_batch_response__descriptor, 5000, &out,
+                                  &d),
+                     GRPC_STATUS_OK, "%s", d);
+        free(d);
+        Meshgate__V1__DeliverBatchResponse *br = (Meshgate__V1__DeliverBatchResponse *)out;
+        cr_assert_eq(br->n_results, 3);
+        cr_assert_eq(br->results[0]->status,
+                     MESHGATE__V1__DELIVER_STATUS__DELIVER_STATUS_DELIVERED);
+        cr_assert_eq(br->results[0]->connections, call == 0 ? 1 : 0);
+        cr_assert_eq(br->results[0]->duplicate, call == 1, "the retry is a duplicate");
+        cr_assert_eq(br->results[1]->status,
+                     MESHGATE__V1__DELIVER_STATUS__DELIVER_STATUS_NOT_CONNECTED);
+        cr_assert_eq(br->results[2]->status,
+                     MESHGATE__V1__DELIVER_STATUS__DELIVER_STATUS_DELIVERED);
+        cr_assert(br->results[2]->duplicate, "vera named twice");
+        protobuf_c_message_free_unpacked(out, NULL);
+    }
+    int got = 0;
+    for (char *f; (f = mg_wsc_recv_text(ws, got ? 300 : 2000)) != NULL; free(f))
+        got += strstr(f, "\"db-1\"") != NULL;
+    cr_assert_eq(got, 1, "vera got db-1 %d times", got);
     mg_wsc_free(ws);
 }
 
