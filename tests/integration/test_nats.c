@@ -187,6 +187,46 @@ Test(nats, high_waits_for_the_puback_low_does_not)
     delete_stream(server(), region);
 }
 
+/* The stream stores no more: the PubAck's error fails a HIGH send with
+ * the server's own description (what an operator reads in the result). */
+Test(nats, a_stream_that_refuses_a_message_fails_it_with_the_servers_reason)
+{
+    char region[64];
+    region_name(region, sizeof(region), "refuse");
+    mg_transport *t = make_transport_at(server(), "gw-a", region, 1, 0);
+    mg_deliver_outcome out = send_to(t, region, "r1", "u0", MG_PRIO_HIGH);
+    cr_assert_eq(out.status, MG_STATUS_QUEUED, "reason=%s", out.reason);
+    /* the stream now keeps one message and refuses new ones */
+    natsConnection *nc = raw_connect(server());
+    jsCtx *js = NULL;
+    cr_assert_eq(natsConnection_JetStream(&js, nc, NULL), NATS_OK);
+    char name[160];
+    snprintf(name, sizeof(name), "MESHGATE_%s", region);
+    for (char *p = name; *p; p++)
+        *p = *p >= 'a' && *p <= 'z' ? (char)(*p - 'a' + 'A') : *p;
+    jsStreamInfo *si = NULL, *upd = NULL;
+    jsErrCode jerr = 0;
+    cr_assert_eq(js_GetStreamInfo(&si, js, name, NULL, &jerr), NATS_OK, "stream %s: %d", name,
+                 (int)jerr);
+    si->Config->MaxMsgs = 1;
+    si->Config->Discard = js_DiscardNew;
+    cr_assert_eq(js_UpdateStream(&upd, js, si->Config, NULL, &jerr), NATS_OK, "update: %d",
+                 (int)jerr);
+    jsStreamInfo_Destroy(upd);
+    jsStreamInfo_Destroy(si);
+    int64_t failed = nats_metric(MG_BUS_FAILED, "error");
+    out = send_to(t, region, "r2", "u0", MG_PRIO_HIGH);
+    cr_assert_eq(out.status, MG_STATUS_FAILED, "status=%d reason=%s", out.status, out.reason);
+    cr_assert(strstr(out.reason, "nats: ") == out.reason, "reason=%s", out.reason);
+    cr_assert(strstr(out.reason, "maximum messages"), "the server's description: %s", out.reason);
+    cr_assert_null(strchr(out.reason, '{'), "the description, not the JSON: %s", out.reason);
+    cr_assert_eq(nats_metric(MG_BUS_FAILED, "error"), failed + 1);
+    jsCtx_Destroy(js);
+    natsConnection_Destroy(nc);
+    mg_transport_free(t);
+    delete_stream(server(), region);
+}
+
 /* A nats-server of the test's own on port (JetStream in dir); its pid. */
 static pid_t own_server(int port, const char *dir)
 {
