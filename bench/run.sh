@@ -248,6 +248,13 @@ sc_fanout() {
     --timeout 30 --gw-pid "$gpid" --scenario fanout --path local --label "SendBatch to $n" \
     --prefix fo$$- >/dev/null
   stop_gws
+  # the same over two gateways of a region: half the users on B, reached by DeliverBatch calls
+  services_up || { skip fanout "two gateways: Redis Cluster/Consul not running"; return 0; }
+  two_gws r1 r1 || { stop_gws; return 0; }
+  load $LOADB fanout --port "$PA" --port2 "$PB" --grpc "127.0.0.1:$GA" --conns "$n" \
+    --rounds "$(P 3 10)" --timeout 30 --gw-pid "$PIDA,$PIDB" --scenario fanout --path grpc \
+    --label "SendBatch to $n over two gateways" --prefix f2$$- >/dev/null
+  stop_gws
 }
 
 # two gateways; A hosts the senders, B the recipients
