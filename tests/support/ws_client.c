@@ -1,6 +1,8 @@
 /* ws_client.c: a tiny synchronous WebSocket test client (see ws_client.h).
  *
- * Owns one TCP socket and a read buffer; runs on the calling test thread.
+ * Owns one TCP socket, a read buffer, the gateway's ready frame and the text
+ * frames read while waiting for it (mg_wsc_wait_ready); runs on the calling
+ * test thread.
  * Guarantees: every wait is bounded by the caller's timeout (poll), frames are
  * parsed strictly (server frames must be unmasked), and a connection failure
  * is reported, never hung on.
