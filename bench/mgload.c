@@ -262,7 +262,9 @@ enum { C_NEW, C_CONNECTING, C_HANDSHAKE, C_OPEN, C_DEAD };
 
 typedef struct conn {
     int fd;
-    uint8_t state, sender, dirty, want_out;
+    uint8_t state;
+    uint8_t sender : 1, ready : 1; /* ready: the gateway's {"type":"ready"} came */
+    uint8_t dirty, want_out;
     uint32_t peer;     /* pairs: the partner connection */
     uint32_t inflight; /* pairs (sender): sent and not yet received or failed */
     uint32_t rlen, wlen;
@@ -279,6 +281,7 @@ static struct {
     long connect_fail, handshake_fail, closed, error_frames, ack_failed, ack_other, backlog_drop;
     long path_local, path_grpc, path_kafka, path_pubsub, path_nats, path_other;
     long open, acks_ok, recv_msgs, recv_other, sent, recv_measured, stale;
+    long ready;                 /* open connections whose ready frame came (presence has them) */
     long closing, closed_clean; /* --close: close frames sent, echoes received */
 } st;
 
@@ -309,8 +312,11 @@ static void conn_kill(conn *c)
 {
     if (c->state == C_DEAD)
         return;
-    if (c->state == C_OPEN)
+    if (c->state == C_OPEN) {
         st.open--;
+        st.ready -= c->ready;
+    }
+    c->ready = 0;
     if (c->fd >= 0) {
         epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
         close(c->fd);
@@ -481,6 +487,11 @@ static void on_text(conn *c, const char *p, size_t len, int64_t now)
         st.error_frames++;
         if (st.error_frames <= 3)
             fprintf(stderr, "mgload: error frame: %.*s\n", (int)len, p);
+        return;
+    }
+    if (memmem(p, len, "\"type\":\"ready\"", 14)) {
+        st.ready += !c->ready;
+        c->ready = 1;
         return;
     }
     (void)e;
@@ -1127,13 +1138,18 @@ static long registered(mg_grpc_client *cli, char **users, long n)
  * presence, which follows the handshake (a worker job; seconds behind it
  * on a loaded machine): a message sent before that is stored for the next
  * connection instead. Waits (within --timeout, serving the sockets) until
- * every open connection's user is registered. */
+ * every open connection's user is registered: by the gateway's ready
+ * frames, or by GetPresence while none came (a gateway older than them). */
 static void wait_registered(mg_grpc_client *cli, char **users)
 {
     int64_t deadline = now_ns() + (int64_t)(opt.timeout * 1e9);
     long got = 0;
-    while (now_ns() < deadline && (got = registered(cli, users, nconns)) >= 0 && got < st.open)
-        run_for(0.1);
+    for (;;) {
+        got = st.ready ? st.ready : registered(cli, users, nconns);
+        if (got < 0 || got >= st.open || now_ns() >= deadline)
+            break;
+        run_for(st.ready ? 0.01 : 0.1);
+    }
     if (got < st.open)
         fprintf(stderr, "mgload: %ld of %ld open users registered in presence\n", got, st.open);
 }

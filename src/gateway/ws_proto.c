@@ -452,6 +452,17 @@ char *mg_ws_proto_encode_refreshed(int64_t exp, size_t *len)
     return encode(&fr, len);
 }
 
+char *mg_ws_proto_encode_ready(const char *conn_id, const char *user, bool degraded, size_t *len)
+{
+    jframe fr = {.n = 0};
+    add_str(&fr, "type", "ready");
+    add_str(&fr, "conn", conn_id);
+    add_str(&fr, "user", user);
+    if (degraded)
+        add_field(&fr, "degraded", J_BOOL, NULL, 0, 1);
+    return encode(&fr, len);
+}
+
 /* ---- parser -------------------------------------------------------------- */
 
 #define MAX_ARRAY_DEPTH  32

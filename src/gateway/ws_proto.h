@@ -24,6 +24,19 @@
  *   {"type":"refreshed","exp":N}   -- a refresh was accepted; N is the token's
  *                    new exp (Unix seconds). A refused one gets an error frame
  *                    with code bad_token and the old expiry stays.
+ *   {"type":"ready","conn":S,"user":S,"degraded"?:true}
+ *                 -- once per connection: presence has it (conn is its id,
+ *                    user the connected user), so a send to the user made
+ *                    after this frame finds this connection ("delivered"),
+ *                    not the inbox. Before it, the upgrade's 101 only means
+ *                    the socket is open. Order: after the inbox's first page
+ *                    (those message frames, "inbox":true, come before it;
+ *                    later pages follow acks); live messages sent to the user
+ *                    meanwhile may come before it too. "degraded": the
+ *                    presence or inbox store failed during the connect, so
+ *                    this connection may miss live messages (they wait in
+ *                    the inbox) or its inbox replay; reconnect to retry.
+ *                    A connection refused or closed before that gets none.
  *
  * Close codes of the server (besides RFC 6455's): 4008 slow consumer, 4401
  * token expired (the JWT's exp passed without a refresh; sent within half a
@@ -108,6 +121,8 @@ char *mg_ws_proto_encode_ack(const char *id, mg_status status, mg_path path, con
 char *mg_ws_proto_encode_message(const mg_msg *m, bool from_inbox, size_t *len);
 char *mg_ws_proto_encode_error(const char *code, const char *reason, const char *id, size_t *len);
 char *mg_ws_proto_encode_refreshed(int64_t exp, size_t *len);
+/* The ready frame (see the top); "degraded" only when degraded. */
+char *mg_ws_proto_encode_ready(const char *conn_id, const char *user, bool degraded, size_t *len);
 
 /* The message frame written into the caller's buffer, e.g. after LWS_PRE
  * bytes of headroom, to save a copy:

@@ -38,7 +38,9 @@
  *   reason:overloaded}.
  * - Presence changes and inbox acks block on the stores: they are worker
  *   pool jobs keyed by the connection (in order), or run here when the
- *   stores are in memory.
+ *   stores are in memory. The connect job ends with the client's "ready"
+ *   frame (ws_proto.h), queued behind the inbox's first page: the 101
+ *   comes before presence has the connection, the ready frame after.
  * - Deliveries waiting for their writes (hub.h) are reported by a timer of
  *   this thread when their write wait ends; it runs only while some wait.
  * - Other threads never touch an lws object: they queue frames or closes in
@@ -543,16 +545,26 @@ static void job_disconnected(void *arg)
     ticket_free(t);
 }
 
+/* Records the connection in presence and replays the inbox's first page,
+ * then tells the client it is ready (ws_proto.h): queued through the hub
+ * behind that page, so the frame follows it; the connection's queue is
+ * FIFO. A store failure still says ready, marked degraded: the socket
+ * works (its sends route as usual), and the client decides whether to
+ * reconnect. A connection gone by now drops it in the hub. */
 static void job_connected(void *arg)
 {
     ticket *t = arg;
     mg_ws_server *ws = t->ws;
+    int rc = 0;
     if (ws->router) {
-        int rc = mg_router_user_connected(ws->router, t->user, t->conn_id, mg_now_ms());
+        rc = mg_router_user_connected(ws->router, t->user, t->conn_id, mg_now_ms());
         if (rc < 0)
-            mg_log_warn("ws", "presence connect failed conn=%s user=%s rc=%d", t->conn_id, t->user,
-                        rc);
+            mg_log_warn("ws", "presence connect failed conn=%s user=%s rc=%d; ready degraded",
+                        t->conn_id, t->user, rc);
     }
+    size_t len;
+    char *ready = mg_ws_proto_encode_ready(t->conn_id, t->user, rc < 0, &len);
+    post_text(ws, t->conn_id, ready, len);
     pthread_mutex_lock(&ws->mu);
     t->connect_done = true;
     bool closed = t->closed;

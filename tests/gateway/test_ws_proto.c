@@ -135,6 +135,19 @@ Test(ws_proto, encode_refreshed)
     free(s);
 }
 
+Test(ws_proto, encode_ready)
+{
+    size_t len;
+    char *s = mg_ws_proto_encode_ready("gw-a-17", "al\"ice", false, &len);
+    cr_assert_str_eq(s, "{\"type\":\"ready\",\"conn\":\"gw-a-17\",\"user\":\"al\\\"ice\"}");
+    cr_assert_eq(len, strlen(s));
+    free(s);
+    s = mg_ws_proto_encode_ready("gw-a-18", "bob", true, NULL);
+    cr_assert_str_eq(
+        s, "{\"type\":\"ready\",\"conn\":\"gw-a-18\",\"user\":\"bob\",\"degraded\":true}");
+    free(s);
+}
+
 Test(ws_proto, malformed)
 {
     expect_error("{", MG_WS_ERR_BAD_JSON);

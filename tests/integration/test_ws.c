@@ -1,5 +1,6 @@
 /* Integration tests of the WebSocket front end against the real gateway
- * binary (embedded default: memory presence and inbox): delivery, fan-out,
+ * binary (embedded default: memory presence and inbox; one test on Redis
+ * Cluster): delivery, the ready frame, fan-out,
  * offline inbox with acks, protocol errors, size limits, JWT auth at upgrade,
  * slow consumers, drain, and the HTTP endpoints. */
 #include "support/mg_test.h"
@@ -104,7 +105,7 @@ Test(ws, send_receive_and_ack, .timeout = 60)
     mg_gw *gw = mg_gw_spawn("ws-basic", NULL);
     cr_assert_not_null(gw);
     mg_wsc *alice = connect_user(gw, "alice"), *bob = connect_user(gw, "bob");
-    usleep(200 * 1000); /* presence is recorded by a worker job after the upgrade */
+    cr_assert(mg_wsc_wait_ready(bob, T_MS)); /* presence has bob */
     send_msg(alice, "m-1", "bob", "hello bob");
     expect_ack(alice, "m-1", "delivered", "local");
     expect_message(bob, "m-1", "alice", "hello bob", false);
@@ -132,9 +133,10 @@ Test(ws, every_connection_of_a_user_receives, .timeout = 60)
     cr_assert_not_null(gw);
     mg_wsc *alice = connect_user(gw, "alice");
     mg_wsc *bob[3];
-    for (int i = 0; i < 3; i++)
+    for (int i = 0; i < 3; i++) {
         bob[i] = connect_user(gw, "bob");
-    usleep(200 * 1000);
+        cr_assert(mg_wsc_wait_ready(bob[i], T_MS));
+    }
     send_msg(alice, "fan-1", "bob", "to all devices");
     expect_ack(alice, "fan-1", "delivered", "local");
     for (int i = 0; i < 3; i++) {
@@ -312,7 +314,7 @@ Test(ws, slow_consumer_closed_4008, .timeout = 120)
     mg_gw *gw = mg_gw_spawn("ws-slow", args);
     cr_assert_not_null(gw);
     mg_wsc *alice = connect_user(gw, "alice"), *bob = connect_user(gw, "bob");
-    usleep(200 * 1000);
+    cr_assert(mg_wsc_wait_ready(bob, T_MS));
     /* bob never reads: after the kernel buffers fill, his queue overflows */
     char *content = malloc(60001);
     memset(content, 'z', 60000);
@@ -588,6 +590,91 @@ Test(ws, long_inbox_is_paged_to_the_queue, .timeout = 120)
     carol = connect_user(gw, "carol");
     more = mg_wsc_recv_text(carol, 1000);
     cr_assert_null(more, "all acked: nothing comes again: %s", more);
+    mg_wsc_free(carol);
+    mg_wsc_free(alice);
+    cr_assert_eq(mg_gw_stop(gw), 0);
+    mg_gw_free(gw);
+}
+
+/* Waits for c's ready frame and checks it: type, user, a conn id of gateway
+ * gw_id, and "degraded" absent. Returns how many frames came before it. */
+static unsigned expect_ready(mg_wsc *c, const char *gw_id, const char *user)
+{
+    cr_assert(mg_wsc_wait_ready(c, T_MS), "no ready frame for %s (close code %d)", user,
+              mg_wsc_close_code(c));
+    unsigned before;
+    json_t *j = json_loads(mg_wsc_ready(c, &before), 0, NULL);
+    cr_assert_not_null(j);
+    cr_assert_str_eq(str(j, "type"), "ready");
+    cr_assert_str_eq(str(j, "user"), user);
+    const char *conn = str(j, "conn");
+    size_t n = strlen(gw_id);
+    cr_assert(!strncmp(conn, gw_id, n) && conn[n] == '-' && conn[n + 1], "conn id %s", conn);
+    cr_assert_null(json_object_get(j, "degraded"));
+    json_decref(j);
+    return before;
+}
+
+/* Embedded default (memory stores, jobs inline on the service loop): the
+ * ready frame comes after the inbox's first page, and a send to the user
+ * right after it is delivered. */
+Test(ws, ready_frame_follows_the_inbox_page_embedded, .timeout = 60)
+{
+    mg_gw *gw = mg_gw_spawn("ws-ready", NULL);
+    cr_assert_not_null(gw);
+    mg_wsc *alice = connect_user(gw, "alice");
+    cr_assert_eq(expect_ready(alice, "ws-ready", "alice"), 0);
+    send_msg(alice, "rd-1", "carol", "first");
+    expect_ack(alice, "rd-1", "stored", "inbox");
+    send_msg(alice, "rd-2", "carol", "second");
+    expect_ack(alice, "rd-2", "stored", "inbox");
+    mg_wsc *carol = connect_user(gw, "carol");
+    cr_assert_eq(expect_ready(carol, "ws-ready", "carol"), 2, "the inbox page comes first");
+    send_msg(alice, "rd-3", "carol", "live");
+    expect_ack(alice, "rd-3", "delivered", "local");
+    expect_message(carol, "rd-1", "alice", "first", true);
+    expect_message(carol, "rd-2", "alice", "second", true);
+    expect_message(carol, "rd-3", "alice", "live", false);
+    mg_wsc_free(carol);
+    mg_wsc_free(alice);
+    cr_assert_eq(mg_gw_stop(gw), 0);
+    mg_gw_free(gw);
+}
+
+/* Redis Cluster presence and inbox: the connect job runs on the worker
+ * pool, after the 101 (the racy case). A send made as soon as the ready
+ * frame came is delivered, connection after connection; and the inbox page
+ * still comes before the ready frame. */
+Test(ws, ready_frame_means_presence_has_it_redis_cluster, .timeout = 90)
+{
+    char gwid[64], alice_u[64], user[80];
+    snprintf(gwid, sizeof(gwid), "ws-ready-rc-%d", (int)getpid());
+    snprintf(alice_u, sizeof(alice_u), "rdalice-%d", (int)getpid());
+    const char *args[] = {"--presence", "redis-cluster", "--redis-nodes",
+                          mg_test_require_env("MESHGATE_TEST_REDIS_NODES"), NULL};
+    mg_gw *gw = mg_gw_spawn(gwid, args);
+    cr_assert_not_null(gw);
+    mg_wsc *alice = connect_user(gw, alice_u);
+    expect_ready(alice, gwid, alice_u);
+    enum { ROUNDS = 10 };
+    for (int i = 0; i < ROUNDS; i++) {
+        char id[32];
+        snprintf(user, sizeof(user), "rdbob-%d-%d", (int)getpid(), i);
+        mg_wsc *bob = connect_user(gw, user);
+        cr_assert_eq(expect_ready(bob, gwid, user), 0);
+        snprintf(id, sizeof(id), "rdc-%d", i);
+        send_msg(alice, id, user, "right after ready");
+        expect_ack(alice, id, "delivered", "local");
+        expect_message(bob, id, alice_u, "right after ready", false);
+        mg_wsc_free(bob);
+    }
+    snprintf(user, sizeof(user), "rdcarol-%d", (int)getpid());
+    send_msg(alice, "rdc-in", user, "kept");
+    expect_ack(alice, "rdc-in", "stored", "inbox");
+    mg_wsc *carol = connect_user(gw, user);
+    cr_assert_eq(expect_ready(carol, gwid, user), 1, "the inbox page comes first");
+    expect_message(carol, "rdc-in", alice_u, "kept", true);
+    cr_assert_eq(mg_wsc_send_text(carol, "{\"type\":\"ack\",\"id\":\"rdc-in\"}"), 0);
     mg_wsc_free(carol);
     mg_wsc_free(alice);
     cr_assert_eq(mg_gw_stop(gw), 0);

@@ -1,6 +1,8 @@
 /* ws_client.c: a tiny synchronous WebSocket test client (see ws_client.h).
  *
- * Owns one TCP socket and a read buffer; runs on the calling test thread.
+ * Owns one TCP socket, a read buffer, the gateway's ready frame and the text
+ * frames read while waiting for it (mg_wsc_wait_ready); runs on the calling
+ * test thread.
  * Guarantees: every wait is bounded by the caller's timeout (poll), frames are
  * parsed strictly (server frames must be unmasked), and a connection failure
  * is reported, never hung on.
@@ -21,12 +23,22 @@
 #include <time.h>
 #include <unistd.h>
 
+/* A text frame read while waiting for the ready frame. */
+typedef struct held {
+    struct held *next;
+    char *text;
+} held;
+
 struct mg_wsc {
     int fd;
     int close_code;
     bool close_sent;
     unsigned char *buf;
     size_t len, cap;
+    char *ready;       /* the ready frame, once it came */
+    unsigned texts;    /* text frames returned or held so far */
+    unsigned before;   /* texts when the ready frame came */
+    held *head, *tail; /* read by mg_wsc_wait_ready, not returned yet */
 };
 
 static int64_t now_ms(void)
@@ -247,7 +259,8 @@ static int parse_frame(mg_wsc *c, int *op, unsigned char **payload, size_t *plen
     return 1;
 }
 
-char *mg_wsc_recv_text(mg_wsc *c, int timeout_ms)
+/* The next text frame from the socket, the ready frame included. */
+static char *read_text(mg_wsc *c, int timeout_ms)
 {
     int64_t deadline = now_ms() + timeout_ms;
     unsigned char *msg = NULL;
@@ -298,6 +311,73 @@ char *mg_wsc_recv_text(mg_wsc *c, int timeout_ms)
     return NULL;
 }
 
+static bool is_ready(const char *text)
+{
+    static const char prefix[] = "{\"type\":\"ready\""; /* the gateway's compact encoding */
+    return strncmp(text, prefix, sizeof(prefix) - 1) == 0;
+}
+
+/* The next text frame before deadline, or NULL; the ready frame is kept
+ * aside (then *was_ready, and NULL is returned at once). */
+static char *read_app_text(mg_wsc *c, int64_t deadline, bool *was_ready)
+{
+    for (;;) {
+        int left = (int)(deadline - now_ms());
+        char *t = read_text(c, left > 0 ? left : 0);
+        if (!t || c->ready || !is_ready(t)) {
+            if (t)
+                c->texts++;
+            return t;
+        }
+        c->ready = t;
+        c->before = c->texts;
+        if (was_ready) {
+            *was_ready = true;
+            return NULL;
+        }
+    }
+}
+
+char *mg_wsc_recv_text(mg_wsc *c, int timeout_ms)
+{
+    held *h = c->head;
+    if (h) {
+        c->head = h->next;
+        if (!c->head)
+            c->tail = NULL;
+        char *t = h->text;
+        free(h);
+        return t;
+    }
+    return read_app_text(c, now_ms() + timeout_ms, NULL);
+}
+
+bool mg_wsc_wait_ready(mg_wsc *c, int timeout_ms)
+{
+    int64_t deadline = now_ms() + timeout_ms;
+    while (!c->ready) {
+        bool was_ready = false;
+        char *t = read_app_text(c, deadline, &was_ready);
+        if (!t)
+            break;
+        held *h = calloc(1, sizeof(*h));
+        h->text = t;
+        if (c->tail)
+            c->tail->next = h;
+        else
+            c->head = h;
+        c->tail = h;
+    }
+    return c->ready != NULL;
+}
+
+const char *mg_wsc_ready(const mg_wsc *c, unsigned *before)
+{
+    if (before)
+        *before = c->before;
+    return c->ready;
+}
+
 int mg_wsc_close_code(const mg_wsc *c)
 {
     return c->close_code;
@@ -324,6 +404,13 @@ void mg_wsc_free(mg_wsc *c)
         mg_wsc_send_frame(c, MG_WSC_CLOSE, code, 2);
     }
     close(c->fd);
+    while (c->head) {
+        held *h = c->head;
+        c->head = h->next;
+        free(h->text);
+        free(h);
+    }
+    free(c->ready);
     free(c->buf);
     free(c);
 }

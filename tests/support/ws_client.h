@@ -32,8 +32,17 @@ mg_wsc *mg_wsc_connect_user(int port, const char *user, int timeout_ms, int *htt
 int mg_wsc_send_frame(mg_wsc *c, int opcode, const void *data, size_t len);
 int mg_wsc_send_text(mg_wsc *c, const char *text);
 /* Next text frame (malloc'd, NUL-terminated; the caller frees), or NULL on
- * timeout or close (then mg_wsc_close_code tells). */
+ * timeout or close (then mg_wsc_close_code tells). The gateway's
+ * {"type":"ready",...} frame is never returned: it is kept for
+ * mg_wsc_ready (tests see the frames they saw before it existed). */
 char *mg_wsc_recv_text(mg_wsc *c, int timeout_ms);
+/* Reads until the ready frame came (frames read meanwhile are returned by
+ * the next mg_wsc_recv_text calls, in order) or timeout_ms. Returns whether
+ * it came: from then on presence has the connection. */
+bool mg_wsc_wait_ready(mg_wsc *c, int timeout_ms);
+/* The ready frame's text (valid until mg_wsc_free), or NULL before it came;
+ * *before (may be NULL) receives how many text frames came before it. */
+const char *mg_wsc_ready(const mg_wsc *c, unsigned *before);
 /* The close code the server sent (0: no close frame yet; 1005: a close frame
  * without a code; -1: the connection dropped without a close frame). */
 int mg_wsc_close_code(const mg_wsc *c);

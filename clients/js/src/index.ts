@@ -9,7 +9,10 @@
  *  - drops messages seen before (bounded LRU of ids), acks inbox messages only after the
  *    `message` handlers returned or resolved;
  *  - asks getToken() again on every connect and shortly before the token expires;
- *  - holds sends made while disconnected in a bounded queue, sent in order on reconnect.
+ *  - holds sends made while disconnected in a bounded queue, sent in order on reconnect;
+ *  - counts a connection as connected (ready(), state 'connected') once the gateway's `ready`
+ *    frame says presence has it, not when the socket opens: a send to this user made after
+ *    ready() resolved is delivered to it, not stored for later.
  *
  * No runtime dependency in the browser; in Node the global WebSocket is used where it exists,
  * else the `ws` package.
@@ -26,6 +29,14 @@ export interface StateChange {
   /** Reconnect attempt number (connecting) and the delay before it (disconnected). */
   attempt?: number;
   retryInMs?: number;
+  /** connected: the gateway's id of this connection (absent after a readyTimeoutMs fallback). */
+  connId?: string;
+  /**
+   * connected: the gateway could not record this connection in presence or replay its inbox (a
+   * store failed). Sends work, but messages to this user may wait in the inbox until a later
+   * connection: reconnect() (later) to try again.
+   */
+  degraded?: boolean;
 }
 
 export type AckStatus = 'delivered' | 'queued' | 'stored' | 'accepted' | 'rejected' | 'failed';
@@ -115,6 +126,13 @@ export interface ClientOptions {
   maxContentBytes?: number;
   /** WebSocket implementation (a constructor like the browser's). Default: global, else `ws`. */
   WebSocket?: WebSocketCtor;
+  /**
+   * How long after the socket opened to wait for the gateway's `ready` frame before counting the
+   * connection as connected anyway (state reason 'no ready frame'): a gateway older than the
+   * frame (a rolling upgrade) never sends it. Sends wait meanwhile. 0: wait for the frame however
+   * long it takes. Default 5000.
+   */
+  readyTimeoutMs?: number;
 }
 
 /* ---- errors ------------------------------------------------------------------------------ */
@@ -345,7 +363,13 @@ export class MeshgateClient {
   private readonly opts: Required<
     Pick<
       ClientOptions,
-      'sendTimeoutMs' | 'maxSendAttempts' | 'dedupeSize' | 'maxQueue' | 'tokenRefreshMarginMs' | 'maxContentBytes'
+      | 'sendTimeoutMs'
+      | 'maxSendAttempts'
+      | 'dedupeSize'
+      | 'maxQueue'
+      | 'tokenRefreshMarginMs'
+      | 'maxContentBytes'
+      | 'readyTimeoutMs'
     >
   > &
     ClientOptions;
@@ -361,6 +385,7 @@ export class MeshgateClient {
   private attempt = 0;
   private reconnectTimer: ReturnType<typeof setTimeout> | null = null;
   private refreshTimer: ReturnType<typeof setTimeout> | null = null;
+  private readyTimer: ReturnType<typeof setTimeout> | null = null; // open, waiting for `ready`
   private token: string | undefined;
   private tokenPinned = false; // set by setToken(): used for the next connect as is
   private starting = false;
@@ -382,6 +407,7 @@ export class MeshgateClient {
       maxQueue: 1000,
       tokenRefreshMarginMs: 30000,
       maxContentBytes: 65536,
+      readyTimeoutMs: 5000,
       ...options,
     };
     this.rc =
@@ -412,7 +438,10 @@ export class MeshgateClient {
     return this;
   }
 
-  /** Resolves when connected (now or next), rejects on close() or an auth failure. */
+  /**
+   * Resolves when connected (now or next): the socket is open and the gateway's `ready` frame
+   * came, so presence has this connection. Rejects on close() or an auth failure.
+   */
   ready(): Promise<void> {
     if (this._state === 'connected') return Promise.resolve();
     if (this.closed) return Promise.reject(new ClosedError());
@@ -508,6 +537,7 @@ export class MeshgateClient {
     if (this.reconnectTimer) clearTimeout(this.reconnectTimer);
     if (this.refreshTimer) clearTimeout(this.refreshTimer);
     this.reconnectTimer = this.refreshTimer = null;
+    this.clearReadyTimer();
     const ws = this.ws;
     this.ws = null;
     if (ws) {
@@ -653,10 +683,14 @@ export class MeshgateClient {
     ws.onopen = () => {
       if (this.ws !== ws) return;
       this.openedAt = Date.now();
-      this.setState({ state: 'connected' });
-      for (const w of this.connectWaiters.splice(0)) w.resolve();
-      // Flush in order: queued sends and sends whose ack died with the previous connection.
-      for (const p of this.pending.values()) if (!p.written) this.write(p);
+      // Open is not connected yet: the gateway registers us in presence after the 101 and
+      // then says `ready` (a send to us before that would be stored, not delivered).
+      const wait = this.opts.readyTimeoutMs;
+      if (wait > 0)
+        this.readyTimer = setTimeout(() => {
+          this.readyTimer = null;
+          if (this.ws === ws) this.onConnected({ state: 'connected', reason: 'no ready frame' });
+        }, wait);
     };
     ws.onerror = (ev: any) => {
       // The `ws` package says why a handshake failed; browsers say nothing.
@@ -671,6 +705,7 @@ export class MeshgateClient {
     ws.onclose = (ev: any) => {
       if (this.ws !== ws) return;
       this.ws = null;
+      this.clearReadyTimer();
       const wasOpen = this.openedAt > 0;
       const stable = wasOpen && Date.now() - this.openedAt > 5000;
       this.openedAt = 0;
@@ -679,6 +714,21 @@ export class MeshgateClient {
       const reason: string = ev?.reason || (httpStatus ? `HTTP ${httpStatus}` : '');
       this.onClosed(code, reason, httpStatus === 401, token);
     };
+  }
+
+  private clearReadyTimer(): void {
+    if (this.readyTimer) clearTimeout(this.readyTimer);
+    this.readyTimer = null;
+  }
+
+  /** The connection counts as connected: by its `ready` frame, or the readyTimeoutMs fallback. */
+  private onConnected(s: StateChange): void {
+    this.clearReadyTimer();
+    if (this._state === 'connected') return; // a ready frame after the fallback: nothing new
+    this.setState(s);
+    for (const w of this.connectWaiters.splice(0)) w.resolve();
+    // Flush in order: queued sends and sends whose ack died with the previous connection.
+    for (const p of this.pending.values()) if (!p.written) this.write(p);
   }
 
   private onClosed(code: number, reason: string, unauthorized: boolean, token?: string): void {
@@ -766,6 +816,12 @@ export class MeshgateClient {
       return;
     }
     switch (f?.type) {
+      case 'ready': {
+        const s: StateChange = { state: 'connected' };
+        if (typeof f.conn === 'string') s.connId = f.conn;
+        if (f.degraded === true) s.degraded = true;
+        return this.onConnected(s);
+      }
       case 'ack':
         return this.onAck(f);
       case 'message':

@@ -78,6 +78,8 @@ test('send/receive: ack delivered via local path, message shown with from and co
   const bob = client({ url: gw.url, user: 'bob' });
   await Promise.all([alice.ready(), bob.ready()]);
   assert.deepEqual(alice.states.map((s) => s.state), ['connecting', 'connected']);
+  assert.match(alice.states[1].connId, /^.+-\d+$/, 'connected by the ready frame');
+  assert.equal(alice.states[1].degraded, undefined);
   const ack = await alice.send('bob', 'hello bob', { id: 'm-1' });
   assert.equal(ack.id, 'm-1');
   assert.equal(ack.status, 'delivered');
@@ -217,6 +219,44 @@ test('idempotent retry: gateway paused (SIGSTOP) so the ack is late, resent with
   await gw.stop();
 });
 
+test('ready: connected on the gateway ready frame (inbox page first); without one, after readyTimeoutMs', async () => {
+  const gw = await gateway({ name: 'ready' });
+  const alice = client({ url: gw.url, user: 'alice' });
+  await alice.ready();
+  assert.equal((await alice.send('gina', 'kept', { id: 'rd-1' })).status, 'stored');
+  // The inbox page comes before the ready frame: gina has it by the time she is connected.
+  const gina = client({ url: gw.url, user: 'gina' });
+  await gina.ready();
+  assert.deepEqual(gina.got.map((m) => [m.id, m.inbox]), [['rd-1', true]]);
+  assert.equal(gina.states.at(-1).reason, undefined);
+  gina.close();
+  // A server that opens the socket and never says ready (a gateway older than the frame): sends
+  // wait, then the client counts itself connected after readyTimeoutMs and sends them.
+  const { WebSocketServer } = await import('ws');
+  const port = await freePort();
+  const wss = new WebSocketServer({ host: '127.0.0.1', port });
+  const seen = [];
+  wss.on('connection', (s) => s.on('message', (d) => {
+    const f = JSON.parse(String(d));
+    seen.push(f.id);
+    s.send(JSON.stringify({ type: 'ack', id: f.id, status: 'delivered', path: 'local' }));
+  }));
+  try {
+    const old = client({ url: `ws://127.0.0.1:${port}/ws`, user: 'olga', readyTimeoutMs: 300 });
+    const t0 = Date.now();
+    const ack = await withTimeout(old.send('bob', 'waits for connected', { id: 'old-1' }), 5000, 'fallback');
+    assert.ok(Date.now() - t0 >= 250, `sent after ${Date.now() - t0} ms`);
+    assert.equal(ack.status, 'delivered');
+    assert.deepEqual(seen, ['old-1']);
+    assert.equal(old.states.at(-1).state, 'connected');
+    assert.equal(old.states.at(-1).reason, 'no ready frame');
+    old.close();
+  } finally {
+    await new Promise((r) => wss.close(r));
+  }
+  await gw.stop();
+});
+
 test('send timeout: no ack after the bounded attempts rejects with SendTimeoutError', async () => {
   const gw = await gateway({ name: 'timeout' });
   const alice = client({ url: gw.url, user: 'alice', maxSendAttempts: 2 });
@@ -248,12 +288,9 @@ test('reconnect after SIGTERM drain: close 1012, jittered immediate reconnect to
   const gw2 = await gateway({ name: 'drain-b', wsPort: gw.wsPort, grpcPort: gw.grpcPort });
   await waitFor(() => alice.state === 'connected', 'reconnected', 10000);
   const bob = client({ url: gw2.url, user: 'bob' });
-  await bob.ready();
-  // bob's socket is open once the 101 arrives, a moment before the gateway's loop registers him
-  // in presence: a send in that moment is STORED, and its live copy still reaches him.
-  const ack = await alice.send('bob', 'after drain', { id: 'after-drain' });
-  assert.ok(['delivered', 'stored'].includes(ack.status), ack.status);
-  await waitFor(() => bob.got.some((m) => m.id === 'after-drain'), 'bob gets it', 10000);
+  await bob.ready(); // the gateway's ready frame: presence has bob
+  assert.equal((await alice.send('bob', 'after drain')).status, 'delivered');
+  await waitFor(() => bob.got.length === 1, 'bob gets it');
   await gw2.stop();
 });
 
