@@ -29,6 +29,7 @@
 #include <grpc/support/time.h>
 
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -200,6 +201,51 @@ static long gw_rss_kb(void)
         s += v;
     }
     return n_gw ? s : -1;
+}
+
+/* The scheduler's view of a process (its threads summed, /proc/<pid>/task/<tid>/schedstat):
+ * time on a CPU, time runnable but waiting for one (the run queue), and times it was
+ * scheduled in. A thread that ends between two readings drops out of the second. */
+typedef struct sched_use {
+    uint64_t run_ns, wait_ns, slices;
+} sched_use;
+
+static bool proc_sched(int pid, sched_use *u)
+{
+    char path[64];
+    snprintf(path, sizeof(path), "/proc/%d/task", pid);
+    DIR *d = opendir(path);
+    if (!d)
+        return false;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.')
+            continue;
+        char sp[300];
+        snprintf(sp, sizeof(sp), "/proc/%d/task/%s/schedstat", pid, e->d_name);
+        FILE *f = fopen(sp, "r");
+        if (!f)
+            continue;
+        unsigned long long run = 0, wait = 0, sl = 0;
+        if (fscanf(f, "%llu %llu %llu", &run, &wait, &sl) == 3) {
+            u->run_ns += run;
+            u->wait_ns += wait;
+            u->slices += sl;
+        }
+        fclose(f);
+    }
+    closedir(d);
+    return true;
+}
+
+/* The gateways' threads together, and this process's (pid 0: self). */
+static bool gw_sched(sched_use *u)
+{
+    memset(u, 0, sizeof(*u));
+    for (int i = 0; i < n_gw; i++)
+        if (!proc_sched(gw_pids[i], u))
+            return false;
+    return n_gw > 0;
 }
 
 static long gw_ticks(void)
@@ -841,6 +887,27 @@ static void j_stage(const char *name, const hist *h)
          h_pct(h, 99.9) / 1e3);
 }
 
+/* The scheduler's figures of the measured window, per message delivered in it: how
+ * often the gateways' threads were woken (switches_per_msg) and how long they waited
+ * runnable for a CPU (rq_wait_us_per_msg); the same wait for this process. A latency
+ * tail with a large run-queue wait is the machine's CPUs being busy, not the path. */
+static void j_sched(const sched_use *g0, const sched_use *g1, const sched_use *l0,
+                    const sched_use *l1, long msgs)
+{
+    if (msgs <= 0)
+        return;
+    double m = (double)msgs;
+    if (g0->slices && g1->slices >= g0->slices)
+        jadd(",\"gw_switches_per_msg\":%.2f,\"gw_rq_wait_us_per_msg\":%.1f,"
+             "\"gw_rq_wait_us_per_switch\":%.1f",
+             (double)(g1->slices - g0->slices) / m, (double)(g1->wait_ns - g0->wait_ns) / 1e3 / m,
+             g1->slices > g0->slices
+                 ? (double)(g1->wait_ns - g0->wait_ns) / 1e3 / (double)(g1->slices - g0->slices)
+                 : 0.0);
+    if (l0->slices && l1->slices >= l0->slices)
+        jadd(",\"load_rq_wait_us_per_msg\":%.1f", (double)(l1->wait_ns - l0->wait_ns) / 1e3 / m);
+}
+
 static void j_errors(void)
 {
     jadd(",\"errors\":%ld,\"connect_fail\":%ld,\"handshake_fail\":%ld,\"closed\":%ld,"
@@ -931,6 +998,7 @@ static int mode_pairs(void)
     int64_t send_end = t0 + (int64_t)((opt.warmup + opt.seconds) * 1e9);
     send_end_ns = send_end;
     long ticks0 = -1;
+    sched_use gs0 = {0}, ls0 = {0};
     int64_t tick_t0 = 0;
     long sent_at_measure = -1;
     double period = flat ? 0 : 1e9 / opt.rate;
@@ -939,6 +1007,8 @@ static int mode_pairs(void)
     while (st.sent < opt.count && (now = now_ns()) < send_end) {
         if (ticks0 < 0 && now >= measure_start) {
             ticks0 = gw_ticks();
+            gw_sched(&gs0);
+            proc_sched(getpid(), &ls0);
             cpu0 = cpu_seconds_self();
             tick_t0 = now;
             sent_at_measure = st.sent;
@@ -972,6 +1042,9 @@ static int mode_pairs(void)
     }
     measure_stop = now_ns();
     long ticks1 = gw_ticks();
+    sched_use gs1, ls1 = {0};
+    gw_sched(&gs1);
+    proc_sched(getpid(), &ls1);
     double cpu1 = cpu_seconds_self();
     long sent_measured = sent_at_measure >= 0 ? st.sent - sent_at_measure : 0;
     /* drain: what is in flight may still arrive (not counted in the rate) */
@@ -1008,6 +1081,7 @@ static int mode_pairs(void)
     j_stage("gw", &HG);
     j_stage("recv_lag", &HR);
     jadd(",\"load_cpu_pct\":%.1f", cpu0 >= 0 && mwin > 0 ? (cpu1 - cpu0) / mwin * 100 : -1.0);
+    j_sched(&gs0, &gs1, &ls0, &ls1, st.recv_measured);
     j_errors();
     jadd(",\"acks_ok\":%ld,\"ack_path_local\":%ld,\"ack_path_grpc\":%ld,\"ack_path_kafka\":%ld,"
          "\"ack_path_redis_pubsub\":%ld,\"ack_path_nats\":%ld,\"ack_path_other\":%ld",
@@ -1617,10 +1691,13 @@ static int mode_api(void)
     pthread_t th;
     pthread_create(&th, NULL, opt.stream ? stream_thread : api_thread, NULL);
     long ticks0 = -1, sent0 = 0;
+    sched_use gs0 = {0}, ls0 = {0}, gs1 = {0}, ls1 = {0};
     int64_t tick_t0 = 0, now;
     while ((now = now_ns()) < send_end_ns) {
         if (ticks0 < 0 && now >= measure_start) {
             ticks0 = gw_ticks();
+            gw_sched(&gs0);
+            proc_sched(getpid(), &ls0);
             tick_t0 = now;
             sent0 = atomic_load(&api.sent);
         }
@@ -1628,6 +1705,8 @@ static int mode_api(void)
     }
     measure_stop = now_ns();
     long ticks1 = gw_ticks(), sent1 = atomic_load(&api.sent);
+    gw_sched(&gs1);
+    proc_sched(getpid(), &ls1);
     int64_t drain_end = now_ns() + (int64_t)(opt.drain * 1e9);
     while (st.recv_msgs < atomic_load(&api.sent) - atomic_load(&api.failed) && now_ns() < drain_end)
         poll_once(10000000);
@@ -1658,6 +1737,7 @@ static int mode_api(void)
          cpu_s >= 0 && mwin > 0 ? cpu_s / mwin * 100 : -1.0,
          cpu_s >= 0 && st.recv_measured ? cpu_s * 1e6 / (double)st.recv_measured : -1.0,
          gw_rss_kb());
+    j_sched(&gs0, &gs1, &ls0, &ls1, st.recv_measured);
     j_errors();
     j_end();
     return (st.open == nconns && atomic_load(&api.failed) == 0 && lost <= 0) ? 0 : 1;

@@ -21,6 +21,8 @@
 #                  (single grpc/kafka runs always do)
 #   FLOOR_RATE     the rate of the floor scenario's second phase (default: the local scenario's
 #                  half rate in this run, else half of mgrelay's flat out)
+#   GRPC_ROWS=rates  the grpc scenario runs only its fixed-rate rows (GRPC_RATE, then 10,000/s),
+#                  each GRPC_REPEAT times (default 1) on the same two gateways: the p99 rows alone
 #   IDLE_CONNS, LOCAL_PAIRS, LOCAL_WINDOW, FANOUT_USERS, GRPC_RATE, KAFKA_RATE, PUBSUB_RATE, NATS_RATE,
 #                  API_USERS, API_WINDOW, API_RATE, API_STREAM_WINDOW,
 #                  PHASE_SECONDS
@@ -38,7 +40,7 @@ SCEN=()
 for a in "$@"; do
   case $a in
     --long) LONG=1 ;;
-    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
     all|idle|local|floor|api|fanout|grpc|kafka|pubsub|nats|presence|presence-sync) SCEN+=("$a") ;;
     *) echo "run.sh: unknown argument $a" >&2; exit 2 ;;
   esac
@@ -301,20 +303,26 @@ sc_grpc() {
   services_up || { skip grpc "Redis Cluster/Consul not running (make services-up)"; return 0; }
   two_gws r1 r1 || { skip grpc "gateways did not start with --presence redis-cluster --discovery consul"; stop_gws; return 0; }
   probe_by grpc grpc || return 0
-  local rate=${GRPC_RATE:-20000}
-  load $LOADB pairs --port "$PB" --send-port "$PA" --pairs 64 --window 16 --seconds "$SECS" \
-    --warmup 1 --count 100000000 --gw-pid "$PIDA,$PIDB" --scenario grpc --path grpc \
-    --label "grpc flat out" --prefix gf$$- >/dev/null
-  load $LOADB pairs --port "$PB" --send-port "$PA" --pairs 64 --window 16 --low --seconds "$SECS" \
-    --warmup 1 --count 100000000 --gw-pid "$PIDA,$PIDB" --scenario grpc --path grpc \
-    --label "grpc flat out, priority low" --prefix gl$$- >/dev/null
+  local rate=${GRPC_RATE:-20000} rows=${GRPC_ROWS:-all} k
+  [ "$rows" = all ] || [ "$rows" = rates ] || { log "grpc: GRPC_ROWS is all or rates, not $rows"; stop_gws; return 1; }
+  if [ "$rows" = all ]; then
+    load $LOADB pairs --port "$PB" --send-port "$PA" --pairs 64 --window 16 --seconds "$SECS" \
+      --warmup 1 --count 100000000 --gw-pid "$PIDA,$PIDB" --scenario grpc --path grpc \
+      --label "grpc flat out" --prefix gf$$- >/dev/null
+    load $LOADB pairs --port "$PB" --send-port "$PA" --pairs 64 --window 16 --low --seconds "$SECS" \
+      --warmup 1 --count 100000000 --gw-pid "$PIDA,$PIDB" --scenario grpc --path grpc \
+      --label "grpc flat out, priority low" --prefix gl$$- >/dev/null
+  fi
   local r
   for r in $rate 10000; do
-    load $LOADB pairs --port "$PB" --send-port "$PA" --pairs 64 --rate "$r" --seconds "$SECS" \
-      --warmup 1 --count $((r * (SECS + 2))) --gw-pid "$PIDA,$PIDB" --scenario grpc --path grpc \
-      --label "grpc at $r/s" --prefix gr$r-$$- >/dev/null
+    for k in $(seq "${GRPC_REPEAT:-1}"); do
+      load $LOADB pairs --port "$PB" --send-port "$PA" --pairs 64 --rate "$r" --seconds "$SECS" \
+        --warmup 1 --count $((r * (SECS + 2))) --gw-pid "$PIDA,$PIDB" --scenario grpc --path grpc \
+        --label "grpc at $r/s" --prefix gr$r-$k-$$- >/dev/null
+    done
     [ "$rate" = 10000 ] && break
   done
+  [ "$rows" = all ] || { stop_gws; return 0; }
   # the API on gateway A, its users on gateway B (1,000; issue 10's cross-gateway API goal)
   load $LOADB api --port "$PB" --grpc "127.0.0.1:$GA" --conns "${API_USERS:-1000}" \
     --window "${API_WINDOW:-64}" --seconds "$SECS" --warmup 1 --count 100000000 \
@@ -475,6 +483,9 @@ for r in rows:
                    f"send -> socket {f(r.get('gw_p50_us'))}/{f(r.get('gw_p99_us'))}, "
                    f"read late {f(r.get('recv_lag_p50_us'))}/{f(r.get('recv_lag_p99_us'))}; "
                    f"mgload CPU {f(r.get('load_cpu_pct'))} %")
+        if r.get("gw_rq_wait_us_per_msg") is not None: # the scheduler's share (bench/README.md)
+            gw += (f"; run queue {f(r.get('gw_rq_wait_us_per_msg'),1)} µs/msg over "
+                   f"{f(r.get('gw_switches_per_msg'),2)} switches")
         conns = f(r.get("conns")) if r.get("mode") == "api" else f(2 * r.get("pairs", 0))
     o.write(f"| {sc} | {r.get('label')} | {conns} | {f(r.get('msgs_per_s'))} | {f(r.get('p50_us'),0)} | "
             f"{f(r.get('p99_us'),0)} | {f(r.get('p999_us'),0)} | {f(r.get('max_us'),0)} | {f(r.get('errors'))} | {gw} | {f(r.get('load1'),1)} |\n")
