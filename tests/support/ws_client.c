@@ -395,14 +395,28 @@ int mg_wsc_wait_close(mg_wsc *c, int timeout_ms)
     return c->close_code;
 }
 
-void mg_wsc_free(mg_wsc *c)
+static void send_close(mg_wsc *c)
 {
-    if (!c)
-        return;
     if (c->close_code == 0 && !c->close_sent) {
         unsigned char code[2] = {1000 >> 8, 1000 & 0xFF};
         mg_wsc_send_frame(c, MG_WSC_CLOSE, code, 2);
     }
+}
+
+void mg_wsc_leave(mg_wsc *c, int timeout_ms)
+{
+    if (!c)
+        return;
+    send_close(c);
+    mg_wsc_wait_close(c, timeout_ms);
+    mg_wsc_free(c);
+}
+
+void mg_wsc_free(mg_wsc *c)
+{
+    if (!c)
+        return;
+    send_close(c);
     close(c->fd);
     while (c->head) {
         held *h = c->head;

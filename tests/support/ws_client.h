@@ -51,7 +51,14 @@ int mg_wsc_close_code(const mg_wsc *c);
 int mg_wsc_wait_close(mg_wsc *c, int timeout_ms);
 /* The socket, e.g. to shrink its receive buffer. */
 int mg_wsc_fd(const mg_wsc *c);
-/* Sends a close (1000) when still open, closes the socket, frees. NULL ok. */
+/* Sends a close (1000) when still open, closes the socket, frees. NULL ok.
+ * Frames the client left unread (an ack, the ready frame) make the kernel
+ * reset the connection, and the server's kernel then drops what the
+ * server had not read yet: a client that must not lose its last sends
+ * leaves with mg_wsc_leave. */
 void mg_wsc_free(mg_wsc *c);
+/* The close handshake: sends a close (1000) when still open, reads (and
+ * discards) until the server closes or timeout_ms, then mg_wsc_free. */
+void mg_wsc_leave(mg_wsc *c, int timeout_ms);
 
 #endif
