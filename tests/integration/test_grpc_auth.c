@@ -320,48 +320,22 @@ Test(grpc_auth, mtls_client_certificates, .timeout = 60)
 
 /* ---- two gateways with peer tokens ----------------------------------------------- */
 
-static int peer_count(const mg_gw *gw)
-{
-    char *body = NULL;
-    int st = mg_http_get(gw->ws_port, "/peers", &body);
-    json_t *j = st == 200 && body ? json_loads(body, 0, NULL) : NULL;
-    free(body);
-    int n = j ? (int)json_integer_value(json_object_get(j, "count")) : -1;
-    json_decref(j);
-    return n;
-}
-
 static mg_gw *meshed[3];
 
 static bool all_see(void *arg)
 {
     int n = *(int *)arg;
     for (int i = 0; i < n; i++)
-        if (peer_count(meshed[i]) != n - 1)
+        if (mg_gw_peer_count(meshed[i]) != n - 1)
             return false;
     return true;
 }
 
-/* A gateway with Redis presence and Consul discovery under service svc,
- * then the NULL-terminated auth arguments of tail. */
+/* A gateway of the fleet under service svc (region: the default), then the
+ * NULL-terminated auth arguments of tail. */
 static mg_gw *spawn_meshed_with(const char *id, const char *svc, const char *const *tail)
 {
-    const char *args[32] = {"--presence",
-                            "redis-cluster",
-                            "--redis-nodes",
-                            mg_test_require_env("MESHGATE_TEST_REDIS_NODES"),
-                            "--discovery",
-                            "consul",
-                            "--consul-addr",
-                            mg_test_require_env("MESHGATE_TEST_CONSUL"),
-                            "--consul-service",
-                            svc,
-                            "--consul-check-interval-seconds",
-                            "1"};
-    size_t n = 12;
-    for (size_t i = 0; tail[i] && n < 31; i++)
-        args[n++] = tail[i];
-    mg_gw *gw = mg_gw_spawn(id, args);
+    mg_gw *gw = mg_gw_spawn_fleet(id, svc, NULL, tail);
     cr_assert_not_null(gw, "gateway %s did not become ready", id);
     return gw;
 }
