@@ -322,15 +322,6 @@ Test(grpc_auth, mtls_client_certificates, .timeout = 60)
 
 static mg_gw *meshed[3];
 
-static bool all_see(void *arg)
-{
-    int n = *(int *)arg;
-    for (int i = 0; i < n; i++)
-        if (mg_gw_peer_count(meshed[i]) != n - 1)
-            return false;
-    return true;
-}
-
 /* A gateway of the fleet under service svc (region: the default), then the
  * NULL-terminated auth arguments of tail. */
 static mg_gw *spawn_meshed_with(const char *id, const char *svc, const char *const *tail)
@@ -380,8 +371,7 @@ Test(grpc_auth, peers_with_tokens_deliver_to_each_other, .timeout = 120)
     const char *peers = peer_tokens();
     meshed[0] = spawn_meshed(a_id, svc, peers);
     meshed[1] = spawn_meshed(b_id, svc, peers);
-    int n = 2;
-    cr_assert(mg_wait_until(all_see, &n, 15000), "the gateways never saw each other");
+    cr_assert(mg_gw_wait_mesh(meshed, 2, 15000), "the gateways never saw each other");
 
     mg_wsc *wb = mg_wsc_connect_user(meshed[1]->ws_port, bob, T_MS, NULL);
     mg_wsc *wa = mg_wsc_connect_user(meshed[0]->ws_port, ann, T_MS, NULL);
@@ -404,8 +394,7 @@ Test(grpc_auth, peers_with_tokens_deliver_to_each_other, .timeout = 120)
      * its delivery fails (no Kafka to fall back to) with UNAUTHENTICATED. */
     meshed[2] = spawn_meshed(c_id, svc,
                              write_file("rogue-peer-tokens", "gw:rogue-peer-token-0123456789ab\n"));
-    n = 3;
-    cr_assert(mg_wait_until(all_see, &n, 15000), "the third gateway never joined");
+    cr_assert(mg_gw_wait_mesh(meshed, 3, 15000), "the third gateway never joined");
     mg_grpc_client *cc = mg_tc_client(meshed[2]->grpc_addr, API_TOKEN, NULL, NULL, NULL);
     send_until_routed(cc, bob, &status, &path, reason, sizeof(reason));
     cr_assert_neq(status, MESHGATE__V1__DELIVERY_STATUS__DELIVERY_STATUS_DELIVERED);
@@ -445,8 +434,7 @@ Test(grpc_auth, mtls_peers_are_discovered_and_deliver, .timeout = 120)
                               NULL};
         meshed[i] = spawn_meshed_with(ids[i], svc, tail);
     }
-    int n = 2;
-    cr_assert(mg_wait_until(all_see, &n, 20000),
+    cr_assert(mg_gw_wait_mesh(meshed, 2, 20000),
               "the TLS gateways never passed Consul's check / saw each other");
     mg_wsc *wb = mg_wsc_connect_user(meshed[1]->ws_port, bob, T_MS, NULL);
     cr_assert_not_null(wb);

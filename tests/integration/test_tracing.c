@@ -509,11 +509,8 @@ Test(tracing, one_trace_across_gateways_by_grpc_and_kafka, .timeout = 120)
     srand((unsigned)getpid());
     const char *otlp = mg_test_require_env("MESHGATE_TEST_JAEGER_OTLP");
     mg_gw *a = spawn("a", "eu", otlp), *b = spawn("b", "eu", otlp), *c = spawn("c", "us", otlp);
-    for (int i = 0; i < 200 && (mg_gw_peer_count(a) != 2 || mg_gw_peer_count(b) != 2 ||
-                                mg_gw_peer_count(c) != 2);
-         i++)
-        usleep(50000);
-    cr_assert_eq(mg_gw_peer_count(a), 2, "gateway a sees its two peers");
+    mg_gw *fleet[] = {a, b, c};
+    cr_assert(mg_gw_wait_mesh(fleet, 3, 10000), "the three gateways see each other");
     char near[64], far[64], tx[64];
     snprintf(near, sizeof(near), "%s-near", tag);
     snprintf(far, sizeof(far), "%s-far", tag);
@@ -773,11 +770,8 @@ Test(tracing, redis_pubsub_and_nats_carry_the_context, .timeout = 120)
                            NULL};
     mg_gw *d = spawn_with("d", eu, otlp, buses), *e = spawn_with("e", eu, otlp, buses),
           *f = spawn_with("f", us, otlp, buses);
-    for (int i = 0; i < 200 && (mg_gw_peer_count(d) != 2 || mg_gw_peer_count(e) != 2 ||
-                                mg_gw_peer_count(f) != 2);
-         i++)
-        usleep(50000);
-    cr_assert_eq(mg_gw_peer_count(d), 2, "gateway d sees its two peers");
+    mg_gw *fleet[] = {d, e, f};
+    cr_assert(mg_gw_wait_mesh(fleet, 3, 10000), "the three gateways see each other");
     char near[64], far[64];
     snprintf(near, sizeof(near), "%s-near", tag);
     snprintf(far, sizeof(far), "%s-far", tag);

@@ -400,6 +400,26 @@ int mg_gw_peer_count(const mg_gw *gw)
     return n;
 }
 
+typedef struct mesh {
+    mg_gw *const *gws;
+    int n;
+} mesh;
+
+static bool mesh_complete(void *arg)
+{
+    const mesh *m = arg;
+    for (int i = 0; i < m->n; i++)
+        if (mg_gw_peer_count(m->gws[i]) != m->n - 1)
+            return false;
+    return true;
+}
+
+bool mg_gw_wait_mesh(mg_gw *const *gws, int n, int timeout_ms)
+{
+    mesh m = {gws, n};
+    return mg_wait_until(mesh_complete, &m, timeout_ms);
+}
+
 bool mg_gw_peer_has_buses(const mg_gw *gw, const char *peer_id, const char *buses)
 {
     char *body = NULL;

@@ -82,6 +82,9 @@ bool mg_wait_until(bool (*cond)(void *arg), void *arg, int timeout_ms);
 bool mg_gw_wait_peer(const mg_gw *gw, const char *peer_id, int timeout_ms);
 /* How many peers gw's GET /peers counts, or -1 when it does not answer. */
 int mg_gw_peer_count(const mg_gw *gw);
+/* Waits up to timeout_ms until each of the n gateways gws counts n - 1
+ * peers (discovery has shown them to each other). Returns whether it did. */
+bool mg_gw_wait_mesh(mg_gw *const *gws, int n, int timeout_ms);
 /* Whether gw's GET /peers lists peer_id with exactly these buses (its
  * Consul meta, "grpc,kafka"). */
 bool mg_gw_peer_has_buses(const mg_gw *gw, const char *peer_id, const char *buses);
