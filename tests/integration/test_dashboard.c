@@ -231,10 +231,6 @@ Test(dashboard, promql_names_takes_metrics_only)
 
 Test(dashboard, every_panel_and_alert_names_an_exported_metric, .timeout = 120)
 {
-    const char *redis = mg_test_require_env("MESHGATE_TEST_REDIS_NODES");
-    const char *consul = mg_test_require_env("MESHGATE_TEST_CONSUL");
-    const char *kafka = mg_test_require_env("MESHGATE_TEST_KAFKA");
-
     /* The names, from the chart's files. */
     names ns = {0};
     char *text = read_file("helm/meshgate/files/dashboard.json");
@@ -273,25 +269,7 @@ Test(dashboard, every_panel_and_alert_names_an_exported_metric, .timeout = 120)
     snprintf(ida, sizeof(ida), "%s-a", tag);
     snprintf(idb, sizeof(idb), "%s-b", tag);
     snprintf(user, sizeof(user), "%s-user", tag);
-    const char *args[] = {"--presence",
-                          "redis-cluster",
-                          "--redis-nodes",
-                          redis,
-                          "--discovery",
-                          "consul",
-                          "--consul-addr",
-                          consul,
-                          "--consul-service",
-                          svc,
-                          "--consul-check-interval-seconds",
-                          "1",
-                          "--kafka-brokers",
-                          kafka,
-                          "--kafka-topic-prefix",
-                          topic,
-                          "--region",
-                          region,
-                          "--presence-sync", /* the multi-region panels' metrics */
+    const char *args[] = {"--presence-sync", /* the multi-region panels' metrics */
                           "true",
                           "--presence-sync-topic",
                           sync_topic,
@@ -300,9 +278,9 @@ Test(dashboard, every_panel_and_alert_names_an_exported_metric, .timeout = 120)
                           "--nats-url",
                           mg_test_require_env("MESHGATE_TEST_NATS"),
                           NULL};
-    mg_gw *a = mg_gw_spawn(ida, args);
+    mg_gw *a = mg_gw_spawn_fleet_kafka(ida, svc, region, topic, args);
     cr_assert_not_null(a, "gateway a did not become ready");
-    mg_gw *b = mg_gw_spawn(idb, args);
+    mg_gw *b = mg_gw_spawn_fleet_kafka(idb, svc, region, topic, args);
     cr_assert_not_null(b, "gateway b did not become ready");
     cr_assert(mg_gw_wait_peer(a, idb, 20000), "a never listed b as a peer");
     int http = 0;

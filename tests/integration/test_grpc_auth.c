@@ -320,48 +320,13 @@ Test(grpc_auth, mtls_client_certificates, .timeout = 60)
 
 /* ---- two gateways with peer tokens ----------------------------------------------- */
 
-static int peer_count(const mg_gw *gw)
-{
-    char *body = NULL;
-    int st = mg_http_get(gw->ws_port, "/peers", &body);
-    json_t *j = st == 200 && body ? json_loads(body, 0, NULL) : NULL;
-    free(body);
-    int n = j ? (int)json_integer_value(json_object_get(j, "count")) : -1;
-    json_decref(j);
-    return n;
-}
-
 static mg_gw *meshed[3];
 
-static bool all_see(void *arg)
-{
-    int n = *(int *)arg;
-    for (int i = 0; i < n; i++)
-        if (peer_count(meshed[i]) != n - 1)
-            return false;
-    return true;
-}
-
-/* A gateway with Redis presence and Consul discovery under service svc,
- * then the NULL-terminated auth arguments of tail. */
+/* A gateway of the fleet under service svc (region: the default), then the
+ * NULL-terminated auth arguments of tail. */
 static mg_gw *spawn_meshed_with(const char *id, const char *svc, const char *const *tail)
 {
-    const char *args[32] = {"--presence",
-                            "redis-cluster",
-                            "--redis-nodes",
-                            mg_test_require_env("MESHGATE_TEST_REDIS_NODES"),
-                            "--discovery",
-                            "consul",
-                            "--consul-addr",
-                            mg_test_require_env("MESHGATE_TEST_CONSUL"),
-                            "--consul-service",
-                            svc,
-                            "--consul-check-interval-seconds",
-                            "1"};
-    size_t n = 12;
-    for (size_t i = 0; tail[i] && n < 31; i++)
-        args[n++] = tail[i];
-    mg_gw *gw = mg_gw_spawn(id, args);
+    mg_gw *gw = mg_gw_spawn_fleet(id, svc, NULL, tail);
     cr_assert_not_null(gw, "gateway %s did not become ready", id);
     return gw;
 }
@@ -406,8 +371,7 @@ Test(grpc_auth, peers_with_tokens_deliver_to_each_other, .timeout = 120)
     const char *peers = peer_tokens();
     meshed[0] = spawn_meshed(a_id, svc, peers);
     meshed[1] = spawn_meshed(b_id, svc, peers);
-    int n = 2;
-    cr_assert(mg_wait_until(all_see, &n, 15000), "the gateways never saw each other");
+    cr_assert(mg_gw_wait_mesh(meshed, 2, 15000), "the gateways never saw each other");
 
     mg_wsc *wb = mg_wsc_connect_user(meshed[1]->ws_port, bob, T_MS, NULL);
     mg_wsc *wa = mg_wsc_connect_user(meshed[0]->ws_port, ann, T_MS, NULL);
@@ -430,8 +394,7 @@ Test(grpc_auth, peers_with_tokens_deliver_to_each_other, .timeout = 120)
      * its delivery fails (no Kafka to fall back to) with UNAUTHENTICATED. */
     meshed[2] = spawn_meshed(c_id, svc,
                              write_file("rogue-peer-tokens", "gw:rogue-peer-token-0123456789ab\n"));
-    n = 3;
-    cr_assert(mg_wait_until(all_see, &n, 15000), "the third gateway never joined");
+    cr_assert(mg_gw_wait_mesh(meshed, 3, 15000), "the third gateway never joined");
     mg_grpc_client *cc = mg_tc_client(meshed[2]->grpc_addr, API_TOKEN, NULL, NULL, NULL);
     send_until_routed(cc, bob, &status, &path, reason, sizeof(reason));
     cr_assert_neq(status, MESHGATE__V1__DELIVERY_STATUS__DELIVERY_STATUS_DELIVERED);
@@ -471,8 +434,7 @@ Test(grpc_auth, mtls_peers_are_discovered_and_deliver, .timeout = 120)
                               NULL};
         meshed[i] = spawn_meshed_with(ids[i], svc, tail);
     }
-    int n = 2;
-    cr_assert(mg_wait_until(all_see, &n, 20000),
+    cr_assert(mg_gw_wait_mesh(meshed, 2, 20000),
               "the TLS gateways never passed Consul's check / saw each other");
     mg_wsc *wb = mg_wsc_connect_user(meshed[1]->ws_port, bob, T_MS, NULL);
     cr_assert_not_null(wb);

@@ -61,33 +61,23 @@ static long peer_calls(const mg_gw *gw, const char *result)
 
 Test(inflight, thousands_of_sends_to_a_stuck_peer_finish_in_about_one_deadline, .timeout = 180)
 {
-    const char *redis = mg_test_require_env("MESHGATE_TEST_REDIS_NODES");
-    const char *consul = mg_test_require_env("MESHGATE_TEST_CONSUL");
     char svc[64], ida[32], idb[32], deadline[16];
     snprintf(svc, sizeof(svc), "meshgate-nc%d", (int)getpid());
     snprintf(ida, sizeof(ida), "nc%d-a", (int)getpid());
     snprintf(idb, sizeof(idb), "nc%d-b", (int)getpid());
     snprintf(deadline, sizeof(deadline), "%d", PEER_DEADLN);
-    const char *args[] = {"--presence",
-                          "redis-cluster",
-                          "--redis-nodes",
-                          redis,
-                          "--discovery",
-                          "consul",
-                          "--consul-addr",
-                          consul,
-                          "--consul-service",
-                          svc,
-                          "--region",
-                          "r1",
-                          "--peer-deadline-ms",
+    /* Consul's default 2 s check, not the fleet's 1 s: the stopped b fails
+     * its health check (and leaves a's peers) later. */
+    const char *args[] = {"--peer-deadline-ms",
                           deadline,
                           "--peer-max-inflight",
                           "4096",
+                          "--consul-check-interval-seconds",
+                          "2",
                           NULL};
-    mg_gw *a = mg_gw_spawn(ida, args);
+    mg_gw *a = mg_gw_spawn_fleet(ida, svc, "r1", args);
     cr_assert_not_null(a);
-    mg_gw *b = mg_gw_spawn(idb, args);
+    mg_gw *b = mg_gw_spawn_fleet(idb, svc, "r1", args);
     cr_assert_not_null(b);
     mg_wsc *bob = mg_wsc_connect_user(b->ws_port, "bob", 5000, NULL);
     cr_assert_not_null(bob);

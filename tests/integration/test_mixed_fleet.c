@@ -90,21 +90,7 @@ static const char *region_of(int g)
 
 static mg_gw *spawn(int g)
 {
-    const char *args[40] = {"--presence",
-                            "redis-cluster",
-                            "--redis-nodes",
-                            mg_test_require_env("MESHGATE_TEST_REDIS_NODES"),
-                            "--discovery",
-                            "consul",
-                            "--consul-addr",
-                            mg_test_require_env("MESHGATE_TEST_CONSUL"),
-                            "--consul-service",
-                            F.svc,
-                            "--consul-check-interval-seconds",
-                            "1",
-                            "--region",
-                            region_of(g),
-                            "--near-route",
+    const char *args[24] = {"--near-route",
                             "redis-pubsub,kafka,grpc,inbox",
                             "--far-route",
                             "kafka,redis-pubsub,grpc,inbox",
@@ -124,17 +110,12 @@ static mg_gw *spawn(int g)
     size_t n = 0;
     while (args[n])
         n++;
-    if (F.on_kafka[g]) {
-        args[n++] = "--kafka-brokers";
-        args[n++] = mg_test_require_env("MESHGATE_TEST_KAFKA");
-        args[n++] = "--kafka-topic-prefix";
-        args[n++] = F.topic;
-    } else {
+    if (!F.on_kafka[g]) { /* else Kafka, with the fleet's topic prefix */
         args[n++] = "--redis-pubsub";
         args[n++] = "true";
     }
-    args[n] = NULL;
-    mg_gw *gw = mg_gw_spawn(F.id[g], args);
+    mg_gw *gw =
+        mg_gw_spawn_fleet_kafka(F.id[g], F.svc, region_of(g), F.on_kafka[g] ? F.topic : NULL, args);
     cr_assert_not_null(gw, "gateway %s did not become ready", F.id[g]);
     return gw;
 }

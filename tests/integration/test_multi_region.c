@@ -24,47 +24,37 @@
 #include <string.h>
 #include <unistd.h>
 
-typedef struct region_args {
-    char svc[64], topic[64], sync[64], region[48];
-    const char *args[44];
-} region_args;
-
-static const char *const *gw_args(region_args *ra, const char *tag, const char *region,
-                                  const char *redis_env)
+/* The presence-replication topic of tag's fleet. */
+static void sync_topic(const char *tag, char *out, size_t len)
 {
-    snprintf(ra->svc, sizeof(ra->svc), "meshgate-%s", tag);
-    snprintf(ra->topic, sizeof(ra->topic), "meshgate.%s.", tag);
-    snprintf(ra->sync, sizeof(ra->sync), "meshgate.%s.presence", tag);
-    snprintf(ra->region, sizeof(ra->region), "%s", region);
-    const char *a[] = {"--presence",
-                       "redis-cluster",
-                       "--redis-nodes",
-                       mg_test_require_env(redis_env),
-                       "--presence-sync",
-                       "true",
-                       "--presence-sync-topic",
-                       ra->sync,
-                       "--discovery",
-                       "consul",
-                       "--consul-addr",
-                       mg_test_require_env("MESHGATE_TEST_CONSUL"),
-                       "--consul-service",
-                       ra->svc,
-                       "--kafka-brokers",
-                       mg_test_require_env("MESHGATE_TEST_KAFKA"),
-                       "--kafka-topic-prefix",
-                       ra->topic,
-                       "--kafka-partitions",
-                       "2",
-                       "--region",
-                       ra->region,
-                       "--hot-threshold",
-                       "3",
-                       "--presence-lease-seconds",
-                       "3",
-                       NULL};
-    memcpy(ra->args, a, sizeof(a));
-    return ra->args;
+    snprintf(out, len, "meshgate.%s.presence", tag);
+}
+
+/* Gateway tag-name of region in tag's fleet, with presence and inbox in the
+ * Redis Cluster of redis_env: the region's own. */
+static mg_gw *spawn(const char *tag, const char *name, const char *region, const char *redis_env)
+{
+    char svc[64], topic[64], sync[64], id[64];
+    snprintf(svc, sizeof(svc), "meshgate-%s", tag);
+    snprintf(topic, sizeof(topic), "meshgate.%s.", tag);
+    sync_topic(tag, sync, sizeof(sync));
+    snprintf(id, sizeof(id), "%s-%s", tag, name);
+    const char *args[] = {"--redis-nodes", /* the fleet's, or region b's cluster */
+                          mg_test_require_env(redis_env),
+                          "--presence-sync",
+                          "true",
+                          "--presence-sync-topic",
+                          sync,
+                          "--kafka-partitions",
+                          "2",
+                          "--hot-threshold",
+                          "3",
+                          "--presence-lease-seconds",
+                          "3",
+                          "--consul-check-interval-seconds", /* Consul's default */
+                          "2",
+                          NULL};
+    return mg_gw_spawn_fleet_kafka(id, svc, region, topic, args);
 }
 
 /* The view entry of user for region in the cluster of redis_env ("" when absent). */
@@ -189,14 +179,9 @@ Test(multi_region, far_paths_local_stores_and_the_home_inbox, .timeout = 240)
     snprintf(ra_name, sizeof(ra_name), "%sa", tag);
     snprintf(rb_name, sizeof(rb_name), "%sb", tag);
     snprintf(bob, sizeof(bob), "%s-bob", tag);
-    region_args aa, ab1, ab2;
-    char n1[64], n2[64], n3[64];
-    snprintf(n1, sizeof(n1), "%s-a1", tag);
-    snprintf(n2, sizeof(n2), "%s-b1", tag);
-    snprintf(n3, sizeof(n3), "%s-b2", tag);
-    mg_gw *a1 = mg_gw_spawn(n1, gw_args(&aa, tag, ra_name, "MESHGATE_TEST_REDIS_NODES"));
-    mg_gw *b1 = mg_gw_spawn(n2, gw_args(&ab1, tag, rb_name, "MESHGATE_TEST_REDIS_B_NODES"));
-    mg_gw *b2 = mg_gw_spawn(n3, gw_args(&ab2, tag, rb_name, "MESHGATE_TEST_REDIS_B_NODES"));
+    mg_gw *a1 = spawn(tag, "a1", ra_name, "MESHGATE_TEST_REDIS_NODES");
+    mg_gw *b1 = spawn(tag, "b1", rb_name, "MESHGATE_TEST_REDIS_B_NODES");
+    mg_gw *b2 = spawn(tag, "b2", rb_name, "MESHGATE_TEST_REDIS_B_NODES");
     cr_assert(a1 && b1 && b2);
     cr_assert(mg_gw_wait_peer(a1, b1->name, 20000), "a1 discovers b1");
     cr_assert(mg_gw_wait_peer(b2, b1->name, 20000), "b2 discovers b1");
@@ -311,10 +296,7 @@ Test(multi_region, late_repeated_and_bad_records_converge_to_the_newest, .timeou
     snprintf(tag, sizeof(tag), "mo%d", (int)getpid());
     snprintf(ra_name, sizeof(ra_name), "%sa", tag);
     snprintf(carol, sizeof(carol), "%s-carol", tag);
-    region_args aa;
-    char n1[64];
-    snprintf(n1, sizeof(n1), "%s-a1", tag);
-    mg_gw *a1 = mg_gw_spawn(n1, gw_args(&aa, tag, ra_name, "MESHGATE_TEST_REDIS_NODES"));
+    mg_gw *a1 = spawn(tag, "a1", ra_name, "MESHGATE_TEST_REDIS_NODES");
     cr_assert_not_null(a1);
 
     rd_kafka_conf_t *conf = rd_kafka_conf_new();
@@ -325,7 +307,8 @@ Test(multi_region, late_repeated_and_bad_records_converge_to_the_newest, .timeou
     rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, e, sizeof(e));
     cr_assert_not_null(rk, "%s", e);
     const char *rz = "zz";
-    char key[96], rec[512];
+    char key[96], rec[512], sync[64];
+    sync_topic(tag, sync, sizeof(sync));
     snprintf(key, sizeof(key), "%s/%s", rz, carol);
     /* Versions 5, 3 (late), 5 (repeated), garbage, 7, 6 (late): 7 wins. */
     static const struct {
@@ -340,7 +323,7 @@ Test(multi_region, late_repeated_and_bad_records_converge_to_the_newest, .timeou
                      "{\"user\":\"%s\",\"region\":\"%s\",\"version\":%d,\"at_ms\":%d,"
                      "\"gateways\":[\"%s\"]}",
                      carol, rz, seq[i].version, 1000 + seq[i].version, seq[i].gw);
-        produce(rk, aa.sync, key, rec);
+        produce(rk, sync, key, rec);
     }
     cr_assert_eq(rd_kafka_flush(rk, 10000), RD_KAFKA_RESP_ERR_NO_ERROR);
     rd_kafka_destroy(rk);
@@ -370,12 +353,8 @@ Test(multi_region, the_inbox_follows_the_user_to_another_region, .timeout = 180)
     snprintf(ra_name, sizeof(ra_name), "%sa", tag);
     snprintf(rb_name, sizeof(rb_name), "%sb", tag);
     snprintf(dave, sizeof(dave), "%s-dave", tag);
-    region_args aa, ab;
-    char n1[64], n2[64];
-    snprintf(n1, sizeof(n1), "%s-a1", tag);
-    snprintf(n2, sizeof(n2), "%s-b1", tag);
-    mg_gw *a1 = mg_gw_spawn(n1, gw_args(&aa, tag, ra_name, "MESHGATE_TEST_REDIS_NODES"));
-    mg_gw *b1 = mg_gw_spawn(n2, gw_args(&ab, tag, rb_name, "MESHGATE_TEST_REDIS_B_NODES"));
+    mg_gw *a1 = spawn(tag, "a1", ra_name, "MESHGATE_TEST_REDIS_NODES");
+    mg_gw *b1 = spawn(tag, "b1", rb_name, "MESHGATE_TEST_REDIS_B_NODES");
     cr_assert(a1 && b1);
     cr_assert(mg_gw_wait_peer(a1, b1->name, 20000), "a1 discovers b1");
 
@@ -457,12 +436,8 @@ Test(multi_region, a_region_store_outage_stays_in_its_region, .timeout = 240)
     snprintf(rb_name, sizeof(rb_name), "%sb", tag);
     snprintf(bob, sizeof(bob), "%s-bob", tag);
     snprintf(xena, sizeof(xena), "%s-xena", tag);
-    region_args aa, ab;
-    char n1[64], n2[64];
-    snprintf(n1, sizeof(n1), "%s-a1", tag);
-    snprintf(n2, sizeof(n2), "%s-b1", tag);
-    mg_gw *a1 = mg_gw_spawn(n1, gw_args(&aa, tag, ra_name, "MESHGATE_TEST_REDIS_NODES"));
-    mg_gw *b1 = mg_gw_spawn(n2, gw_args(&ab, tag, rb_name, "MESHGATE_TEST_REDIS_B_NODES"));
+    mg_gw *a1 = spawn(tag, "a1", ra_name, "MESHGATE_TEST_REDIS_NODES");
+    mg_gw *b1 = spawn(tag, "b1", rb_name, "MESHGATE_TEST_REDIS_B_NODES");
     cr_assert(a1 && b1);
     cr_assert(mg_gw_wait_peer(a1, b1->name, 20000), "a1 discovers b1");
     mg_redis_cluster *rca = cluster("MESHGATE_TEST_REDIS_NODES");

@@ -546,40 +546,18 @@ static int wsuser_count(wsuser *u, const char *id)
     return n;
 }
 
-/* A gateway of region with Redis presence, Consul discovery (service svc)
- * and the NATS bus; extra (NULL-terminated, up to 8) appended. */
+/* A gateway of region in the fleet under service svc, on the NATS bus;
+ * extra (NULL-terminated, up to 8) appended. */
 static mg_gw *spawn_gw(const char *id, const char *region, const char *svc, const char *nats_url,
                        const char *const *extra)
 {
-    const char *args[48];
-    int n = 0;
-    const char *fixed[] = {"--presence",
-                           "redis-cluster",
-                           "--redis-nodes",
-                           mg_test_require_env("MESHGATE_TEST_REDIS_NODES"),
-                           "--discovery",
-                           "consul",
-                           "--consul-addr",
-                           mg_test_require_env("MESHGATE_TEST_CONSUL"),
-                           "--consul-service",
-                           svc,
-                           "--consul-check-interval-seconds",
-                           "1",
-                           "--region",
-                           region,
-                           "--nats-url",
-                           nats_url,
-                           "--nats-ack-wait-ms",
-                           "3000",
-                           "--presence-lease-seconds",
-                           "5",
-                           NULL};
-    for (int i = 0; fixed[i]; i++)
-        args[n++] = fixed[i];
-    for (int i = 0; extra && extra[i] && n < 46; i++)
+    const char *args[16] = {
+        "--nats-url", nats_url, "--nats-ack-wait-ms", "3000", "--presence-lease-seconds", "5"};
+    int n = 6;
+    for (int i = 0; extra && extra[i] && n < 15; i++)
         args[n++] = extra[i];
     args[n] = NULL;
-    return mg_gw_spawn(id, args);
+    return mg_gw_spawn_fleet(id, svc, region, args);
 }
 
 Test(nats_gw, two_gateways_of_a_region_deliver_over_nats)

@@ -27,43 +27,11 @@ static mg_gw *spawn(const char *tag, const char *name, const char *region)
     snprintf(topic, sizeof(topic), "meshgate.%s.", tag);
     char id[64];
     snprintf(id, sizeof(id), "%s-%s", tag, name);
-    const char *args[] = {"--presence",
-                          "redis-cluster",
-                          "--redis-nodes",
-                          mg_test_require_env("MESHGATE_TEST_REDIS_NODES"),
-                          "--discovery",
-                          "consul",
-                          "--consul-addr",
-                          mg_test_require_env("MESHGATE_TEST_CONSUL"),
-                          "--consul-service",
-                          svc,
-                          "--consul-check-interval-seconds",
-                          "1",
-                          "--kafka-brokers",
-                          mg_test_require_env("MESHGATE_TEST_KAFKA"),
-                          "--kafka-topic-prefix",
-                          topic,
-                          "--region",
-                          region,
-                          "--hot-threshold",
-                          "1000000", /* every pair stays cold */
+    const char *cold[] = {"--hot-threshold", "1000000", /* every pair stays cold */
                           NULL};
-    mg_gw *gw = mg_gw_spawn(id, args);
+    mg_gw *gw = mg_gw_spawn_fleet_kafka(id, svc, region, topic, cold);
     cr_assert_not_null(gw, "gateway %s did not start", id);
     return gw;
-}
-
-static int peers_of(const mg_gw *gw)
-{
-    char *body = NULL;
-    int n = -1;
-    if (mg_http_get(gw->ws_port, "/peers", &body) == 200) {
-        json_t *j = json_loads(body, 0, NULL);
-        n = (int)json_integer_value(json_object_get(j, "count"));
-        json_decref(j);
-    }
-    free(body);
-    return n;
 }
 
 static mg_wsc *connect_user(const mg_gw *gw, const char *user)
@@ -120,9 +88,8 @@ Test(ordering_paths, grpc_and_kafka_keep_a_waiting_senders_order, .timeout = 240
     char tag[32];
     snprintf(tag, sizeof(tag), "op%d", (int)getpid());
     mg_gw *a = spawn(tag, "a", "eu"), *b = spawn(tag, "b", "eu"), *c = spawn(tag, "c", "us");
-    for (int i = 0; i < 200 && (peers_of(a) != 2 || peers_of(b) != 2 || peers_of(c) != 2); i++)
-        usleep(50000);
-    cr_assert_eq(peers_of(a), 2, "gateway a sees its two peers");
+    mg_gw *fleet[] = {a, b, c};
+    cr_assert(mg_gw_wait_mesh(fleet, 3, 10000), "the three gateways see each other");
 
     char near[64], far[64];
     snprintf(near, sizeof(near), "%s-near", tag);

@@ -61,6 +61,18 @@ static size_t conns_on(const char *user, const char *gwid)
     return n;
 }
 
+/* ws_open as user on gw, once presence (read as another gateway would)
+ * shows the connection on gw: within 5 s. */
+static int ws_open_seen(const mg_gw *gw, const char *user)
+{
+    int fd = ws_open(gw->ws_port, user);
+    int64_t t0 = mg_mono_ms();
+    while (conns_on(user, gw->name) == 0 && mg_mono_ms() - t0 < 5000)
+        usleep(50000);
+    cr_assert_eq(conns_on(user, gw->name), 1, "user never appeared in presence");
+    return fd;
+}
+
 static void setup(void)
 {
     char err[512];
@@ -98,11 +110,7 @@ Test(presence_cluster, sigkilled_gateway_vanishes_within_lease, .init = setup, .
                           NULL};
     mg_gw *gw = mg_gw_spawn(gwid, args);
     cr_assert_not_null(gw);
-    int fd = ws_open(gw->ws_port, user);
-    int64_t t0 = mg_mono_ms();
-    while (conns_on(user, gwid) == 0 && mg_mono_ms() - t0 < 5000)
-        usleep(50000);
-    cr_assert_eq(conns_on(user, gwid), 1, "user never appeared in presence");
+    int fd = ws_open_seen(gw, user);
     usleep(1500000); /* a few lease renewals go by: the user stays */
     cr_assert_eq(conns_on(user, gwid), 1, "user dropped while the gateway lives");
 
@@ -136,11 +144,7 @@ Test(presence_cluster, sigterm_removes_entries_at_once, .init = setup, .fini = t
                           mg_test_require_env("MESHGATE_TEST_REDIS_NODES"), NULL};
     mg_gw *gw = mg_gw_spawn(gwid, args);
     cr_assert_not_null(gw);
-    int fd = ws_open(gw->ws_port, user);
-    int64_t t0 = mg_mono_ms();
-    while (conns_on(user, gwid) == 0 && mg_mono_ms() - t0 < 5000)
-        usleep(50000);
-    cr_assert_eq(conns_on(user, gwid), 1);
+    int fd = ws_open_seen(gw, user);
     cr_assert_eq(mg_gw_stop(gw), 0, "gateway did not exit cleanly");
     /* lease is 30 s: only remove_gateway can explain an immediate absence */
     cr_assert_eq(conns_on(user, gwid), 0);

@@ -38,24 +38,25 @@
 
 static char tag[32];
 
-/* A gateway of region eu on the bus; more: further NULL-terminated flags
- * (later ones win). */
-static mg_gw *spawn_with(const char *who, const char *max_bytes, const char *const *more)
+/* A gateway of region eu on the bus, alone or (svc not NULL) one of svc's
+ * fleet on Consul; more: further NULL-terminated flags (later ones win). */
+static mg_gw *spawn_with(const char *who, const char *max_bytes, const char *svc,
+                         const char *const *more)
 {
     char id[64];
     snprintf(id, sizeof(id), "%s-%s", tag, who);
-    const char *args[40] = {"--presence",
+    const char *args[40] = {"--presence", /* these six a fleet gateway has already */
                             "redis-cluster",
                             "--redis-nodes",
                             mg_test_require_env("MESHGATE_TEST_REDIS_NODES"),
+                            "--region",
+                            "eu",
                             "--redis-pubsub",
                             "true",
                             "--redis-pubsub-max-bytes",
                             max_bytes ? max_bytes : "1048576",
                             "--near-route",
                             "redis-pubsub,inbox",
-                            "--region",
-                            "eu",
                             "--log-level",
                             "info",
                             "--outbound-queue", /* bob's inbox replay after the failover */
@@ -68,14 +69,14 @@ static mg_gw *spawn_with(const char *who, const char *max_bytes, const char *con
         n++;
     for (size_t i = 0; more && more[i] && n < 39; i++)
         args[n++] = more[i];
-    mg_gw *gw = mg_gw_spawn(id, args);
+    mg_gw *gw = svc ? mg_gw_spawn_fleet(id, svc, "eu", args + 6) : mg_gw_spawn(id, args);
     cr_assert_not_null(gw, "gateway %s did not become ready", id);
     return gw;
 }
 
 static mg_gw *spawn(const char *who, const char *max_bytes)
 {
-    return spawn_with(who, max_bytes, NULL);
+    return spawn_with(who, max_bytes, NULL, NULL);
 }
 
 /* The value of a /metrics sample `name{labels}` (0 when absent). */
@@ -624,21 +625,11 @@ Test(redis_pubsub, a_sender_takes_the_bus_only_to_gateways_that_consume_it)
     snprintf(svc, sizeof(svc), "meshgate-%s", tag);
     snprintf(bid, sizeof(bid), "%s-b", tag);
     snprintf(cid, sizeof(cid), "%s-c", tag);
-    const char *consul[14] = {"--discovery",
-                              "consul",
-                              "--consul-addr",
-                              mg_test_require_env("MESHGATE_TEST_CONSUL"),
-                              "--consul-service",
-                              svc,
-                              "--consul-check-interval-seconds",
-                              "1",
-                              "--near-route",
-                              "redis-pubsub,grpc,inbox",
-                              NULL};
-    mg_gw *a = spawn_with("a", NULL, consul), *b = spawn_with("b", NULL, consul);
-    consul[10] = "--redis-pubsub"; /* c stays off the bus */
-    consul[11] = "false";
-    mg_gw *c = spawn_with("c", NULL, consul);
+    const char *more[] = {"--near-route", "redis-pubsub,grpc,inbox", NULL, NULL, NULL};
+    mg_gw *a = spawn_with("a", NULL, svc, more), *b = spawn_with("b", NULL, svc, more);
+    more[2] = "--redis-pubsub"; /* c stays off the bus */
+    more[3] = "false";
+    mg_gw *c = spawn_with("c", NULL, svc, more);
     cr_assert(mg_gw_wait_peer(a, bid, 20000) && mg_gw_wait_peer(a, cid, 20000), "a lists b and c");
     cr_expect(mg_gw_peer_has_buses(a, bid, "grpc,redis-pubsub"), "b advertises the bus");
     cr_expect(mg_gw_peer_has_buses(a, cid, "grpc"), "c does not");
@@ -666,7 +657,7 @@ Test(redis_pubsub, a_sender_takes_the_bus_only_to_gateways_that_consume_it)
     user_disconnect(bob);
     cr_expect_eq(mg_gw_stop(b), 0, "b exits cleanly");
     mg_gw_free(b);
-    b = spawn_with("b", NULL, consul); /* now with --redis-pubsub false */
+    b = spawn_with("b", NULL, svc, more); /* now with --redis-pubsub false */
     user_connect(bob, b);
     pthread_join(th, NULL);
     bool moved = false;

@@ -44,55 +44,18 @@ static cluster C;
 
 static void cluster_start(const char *lease)
 {
-    const char *redis = mg_test_require_env("MESHGATE_TEST_REDIS_NODES");
-    const char *consul = mg_test_require_env("MESHGATE_TEST_CONSUL");
-    const char *kafka = mg_test_require_env("MESHGATE_TEST_KAFKA");
     snprintf(C.tag, sizeof(C.tag), "rt%d", (int)getpid());
     snprintf(C.svc, sizeof(C.svc), "meshgate-%s", C.tag);
     snprintf(C.topic, sizeof(C.topic), "meshgate.%s.", C.tag);
+    const char *args[] = {
+        "--hot-threshold", "5", "--presence-lease-seconds", lease, "--log-level", "info", NULL};
     for (int i = 0; i < NGW; i++) {
         snprintf(C.id[i], sizeof(C.id[i]), "%s-%s", C.tag, gw_short[i]);
-        const char *args[] = {"--presence",
-                              "redis-cluster",
-                              "--redis-nodes",
-                              redis,
-                              "--discovery",
-                              "consul",
-                              "--consul-addr",
-                              consul,
-                              "--consul-service",
-                              C.svc,
-                              "--consul-check-interval-seconds",
-                              "1",
-                              "--kafka-brokers",
-                              kafka,
-                              "--kafka-topic-prefix",
-                              C.topic,
-                              "--region",
-                              gw_region[i],
-                              "--hot-threshold",
-                              "5",
-                              "--presence-lease-seconds",
-                              lease,
-                              "--log-level",
-                              "info",
-                              NULL};
-        C.gw[i] = mg_gw_spawn(C.id[i], args);
+        C.gw[i] = mg_gw_spawn_fleet_kafka(C.id[i], C.svc, gw_region[i], C.topic, args);
         cr_assert_not_null(C.gw[i], "gateway %s did not become ready", C.id[i]);
         C.cli[i] = mg_grpc_client_create(C.gw[i]->grpc_addr, NULL);
         atomic_store(&C.alive[i], true);
     }
-}
-
-static int peer_count(int i)
-{
-    char *body = NULL;
-    int st = mg_http_get(C.gw[i]->ws_port, "/peers", &body);
-    json_t *j = st == 200 && body ? json_loads(body, 0, NULL) : NULL;
-    free(body);
-    int n = j ? (int)json_integer_value(json_object_get(j, "count")) : -1;
-    json_decref(j);
-    return n;
 }
 
 /* Whether gateway i's peer table lists peer id. */
@@ -119,7 +82,7 @@ static bool mesh_complete(void *arg)
 {
     (void)arg;
     for (int i = 0; i < NGW; i++)
-        if (atomic_load(&C.alive[i]) && peer_count(i) != NGW - 1)
+        if (atomic_load(&C.alive[i]) && mg_gw_peer_count(C.gw[i]) != NGW - 1)
             return false;
     return true;
 }

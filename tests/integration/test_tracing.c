@@ -62,45 +62,13 @@ static mg_gw *spawn_with(const char *name, const char *region, const char *otlp,
     snprintf(topic, sizeof(topic), "meshgate.%s.", tag);
     char id[64];
     snprintf(id, sizeof(id), "%s-%s", tag, name);
-    const char *args[] = {"--presence",
-                          "redis-cluster",
-                          "--redis-nodes",
-                          mg_test_require_env("MESHGATE_TEST_REDIS_NODES"),
-                          "--discovery",
-                          "consul",
-                          "--consul-addr",
-                          mg_test_require_env("MESHGATE_TEST_CONSUL"),
-                          "--consul-service",
-                          svc,
-                          "--consul-check-interval-seconds",
-                          "1",
-                          "--kafka-brokers",
-                          mg_test_require_env("MESHGATE_TEST_KAFKA"),
-                          "--kafka-topic-prefix",
-                          topic,
-                          "--region",
-                          region,
-                          "--hot-threshold",
-                          "1000000", /* every pair stays cold: far goes by Kafka */
-                          "--otlp-endpoint",
-                          otlp,
-                          "--trace-sample-ratio",
-                          "1",
-                          NULL,
-                          NULL,
-                          NULL,
-                          NULL,
-                          NULL,
-                          NULL,
-                          NULL,
-                          NULL,
-                          NULL};
-    size_t n = 0;
-    while (args[n])
-        n++;
+    const char *args[24] = {
+        "--hot-threshold", "1000000", /* every pair stays cold: far goes by Kafka */
+        "--otlp-endpoint", otlp,      "--trace-sample-ratio", "1"};
+    size_t n = 6;
     for (size_t i = 0; more && more[i] && n + 1 < sizeof(args) / sizeof(args[0]); i++)
         args[n++] = more[i];
-    mg_gw *gw = mg_gw_spawn(id, args);
+    mg_gw *gw = mg_gw_spawn_fleet_kafka(id, svc, region, topic, args);
     cr_assert_not_null(gw, "gateway %s did not start", id);
     return gw;
 }
@@ -118,19 +86,6 @@ static void stop_all(mg_gw **gws, int n)
         mg_gw_kill(gws[i], SIGTERM);
     for (int i = 0; i < n; i++)
         cr_expect_eq(mg_gw_stop(gws[i]), 0, "gateway %s did not exit cleanly", gws[i]->name);
-}
-
-static int peers_of(const mg_gw *gw)
-{
-    char *body = NULL;
-    int n = -1;
-    if (mg_http_get(gw->ws_port, "/peers", &body) == 200) {
-        json_t *j = json_loads(body, 0, NULL);
-        n = (int)json_integer_value(json_object_get(j, "count"));
-        json_decref(j);
-    }
-    free(body);
-    return n;
 }
 
 static mg_wsc *connect_user(const mg_gw *gw, const char *user)
@@ -554,9 +509,8 @@ Test(tracing, one_trace_across_gateways_by_grpc_and_kafka, .timeout = 120)
     srand((unsigned)getpid());
     const char *otlp = mg_test_require_env("MESHGATE_TEST_JAEGER_OTLP");
     mg_gw *a = spawn("a", "eu", otlp), *b = spawn("b", "eu", otlp), *c = spawn("c", "us", otlp);
-    for (int i = 0; i < 200 && (peers_of(a) != 2 || peers_of(b) != 2 || peers_of(c) != 2); i++)
-        usleep(50000);
-    cr_assert_eq(peers_of(a), 2, "gateway a sees its two peers");
+    mg_gw *fleet[] = {a, b, c};
+    cr_assert(mg_gw_wait_mesh(fleet, 3, 10000), "the three gateways see each other");
     char near[64], far[64], tx[64];
     snprintf(near, sizeof(near), "%s-near", tag);
     snprintf(far, sizeof(far), "%s-far", tag);
@@ -816,9 +770,8 @@ Test(tracing, redis_pubsub_and_nats_carry_the_context, .timeout = 120)
                            NULL};
     mg_gw *d = spawn_with("d", eu, otlp, buses), *e = spawn_with("e", eu, otlp, buses),
           *f = spawn_with("f", us, otlp, buses);
-    for (int i = 0; i < 200 && (peers_of(d) != 2 || peers_of(e) != 2 || peers_of(f) != 2); i++)
-        usleep(50000);
-    cr_assert_eq(peers_of(d), 2, "gateway d sees its two peers");
+    mg_gw *fleet[] = {d, e, f};
+    cr_assert(mg_gw_wait_mesh(fleet, 3, 10000), "the three gateways see each other");
     char near[64], far[64];
     snprintf(near, sizeof(near), "%s-near", tag);
     snprintf(far, sizeof(far), "%s-far", tag);

@@ -15,31 +15,15 @@
 #include <string.h>
 #include <unistd.h>
 
-static const char *const *gw_args(const char *tag, const char *region)
+/* Gateway tag-name of region, in tag's fleet. */
+static mg_gw *spawn(const char *tag, const char *name, const char *region)
 {
-    static char svc[64], topic[64];
-    static const char *args[32];
+    char svc[64], topic[64], id[64];
     snprintf(svc, sizeof(svc), "meshgate-%s", tag);
     snprintf(topic, sizeof(topic), "meshgate.%s.", tag);
-    const char *a[] = {"--presence",
-                       "redis-cluster",
-                       "--redis-nodes",
-                       mg_test_require_env("MESHGATE_TEST_REDIS_NODES"),
-                       "--discovery",
-                       "consul",
-                       "--consul-addr",
-                       mg_test_require_env("MESHGATE_TEST_CONSUL"),
-                       "--consul-service",
-                       svc,
-                       "--kafka-brokers",
-                       mg_test_require_env("MESHGATE_TEST_KAFKA"),
-                       "--kafka-topic-prefix",
-                       topic,
-                       "--region",
-                       region,
-                       NULL};
-    memcpy(args, a, sizeof(a));
-    return args;
+    snprintf(id, sizeof(id), "%s-%s", tag, name);
+    const char *default_check[] = {"--consul-check-interval-seconds", "2", NULL};
+    return mg_gw_spawn_fleet_kafka(id, svc, region, topic, default_check);
 }
 
 Test(unknown_region, queued_until_the_region_has_a_gateway, .timeout = 180)
@@ -51,9 +35,7 @@ Test(unknown_region, queued_until_the_region_has_a_gateway, .timeout = 180)
     snprintf(ghost, sizeof(ghost), "%s-ghost", tag);
     snprintf(id, sizeof(id), "%s-m1", tag);
 
-    char aid[64];
-    snprintf(aid, sizeof(aid), "%s-a", tag);
-    mg_gw *a = mg_gw_spawn(aid, gw_args(tag, "eu"));
+    mg_gw *a = spawn(tag, "a", "eu");
     cr_assert_not_null(a);
 
     /* Presence says bob is on a gateway nobody discovered, in a region
@@ -81,9 +63,7 @@ Test(unknown_region, queued_until_the_region_has_a_gateway, .timeout = 180)
      * connects to it: the queued message reaches him. */
     cr_assert_eq(ghost_presence->ops->remove_gateway(ghost_presence), 0);
     mg_presence_free(ghost_presence);
-    char mid[64];
-    snprintf(mid, sizeof(mid), "%s-m", tag);
-    mg_gw *m = mg_gw_spawn(mid, gw_args(tag, region));
+    mg_gw *m = spawn(tag, "m", region);
     cr_assert_not_null(m);
     mg_wsc *ws = mg_wsc_connect_user(m->ws_port, user, 5000, NULL);
     cr_assert_not_null(ws);

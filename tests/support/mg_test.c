@@ -274,8 +274,8 @@ mg_gw *mg_gw_spawn(const char *name, const char *const *extra)
     }
 }
 
-mg_gw *mg_gw_spawn_fleet(const char *name, const char *svc, const char *region,
-                         const char *const *extra)
+mg_gw *mg_gw_spawn_fleet_kafka(const char *name, const char *svc, const char *region,
+                               const char *topic_prefix, const char *const *extra)
 {
     const char *args[64] = {"--presence",
                             "redis-cluster",
@@ -288,16 +288,30 @@ mg_gw *mg_gw_spawn_fleet(const char *name, const char *svc, const char *region,
                             "--consul-service",
                             svc,
                             "--consul-check-interval-seconds",
-                            "1",
-                            "--region",
-                            region};
-    size_t n = 14;
+                            "1"};
+    size_t n = 12;
+    if (region) {
+        args[n++] = "--region";
+        args[n++] = region;
+    }
+    if (topic_prefix) {
+        args[n++] = "--kafka-brokers";
+        args[n++] = mg_test_require_env("MESHGATE_TEST_KAFKA");
+        args[n++] = "--kafka-topic-prefix";
+        args[n++] = topic_prefix;
+    }
     for (size_t i = 0; extra && extra[i]; i++) {
         cr_assert_lt(n, sizeof(args) / sizeof(args[0]) - 1, "too many arguments");
         args[n++] = extra[i];
     }
     args[n] = NULL;
     return mg_gw_spawn(name, args);
+}
+
+mg_gw *mg_gw_spawn_fleet(const char *name, const char *svc, const char *region,
+                         const char *const *extra)
+{
+    return mg_gw_spawn_fleet_kafka(name, svc, region, NULL, extra);
 }
 
 void mg_gw_kill(mg_gw *gw, int sig)
@@ -373,6 +387,37 @@ bool mg_gw_wait_peer(const mg_gw *gw, const char *peer_id, int timeout_ms)
             return listed;
         usleep(100 * 1000);
     }
+}
+
+int mg_gw_peer_count(const mg_gw *gw)
+{
+    char *body = NULL;
+    int st = mg_http_get(gw->ws_port, "/peers", &body);
+    json_t *j = st == 200 && body ? json_loads(body, 0, NULL) : NULL;
+    free(body);
+    int n = j ? (int)json_integer_value(json_object_get(j, "count")) : -1;
+    json_decref(j);
+    return n;
+}
+
+typedef struct mesh {
+    mg_gw *const *gws;
+    int n;
+} mesh;
+
+static bool mesh_complete(void *arg)
+{
+    const mesh *m = arg;
+    for (int i = 0; i < m->n; i++)
+        if (mg_gw_peer_count(m->gws[i]) != m->n - 1)
+            return false;
+    return true;
+}
+
+bool mg_gw_wait_mesh(mg_gw *const *gws, int n, int timeout_ms)
+{
+    mesh m = {gws, n};
+    return mg_wait_until(mesh_complete, &m, timeout_ms);
 }
 
 bool mg_gw_peer_has_buses(const mg_gw *gw, const char *peer_id, const char *buses)

@@ -40,10 +40,20 @@ typedef struct mg_gw {
 mg_gw *mg_gw_spawn(const char *name, const char *const *extra_args);
 /* As mg_gw_spawn, as one gateway of a fleet on the shared services: Redis
  * Cluster presence (MESHGATE_TEST_REDIS_NODES), Consul discovery
- * (MESHGATE_TEST_CONSUL) under service svc, a 1 s check interval, region,
- * then extra_args (NULL-terminated, may be NULL). */
+ * (MESHGATE_TEST_CONSUL) under service svc, a 1 s check interval, region
+ * (NULL: the gateway's default), then extra_args (NULL-terminated, may be
+ * NULL). The gateway takes the last of a repeated flag, so extra_args may
+ * override any of these (another cluster's --redis-nodes, Consul's default
+ * check interval). Gateways see each other only under the same svc: a
+ * per-test name keeps tests apart. The strings need live only for the call. */
 mg_gw *mg_gw_spawn_fleet(const char *name, const char *svc, const char *region,
                          const char *const *extra_args);
+/* mg_gw_spawn_fleet with the Kafka bus as well: --kafka-brokers
+ * (MESHGATE_TEST_KAFKA) and --kafka-topic-prefix topic_prefix (per test, so
+ * that no test reads another's topics), before extra_args. A NULL
+ * topic_prefix is mg_gw_spawn_fleet: no Kafka. */
+mg_gw *mg_gw_spawn_fleet_kafka(const char *name, const char *svc, const char *region,
+                               const char *topic_prefix, const char *const *extra_args);
 /* Like mg_gw_spawn but does not wait for readiness (for start-up failures). */
 mg_gw *mg_gw_spawn_nowait(const char *name, const char *const *extra_args);
 void mg_gw_kill(mg_gw *gw, int sig);
@@ -70,6 +80,11 @@ bool mg_wait_until(bool (*cond)(void *arg), void *arg, int timeout_ms);
 /* Waits up to timeout_ms until gw's GET /peers lists peer_id (Consul
  * discovery has made the peer path). Returns whether it did. */
 bool mg_gw_wait_peer(const mg_gw *gw, const char *peer_id, int timeout_ms);
+/* How many peers gw's GET /peers counts, or -1 when it does not answer. */
+int mg_gw_peer_count(const mg_gw *gw);
+/* Waits up to timeout_ms until each of the n gateways gws counts n - 1
+ * peers (discovery has shown them to each other). Returns whether it did. */
+bool mg_gw_wait_mesh(mg_gw *const *gws, int n, int timeout_ms);
 /* Whether gw's GET /peers lists peer_id with exactly these buses (its
  * Consul meta, "grpc,kafka"). */
 bool mg_gw_peer_has_buses(const mg_gw *gw, const char *peer_id, const char *buses);
