@@ -35,6 +35,17 @@ typedef struct local_attempt {
     char key[]; /* "<id>\n<recipient>", the dedupe pair */
 } local_attempt;
 
+/* Writes the dedupe pair "<id>\n<recipient>" (il: strlen(id)) at k;
+ * returns the byte after its NUL. */
+static char *pair_put(char *k, const char *id, size_t il, const char *to)
+{
+    size_t ul = strlen(to);
+    memcpy(k, id, il);
+    k[il] = '\n';
+    memcpy(k + il + 1, to, ul + 1);
+    return k + il + ul + 2;
+}
+
 static void finish(transport_local *tl, const char *key, uint32_t written, mg_deliver_done done,
                    void *arg)
 {
@@ -66,14 +77,12 @@ static int tl_deliver(mg_transport *t, const mg_route_target *target, const mg_m
     transport_local *tl = (transport_local *)t;
     if (!msg->id[0] || !msg->to[0])
         return -EINVAL;
-    size_t il = strlen(msg->id), ul = strlen(msg->to);
-    local_attempt *a = mg_xmalloc(sizeof(*a) + il + ul + 2);
+    size_t il = strlen(msg->id);
+    local_attempt *a = mg_xmalloc(sizeof(*a) + il + strlen(msg->to) + 2);
     a->tl = tl;
     a->done = done;
     a->arg = arg;
-    memcpy(a->key, msg->id, il);
-    a->key[il] = '\n';
-    memcpy(a->key + il + 1, msg->to, ul + 1);
+    pair_put(a->key, msg->id, il, msg->to);
     if (mg_dedupe_check_and_add(tl->dedupe, a->key)) {
         mg_metric_add(tl->duplicates, 1);
         free(a);
@@ -200,12 +209,8 @@ static int tl_deliver_batch(mg_transport *t, const mg_route_target *target, cons
     b->queued = mg_xmalloc(n * sizeof(*b->queued));
     char *k = (char *)(b->keys + n);
     for (size_t i = 0; i < n; i++) {
-        size_t ul = strlen(to[i]);
         b->keys[i] = k;
-        memcpy(k, msg->id, il);
-        k[il] = '\n';
-        memcpy(k + il + 1, to[i], ul + 1);
-        k += il + ul + 2;
+        k = pair_put(k, msg->id, il, to[i]);
         if (to[i][0] && mg_dedupe_check_and_add(tl->dedupe, b->keys[i])) {
             mg_metric_add(tl->duplicates, 1);
             b->out[i].status = MG_STATUS_DELIVERED;
