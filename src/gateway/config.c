@@ -232,6 +232,8 @@ int mg_config_validate(const mg_config *cfg, char *err, size_t errlen)
         FAIL("--max-user-bytes must be within 1..4096");
     if (cfg->inbox_memory_bytes < 1 || cfg->inbox_memory_users < 1)
         FAIL("--inbox-memory-bytes and --inbox-memory-users must be at least 1");
+    if (cfg->presence_cache_users < 0)
+        FAIL("--presence-cache-users must be >= 0");
     if (cfg->inbox_min_replicas > 64)
         FAIL("--inbox-min-replicas must be within 0..64");
     if (cfg->presence_sync && (!strcmp(cfg->presence, "memory") || !cfg->kafka_brokers[0]))

@@ -141,6 +141,11 @@
       "timeout of every Redis call")                                                               \
     X(INT, presence_lease_seconds, "presence-lease-seconds", "MESHGATE_PRESENCE_LEASE_SECONDS",    \
       "30", "s", "a crashed gateway's users vanish from presence within this lease")               \
+    X(INT, presence_cache_users, "presence-cache-users", "MESHGATE_PRESENCE_CACHE_USERS",          \
+      "100000", "users",                                                                           \
+      "Redis presence: users whose connections are kept in-process between sends, kept right by "  \
+      "Redis client-side caching (tracking); 0: every send reads Redis (not with "                 \
+      "--presence-sync)")                                                                          \
     X(BOOL, presence_sync, "presence-sync", "MESHGATE_PRESENCE_SYNC", "false", "",                 \
       "multi-region: --redis-nodes is this region's own cluster; presence changes are replicated " \
       "to the other regions through Kafka (needs --kafka-brokers)")                                \

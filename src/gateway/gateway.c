@@ -111,6 +111,11 @@ static int make_stores(mg_gateway *gw, mg_presence **presence, mg_inbox **inbox,
                             : "--inbox-max-messages must be at least 1");
         return -EIO;
     }
+    if (cfg->presence_cache_users > 0 && !cfg->presence_sync) {
+        int crc = mg_presence_redis_cache(*presence, (size_t)cfg->presence_cache_users);
+        if (crc != 0) /* sends still work: each reads Redis */
+            mg_log_warn("gateway", "presence cache off err=%d", crc);
+    }
     mg_log_info("gateway", "presence=%s nodes=%s lease_seconds=%lld", cfg->presence,
                 sentinel ? cfg->sentinel_nodes : cfg->redis_nodes,
                 (long long)cfg->presence_lease_seconds);

@@ -564,6 +564,20 @@ static void store_step(route_op *op, bool nonblocking, void (*run)(route_op *), 
  * instead of each holding a worker for its own. */
 static void lookup_enqueue(mg_router *r, route_op *first, route_op *last, size_t n);
 
+/* The presence cache's answer, routed here; false when it has none. Never
+ * for a second lookup: that one follows a gateway's NOT_CONNECTED, so it
+ * reads the store. */
+static bool cached_lookup(route_op *op)
+{
+    mg_presence *p = op->r->presence;
+    if (op->round != 0 || !p->ops->lookup_cached ||
+        p->ops->lookup_cached(p, op->msg->to, &op->conns) != 1)
+        return false;
+    op->presence_rc = 0;
+    op_route(op);
+    return true;
+}
+
 static void start_lookup(route_op *op)
 {
     mg_router *r = op->r;
@@ -572,6 +586,8 @@ static void start_lookup(route_op *op)
         lookup_run(op);
         return;
     }
+    if (cached_lookup(op))
+        return;
     op->lk_next = NULL;
     lookup_enqueue(r, op, op, 1);
 }
@@ -1115,11 +1131,13 @@ void mg_router_deliver_from_queue_many(mg_router *r, mg_msg *const *msgs, size_t
         route_op *op = op_new(r, msg, msg->to, deadline_ms, true, NULL);
         op->done = done;
         op->arg = args[i];
+        op->lookup_span = mg_span_start(&op->msg->trace, "presence lookup", MG_SPAN_INTERNAL, NULL);
         if (!queue) {
-            start_lookup(op);
+            lookup_run(op);
             continue;
         }
-        op->lookup_span = mg_span_start(&op->msg->trace, "presence lookup", MG_SPAN_INTERNAL, NULL);
+        if (cached_lookup(op))
+            continue;
         op->lk_next = NULL;
         if (last)
             last->lk_next = op;

@@ -55,6 +55,10 @@ struct mg_presence_ops {
     /* Every op is in memory and never blocks (the embedded default): the
      * WebSocket thread may then route its own sends without a hand-off. */
     bool nonblocking;
+    /* Answers from memory, never blocking, on any thread: 1 with the user's
+     * connections appended to out, 0 when it cannot (then call lookup).
+     * NULL: the backend has no cache. */
+    int (*lookup_cached)(mg_presence *p, const char *user, mg_presence_list *out);
 };
 
 struct mg_presence {

@@ -27,7 +27,9 @@
 #include "common/mg_alloc.h"
 #include "common/mg_log.h"
 #include "common/mg_map.h"
+#include "common/mg_metrics.h"
 #include "common/mg_time.h"
+#include "store/presence_cache.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -74,6 +76,8 @@ typedef struct presence_redis {
     mg_map *leases;     /* gateway id -> lease_entry* */
     pthread_mutex_t scratch_mu;
     scratch *scratch; /* idle ones (see scratch_take) */
+    mg_pcache *cache; /* NULL: no cache (mg_presence_redis_cache) */
+    mg_metric *cache_hits, *cache_misses;
 } presence_redis;
 
 static bool id_ok(const char *s)
@@ -168,6 +172,60 @@ static void local_clear(presence_redis *p)
     p->local = mg_map_create(64);
 }
 
+/* ---- the cache ----------------------------------------------------------- */
+
+/* This gateway's own writes are forgotten at once (Redis's word of them
+ * comes a moment later, on the tracking thread): a send right after a
+ * connect here must see it. */
+static void forget(presence_redis *p, const char *user)
+{
+    if (p->cache)
+        mg_pcache_forget(p->cache, user, strlen(user));
+}
+
+/* Redis's word that a key changed ("mg:p:{user}"), or of everything (NULL). */
+static void on_invalidate(void *arg, const char *key, size_t len)
+{
+    presence_redis *p = arg;
+    static const char prefix[] = "mg:p:{";
+    size_t pl = sizeof(prefix) - 1;
+    if (!key)
+        mg_pcache_forget(p->cache, NULL, 0);
+    else if (len > pl + 1 && !memcmp(key, prefix, pl) && key[len - 1] == '}')
+        mg_pcache_forget(p->cache, key + pl, len - pl - 1);
+}
+
+/* 1: gateway holds a live lease, 0: it does not, -1: not known here (the
+ * cache cannot answer without a PTTL). */
+static int lease_alive(void *arg, const char *gateway)
+{
+    presence_redis *p = arg;
+    int64_t now = mg_mono_ms();
+    pthread_mutex_lock(&p->mu);
+    lease_entry *le = mg_map_get(p->leases, gateway);
+    int a = le && now < le->alive_until ? 1 : le && now < le->dead_until ? 0 : -1;
+    pthread_mutex_unlock(&p->mu);
+    return a;
+}
+
+/* The reads of a lookup that may be kept: tickets taken before it, and the
+ * tracking epoch then (0: not to be kept). */
+typedef struct keep_plan {
+    uint64_t epoch;
+    mg_pcache_ticket *tickets;
+} keep_plan;
+
+static void keep_begin(presence_redis *p, const char *const *users, size_t n, keep_plan *kp)
+{
+    kp->epoch = p->cache ? mg_redis_cluster_track_epoch(p->rc) : 0;
+    kp->tickets = NULL;
+    if (!kp->epoch)
+        return;
+    kp->tickets = mg_xcalloc(n, sizeof(*kp->tickets));
+    for (size_t i = 0; i < n; i++)
+        mg_pcache_take_ticket(p->cache, users[i], &kp->tickets[i]);
+}
+
 /* ---- ops ----------------------------------------------------------------- */
 
 static int pr_connect(mg_presence *base, const char *user, const char *conn_id, int64_t now_ms)
@@ -188,6 +246,7 @@ static int pr_connect(mg_presence *base, const char *user, const char *conn_id, 
         pthread_mutex_lock(&p->mu);
         local_add(p, user, conn_id, now_ms);
         pthread_mutex_unlock(&p->mu);
+        forget(p, user);
     }
     mg_redis_batch_free(b);
     free(key);
@@ -209,6 +268,7 @@ static int pr_disconnect(mg_presence *base, const char *user, const char *conn_i
     int rv = mg_redis_cluster_command(p->rc, &r, key, "HDEL %s %s", key, conn_id);
     if (rv == 0 && r->type == REDIS_REPLY_ERROR)
         rv = -EIO;
+    forget(p, user); /* even on an error: the HDEL may have run */
     if (r)
         freeReplyObject(r);
     free(key);
@@ -372,6 +432,32 @@ static void scratch_give(presence_redis *p, scratch *sc)
     pthread_mutex_unlock(&p->scratch_mu);
 }
 
+/* Keeps each user's entries as read, when the epoch held over the read. */
+static void keep_end(presence_redis *p, const char *const *users, size_t n, const entry *es,
+                     size_t nes, keep_plan *kp, bool ok)
+{
+    if (ok && kp->epoch && kp->epoch == mg_redis_cluster_track_epoch(p->rc)) {
+        mg_pcache_conn small[8], *conns = small;
+        size_t cap = 8, e = 0;
+        for (size_t i = 0; i < n; i++) {
+            size_t k = 0;
+            for (; e < nes && es[e].user == i; e++, k++) {
+                if (k == cap) {
+                    cap *= 2;
+                    conns = conns == small
+                                ? memcpy(mg_xmalloc(cap * sizeof(*conns)), small, sizeof(small))
+                                : mg_xrealloc(conns, cap * sizeof(*conns));
+                }
+                conns[k] = (mg_pcache_conn){es[e].conn, es[e].gw, es[e].region, es[e].at};
+            }
+            mg_pcache_put(p->cache, users[i], &kp->tickets[i], conns, k);
+        }
+        if (conns != small)
+            free(conns);
+    }
+    free(kp->tickets);
+}
+
 /* Lookup of users[0..n) into outs[0..n). */
 static int lookup_many(presence_redis *p, const char *const *users, size_t n,
                        mg_presence_list *outs)
@@ -390,6 +476,8 @@ static int lookup_many(presence_redis *p, const char *const *users, size_t n,
         mg_redis_batch_add_argv(b, key, 2, argv, NULL);
         free(key);
     }
+    keep_plan kp;
+    keep_begin(p, users, n, &kp);
     int rv = mg_redis_cluster_exec(p->rc, b);
     size_t nes = 0; /* most users online hold one connection */
     if (sc->capes < n) {
@@ -418,6 +506,7 @@ static int lookup_many(presence_redis *p, const char *const *users, size_t n,
                 nes++;
         }
     }
+    keep_end(p, users, n, es, nes, &kp, rv == 0);
     bool *alive = NULL;
     if (rv == 0 && nes) {
         alive = mg_xcalloc(nes, sizeof(bool));
@@ -452,6 +541,18 @@ static int lookup_many(presence_redis *p, const char *const *users, size_t n,
 static int pr_lookup(mg_presence *base, const char *user, mg_presence_list *out)
 {
     return lookup_many((presence_redis *)base, &user, 1, out);
+}
+
+static int pr_lookup_cached(mg_presence *base, const char *user, mg_presence_list *out)
+{
+    presence_redis *p = (presence_redis *)base;
+    if (!p->cache)
+        return 0;
+    int hit = id_ok(user) && mg_redis_cluster_track_epoch(p->rc) &&
+              mg_redis_cluster_track_quiet(p->rc) &&
+              mg_pcache_get(p->cache, user, lease_alive, p, out);
+    mg_metric_add(hit ? p->cache_hits : p->cache_misses, 1);
+    return hit;
 }
 
 static int pr_lookup_batch(mg_presence *base, const char *const *users, size_t n,
@@ -581,6 +682,10 @@ static int pr_remove_gateway(mg_presence *base)
 static void pr_free(mg_presence *base)
 {
     presence_redis *p = (presence_redis *)base;
+    if (p->cache) {
+        mg_redis_cluster_untrack(p->rc);
+        mg_pcache_free(p->cache);
+    }
     local_clear(p);
     mg_map_free(p->local);
     const char *k;
@@ -607,6 +712,7 @@ static const struct mg_presence_ops presence_redis_ops = {
     .disconnect = pr_disconnect,
     .lookup = pr_lookup,
     .lookup_batch = pr_lookup_batch,
+    .lookup_cached = pr_lookup_cached,
     .renew = pr_renew,
     .remove_gateway = pr_remove_gateway,
     .free = pr_free,
@@ -641,4 +747,24 @@ mg_presence *mg_presence_redis_create(mg_redis_cluster *rc, const char *gateway_
     mg_log_info("presence", "redis presence ready gateway=%s region=%s lease_s=%d", p->gw,
                 p->region, p->lease_s);
     return &p->base;
+}
+
+int mg_presence_redis_cache(mg_presence *base, size_t max_users)
+{
+    presence_redis *p = (presence_redis *)base;
+    if (!p || base->ops != &presence_redis_ops || max_users == 0 || p->cache)
+        return -EINVAL;
+    p->cache = mg_pcache_create(max_users);
+    p->cache_hits = mg_counter("meshgate_presence_cache_hits_total",
+                               "Presence lookups answered from the in-process cache", NULL);
+    p->cache_misses = mg_counter("meshgate_presence_cache_misses_total",
+                                 "Presence lookups the in-process cache could not answer", NULL);
+    int rv = mg_redis_cluster_track(p->rc, on_invalidate, p);
+    if (rv != 0) {
+        mg_pcache_free(p->cache);
+        p->cache = NULL;
+        return rv;
+    }
+    mg_log_info("presence", "presence cache on max_users=%zu", max_users);
+    return 0;
 }

@@ -38,7 +38,7 @@
  * started before the deadline was known to be short, bounded by the same
  * socket timeouts); replies come back in the order commands were added.
  */
-#include "store/redis_cluster.h"
+#include "store/redis_cluster_internal.h"
 
 #include "common/mg_alloc.h"
 #include "common/mg_log.h"
@@ -59,42 +59,6 @@
 #define MG_RC_MAX_ROUNDS          32     /* redirection/retry rounds per call */
 #define MG_RC_HOST_MAX            256
 #define MG_RC_SENTINEL_RECHECK_US 2000000 /* Sentinel mode: re-ask for the primary every 2 s */
-
-typedef struct rc_node {
-    char *host;
-    int port;
-    char *name; /* "host:port" */
-    pthread_mutex_t mu;
-    redisContext *idle[MG_REDIS_POOL_IDLE];
-    int nidle;
-    atomic_bool down; /* last connect failed (for logging transitions) */
-    bool sentinel;    /* a Sentinel: no AUTH */
-} rc_node;
-
-struct mg_redis_cluster {
-    char *user, *password;
-    int timeout_ms;
-    pthread_rwlock_t lock;
-    rc_node **nodes;
-    size_t nnodes, capnodes;
-    int16_t slots[MG_REDIS_SLOTS]; /* node index, -1 when unknown */
-    pthread_mutex_t refresh_mu;
-    atomic_llong last_refresh_us;
-    atomic_bool need_refresh;
-    atomic_uint refresh_rr; /* round-robin start for refresh */
-    atomic_ullong st_commands, st_moved, st_ask, st_refreshes, st_reconnects, st_io_errors,
-        st_retries;
-    /* Sentinel mode (master_name set): the Sentinels, asked in turn; primary
-     * is the node index every slot maps to (-1 before the first answer). */
-    char *master_name;
-    rc_node **sentinels;
-    size_t nsentinels;
-    int primary;
-    /* The "redis-sentinel" thread: SUBSCRIBE +switch-master on one Sentinel. */
-    pthread_t sub_thread;
-    bool sub_started;
-    atomic_bool sub_stop;
-};
 
 typedef struct rc_cmd {
     bool keyed; /* false: any master */
@@ -294,8 +258,8 @@ void mg_redis_reader_bound(redisReader *reader)
 }
 
 /* Opens a connection to n within the deadline and authenticates it. */
-static redisContext *conn_open(mg_redis_cluster *rc, rc_node *n, int64_t deadline_us, int *err,
-                               char *msg, size_t msglen)
+redisContext *mg_rc_conn_open(mg_redis_cluster *rc, rc_node *n, int64_t deadline_us, int *err,
+                              char *msg, size_t msglen)
 {
     int64_t left = deadline_us - mg_mono_us();
     if (left <= 0) {
@@ -344,22 +308,28 @@ fail:
     return NULL;
 }
 
+/* A pooled connection to n, or a new one; *track: the tracking redirect it
+ * has on (0: none), to be given back with it. */
 static redisContext *conn_take(mg_redis_cluster *rc, rc_node *n, int64_t deadline_us, int *err,
-                               char *msg, size_t msglen)
+                               char *msg, size_t msglen, long long *track)
 {
     redisContext *c = NULL;
+    *track = 0;
     pthread_mutex_lock(&n->mu);
-    if (n->nidle > 0)
-        c = n->idle[--n->nidle];
+    if (n->nidle > 0) {
+        n->nidle--;
+        c = n->idle[n->nidle];
+        *track = n->idle_track[n->nidle];
+    }
     pthread_mutex_unlock(&n->mu);
     if (c) {
         redisSetTimeout(c, tv_of_us(deadline_us - mg_mono_us()));
         return c;
     }
-    return conn_open(rc, n, deadline_us, err, msg, msglen);
+    return mg_rc_conn_open(rc, n, deadline_us, err, msg, msglen);
 }
 
-static void conn_give(rc_node *n, redisContext *c)
+static void conn_give(rc_node *n, redisContext *c, long long track)
 {
     if (!c)
         return;
@@ -369,6 +339,7 @@ static void conn_give(rc_node *n, redisContext *c)
     }
     pthread_mutex_lock(&n->mu);
     if (n->nidle < MG_REDIS_POOL_IDLE) {
+        n->idle_track[n->nidle] = track;
         n->idle[n->nidle++] = c;
         c = NULL;
     }
@@ -384,7 +355,8 @@ static int refresh_from(mg_redis_cluster *rc, rc_node *n, int64_t deadline_us, c
                         size_t msglen)
 {
     int err = 0;
-    redisContext *c = conn_take(rc, n, deadline_us, &err, msg, msglen);
+    long long track;
+    redisContext *c = conn_take(rc, n, deadline_us, &err, msg, msglen, &track);
     if (!c)
         return err;
     redisReply *r = redisCommand(c, "CLUSTER SLOTS");
@@ -395,7 +367,7 @@ static int refresh_from(mg_redis_cluster *rc, rc_node *n, int64_t deadline_us, c
         redisFree(c);
         return err;
     }
-    conn_give(n, c);
+    conn_give(n, c, track);
     if (r->type != REDIS_REPLY_ARRAY) {
         snprintf(msg, msglen, "%s: CLUSTER SLOTS: %.*s", n->name,
                  r->type == REDIS_REPLY_ERROR ? (int)r->len : 14,
@@ -450,7 +422,8 @@ static int node_ask(mg_redis_cluster *rc, rc_node *n, int64_t deadline_us, redis
                     char *msg, size_t msglen, const char *fmt, ...)
 {
     int err = 0;
-    redisContext *c = conn_take(rc, n, deadline_us, &err, msg, msglen);
+    long long track;
+    redisContext *c = conn_take(rc, n, deadline_us, &err, msg, msglen, &track);
     if (!c)
         return err;
     va_list ap;
@@ -465,7 +438,7 @@ static int node_ask(mg_redis_cluster *rc, rc_node *n, int64_t deadline_us, redis
         atomic_fetch_add(&rc->st_io_errors, 1);
         return err;
     }
-    conn_give(n, c);
+    conn_give(n, c, track);
     return 0;
 }
 
@@ -794,6 +767,7 @@ void mg_redis_cluster_free(mg_redis_cluster *rc)
 {
     if (!rc)
         return;
+    mg_redis_cluster_untrack(rc);
     if (rc->sub_started) { /* it wakes every 200 ms (or within one Redis timeout) */
         atomic_store(&rc->sub_stop, true);
         pthread_join(rc->sub_thread, NULL);
@@ -828,7 +802,9 @@ void mg_redis_cluster_stats_get(mg_redis_cluster *rc, mg_redis_cluster_stats *ou
 struct rc_group {
     rc_node *node;
     redisContext *c;
-    size_t *idx; /* indices into the command array, in order */
+    long long track;    /* the tracking redirect c has on (0: none) */
+    long long track_to; /* nonzero: CLIENT TRACKING on REDIRECT this, first */
+    size_t *idx;        /* indices into the command array, in order */
     size_t n, cap;
     int err;
 };
@@ -862,8 +838,17 @@ static int group_write(rc_groups *gs, rc_group *gr, rc_cmd *cmds, char *msg, siz
 {
     const char *buf = cmds[gr->idx[0]].buf;
     size_t len = (size_t)cmds[gr->idx[0]].len;
-    if (gr->n > 1 || cmds[gr->idx[0]].ask) {
+    if (gr->n > 1 || cmds[gr->idx[0]].ask || gr->track_to) {
         len = 0;
+        if (gr->track_to) {
+            char id[24], track[96];
+            int idlen = snprintf(id, sizeof(id), "%lld", gr->track_to);
+            int tl = snprintf(track, sizeof(track),
+                              "*5\r\n$6\r\nCLIENT\r\n$8\r\nTRACKING\r\n$2\r\non\r\n"
+                              "$8\r\nREDIRECT\r\n$%d\r\n%s\r\n",
+                              idlen, id);
+            wbuf_put(gs, &len, track, (size_t)tl);
+        }
         for (size_t k = 0; k < gr->n; k++) {
             rc_cmd *cmd = &cmds[gr->idx[k]];
             if (cmd->ask)
@@ -949,6 +934,34 @@ static void wait_replicas(rc_group *gr, rc_cmd *cmds, int64_t deadline)
     }
 }
 
+/* A group's connection failed: closed, with why in msg. */
+static void group_io_error(rc_group *gr, char *msg, size_t msglen)
+{
+    gr->err = ctx_errno(gr->c, errno);
+    snprintf(msg, msglen, "%s: %s", gr->node->name, gr->c->errstr);
+    redisFree(gr->c);
+    gr->c = NULL;
+}
+
+/* Reads the answer to the CLIENT TRACKING that group_write put first. A
+ * refusal (the subscription it names just went away) leaves the reads
+ * untracked, and says so. false on an I/O error. */
+static bool track_reply(mg_redis_cluster *rc, rc_group *gr)
+{
+    redisReply *r = NULL;
+    if (redisGetReply(gr->c, (void **)&r) != REDIS_OK)
+        return false;
+    if (r->type == REDIS_REPLY_ERROR) {
+        mg_log_debug("redis", "tracking refused node=%s err=\"%s\"", gr->node->name, r->str);
+        mg_rc_track_untracked(rc);
+        gr->track = 0;
+    } else {
+        gr->track = gr->track_to;
+    }
+    freeReplyObject(r);
+    return true;
+}
+
 /* Runs cmds[0..n) (status 1 = pending) until each has a reply or the
  * deadline passes. gs: the groups' room, kept by the caller (grown here). */
 static int run(mg_redis_cluster *rc, rc_cmd *cmds, size_t n, rc_groups *gs)
@@ -1013,9 +1026,17 @@ static int run(mg_redis_cluster *rc, rc_cmd *cmds, size_t n, rc_groups *gs)
         /* write every group */
         for (size_t g = 0; g < ngroups; g++) {
             rc_group *gr = &groups[g];
-            gr->c = conn_take(rc, gr->node, deadline, &gr->err, msg, sizeof(msg));
+            gr->c = conn_take(rc, gr->node, deadline, &gr->err, msg, sizeof(msg), &gr->track);
             if (!gr->c)
                 continue;
+            gr->track_to = 0;
+            if (atomic_load(&rc->track)) { /* reads on it must be tracked, or said not to be */
+                long long want = atomic_load(&gr->node->track_id);
+                if (!want)
+                    mg_rc_track_untracked(rc);
+                else if (want != gr->track)
+                    gr->track_to = want;
+            }
             atomic_fetch_add(&rc->st_commands, gr->n);
             int err = group_write(gs, gr, cmds, msg, sizeof(msg));
             if (err) {
@@ -1028,6 +1049,8 @@ static int run(mg_redis_cluster *rc, rc_cmd *cmds, size_t n, rc_groups *gs)
         /* read every group */
         for (size_t g = 0; g < ngroups; g++) {
             rc_group *gr = &groups[g];
+            if (gr->c && gr->track_to && !track_reply(rc, gr))
+                group_io_error(gr, msg, sizeof(msg));
             for (size_t k = 0; gr->c && k < gr->n; k++) {
                 rc_cmd *cmd = &cmds[gr->idx[k]];
                 redisReply *r = NULL;
@@ -1073,15 +1096,12 @@ static int run(mg_redis_cluster *rc, rc_cmd *cmds, size_t n, rc_groups *gs)
                 cmd->status = 0;
                 continue;
             io_error:
-                gr->err = ctx_errno(gr->c, errno);
-                snprintf(msg, sizeof(msg), "%s: %s", gr->node->name, gr->c->errstr);
-                redisFree(gr->c);
-                gr->c = NULL;
+                group_io_error(gr, msg, sizeof(msg));
             }
             if (gr->c)
                 wait_replicas(gr, cmds, deadline);
             if (gr->c) {
-                conn_give(gr->node, gr->c);
+                conn_give(gr->node, gr->c, gr->track);
                 gr->c = NULL;
             } else if (gr->err) {
                 atomic_fetch_add(&rc->st_io_errors, 1);

@@ -29,6 +29,7 @@
 #define MG_REDIS_CLUSTER_H
 
 #include <hiredis/hiredis.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -144,6 +145,31 @@ int mg_redis_cluster_refresh(mg_redis_cluster *rc);
 
 /* "host:port" of the master serving slot, or "" when unknown, into buf. */
 void mg_redis_cluster_slot_owner(mg_redis_cluster *rc, unsigned slot, char *buf, size_t len);
+
+/* Server-assisted client-side caching (Redis tracking, RESP2 redirect mode;
+ * redis_track.c).
+ *
+ * _track starts one thread, "redis-track", that holds a connection to every
+ * master of the slot map, subscribed to __redis__:invalidate. Every
+ * connection this client then sends commands on has CLIENT TRACKING on,
+ * redirected to its master's subscription, so Redis tells of each later
+ * change to a key read through it: fn(arg, key, len) runs on that thread
+ * for each changed key, and fn(arg, NULL, 0) when everything read so far
+ * must be forgotten (Redis flushed, a subscription was lost, a master left
+ * the slot map).
+ * A reader may keep what it read only when _track_epoch gave the same
+ * nonzero value before the read and after it (0: some master has no
+ * subscription yet, so reads are not all tracked), and forgets it on fn.
+ * _track_quiet: no invalidation has reached this process unapplied (none
+ * waits on a subscription's socket, none is being applied): a kept value
+ * may be used. Both may be called from any thread and never block.
+ * _untrack stops the thread (fn is not called after it returns); _free
+ * does it too. _track returns -EALREADY when tracking already runs. */
+typedef void (*mg_redis_inval_fn)(void *arg, const char *key, size_t len);
+int mg_redis_cluster_track(mg_redis_cluster *rc, mg_redis_inval_fn fn, void *arg);
+void mg_redis_cluster_untrack(mg_redis_cluster *rc);
+uint64_t mg_redis_cluster_track_epoch(mg_redis_cluster *rc);
+bool mg_redis_cluster_track_quiet(mg_redis_cluster *rc);
 
 /* CRC16 (XMODEM, as Redis Cluster) and the hash slot of a key, honouring the
  * first non-empty {hash tag}. */

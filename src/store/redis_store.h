@@ -36,6 +36,19 @@
 mg_presence *mg_presence_redis_create(mg_redis_cluster *rc, const char *gateway_id,
                                       const char *region, int lease_seconds);
 
+/* Keeps looked-up users' connections in-process (up to max_users, > 0),
+ * told of every change by Redis itself (client-side caching with tracking,
+ * redis_cluster.h: one subscription per master on the "redis-track"
+ * thread), and answers lookup_cached from them without blocking. Plain
+ * lookups always read Redis (and refresh the cache). Connects and
+ * disconnects through p are forgotten at once; another gateway's reach p
+ * when Redis says so, before any later read here could see them. Whenever
+ * tracking lapses (a subscription lost, a master not yet subscribed),
+ * everything is forgotten and nothing is kept until it is back.
+ * At most one cache per mg_redis_cluster. 0, or -EINVAL / -EALREADY /
+ * -errno. */
+int mg_presence_redis_cache(mg_presence *p, size_t max_users);
+
 /* The offline inbox in Redis Cluster.
  *
  *   mg:i:{<user>}   sorted set of message ids, score = arrival order

@@ -214,11 +214,29 @@ static int slow_batch(mg_presence *p, const char *const *users, size_t n, mg_pre
     return tp_batch(p, users, n, outs);
 }
 
-static const struct mg_presence_ops slow_ops = {
-    "slow-table", tp_conn, tp_disc, slow_lookup, slow_batch, tp_noop, tp_noop, tp_free, false};
+static const struct mg_presence_ops slow_ops = {"slow-table", tp_conn, tp_disc, slow_lookup,
+                                                slow_batch,   tp_noop, tp_noop, tp_free,
+                                                false,        NULL};
+
+/* The slow store with a cache in front that knows every user but the
+ * offline ones (so stale-* comes from the cache, as a stale entry would). */
+static atomic_int cache_hits;
+
+static int cached_lookup(mg_presence *p, const char *user, mg_presence_list *out)
+{
+    if (!strncmp(user, "off-", 4))
+        return 0;
+    atomic_fetch_add(&cache_hits, 1);
+    tp_lookup(p, user, out);
+    return 1;
+}
+
+static const struct mg_presence_ops cached_ops = {
+    "cached-table", tp_conn, tp_disc, slow_lookup, slow_batch,
+    tp_noop,        tp_noop, tp_free, false,       cached_lookup};
 
 static const struct mg_presence_ops tp_ops = {"table", tp_conn, tp_disc, tp_lookup, tp_batch,
-                                              tp_noop, tp_noop, tp_free, true};
+                                              tp_noop, tp_noop, tp_free, true,      NULL};
 
 /* ---- scripted transports that answer later ---- */
 
@@ -523,11 +541,11 @@ Test(route_op, a_failed_batch_call_falls_back_per_recipient)
 
 /* Replaces the router by one whose presence store blocks (slow_ops) and
  * whose lookups run on pool. */
-static void slow_router(mg_pool *pool, size_t max_inflight)
+static void presence_router(const struct mg_presence_ops *ops, mg_pool *pool, size_t max_inflight)
 {
     mg_router_free(router);
     mg_presence *p = mg_xcalloc(1, sizeof(mg_presence));
-    p->ops = &slow_ops;
+    p->ops = ops;
     mg_router_config cfg = {.gateway_id = "gw-a",
                             .region = "eu",
                             .hot_window_seconds = 10,
@@ -537,7 +555,49 @@ static void slow_router(mg_pool *pool, size_t max_inflight)
                             .max_inflight = max_inflight};
     mg_local_sink sink = {.deliver = sink_deliver, .disconnect = sink_disconnect, .arg = NULL};
     router = mg_router_create(&cfg, p, mg_inbox_memory_create(100, 3600), &sink, pool);
+    mg_router_set_transport(router, MG_PATH_GRPC, &grpc_t.base);
+    mg_router_set_transport(router, MG_PATH_KAFKA, &kafka_t.base);
     atomic_store(&round_trips, 0);
+    atomic_store(&cache_hits, 0);
+}
+
+static void slow_router(mg_pool *pool, size_t max_inflight)
+{
+    presence_router(&slow_ops, pool, max_inflight);
+}
+
+/* A cached answer is routed without a store round trip; a second lookup
+ * after a peer's NOT_CONNECTED reads the store; a miss reads it too. */
+Test(route_op, the_presence_cache_answers_first_lookups_only)
+{
+    mg_pool *pool = mg_pool_create("store", 2, 100);
+    presence_router(&cached_ops, pool, 0);
+    mg_send_result res;
+    mg_msg *m = msg("c1", "peer-bob");
+    cr_assert_eq(mg_wait_send(router, m, later(), &res), 0);
+    cr_assert_eq(res.status, MG_STATUS_DELIVERED, "%d %s", res.status, res.reason);
+    cr_assert_eq(atomic_load(&round_trips), 0, "answered from the cache");
+    cr_assert_eq(atomic_load(&cache_hits), 1);
+    mg_msg_free(m);
+
+    m = msg("c2", "stale-bob");
+    cr_assert_eq(mg_wait_send(router, m, later(), &res), 0);
+    cr_assert_eq(res.status, MG_STATUS_STORED);
+    cr_assert_eq(atomic_load(&cache_hits), 2, "the second lookup never asks the cache");
+    cr_assert_eq(atomic_load(&round_trips), 2,
+                 "it reads the store (and so does the live copy "
+                 "after the inbox write)");
+    cr_assert_eq(atomic_load(&grpc_t.calls), 3);
+    mg_msg_free(m);
+
+    m = msg("c3", "off-bob");
+    cr_assert_eq(mg_wait_send(router, m, later(), &res), 0);
+    cr_assert_eq(res.status, MG_STATUS_STORED);
+    cr_assert_eq(atomic_load(&round_trips), 4, "a miss reads the store");
+    mg_msg_free(m);
+    mg_router_free(router);
+    mg_pool_free(pool);
+    router = make_router(0);
 }
 
 /* A store that blocks: lookups go through the pool and share round trips. */

@@ -233,7 +233,7 @@ static void rp_free(mg_presence *p)
 }
 
 static const struct mg_presence_ops rp_ops = {"remote", rp_conn, rp_disc, rp_lookup, rp_batch,
-                                              rp_noop,  rp_noop, rp_free, false};
+                                              rp_noop,  rp_noop, rp_free, false,     NULL};
 
 static mg_router *routed_router(const char *gw, const char *region, const mg_route_lists *routes)
 {

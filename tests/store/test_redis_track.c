@@ -1,0 +1,204 @@
+/* Integration tests of redis_track.c and the presence cache of
+ * presence_redis.c against the real Redis Cluster: another gateway's
+ * connect and disconnect reach the cache through Redis's invalidations, this
+ * gateway's own at once; offline users are kept and told of too; a lost
+ * subscription forgets everything and tracking comes back by itself. */
+#include "common/mg_alloc.h"
+#include "store/redis_store.h"
+#include "test_redis_util.h"
+
+#include <errno.h>
+
+static void gwid(char *buf, size_t len, const char *tag)
+{
+    snprintf(buf, len, "tk%s-%d-%lld", tag, (int)getpid(), (long long)mg_mono_us());
+}
+
+/* Polls until tracking covers every master (bounded). */
+static void wait_armed(mg_redis_cluster *rc)
+{
+    int64_t until = mg_mono_ms() + 5000;
+    while (!mg_redis_cluster_track_epoch(rc) && mg_mono_ms() < until)
+        usleep(10 * 1000);
+    cr_assert_neq(mg_redis_cluster_track_epoch(rc), 0, "tracking never armed");
+}
+
+/* -1: the cache cannot answer; else the number of connections it knows. */
+static int cached(mg_presence *p, const char *user, const char *want_conn)
+{
+    mg_presence_list l = {0};
+    int hit = p->ops->lookup_cached(p, user, &l);
+    int n = hit ? (int)l.n : -1;
+    if (hit && want_conn) {
+        bool found = false;
+        for (size_t i = 0; i < l.n; i++)
+            found |= !strcmp(l.items[i].conn_id, want_conn);
+        n = found ? n : -2;
+    }
+    mg_presence_list_clear(&l);
+    return n;
+}
+
+/* Polls until the cache no longer answers `stale` (bounded): a change made
+ * elsewhere reaches it through Redis, not at once. */
+static int cached_until_not(mg_redis_cluster *rc, mg_presence *p, const char *user, int stale)
+{
+    int64_t until = mg_mono_ms() + 3000;
+    int got;
+    while ((got = cached(p, user, NULL)) == stale && mg_mono_ms() < until)
+        usleep(2 * 1000);
+    return got;
+}
+
+static void fill(mg_presence *p, const char *user, size_t want)
+{
+    mg_presence_list l = {0};
+    cr_assert_eq(p->ops->lookup(p, user, &l), 0);
+    cr_assert_eq(l.n, want);
+    mg_presence_list_clear(&l);
+}
+
+/* Reads user (want connections, conn among them) until the cache keeps the
+ * read (bounded): an invalidation still on its way when a read starts (this
+ * gateway's own writes cause one too) makes the cache drop that read. */
+static void fill_kept(mg_presence *p, const char *user, int want, const char *conn)
+{
+    int64_t until = mg_mono_ms() + 3000;
+    int got;
+    do {
+        fill(p, user, (size_t)want);
+    } while ((got = cached(p, user, conn)) != want && mg_mono_ms() < until && !usleep(2000));
+    cr_assert_eq(got, want, "the cache never kept a read of %s: %d", user, got);
+}
+
+Test(redis_track, cache_follows_changes_made_anywhere, .timeout = 60)
+{
+    int lk = tr_lock(0);
+    mg_redis_cluster *rca = tr_cluster(2000), *rcb = tr_cluster(2000);
+    char a_id[64], b_id[64], user[64];
+    gwid(a_id, sizeof(a_id), "A");
+    gwid(b_id, sizeof(b_id), "B");
+    snprintf(user, sizeof(user), "trk-%d-%lld", (int)getpid(), (long long)mg_mono_us());
+    mg_presence *a = mg_presence_redis_create(rca, a_id, "eu", 30);
+    mg_presence *b = mg_presence_redis_create(rcb, b_id, "eu", 30);
+    cr_assert(a && b);
+    cr_assert_eq(mg_presence_redis_cache(a, 1000), 0);
+    cr_assert_eq(mg_presence_redis_cache(a, 1000), -EINVAL, "one cache per store");
+    cr_assert_eq(cached(b, user, NULL), -1, "a store without a cache never answers from memory");
+    wait_armed(rca);
+
+    cr_assert_eq(cached(a, user, NULL), -1, "nothing read yet");
+    fill(a, user, 0);
+    cr_assert_eq(cached(a, user, NULL), 0, "offline, as read, is kept");
+
+    /* another gateway's connect: Redis tells A */
+    cr_assert_eq(b->ops->connect(b, user, "b-1", 1000), 0);
+    cr_assert_eq(cached_until_not(rca, a, user, 0), -1, "the offline answer was forgotten");
+    fill_kept(a, user, 1, "b-1");
+
+    /* A's own connect: forgotten before connect returns */
+    cr_assert_eq(a->ops->connect(a, user, "a-1", 2000), 0);
+    cr_assert_eq(cached(a, user, NULL), -1);
+    fill_kept(a, user, 2, "a-1");
+
+    /* another gateway's disconnect */
+    cr_assert_eq(b->ops->disconnect(b, user, "b-1"), 0);
+    cr_assert_eq(cached_until_not(rca, a, user, 2), -1);
+    fill_kept(a, user, 1, "a-1");
+
+    /* A's own disconnect */
+    cr_assert_eq(a->ops->disconnect(a, user, "a-1"), 0);
+    cr_assert_eq(cached(a, user, NULL), -1);
+
+    /* a batch lookup keeps each user it read */
+    char other[80];
+    snprintf(other, sizeof(other), "%s-other", user);
+    cr_assert_eq(b->ops->connect(b, other, "b-2", 3000), 0);
+    const char *users[] = {user, other};
+    int64_t until = mg_mono_ms() + 3000;
+    int kept;
+    do { /* as fill_kept: until a read of both is kept */
+        mg_presence_list outs[2] = {{0}, {0}};
+        cr_assert_eq(a->ops->lookup_batch(a, users, 2, outs), 0);
+        cr_assert_eq(outs[0].n + outs[1].n, 1);
+        mg_presence_list_clear(&outs[0]);
+        mg_presence_list_clear(&outs[1]);
+        kept = (cached(a, user, NULL) == 0) + (cached(a, other, "b-2") == 1);
+    } while (kept < 2 && mg_mono_ms() < until && !usleep(2000));
+    cr_assert_eq(kept, 2);
+
+    cr_assert_eq(b->ops->remove_gateway(b), 0);
+    cr_assert_eq(a->ops->remove_gateway(a), 0);
+    mg_presence_free(a);
+    mg_presence_free(b);
+    mg_redis_cluster_free(rca);
+    mg_redis_cluster_free(rcb);
+    tr_unlock(lk);
+}
+
+/* Kills this process's tracking subscriptions on every master (CLIENT LIST
+ * names them meshgate-track-<pid>); returns how many. */
+static int kill_subscriptions(void)
+{
+    char name[64];
+    snprintf(name, sizeof(name), "name=meshgate-track-%d ", (int)getpid());
+    char *nodes = mg_xstrdup(tr_nodes());
+    int killed = 0;
+    for (char *save = NULL, *addr = strtok_r(nodes, ",", &save); addr;
+         addr = strtok_r(NULL, ",", &save)) {
+        redisContext *c = tr_direct(addr);
+        redisReply *r = redisCommand(c, "CLIENT LIST TYPE pubsub");
+        cr_assert(r && r->type == REDIS_REPLY_STRING);
+        for (char *ls = NULL, *line = strtok_r(r->str, "\n", &ls); line;
+             line = strtok_r(NULL, "\n", &ls)) {
+            if (!strstr(line, name))
+                continue;
+            long long id = strtoll(line + 3, NULL, 10); /* "id=N ..." */
+            redisReply *k = redisCommand(c, "CLIENT KILL ID %lld", id);
+            killed += k && k->type == REDIS_REPLY_INTEGER && k->integer == 1;
+            if (k)
+                freeReplyObject(k);
+        }
+        freeReplyObject(r);
+        redisFree(c);
+    }
+    free(nodes);
+    return killed;
+}
+
+Test(redis_track, lost_subscription_forgets_and_comes_back, .timeout = 60)
+{
+    int lk = tr_lock(0);
+    mg_redis_cluster *rc = tr_cluster(2000);
+    char a_id[64], user[64];
+    gwid(a_id, sizeof(a_id), "L");
+    snprintf(user, sizeof(user), "trl-%d-%lld", (int)getpid(), (long long)mg_mono_us());
+    mg_presence *a = mg_presence_redis_create(rc, a_id, "eu", 30);
+    cr_assert_not_null(a);
+    cr_assert_eq(mg_presence_redis_cache(a, 1000), 0);
+    wait_armed(rc);
+    fill(a, user, 0);
+    cr_assert_eq(cached(a, user, NULL), 0);
+    uint64_t before = mg_redis_cluster_track_epoch(rc);
+
+    cr_assert_geq(kill_subscriptions(), 1);
+    /* the change that follows can no longer be heard: everything goes */
+    cr_assert_eq(cached_until_not(rc, a, user, 0), -1);
+    wait_armed(rc);
+    cr_assert_neq(mg_redis_cluster_track_epoch(rc), before, "a new epoch after the loss");
+
+    /* and caching works again, invalidations included */
+    fill_kept(a, user, 0, NULL);
+    mg_redis_cluster *rcb = tr_cluster(2000);
+    char b_id[64];
+    gwid(b_id, sizeof(b_id), "M");
+    mg_presence *b = mg_presence_redis_create(rcb, b_id, "eu", 30);
+    cr_assert_eq(b->ops->connect(b, user, "b-1", 1000), 0);
+    cr_assert_eq(cached_until_not(rc, a, user, 0), -1);
+    cr_assert_eq(b->ops->remove_gateway(b), 0);
+    mg_presence_free(b);
+    mg_redis_cluster_free(rcb);
+    mg_presence_free(a);
+    mg_redis_cluster_free(rc);
+    tr_unlock(lk);
+}
