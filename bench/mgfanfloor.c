@@ -102,6 +102,20 @@ static int64_t proc_cpu_ns(void)
            ((int64_t)ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) * 1000;
 }
 
+/* The calling thread's time waiting runnable for a CPU (ns, schedstat's
+ * second field; 0 without schedstats). */
+static int64_t rq_wait_ns(void)
+{
+    unsigned long long run = 0, wait = 0;
+    FILE *f = fopen("/proc/thread-self/schedstat", "r");
+    if (f) {
+        if (fscanf(f, "%llu %llu", &run, &wait) != 2)
+            wait = 0;
+        fclose(f);
+    }
+    return (int64_t)wait;
+}
+
 static double load1(void)
 {
     double l = -1;
@@ -159,6 +173,7 @@ typedef struct ctl_msg {
     long waits;   /* RESULT: epoll_wait calls */
     int64_t last; /* RESULT: the last frame's read (monotonic ns) */
     int64_t cpu;  /* RESULT: the reader process's CPU from ARM to the last frame */
+    int64_t rq;   /* RESULT: the reader's wait for a CPU meanwhile (schedstat) */
 } ctl_msg;
 
 static int ctl_send(int fd, const ctl_msg *m)
@@ -231,7 +246,7 @@ static int reader_main(int ctl, int port)
     static struct epoll_event evs[EVENTS];
     bool armed = false, stop = false;
     ctl_msg res = {0};
-    int64_t arm_ns = 0, cpu0 = 0, last = 0;
+    int64_t arm_ns = 0, cpu0 = 0, rq0 = 0, last = 0;
     long stray = 0;
     while (!stop) {
         int n = epoll_wait(ep, evs, EVENTS, armed && opt.busy ? 0 : 100);
@@ -253,6 +268,7 @@ static int reader_main(int ctl, int port)
                     stray = 0;
                     armed = true;
                     cpu0 = proc_cpu_ns();
+                    rq0 = rq_wait_ns();
                     arm_ns = now_ns();
                     ctl_msg a = {.type = CTL_ARMED, .round = c.round};
                     ctl_send(ctl, &a);
@@ -308,6 +324,7 @@ static int reader_main(int ctl, int port)
             res.ok = res.frames >= opt.conns;
             res.last = last;
             res.cpu = proc_cpu_ns() - cpu0;
+            res.rq = rq_wait_ns() - rq0;
             armed = false;
             if (ctl_send(ctl, &res) != 0)
                 stop = true;
@@ -328,7 +345,8 @@ typedef struct writer {
     int efd; /* wakes the writer for a round (or to stop) */
     int *fds;
     long nfds;
-    int64_t start, done, cpu; /* this round's: first send, after the last, thread CPU */
+    int64_t start, done, cpu, rq; /* this round's: first send, after the last, thread CPU,
+                                     wait for a CPU (schedstat) */
     long short_writes, errors;
 } writer;
 
@@ -365,7 +383,7 @@ static void *writer_main(void *arg)
         }
         if (atomic_load(&stopping))
             return NULL;
-        int64_t cpu0 = ts_ns(CLOCK_THREAD_CPUTIME_ID);
+        int64_t cpu0 = ts_ns(CLOCK_THREAD_CPUTIME_ID), rq0 = rq_wait_ns();
         w->start = now_ns();
         for (long i = 0; i < w->nfds; i++) {
             ssize_t n = send(w->fds[i], frame, frame_len, MSG_NOSIGNAL | MSG_DONTWAIT);
@@ -377,6 +395,7 @@ static void *writer_main(void *arg)
         }
         w->done = now_ns();
         w->cpu = ts_ns(CLOCK_THREAD_CPUTIME_ID) - cpu0;
+        w->rq = rq_wait_ns() - rq0;
         uint64_t one = 1;
         if (write(done_efd, &one, sizeof(one)) != (ssize_t)sizeof(one))
             perror("mgfanfloor: eventfd");
@@ -553,7 +572,8 @@ int main(int argc, char **argv)
         pthread_create(&W[i].th, NULL, writer_main, &W[i]);
 
     static double all_ms[MAX_ROUNDS], sorted[MAX_ROUNDS];
-    double writes_ms = 0, wake_ms = 0, wcpu_ms = 0, gcpu_ms = 0, rcpu_ms = 0, recvs = 0, waits = 0;
+    double writes_ms = 0, wake_ms = 0, wcpu_ms = 0, gcpu_ms = 0, rcpu_ms = 0, recvs = 0, waits = 0,
+           wrq_ms = 0, rrq_ms = 0;
     long rounds = 0, ok = 0, bad = 0;
     int64_t run_end = now_ns() + (int64_t)(opt.seconds * 1e9);
     for (long r = 0; r < opt.rounds && now_ns() < run_end; r++, rounds++) {
@@ -575,18 +595,21 @@ int main(int argc, char **argv)
             rc = 1;
             break;
         }
-        int64_t gcpu = proc_cpu_ns() - cpu0, first = INT64_MAX, done = 0, wcpu = 0;
+        int64_t gcpu = proc_cpu_ns() - cpu0, first = INT64_MAX, done = 0, wcpu = 0, wrq = 0;
         for (int i = 0; i < opt.writers; i++) {
             first = W[i].start < first ? W[i].start : first;
             done = W[i].done > done ? W[i].done : done;
             wcpu += W[i].cpu;
+            wrq += W[i].rq;
         }
         double ms = (double)(m.last - t0) / 1e6;
         fprintf(stderr,
                 "mgfanfloor: round %ld: received %ld/%ld in %.1f ms (writers woken %.2f ms, "
-                "written %.1f ms; CPU ms: writers %.1f, writer process %.1f, reader %.1f)\n",
+                "written %.1f ms; CPU ms: writers %.1f, writer process %.1f, reader %.1f; "
+                "waiting for a CPU ms: writers %.1f, reader %.1f)\n",
                 r, m.frames, opt.conns, ms, (double)(first - t0) / 1e6, (double)(done - t0) / 1e6,
-                (double)wcpu / 1e6, (double)gcpu / 1e6, (double)m.cpu / 1e6);
+                (double)wcpu / 1e6, (double)gcpu / 1e6, (double)m.cpu / 1e6, (double)wrq / 1e6,
+                (double)m.rq / 1e6);
         bad += m.bad;
         if (m.ok) {
             all_ms[ok++] = ms;
@@ -595,6 +618,8 @@ int main(int argc, char **argv)
             wcpu_ms += (double)wcpu / 1e6;
             gcpu_ms += (double)gcpu / 1e6;
             rcpu_ms += (double)m.cpu / 1e6;
+            wrq_ms += (double)wrq / 1e6;
+            rrq_ms += (double)m.rq / 1e6;
             recvs += (double)m.recvs;
             waits += (double)m.waits;
         } else {
@@ -644,14 +669,16 @@ int main(int argc, char **argv)
              "\"all_received_ms_mean\":%.2f,\"all_received_ms_worst\":%.2f,"
              "\"writes_done_ms_mean\":%.2f,\"writers_woken_ms_mean\":%.3f,\"msgs_per_s\":%.0f,"
              "\"gw_cpu_ms_per_round\":%.1f,\"writer_threads_cpu_ms_per_round\":%.1f,"
-             "\"load_cpu_ms_per_round\":%.1f,\"reader_recvs_per_round\":%.0f,"
+             "\"load_cpu_ms_per_round\":%.1f,\"writers_rq_wait_ms_per_round\":%.1f,"
+             "\"reader_rq_wait_ms_per_round\":%.1f,\"reader_recvs_per_round\":%.0f,"
              "\"reader_waits_per_round\":%.0f,\"short_writes\":%ld,\"errors\":%ld,"
              "\"load1\":%.2f}\n",
              opt.scenario, opt.label, (long)time(NULL), opt.conns, opt.writers,
              opt.busy ? "busy" : "epoll", frame_len, connect_s, rounds, ok, ok ? sorted[0] : -1,
              med, ok ? sum / d : -1, ok ? sorted[ok - 1] : -1, writes_ms / d, wake_ms / d,
              ok ? (double)opt.conns / (sum / d / 1e3) : 0, gcpu_ms / d, wcpu_ms / d, rcpu_ms / d,
-             recvs / d, waits / d, short_writes, (rounds - ok) + werr + bad, load1());
+             wrq_ms / d, rrq_ms / d, recvs / d, waits / d, short_writes, (rounds - ok) + werr + bad,
+             load1());
     fputs(line, stdout);
     if (opt.json) {
         FILE *f = fopen(opt.json, "a");
