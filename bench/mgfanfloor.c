@@ -11,8 +11,9 @@
  *    (--writers, default 2, as the gateway's WebSocket loops on 2 cores),
  *    each owning every W-th accepted connection (non-blocking, TCP_NODELAY
  *    as the gateway's). A round: the main thread stamps t0 and wakes each
- *    writer through its eventfd (as the hub wakes a loop); each writer
- *    sends the frame to each of its sockets with one send().
+ *    writer through its eventfd (the hub wakes a loop by lws_cancel_service,
+ *    a pipe write: the same one wake-up a loop); each writer sends the frame
+ *    to each of its sockets with one send().
  *  - the reader side (the child, "mgload"): one thread, a level-triggered
  *    epoll over the N client sockets (1,024 events a wait, one recv per
  *    readable socket into a 256 KB buffer, as mgload does), counting

@@ -267,9 +267,10 @@ sc_fanout() {
 fanfloor_row() {
   local n=$1 rounds=$2 w=$3 busy=${4:-} what
   what="$w writer$([ "$w" = 1 ] || echo s), reader $([ -n "$busy" ] && echo busy-polling || echo epoll)"
+  # shellcheck disable=SC2086 # $busy: no word or one on purpose
   timeout -k 5 $((rounds * 15 + 60)) "$BUILD/bench/mgfanfloor" --conns "$n" --rounds "$rounds" \
     --writers "$w" $busy --seconds $((rounds * 12 + 30)) --json "$JSON" \
-    --label "floor: mgfanfloor, $n loopback writes ($what)" >/dev/null 2>"$OUT/$RUN.fanfloor.log" ||
+    --label "floor: mgfanfloor, $n loopback writes ($what)" >/dev/null 2>>"$OUT/$RUN.fanfloor.log" ||
     skip fanout "mgfanfloor ($what): $(tail -n 1 "$OUT/$RUN.fanfloor.log")"
 }
 
