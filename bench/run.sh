@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/run.sh: meshgate benchmark scenarios (see BENCHMARKS.md).
 #
-#   bench/run.sh [all|idle|local|floor|api|fanout|grpc|kafka|pubsub|nats|presence|presence-sync]... [--long]
+#   bench/run.sh [all|idle|local|floor|api|fanout|fanfloor|grpc|kafka|pubsub|nats|presence|presence-sync]... [--long]
 #
 # `make bench` = `bench/run.sh all` (short: under 3 minutes). --long gives the
 # real figures (100,000 idle connections, 30 s load phases, more rounds).
@@ -19,6 +19,7 @@
 #                  loop per CPU); the idle scenario takes IDLE_WS_THREADS (default 4)
 #   BENCH_START_SERVICES=1   `all` starts tests/infra/services.sh when Redis/Kafka/Consul are down
 #                  (single grpc/kafka runs always do)
+#   FANFLOOR_WRITERS  writer threads of the fan-out floor row (default: WS_THREADS, else one per CPU)
 #   FLOOR_RATE     the rate of the floor scenario's second phase (default: the local scenario's
 #                  half rate in this run, else half of mgrelay's flat out)
 #   GRPC_ROWS=rates  the grpc scenario runs only its fixed-rate rows (GRPC_RATE, then 10,000/s),
@@ -40,8 +41,8 @@ SCEN=()
 for a in "$@"; do
   case $a in
     --long) LONG=1 ;;
-    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
-    all|idle|local|floor|api|fanout|grpc|kafka|pubsub|nats|presence|presence-sync) SCEN+=("$a") ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+    all|idle|local|floor|api|fanout|fanfloor|grpc|kafka|pubsub|nats|presence|presence-sync) SCEN+=("$a") ;;
     *) echo "run.sh: unknown argument $a" >&2; exit 2 ;;
   esac
 done
@@ -56,7 +57,7 @@ if [ ! -f "$BUILD/CMakeCache.txt" ]; then
   cmake -S "$ROOT" -B "$BUILD" $(command -v ninja >/dev/null && echo -G Ninja) \
     -DCMAKE_BUILD_TYPE=Release >/dev/null || die "cmake configure failed"
 fi
-cmake --build "$BUILD" --target meshgate meshgate-cli mgload mgrelay >/dev/null || die "build failed"
+cmake --build "$BUILD" --target meshgate meshgate-cli mgload mgrelay mgfanfloor >/dev/null || die "build failed"
 GW=${GW_BIN:-$BUILD/meshgate}
 LOAD=$BUILD/bench/mgload
 [ -x "$GW" ] && [ -x "$LOAD" ] || die "missing $GW or $LOAD"
@@ -250,6 +251,8 @@ sc_fanout() {
     --timeout 30 --gw-pid "$gpid" --scenario fanout --path local --label "SendBatch to $n" \
     --prefix fo$$- >/dev/null
   stop_gws
+  # the floor of that row, in the same minute: the same frame to the same N sockets (mgfanfloor)
+  fanfloor_row "$n" "$(P 3 10)" "${FANFLOOR_WRITERS:-${WS_THREADS:-$(nproc)}}"
   # the same over two gateways of a region: half the users on B, reached by DeliverBatch calls
   services_up || { skip fanout "two gateways: Redis Cluster/Consul not running"; return 0; }
   two_gws r1 r1 || { stop_gws; return 0; }
@@ -257,6 +260,27 @@ sc_fanout() {
     --rounds "$(P 3 10)" --timeout 30 --gw-pid "$PIDA,$PIDB" --scenario fanout --path grpc \
     --label "SendBatch to $n over two gateways" --prefix f2$$- >/dev/null
   stop_gws
+}
+
+# fanfloor_row N ROUNDS WRITERS [--busy]: one row of bench/mgfanfloor.c, the fan-out's floor
+# (N loopback writes of the gateway's message frame and their reads, no meshgate code)
+fanfloor_row() {
+  local n=$1 rounds=$2 w=$3 busy=${4:-} what
+  what="$w writer$([ "$w" = 1 ] || echo s), reader $([ -n "$busy" ] && echo busy-polling || echo epoll)"
+  # shellcheck disable=SC2086 # $busy: no word or one on purpose
+  timeout -k 5 $((rounds * 15 + 60)) "$BUILD/bench/mgfanfloor" --conns "$n" --rounds "$rounds" \
+    --writers "$w" $busy --seconds $((rounds * 12 + 30)) --json "$JSON" \
+    --label "floor: mgfanfloor, $n loopback writes ($what)" >/dev/null 2>>"$OUT/$RUN.fanfloor.log" ||
+    skip fanout "mgfanfloor ($what): $(tail -n 1 "$OUT/$RUN.fanfloor.log")"
+}
+
+# the fan-out floor alone, its variants: the gateway's writers, busy-polling reader, one writer
+sc_fanfloor() {
+  local n=${FANOUT_USERS:-10000} r w=${FANFLOOR_WRITERS:-${WS_THREADS:-$(nproc)}}
+  r=$(P 5 20)
+  fanfloor_row "$n" "$r" "$w"
+  fanfloor_row "$n" "$r" "$w" --busy
+  [ "$w" = 1 ] || fanfloor_row "$n" "$r" 1
 }
 
 # two gateways; A hosts the senders, B the recipients
@@ -475,6 +499,9 @@ for r in rows:
         gw = (f"all {f(r.get('conns'))} received in {f(r.get('all_received_ms_mean'),1)} ms mean "
               f"({f(r.get('all_received_ms_best'),1)} best, {f(r.get('all_received_ms_worst'),1)} worst), "
               f"{f(r.get('gw_cpu_ms_per_round'),0)} ms CPU/round")
+        if r.get("mode") == "fanfloor": # bench/mgfanfloor.c: the writers' CPU, then the reader's
+            gw += (f" of the writers, {f(r.get('load_cpu_ms_per_round'),0)} of the reader; "
+                   f"median {f(r.get('all_received_ms_median'),1)} ms")
         conns = f(r.get("conns"))
     else:
         gw = f"CPU {f(r.get('gw_cpu_pct'),0)} %, {f(r.get('gw_cpu_us_per_msg'),1)} µs/msg"
