@@ -39,14 +39,20 @@ static int cached(mg_presence *p, const char *user, const char *want_conn)
     return n;
 }
 
-/* Polls until the cache no longer answers `stale` (bounded): a change made
- * elsewhere reaches it through Redis, not at once. */
+/* Polls until the cache, quiet (no invalidation on its way), no longer
+ * answers `stale` (bounded): a change made elsewhere reaches it through
+ * Redis, not at once. A miss while an invalidation is still unapplied does
+ * not count: it says nothing of whether the invalidation is applied. */
 static int cached_until_not(mg_redis_cluster *rc, mg_presence *p, const char *user, int stale)
 {
     int64_t until = mg_mono_ms() + 3000;
-    int got;
-    while ((got = cached(p, user, NULL)) == stale && mg_mono_ms() < until)
+    int got = stale;
+    while (mg_mono_ms() < until) {
+        if (mg_redis_cluster_track_quiet(rc) && (got = cached(p, user, NULL)) != stale &&
+            mg_redis_cluster_track_quiet(rc))
+            break;
         usleep(2 * 1000);
+    }
     return got;
 }
 
