@@ -151,6 +151,11 @@ int mg_pcache_get(mg_pcache *c, const char *user, int (*alive)(void *arg, const 
         free(ref->gateway_id);
         free(ref->region);
     }
+    if (!rv && had == 0 && out->items) { /* and the room it made */
+        free(out->items);
+        out->items = NULL;
+        out->cap = 0;
+    }
     return rv;
 }
 

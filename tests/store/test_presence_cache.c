@@ -47,6 +47,7 @@ Test(presence_cache, hit_copies_and_leases_filter)
     cr_assert_eq(mg_pcache_get(c, "bob", alive_some, NULL, &l), 0,
                  "a gateway whose lease is not known here: the store is asked");
     cr_assert_eq(l.n, 0, "a partial answer is undone");
+    cr_assert_null(l.items, "and its room freed");
 
     put(c, "carol", NULL, 0); /* offline, as read */
     cr_assert_eq(mg_pcache_get(c, "carol", alive_all, NULL, &l), 1);
