@@ -357,6 +357,10 @@ sc_grpc() {
     --window "${API_STREAM_WINDOW:-256}" --seconds "$SECS" --warmup 1 --count 100000000 \
     --gw-pid "$PIDA,$PIDB" --scenario grpc --path grpc \
     --label "grpc API -> user on B flat out, SendStream" --prefix gs$$- >/dev/null || true
+  load $LOADB api --port "$PB" --grpc "127.0.0.1:$GA" --conns "${API_USERS:-1000}" \
+    --rate 10000 --seconds "$SECS" --warmup 1 --count $((10000 * (SECS + 2))) \
+    --gw-pid "$PIDA,$PIDB" --scenario grpc --path grpc \
+    --label "grpc API -> user on B at 10000/s, SendMessage" --prefix gu$$- >/dev/null || true
   load $LOADB api --stream --port "$PB" --grpc "127.0.0.1:$GA" --conns "${API_USERS:-1000}" \
     --rate 10000 --seconds "$SECS" --warmup 1 --count $((10000 * (SECS + 2))) \
     --gw-pid "$PIDA,$PIDB" --scenario grpc --path grpc \

@@ -8,8 +8,11 @@
  *   the user key to 3 x lease. The connection is also remembered in-process
  *   (user -> this gateway's connections) so renew can re-assert it.
  * - renew (every lease/3): SET the lease key PX lease, then, pipelined, the
- *   connect script again for every local connection: entries lost in a
- *   failover come back, and user keys stay alive while this gateway is.
+ *   renew script for every local connection: an entry lost in a failover
+ *   (or different) is written again, and a user key's TTL is pushed back to
+ *   3 x lease once it fell under 2 x lease, so user keys stay alive while
+ *   this gateway is. Nothing else is written: each write would be a change
+ *   to every gateway caching the user (an invalidation, see the cache).
  *   A connection closed while renew ran is deleted again afterwards (renew
  *   re-checks the local table once its writes are acknowledged).
  * - lookup: HGETALL the user key(s), pipelined for batches; entries whose
@@ -46,6 +49,14 @@
 
 static const char CONNECT_LUA[] = "local n = redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) "
                                   "redis.call('PEXPIRE', KEYS[1], ARGV[3]) return n";
+/* A renew writes only what is missing or different, and pushes the TTL out
+ * only once it fell under two leases: a write is a change to every gateway
+ * that caches the user (an invalidation), and a replicated write. */
+static const char RENEW_LUA[] = "local n = 0 "
+                                "if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then "
+                                "n = redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end "
+                                "if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[4]) then "
+                                "redis.call('PEXPIRE', KEYS[1], ARGV[3]) end return n";
 static const char DEL_IF_LUA[] = "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then "
                                  "return redis.call('HDEL', KEYS[1], ARGV[1]) end return 0";
 
@@ -98,13 +109,15 @@ static char *entry_value(presence_redis *p, int64_t at_ms)
     return mg_xasprintf("%s|%s|%" PRId64, p->gw, p->region, at_ms);
 }
 
+/* The connect script (renew: the renew script) for conn in user key `key`. */
 static void add_connect(presence_redis *p, mg_redis_batch *b, const char *key, const char *conn,
-                        const char *val)
+                        const char *val, bool renew)
 {
-    char ttl[32];
+    char ttl[32], floor[32];
     snprintf(ttl, sizeof(ttl), "%lld", (long long)p->lease_s * 3000);
-    const char *argv[] = {"EVAL", CONNECT_LUA, "1", key, conn, val, ttl};
-    mg_redis_batch_add_argv(b, key, 7, argv, NULL);
+    snprintf(floor, sizeof(floor), "%lld", (long long)p->lease_s * 2000);
+    const char *argv[] = {"EVAL", renew ? RENEW_LUA : CONNECT_LUA, "1", key, conn, val, ttl, floor};
+    mg_redis_batch_add_argv(b, key, renew ? 8 : 7, argv, NULL);
 }
 
 /* ---- local table --------------------------------------------------------- */
@@ -235,7 +248,7 @@ static int pr_connect(mg_presence *base, const char *user, const char *conn_id, 
         return -EINVAL;
     char *key = user_key(user), *val = entry_value(p, now_ms);
     mg_redis_batch *b = mg_redis_batch_new();
-    add_connect(p, b, key, conn_id, val);
+    add_connect(p, b, key, conn_id, val, false);
     int rv = mg_redis_cluster_exec(p->rc, b);
     redisReply *r = mg_redis_batch_reply(b, 0);
     if (rv == 0 && r->type == REDIS_REPLY_ERROR) {
@@ -613,7 +626,7 @@ static int pr_renew(mg_presence *base)
         mg_redis_batch *b = mg_redis_batch_new();
         for (size_t i = off; i < end; i++) {
             char *key = user_key(s[i].user), *val = entry_value(p, s[i].at);
-            add_connect(p, b, key, s[i].conn, val);
+            add_connect(p, b, key, s[i].conn, val, true);
             free(key);
             free(val);
         }

@@ -14,6 +14,13 @@ static void gwid(char *buf, size_t len, const char *tag)
     snprintf(buf, len, "tk%s-%d-%lld", tag, (int)getpid(), (long long)mg_mono_us());
 }
 
+/* "mg:p:{user}" (presence_redis.c's key) into buf. */
+static const char *user_key_of(const char *user, char *buf, size_t len)
+{
+    snprintf(buf, len, "mg:p:{%s}", user);
+    return buf;
+}
+
 /* Polls until tracking covers every master (bounded). */
 static void wait_armed(mg_redis_cluster *rc)
 {
@@ -101,6 +108,25 @@ Test(redis_track, cache_follows_changes_made_anywhere, .timeout = 60)
     cr_assert_eq(b->ops->connect(b, user, "b-1", 1000), 0);
     cr_assert_eq(cached_until_not(rca, a, user, 0), -1, "the offline answer was forgotten");
     fill_kept(a, user, 1, "b-1");
+
+    /* B's renew writes nothing that did not change: A keeps bob. A marker
+     * user on bob's slot, kept by A as offline and then connected on B,
+     * orders it: its invalidation follows any of the renew's on that
+     * master's one subscription. */
+    char marker[96];
+    unsigned slot = mg_redis_key_slot(user_key_of(user, marker, sizeof(marker)), strlen(marker));
+    char mk[96];
+    for (int i = 0;; i++) {
+        snprintf(marker, sizeof(marker), "%s-m%d", user, i);
+        if (mg_redis_key_slot(user_key_of(marker, mk, sizeof(mk)), strlen(mk)) == slot)
+            break;
+    }
+    fill_kept(a, marker, 0, NULL);
+    cr_assert_eq(b->ops->renew(b), 0);
+    cr_assert_eq(b->ops->connect(b, marker, "b-m", 1500), 0);
+    cr_assert_eq(cached_until_not(rca, a, marker, 0), -1);
+    cr_assert_eq(cached(a, user, "b-1"), 1, "a renew that changed nothing invalidated bob");
+    cr_assert_eq(b->ops->disconnect(b, marker, "b-m"), 0);
 
     /* A's own connect: forgotten before connect returns */
     cr_assert_eq(a->ops->connect(a, user, "a-1", 2000), 0);
