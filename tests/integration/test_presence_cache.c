@@ -10,6 +10,7 @@
 #include "support/grpc_client.h"
 #include "support/mg_test.h"
 #include "support/ws_client.h"
+#include "support/ws_json.h"
 
 #include <criterion/criterion.h>
 #include <jansson.h>
@@ -18,33 +19,20 @@
 #include <string.h>
 #include <unistd.h>
 
-/* The next message frame's id on ws within 5 s (other frames skipped), or NULL. */
-static char *next_message_id(mg_wsc *ws)
-{
-    int64_t until = mg_mono_ms() + 5000;
-    while (mg_mono_ms() < until) {
-        char *t = mg_wsc_recv_text(ws, (int)(until - mg_mono_ms()));
-        if (!t)
-            return NULL;
-        json_t *j = json_loads(t, 0, NULL);
-        free(t);
-        const char *type = json_string_value(json_object_get(j, "type"));
-        char *id = type && !strcmp(type, "message")
-                       ? strdup(json_string_value(json_object_get(j, "id")))
-                       : NULL;
-        json_decref(j);
-        if (id)
-            return id;
-    }
-    return NULL;
-}
-
+/* The next message frame on ws is id (other frames skipped, 5 s each). */
 static void expect_message(mg_wsc *ws, const char *id, const char *who)
 {
-    char *got = next_message_id(ws);
-    cr_assert_not_null(got, "%s never got %s", who, id);
-    cr_assert_str_eq(got, id, "%s", who);
-    free(got);
+    for (int frames = 0; frames < 16; frames++) {
+        json_t *j = mg_wsc_recv_json(ws, 5000);
+        const char *got = mg_wsc_take_message(ws, j);
+        if (got) {
+            cr_assert_str_eq(got, id, "%s", who);
+            json_decref(j);
+            return;
+        }
+        json_decref(j);
+    }
+    cr_assert_fail("%s: no message frame among the next 16", who);
 }
 
 /* Sends id to user through cli: DELIVERED to `conns` connections. */
