@@ -28,6 +28,7 @@ typedef struct rc_node {
     /* The CLIENT ID of redis_track.c's subscription on this node; 0 while
      * there is none. Set by the "redis-track" thread, read by the engine. */
     atomic_llong track_id;
+    atomic_bool track_refused; /* a subscription was refused (for logging it once) */
 } rc_node;
 
 struct mg_redis_cluster {

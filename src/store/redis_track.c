@@ -148,8 +148,13 @@ static bool sub_open(rc_track *t, rc_node *n)
     s->c = c;
     ev.data.ptr = s;
     if (!ok || epoll_ctl(t->epfd, EPOLL_CTL_ADD, c->fd, &ev) != 0) {
-        mg_log_warn("redis", "tracking subscription refused node=%s err=\"%s\"", n->name,
-                    c->err ? c->errstr : "CLIENT ID / SUBSCRIBE answered an error");
+        /* once per node until it works: it is tried again every MG_TRACK_RETRY_MS */
+        if (!atomic_exchange(&n->track_refused, true))
+            mg_log_warn("redis",
+                        "tracking subscription refused node=%s err=\"%s\" (no presence cache "
+                        "until it works; the ACL user needs CLIENT ID/TRACKING/SETNAME and "
+                        "SUBSCRIBE __redis__:invalidate)",
+                        n->name, c->err ? c->errstr : "CLIENT ID / SUBSCRIBE answered an error");
         redisFree(c);
         free(s);
         return false;
@@ -160,6 +165,7 @@ static bool sub_open(rc_track *t, rc_node *n)
     }
     t->subs[t->nsubs++] = s;
     atomic_store(&n->track_id, id);
+    atomic_store(&n->track_refused, false);
     mg_log_debug("redis", "tracking subscribed node=%s client_id=%lld", n->name, id);
     return true;
 }
@@ -168,10 +174,10 @@ static bool sub_open(rc_track *t, rc_node *n)
 static void sync_subs(rc_track *t)
 {
     mg_redis_cluster *rc = t->rc;
-    rc_node *want[64];
     size_t nwant = 0;
     bool all_known = true;
     pthread_rwlock_rdlock(&rc->lock);
+    rc_node **want = mg_xcalloc(rc->nnodes ? rc->nnodes : 1, sizeof(*want));
     for (unsigned s = 0; s < MG_REDIS_SLOTS; s++) {
         int idx = rc->slots[s];
         if (idx < 0) {
@@ -182,7 +188,7 @@ static void sync_subs(rc_track *t)
         size_t k;
         for (k = 0; k < nwant && want[k] != n; k++)
             ;
-        if (k == nwant && nwant < sizeof(want) / sizeof(want[0]))
+        if (k == nwant)
             want[nwant++] = n;
     }
     pthread_rwlock_unlock(&rc->lock);
@@ -216,6 +222,7 @@ static void sync_subs(rc_track *t)
         mg_log_info("redis", "client-side caching %s masters=%zu", armed ? "armed" : "paused",
                     nwant);
     }
+    free(want);
 }
 
 /* ["message", "__redis__:invalidate", [key, ...] | nil] */

@@ -234,3 +234,51 @@ Test(redis_track, lost_subscription_forgets_and_comes_back, .timeout = 60)
     mg_redis_cluster_free(rc);
     tr_unlock(lk);
 }
+
+/* An ACL user that may not subscribe to __redis__:invalidate: tracking
+ * never arms, so the cache never answers, and presence works as without
+ * it (every lookup reads Redis, connects and disconnects show at once). */
+Test(redis_track, refused_subscription_means_no_cache_not_wrong_answers, .timeout = 60)
+{
+    int lk = tr_lock(0);
+    char acl[32], user[64], a_id[64];
+    snprintf(acl, sizeof(acl), "mgtrk%d", (int)getpid());
+    snprintf(user, sizeof(user), "tra-%d-%lld", (int)getpid(), (long long)mg_mono_us());
+    gwid(a_id, sizeof(a_id), "R");
+    char *nodes = mg_xstrdup(tr_nodes());
+    for (char *save = NULL, *addr = strtok_r(nodes, ",", &save); addr;
+         addr = strtok_r(NULL, ",", &save)) {
+        redisContext *c = tr_direct(addr);
+        /* every command and key, no Pub/Sub channel */
+        redisReply *r = redisCommand(c, "ACL SETUSER %s reset on >pw ~* resetchannels +@all", acl);
+        cr_assert(r && r->type != REDIS_REPLY_ERROR, "ACL on %s", addr);
+        freeReplyObject(r);
+        redisFree(c);
+    }
+    char err[512];
+    mg_redis_cluster *rc = mg_redis_cluster_create(tr_nodes(), acl, "pw", 2000, err, sizeof(err));
+    cr_assert_not_null(rc, "%s", err);
+    mg_presence *a = mg_presence_redis_create(rc, a_id, "eu", 30);
+    cr_assert_not_null(a);
+    cr_assert_eq(mg_presence_redis_cache(a, 1000), 0);
+    for (int i = 0; i < 20; i++) { /* ~200 ms: the tracker tries every master meanwhile */
+        bool on = i % 2 == 0;
+        cr_assert_eq(
+            on ? a->ops->connect(a, user, "r-1", 1000) : a->ops->disconnect(a, user, "r-1"), 0);
+        fill(a, user, on ? 1 : 0);
+        cr_assert_eq(cached(a, user, NULL), -1, "answered from a cache Redis cannot keep right");
+        cr_assert_eq(mg_redis_cluster_track_epoch(rc), 0);
+        usleep(10 * 1000);
+    }
+    cr_assert_eq(a->ops->remove_gateway(a), 0);
+    mg_presence_free(a);
+    mg_redis_cluster_free(rc);
+    for (char *save = NULL, *addr = strtok_r(strcpy(nodes, tr_nodes()), ",", &save); addr;
+         addr = strtok_r(NULL, ",", &save)) {
+        redisContext *c = tr_direct(addr);
+        freeReplyObject(redisCommand(c, "ACL DELUSER %s", acl));
+        redisFree(c);
+    }
+    free(nodes);
+    tr_unlock(lk);
+}
