@@ -953,12 +953,14 @@ static int tg_deliver(mg_transport *base, const mg_route_target *target, const m
     rq.origin_gateway = t->gateway_id;
     rq.origin_region = t->region;
     rq.inbox = msg->inbox;
+    /* Another region's gateway is a hot pair's (or a fallback's) target: the
+     * pair's next message may go by Kafka when it cools, past this one.
+     * Read before the delivery is queued: once it is, the lane's call may
+     * answer it on another thread, and target lives in the caller's attempt. */
+    bool far = target && target->region && target->region[0] && strcmp(target->region, t->region);
     struct peer_state *st = NULL;
     enum how how = route_delivery(t, target && target->gateway_id ? target->gateway_id : "", &rq,
                                   &msg->trace, deadline_ms, done, arg, &st);
-    /* Another region's gateway is a hot pair's (or a fallback's) target: the
-     * pair's next message may go by Kafka when it cools, past this one. */
-    bool far = target && target->region && target->region[0] && strcmp(target->region, t->region);
     if (how == H_QUEUED)
         return far ? MG_DELIVER_UNORDERED : 0;
     if (how == H_BUSY)
