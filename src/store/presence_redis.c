@@ -445,28 +445,22 @@ static void scratch_give(presence_redis *p, scratch *sc)
     pthread_mutex_unlock(&p->scratch_mu);
 }
 
-/* Keeps each user's entries as read, when the epoch held over the read. */
+/* Keeps each user's entries as read, when the epoch held over the read.
+ * es is in user order (lookup_many appends user by user). */
 static void keep_end(presence_redis *p, const char *const *users, size_t n, const entry *es,
                      size_t nes, keep_plan *kp, bool ok)
 {
     if (ok && kp->epoch && kp->epoch == mg_redis_cluster_track_epoch(p->rc)) {
-        mg_pcache_conn small[8], *conns = small;
-        size_t cap = 8, e = 0;
-        for (size_t i = 0; i < n; i++) {
-            size_t k = 0;
-            for (; e < nes && es[e].user == i; e++, k++) {
-                if (k == cap) {
-                    cap *= 2;
-                    conns = conns == small
-                                ? memcpy(mg_xmalloc(cap * sizeof(*conns)), small, sizeof(small))
-                                : mg_xrealloc(conns, cap * sizeof(*conns));
-                }
-                conns[k] = (mg_pcache_conn){es[e].conn, es[e].gw, es[e].region, es[e].at};
-            }
-            mg_pcache_put(p->cache, users[i], &kp->tickets[i], conns, k);
+        mg_pcache_conn *conns = mg_xmalloc((nes ? nes : 1) * sizeof(*conns));
+        for (size_t e = 0; e < nes; e++)
+            conns[e] = (mg_pcache_conn){es[e].conn, es[e].gw, es[e].region, es[e].at};
+        for (size_t i = 0, e = 0; i < n; i++) {
+            size_t from = e;
+            while (e < nes && es[e].user == i)
+                e++;
+            mg_pcache_put(p->cache, users[i], &kp->tickets[i], conns + from, e - from);
         }
-        if (conns != small)
-            free(conns);
+        free(conns);
     }
     free(kp->tickets);
 }

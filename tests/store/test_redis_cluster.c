@@ -167,27 +167,12 @@ Test(redis_cluster, first_dead_seed_is_skipped)
     tr_unlock(lk);
 }
 
-/* On every node: ACL SETUSER (on) or DELUSER (off) of a test user. */
-static void acl_user(const char *user, const char *pw, int on)
-{
-    char *nodes = strdup(tr_nodes()), *save = NULL;
-    for (char *t = strtok_r(nodes, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
-        redisContext *c = tr_direct(t);
-        redisReply *r = on ? redisCommand(c, "ACL SETUSER %s reset on >%s ~* &* +@all", user, pw)
-                           : redisCommand(c, "ACL DELUSER %s", user);
-        cr_assert(r && r->type != REDIS_REPLY_ERROR, "ACL on %s: %s", t, r ? r->str : c->errstr);
-        freeReplyObject(r);
-        redisFree(c);
-    }
-    free(nodes);
-}
-
 Test(redis_cluster, auth_acl_user_and_password)
 {
     int lk = tr_lock(0);
     char user[32], err[512];
     snprintf(user, sizeof(user), "mgtest%d", (int)getpid());
-    acl_user(user, "s3cret", 1);
+    tr_acl_user(user, "s3cret", TR_ACL_ALL);
     mg_redis_cluster *rc =
         mg_redis_cluster_create(tr_nodes(), user, "s3cret", 1000, err, sizeof(err));
     cr_assert_not_null(rc, "%s", err);
@@ -204,7 +189,7 @@ Test(redis_cluster, auth_acl_user_and_password)
     rc = mg_redis_cluster_create(tr_nodes(), NULL, "nopass", 1000, err, sizeof(err));
     cr_assert_null(rc);
     cr_assert(strstr(err, "AUTH refused"), "%s", err);
-    acl_user(user, NULL, 0);
+    tr_acl_user(user, NULL, TR_ACL_DEL);
     tr_unlock(lk);
 }
 

@@ -3,7 +3,6 @@
  * connect and disconnect reach the cache through Redis's invalidations, this
  * gateway's own at once; offline users are kept and told of too; a lost
  * subscription forgets everything and tracking comes back by itself. */
-#include "common/mg_alloc.h"
 #include "store/redis_store.h"
 #include "test_redis_util.h"
 
@@ -168,34 +167,25 @@ Test(redis_track, cache_follows_changes_made_anywhere, .timeout = 60)
     tr_unlock(lk);
 }
 
-/* Kills this process's tracking subscriptions on every master (CLIENT LIST
- * names them meshgate-track-<pid>); returns how many. */
-static int kill_subscriptions(void)
+/* Kills this process's tracking subscriptions on a node (CLIENT LIST names
+ * them meshgate-track-<pid>), counting them in *arg. */
+static void kill_subscriptions_on(redisContext *c, const char *addr, void *arg)
 {
     char name[64];
     snprintf(name, sizeof(name), "name=meshgate-track-%d ", (int)getpid());
-    char *nodes = mg_xstrdup(tr_nodes());
-    int killed = 0;
-    for (char *save = NULL, *addr = strtok_r(nodes, ",", &save); addr;
-         addr = strtok_r(NULL, ",", &save)) {
-        redisContext *c = tr_direct(addr);
-        redisReply *r = redisCommand(c, "CLIENT LIST TYPE pubsub");
-        cr_assert(r && r->type == REDIS_REPLY_STRING);
-        for (char *ls = NULL, *line = strtok_r(r->str, "\n", &ls); line;
-             line = strtok_r(NULL, "\n", &ls)) {
-            if (!strstr(line, name))
-                continue;
-            long long id = strtoll(line + 3, NULL, 10); /* "id=N ..." */
-            redisReply *k = redisCommand(c, "CLIENT KILL ID %lld", id);
-            killed += k && k->type == REDIS_REPLY_INTEGER && k->integer == 1;
-            if (k)
-                freeReplyObject(k);
-        }
-        freeReplyObject(r);
-        redisFree(c);
+    redisReply *r = redisCommand(c, "CLIENT LIST TYPE pubsub");
+    cr_assert(r && r->type == REDIS_REPLY_STRING, "CLIENT LIST on %s", addr);
+    for (char *ls = NULL, *line = strtok_r(r->str, "\n", &ls); line;
+         line = strtok_r(NULL, "\n", &ls)) {
+        if (!strstr(line, name))
+            continue;
+        long long id = strtoll(line + 3, NULL, 10); /* "id=N ..." */
+        redisReply *k = redisCommand(c, "CLIENT KILL ID %lld", id);
+        *(int *)arg += k && k->type == REDIS_REPLY_INTEGER && k->integer == 1;
+        if (k)
+            freeReplyObject(k);
     }
-    free(nodes);
-    return killed;
+    freeReplyObject(r);
 }
 
 Test(redis_track, lost_subscription_forgets_and_comes_back, .timeout = 60)
@@ -213,7 +203,9 @@ Test(redis_track, lost_subscription_forgets_and_comes_back, .timeout = 60)
     cr_assert_eq(cached(a, user, NULL), 0);
     uint64_t before = mg_redis_cluster_track_epoch(rc);
 
-    cr_assert_geq(kill_subscriptions(), 1);
+    int killed = 0;
+    tr_each_node(kill_subscriptions_on, &killed);
+    cr_assert_geq(killed, 1);
     /* the change that follows can no longer be heard: everything goes */
     cr_assert_eq(cached_until_not(rc, a, user, 0), -1);
     wait_armed(rc);
@@ -245,16 +237,7 @@ Test(redis_track, refused_subscription_means_no_cache_not_wrong_answers, .timeou
     snprintf(acl, sizeof(acl), "mgtrk%d", (int)getpid());
     snprintf(user, sizeof(user), "tra-%d-%lld", (int)getpid(), (long long)mg_mono_us());
     gwid(a_id, sizeof(a_id), "R");
-    char *nodes = mg_xstrdup(tr_nodes());
-    for (char *save = NULL, *addr = strtok_r(nodes, ",", &save); addr;
-         addr = strtok_r(NULL, ",", &save)) {
-        redisContext *c = tr_direct(addr);
-        /* every command and key, no Pub/Sub channel */
-        redisReply *r = redisCommand(c, "ACL SETUSER %s reset on >pw ~* resetchannels +@all", acl);
-        cr_assert(r && r->type != REDIS_REPLY_ERROR, "ACL on %s", addr);
-        freeReplyObject(r);
-        redisFree(c);
-    }
+    tr_acl_user(acl, "pw", TR_ACL_NO_CHANNELS); /* every command and key, no channel */
     char err[512];
     mg_redis_cluster *rc = mg_redis_cluster_create(tr_nodes(), acl, "pw", 2000, err, sizeof(err));
     cr_assert_not_null(rc, "%s", err);
@@ -273,12 +256,6 @@ Test(redis_track, refused_subscription_means_no_cache_not_wrong_answers, .timeou
     cr_assert_eq(a->ops->remove_gateway(a), 0);
     mg_presence_free(a);
     mg_redis_cluster_free(rc);
-    for (char *save = NULL, *addr = strtok_r(strcpy(nodes, tr_nodes()), ",", &save); addr;
-         addr = strtok_r(NULL, ",", &save)) {
-        redisContext *c = tr_direct(addr);
-        freeReplyObject(redisCommand(c, "ACL DELUSER %s", acl));
-        redisFree(c);
-    }
-    free(nodes);
+    tr_acl_user(acl, NULL, TR_ACL_DEL);
     tr_unlock(lk);
 }

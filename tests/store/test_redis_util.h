@@ -67,6 +67,47 @@ static inline redisContext *tr_direct(const char *addr)
     return c;
 }
 
+/* Calls fn(c, addr, arg) with a direct connection to each node of
+ * MESHGATE_TEST_REDIS_NODES, in order. */
+static inline void tr_each_node(void (*fn)(redisContext *c, const char *addr, void *arg), void *arg)
+{
+    char *nodes = strdup(tr_nodes()), *save = NULL;
+    for (char *t = strtok_r(nodes, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+        redisContext *c = tr_direct(t);
+        fn(c, t, arg);
+        redisFree(c);
+    }
+    free(nodes);
+}
+
+/* A test ACL user on every node: TR_ACL_ALL (every command, key and
+ * channel), TR_ACL_NO_CHANNELS (the same but no Pub/Sub channel), or
+ * TR_ACL_DEL (deleted). */
+enum tr_acl { TR_ACL_DEL, TR_ACL_ALL, TR_ACL_NO_CHANNELS };
+struct tr_acl_req {
+    const char *user, *pw;
+    enum tr_acl mode;
+};
+
+static inline void tr_acl_on(redisContext *c, const char *addr, void *arg)
+{
+    const struct tr_acl_req *q = arg;
+    redisReply *r =
+        q->mode == TR_ACL_ALL
+            ? redisCommand(c, "ACL SETUSER %s reset on >%s ~* &* +@all", q->user, q->pw)
+        : q->mode == TR_ACL_NO_CHANNELS
+            ? redisCommand(c, "ACL SETUSER %s reset on >%s ~* resetchannels +@all", q->user, q->pw)
+            : redisCommand(c, "ACL DELUSER %s", q->user);
+    cr_assert(r && r->type != REDIS_REPLY_ERROR, "ACL on %s: %s", addr, r ? r->str : c->errstr);
+    freeReplyObject(r);
+}
+
+static inline void tr_acl_user(const char *user, const char *pw, enum tr_acl mode)
+{
+    struct tr_acl_req q = {user, pw ? pw : "", mode};
+    tr_each_node(tr_acl_on, &q);
+}
+
 /* The master owning key's slot, "host:port" into buf. */
 static inline void tr_owner(mg_redis_cluster *rc, const char *key, char *buf, size_t len)
 {
