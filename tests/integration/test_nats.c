@@ -569,8 +569,13 @@ Test(nats_gw, two_gateways_of_a_region_deliver_over_nats)
     snprintf(id2, sizeof(id2), "nats%d-g2", (int)getpid());
     snprintf(user, sizeof(user), "nats%d-bob", (int)getpid());
     /* nats first; a gateway whose consumer pulls a message for a user on
-     * the other one forwards it by grpc (a queue never re-routes by a queue). */
-    const char *extra[] = {"--near-route", "nats,grpc,inbox", NULL};
+     * the other one forwards it by grpc (a queue never re-routes by a queue).
+     * The region's consumer may hand bob all NW messages of one fetch at
+     * once (NATS keeps no per-recipient order, so nothing paces them), past
+     * the default 256-frame outbound bound, which would close him as a slow
+     * consumer (seen once under ASan): the bound is test_ws's subject, the
+     * path is this test's, so bob's gateway gets room for the burst. */
+    const char *extra[] = {"--near-route", "nats,grpc,inbox", "--outbound-queue", "1024", NULL};
     mg_gw *g1 = spawn_gw(id1, region, svc, server(), extra);
     cr_assert_not_null(g1);
     mg_gw *g2 = spawn_gw(id2, region, svc, server(), extra);
