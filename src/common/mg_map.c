@@ -8,6 +8,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <sys/auxv.h>
 
 struct slot {
     char *key; /* NULL: empty */
@@ -21,17 +22,45 @@ struct mg_map {
     size_t size;
 };
 
+/* 64 x 64 -> 128-bit multiply, the halves folded: the mixing step. */
+static inline uint64_t fold_mul(uint64_t a, uint64_t b)
+{
+    unsigned __int128 r = (unsigned __int128)a * b;
+    return (uint64_t)r ^ (uint64_t)(r >> 64);
+}
+
+/* Seeded once per process from the kernel's exec-time random bytes, so a
+ * client cannot pick user ids that collide in every gateway's tables. */
+static uint64_t hash_seed(void)
+{
+    static uint64_t seed;
+    uint64_t s = __atomic_load_n(&seed, __ATOMIC_RELAXED);
+    if (!s) {
+        const unsigned char *r = (const unsigned char *)getauxval(AT_RANDOM);
+        if (r)
+            memcpy(&s, r, sizeof(s));
+        s |= 1;
+        __atomic_store_n(&seed, s, __ATOMIC_RELAXED);
+    }
+    return s;
+}
+
 uint64_t mg_hash(const void *data, size_t len)
 {
-    /* FNV-1a then a murmur finalizer for the low bits. */
+    /* Eight bytes a step (a key is a user or connection id, or a message id
+     * and a recipient: 10 to 80 bytes); byte-at-a-time FNV-1a was a visible
+     * share of a fan-out's CPU. */
     const unsigned char *p = data;
-    uint64_t h = 1469598103934665603ULL;
-    for (size_t i = 0; i < len; i++)
-        h = (h ^ p[i]) * 1099511628211ULL;
-    h ^= h >> 33;
-    h *= 0xff51afd7ed558ccdULL;
-    h ^= h >> 33;
-    return h;
+    uint64_t h = hash_seed() ^ (len * 0x9e3779b97f4a7c15ULL);
+    for (; len >= 8; p += 8, len -= 8) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+        h = fold_mul(h ^ w, 0xbf58476d1ce4e5b9ULL);
+    }
+    uint64_t w = 0;
+    memcpy(&w, p, len);
+    h = fold_mul(h ^ w, 0x94d049bb133111ebULL);
+    return fold_mul(h, 0x9e3779b97f4a7c15ULL);
 }
 
 mg_map *mg_map_create(size_t initial_capacity)

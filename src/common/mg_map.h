@@ -26,6 +26,8 @@ size_t mg_map_size(const mg_map *m);
  * move a later entry into a visited slot): collect keys first, then delete. */
 int mg_map_next(const mg_map *m, size_t *it, const char **key, void **value);
 
+/* The maps' hash: seeded per process (so only stable within one), eight
+ * bytes a step. */
 uint64_t mg_hash(const void *data, size_t len);
 
 #endif

@@ -18,6 +18,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* One allocation: conn_id owns it, gateway_id and region point into it
+ * (mg_presence_list_add); freed by mg_conn_ref_free. */
 typedef struct mg_conn_ref {
     char *conn_id;
     char *gateway_id;
@@ -36,6 +38,7 @@ typedef struct mg_presence_list {
 void mg_presence_list_add(mg_presence_list *l, const char *conn_id, const char *gateway_id,
                           const char *region, int64_t connected_at_ms);
 void mg_presence_list_clear(mg_presence_list *l); /* frees the items, keeps l usable */
+void mg_conn_ref_free(mg_conn_ref *ref);
 
 typedef struct mg_presence mg_presence;
 

@@ -145,12 +145,8 @@ int mg_pcache_get(mg_pcache *c, const char *user, int (*alive)(void *arg, const 
     else
         c->misses++;
     pthread_mutex_unlock(&c->mu);
-    while (!rv && out->n > had) { /* undo a partial answer */
-        mg_conn_ref *ref = &out->items[--out->n];
-        free(ref->conn_id);
-        free(ref->gateway_id);
-        free(ref->region);
-    }
+    while (!rv && out->n > had) /* undo a partial answer */
+        mg_conn_ref_free(&out->items[--out->n]);
     if (!rv && had == 0 && out->items) { /* and the room it made */
         free(out->items);
         out->items = NULL;

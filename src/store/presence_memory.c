@@ -33,17 +33,26 @@ void mg_presence_list_add(mg_presence_list *l, const char *conn_id, const char *
         l->cap = l->cap ? l->cap * 2 : 4;
         l->items = mg_xrealloc(l->items, l->cap * sizeof(*l->items));
     }
-    l->items[l->n++] = (mg_conn_ref){mg_xstrdup(conn_id), mg_xstrdup(gateway_id),
-                                     mg_xstrdup(region), connected_at_ms};
+    /* one block for the three strings (a fan-out adds one entry per
+     * recipient): conn_id owns it, the other two point into it */
+    size_t lc = strlen(conn_id) + 1, lg = strlen(gateway_id) + 1, lr = strlen(region) + 1;
+    char *b = mg_xmalloc(lc + lg + lr);
+    memcpy(b, conn_id, lc);
+    memcpy(b + lc, gateway_id, lg);
+    memcpy(b + lc + lg, region, lr);
+    l->items[l->n++] = (mg_conn_ref){b, b + lc, b + lc + lg, connected_at_ms};
+}
+
+void mg_conn_ref_free(mg_conn_ref *ref)
+{
+    free(ref->conn_id);
+    *ref = (mg_conn_ref){0};
 }
 
 void mg_presence_list_clear(mg_presence_list *l)
 {
-    for (size_t i = 0; i < l->n; i++) {
-        free(l->items[i].conn_id);
-        free(l->items[i].gateway_id);
-        free(l->items[i].region);
-    }
+    for (size_t i = 0; i < l->n; i++)
+        mg_conn_ref_free(&l->items[i]);
     free(l->items);
     free(l->home_region);
     l->items = NULL;
