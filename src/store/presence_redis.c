@@ -20,7 +20,10 @@
  *   delete script, so a restarted gateway's fresh entry is never hit).
  *   Leases are checked with PTTL (pipelined) and cached in-process: alive
  *   until the deadline PTTL gave (so a dead gateway is never believed alive
- *   past its lease), dead for MG_PR_DEAD_CACHE_MS.
+ *   past its lease), dead for MG_PR_DEAD_CACHE_MS. The renew also asks
+ *   again for the leases cached alive, so a busy peer's lease is known
+ *   before it runs out (else every cache hit on its users would miss until
+ *   a lookup asked).
  * Guarantees: a gateway that dies stops appearing in lookups at most
  * lease_seconds after its last renew; its users' keys expire within 3 x
  * lease once no live gateway renews them. On an error nothing local changes.
@@ -324,36 +327,11 @@ static void entry_restore(entry *e)
     *e->cut[0] = *e->cut[1] = '|';
 }
 
-/* Fills alive[i] for each entry: cached leases first, the rest by PTTL. */
-static int check_leases(presence_redis *p, entry *es, size_t n, bool *alive)
+/* Asks Redis for the leases of the nask gateways in ask (PTTL, pipelined)
+ * and caches the answers: alive until the deadline PTTL gave, dead for
+ * MG_PR_DEAD_CACHE_MS. */
+static int ask_leases(presence_redis *p, char *const *ask, size_t nask)
 {
-    int64_t now = mg_mono_ms();
-    char **ask = NULL;
-    size_t nask = 0;
-    pthread_mutex_lock(&p->mu);
-    for (size_t i = 0; i < n; i++) {
-        lease_entry *le = mg_map_get(p->leases, es[i].gw);
-        if (le && now < le->alive_until) {
-            alive[i] = true;
-            continue;
-        }
-        if (le && now < le->dead_until) {
-            alive[i] = false;
-            continue;
-        }
-        size_t k;
-        for (k = 0; k < nask && strcmp(ask[k], es[i].gw) != 0; k++)
-            ;
-        if (k == nask) {
-            ask = mg_xrealloc(ask, (nask + 1) * sizeof(*ask));
-            ask[nask++] = es[i].gw;
-        }
-    }
-    pthread_mutex_unlock(&p->mu);
-    if (!nask) {
-        free(ask);
-        return 0;
-    }
     mg_redis_batch *b = mg_redis_batch_new();
     for (size_t k = 0; k < nask; k++) {
         char *lk = mg_xasprintf("mg:gw:{%s}", ask[k]);
@@ -385,17 +363,83 @@ static int check_leases(presence_redis *p, entry *es, size_t n, bool *alive)
             else if (r->type == REDIS_REPLY_INTEGER && r->integer == -1) /* no TTL: odd, re-check */
                 le->alive_until = sent + 1000;
             else
-                le->dead_until = now + MG_PR_DEAD_CACHE_MS;
+                le->dead_until = sent + MG_PR_DEAD_CACHE_MS;
         }
+        pthread_mutex_unlock(&p->mu);
+    }
+    mg_redis_batch_free(b);
+    return rv;
+}
+
+/* Fills alive[i] for each entry: cached leases first, the rest by PTTL. */
+static int check_leases(presence_redis *p, entry *es, size_t n, bool *alive)
+{
+    int64_t now = mg_mono_ms();
+    char **ask = NULL;
+    size_t nask = 0;
+    pthread_mutex_lock(&p->mu);
+    for (size_t i = 0; i < n; i++) {
+        lease_entry *le = mg_map_get(p->leases, es[i].gw);
+        if (le && now < le->alive_until) {
+            alive[i] = true;
+            continue;
+        }
+        if (le && now < le->dead_until) {
+            alive[i] = false;
+            continue;
+        }
+        size_t k;
+        for (k = 0; k < nask && strcmp(ask[k], es[i].gw) != 0; k++)
+            ;
+        if (k == nask) {
+            ask = mg_xrealloc(ask, (nask + 1) * sizeof(*ask));
+            ask[nask++] = es[i].gw;
+        }
+    }
+    pthread_mutex_unlock(&p->mu);
+    if (!nask) {
+        free(ask);
+        return 0;
+    }
+    int rv = ask_leases(p, ask, nask);
+    if (rv == 0) {
+        pthread_mutex_lock(&p->mu);
         for (size_t i = 0; i < n; i++) {
             lease_entry *le = mg_map_get(p->leases, es[i].gw);
             alive[i] = le && le->alive_until > 0;
         }
         pthread_mutex_unlock(&p->mu);
     }
-    mg_redis_batch_free(b);
     free(ask);
     return rv;
+}
+
+/* From the renew (every lease/3): the leases cached alive are asked again
+ * before they run out, so the presence cache's hits on those gateways'
+ * users never find a lease it does not know (a miss for every send to them
+ * until one lookup asked). Bounded by MG_PR_LEASE_CACHE_MAX. */
+static void refresh_leases(presence_redis *p)
+{
+    char **ask = NULL;
+    size_t nask = 0, cap = 0;
+    const char *k;
+    void *v;
+    pthread_mutex_lock(&p->mu);
+    for (size_t it = 0; mg_map_next(p->leases, &it, &k, &v);) {
+        if (((lease_entry *)v)->alive_until <= 0)
+            continue;
+        if (nask == cap) {
+            cap = cap ? cap * 2 : 16;
+            ask = mg_xrealloc(ask, cap * sizeof(*ask));
+        }
+        ask[nask++] = mg_xstrdup(k);
+    }
+    pthread_mutex_unlock(&p->mu);
+    if (nask > 0 && ask_leases(p, ask, nask) != 0)
+        mg_log_debug("presence", "lease refresh failed gateway=%s", p->gw);
+    for (size_t i = 0; i < nask; i++)
+        free(ask[i]);
+    free(ask);
 }
 
 /* A lookup's arrays, kept between lookups: a store worker looking up
@@ -650,6 +694,7 @@ static int pr_renew(mg_presence *base)
     free(s);
     if (rv != 0)
         mg_log_warn("presence", "renew of entries failed gateway=%s err=%d", p->gw, rv);
+    refresh_leases(p);
     return rv;
 }
 

@@ -227,6 +227,54 @@ Test(redis_track, lost_subscription_forgets_and_comes_back, .timeout = 60)
     tr_unlock(lk);
 }
 
+/* A renew asks again for the leases it holds alive: a peer that keeps its
+ * lease (here set by hand every lease/3, as its renew would, so its users'
+ * keys are not written meanwhile) stays known, and the cache keeps
+ * answering for its users past the deadline of the first PTTL. Without
+ * that, every hit on them misses once that deadline passes. */
+Test(redis_track, renew_keeps_a_peers_lease_known, .timeout = 60)
+{
+    int lk = tr_lock(0);
+    mg_redis_cluster *rca = tr_cluster(2000), *rcb = tr_cluster(2000);
+    char a_id[64], b_id[64], user[64];
+    gwid(a_id, sizeof(a_id), "R");
+    gwid(b_id, sizeof(b_id), "S");
+    snprintf(user, sizeof(user), "trr-%d-%lld", (int)getpid(), (long long)mg_mono_us());
+    mg_presence *a = mg_presence_redis_create(rca, a_id, "eu", 1);
+    mg_presence *b = mg_presence_redis_create(rcb, b_id, "eu", 1); /* user keys live 3 s */
+    cr_assert(a && b);
+    cr_assert_eq(mg_presence_redis_cache(a, 1000), 0);
+    wait_armed(rca);
+    cr_assert_eq(b->ops->connect(b, user, "b-1", 1000), 0);
+    fill_kept(a, user, 1, "b-1");
+
+    char lease_key[96];
+    snprintf(lease_key, sizeof(lease_key), "mg:gw:{%s}", b_id);
+    int64_t until = mg_mono_ms() + 2400; /* 2.4 leases, inside the user key's 3 s */
+    int checks = 0, misses = 0;
+    while (mg_mono_ms() < until) {
+        redisReply *r = NULL;
+        cr_assert_eq(mg_redis_cluster_command(rcb, &r, lease_key, "SET %s eu PX 1000", lease_key),
+                     0);
+        freeReplyObject(r);
+        cr_assert_eq(a->ops->renew(a), 0);
+        for (int i = 0; i < 3; i++, checks++) {
+            if (cached(a, user, "b-1") != 1)
+                misses++;
+            usleep(100 * 1000);
+        }
+    }
+    cr_assert_geq(checks, 15);
+    cr_assert_eq(misses, 0, "%d of %d cache checks missed: the peer's lease ran out here", misses,
+                 checks);
+    cr_assert_eq(b->ops->remove_gateway(b), 0);
+    mg_presence_free(b);
+    mg_presence_free(a);
+    mg_redis_cluster_free(rcb);
+    mg_redis_cluster_free(rca);
+    tr_unlock(lk);
+}
+
 /* An ACL user that may not subscribe to __redis__:invalidate: tracking
  * never arms, so the cache never answers, and presence works as without
  * it (every lookup reads Redis, connects and disconnects show at once). */
