@@ -13,7 +13,7 @@ RUN apt-get update \
       libgrpc-dev protobuf-c-compiler libprotobuf-c-dev \
       libhiredis-dev librdkafka-dev libnats-dev libwebsockets-dev libwebsockets-evlib-ev libev-dev \
       libcurl4-openssl-dev \
-      libjansson-dev libjwt-dev libssl-dev \
+      libjansson-dev libjwt-dev libssl-dev libjemalloc-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
@@ -24,7 +24,7 @@ RUN cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DMG_BUILD_TESTS=OFF \
 
 FROM debian:bookworm-slim AS runtime
 # Shared libraries the binaries link (checked by tests/deploy/check-runtime-libs.sh).
-ARG RUNTIME_PACKAGES="libgrpc29 libprotobuf-c1 libhiredis0.14 librdkafka1 libnats3.4 libwebsockets17 libev4 libcurl4 libjansson4 libjwt0 libssl3"
+ARG RUNTIME_PACKAGES="libgrpc29 libprotobuf-c1 libhiredis0.14 librdkafka1 libnats3.4 libwebsockets17 libev4 libcurl4 libjansson4 libjwt0 libssl3 libjemalloc2"
 # Not linked: trust store for TLS to Consul/Kafka/Redis; lws's libev glue, a plugin it dlopens
 # (libwebsockets-evlib_ev.so) when the WebSocket thread hands it its epoll loop.
 ARG RUNTIME_EXTRA_PACKAGES="ca-certificates libwebsockets-evlib-ev"

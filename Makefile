@@ -25,7 +25,7 @@ build: $(BUILD)/CMakeCache.txt
 	cmake --build $(BUILD) -j
 
 run:
-	@command -v protoc-c >/dev/null 2>&1 && pkg-config --exists grpc libwebsockets libjwt jansson hiredis rdkafka || bash tests/infra/install-deps.sh
+	@command -v protoc-c >/dev/null 2>&1 && pkg-config --exists grpc libwebsockets libjwt jansson hiredis rdkafka jemalloc || bash tests/infra/install-deps.sh
 	@$(MAKE) --no-print-directory build
 	./$(BUILD)/meshgate $(ARGS)
 

@@ -8,7 +8,7 @@ set -euo pipefail
 PKGS=(build-essential cmake pkg-config libgrpc-dev protobuf-c-compiler libprotobuf-c-dev
       libhiredis-dev librdkafka-dev libnats-dev libwebsockets-dev libwebsockets-evlib-ev libev-dev
       libcurl4-openssl-dev libcriterion-dev
-      libjansson-dev libjwt-dev libssl-dev redis-server redis-tools clang-format clang
+      libjansson-dev libjwt-dev libssl-dev libjemalloc-dev redis-server redis-tools clang-format clang
       python3-grpcio python3-protobuf python3-grpc-tools protobuf-compiler maven valgrind
       curl ca-certificates prometheus)
 command -v java >/dev/null 2>&1 || PKGS+=(openjdk-17-jre-headless)
