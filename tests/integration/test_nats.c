@@ -8,7 +8,10 @@
  *     subject are counted and skipped and the consumer keeps going; a message
  *     whose handling fails at every delivery is NAKed up to max_deliver and
  *     then put in the inbox (real Redis Cluster presence and inbox); an
- *     unreachable server is a clear error naming it; a server of the test's
+ *     unreachable server is a clear error naming it; one recipient's
+ *     messages fetched together are handled one at a time in stream order
+ *     (another recipient's meanwhile), and a stop leaves the one still
+ *     waiting unacknowledged; a server of the test's
  *     own, stopped (SIGSTOP) and then killed holding a publish: the HIGH
  *     send fails at its PubAck deadline and the bus goes on.
  *   suite nats_gw (real gateways with Redis presence, Consul discovery and
@@ -469,6 +472,141 @@ Test(nats, max_deliver_then_the_inbox)
     mg_presence_free(other);
     mg_recsink_destroy(&r);
     mg_redis_cluster_free(rc);
+    delete_stream(server(), region);
+}
+
+/* A local sink that holds the writes of u0's deliveries until the test
+ * releases them (other users' are written at once): u0's operations stay
+ * in flight meanwhile. */
+typedef struct held {
+    pthread_mutex_t mu;
+    char ids[8][32]; /* u0's delivered ids, in order */
+    int n, out;      /* how many; how many not yet written */
+    int overlap;     /* deliveries to u0 while another one was not written */
+    int others;
+    mg_written_fn written; /* the one held */
+    void *warg;
+} held;
+
+static int held_deliver(void *arg, const mg_msg *msg, const char *conn_id, bool from_inbox,
+                        mg_written_fn written, void *warg)
+{
+    held *h = arg;
+    pthread_mutex_lock(&h->mu);
+    bool hold = !strcmp(msg->to, "u0") && written && h->n < 8;
+    if (hold) {
+        snprintf(h->ids[h->n++], sizeof(h->ids[0]), "%s", msg->id);
+        h->overlap += h->out > 0;
+        h->out++;
+        h->written = written;
+        h->warg = warg;
+    } else {
+        h->others++;
+    }
+    pthread_mutex_unlock(&h->mu);
+    if (!hold && written)
+        written(warg, 1);
+    return 1;
+}
+
+static int held_disconnect(void *arg, const char *user, const char *conn_id, int code,
+                           const char *reason)
+{
+    return 0;
+}
+
+/* Writes the held delivery (its operation answers: the message is acked). */
+static void held_release(held *h)
+{
+    pthread_mutex_lock(&h->mu);
+    mg_written_fn w = h->written;
+    void *a = h->warg;
+    h->written = NULL;
+    h->out--;
+    pthread_mutex_unlock(&h->mu);
+    cr_assert_not_null(w);
+    w(a, 1);
+}
+
+static bool held_wait(held *h, int n, int timeout_ms)
+{
+    for (int64_t end = mg_mono_ms() + timeout_ms;; usleep(5 * 1000)) {
+        pthread_mutex_lock(&h->mu);
+        bool ok = h->n >= n && h->written;
+        pthread_mutex_unlock(&h->mu);
+        if (ok || mg_mono_ms() >= end)
+            return ok;
+    }
+}
+
+static void *held_release_late(void *arg)
+{
+    usleep(500 * 1000); /* after the stop below began */
+    held_release(arg);
+    return NULL;
+}
+
+/* One recipient's messages fetched together are handled one at a time, in
+ * stream order, while another recipient's go on; a stop with one still
+ * waiting leaves it unacknowledged in the stream (freed here). */
+Test(nats, a_recipients_messages_go_one_at_a_time_and_stop_leaves_the_waiting_ones)
+{
+    char region[64];
+    region_name(region, sizeof(region), "chain");
+    mg_transport *t = make_transport_at(server(), "gw-a", region, 1, 0);
+    enum { N = 5 };
+    for (int i = 0; i < N; i++) { /* published before the consumer: one fetch */
+        char id[16];
+        snprintf(id, sizeof(id), "m%d", i);
+        cr_assert_eq(send_to(t, region, id, "u0", MG_PRIO_HIGH).status, MG_STATUS_QUEUED);
+    }
+    cr_assert_eq(send_to(t, region, "x0", "u1", MG_PRIO_HIGH).status, MG_STATUS_QUEUED);
+    held h = {.mu = PTHREAD_MUTEX_INITIALIZER};
+    mg_local_sink sink = {.deliver = held_deliver, .disconnect = held_disconnect, .arg = &h};
+    mg_router *rt = mg_sink_router("gw-a", region, &sink, 2);
+    mg_router_set_transport(rt, MG_PATH_NATS, t);
+    char err[256] = "";
+    cr_assert_eq(mg_transport_nats_start_consumer(t, rt, err, sizeof(err)), 0, "%s", err);
+    for (int i = 0; i < N - 1; i++) {
+        cr_assert(held_wait(&h, i + 1, 10000), "m%d never delivered (%d)", i, h.n);
+        char id[16];
+        snprintf(id, sizeof(id), "m%d", i);
+        cr_assert_str_eq(h.ids[i], id, "delivery %d", i);
+        if (i < N - 2)
+            held_release(&h);
+    }
+    /* m3 is held, m4 waits behind it: stop; m3 is written meanwhile. */
+    pthread_t th;
+    cr_assert_eq(pthread_create(&th, NULL, held_release_late, &h), 0);
+    mg_transport_nats_stop(t, 5000);
+    pthread_join(th, NULL);
+    cr_assert_eq(h.n, N - 1, "m4 was started after the stop");
+    cr_assert_eq(h.overlap, 0, "two of u0's messages were out at once");
+    cr_assert_eq(h.others, 1, "u1's message did not wait for u0's");
+    /* m4: delivered to the consumer, never acknowledged; the others acked. */
+    natsConnection *nc = raw_connect(server());
+    jsCtx *js = NULL;
+    cr_assert_eq(natsConnection_JetStream(&js, nc, NULL), NATS_OK);
+    char stream[160], durable[160];
+    snprintf(stream, sizeof(stream), "MESHGATE_%s", region);
+    for (char *p = stream; *p; p++)
+        *p = *p >= 'a' && *p <= 'z' ? (char)(*p - 'a' + 'A') : *p;
+    snprintf(durable, sizeof(durable), "meshgate-%s", region);
+    int64_t ack_pending = -1, pending = -1;
+    for (int64_t end = mg_mono_ms() + 5000; mg_mono_ms() < end; usleep(20 * 1000)) {
+        jsConsumerInfo *ci = NULL;
+        cr_assert_eq(js_GetConsumerInfo(&ci, js, stream, durable, NULL, NULL), NATS_OK);
+        ack_pending = ci->NumAckPending;
+        pending = (int64_t)ci->NumPending;
+        jsConsumerInfo_Destroy(ci);
+        if (ack_pending == 1 && pending == 0)
+            break;
+    }
+    cr_assert_eq(ack_pending, 1, "unacknowledged: %lld", (long long)ack_pending);
+    cr_assert_eq(pending, 0);
+    jsCtx_Destroy(js);
+    natsConnection_Destroy(nc);
+    mg_router_free(rt);
     delete_stream(server(), region);
 }
 
