@@ -26,22 +26,40 @@
  * Consumer. The "nats-consume" thread fetches up to the free room of
  * max_inflight messages (a no-wait pull of what the stream has or, when it
  * has nothing, a pull waiting at most FETCH_WAIT_MS for one message: it
- * waits for the server, not for operations), decodes each and starts the
- * batch's operations together (mg_router_deliver_from_queue_many: their
+ * waits for the server, not for operations) and decodes each. Messages are
+ * chained per recipient, as the Kafka consumer's records are: a message
+ * whose recipient has an earlier one from this consumer still in its
+ * operation waits behind it, every other message starts at once, the
+ * batch's starts together (mg_router_deliver_from_queue_many: their
  * recipients resolved in one pipelined presence lookup, one store-pool
- * hand-off instead of one per message). An operation's completion, on
- * whatever thread ends it, acknowledges the message (natsMsg_Ack is a
- * publish: it does not block) or NAKs it with a backoff; the last delivery
- * of a failed message (max_deliver) is handed back to "nats-consume", which
- * writes it to the inbox (the one blocking store call here, on a failure
- * path, as the Kafka consumer does) and acknowledges it. Messages are handled
- * concurrently: unlike a Kafka partition, a recipient's order is not kept
- * across messages fetched together, nor across the region's gateways.
+ * hand-off instead of one per message). So a backlog for one user (after a
+ * restart, a thaw, a service's burst) reaches that user's connections one
+ * message at a time, each written before the next starts, instead of all
+ * of a fetch landing on the outbound queue at once and closing a reading
+ * client as a slow consumer. An operation's completion, on whatever thread
+ * ends it, acknowledges the message (natsMsg_Ack is a publish: it does not
+ * block) or NAKs it with a backoff; the last delivery of a failed message
+ * (max_deliver) is handed back to "nats-consume", which writes it to the
+ * inbox (the one blocking store call here, on a failure path, as the Kafka
+ * consumer does) and acknowledges it. Once a message is over (acknowledged,
+ * NAKed, in the inbox or undeliverable) its recipient's next one is handed
+ * to "nats-chain" (a one-thread mg_pool), which starts what became free
+ * together: the completion may run on a WebSocket service loop, where a
+ * delivery does not wait for its write, so starting the next there would
+ * pace nothing. Waiting messages count against max_inflight (they are
+ * unacknowledged) and "nats-consume" tells the server they are in progress
+ * every ack_wait/4, so none is redelivered while it waits. Order: within
+ * one gateway a recipient's messages are handled one at a time in fetch
+ * (stream) order, except that a NAKed message is redelivered after the
+ * ones behind it; across the region's gateways (each fetches its own share
+ * of the shared consumer) there is no order. On stop the messages still
+ * waiting are dropped unacknowledged: the server redelivers them.
  *
  * Threads: deliver()/available() from any router thread; the PubAck handler
- * on nats.c's thread; "nats-consume" owned here; create/start/stop/free from
- * the control thread. nats.c's own threads (read loop, flusher, reconnect)
- * run the connection callbacks, which only log.
+ * on nats.c's thread; "nats-consume" and "nats-chain" owned here;
+ * create/start/stop/free from the control thread. nats.c's own threads
+ * (read loop, flusher, reconnect) run the connection callbacks, which only
+ * log.
  */
 #include "router/transport_nats.h"
 #include "router/bus_metrics.h"
@@ -49,6 +67,7 @@
 #include "common/mg_log.h"
 #include "common/mg_map.h"
 #include "common/mg_metrics.h"
+#include "common/mg_pool.h"
 #include "common/mg_time.h"
 #include "common/mg_trace.h"
 
@@ -121,8 +140,15 @@ typedef struct tn {
     atomic_int in_flight;
     pthread_mutex_t c_mu; /* room, parked */
     pthread_cond_t c_cond;
-    struct rec *parked;      /* last deliveries that failed: for the inbox */
-    pthread_mutex_t dead_mu; /* dead, ndead, dead_bytes */
+    struct rec *parked;             /* last deliveries that failed: for the inbox */
+    pthread_mutex_t chain_mu;       /* chains, waiting, ready, chain_queued */
+    mg_map *chains;                 /* recipient -> its last message in flight here */
+    struct rec *waiting;            /* chained messages not started yet (wprev/wnext) */
+    struct rec *ready, *ready_tail; /* chained messages free to start: nats-chain's */
+    bool chain_queued;              /* a chain_job is queued */
+    mg_pool *chain_pool;            /* "nats-chain": starts the chained messages */
+    int64_t keep_at_ms;             /* nats-consume: when the waiting messages were last kept */
+    pthread_mutex_t dead_mu;        /* dead, ndead, dead_bytes */
     natsMsg *dead[DESTROY_BURST];
     size_t ndead, dead_bytes;
 
@@ -135,12 +161,17 @@ typedef struct tn {
     int64_t lag_at_ms; /* nats-consume: when the consumer's pending count was last read */
 } tn;
 
-/* One consumed message being handled. */
+/* One consumed message being handled, or waiting behind its recipient's
+ * earlier one (chain_add). */
 typedef struct rec {
-    struct rec *next;
+    struct rec *next;          /* in parked or ready */
+    struct rec *after;         /* its recipient's next message, waiting for this one */
+    struct rec *wprev, *wnext; /* in waiting */
     tn *n;
     natsMsg *m; /* kept until acknowledged */
     mg_msg *msg;
+    mg_msg hand;        /* msg as handed to the router (its trace names span) */
+    int64_t kept_ms;    /* fetched, or last told in progress (keep_waiting) */
     uint64_t delivered; /* this delivery's number (1 = first) */
     mg_send_result res;
     struct mg_span *span; /* "process", when traced */
@@ -656,7 +687,8 @@ static void rec_free(rec *r)
     free(r);
 }
 
-static void rec_finish(tn *n, rec *r)
+/* r is over: freed, its room in max_inflight given back. */
+static void rec_retire(tn *n, rec *r)
 {
     rec_free(r);
     mg_metric_add(n->inflight_gauge, -1);
@@ -667,6 +699,116 @@ static void rec_finish(tn *n, rec *r)
         pthread_cond_signal(&n->c_cond);
         pthread_mutex_unlock(&n->c_mu);
     }
+}
+
+/* ---- per-recipient chains (chain_mu) -------------------------------------- */
+
+static void waiting_link(tn *n, rec *r)
+{
+    r->wprev = NULL;
+    r->wnext = n->waiting;
+    if (n->waiting)
+        n->waiting->wprev = r;
+    n->waiting = r;
+}
+
+static void waiting_unlink(tn *n, rec *r)
+{
+    if (r->wprev)
+        r->wprev->wnext = r->wnext;
+    else
+        n->waiting = r->wnext;
+    if (r->wnext)
+        r->wnext->wprev = r->wprev;
+    r->wprev = r->wnext = NULL;
+}
+
+/* nats-consume: true when r may start now; false when an earlier message
+ * of its recipient is still in its operation here: r then waits behind the
+ * last of them and starts when that one is over (chain_release). */
+static bool chain_add(tn *n, rec *r)
+{
+    pthread_mutex_lock(&n->chain_mu);
+    rec *last = mg_map_put(n->chains, r->msg->to, r);
+    if (last) {
+        last->after = r;
+        waiting_link(n, r);
+    }
+    pthread_mutex_unlock(&n->chain_mu);
+    return !last;
+}
+
+static void chain_job(void *arg);
+
+/* Any thread: r's operation is over (acknowledged, NAKed, in the inbox or
+ * undeliverable). Its recipient's next message is handed to nats-chain,
+ * which starts it: not here, where r's completion may run on a WebSocket
+ * service loop (a delivery made there does not wait for its write, so the
+ * chain would run through at once and pace nothing). While the consumer
+ * stops, the messages behind r are dropped unacknowledged instead: the
+ * server redelivers them. */
+static void chain_release(tn *n, rec *r)
+{
+    rec *drop = NULL;
+    bool post = false;
+    pthread_mutex_lock(&n->chain_mu);
+    rec *next = r->after;
+    r->after = NULL;
+    if (!next) {
+        mg_map_del(n->chains, r->msg->to); /* r was its recipient's last */
+    } else if (!atomic_load(&n->consume_run)) {
+        drop = next;
+        for (rec *q = next; q; q = q->after) {
+            waiting_unlink(n, q);
+            if (!q->after)
+                mg_map_del(n->chains, q->msg->to);
+        }
+    } else {
+        waiting_unlink(n, next);
+        next->next = NULL;
+        if (n->ready_tail)
+            n->ready_tail->next = next;
+        else
+            n->ready = next;
+        n->ready_tail = next;
+        post = !n->chain_queued;
+        n->chain_queued = true;
+    }
+    pthread_mutex_unlock(&n->chain_mu);
+    while (drop) {
+        rec *q = drop;
+        drop = q->after;
+        rec_retire(n, q); /* never started: no span */
+    }
+    if (post && mg_pool_submit(n->chain_pool, chain_job, n) != 0)
+        chain_job(n); /* never: one job is queued at most, and only while consuming */
+}
+
+/* nats-consume: chained messages waiting for their turn tell the server
+ * they are in progress (natsMsg_InProgress: a publish that restarts the
+ * ack wait), so it does not redeliver one while it waits here; each at
+ * most every ack_wait/4, the list walked as often. */
+static void keep_waiting(tn *n)
+{
+    int64_t now = mg_mono_ms(), every = n->ack_wait_ms / 4;
+    if (now - n->keep_at_ms < every)
+        return;
+    n->keep_at_ms = now;
+    pthread_mutex_lock(&n->chain_mu);
+    for (rec *r = n->waiting; r; r = r->wnext) {
+        if (now - r->kept_ms >= every) {
+            natsMsg_InProgress(r->m, NULL);
+            r->kept_ms = now;
+        }
+    }
+    pthread_mutex_unlock(&n->chain_mu);
+}
+
+/* r is over: its recipient's next message goes on, and r is retired. */
+static void rec_finish(tn *n, rec *r)
+{
+    chain_release(n, r);
+    rec_retire(n, r);
 }
 
 /* Any thread: the message's operation answered. */
@@ -762,9 +904,9 @@ static uint64_t delivery_count(const char *reply)
     return end != d && *end == '.' && v > 0 ? (uint64_t)v : 1;
 }
 
-/* nats-consume: one fetched message, decoded into a rec whose operation the
- * caller starts with *hand (NULL: a bad message, terminated). Takes m. */
-static rec *consume_one(tn *n, natsMsg *m, mg_msg *hand)
+/* nats-consume: one fetched message, decoded into a rec (NULL: a bad
+ * message, terminated). Takes m. */
+static rec *consume_one(tn *n, natsMsg *m)
 {
     const char *data = natsMsg_GetData(m);
     int len = natsMsg_GetDataLength(m);
@@ -792,43 +934,83 @@ static rec *consume_one(tn *n, natsMsg *m, mg_msg *hand)
     r->m = m;
     r->msg = msg;
     r->delivered = delivered;
+    r->kept_ms = mg_mono_ms();
     atomic_fetch_add(&n->in_flight, 1);
     mg_metric_add(n->inflight_gauge, 1);
     const char *tp = NULL; /* the header, else the envelope's */
     if (natsMsgHeader_Get(m, "traceparent", &tp) == NATS_OK && tp)
         mg_traceparent_parse(tp, strlen(tp), &msg->trace);
-    r->span = mg_msg_trace_process(msg, hand, "nats", natsMsg_GetSubject(m), n->gateway_id);
     return r;
 }
 
-/* nats-consume: the operations of a fetched batch, started together so the
- * router resolves their recipients in one pipelined presence lookup.
- * Takes the list's messages. */
+/* nats-consume (a fetch's messages) or nats-chain (chained ones whose turn
+ * came): starts the operations of recs[0..k) together, so the router
+ * resolves their recipients in one pipelined presence lookup. A message
+ * that waited (kept_ms old) first tells the server it is in progress. */
+static void start_recs(tn *n, rec **recs, size_t k)
+{
+    if (k == 0)
+        return;
+    mg_msg *hp[FETCH_MAX];
+    int64_t now = mg_mono_ms();
+    for (size_t i = 0; i < k; i++) {
+        rec *r = recs[i];
+        if (now - r->kept_ms >= n->ack_wait_ms / 4)
+            natsMsg_InProgress(r->m, NULL);
+        r->span =
+            mg_msg_trace_process(r->msg, &r->hand, "nats", natsMsg_GetSubject(r->m), n->gateway_id);
+        hp[i] = &r->hand;
+    }
+    /* The operations end well before the server would redeliver. */
+    int64_t deadline = now + (int64_t)n->ack_wait_ms * 3 / 4;
+    mg_router_deliver_from_queue_many(n->router, hp, k, deadline, rec_done, (void *const *)recs);
+}
+
+/* "nats-chain" (the one thread of chain_pool): starts the chained messages
+ * chain_release made free, together; while the consumer stops, drops them
+ * unacknowledged (the server redelivers them). */
+static void chain_job(void *arg)
+{
+    tn *n = arg;
+    pthread_mutex_lock(&n->chain_mu);
+    rec *r = n->ready;
+    n->ready = n->ready_tail = NULL;
+    n->chain_queued = false;
+    pthread_mutex_unlock(&n->chain_mu);
+    while (r) {
+        rec *recs[FETCH_MAX];
+        size_t k = 0;
+        for (; r && k < FETCH_MAX; r = r->next) /* next read before any start */
+            recs[k++] = r;
+        if (atomic_load(&n->consume_run)) {
+            start_recs(n, recs, k);
+            continue;
+        }
+        for (size_t i = 0; i < k; i++)
+            rec_finish(n, recs[i]);
+    }
+}
+
+/* nats-consume: a fetched batch. A message whose recipient has an earlier
+ * one in its operation here waits behind it (chain_add); the others start
+ * together. Takes the list's messages. */
 static void consume_batch(tn *n, natsMsgList *list)
 {
     rec *recs[FETCH_MAX];
-    mg_msg hands[FETCH_MAX], *hp[FETCH_MAX];
     size_t k = 0;
     for (int i = 0; i < list->Count; i++) {
         natsMsg *m = list->Msgs[i];
         list->Msgs[i] = NULL;
-        if (k == FETCH_MAX) { /* never: a fetch asks for at most FETCH_MAX */
+        if (i >= FETCH_MAX) { /* never: a fetch asks for at most FETCH_MAX */
             natsMsg_Nak(m, NULL);
             natsMsg_Destroy(m);
             continue;
         }
-        rec *r = consume_one(n, m, &hands[k]);
-        if (r) {
-            recs[k] = r;
-            hp[k] = &hands[k];
-            k++;
-        }
+        rec *r = consume_one(n, m);
+        if (r && chain_add(n, r))
+            recs[k++] = r;
     }
-    if (k == 0)
-        return;
-    /* The operations end well before the server would redeliver. */
-    int64_t deadline = mg_mono_ms() + (int64_t)n->ack_wait_ms * 3 / 4;
-    mg_router_deliver_from_queue_many(n->router, hp, k, deadline, rec_done, (void *const *)recs);
+    start_recs(n, recs, k);
 }
 
 /* nats-consume: what the stream has for us now, up to batch, at once (a
@@ -879,6 +1061,7 @@ static void *consume_main(void *arg)
         park_failed(n);
         dead_flush(n, NULL);
         read_lag(n);
+        keep_waiting(n);
         int room = n->max_inflight - atomic_load(&n->in_flight);
         if (room <= 0) {
             /* Flow control: max_inflight operations are out. Sleep until the
@@ -1039,6 +1222,8 @@ mg_transport *mg_transport_nats_create(const mg_transport_nats_config *cfg, char
     pthread_condattr_destroy(&ca);
     pthread_mutex_init(&n->c_mu, NULL);
     pthread_mutex_init(&n->dead_mu, NULL);
+    pthread_mutex_init(&n->chain_mu, NULL);
+    n->chains = mg_map_create(256);
     pthread_mutex_init(&n->done_mu, NULL);
     pthread_cond_init(&n->done_cond, NULL);
     pthread_cond_init(&n->c_cond, NULL);
@@ -1103,8 +1288,12 @@ int mg_transport_nats_start_consumer(mg_transport *t, mg_router *router, char *e
     if (rc != 0)
         return rc;
     n->router = router;
+    n->chain_pool = mg_pool_create("nats-chain", 1, 16); /* one job queued at most */
     atomic_store(&n->consume_run, true);
     if (pthread_create(&n->consume_thread, NULL, consume_main, n) != 0) {
+        atomic_store(&n->consume_run, false);
+        mg_pool_free(n->chain_pool);
+        n->chain_pool = NULL;
         natsSubscription_Destroy(n->sub);
         n->sub = NULL;
         snprintf(err, errlen, "nats: cannot start the consumer thread");
@@ -1126,6 +1315,8 @@ void mg_transport_nats_stop(mg_transport *t, int flush_ms)
         atomic_store(&n->consume_run, false);
         pthread_join(n->consume_thread, NULL);
         n->consume_started = false;
+        mg_pool_free(n->chain_pool); /* its last jobs drop what they hold */
+        n->chain_pool = NULL;
         natsConnection_Flush(n->nc);      /* the acks go out before the subscription does */
         natsSubscription_Destroy(n->sub); /* not Unsubscribe: the durable stays */
         n->sub = NULL;
@@ -1198,6 +1389,8 @@ static void tn_free(mg_transport *t)
     pthread_cond_destroy(&n->t_cond);
     pthread_mutex_destroy(&n->c_mu);
     pthread_mutex_destroy(&n->dead_mu);
+    mg_map_free(n->chains);
+    pthread_mutex_destroy(&n->chain_mu);
     pthread_mutex_destroy(&n->done_mu);
     pthread_cond_destroy(&n->done_cond);
     free(n->reply_prefix);

@@ -26,22 +26,25 @@
  *
  * Consumer: durable pull consumer "meshgate-<R>" on the region's stream,
  * shared by the region's gateways (each message is handled by one of them).
- * A fetched batch starts its messages' operations together
- * (mg_router_deliver_from_queue_many: one presence lookup for the batch);
- * each message is acknowledged from its operation's completion (at-least-once: a gateway that dies
- * before acknowledging leaves its messages to be redelivered to another gateway after ack_wait_ms;
- * the local transport's dedupe window drops what was already shown). A failed operation is NAKed
- * with a backoff, up to max_deliver deliveries; the last one puts the message in the recipient's
- * inbox (if that fails too it is counted in meshgate_bus_undeliverable_total and left
- * unacknowledged in the stream until max age). Undecodable or oversized
- * payloads are counted, terminated (never redelivered) and skipped.
+ * A fetched message whose recipient has an earlier one still in its
+ * operation on this gateway waits behind it (one at a time per recipient,
+ * in fetch order; stop leaves the waiting ones unacknowledged); the others
+ * start together (mg_router_deliver_from_queue_many: one presence lookup
+ * for them); each message is acknowledged from its operation's completion (at-least-once: a gateway
+ * that dies before acknowledging leaves its messages to be redelivered to another gateway after
+ * ack_wait_ms; the local transport's dedupe window drops what was already shown). A failed
+ * operation is NAKed with a backoff, up to max_deliver deliveries; the last one puts the message in
+ * the recipient's inbox (if that fails too it is counted in meshgate_bus_undeliverable_total and
+ * left unacknowledged in the stream until max age). Undecodable or oversized payloads are counted,
+ * terminated (never redelivered) and skipped.
  *
  * Threads: deliver()/available() from any thread; PubAck handlers run on
  * nats.c's delivery thread of the transport's reply subscription, missed
  * deadlines on "nats-timeout" (both start the next step); "nats-consume"
  * fetches (a blocking fetch waits for the server, never for an operation)
  * and starts operations; their completions acknowledge on whatever thread
- * they run. create/start/stop/free from one control thread.
+ * they run and hand a recipient's next message to "nats-chain", which
+ * starts it. create/start/stop/free from one control thread.
  */
 #ifndef MG_TRANSPORT_NATS_H
 #define MG_TRANSPORT_NATS_H

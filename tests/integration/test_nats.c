@@ -8,7 +8,10 @@
  *     subject are counted and skipped and the consumer keeps going; a message
  *     whose handling fails at every delivery is NAKed up to max_deliver and
  *     then put in the inbox (real Redis Cluster presence and inbox); an
- *     unreachable server is a clear error naming it; a server of the test's
+ *     unreachable server is a clear error naming it; one recipient's
+ *     messages fetched together are handled one at a time in stream order
+ *     (another recipient's meanwhile), and a stop leaves the one still
+ *     waiting unacknowledged; a server of the test's
  *     own, stopped (SIGSTOP) and then killed holding a publish: the HIGH
  *     send fails at its PubAck deadline and the bus goes on.
  *   suite nats_gw (real gateways with Redis presence, Consul discovery and
@@ -17,7 +20,10 @@
  *     unacknowledged messages (the other one frozen for 700 ms, so the
  *     first pulls the region's messages and its forwarding calls wait): they
  *     are redelivered to the other gateway of the region, every QUEUED
- *     message is shown, none twice; a gateway whose
+ *     message is shown, none twice; a backlog of 1,000 messages (8 KiB) for
+ *     one user, published while his gateway is frozen, reaches him paced
+ *     within the default outbound bounds: each once, in publish order, his
+ *     connection open; a gateway whose
  *     --nats-url is unreachable exits naming it.
  *   suite nats_cluster (a 3-node JetStream cluster of its own, R3 stream):
  *     one node SIGKILLed mid-run: every QUEUED message is delivered, once.
@@ -119,17 +125,25 @@ static mg_transport *consumer_at(const char *urls, const char *gw, const char *r
     return t;
 }
 
-static mg_deliver_outcome send_to(mg_transport *t, const char *region, const char *id,
-                                  const char *user, mg_priority prio)
+/* Publishes a message of len bytes of body to user in region. */
+static mg_deliver_outcome send_body(mg_transport *t, const char *region, const char *id,
+                                    const char *user, mg_priority prio, const char *body,
+                                    size_t len)
 {
     mg_msg *m =
-        mg_msg_new(id, "sender", user, (const uint8_t *)"hi", 2, "text/plain", mg_now_ms(), prio);
+        mg_msg_new(id, "sender", user, (const uint8_t *)body, len, "text/plain", mg_now_ms(), prio);
     mg_route_target target = {"gw-far", region};
     mg_deliver_outcome out = {0};
     int rc = mg_wait_deliver(t, &target, m, mg_mono_ms() + 10000, &out);
     mg_msg_free(m);
     cr_assert_eq(rc, 0);
     return out;
+}
+
+static mg_deliver_outcome send_to(mg_transport *t, const char *region, const char *id,
+                                  const char *user, mg_priority prio)
+{
+    return send_body(t, region, id, user, prio, "hi", 2);
 }
 
 /* A plain nats.c connection of the test's own (raw publishes, clean-up). */
@@ -461,6 +475,141 @@ Test(nats, max_deliver_then_the_inbox)
     delete_stream(server(), region);
 }
 
+/* A local sink that holds the writes of u0's deliveries until the test
+ * releases them (other users' are written at once): u0's operations stay
+ * in flight meanwhile. */
+typedef struct held {
+    pthread_mutex_t mu;
+    char ids[8][32]; /* u0's delivered ids, in order */
+    int n, out;      /* how many; how many not yet written */
+    int overlap;     /* deliveries to u0 while another one was not written */
+    int others;
+    mg_written_fn written; /* the one held */
+    void *warg;
+} held;
+
+static int held_deliver(void *arg, const mg_msg *msg, const char *conn_id, bool from_inbox,
+                        mg_written_fn written, void *warg)
+{
+    held *h = arg;
+    pthread_mutex_lock(&h->mu);
+    bool hold = !strcmp(msg->to, "u0") && written && h->n < 8;
+    if (hold) {
+        snprintf(h->ids[h->n++], sizeof(h->ids[0]), "%s", msg->id);
+        h->overlap += h->out > 0;
+        h->out++;
+        h->written = written;
+        h->warg = warg;
+    } else {
+        h->others++;
+    }
+    pthread_mutex_unlock(&h->mu);
+    if (!hold && written)
+        written(warg, 1);
+    return 1;
+}
+
+static int held_disconnect(void *arg, const char *user, const char *conn_id, int code,
+                           const char *reason)
+{
+    return 0;
+}
+
+/* Writes the held delivery (its operation answers: the message is acked). */
+static void held_release(held *h)
+{
+    pthread_mutex_lock(&h->mu);
+    mg_written_fn w = h->written;
+    void *a = h->warg;
+    h->written = NULL;
+    h->out--;
+    pthread_mutex_unlock(&h->mu);
+    cr_assert_not_null(w);
+    w(a, 1);
+}
+
+static bool held_wait(held *h, int n, int timeout_ms)
+{
+    for (int64_t end = mg_mono_ms() + timeout_ms;; usleep(5 * 1000)) {
+        pthread_mutex_lock(&h->mu);
+        bool ok = h->n >= n && h->written;
+        pthread_mutex_unlock(&h->mu);
+        if (ok || mg_mono_ms() >= end)
+            return ok;
+    }
+}
+
+static void *held_release_late(void *arg)
+{
+    usleep(500 * 1000); /* after the stop below began */
+    held_release(arg);
+    return NULL;
+}
+
+/* One recipient's messages fetched together are handled one at a time, in
+ * stream order, while another recipient's go on; a stop with one still
+ * waiting leaves it unacknowledged in the stream (freed here). */
+Test(nats, a_recipients_messages_go_one_at_a_time_and_stop_leaves_the_waiting_ones)
+{
+    char region[64];
+    region_name(region, sizeof(region), "chain");
+    mg_transport *t = make_transport_at(server(), "gw-a", region, 1, 0);
+    enum { N = 5 };
+    for (int i = 0; i < N; i++) { /* published before the consumer: one fetch */
+        char id[16];
+        snprintf(id, sizeof(id), "m%d", i);
+        cr_assert_eq(send_to(t, region, id, "u0", MG_PRIO_HIGH).status, MG_STATUS_QUEUED);
+    }
+    cr_assert_eq(send_to(t, region, "x0", "u1", MG_PRIO_HIGH).status, MG_STATUS_QUEUED);
+    held h = {.mu = PTHREAD_MUTEX_INITIALIZER};
+    mg_local_sink sink = {.deliver = held_deliver, .disconnect = held_disconnect, .arg = &h};
+    mg_router *rt = mg_sink_router("gw-a", region, &sink, 2);
+    mg_router_set_transport(rt, MG_PATH_NATS, t);
+    char err[256] = "";
+    cr_assert_eq(mg_transport_nats_start_consumer(t, rt, err, sizeof(err)), 0, "%s", err);
+    for (int i = 0; i < N - 1; i++) {
+        cr_assert(held_wait(&h, i + 1, 10000), "m%d never delivered (%d)", i, h.n);
+        char id[16];
+        snprintf(id, sizeof(id), "m%d", i);
+        cr_assert_str_eq(h.ids[i], id, "delivery %d", i);
+        if (i < N - 2)
+            held_release(&h);
+    }
+    /* m3 is held, m4 waits behind it: stop; m3 is written meanwhile. */
+    pthread_t th;
+    cr_assert_eq(pthread_create(&th, NULL, held_release_late, &h), 0);
+    mg_transport_nats_stop(t, 5000);
+    pthread_join(th, NULL);
+    cr_assert_eq(h.n, N - 1, "m4 was started after the stop");
+    cr_assert_eq(h.overlap, 0, "two of u0's messages were out at once");
+    cr_assert_eq(h.others, 1, "u1's message did not wait for u0's");
+    /* m4: delivered to the consumer, never acknowledged; the others acked. */
+    natsConnection *nc = raw_connect(server());
+    jsCtx *js = NULL;
+    cr_assert_eq(natsConnection_JetStream(&js, nc, NULL), NATS_OK);
+    char stream[160], durable[160];
+    snprintf(stream, sizeof(stream), "MESHGATE_%s", region);
+    for (char *p = stream; *p; p++)
+        *p = *p >= 'a' && *p <= 'z' ? (char)(*p - 'a' + 'A') : *p;
+    snprintf(durable, sizeof(durable), "meshgate-%s", region);
+    int64_t ack_pending = -1, pending = -1;
+    for (int64_t end = mg_mono_ms() + 5000; mg_mono_ms() < end; usleep(20 * 1000)) {
+        jsConsumerInfo *ci = NULL;
+        cr_assert_eq(js_GetConsumerInfo(&ci, js, stream, durable, NULL, NULL), NATS_OK);
+        ack_pending = ci->NumAckPending;
+        pending = (int64_t)ci->NumPending;
+        jsConsumerInfo_Destroy(ci);
+        if (ack_pending == 1 && pending == 0)
+            break;
+    }
+    cr_assert_eq(ack_pending, 1, "unacknowledged: %lld", (long long)ack_pending);
+    cr_assert_eq(pending, 0);
+    jsCtx_Destroy(js);
+    natsConnection_Destroy(nc);
+    mg_router_free(rt);
+    delete_stream(server(), region);
+}
+
 Test(nats, unreachable_server_is_a_clear_error)
 {
     char url[64];
@@ -493,6 +642,8 @@ typedef struct wsuser {
     pthread_mutex_t mu;
     mg_map *got; /* message id -> times shown */
     int total, dups;
+    const char *seq; /* ids "<seq><i>" are checked to come in order of i (NULL: none) */
+    int next_seq, disorder;
 } wsuser;
 
 static void *wsuser_main(void *arg)
@@ -512,6 +663,12 @@ static void *wsuser_main(void *arg)
             mg_map_put(u->got, id, (void *)(n + 1));
             u->total++;
             u->dups += n >= 1;
+            size_t sl = u->seq ? strlen(u->seq) : 0;
+            if (sl && n == 0 && !strncmp(id, u->seq, sl)) {
+                int i = atoi(id + sl);
+                u->disorder += i != u->next_seq;
+                u->next_seq = i + 1;
+            }
             pthread_mutex_unlock(&u->mu);
         }
         json_decref(j);
@@ -570,12 +727,9 @@ Test(nats_gw, two_gateways_of_a_region_deliver_over_nats)
     snprintf(user, sizeof(user), "nats%d-bob", (int)getpid());
     /* nats first; a gateway whose consumer pulls a message for a user on
      * the other one forwards it by grpc (a queue never re-routes by a queue).
-     * The region's consumer may hand bob all NW messages of one fetch at
-     * once (NATS keeps no per-recipient order, so nothing paces them), past
-     * the default 256-frame outbound bound, which would close him as a slow
-     * consumer (seen once under ASan): the bound is test_ws's subject, the
-     * path is this test's, so bob's gateway gets room for the burst. */
-    const char *extra[] = {"--near-route", "nats,grpc,inbox", "--outbound-queue", "1024", NULL};
+     * The default 256-frame outbound bound: each consumer hands bob one
+     * message at a time (its chain per recipient). */
+    const char *extra[] = {"--near-route", "nats,grpc,inbox", NULL};
     mg_gw *g1 = spawn_gw(id1, region, svc, server(), extra);
     cr_assert_not_null(g1);
     mg_gw *g2 = spawn_gw(id2, region, svc, server(), extra);
@@ -693,15 +847,9 @@ Test(nats_gw, killed_gateway_leaves_its_pulled_messages_to_the_region)
     snprintf(id2, sizeof(id2), "natsk%d-g2", (int)getpid());
     snprintf(id3, sizeof(id3), "natsk%d-g3", (int)getpid());
     snprintf(user, sizeof(user), "natsk%d-bob", (int)getpid());
-    /* The thaw below lands a burst on bob's connection: room for it (the
-     * default 256 frames would close him as a slow consumer). */
-    const char *near_args[] = {"--near-route",
-                               "nats,grpc,inbox",
-                               "--outbound-queue",
-                               "16384",
-                               "--outbound-queue-bytes",
-                               "67108864",
-                               NULL};
+    /* The thaw below leaves a backlog for bob: g2 hands it to him one
+     * message at a time, within the default outbound bound. */
+    const char *near_args[] = {"--near-route", "nats,grpc,inbox", NULL};
     /* Never hot: a hot far pair would go by grpc first. */
     const char *far_args[] = {"--far-route", "nats,inbox", "--hot-threshold", "1000000", NULL};
     /* g1 waits long for g2's answers: what it forwards while g2 is frozen
@@ -795,6 +943,80 @@ Test(nats_gw, killed_gateway_leaves_its_pulled_messages_to_the_region)
     mg_gw_free(g3);
     delete_stream(server(), region);
     delete_stream(server(), far);
+}
+
+/* A backlog for one user (published while his gateway is frozen) reaches
+ * him one message at a time, within the default outbound bounds (256
+ * frames, 1 MiB): every message once, in publish order, and his
+ * connection stays open. Without the consumer's chain per recipient a
+ * fetch lands on his queue at once and he is closed with 4008. */
+Test(nats_gw, a_backlog_for_one_user_is_paced_in_order)
+{
+    char region[64], svc[64], id[64], user[64], seq[80];
+    region_name(region, sizeof(region), "burst");
+    snprintf(svc, sizeof(svc), "meshgate-natsb%d", (int)getpid());
+    snprintf(id, sizeof(id), "natsb%d-g1", (int)getpid());
+    snprintf(user, sizeof(user), "natsb%d-bob", (int)getpid());
+    snprintf(seq, sizeof(seq), "%s-b", user);
+    /* bob's presence outlives the freeze */
+    const char *args[] = {"--presence-lease-seconds", "30", NULL};
+    mg_gw *g = spawn_gw(id, region, svc, server(), args);
+    cr_assert_not_null(g);
+    wsuser u;
+    wsuser_start(&u, g, user);
+    pthread_mutex_lock(&u.mu);
+    u.seq = seq;
+    pthread_mutex_unlock(&u.mu);
+    mg_transport *pub = make_transport_at(server(), "natsb-pub", region, 1, 0);
+    /* A first message shown: bob's presence is written and g consumes. */
+    char probe[112];
+    snprintf(probe, sizeof(probe), "%s-probe", user);
+    cr_assert_eq(send_to(pub, region, probe, user, MG_PRIO_HIGH).status, MG_STATUS_QUEUED);
+    for (int64_t end = mg_mono_ms() + 10000; !wsuser_count(&u, probe) && mg_mono_ms() < end;)
+        usleep(20 * 1000);
+    cr_assert_eq(wsuser_count(&u, probe), 1, "the probe was never shown");
+
+    /* About 4 fetches of 256, each 2 MiB: well past the bounds of 256 frames
+     * and 1 MiB when a fetch lands on bob's queue at once. */
+    enum { N = 1000, BODY = 8192 };
+    char *body = malloc(BODY);
+    memset(body, 'x', BODY);
+    mg_gw_kill(g, SIGSTOP);
+    for (int i = 0; i < N; i++) {
+        char mid[112];
+        snprintf(mid, sizeof(mid), "%s%d", seq, i);
+        mg_deliver_outcome out = send_body(pub, region, mid, user, MG_PRIO_HIGH, body, BODY);
+        cr_assert_eq(out.status, MG_STATUS_QUEUED, "send %d: %s", i, out.reason);
+    }
+    mg_gw_kill(g, SIGCONT);
+    free(body);
+    int total = 0;
+    for (int64_t end = mg_mono_ms() + 30000; total < N + 1 && mg_mono_ms() < end;) {
+        usleep(50 * 1000);
+        pthread_mutex_lock(&u.mu);
+        total = u.total;
+        pthread_mutex_unlock(&u.mu);
+        if (mg_wsc_close_code(u.ws) != 0)
+            break;
+    }
+    cr_assert_eq(mg_wsc_close_code(u.ws), 0, "bob's connection was closed (%d) after %d messages",
+                 mg_wsc_close_code(u.ws), total);
+    for (int i = 0; i < N; i++) {
+        char mid[112];
+        snprintf(mid, sizeof(mid), "%s%d", seq, i);
+        cr_assert_eq(wsuser_count(&u, mid), 1, "%s shown %d times", mid, wsuser_count(&u, mid));
+    }
+    pthread_mutex_lock(&u.mu);
+    int disorder = u.disorder, dups = u.dups;
+    pthread_mutex_unlock(&u.mu);
+    cr_assert_eq(disorder, 0, "%d messages out of publish order", disorder);
+    cr_assert_eq(dups, 0);
+    cr_assert_eq(mg_gw_metric(g, "meshgate_ws_slow_consumer_closes_total "), 0);
+    mg_transport_free(pub);
+    wsuser_stop(&u);
+    cr_expect_eq(mg_gw_stop(g), 0);
+    mg_gw_free(g);
+    delete_stream(server(), region);
 }
 
 Test(nats_gw, unreachable_server_at_start_exits_naming_it)
