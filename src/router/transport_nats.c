@@ -771,7 +771,10 @@ static void chain_release(tn *n, rec *r)
         else
             n->ready = next;
         n->ready_tail = next;
-        post = !n->chain_queued;
+        /* submitted under chain_mu: stop frees the pool only after it saw
+         * consume_run false under chain_mu, so no submit comes later */
+        if (!n->chain_queued)
+            post = mg_pool_submit(n->chain_pool, chain_job, n) != 0;
         n->chain_queued = true;
     }
     pthread_mutex_unlock(&n->chain_mu);
@@ -780,7 +783,7 @@ static void chain_release(tn *n, rec *r)
         drop = q->after;
         rec_retire(n, q); /* never started: no span */
     }
-    if (post && mg_pool_submit(n->chain_pool, chain_job, n) != 0)
+    if (post)
         chain_job(n); /* never: one job is queued at most, and only while consuming */
 }
 
@@ -1313,6 +1316,9 @@ void mg_transport_nats_stop(mg_transport *t, int flush_ms)
         return;
     if (n->consume_started) {
         atomic_store(&n->consume_run, false);
+        /* a chain_release that saw consume_run true has submitted by now */
+        pthread_mutex_lock(&n->chain_mu);
+        pthread_mutex_unlock(&n->chain_mu);
         pthread_join(n->consume_thread, NULL);
         n->consume_started = false;
         mg_pool_free(n->chain_pool); /* its last jobs drop what they hold */
