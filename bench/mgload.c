@@ -332,7 +332,7 @@ static struct {
 } st;
 
 static hist H;
-/* pairs: where the end-to-end latency (H) goes, per message: HS scheduled
+/* pairs and api: where the end-to-end latency (H) goes, per message: HS scheduled
  * send time -> frame built here (this process late: pacing, its own CPU);
  * HG built -> the kernel's arrival stamp on the recipient's socket
  * (SO_TIMESTAMPNS: the gateway's part, loopback included); HR arrival ->
@@ -614,7 +614,7 @@ static uint8_t rdbuf[1 << 18];
 static int64_t rx_arrival; /* the last read's kernel arrival stamp (monotonic ns), 0: none */
 
 /* recv, and the kernel's stamp of the read's last segment when the socket
- * asked for one (SO_TIMESTAMPNS: pairs recipients). */
+ * asked for one (SO_TIMESTAMPNS: pairs and api recipients). */
 static ssize_t read_stamped(int fd)
 {
     struct iovec iov = {.iov_base = rdbuf, .iov_len = sizeof(rdbuf)};
@@ -751,7 +751,8 @@ static int conn_start(conn *c, long i)
     int one = 1;
     setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one));
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    if (!c->sender && strcmp(opt.mode, "pairs") == 0) /* arrival stamps: see HG */
+    if (!c->sender && (strcmp(opt.mode, "pairs") == 0 || strcmp(opt.mode, "api") == 0))
+        /* arrival stamps: see HG */
         setsockopt(fd, SOL_SOCKET, SO_TIMESTAMPNS, &one, sizeof(one));
     struct sockaddr_in src = {.sin_family = AF_INET};
     src.sin_addr.s_addr = htonl(0x7f000002u + (uint32_t)(i % opt.nsrc));
@@ -931,6 +932,18 @@ static void j_end(void)
 
 /* ---- modes ---------------------------------------------------------------------- */
 
+/* pairs and api: where a message's latency went (HS, HG, HR above) */
+static void add_breakdown(int64_t stamp, int64_t built, int64_t now)
+{
+    if (!built)
+        return;
+    h_add(&HS, built - stamp);
+    if (rx_arrival) {
+        h_add(&HG, rx_arrival - built);
+        h_add(&HR, now - rx_arrival);
+    }
+}
+
 static void on_delivered(conn *r, int64_t stamp, int64_t built, int64_t now)
 {
     st.recv_msgs++;
@@ -942,13 +955,7 @@ static void on_delivered(conn *r, int64_t stamp, int64_t built, int64_t now)
          * (within --drain); rate: receipts inside the window */
         if (stamp >= measure_start && stamp <= send_end_ns) {
             h_add(&H, now - stamp);
-            if (built) {
-                h_add(&HS, built - stamp);
-                if (rx_arrival) {
-                    h_add(&HG, rx_arrival - built);
-                    h_add(&HR, now - rx_arrival);
-                }
-            }
+            add_breakdown(stamp, built, now);
             if (measure_stop == 0 || now <= measure_stop)
                 st.recv_measured++;
         } else {
@@ -960,6 +967,7 @@ static void on_delivered(conn *r, int64_t stamp, int64_t built, int64_t now)
                                            window, rate from receipts inside it */
         if (stamp >= measure_start && stamp <= send_end_ns) {
             h_add(&H, now - stamp);
+            add_breakdown(stamp, built, now);
             if (now <= send_end_ns)
                 st.recv_measured++;
         } else {
@@ -1461,7 +1469,8 @@ static grpc_byte_buffer *api_request(long k, int64_t stamp)
 {
     char user[160], content[256];
     snprintf(user, sizeof(user), "%s%ld", opt.prefix, k % nconns);
-    snprintf(content, sizeof(content), "mgb %" PRId64 " %.*s", stamp,
+    /* "mgb DUE BUILT": the receiver splits the latency as pairs does */
+    snprintf(content, sizeof(content), "mgb %" PRId64 " %" PRId64 " %.*s", stamp, now_ns(),
              opt.size < 128 ? opt.size : 128, pad);
     Meshgate__V1__Message m = MESHGATE__V1__MESSAGE__INIT;
     m.from = "bench-api";
@@ -1684,6 +1693,7 @@ static int mode_api(void)
     grpc_channel_credentials *creds = grpc_insecure_credentials_create();
     api.ch = grpc_channel_create(opt.grpc, creds, NULL);
     grpc_channel_credentials_release(creds);
+    rt_minus_mono = realtime_offset();
     int64_t t0 = now_ns();
     api.t0 = t0;
     measure_start = t0 + (int64_t)(opt.warmup * 1e9);
@@ -1691,11 +1701,13 @@ static int mode_api(void)
     pthread_t th;
     pthread_create(&th, NULL, opt.stream ? stream_thread : api_thread, NULL);
     long ticks0 = -1, sent0 = 0;
+    double cpu0 = -1;
     sched_use gs0 = {0}, ls0 = {0}, gs1 = {0}, ls1 = {0};
     int64_t tick_t0 = 0, now;
     while ((now = now_ns()) < send_end_ns) {
         if (ticks0 < 0 && now >= measure_start) {
             ticks0 = gw_ticks();
+            cpu0 = cpu_seconds_self();
             gw_sched(&gs0);
             proc_sched(getpid(), &ls0);
             tick_t0 = now;
@@ -1705,6 +1717,7 @@ static int mode_api(void)
     }
     measure_stop = now_ns();
     long ticks1 = gw_ticks(), sent1 = atomic_load(&api.sent);
+    double cpu1 = cpu_seconds_self();
     gw_sched(&gs1);
     proc_sched(getpid(), &ls1);
     int64_t drain_end = now_ns() + (int64_t)(opt.drain * 1e9);
@@ -1737,6 +1750,10 @@ static int mode_api(void)
          cpu_s >= 0 && mwin > 0 ? cpu_s / mwin * 100 : -1.0,
          cpu_s >= 0 && st.recv_measured ? cpu_s * 1e6 / (double)st.recv_measured : -1.0,
          gw_rss_kb());
+    j_stage("send_lag", &HS); /* scheduled -> request built (this process late) */
+    j_stage("gw", &HG);       /* built -> the recipient's socket: gRPC client, both gateways */
+    j_stage("recv_lag", &HR);
+    jadd(",\"load_cpu_pct\":%.1f", cpu0 >= 0 && mwin > 0 ? (cpu1 - cpu0) / mwin * 100 : -1.0);
     j_sched(&gs0, &gs1, &ls0, &ls1, st.recv_measured);
     j_errors();
     j_end();

@@ -23,7 +23,8 @@
 #   FLOOR_RATE     the rate of the floor scenario's second phase (default: the local scenario's
 #                  half rate in this run, else half of mgrelay's flat out)
 #   GRPC_ROWS=rates  the grpc scenario runs only its fixed-rate rows (GRPC_RATE, then 10,000/s),
-#                  each GRPC_REPEAT times (default 1) on the same two gateways: the p99 rows alone
+#                  each GRPC_REPEAT times (default 1) on the same two gateways: the p99 rows alone;
+#                  GRPC_ROWS=api-rates: only the API's rows at 10,000/s, GRPC_REPEAT times
 #   IDLE_CONNS, LOCAL_PAIRS, LOCAL_WINDOW, FANOUT_USERS, GRPC_RATE, KAFKA_RATE, PUBSUB_RATE, NATS_RATE,
 #                  API_USERS, API_WINDOW, API_RATE, API_STREAM_WINDOW,
 #                  PHASE_SECONDS
@@ -328,7 +329,7 @@ sc_grpc() {
   two_gws r1 r1 || { skip grpc "gateways did not start with --presence redis-cluster --discovery consul"; stop_gws; return 0; }
   probe_by grpc grpc || return 0
   local rate=${GRPC_RATE:-20000} rows=${GRPC_ROWS:-all} k
-  [ "$rows" = all ] || [ "$rows" = rates ] || { log "grpc: GRPC_ROWS is all or rates, not $rows"; stop_gws; return 1; }
+  case $rows in all|rates|api-rates) ;; *) log "grpc: GRPC_ROWS is all, rates or api-rates, not $rows"; stop_gws; return 1 ;; esac
   if [ "$rows" = all ]; then
     load $LOADB pairs --port "$PB" --send-port "$PA" --pairs 64 --window 16 --seconds "$SECS" \
       --warmup 1 --count 100000000 --gw-pid "$PIDA,$PIDB" --scenario grpc --path grpc \
@@ -338,6 +339,7 @@ sc_grpc() {
       --label "grpc flat out, priority low" --prefix gl$$- >/dev/null
   fi
   local r
+  [ "$rows" = api-rates ] && { grpc_api_rates "${GRPC_REPEAT:-1}"; stop_gws; return 0; }
   for r in $rate 10000; do
     for k in $(seq "${GRPC_REPEAT:-1}"); do
       load $LOADB pairs --port "$PB" --send-port "$PA" --pairs 64 --rate "$r" --seconds "$SECS" \
@@ -357,15 +359,23 @@ sc_grpc() {
     --window "${API_STREAM_WINDOW:-256}" --seconds "$SECS" --warmup 1 --count 100000000 \
     --gw-pid "$PIDA,$PIDB" --scenario grpc --path grpc \
     --label "grpc API -> user on B flat out, SendStream" --prefix gs$$- >/dev/null || true
-  load $LOADB api --port "$PB" --grpc "127.0.0.1:$GA" --conns "${API_USERS:-1000}" \
-    --rate 10000 --seconds "$SECS" --warmup 1 --count $((10000 * (SECS + 2))) \
-    --gw-pid "$PIDA,$PIDB" --scenario grpc --path grpc \
-    --label "grpc API -> user on B at 10000/s, SendMessage" --prefix gu$$- >/dev/null || true
-  load $LOADB api --stream --port "$PB" --grpc "127.0.0.1:$GA" --conns "${API_USERS:-1000}" \
-    --rate 10000 --seconds "$SECS" --warmup 1 --count $((10000 * (SECS + 2))) \
-    --gw-pid "$PIDA,$PIDB" --scenario grpc --path grpc \
-    --label "grpc API -> user on B at 10000/s, SendStream" --prefix gt$$- >/dev/null || true
+  grpc_api_rates 1
   stop_gws
+}
+
+# The grpc scenario's API rows at 10,000/s (SendMessage calls, then one SendStream), $1 times.
+grpc_api_rates() {
+  local k
+  for k in $(seq "$1"); do
+    load $LOADB api --port "$PB" --grpc "127.0.0.1:$GA" --conns "${API_USERS:-1000}" \
+      --rate 10000 --seconds "$SECS" --warmup 1 --count $((10000 * (SECS + 2))) \
+      --gw-pid "$PIDA,$PIDB" --scenario grpc --path grpc \
+      --label "grpc API -> user on B at 10000/s, SendMessage" --prefix gu$k-$$- >/dev/null || true
+    load $LOADB api --stream --port "$PB" --grpc "127.0.0.1:$GA" --conns "${API_USERS:-1000}" \
+      --rate 10000 --seconds "$SECS" --warmup 1 --count $((10000 * (SECS + 2))) \
+      --gw-pid "$PIDA,$PIDB" --scenario grpc --path grpc \
+      --label "grpc API -> user on B at 10000/s, SendStream" --prefix gt$k-$$- >/dev/null || true
+  done
 }
 
 sc_kafka() {
@@ -509,7 +519,7 @@ for r in rows:
         conns = f(r.get("conns"))
     else:
         gw = f"CPU {f(r.get('gw_cpu_pct'),0)} %, {f(r.get('gw_cpu_us_per_msg'),1)} µs/msg"
-        if r.get("gw_p50_us") is not None: # pairs: where the latency went (bench/README.md)
+        if r.get("gw_p50_us") is not None: # pairs and api: where the latency went (bench/README.md)
             gw += (f"; p50/p99 µs: mgload late {f(r.get('send_lag_p50_us'))}/{f(r.get('send_lag_p99_us'))}, "
                    f"send -> socket {f(r.get('gw_p50_us'))}/{f(r.get('gw_p99_us'))}, "
                    f"read late {f(r.get('recv_lag_p50_us'))}/{f(r.get('recv_lag_p99_us'))}; "
