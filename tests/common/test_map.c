@@ -54,6 +54,37 @@ static void slow_job(void *arg)
     usleep(50000);
 }
 
+/* mg_hash reads eight bytes a step plus a tail: every byte, and the
+ * length, must count (a key that differs only in its tail, or is another's
+ * prefix padded with NULs, hashes elsewhere), and the low bits the maps use
+ * spread 20,000 dedupe-shaped keys ("<id>\n<user>") evenly. */
+Test(map, hash_counts_every_byte_and_spreads_the_low_bits)
+{
+    char a[80], b[80];
+    memset(a, 'x', sizeof(a));
+    for (size_t len = 1; len <= 40; len++) {
+        memcpy(b, a, sizeof(b));
+        b[len - 1] = 'y'; /* the last byte of this length */
+        cr_assert_neq(mg_hash(a, len), mg_hash(b, len), "a change at byte %zu of %zu", len - 1,
+                      len);
+        cr_assert_neq(mg_hash(a, len), mg_hash(a, len - 1), "length %zu against %zu", len, len - 1);
+    }
+    char z[16] = {0};
+    cr_assert_neq(mg_hash(z, 3), mg_hash(z, 4), "NUL padding must not collide");
+    enum { N = 20000, BUCKETS = 32768 };
+    static unsigned short hits[BUCKETS];
+    unsigned most = 0;
+    for (int i = 0; i < N; i++) {
+        char k[96];
+        int n = snprintf(k, sizeof(k), "0192f3a4-5b6c-7d8e-9fa0-b1c2d3e4f5a6\nuser-%d", i);
+        unsigned h = (unsigned)(mg_hash(k, (size_t)n) & (BUCKETS - 1));
+        if (++hits[h] > most)
+            most = hits[h];
+    }
+    /* 20,000 balls in 32,768 bins: the fullest holds ~6 when the hash is uniform */
+    cr_assert_leq(most, 10, "a bucket of the low bits holds %u of %d keys", most, N);
+}
+
 Test(pool, runs_every_job_and_bounds_the_queue)
 {
     mg_pool *p = mg_pool_create("t", 3, 1000);
