@@ -83,18 +83,48 @@ static void fill_kept(mg_presence *p, const char *user, int want, const char *co
     cr_assert_eq(got, want, "the cache never kept a read of %s: %d", user, got);
 }
 
+/* Two gateways' presence stores, each on its own cluster client: a with the
+ * cache (tracking armed), b without; leases of lease_s. */
+typedef struct two_gw {
+    int lk;
+    mg_redis_cluster *rca, *rcb;
+    mg_presence *a, *b;
+    char a_id[64], b_id[64];
+} two_gw;
+
+static void two_gw_open(two_gw *g, const char *tag_a, const char *tag_b, int lease_s)
+{
+    g->lk = tr_lock(0);
+    g->rca = tr_cluster(2000);
+    g->rcb = tr_cluster(2000);
+    gwid(g->a_id, sizeof(g->a_id), tag_a);
+    gwid(g->b_id, sizeof(g->b_id), tag_b);
+    g->a = mg_presence_redis_create(g->rca, g->a_id, "eu", lease_s);
+    g->b = mg_presence_redis_create(g->rcb, g->b_id, "eu", lease_s);
+    cr_assert(g->a && g->b);
+    cr_assert_eq(mg_presence_redis_cache(g->a, 1000), 0);
+}
+
+/* Removes both gateways' entries and frees everything. */
+static void two_gw_close(two_gw *g)
+{
+    cr_assert_eq(g->b->ops->remove_gateway(g->b), 0);
+    cr_assert_eq(g->a->ops->remove_gateway(g->a), 0);
+    mg_presence_free(g->a);
+    mg_presence_free(g->b);
+    mg_redis_cluster_free(g->rca);
+    mg_redis_cluster_free(g->rcb);
+    tr_unlock(g->lk);
+}
+
 Test(redis_track, cache_follows_changes_made_anywhere, .timeout = 60)
 {
-    int lk = tr_lock(0);
-    mg_redis_cluster *rca = tr_cluster(2000), *rcb = tr_cluster(2000);
-    char a_id[64], b_id[64], user[64];
-    gwid(a_id, sizeof(a_id), "A");
-    gwid(b_id, sizeof(b_id), "B");
+    two_gw g;
+    two_gw_open(&g, "A", "B", 30);
+    mg_redis_cluster *rca = g.rca;
+    mg_presence *a = g.a, *b = g.b;
+    char user[64];
     snprintf(user, sizeof(user), "trk-%d-%lld", (int)getpid(), (long long)mg_mono_us());
-    mg_presence *a = mg_presence_redis_create(rca, a_id, "eu", 30);
-    mg_presence *b = mg_presence_redis_create(rcb, b_id, "eu", 30);
-    cr_assert(a && b);
-    cr_assert_eq(mg_presence_redis_cache(a, 1000), 0);
     cr_assert_eq(mg_presence_redis_cache(a, 1000), -EINVAL, "one cache per store");
     cr_assert_eq(cached(b, user, NULL), -1, "a store without a cache never answers from memory");
     wait_armed(rca);
@@ -157,14 +187,7 @@ Test(redis_track, cache_follows_changes_made_anywhere, .timeout = 60)
         kept = (cached(a, user, NULL) == 0) + (cached(a, other, "b-2") == 1);
     } while (kept < 2 && mg_mono_ms() < until && !usleep(2000));
     cr_assert_eq(kept, 2);
-
-    cr_assert_eq(b->ops->remove_gateway(b), 0);
-    cr_assert_eq(a->ops->remove_gateway(a), 0);
-    mg_presence_free(a);
-    mg_presence_free(b);
-    mg_redis_cluster_free(rca);
-    mg_redis_cluster_free(rcb);
-    tr_unlock(lk);
+    two_gw_close(&g);
 }
 
 /* Kills this process's tracking subscriptions on a node (CLIENT LIST names
@@ -234,27 +257,22 @@ Test(redis_track, lost_subscription_forgets_and_comes_back, .timeout = 60)
  * that, every hit on them misses once that deadline passes. */
 Test(redis_track, renew_keeps_a_peers_lease_known, .timeout = 60)
 {
-    int lk = tr_lock(0);
-    mg_redis_cluster *rca = tr_cluster(2000), *rcb = tr_cluster(2000);
-    char a_id[64], b_id[64], user[64];
-    gwid(a_id, sizeof(a_id), "R");
-    gwid(b_id, sizeof(b_id), "S");
+    two_gw g;
+    two_gw_open(&g, "R", "S", 1); /* b's user keys live 3 s */
+    mg_presence *a = g.a, *b = g.b;
+    char user[64];
     snprintf(user, sizeof(user), "trr-%d-%lld", (int)getpid(), (long long)mg_mono_us());
-    mg_presence *a = mg_presence_redis_create(rca, a_id, "eu", 1);
-    mg_presence *b = mg_presence_redis_create(rcb, b_id, "eu", 1); /* user keys live 3 s */
-    cr_assert(a && b);
-    cr_assert_eq(mg_presence_redis_cache(a, 1000), 0);
-    wait_armed(rca);
+    wait_armed(g.rca);
     cr_assert_eq(b->ops->connect(b, user, "b-1", 1000), 0);
     fill_kept(a, user, 1, "b-1");
 
     char lease_key[96];
-    snprintf(lease_key, sizeof(lease_key), "mg:gw:{%s}", b_id);
+    snprintf(lease_key, sizeof(lease_key), "mg:gw:{%s}", g.b_id);
     int64_t until = mg_mono_ms() + 2400; /* 2.4 leases, inside the user key's 3 s */
     int checks = 0, misses = 0;
     while (mg_mono_ms() < until) {
         redisReply *r = NULL;
-        cr_assert_eq(mg_redis_cluster_command(rcb, &r, lease_key, "SET %s eu PX 1000", lease_key),
+        cr_assert_eq(mg_redis_cluster_command(g.rcb, &r, lease_key, "SET %s eu PX 1000", lease_key),
                      0);
         freeReplyObject(r);
         cr_assert_eq(a->ops->renew(a), 0);
@@ -267,12 +285,7 @@ Test(redis_track, renew_keeps_a_peers_lease_known, .timeout = 60)
     cr_assert_geq(checks, 15);
     cr_assert_eq(misses, 0, "%d of %d cache checks missed: the peer's lease ran out here", misses,
                  checks);
-    cr_assert_eq(b->ops->remove_gateway(b), 0);
-    mg_presence_free(b);
-    mg_presence_free(a);
-    mg_redis_cluster_free(rcb);
-    mg_redis_cluster_free(rca);
-    tr_unlock(lk);
+    two_gw_close(&g);
 }
 
 /* An ACL user that may not subscribe to __redis__:invalidate: tracking
