@@ -2,11 +2,13 @@
 # Runs every Criterion binary of a build (build/tests/<dir>/<dir>_test_*),
 # then the Python client test against a gateway of that build.
 # Usage: run-tests.sh BUILD_DIR [SUMMARY_FILE]
-# Appends "<suite> <passed> <failed>" lines to SUMMARY_FILE.
+# Appends "<suite> <passed> <failed>" lines to SUMMARY_FILE, and the failing tests' names and
+# assertion lines to SUMMARY_FILE.failures (scripts/test.sh prints them last, where a CI tail shows them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 build=$1
 summary=${2:-/dev/null}
+failures=/dev/null; [ "$summary" != /dev/null ] && failures=$summary.failures
 status=0
 label=$(basename "$build")
 for bin in $(find "$build/tests" -type f -perm -u+x -name '*_test_*' | sort); do
@@ -23,6 +25,9 @@ for bin in $(find "$build/tests" -type f -perm -u+x -name '*_test_*' | sort); do
   p=$(echo "$syn" | sed -nE 's/.*Passing: ([0-9]+).*/\1/p'); p=${p:-0}
   f=$(( t - p )); [ $rc -ne 0 ] && [ $f -eq 0 ] && f=1
   echo "$label/$name $p $f" >>"$summary"
+  if [ $f -ne 0 ]; then
+    { echo "$label/$name:"; echo "$out" | grep -E '^\[(FAIL|----)\]|Assertion|ERROR|Sanitizer|crash' | head -n 20 || true; } >>"$failures"
+  fi
 done
 for py in tests/integration/test_*.py; do
   [ -f "$py" ] || continue
@@ -35,5 +40,8 @@ for py in tests/integration/test_*.py; do
   [ $rc -ne 0 ] && [ "$f" -eq 0 ] && f=1
   [ "$f" -ne 0 ] && status=1
   echo "$label/$(basename "$py") $p $f" >>"$summary"
+  if [ "$f" -ne 0 ]; then
+    { echo "$label/$(basename "$py"):"; echo "$out" | tail -n 10; } >>"$failures"
+  fi
 done
 exit $status

@@ -43,6 +43,7 @@ phase build
 
 summary="$MESHGATE_RUN/summary.txt"
 : >"$summary"
+: >"$summary.failures"
 status=0
 # Every spawned gateway gets --ws-threads from MESHGATE_TEST_WS_THREADS (tests/support/mg_test.c):
 # the sanitizer run takes 4 loops, where a frame or receipt crossing loops would show a
@@ -92,5 +93,11 @@ failed=$(awk '{f+=$3} END {print f+0}' "$summary")
 echo
 echo "make test took $(( $(date +%s) - t0 )) s"
 [ "$failed" -eq 0 ] || status=1
+# What failed, last, where the tail of a CI log shows it: every suite with a failure, and the
+# failing tests' names and assertion lines (scripts/run-tests.sh).
+if [ "$failed" -ne 0 ]; then
+  echo "failed suites:"; awk '$3 > 0 {print "  " $1 ": " $3 " failed"}' "$summary"
+  cat "$summary.failures"
+fi
 echo "$passed passed, $failed failed"
 exit $status
