@@ -1022,6 +1022,18 @@ static void consume_batch(tn *n, natsMsgList *list)
  * rather than when a whole batch has gathered. */
 static natsStatus fetch(tn *n, natsMsgList *list, int batch)
 {
+    /* Messages (and status replies) of an earlier pull that came after its
+     * fetch gave up (a loaded machine) wait in the subscription, and a fetch
+     * takes those first. nats.c before 3.10 (Debian's 3.4) then asks the
+     * server for batch minus the ones it took but reads until it holds that
+     * many more: with more than half a batch taken, it writes past its array
+     * (nats.c #749, a heap overflow an ASan gateway hit here). A fetch of one
+     * cannot: it ends at its first message. So while some wait, they are
+     * taken one fetch at a time (no round trip: a fetch that finds one sends
+     * no pull). */
+    int waiting = 0;
+    if (natsSubscription_GetPending(n->sub, &waiting, NULL) == NATS_OK && waiting > 0)
+        batch = 1;
     jsFetchRequest req;
     jsFetchRequest_Init(&req);
     req.Batch = batch;
