@@ -19,9 +19,12 @@
  * `pending` counts the attempts in flight plus one held by whoever starts
  * a round, so a completion that arrives before the round is fully started
  * cannot end it. Results merge under the op's mutex (completions arrive on
- * the peer-cq, kafka-poll and WebSocket threads at once). A batch is n
- * route_ops sharing one presence lookup and one answer, counted down as
- * each completes; nothing waits for any of them.
+ * the peer-cq, kafka-poll and WebSocket threads at once). A batch shares
+ * one presence lookup and one answer, counted down as its recipients are
+ * answered; nothing waits for any of them. Its recipients whose every
+ * connection is here (its local share) take no route_op: they go to the
+ * local transport together and its report answers them (see "a batch's
+ * local share"); every other recipient is a route_op.
  *
  * A send with a handed callback (mg_router_send_handed) learns when its
  * order is fixed: each first-round attempt has a slot (op->hs) set once,
@@ -280,14 +283,17 @@ typedef struct route_op {
 } route_op;
 
 struct batch {
+    mg_router *r;
     mg_msg *msg; /* the message every op's msg is a view of */
     mg_send_result *res;
     size_t n;
-    atomic_size_t left;
+    atomic_size_t left; /* slots not answered + the lookup's guard */
     mg_batch_done done;
     void *arg;
-    route_op **ops; /* while the shared lookup runs */
-    size_t nops;
+    int64_t deadline, start_us;
+    const char **users; /* the recipients routed (nusers), their strings in the same block */
+    size_t *slot;       /* users[k] answers res[slot[k]] */
+    size_t nusers;
 };
 
 /* Where a first-round attempt of an operation with a handed callback is:
@@ -370,17 +376,24 @@ static route_op *op_new(mg_router *r, const mg_msg *msg, const char *to, int64_t
     return op;
 }
 
+/* k of the batch's slots (or its guard) are answered; the last answers the batch. */
+static void batch_release(batch *b, size_t k)
+{
+    if (k == 0 || atomic_fetch_sub(&b->left, k) != k)
+        return;
+    b->done(b->arg, b->res, b->n);
+    mg_msg_free(b->msg);
+    free(b->res);
+    free(b->users);
+    free(b->slot);
+    free(b);
+}
+
 static void batch_slot_done(batch *b, size_t i, const mg_send_result *res)
 {
     if (res)
         b->res[i] = *res;
-    if (atomic_fetch_sub(&b->left, 1) == 1) {
-        b->done(b->arg, b->res, b->n);
-        mg_msg_free(b->msg);
-        free(b->res);
-        free(b->ops);
-        free(b);
-    }
+    batch_release(b, 1);
 }
 
 /* The operation's order is fixed: tells the sender, once. Runs from
@@ -1150,30 +1163,135 @@ void mg_router_deliver_from_queue_many(mg_router *r, mg_msg *const *msgs, size_t
         lookup_enqueue(r, first, last, queued);
 }
 
-/* The batch's shared presence lookup (one pipelined round trip per node). */
+/* ---- a batch's local share -------------------------------------------------------- */
+
+/* A batch's recipients whose every connection is on this gateway need no
+ * operation: the lookup said where they are and the plan for this gateway
+ * is the local transport alone. They go to it together (one deliver_batch
+ * per LOCAL_SHARE_MAX), and its report fills their slots. One whose write
+ * found no connection (the entry was stale) becomes an operation at its
+ * second resolution, as an operation's NOT_CONNECTED does. Traced messages
+ * take the operations (their spans are per recipient). */
+#define LOCAL_SHARE_MAX 1000
+
+typedef struct local_share {
+    batch *b;
+    size_t n;
+    size_t slot[LOCAL_SHARE_MAX];
+    const char *to[LOCAL_SHARE_MAX];
+} local_share;
+
+static void batch_op_start(batch *b, const char *user, size_t slot, int round);
+
+static void share_done(void *arg, const mg_deliver_outcome *out, size_t n)
+{
+    local_share *sh = arg;
+    batch *b = sh->b;
+    mg_router *r = b->r;
+    int64_t took = mg_mono_us() - b->start_us;
+    size_t answered = 0;
+    for (size_t j = 0; j < n && j < sh->n; j++) {
+        if (out[j].not_connected) {
+            mg_metric_add(r->reresolves, 1);
+            batch_op_start(b, sh->to[j], sh->slot[j], 1); /* answers its slot itself */
+            continue;
+        }
+        record(r, &b->res[sh->slot[j]], out[j].status, MG_PATH_LOCAL, out[j].connections,
+               out[j].status == MG_STATUS_DELIVERED ? NULL : out[j].reason);
+        mg_histogram_observe_us(r->latency[MG_PATH_LOCAL], took);
+        answered++;
+    }
+    free(sh);
+    release(r, answered);
+    batch_release(b, answered);
+}
+
+static void share_flush(local_share **shp)
+{
+    local_share *sh = *shp;
+    *shp = NULL;
+    if (!sh)
+        return;
+    batch *b = sh->b;
+    mg_router *r = b->r;
+    mg_transport *t = r->transports[MG_PATH_LOCAL];
+    mg_route_target self = {r->gateway_id, r->region};
+    size_t n = sh->n;
+    if (t->ops->deliver_batch(t, &self, b->msg, sh->to, n, b->deadline, share_done, sh) == 0)
+        return;
+    for (size_t j = 0; j < n; j++) /* could not even try: each takes an operation */
+        batch_op_start(b, sh->to[j], sh->slot[j], 0);
+    free(sh);
+}
+
+static bool all_here(const mg_router *r, const mg_presence_list *l)
+{
+    for (size_t k = 0; k < l->n; k++)
+        if (strcmp(l->items[k].gateway_id, r->gateway_id))
+            return false;
+    return l->n > 0;
+}
+
+/* An operation for one of the batch's recipients (round 1: its write found
+ * no connection here, so presence is read again); its completion answers
+ * the slot. conns: the lookup's answer for round 0 (taken), else NULL. */
+static route_op *batch_op(batch *b, const char *user, size_t slot)
+{
+    route_op *op = op_new(b->r, b->msg, user, b->deadline, false, mg_msg_view_to(b->msg, user));
+    op->b = b;
+    op->index = slot;
+    op->start_us = b->start_us;
+    return op;
+}
+
+static void batch_op_start(batch *b, const char *user, size_t slot, int round)
+{
+    route_op *op = batch_op(b, user, slot);
+    op->round = round;
+    start_lookup(op);
+}
+
+/* The batch's shared presence lookup (one pipelined round trip per node),
+ * then its local share and an operation for every other recipient. Holds
+ * the batch's guard until it is over. */
 static void batch_lookup_run(batch *b)
 {
-    mg_router *r = b->ops[0]->r;
-    const char **users = mg_xcalloc(b->nops, sizeof(*users));
-    mg_presence_list *lists = mg_xcalloc(b->nops, sizeof(*lists));
-    for (size_t i = 0; i < b->nops; i++)
-        users[i] = b->ops[i]->msg->to;
-    int rc = r->presence->ops->lookup_batch(r->presence, users, b->nops, lists);
-    size_t nops = b->nops;
-    route_op **ops = b->ops;
-    b->ops = NULL; /* the batch may be gone once its last op completes */
+    mg_router *r = b->r;
+    size_t nu = b->nusers;
+    mg_presence_list *lists = mg_xcalloc(nu, sizeof(*lists));
+    int rc = r->presence->ops->lookup_batch(r->presence, b->users, nu, lists);
+    mg_route_target self = {r->gateway_id, r->region};
+    bool share = rc == 0 && !mg_trace_sampled(&b->msg->trace) && usable(r, MG_PATH_LOCAL, &self) &&
+                 mg_mono_ms() <= b->deadline;
+    int64_t now_ms = mg_now_ms();
+    local_share *sh = NULL;
     collector c = {0};
     collecting = &c;
-    for (size_t i = 0; i < nops; i++) {
-        ops[i]->presence_rc = rc;
-        ops[i]->conns = lists[i];
-        op_route(ops[i]);
+    for (size_t k = 0; k < nu; k++) {
+        if (share && all_here(r, &lists[k])) {
+            mg_hot_hit(r->hot, b->msg->from, b->users[k], now_ms); /* as op_route's round 0 */
+            mg_presence_list_clear(&lists[k]);
+            if (!sh) {
+                sh = mg_xmalloc(sizeof(*sh));
+                sh->b = b;
+                sh->n = 0;
+            }
+            sh->slot[sh->n] = b->slot[k];
+            sh->to[sh->n++] = b->users[k];
+            if (sh->n == LOCAL_SHARE_MAX) /* written while the rest is routed */
+                share_flush(&sh);
+            continue;
+        }
+        route_op *op = batch_op(b, b->users[k], b->slot[k]);
+        op->presence_rc = rc;
+        op->conns = lists[k];
+        op_route(op);
     }
+    share_flush(&sh);
     collecting = NULL;
     batch_flush(&c);
-    free(ops);
     free(lists);
-    free(users);
+    batch_release(b, 1); /* the guard */
 }
 
 static void batch_lookup_job(void *arg)
@@ -1187,41 +1305,48 @@ int mg_router_send_batch(mg_router *r, const mg_msg *msg, const char *const *to,
     if (!admit(r, n))
         return -EAGAIN;
     batch *b = mg_new(batch);
+    b->r = r;
     b->msg = mg_msg_dup(msg);
     b->res = mg_xcalloc(n ? n : 1, sizeof(*b->res));
     b->n = n;
     b->done = done;
     b->arg = arg;
-    b->ops = mg_xcalloc(n ? n : 1, sizeof(*b->ops));
-    atomic_init(&b->left, n + 1); /* + the guard dropped below */
+    b->deadline = deadline_ms;
+    b->start_us = mg_mono_us();
+    /* the recipients, copied in one block: the caller's may go once this returns */
+    size_t bytes = 0;
+    for (size_t i = 0; i < n; i++)
+        bytes += strlen(to[i]) + 1;
+    b->users = mg_xmalloc((n ? n : 1) * sizeof(*b->users) + bytes);
+    b->slot = mg_xmalloc((n ? n : 1) * sizeof(*b->slot));
+    char *p = (char *)(b->users + (n ? n : 1));
+    atomic_init(&b->left, n + 1); /* + the guard, dropped when the lookup's work is over */
+    size_t empty = 0;
     for (size_t i = 0; i < n; i++) {
         if (!to[i][0]) {
             record(r, &b->res[i], MG_STATUS_REJECTED, MG_PATH_NONE, 0, "empty recipient");
-            release(r, 1);
-            batch_slot_done(b, i, NULL);
+            empty++;
             continue;
         }
-        route_op *op = op_new(r, msg, to[i], deadline_ms, false, mg_msg_view_to(b->msg, to[i]));
-        op->b = b;
-        op->index = i;
-        b->ops[b->nops++] = op;
+        size_t len = strlen(to[i]) + 1;
+        b->users[b->nusers] = memcpy(p, to[i], len);
+        b->slot[b->nusers++] = i;
+        p += len;
     }
-    if (b->nops > 0) {
-        if (r->presence->ops->nonblocking || !r->pool) {
-            batch_lookup_run(b);
-        } else if (mg_pool_submit(r->pool, batch_lookup_job, b) != 0) {
-            size_t nops = b->nops;
-            route_op **ops = b->ops;
-            b->ops = NULL;
-            for (size_t i = 0; i < nops; i++) {
-                op_record(ops[i], MG_STATUS_FAILED, MG_PATH_NONE, 0,
-                          "overloaded: presence lookup not started");
-                op_complete(ops[i]);
-            }
-            free(ops);
-        }
+    release(r, empty);
+    batch_release(b, empty); /* never the last: the guard holds */
+    if (b->nusers == 0) {
+        batch_release(b, 1);
+    } else if (r->presence->ops->nonblocking || !r->pool) {
+        batch_lookup_run(b);
+    } else if (mg_pool_submit(r->pool, batch_lookup_job, b) != 0) {
+        size_t nu = b->nusers;
+        for (size_t k = 0; k < nu; k++)
+            record(r, &b->res[b->slot[k]], MG_STATUS_FAILED, MG_PATH_NONE, 0,
+                   "overloaded: presence lookup not started");
+        release(r, nu);
+        batch_release(b, nu + 1);
     }
-    batch_slot_done(b, 0, NULL); /* the guard: slot 0's result is not touched */
     return 0;
 }
 

@@ -160,11 +160,12 @@ static int sink_deliver_many(void *arg, const mg_msg *msg, const char *const *to
 }
 
 /* ---- presence by name: local-* here, peer-* on gw-b (same region), far-*
- * on gw-c (region us), stale-* claimed by gw-b but not there, else offline ---- */
+ * on gw-c (region us), stale-* claimed by gw-b but not there, gone-* claimed
+ * here but not here (the sink has no connection for it), else offline ---- */
 
 static int tp_lookup(mg_presence *p, const char *user, mg_presence_list *out)
 {
-    if (!strncmp(user, "local-", 6))
+    if (!strncmp(user, "local-", 6) || !strncmp(user, "gone-", 5))
         mg_presence_list_add(out, "gw-a-1", "gw-a", "eu", 1);
     else if (!strncmp(user, "peer-", 5) || !strncmp(user, "stale-", 6))
         mg_presence_list_add(out, "gw-b-1", "gw-b", "eu", 1);
@@ -521,6 +522,28 @@ Test(route_op, a_batch_repeated_is_answered_but_written_once)
         cr_assert_eq(res[i].status, MG_STATUS_DELIVERED, "recipient %d, again", i);
     cr_assert_eq(atomic_load(&local_writes), 2, "nothing written twice");
     cr_assert_eq(atomic_load(&many_calls), 1, "the retry's recipients were all duplicates");
+    mg_msg_free(m);
+}
+
+/* A batch's local share goes to the hub in one call; a recipient it finds
+ * no connection for (a stale entry naming this gateway) is resolved again
+ * and, still not here, stored, while the others are answered as written. */
+Test(route_op, a_batch_recipient_gone_from_here_is_resolved_again_then_stored)
+{
+    const char *to[] = {"local-1", "gone-1", "peer-1", "local-2"};
+    mg_msg *m = msg("bg", "");
+    mg_send_result res[4];
+    cr_assert_eq(mg_wait_send_batch(router, m, to, 4, later(), res), 0);
+    cr_assert_eq(res[0].status, MG_STATUS_DELIVERED);
+    cr_assert_eq(res[0].path, MG_PATH_LOCAL);
+    cr_assert_eq(res[0].connections, 1);
+    cr_assert_eq(res[1].status, MG_STATUS_STORED, "gone-1: %s", res[1].reason);
+    cr_assert_eq(res[1].path, MG_PATH_INBOX);
+    cr_assert_eq(res[2].status, MG_STATUS_DELIVERED);
+    cr_assert_eq(res[2].path, MG_PATH_GRPC);
+    cr_assert_eq(res[3].status, MG_STATUS_DELIVERED);
+    cr_assert_eq(atomic_load(&many_calls), 1, "the local share in one hub call");
+    cr_assert_eq(atomic_load(&local_writes), 2);
     mg_msg_free(m);
 }
 
