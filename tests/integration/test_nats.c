@@ -1019,6 +1019,76 @@ Test(nats_gw, a_backlog_for_one_user_is_paced_in_order)
     delete_stream(server(), region);
 }
 
+/* A gateway frozen again and again while it drains a backlog (SIGSTOP for
+ * longer than a fetch waits): its fetches give up while the server's
+ * answers sit in the socket, and those come after, into the subscription,
+ * where the next fetch finds them. Debian's nats.c 3.4 overran its array
+ * when that was more than half a batch (transport_nats.c, fetch); the
+ * gateway must take them all, stay up and lose none. */
+Test(nats_gw, late_answers_of_a_frozen_gateways_fetches_are_taken_whole)
+{
+    char region[64], svc[64], id[64];
+    region_name(region, sizeof(region), "late");
+    snprintf(svc, sizeof(svc), "meshgate-natsl%d", (int)getpid());
+    snprintf(id, sizeof(id), "natsl%d-g1", (int)getpid());
+    mg_gw *g = spawn_gw(id, region, svc, server(), NULL);
+    cr_assert_not_null(g);
+    mg_transport *pub = make_transport_at(server(), "natsl-pub", region, 1, 0);
+    /* Offline users (each message ends in the inbox and is acknowledged),
+     * 8 KiB each: a full fetch is 2 MiB, some milliseconds on the wire. */
+    enum { N = 3000, USERS = 100, BODY = 8192 };
+    char *body = malloc(BODY);
+    memset(body, 'x', BODY);
+    mg_gw_kill(g, SIGSTOP);
+    for (int i = 0; i < N; i++) {
+        char mid[64], user[64];
+        snprintf(mid, sizeof(mid), "late-%d", i);
+        snprintf(user, sizeof(user), "natsl%d-u%d", (int)getpid(), i % USERS);
+        mg_deliver_outcome out = send_body(pub, region, mid, user, MG_PRIO_HIGH, body, BODY);
+        cr_assert_eq(out.status, MG_STATUS_QUEUED, "send %d: %s", i, out.reason);
+    }
+    free(body);
+    /* 40 turns of 20 ms running, 250 ms frozen (a fetch waits 200 ms). */
+    for (int k = 0; k < 40; k++) {
+        mg_gw_kill(g, SIGCONT);
+        usleep(20 * 1000);
+        mg_gw_kill(g, SIGSTOP);
+        usleep(250 * 1000);
+    }
+    mg_gw_kill(g, SIGCONT);
+    /* every message acknowledged: nothing pending, nothing waiting for an ack */
+    natsConnection *nc = raw_connect(server());
+    jsCtx *js = NULL;
+    cr_assert_eq(natsConnection_JetStream(&js, nc, NULL), NATS_OK);
+    char stream[160], durable[160];
+    snprintf(stream, sizeof(stream), "MESHGATE_%s", region);
+    for (char *p = stream; *p; p++)
+        *p = *p >= 'a' && *p <= 'z' ? (char)(*p - 'a' + 'A') : *p;
+    snprintf(durable, sizeof(durable), "meshgate-%s", region);
+    int64_t ack_pending = -1, pending = -1;
+    for (int64_t end = mg_mono_ms() + 60000; mg_mono_ms() < end; usleep(100 * 1000)) {
+        cr_assert(!mg_gw_wait(g, 0), "the gateway died (exit %d)", g->exit_status);
+        jsConsumerInfo *ci = NULL;
+        cr_assert_eq(js_GetConsumerInfo(&ci, js, stream, durable, NULL, NULL), NATS_OK);
+        ack_pending = ci->NumAckPending;
+        pending = (int64_t)ci->NumPending;
+        jsConsumerInfo_Destroy(ci);
+        if (ack_pending == 0 && pending == 0)
+            break;
+    }
+    cr_assert_eq(pending, 0, "never fetched: %lld", (long long)pending);
+    cr_assert_eq(ack_pending, 0, "never acknowledged: %lld", (long long)ack_pending);
+    double got = mg_gw_metric(g, "meshgate_bus_received_total{bus=\"nats\"} ");
+    cr_assert_geq(got, N, "received %.0f of %d", got, N);
+    jsCtx_Destroy(js);
+    natsConnection_Destroy(nc);
+    mg_transport_free(pub);
+    cr_assert_eq(mg_gw_stop(g), 0, "the gateway's exit (an ASan report is a failure)");
+    cr_assert_not(mg_gw_log_contains(g, "AddressSanitizer"));
+    mg_gw_free(g);
+    delete_stream(server(), region);
+}
+
 Test(nats_gw, unreachable_server_at_start_exits_naming_it)
 {
     char url[64];
