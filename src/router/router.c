@@ -45,7 +45,9 @@
  * Local writes are spanned by transport_local.c.
  *
  * Operations in flight are bounded by max_inflight recipients (-EAGAIN
- * beyond), never by threads.
+ * beyond), never by threads. A recipient leaves the bound just before its
+ * answer (a sender that has it may send again at once) and the drain's
+ * count (`live`) once the operation is freed.
  */
 #include "router/router.h"
 #include "common/mg_alloc.h"
@@ -78,8 +80,9 @@ struct mg_router {
     mg_route_lists routes;
     mg_hot *hot;
     size_t max_inflight;
-    atomic_size_t inflight;
-    pthread_mutex_t lk_mu; /* the lookup queue (start_lookup) */
+    atomic_size_t inflight; /* recipients not answered: the bound */
+    atomic_size_t live;     /* recipients whose operation is not freed: what drain waits for */
+    pthread_mutex_t lk_mu;  /* the lookup queue (start_lookup) */
     struct route_op *lk_head, *lk_tail;
     int lk_jobs;
     size_t lk_queued; /* lookups in the queue */
@@ -118,6 +121,7 @@ mg_router *mg_router_create(const mg_router_config *cfg, mg_presence *presence, 
     r->hot = mg_hot_create(cfg->hot_window_seconds, cfg->hot_threshold, cfg->hot_capacity);
     r->max_inflight = cfg->max_inflight;
     atomic_init(&r->inflight, 0);
+    atomic_init(&r->live, 0);
     pthread_mutex_init(&r->lk_mu, NULL);
     r->inbox_page = cfg->inbox_page ? cfg->inbox_page : INBOX_PAGE_DEFAULT;
     if (r->inbox_page > INBOX_FETCH_MAX)
@@ -180,7 +184,7 @@ size_t mg_router_drain(mg_router *r, int timeout_ms)
     int64_t end = mg_mono_ms() + timeout_ms;
     size_t n;
     atomic_store(&r->draining, true);
-    while ((n = atomic_load(&r->inflight)) > 0 && mg_mono_ms() < end)
+    while ((n = atomic_load(&r->live)) > 0 && mg_mono_ms() < end)
         usleep(2000);
     if (n > 0)
         mg_log_warn("router", "operations still in flight at shutdown count=%zu", n);
@@ -321,14 +325,23 @@ static bool admit(mg_router *r, size_t n)
         mg_metric_add(r->refused, 1);
         return false;
     }
+    atomic_fetch_add(&r->live, n);
     mg_metric_add(r->inflight_gauge, (double)n);
     return true;
 }
 
-static void release(mg_router *r, size_t n)
+/* n recipients are about to be answered: they leave the bound first, so a
+ * sender that has its answer is never refused for its own send's slot. */
+static void answered(mg_router *r, size_t n)
 {
     atomic_fetch_sub(&r->inflight, n);
     mg_metric_add(r->inflight_gauge, -(double)n);
+}
+
+/* n recipients' operations are over and freed (drain waits for these). */
+static void release(mg_router *r, size_t n)
+{
+    atomic_fetch_sub(&r->live, n);
 }
 
 static bool usable(mg_router *r, mg_path path, const mg_route_target *t)
@@ -416,6 +429,7 @@ static void op_complete(route_op *op)
     if (op->lookup_span) /* its job never ran (the store pool refused it) */
         mg_span_end(op->lookup_span, true, "not started");
     mg_msg_trace_end(op->span, op->res.status, op->res.path, op->res.connections, op->res.reason);
+    answered(r, 1);
     if (op->b)
         batch_slot_done(op->b, op->index, &op->res);
     else
@@ -1189,7 +1203,7 @@ static void share_done(void *arg, const mg_deliver_outcome *out, size_t n)
     batch *b = sh->b;
     mg_router *r = b->r;
     int64_t took = mg_mono_us() - b->start_us;
-    size_t answered = 0;
+    size_t done = 0;
     for (size_t j = 0; j < n && j < sh->n; j++) {
         if (out[j].not_connected) {
             mg_metric_add(r->reresolves, 1);
@@ -1199,11 +1213,12 @@ static void share_done(void *arg, const mg_deliver_outcome *out, size_t n)
         record(r, &b->res[sh->slot[j]], out[j].status, MG_PATH_LOCAL, out[j].connections,
                out[j].status == MG_STATUS_DELIVERED ? NULL : out[j].reason);
         mg_histogram_observe_us(r->latency[MG_PATH_LOCAL], took);
-        answered++;
+        done++;
     }
     free(sh);
-    release(r, answered);
-    batch_release(b, answered);
+    answered(r, done);
+    batch_release(b, done);
+    release(r, done);
 }
 
 static void share_flush(local_share **shp)
@@ -1333,6 +1348,7 @@ int mg_router_send_batch(mg_router *r, const mg_msg *msg, const char *const *to,
         b->slot[b->nusers++] = i;
         p += len;
     }
+    answered(r, empty);
     release(r, empty);
     batch_release(b, empty); /* never the last: the guard holds */
     if (b->nusers == 0) {
@@ -1344,8 +1360,9 @@ int mg_router_send_batch(mg_router *r, const mg_msg *msg, const char *const *to,
         for (size_t k = 0; k < nu; k++)
             record(r, &b->res[b->slot[k]], MG_STATUS_FAILED, MG_PATH_NONE, 0,
                    "overloaded: presence lookup not started");
-        release(r, nu);
+        answered(r, nu);
         batch_release(b, nu + 1);
+        release(r, nu);
     }
     return 0;
 }
