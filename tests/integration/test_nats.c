@@ -155,6 +155,36 @@ static natsConnection *raw_connect(const char *url)
     return nc;
 }
 
+/* Polls region's durable consumer (bounded by timeout_ms) until want_ack
+ * messages wait for an acknowledgement and none waits to be fetched; g, when
+ * given, must stay up meanwhile. The last counts go to *ack_pending, *pending. */
+static void wait_consumer(const char *region, int64_t want_ack, int timeout_ms, mg_gw *g,
+                          int64_t *ack_pending, int64_t *pending)
+{
+    natsConnection *nc = raw_connect(server());
+    jsCtx *js = NULL;
+    cr_assert_eq(natsConnection_JetStream(&js, nc, NULL), NATS_OK);
+    char stream[160], durable[160];
+    snprintf(stream, sizeof(stream), "MESHGATE_%s", region);
+    for (char *p = stream; *p; p++)
+        *p = *p >= 'a' && *p <= 'z' ? (char)(*p - 'a' + 'A') : *p;
+    snprintf(durable, sizeof(durable), "meshgate-%s", region);
+    *ack_pending = *pending = -1;
+    for (int64_t end = mg_mono_ms() + timeout_ms; mg_mono_ms() < end; usleep(20 * 1000)) {
+        if (g)
+            cr_assert(!mg_gw_wait(g, 0), "the gateway died (exit %d)", g->exit_status);
+        jsConsumerInfo *ci = NULL;
+        cr_assert_eq(js_GetConsumerInfo(&ci, js, stream, durable, NULL, NULL), NATS_OK);
+        *ack_pending = ci->NumAckPending;
+        *pending = (int64_t)ci->NumPending;
+        jsConsumerInfo_Destroy(ci);
+        if (*ack_pending == want_ack && *pending == 0)
+            break;
+    }
+    jsCtx_Destroy(js);
+    natsConnection_Destroy(nc);
+}
+
 /* Deletes the stream of region (the shared server keeps no litter). */
 static void delete_stream(const char *urls, const char *region)
 {
@@ -584,28 +614,10 @@ Test(nats, a_recipients_messages_go_one_at_a_time_and_stop_leaves_the_waiting_on
     cr_assert_eq(h.overlap, 0, "two of u0's messages were out at once");
     cr_assert_eq(h.others, 1, "u1's message did not wait for u0's");
     /* m4: delivered to the consumer, never acknowledged; the others acked. */
-    natsConnection *nc = raw_connect(server());
-    jsCtx *js = NULL;
-    cr_assert_eq(natsConnection_JetStream(&js, nc, NULL), NATS_OK);
-    char stream[160], durable[160];
-    snprintf(stream, sizeof(stream), "MESHGATE_%s", region);
-    for (char *p = stream; *p; p++)
-        *p = *p >= 'a' && *p <= 'z' ? (char)(*p - 'a' + 'A') : *p;
-    snprintf(durable, sizeof(durable), "meshgate-%s", region);
-    int64_t ack_pending = -1, pending = -1;
-    for (int64_t end = mg_mono_ms() + 5000; mg_mono_ms() < end; usleep(20 * 1000)) {
-        jsConsumerInfo *ci = NULL;
-        cr_assert_eq(js_GetConsumerInfo(&ci, js, stream, durable, NULL, NULL), NATS_OK);
-        ack_pending = ci->NumAckPending;
-        pending = (int64_t)ci->NumPending;
-        jsConsumerInfo_Destroy(ci);
-        if (ack_pending == 1 && pending == 0)
-            break;
-    }
+    int64_t ack_pending, pending;
+    wait_consumer(region, 1, 5000, NULL, &ack_pending, &pending);
     cr_assert_eq(ack_pending, 1, "unacknowledged: %lld", (long long)ack_pending);
     cr_assert_eq(pending, 0);
-    jsCtx_Destroy(js);
-    natsConnection_Destroy(nc);
     mg_router_free(rt);
     delete_stream(server(), region);
 }
@@ -1057,31 +1069,12 @@ Test(nats_gw, late_answers_of_a_frozen_gateways_fetches_are_taken_whole)
     }
     mg_gw_kill(g, SIGCONT);
     /* every message acknowledged: nothing pending, nothing waiting for an ack */
-    natsConnection *nc = raw_connect(server());
-    jsCtx *js = NULL;
-    cr_assert_eq(natsConnection_JetStream(&js, nc, NULL), NATS_OK);
-    char stream[160], durable[160];
-    snprintf(stream, sizeof(stream), "MESHGATE_%s", region);
-    for (char *p = stream; *p; p++)
-        *p = *p >= 'a' && *p <= 'z' ? (char)(*p - 'a' + 'A') : *p;
-    snprintf(durable, sizeof(durable), "meshgate-%s", region);
-    int64_t ack_pending = -1, pending = -1;
-    for (int64_t end = mg_mono_ms() + 60000; mg_mono_ms() < end; usleep(100 * 1000)) {
-        cr_assert(!mg_gw_wait(g, 0), "the gateway died (exit %d)", g->exit_status);
-        jsConsumerInfo *ci = NULL;
-        cr_assert_eq(js_GetConsumerInfo(&ci, js, stream, durable, NULL, NULL), NATS_OK);
-        ack_pending = ci->NumAckPending;
-        pending = (int64_t)ci->NumPending;
-        jsConsumerInfo_Destroy(ci);
-        if (ack_pending == 0 && pending == 0)
-            break;
-    }
+    int64_t ack_pending, pending;
+    wait_consumer(region, 0, 60000, g, &ack_pending, &pending);
     cr_assert_eq(pending, 0, "never fetched: %lld", (long long)pending);
     cr_assert_eq(ack_pending, 0, "never acknowledged: %lld", (long long)ack_pending);
     double got = mg_gw_metric(g, "meshgate_bus_received_total{bus=\"nats\"} ");
     cr_assert_geq(got, N, "received %.0f of %d", got, N);
-    jsCtx_Destroy(js);
-    natsConnection_Destroy(nc);
     mg_transport_free(pub);
     cr_assert_eq(mg_gw_stop(g), 0, "the gateway's exit (an ASan report is a failure)");
     cr_assert_not(mg_gw_log_contains(g, "AddressSanitizer"));
