@@ -9,9 +9,12 @@ PKGS=(build-essential cmake pkg-config libgrpc-dev protobuf-c-compiler libprotob
       libhiredis-dev librdkafka-dev libnats-dev libwebsockets-dev libwebsockets-evlib-ev libev-dev
       libcurl4-openssl-dev libcriterion-dev
       libjansson-dev libjwt-dev libssl-dev libjemalloc-dev redis-server redis-tools clang-format clang
+      libclang-rt-dev
       python3-grpcio python3-protobuf python3-grpc-tools protobuf-compiler maven valgrind
       curl ca-certificates prometheus)
 command -v java >/dev/null 2>&1 || PKGS+=(openjdk-17-jre-headless)
+# libclang-rt-dev: clang's libFuzzer and sanitizer runtimes (tests/fuzz, `make test`'s fuzz step);
+# clang only recommends them, and a machine that installs without recommends lacks them.
 # prometheus: only for promtool (tests/deploy checks the chart's alert rules with it); its
 # server is never started (policy-rc.d below, and disabled after the install).
 # The JavaScript client SDK (clients/js, scripts/run-sdk-tests.sh): Node >= 18 with npm, and
