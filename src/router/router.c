@@ -1247,9 +1247,8 @@ static bool all_here(const mg_router *r, const mg_presence_list *l)
     return l->n > 0;
 }
 
-/* An operation for one of the batch's recipients (round 1: its write found
- * no connection here, so presence is read again); its completion answers
- * the slot. conns: the lookup's answer for round 0 (taken), else NULL. */
+/* An operation for one of the batch's recipients, answering its slot when
+ * it completes. */
 static route_op *batch_op(batch *b, const char *user, size_t slot)
 {
     route_op *op = op_new(b->r, b->msg, user, b->deadline, false, mg_msg_view_to(b->msg, user));
@@ -1259,6 +1258,8 @@ static route_op *batch_op(batch *b, const char *user, size_t slot)
     return op;
 }
 
+/* ... started at its own lookup: round 1 when its write found no connection
+ * here (presence is read again, as after a NOT_CONNECTED). */
 static void batch_op_start(batch *b, const char *user, size_t slot, int round)
 {
     route_op *op = batch_op(b, user, slot);
