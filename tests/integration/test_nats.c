@@ -272,6 +272,28 @@ Test(nats, a_stream_that_refuses_a_message_fails_it_with_the_servers_reason)
 }
 
 /* A nats-server of the test's own on port (JetStream in dir); its pid. */
+/* SIGSTOPs a server and waits (bounded) until it is stopped: kill() returns
+ * before a process running on the other CPU stops, and a publish sent in
+ * that gap is still answered. */
+static void stop_server(pid_t pid)
+{
+    kill(pid, SIGSTOP);
+    char path[64];
+    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+    for (int i = 0; i < 2000; i++) {
+        char st = 0;
+        FILE *f = fopen(path, "r");
+        if (f) {
+            if (fscanf(f, "%*d (%*[^)]) %c", &st) != 1)
+                st = 0;
+            fclose(f);
+        }
+        if (st == 'T' || st == 't')
+            return;
+        usleep(1000);
+    }
+}
+
 static pid_t own_server(int port, const char *dir)
 {
     char bin[512], p[16];
@@ -314,7 +336,7 @@ Test(nats, a_puback_that_does_not_come_fails_at_the_deadline)
     mg_deliver_outcome out = send_to(t, region, "s1", "u0", MG_PRIO_HIGH);
     cr_expect_eq(out.status, MG_STATUS_QUEUED, "reason=%s", out.reason);
 
-    kill(srv, SIGSTOP); /* takes the publish, answers nothing */
+    stop_server(srv); /* takes the publish, answers nothing */
     int64_t errors = nats_metric(MG_BUS_FAILED, "timeout"), t0 = mg_mono_ms();
     out = send_to(t, region, "s2", "u0", MG_PRIO_HIGH);
     int64_t took = mg_mono_ms() - t0;
@@ -327,7 +349,7 @@ Test(nats, a_puback_that_does_not_come_fails_at_the_deadline)
     cr_expect_eq(out.status, MG_STATUS_QUEUED, "after the stall: %s", out.reason);
 
     /* a PubAck that never comes: the server dies holding the publish */
-    kill(srv, SIGSTOP);
+    stop_server(srv);
     out = send_to(t, region, "s4", "u0", MG_PRIO_HIGH);
     cr_expect_eq(out.status, MG_STATUS_FAILED, "reason=%s", out.reason);
     kill(srv, SIGKILL);

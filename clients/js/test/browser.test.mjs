@@ -102,7 +102,9 @@ test('web-chat: two users in chromium chat through a real gateway', { skip: !chr
   // The gateway drains (SIGTERM): the page shows the 1012 disconnect, then connected again
   // once a gateway is back on the same port.
   gw.signal('SIGTERM');
-  await alice.waitForFunction(() => /1012/.test(document.getElementById('state-detail').textContent), { timeout: 10000, polling: 100 });
+  // 'mutation': the 1012 is shown until the next reconnect attempt (refused while no gateway
+  // listens) replaces it, which can be sooner than a 100 ms poll looks.
+  await alice.waitForFunction(() => /1012/.test(document.getElementById('state-detail').textContent), { timeout: 10000, polling: 'mutation' });
   await gw.exited;
   gw = await startGateway({ name: 'browser-2', wsPort: gw.wsPort, grpcPort: gw.grpcPort });
   await Promise.all([waitState(alice, 'connected'), waitState(bob2, 'connected')]);
