@@ -20,6 +20,12 @@
  * nothing), so an idle connection is just this struct plus its id and user
  * strings.
  *
+ * Opening: a WebSocket connection is registered opening; until its connect
+ * job ends (mg_hub_open, with its ready frame) a message queued to it,
+ * other than its own inbox page, goes to a second list (hhead) that the
+ * loop does not pop, counted in the same bounds, and is spliced behind the
+ * ready frame. Control frames are never held.
+ *
  * Write spans: a traced message's frame to each connection holds its own
  * "ws write" span (started under the shard's mutex as the frame is queued,
  * its span id written over the traceparent of that connection's copy of
@@ -60,12 +66,13 @@ struct mg_hub_conn {
     mg_hub_conn *user_prev, *user_next; /* the user's connections in this shard */
     mg_hub_conn *ready_next;
     mg_hub_frame *qhead, *qtail;
-    uint32_t qcount;
-    uint32_t close_code; /* 0: open */
+    mg_hub_frame *hhead, *htail; /* messages held while opening (mg_hub_open) */
+    uint32_t qcount;             /* both lists */
+    uint32_t close_code;         /* 0: open */
     size_t qbytes;
     char *close_reason;
     uint16_t shard;
-    bool ready, slow;
+    bool ready, slow, opening;
     char id[]; /* "<gateway_id>-<seq>" */
 };
 
@@ -377,9 +384,8 @@ bool mg_hub_expire_waits(mg_hub *h, unsigned sh, int64_t now_ms)
 /* Under the conn's shard mutex (or with no other thread left): drops c's
  * frames; their spans end as dropped (why), or are abandoned when why is
  * NULL (the hub is freed: tracing may have stopped). */
-static void queue_clear(mg_hub_conn *c, mg_hub_receipt **fl, const char *why)
+static void frames_clear(mg_hub_frame *f, mg_hub_receipt **fl, const char *why)
 {
-    mg_hub_frame *f = c->qhead;
     while (f) {
         mg_hub_frame *n = f->next;
         if (why)
@@ -388,7 +394,14 @@ static void queue_clear(mg_hub_conn *c, mg_hub_receipt **fl, const char *why)
         free(f);
         f = n;
     }
+}
+
+static void queue_clear(mg_hub_conn *c, mg_hub_receipt **fl, const char *why)
+{
+    frames_clear(c->qhead, fl, why);
+    frames_clear(c->hhead, fl, why);
     c->qhead = c->qtail = NULL;
+    c->hhead = c->htail = NULL;
     c->qcount = 0;
     c->qbytes = 0;
 }
@@ -442,7 +455,8 @@ static void mark_ready(mg_hub *h, mg_hub_conn *c)
         atomic_store_explicit(&s->wake_due, true, memory_order_relaxed);
 }
 
-mg_hub_conn *mg_hub_register(mg_hub *h, unsigned sh, const char *user, void *handle)
+static mg_hub_conn *conn_register(mg_hub *h, unsigned sh, const char *user, void *handle,
+                                  bool opening)
 {
     sh %= h->nshards;
     shard *s = &h->shards[sh];
@@ -456,6 +470,7 @@ mg_hub_conn *mg_hub_register(mg_hub *h, unsigned sh, const char *user, void *han
     c->user = mg_xstrdup(user);
     c->handle = handle;
     c->shard = (uint16_t)sh;
+    c->opening = opening;
     mg_map_put(s->by_id, c->id, c);
     mg_hub_conn *head = mg_map_get(s->by_user, user);
     if (head) {
@@ -470,6 +485,16 @@ mg_hub_conn *mg_hub_register(mg_hub *h, unsigned sh, const char *user, void *han
     atomic_fetch_add(&h->count, 1);
     shard_unlock(h, s);
     return c;
+}
+
+mg_hub_conn *mg_hub_register(mg_hub *h, unsigned sh, const char *user, void *handle)
+{
+    return conn_register(h, sh, user, handle, false);
+}
+
+mg_hub_conn *mg_hub_register_opening(mg_hub *h, unsigned sh, const char *user, void *handle)
+{
+    return conn_register(h, sh, user, handle, true);
 }
 
 /* The shard a connection id names, or NULL when it cannot be ours. */
@@ -622,9 +647,11 @@ static int admit(mg_hub *h, mg_hub_conn *c, size_t len, mg_hub_receipt **fl)
     return 0;
 }
 
-/* Under c's shard mutex: appends f (taken) to c's queue, admitted before;
+/* Under c's shard mutex: appends f (taken) to c's queue, admitted before,
+ * or to its held messages (hold: c is opening and f is not its inbox page);
  * a delivery waiting for the write counts it in its slot. */
-static void push(mg_hub *h, mg_hub_conn *c, mg_hub_frame *f, mg_hub_receipt *r, uint32_t slot)
+static void push(mg_hub *h, mg_hub_conn *c, mg_hub_frame *f, mg_hub_receipt *r, uint32_t slot,
+                 bool hold)
 {
     size_t len = f->len;
     f->receipt = r;
@@ -634,14 +661,16 @@ static void push(mg_hub *h, mg_hub_conn *c, mg_hub_frame *f, mg_hub_receipt *r, 
         atomic_fetch_add(&r->pending, 1);
         atomic_fetch_add(&r->slot[slot].queued, 1);
     }
-    if (c->qtail)
-        c->qtail->next = f;
-    else
-        c->qhead = f;
-    c->qtail = f;
     c->qcount++;
     c->qbytes += len;
-    mark_ready(h, c);
+    mg_hub_frame **head = hold ? &c->hhead : &c->qhead, **tail = hold ? &c->htail : &c->qtail;
+    if (*tail)
+        (*tail)->next = f;
+    else
+        *head = f;
+    *tail = f;
+    if (!hold)
+        mark_ready(h, c);
 }
 
 /* What a delivery queues: the rendered text and, for a traced message,
@@ -651,6 +680,7 @@ typedef struct delivery {
     const unsigned char *text;
     size_t len, tp_at;
     bool from_inbox;
+    bool page;      /* a connection's inbox page (to one conn_id, from_inbox) */
     const char *to; /* the recipient */
     mg_hub_receipt *r;
     uint32_t slot; /* the recipient's, in r */
@@ -696,7 +726,7 @@ static int enqueue_message(mg_hub *h, mg_hub_conn *c, mg_hub_frame **rendered, c
     }
     if (d->tp_at)
         write_span(h, c, f, d);
-    push(h, c, f, d->r, d->slot);
+    push(h, c, f, d->r, d->slot, c->opening && !d->page);
     return 0;
 }
 
@@ -790,6 +820,7 @@ int mg_hub_deliver(mg_hub *h, const mg_msg *msg, const char *conn_id, bool from_
     delivery d;
     mg_hub_frame *rendered = render(h, msg, from_inbox, &d);
     d.to = msg->to;
+    d.page = conn_id && from_inbox;
     mg_hub_receipt *r = written ? receipt_new(h, 1, from_inbox) : NULL;
     if (r) {
         r->done = written;
@@ -872,7 +903,9 @@ int mg_hub_deliver_many(mg_hub *h, const mg_msg *msg, const char *const *to, siz
     return total;
 }
 
-int mg_hub_post(mg_hub *h, const char *conn_id, const char *text, size_t len)
+/* Queues a control frame to conn_id; with open, then the messages held
+ * while it was opening, behind it, and it is open from now on. */
+static int post_control(mg_hub *h, const char *conn_id, const char *text, size_t len, bool open)
 {
     shard *s = shard_of_id(h, conn_id);
     if (!s)
@@ -884,11 +917,28 @@ int mg_hub_post(mg_hub *h, const char *conn_id, const char *text, size_t len)
     if (c && (rc = admit(h, c, len, &fl)) == 0) {
         mg_hub_frame *f = frame_new(h, len, MG_FRAME_CONTROL);
         memcpy(f->data + h->headroom, text, len);
-        push(h, c, f, NULL, 0);
+        push(h, c, f, NULL, 0, false);
+        if (open && c->hhead) { /* in the order they came */
+            c->qtail->next = c->hhead;
+            c->qtail = c->htail;
+            c->hhead = c->htail = NULL;
+        }
     }
+    if (c && open)
+        c->opening = false; /* held ones not moved: the connection is closing */
     shard_unlock(h, s);
     run_fired(h, fl);
     return rc == -EPIPE ? -ENOENT : rc;
+}
+
+int mg_hub_post(mg_hub *h, const char *conn_id, const char *text, size_t len)
+{
+    return post_control(h, conn_id, text, len, false);
+}
+
+int mg_hub_open(mg_hub *h, const char *conn_id, const char *text, size_t len)
+{
+    return post_control(h, conn_id, text, len, true);
 }
 
 int mg_hub_disconnect(mg_hub *h, const char *user, const char *conn_id, int code,

@@ -98,6 +98,13 @@ mg_local_sink mg_hub_sink(mg_hub *h);
  * lws wsi) in shard (the calling loop's). Returns the connection; its id is
  * mg_hub_conn_id(). */
 mg_hub_conn *mg_hub_register(mg_hub *h, unsigned shard, const char *user, void *handle);
+/* [ws] As mg_hub_register, for a connection that is opening: a message
+ * queued to it waits, unwritten, until mg_hub_open, except its inbox page
+ * (mg_hub_deliver with its conn_id and from_inbox), which is queued as
+ * usual. So messages that raced its presence record and inbox fetch come
+ * after that page, in the order they were queued. Control frames
+ * (mg_hub_post) are not held. */
+mg_hub_conn *mg_hub_register_opening(mg_hub *h, unsigned shard, const char *user, void *handle);
 /* [ws] Removes and frees c with its queue. */
 void mg_hub_unregister(mg_hub *h, mg_hub_conn *c);
 const char *mg_hub_conn_id(const mg_hub_conn *c);   /* [ws] valid until unregister */
@@ -139,8 +146,9 @@ bool mg_hub_take_ready(mg_hub *h, unsigned shard, size_t max,
                        void (*fn)(void *handle, int close_code, void *arg), void *arg);
 
 /* Renders msg once and queues it to every connection of msg->to (or only
- * conn_id, when not NULL, if it belongs to msg->to). Returns how many
- * connections took it (0: none here). Never blocks.
+ * conn_id, when not NULL, if it belongs to msg->to; with from_inbox too,
+ * it is that connection's inbox page, never held by its opening). Returns
+ * how many connections took it (0: none here). Never blocks.
  * A traced message (msg->trace sampled) gets a "ws write" span per
  * connection, a child of msg->trace, from the queueing to the write (or the
  * drop, with its connection or as a slow consumer); each connection's frame
@@ -177,6 +185,12 @@ int mg_hub_deliver_many(mg_hub *h, const mg_msg *msg, const char *const *to, siz
  * when the connection is gone, or -ENOBUFS when it overflowed (then it is
  * being closed as a slow consumer). */
 int mg_hub_post(mg_hub *h, const char *conn_id, const char *text, size_t len);
+
+/* Ends an opening connection's opening (mg_hub_register_opening): queues
+ * the control frame text (its ready frame), then the messages held
+ * meanwhile behind it. Returns as mg_hub_post; a connection closing by
+ * then keeps its held messages unwritten and drops them with its queue. */
+int mg_hub_open(mg_hub *h, const char *conn_id, const char *text, size_t len);
 
 /* Marks the user's connections (or the one conn_id; user may then be NULL)
  * for close with code and reason; queued frames are written first. Returns

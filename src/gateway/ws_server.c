@@ -40,7 +40,8 @@
  *   pool jobs keyed by the connection (in order), or run here when the
  *   stores are in memory. The connect job ends with the client's "ready"
  *   frame (ws_proto.h), queued behind the inbox's first page: the 101
- *   comes before presence has the connection, the ready frame after.
+ *   comes before presence has the connection, the ready frame after; live
+ *   messages that reach the connection before it are held behind it.
  * - Deliveries waiting for their writes (hub.h) are reported by a timer of
  *   this thread when their write wait ends; it runs only while some wait.
  * - Other threads never touch an lws object: they queue frames or closes in
@@ -548,9 +549,12 @@ static void job_disconnected(void *arg)
 /* Records the connection in presence and replays the inbox's first page,
  * then tells the client it is ready (ws_proto.h): queued through the hub
  * behind that page, so the frame follows it; the connection's queue is
- * FIFO. A store failure still says ready, marked degraded: the socket
- * works (its sends route as usual), and the client decides whether to
- * reconnect. A connection gone by now drops it in the hub. */
+ * FIFO. The connection was registered opening (mg_hub_register_opening):
+ * live messages that reached it meanwhile (presence had it before the
+ * fetch) were held, and follow the ready frame, so a sender whose earlier
+ * messages were stored sees them in order. A store failure still says ready, marked degraded: the
+ * socket works (its sends route as usual), and the client decides whether to reconnect. A
+ * connection gone by now drops it in the hub. */
 static void job_connected(void *arg)
 {
     ticket *t = arg;
@@ -564,7 +568,8 @@ static void job_connected(void *arg)
     }
     size_t len;
     char *ready = mg_ws_proto_encode_ready(t->conn_id, t->user, rc < 0, &len);
-    post_text(ws, t->conn_id, ready, len);
+    mg_hub_open(ws->hub, t->conn_id, ready, len);
+    free(ready);
     pthread_mutex_lock(&ws->mu);
     t->connect_done = true;
     bool closed = t->closed;
@@ -992,7 +997,7 @@ static void on_established(ws_loop *L, struct lws *wsi, pss *p)
 {
     mg_ws_server *ws = L->ws;
     const char *user = p->user ? p->user : "";
-    p->conn = mg_hub_register(ws->hub, L->idx, user, wsi);
+    p->conn = mg_hub_register_opening(ws->hub, L->idx, user, wsi); /* until job_connected */
     wheel_add(L, p);
     const char *id = mg_hub_conn_id(p->conn);
     size_t n = strlen(id);

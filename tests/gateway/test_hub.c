@@ -815,3 +815,98 @@ Test(hub, a_traced_message_gets_a_write_span_per_connection)
     fake_http_stop(col);
     json_decref(otlp_spans);
 }
+
+/* ---- an opening connection (mg_hub_register_opening / mg_hub_open) ---- */
+
+/* The "id" of a message frame's text, or the frame's "type" otherwise. */
+static char *frame_name(char *text)
+{
+    cr_assert_not_null(text);
+    json_t *j = json_loads(text, 0, NULL);
+    cr_assert_not_null(j, "not JSON: %s", text);
+    const char *v = json_string_value(json_object_get(j, "id"));
+    if (!v)
+        v = json_string_value(json_object_get(j, "type"));
+    char *name = strdup(v ? v : "?");
+    json_decref(j);
+    free(text);
+    return name;
+}
+
+static void expect_next(mg_hub *h, mg_hub_conn *c, const char *want)
+{
+    int code;
+    char *got = frame_name(pop_text(h, c, &code));
+    cr_assert_str_eq(got, want);
+    free(got);
+}
+
+static void deliver_id(mg_hub *h, const char *id, const char *conn_id, bool inbox)
+{
+    mg_msg *m = msg(id, "bob");
+    cr_assert_eq(mg_hub_deliver(h, m, conn_id, inbox, NULL, NULL), 1, "%s queued", id);
+    mg_msg_free(m);
+}
+
+Test(hub, an_opening_connection_gets_its_page_then_ready_then_the_live_messages)
+{
+    mg_hub *h = make(16, 1 << 20);
+    int dummy, code;
+    mg_hub_conn *c = mg_hub_register_opening(h, 0, "bob", &dummy);
+    const char *id = mg_hub_conn_id(c);
+    deliver_id(h, "live-1", NULL, false); /* raced the inbox fetch */
+    deliver_id(h, "copy-1", NULL, true);  /* a stored message's live copy: held too */
+    cr_assert_eq(mg_hub_post(h, id, "{\"type\":\"ack\"}", 14), 0);
+    deliver_id(h, "page-1", id, true); /* the connect job's page */
+    deliver_id(h, "page-2", id, true);
+    deliver_id(h, "live-2", NULL, false);
+    /* the ack and the page may go before the opening ends; nothing else */
+    expect_next(h, c, "ack");
+    expect_next(h, c, "page-1");
+    expect_next(h, c, "page-2");
+    cr_assert_null(pop_text(h, c, &code), "live messages wait for the opening");
+    cr_assert_eq(mg_hub_open(h, id, "{\"type\":\"ready\"}", 16), 0);
+    deliver_id(h, "live-3", NULL, false);
+    expect_next(h, c, "ready");
+    expect_next(h, c, "live-1");
+    expect_next(h, c, "copy-1");
+    expect_next(h, c, "live-2");
+    expect_next(h, c, "live-3");
+    cr_assert_null(pop_text(h, c, &code));
+    mg_hub_unregister(h, c);
+    mg_hub_free(h);
+}
+
+Test(hub, held_messages_count_in_the_bound_and_go_with_their_connection)
+{
+    mg_hub_config cfg = {.gateway_id = "gw1",
+                         .max_frames = 3,
+                         .max_bytes = 1 << 20,
+                         .headroom = 16,
+                         .write_wait_ms = 5000};
+    mg_hub *h = mg_hub_create(&cfg);
+    int dummy, r1, r2;
+    mg_hub_conn *c = mg_hub_register_opening(h, 0, "bob", &dummy);
+    mg_hub_conn *other = mg_hub_register(h, 0, "bob", &dummy);
+    cr_assert_eq(deliver_reported(h, &r1), 2, "queued to both (held on the opening one)");
+    mg_hub_frame_done(h, pop_one(h, other), true);
+    cr_assert_eq(r1, -1, "the held frame is not written yet");
+    mg_hub_unregister(h, c); /* gone before it opened */
+    cr_assert_eq(r1, 1, "only the open connection's write counts");
+    /* the bound counts held frames: the fourth overflows */
+    c = mg_hub_register_opening(h, 0, "carol", &dummy);
+    for (int i = 0; i < 3; i++) {
+        mg_msg *m =
+            mg_msg_new("x", "alice", "carol", (const uint8_t *)"x", 1, NULL, 1, MG_PRIO_HIGH);
+        cr_assert_eq(mg_hub_deliver(h, m, NULL, false, NULL, NULL), 1);
+        mg_msg_free(m);
+    }
+    cr_assert_eq(mg_hub_open(h, mg_hub_conn_id(c), "{}", 2), -ENOBUFS, "4 frames > 3");
+    cr_assert(mg_hub_is_slow(h, mg_hub_conn_id(c)));
+    cr_assert_eq(deliver_reported(h, &r2), 1, "bob's open connection only");
+    mg_hub_frame_done(h, pop_one(h, other), true);
+    cr_assert_eq(r2, 1);
+    mg_hub_unregister(h, c);
+    mg_hub_unregister(h, other);
+    mg_hub_free(h);
+}
