@@ -552,9 +552,10 @@ static void job_disconnected(void *arg)
  * FIFO. The connection was registered opening (mg_hub_register_opening):
  * live messages that reached it meanwhile (presence had it before the
  * fetch) were held, and follow the ready frame, so a sender whose earlier
- * messages were stored sees them in order. A store failure still says ready, marked degraded: the
- * socket works (its sends route as usual), and the client decides whether to reconnect. A
- * connection gone by now drops it in the hub. */
+ * messages were stored sees them in order. A store failure still says
+ * ready, marked degraded: the socket works (its sends route as usual), and
+ * the client decides whether to reconnect. A connection gone by now drops
+ * it in the hub. */
 static void job_connected(void *arg)
 {
     ticket *t = arg;

@@ -1,9 +1,10 @@
 /* What order a recipient sees a sender's messages in, tested as DESIGN.md
  * states it for the local path: one connection's sends arrive in the order
  * they were sent, even flat out with several router workers; so do the
- * inbox's, on the next connection; and a user whose connections sit on
- * different WebSocket loops (--ws-threads) gets every sender's messages in
- * order on each. (The cross-gateway paths are covered in test_routing.c.)
+ * inbox's, on the next connection; so do they across the recipient's
+ * connect (stored ones first, then live ones); and a user whose
+ * connections sit on different WebSocket loops (--ws-threads) gets every
+ * sender's messages in order on each. (The cross-gateway paths are covered in test_routing.c.)
  * Real gateway binary, embedded default. */
 #include "support/mg_test.h"
 #include "support/ws_client.h"
@@ -94,7 +95,7 @@ typedef struct stream_sender {
     mg_wsc *tx;
     const char *to;
     atomic_int sent;
-    int failed; /* the send that failed + 1, or 0 */
+    atomic_int failed; /* the send that failed + 1, or 0 */
 } stream_sender;
 
 static void *send_all(void *arg)
@@ -105,7 +106,7 @@ static void *send_all(void *arg)
         snprintf(frame, sizeof(frame), "{\"type\":\"send\",\"to\":\"%s\",\"content\":\"%d\"}",
                  s->to, i);
         if (mg_wsc_send_text(s->tx, frame) != 0) {
-            s->failed = i + 1;
+            atomic_store(&s->failed, i + 1);
             break;
         }
         atomic_store(&s->sent, i + 1);
@@ -138,7 +139,7 @@ Test(ordering, a_senders_messages_keep_their_order_across_the_recipients_connect
     cr_assert(mg_wsc_wait_ready(s.tx, 10000));
     pthread_t th;
     cr_assert_eq(pthread_create(&th, NULL, send_all, &s), 0);
-    while (atomic_load(&s.sent) < N_CONNECT / 4 && !s.failed)
+    while (atomic_load(&s.sent) < N_CONNECT / 4 && !atomic_load(&s.failed))
         usleep(200);
     mg_wsc *rx = connect_user(gw, "ordc-rx");
     char *seen = calloc(N_CONNECT, 1);
